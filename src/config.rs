@@ -1,0 +1,369 @@
+//! Configuration: serde structs, loading and validation.
+//!
+//! Sources, later ones winning: built-in defaults → TOML file (`--config PATH` or
+//! `IBSTREAM_CONFIG`) → environment (`IBSTREAM_` prefix, `__` nests, so
+//! `IBSTREAM_CRM__BASE_URL` sets `crm.base_url`).
+//!
+//! [`Config::validate`] does no IO: it checks shapes and ranges and names the offending key.
+//! Secrets given as `*_file` paths are read later, by [`CrmConfig::resolve_secrets`], because
+//! reading a file is IO. Secrets are [`SecretString`]s: their `Debug` prints `[REDACTED]`, and
+//! nothing in the crate exposes them except to put them on the wire.
+
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+/// The largest page the CRM API serves (its documented maximum).
+pub const MAX_PAGE_SIZE: u32 = 1000;
+
+/// Errors of loading or validating the configuration; each names the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The sources could not be read or merged, or a key is unknown or has the wrong type.
+    #[error("configuration error: {0}")]
+    Load(String),
+    /// A key has a value that is not allowed.
+    #[error("configuration error: `{key}` {reason}")]
+    Invalid {
+        /// The dotted key, e.g. `crm.page_size`.
+        key: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A `*_file` secret could not be read.
+    #[error("configuration error: `{key}`: cannot read {path}: {source}")]
+    SecretFile {
+        /// The dotted key, e.g. `crm.password_file`.
+        key: &'static str,
+        /// The path that failed.
+        path: PathBuf,
+        /// The IO error.
+        source: std::io::Error,
+    },
+}
+
+/// The whole configuration of an ibstream process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The CRM source this process reads.
+    pub crm: CrmConfig,
+}
+
+/// How to reach and read the CRM's IB Reports API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CrmConfig {
+    /// Base URL of the CRM, e.g. `https://crm.example-broker.com`.
+    #[serde(default)]
+    pub base_url: String,
+    /// Path segment of the integration: calls go to `/api/v1/<api_path>/…`.
+    #[serde(default = "default_api_path")]
+    pub api_path: String,
+    /// Email of the CRM user holding the IB Reports role.
+    #[serde(default)]
+    pub email: String,
+    /// Password of that user (or use `password_file`).
+    #[serde(default, serialize_with = "serialize_redacted")]
+    pub password: Option<SecretString>,
+    /// File holding the password (a Kubernetes secret mount); trailing newline ignored.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// API key made in the CRM (or use `api_key_file`); sent as `X-Api-Key`.
+    #[serde(default, serialize_with = "serialize_redacted")]
+    pub api_key: Option<SecretString>,
+    /// File holding the API key; trailing newline ignored.
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+    /// The API key's domain, sent as `X-DOMAIN`.
+    #[serde(default)]
+    pub domain: String,
+    /// IANA time zone the CRM writes local timestamps and day filters in.
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+    /// Requests per second allowed to the CRM, shared by every stream of the process.
+    #[serde(default = "default_requests_per_second")]
+    pub requests_per_second: u32,
+    /// Timeout of one HTTP request, in seconds.
+    #[serde(default = "default_request_timeout_secs")]
+    pub request_timeout_secs: u64,
+    /// Records per page (1 to 1000, the API's maximum).
+    #[serde(default = "default_page_size")]
+    pub page_size: u32,
+    /// Retries of a failed call (5xx, 429, timeouts, resets) before the call fails.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+    /// First retry delay bound in milliseconds; doubles per attempt, full jitter.
+    #[serde(default = "default_backoff_initial_ms")]
+    pub backoff_initial_ms: u64,
+    /// Largest retry delay in milliseconds (a longer `Retry-After` is still honoured).
+    #[serde(default = "default_backoff_max_ms")]
+    pub backoff_max_ms: u64,
+}
+
+fn default_api_path() -> String {
+    "ib".to_owned()
+}
+fn default_timezone() -> String {
+    "UTC".to_owned()
+}
+fn default_requests_per_second() -> u32 {
+    20
+}
+fn default_request_timeout_secs() -> u64 {
+    30
+}
+fn default_page_size() -> u32 {
+    MAX_PAGE_SIZE
+}
+fn default_max_retries() -> u32 {
+    6
+}
+fn default_backoff_initial_ms() -> u64 {
+    200
+}
+fn default_backoff_max_ms() -> u64 {
+    30_000
+}
+
+fn serialize_redacted<S: serde::Serializer>(
+    value: &Option<SecretString>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(_) => serializer.serialize_some("[REDACTED]"),
+        None => serializer.serialize_none(),
+    }
+}
+
+impl Default for CrmConfig {
+    fn default() -> Self {
+        Self {
+            base_url: String::new(),
+            api_path: default_api_path(),
+            email: String::new(),
+            password: None,
+            password_file: None,
+            api_key: None,
+            api_key_file: None,
+            domain: String::new(),
+            timezone: default_timezone(),
+            requests_per_second: default_requests_per_second(),
+            request_timeout_secs: default_request_timeout_secs(),
+            page_size: default_page_size(),
+            max_retries: default_max_retries(),
+            backoff_initial_ms: default_backoff_initial_ms(),
+            backoff_max_ms: default_backoff_max_ms(),
+        }
+    }
+}
+
+/// The secrets of a CRM source, read from the config or from their files.
+#[derive(Debug, Clone)]
+pub struct CrmSecrets {
+    /// The CRM user's password.
+    pub password: SecretString,
+    /// The API key.
+    pub api_key: SecretString,
+}
+
+impl Config {
+    /// Loads the configuration from defaults, the optional TOML file and the process
+    /// environment (`IBSTREAM_*`).
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut figment = Figment::new().merge(Serialized::defaults(DefaultsOnly::default()));
+        if let Some(path) = path {
+            if !path.is_file() {
+                return Err(ConfigError::Load(format!(
+                    "config file {} does not exist or is not a file",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        // IBSTREAM_CONFIG names the file and IBSTREAM_LOG the log filter: not config keys.
+        figment = figment.merge(
+            Env::prefixed("IBSTREAM_")
+                .ignore(&["CONFIG", "LOG"])
+                .split("__"),
+        );
+        figment
+            .extract::<Config>()
+            .map_err(|e| ConfigError::Load(describe_figment_error(e)))
+    }
+
+    /// Checks values without IO; the error names the first offending key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.crm.validate()
+    }
+}
+
+/// The defaults that figment starts from: only sections, so a missing section is not an error.
+#[derive(Serialize, Default)]
+struct DefaultsOnly {
+    crm: DefaultsCrm,
+}
+
+#[derive(Serialize, Default)]
+struct DefaultsCrm {}
+
+fn describe_figment_error(error: figment::Error) -> String {
+    // One line per error: figment's Display already names the key path ("for key ...").
+    let mut lines: Vec<String> = error.into_iter().map(|e| e.to_string()).collect();
+    lines.dedup();
+    lines.join("; ")
+}
+
+impl CrmConfig {
+    /// Checks the CRM section without IO.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: &str| ConfigError::Invalid {
+            key,
+            reason: reason.to_owned(),
+        };
+        if self.base_url.is_empty() {
+            return Err(invalid("crm.base_url", "is required"));
+        }
+        match reqwest::Url::parse(&self.base_url) {
+            Ok(url) if url.scheme() == "http" || url.scheme() == "https" => {
+                if !url.username().is_empty() || url.password().is_some() {
+                    return Err(invalid("crm.base_url", "must not carry credentials"));
+                }
+            }
+            Ok(_) => {
+                return Err(invalid(
+                    "crm.base_url",
+                    "must be an http:// or https:// URL",
+                ))
+            }
+            Err(e) => return Err(invalid("crm.base_url", &format!("is not a URL: {e}"))),
+        }
+        if self.api_path.is_empty() || self.api_path.contains(['/', '?', '#']) {
+            return Err(invalid(
+                "crm.api_path",
+                "must be one path segment, e.g. \"ib\"",
+            ));
+        }
+        if self.email.is_empty() {
+            return Err(invalid("crm.email", "is required"));
+        }
+        match (&self.password, &self.password_file) {
+            (None, None) => {
+                return Err(invalid(
+                    "crm.password",
+                    "is required (or crm.password_file)",
+                ))
+            }
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "crm.password",
+                    "and crm.password_file are both set; set one",
+                ))
+            }
+            _ => {}
+        }
+        match (&self.api_key, &self.api_key_file) {
+            (None, None) => {
+                return Err(invalid("crm.api_key", "is required (or crm.api_key_file)"))
+            }
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "crm.api_key",
+                    "and crm.api_key_file are both set; set one",
+                ))
+            }
+            _ => {}
+        }
+        if self.domain.is_empty() {
+            return Err(invalid("crm.domain", "is required"));
+        }
+        if self.timezone.parse::<chrono_tz::Tz>().is_err() {
+            return Err(invalid(
+                "crm.timezone",
+                &format!("is not an IANA time zone: {:?}", self.timezone),
+            ));
+        }
+        if self.requests_per_second == 0 {
+            return Err(invalid("crm.requests_per_second", "must be at least 1"));
+        }
+        if self.request_timeout_secs == 0 {
+            return Err(invalid("crm.request_timeout_secs", "must be at least 1"));
+        }
+        if self.page_size == 0 || self.page_size > MAX_PAGE_SIZE {
+            return Err(invalid("crm.page_size", "must be between 1 and 1000"));
+        }
+        if self.backoff_initial_ms == 0 {
+            return Err(invalid("crm.backoff_initial_ms", "must be at least 1"));
+        }
+        if self.backoff_max_ms < self.backoff_initial_ms {
+            return Err(invalid(
+                "crm.backoff_max_ms",
+                "must not be below crm.backoff_initial_ms",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Returns the configured time zone; call after [`CrmConfig::validate`].
+    pub fn tz(&self) -> Result<chrono_tz::Tz, ConfigError> {
+        self.timezone.parse().map_err(|_| ConfigError::Invalid {
+            key: "crm.timezone",
+            reason: format!("is not an IANA time zone: {:?}", self.timezone),
+        })
+    }
+
+    /// Reads the secrets, from the config values or their `*_file` paths (IO).
+    pub fn resolve_secrets(&self) -> Result<CrmSecrets, ConfigError> {
+        let password = resolve_secret(
+            self.password.as_ref(),
+            self.password_file.as_deref(),
+            "crm.password",
+            "crm.password_file",
+        )?;
+        let api_key = resolve_secret(
+            self.api_key.as_ref(),
+            self.api_key_file.as_deref(),
+            "crm.api_key",
+            "crm.api_key_file",
+        )?;
+        Ok(CrmSecrets { password, api_key })
+    }
+}
+
+fn resolve_secret(
+    value: Option<&SecretString>,
+    file: Option<&Path>,
+    key: &'static str,
+    file_key: &'static str,
+) -> Result<SecretString, ConfigError> {
+    if let Some(value) = value {
+        return Ok(value.clone());
+    }
+    let Some(path) = file else {
+        return Err(ConfigError::Invalid {
+            key,
+            reason: "is required".to_owned(),
+        });
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::SecretFile {
+        key: file_key,
+        path: path.to_owned(),
+        source,
+    })?;
+    let trimmed = text.trim_end_matches(['\n', '\r']);
+    if trimmed.is_empty() {
+        return Err(ConfigError::Invalid {
+            key: file_key,
+            reason: format!("points to an empty file ({})", path.display()),
+        });
+    }
+    Ok(SecretString::from(trimmed.to_owned()))
+}
+
+/// Exposes a secret for the one place it is needed: an HTTP header or body.
+pub(crate) fn expose(secret: &SecretString) -> &str {
+    secret.expose_secret()
+}

@@ -1,0 +1,667 @@
+//! The HTTP client of the CRM: login and token reuse, retries, rate limit, paging.
+//!
+//! One [`CrmClient`] serves every stream of a process (it is a cheap `Clone`): they share the
+//! token, so the CRM sees one login, and the rate limiter, so `crm.requests_per_second` bounds
+//! the process as a whole.
+//!
+//! Failure handling, per call:
+//! - 401 on a data call: log in again once (only one task logs in; the others reuse its
+//!   token) and repeat the call; a second 401 is [`CrmError::Auth`].
+//! - 429, 5xx, 408, timeouts, connection errors, unreadable answers: retried up to
+//!   `crm.max_retries` times with exponential backoff and full jitter; a `Retry-After` is
+//!   honoured (waited at least). Then [`CrmError::RateLimited`] / [`CrmError::Transient`].
+//! - 403, 400 and other 4xx: not retried ([`CrmError::Forbidden`], [`CrmError::BadRequest`]).
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::NaiveDate;
+use chrono_tz::Tz;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::{Method, StatusCode, Url};
+use secrecy::SecretString;
+use serde_json::json;
+use tokio::sync::Mutex;
+use tracing::{debug, info, warn};
+
+use super::error::{CrmError, ForbiddenKind};
+use super::models::{CrmRecord, Endpoint, Server};
+use super::page::{parse_page, parse_servers, Page, Record, RecordError};
+use crate::config::{expose, ConfigError, CrmConfig};
+
+/// The day filter a windowed query uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DateFilter {
+    /// `registrationDateFrom/To` (leads, customers): new records.
+    Registration,
+    /// `lastModifiedDateFrom/To` (leads, customers): changed records.
+    LastModified,
+    /// `transactionDateFrom/To` (transactions).
+    Transaction,
+    /// `positionCloseDateFrom/To` (positions).
+    PositionClose,
+}
+
+impl DateFilter {
+    fn params(self) -> (&'static str, &'static str) {
+        match self {
+            DateFilter::Registration => ("registrationDateFrom", "registrationDateTo"),
+            DateFilter::LastModified => ("lastModifiedDateFrom", "lastModifiedDateTo"),
+            DateFilter::Transaction => ("transactionDateFrom", "transactionDateTo"),
+            DateFilter::PositionClose => ("positionCloseDateFrom", "positionCloseDateTo"),
+        }
+    }
+}
+
+/// A query of one day window (inclusive days in the CRM's time zone).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WindowQuery {
+    /// Which date the window filters on.
+    pub filter: DateFilter,
+    /// First day, inclusive.
+    pub from: NaiveDate,
+    /// Last day, inclusive.
+    pub to: NaiveDate,
+    /// Server tag (positions only).
+    pub server_tag: Option<String>,
+    /// Ask for fake transactions too (transactions only).
+    pub include_fake: bool,
+    /// Page size; `None` uses `crm.page_size`.
+    pub page_size: Option<u32>,
+}
+
+impl WindowQuery {
+    /// Returns a query of `filter` over `from..=to` with the other options unset.
+    pub fn new(filter: DateFilter, from: NaiveDate, to: NaiveDate) -> Self {
+        Self {
+            filter,
+            from,
+            to,
+            server_tag: None,
+            include_fake: false,
+            page_size: None,
+        }
+    }
+
+    fn params(&self, page: u32, page_size: u32) -> Vec<(&'static str, String)> {
+        let (from, to) = self.filter.params();
+        let mut params = vec![
+            (from, self.from.format("%Y-%m-%d").to_string()),
+            (to, self.to.format("%Y-%m-%d").to_string()),
+        ];
+        if let Some(tag) = &self.server_tag {
+            params.push(("serverTag", tag.clone()));
+        }
+        if self.include_fake {
+            params.push(("includeFake", "true".to_owned()));
+        }
+        params.push(("page", page.to_string()));
+        params.push(("pageSize", page_size.to_string()));
+        params
+    }
+}
+
+/// Client of one CRM source; clones share the token and the rate limiter.
+#[derive(Clone)]
+pub struct CrmClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    http: reqwest::Client,
+    base: Url,
+    api_path: String,
+    email: String,
+    password: SecretString,
+    api_key: SecretString,
+    domain: String,
+    tz: Tz,
+    page_size: u32,
+    max_retries: u32,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+    limiter: DefaultDirectRateLimiter,
+    token: Mutex<TokenState>,
+}
+
+#[derive(Default)]
+struct TokenState {
+    token: Option<SecretString>,
+    /// Bumped at every login, so a task that saw a 401 only drops the token it used.
+    generation: u64,
+}
+
+impl std::fmt::Debug for CrmClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CrmClient")
+            .field("base", &self.inner.base.as_str())
+            .field("api_path", &self.inner.api_path)
+            .field("email", &self.inner.email)
+            .field("domain", &self.inner.domain)
+            .field("password", &"[REDACTED]")
+            .field("api_key", &"[REDACTED]")
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a successful answer is turned into; a failure here counts as a garbled answer.
+type Decode<'a, R> = &'a (dyn Fn(&[u8]) -> Result<R, String> + Sync);
+
+impl CrmClient {
+    /// Builds a client from a validated config; reads `*_file` secrets (IO), no network.
+    pub fn build(config: &CrmConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let secrets = config.resolve_secrets()?;
+        let base = Url::parse(&config.base_url).map_err(|e| ConfigError::Invalid {
+            key: "crm.base_url",
+            reason: format!("is not a URL: {e}"),
+        })?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(config.request_timeout_secs))
+            .connect_timeout(Duration::from_secs(config.request_timeout_secs.min(10)))
+            .user_agent(concat!("ibstream/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ConfigError::Invalid {
+                key: "crm",
+                reason: format!("cannot build the HTTP client: {e}"),
+            })?;
+        let rps = NonZeroU32::new(config.requests_per_second).ok_or(ConfigError::Invalid {
+            key: "crm.requests_per_second",
+            reason: "must be at least 1".to_owned(),
+        })?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                http,
+                base,
+                api_path: config.api_path.clone(),
+                email: config.email.clone(),
+                password: secrets.password,
+                api_key: secrets.api_key,
+                domain: config.domain.clone(),
+                tz: config.tz()?,
+                page_size: config.page_size,
+                max_retries: config.max_retries,
+                backoff_initial: Duration::from_millis(config.backoff_initial_ms),
+                backoff_max: Duration::from_millis(config.backoff_max_ms),
+                limiter: RateLimiter::direct(Quota::per_second(rps)),
+                token: Mutex::new(TokenState::default()),
+            }),
+        })
+    }
+
+    /// Returns the CRM's time zone.
+    pub fn tz(&self) -> Tz {
+        self.inner.tz
+    }
+
+    /// Returns the configured page size.
+    pub fn page_size(&self) -> u32 {
+        self.inner.page_size
+    }
+
+    /// Logs in now if no token is held (the token is otherwise fetched lazily).
+    pub async fn login(&self) -> Result<(), CrmError> {
+        self.token().await.map(|_| ())
+    }
+
+    /// Returns the servers list, each server read on its own.
+    pub async fn servers(&self) -> Result<Vec<Result<Record<Server>, RecordError>>, CrmError> {
+        let tz = self.inner.tz;
+        self.get(Endpoint::Servers, &[], &|body| {
+            parse_servers::<Server>(body, tz)
+        })
+        .await
+    }
+
+    /// Returns page `page` (1-based) of a window query.
+    pub async fn page<T: CrmRecord>(
+        &self,
+        query: &WindowQuery,
+        page: u32,
+    ) -> Result<Page<T>, CrmError> {
+        let page_size = query.page_size.unwrap_or(self.inner.page_size);
+        let tz = self.inner.tz;
+        let params = query.params(page, page_size);
+        self.get(T::ENDPOINT, &params, &|body| {
+            parse_page::<T>(body, page, page_size, tz)
+        })
+        .await
+    }
+
+    /// Returns an iterator over every page of a window query.
+    pub fn pages<T: CrmRecord>(&self, query: WindowQuery) -> PageIter<T> {
+        PageIter {
+            client: self.clone(),
+            query,
+            next_page: 1,
+            last_page: None,
+            done: false,
+            _model: std::marker::PhantomData,
+        }
+    }
+
+    /// Calls an endpoint with arbitrary query parameters and returns the raw body (for
+    /// diagnostics and tests of the error classes).
+    pub async fn get_raw(
+        &self,
+        endpoint: Endpoint,
+        params: &[(&'static str, String)],
+    ) -> Result<Vec<u8>, CrmError> {
+        self.get(endpoint, params, &|body| Ok(body.to_vec())).await
+    }
+
+    fn url(&self, tail: &str) -> String {
+        let base = self.inner.base.as_str().trim_end_matches('/');
+        format!("{base}/api/v1/{tail}")
+    }
+
+    async fn get<R>(
+        &self,
+        endpoint: Endpoint,
+        params: &[(&'static str, String)],
+        decode: Decode<'_, R>,
+    ) -> Result<R, CrmError> {
+        let url = self.url(&format!(
+            "{}/{}",
+            self.inner.api_path,
+            endpoint.path_segment()
+        ));
+        let mut relogged = false;
+        loop {
+            let (token, generation) = self.token().await?;
+            let result = self
+                .send(Method::GET, &url, params, None, Some(&token), decode)
+                .await;
+            match result {
+                Ok(value) => return Ok(value),
+                Err(Failure::Unauthorized(message)) if !relogged => {
+                    info!(endpoint = endpoint.path_segment(), "crm token rejected, logging in again");
+                    debug!(message = %message, "crm 401 answer");
+                    self.drop_token(generation).await;
+                    relogged = true;
+                }
+                Err(Failure::Unauthorized(message)) => {
+                    return Err(CrmError::Auth {
+                        url,
+                        reason: format!(
+                            "HTTP 401 right after a fresh login ({message}); check that the API key (crm.api_key) is valid and belongs to crm.domain"
+                        ),
+                    })
+                }
+                Err(Failure::Forbidden(message)) => {
+                    return Err(CrmError::Forbidden {
+                        endpoint: endpoint.path_segment().to_owned(),
+                        module: endpoint.module(),
+                        kind: ForbiddenKind::from_message(&message),
+                        message,
+                    })
+                }
+                Err(Failure::Error(e)) => return Err(e),
+            }
+        }
+    }
+
+    async fn token(&self) -> Result<(SecretString, u64), CrmError> {
+        // Held across the login call: concurrent streams wait for one login instead of
+        // each logging in.
+        let mut state = self.inner.token.lock().await;
+        if let Some(token) = &state.token {
+            return Ok((token.clone(), state.generation));
+        }
+        let token = self.login_call().await?;
+        state.generation += 1;
+        state.token = Some(token.clone());
+        info!(generation = state.generation, "crm login succeeded");
+        Ok((token, state.generation))
+    }
+
+    async fn drop_token(&self, generation: u64) {
+        let mut state = self.inner.token.lock().await;
+        if state.generation == generation {
+            state.token = None;
+        }
+    }
+
+    async fn login_call(&self) -> Result<SecretString, CrmError> {
+        let url = self.url("auth/login");
+        let body = json!({
+            "email": self.inner.email,
+            "password": expose(&self.inner.password),
+            "rememberMe": true,
+        })
+        .to_string();
+        let decode = |body: &[u8]| -> Result<SecretString, String> {
+            let value: serde_json::Value = serde_json::from_slice(body)
+                .map_err(|e| format!("login answer is not JSON: {e}"))?;
+            match value.get("token").and_then(|t| t.as_str()) {
+                Some(token) if !token.is_empty() => Ok(SecretString::from(token.to_owned())),
+                _ => Err("login answer has no token".to_owned()),
+            }
+        };
+        match self.send(Method::POST, &url, &[], Some(body), None, &decode).await {
+            Ok(token) => Ok(token),
+            Err(Failure::Unauthorized(message) | Failure::Forbidden(message)) => Err(CrmError::Auth {
+                url,
+                reason: format!(
+                    "login rejected ({message}); check crm.email and crm.password, that the user verified its email, that its role has \"IB Reports\", and that the API key (crm.api_key, crm.domain) has not expired"
+                ),
+            }),
+            Err(Failure::Error(e)) => Err(e),
+        }
+    }
+
+    /// Sends one request with retries; returns the decoded answer or how it failed.
+    async fn send<R>(
+        &self,
+        method: Method,
+        url: &str,
+        params: &[(&'static str, String)],
+        body: Option<String>,
+        token: Option<&SecretString>,
+        decode: Decode<'_, R>,
+    ) -> Result<R, Failure> {
+        let inner = &self.inner;
+        let display_url = display_url(url, params);
+        let mut attempt: u32 = 0;
+        loop {
+            attempt += 1;
+            inner.limiter.until_ready().await;
+            let mut request = inner
+                .http
+                .request(method.clone(), url)
+                .query(params)
+                .headers(self.headers(token));
+            if let Some(body) = &body {
+                request = request
+                    .header(CONTENT_TYPE, "application/json")
+                    .body(body.clone());
+            }
+            let outcome = match request.send().await {
+                Err(e) => Retry::Transient(describe_reqwest_error(&e)),
+                Ok(response) => {
+                    let status = response.status();
+                    let retry_after = parse_retry_after(response.headers());
+                    match response.bytes().await {
+                        Err(e) => Retry::Transient(format!(
+                            "reading the answer failed: {}",
+                            describe_reqwest_error(&e)
+                        )),
+                        Ok(bytes) => match classify(status, &bytes) {
+                            Class::Ok => match decode(&bytes) {
+                                Ok(value) => return Ok(value),
+                                Err(reason) => {
+                                    Retry::Transient(format!("unusable answer: {reason}"))
+                                }
+                            },
+                            Class::Unauthorized(m) => return Err(Failure::Unauthorized(m)),
+                            Class::Forbidden(m) => return Err(Failure::Forbidden(m)),
+                            Class::Fatal(m) => {
+                                return Err(Failure::Error(CrmError::BadRequest {
+                                    url: display_url,
+                                    status: status.as_u16(),
+                                    message: m,
+                                }))
+                            }
+                            Class::RateLimited => Retry::RateLimited(retry_after),
+                            Class::Transient(m) => Retry::Transient(m),
+                        },
+                    }
+                }
+            };
+            if attempt > inner.max_retries {
+                return Err(Failure::Error(match outcome {
+                    Retry::RateLimited(retry_after) => CrmError::RateLimited {
+                        url: display_url,
+                        attempts: attempt,
+                        retry_after,
+                    },
+                    Retry::Transient(message) => CrmError::Transient {
+                        url: display_url,
+                        attempts: attempt,
+                        message,
+                    },
+                }));
+            }
+            let delay = match &outcome {
+                Retry::RateLimited(Some(after)) => *after + jitter(inner.backoff_initial),
+                _ => backoff(attempt, inner.backoff_initial, inner.backoff_max),
+            };
+            match &outcome {
+                Retry::RateLimited(retry_after) => warn!(
+                    url = %display_url,
+                    attempt,
+                    retry_after_ms = retry_after.map(|d| d.as_millis() as u64),
+                    delay_ms = delay.as_millis() as u64,
+                    "crm rate limit hit, waiting"
+                ),
+                Retry::Transient(message) => warn!(
+                    url = %display_url,
+                    attempt,
+                    delay_ms = delay.as_millis() as u64,
+                    error = %message,
+                    "crm request failed, retrying"
+                ),
+            }
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    fn headers(&self, token: Option<&SecretString>) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        let mut secret_header = |name: &'static str, value: &str| {
+            if let Ok(mut value) = HeaderValue::from_str(value) {
+                value.set_sensitive(true);
+                headers.insert(name, value);
+            }
+        };
+        secret_header("X-Api-Key", expose(&self.inner.api_key));
+        if let Some(token) = token {
+            secret_header("X-Auth-Token", expose(token));
+        }
+        if let Ok(domain) = HeaderValue::from_str(&self.inner.domain) {
+            headers.insert("X-DOMAIN", domain);
+        }
+        headers
+    }
+}
+
+/// How one request failed, before retries are decided on.
+enum Failure {
+    Unauthorized(String),
+    Forbidden(String),
+    Error(CrmError),
+}
+
+enum Retry {
+    RateLimited(Option<Duration>),
+    Transient(String),
+}
+
+enum Class {
+    Ok,
+    Unauthorized(String),
+    Forbidden(String),
+    Fatal(String),
+    RateLimited,
+    Transient(String),
+}
+
+fn classify(status: StatusCode, body: &[u8]) -> Class {
+    let message = || snippet(body);
+    match status.as_u16() {
+        200..=299 => Class::Ok,
+        401 => Class::Unauthorized(message()),
+        403 => Class::Forbidden(message()),
+        429 => Class::RateLimited,
+        408 | 500..=599 => Class::Transient(format!("HTTP {}: {}", status.as_u16(), message())),
+        _ => Class::Fatal(message()),
+    }
+}
+
+/// Returns the start of an answer body for error messages, on one line.
+fn snippet(body: &[u8]) -> String {
+    const MAX: usize = 200;
+    let text = String::from_utf8_lossy(&body[..body.len().min(MAX)]);
+    let mut line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if body.len() > MAX {
+        line.push('…');
+    }
+    if line.trim().is_empty() {
+        "(empty answer)".to_owned()
+    } else {
+        line
+    }
+}
+
+fn display_url(url: &str, params: &[(&'static str, String)]) -> String {
+    if params.is_empty() {
+        return url.to_owned();
+    }
+    let query: Vec<String> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("{url}?{}", query.join("&"))
+}
+
+fn describe_reqwest_error(error: &reqwest::Error) -> String {
+    // reqwest's Display names the URL; the source chain says what actually happened.
+    let mut text = if error.is_timeout() {
+        "timed out".to_owned()
+    } else if error.is_connect() {
+        "cannot connect".to_owned()
+    } else {
+        "request failed".to_owned()
+    };
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Parses `Retry-After` given in seconds (the HTTP-date form falls back to backoff).
+fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    let secs: f64 = value.parse().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
+}
+
+/// Exponential backoff with full jitter: uniform in `0..=min(max, initial * 2^(attempt-1))`.
+fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
+    let exp = initial.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+    jitter(exp.min(max))
+}
+
+fn jitter(bound: Duration) -> Duration {
+    let millis = bound.as_millis().min(u128::from(u64::MAX)) as u64;
+    Duration::from_millis(fastrand::u64(0..=millis))
+}
+
+/// Pages of one window query, fetched on demand.
+///
+/// Stops after page `ceil(total / pageSize)` of the first answer's total (a total that grows
+/// while paging extends it), or, when the CRM reports no total, after a short page. Empty
+/// pages before the last are passed on: records may have moved between pages.
+pub struct PageIter<T> {
+    client: CrmClient,
+    query: WindowQuery,
+    next_page: u32,
+    last_page: Option<u64>,
+    done: bool,
+    _model: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T: CrmRecord> PageIter<T> {
+    /// Returns the next page, `None` after the last one or after an error.
+    pub async fn next(&mut self) -> Option<Result<Page<T>, CrmError>> {
+        if self.done {
+            return None;
+        }
+        let page_number = self.next_page;
+        let page = match self.client.page::<T>(&self.query, page_number).await {
+            Ok(page) => page,
+            Err(e) => {
+                self.done = true;
+                return Some(Err(e));
+            }
+        };
+        match page.total {
+            Some(total) => {
+                let pages = total.div_ceil(u64::from(page.page_size.max(1)));
+                self.last_page = Some(self.last_page.map_or(pages, |p| p.max(pages)));
+            }
+            None => {
+                if page.records.len() < page.page_size as usize {
+                    self.last_page = Some(u64::from(page_number));
+                }
+            }
+        }
+        if self
+            .last_page
+            .is_some_and(|last| u64::from(page_number) >= last)
+        {
+            self.done = true;
+        }
+        self.next_page += 1;
+        Some(Ok(page))
+    }
+
+    /// Returns the query being paged.
+    pub fn query(&self) -> &WindowQuery {
+        &self.query
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let initial = Duration::from_millis(100);
+        let max = Duration::from_millis(1000);
+        for _ in 0..200 {
+            assert!(backoff(1, initial, max) <= Duration::from_millis(100));
+            assert!(backoff(3, initial, max) <= Duration::from_millis(400));
+            assert!(backoff(30, initial, max) <= max);
+        }
+        // Full jitter spreads: over many draws the largest exceeds half the bound.
+        let largest = (0..200).map(|_| backoff(4, initial, max)).max().unwrap();
+        assert!(largest > Duration::from_millis(400), "{largest:?}");
+    }
+
+    #[test]
+    fn retry_after_seconds_parse() {
+        let mut headers = HeaderMap::new();
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("2"));
+        assert_eq!(parse_retry_after(&headers), Some(Duration::from_secs(2)));
+        headers.insert(
+            RETRY_AFTER,
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert_eq!(parse_retry_after(&headers), None);
+    }
+
+    #[test]
+    fn window_params_are_the_vendor_names() {
+        let d = |s: &str| NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap();
+        let mut q = WindowQuery::new(DateFilter::PositionClose, d("2024-01-01"), d("2024-01-31"));
+        q.server_tag = Some("mt4-live-01".into());
+        let params = q.params(2, 500);
+        assert_eq!(
+            params,
+            vec![
+                ("positionCloseDateFrom", "2024-01-01".to_owned()),
+                ("positionCloseDateTo", "2024-01-31".to_owned()),
+                ("serverTag", "mt4-live-01".to_owned()),
+                ("page", "2".to_owned()),
+                ("pageSize", "500".to_owned()),
+            ]
+        );
+    }
+}

@@ -1,0 +1,109 @@
+//! The error classes of CRM_API.md ("Errors the client must tell apart").
+
+use std::time::Duration;
+
+/// Why a CRM call failed, in the classes the poll loop acts on differently.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CrmError {
+    /// Login was refused, or a call was refused again right after a fresh login.
+    /// Fatal for the source: the credentials or the API key need fixing.
+    #[error("crm authentication failed at {url}: {reason}")]
+    Auth {
+        /// The URL called (no secrets in it).
+        url: String,
+        /// What the CRM answered and what to check.
+        reason: String,
+    },
+    /// HTTP 403 on a data call: the role lacks "IB Reports" or the endpoint's module is off.
+    /// Fatal for that stream only.
+    #[error("crm denied {endpoint} (HTTP 403): {}; CRM says: {message}", kind.hint(module))]
+    Forbidden {
+        /// Endpoint path segment (`leads`, `positions`, …).
+        endpoint: String,
+        /// The CRM module the endpoint depends on.
+        module: &'static str,
+        /// Missing permission or module off, as far as the answer tells.
+        kind: ForbiddenKind,
+        /// The CRM's message (truncated).
+        message: String,
+    },
+    /// HTTP 400 or another 4xx: the request itself is wrong (a bug in ibstream, or a wrong
+    /// `crm.api_path`). Not retried.
+    #[error("crm rejected the request {url} (HTTP {status}): {message}")]
+    BadRequest {
+        /// The URL called.
+        url: String,
+        /// The HTTP status.
+        status: u16,
+        /// The CRM's message (truncated).
+        message: String,
+    },
+    /// Still HTTP 429 after every retry.
+    #[error("crm rate limit still exceeded at {url} after {attempts} attempts")]
+    RateLimited {
+        /// The URL called.
+        url: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last `Retry-After` seen.
+        retry_after: Option<Duration>,
+    },
+    /// 5xx, timeout, connection failure or garbled answer, still failing after every retry.
+    /// The cycle fails; the next cycle tries again.
+    #[error("crm request {url} failed after {attempts} attempts: {message}")]
+    Transient {
+        /// The URL called.
+        url: String,
+        /// Attempts made.
+        attempts: u32,
+        /// The last failure.
+        message: String,
+    },
+}
+
+/// What a 403 most likely means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForbiddenKind {
+    /// The CRM said a permission is missing (the role lacks "IB Reports").
+    PermissionMissing,
+    /// The CRM said the endpoint's module is off.
+    ModuleOff,
+    /// The answer does not tell which.
+    Unknown,
+}
+
+impl ForbiddenKind {
+    /// Classifies a 403 answer body.
+    pub fn from_message(message: &str) -> Self {
+        let lower = message.to_ascii_lowercase();
+        if lower.contains("module") {
+            ForbiddenKind::ModuleOff
+        } else if lower.contains("permission") || lower.contains("role") {
+            ForbiddenKind::PermissionMissing
+        } else {
+            ForbiddenKind::Unknown
+        }
+    }
+
+    fn hint(self, module: &str) -> String {
+        match self {
+            ForbiddenKind::PermissionMissing => {
+                "the CRM user's role lacks the \"IB Reports\" permission (Settings > System > User Management > Roles)".to_owned()
+            }
+            ForbiddenKind::ModuleOff => format!("the CRM's {module} module is off for this brand"),
+            ForbiddenKind::Unknown => format!(
+                "the role lacks the \"IB Reports\" permission or the CRM's {module} module is off"
+            ),
+        }
+    }
+}
+
+impl CrmError {
+    /// Returns whether a later cycle may succeed without anyone changing the CRM setup.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            CrmError::Transient { .. } | CrmError::RateLimited { .. }
+        )
+    }
+}

@@ -1,0 +1,929 @@
+//! Models of the CRM's records, read tolerantly (CRM_API.md, "Tolerance").
+//!
+//! Every documented field is optional. Numbers may come as JSON numbers or strings; money and
+//! quantities are parsed exactly into [`Decimal`] (serde_json runs with `arbitrary_precision`,
+//! so a JSON number's digits never pass through `f64`). Empty strings count as missing for
+//! numbers, booleans and timestamps. Fields the model does not know are kept in `extra`
+//! (nested unknowns of `utmDetails` under `utmDetails.<name>`), so nothing the CRM sends is
+//! dropped. A field of the wrong shape fails only its record, with the field named.
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use rust_decimal::Decimal;
+use serde_json::{Map, Value};
+
+use super::time::{kind_of, parse_timestamp};
+
+/// Fields of a record that its model does not know, by name, as received.
+pub type Extra = BTreeMap<String, Value>;
+
+/// The CRM endpoints ibstream reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    /// `/ib/leads`.
+    Leads,
+    /// `/ib/registrations` (customers, i.e. converted leads).
+    Customers,
+    /// `/ib/transactions`.
+    Transactions,
+    /// `/ib/servers`.
+    Servers,
+    /// `/ib/positions` (closed positions, per server tag).
+    Positions,
+}
+
+impl Endpoint {
+    /// Every endpoint, in the order streams are listed.
+    pub const ALL: [Endpoint; 5] = [
+        Endpoint::Leads,
+        Endpoint::Customers,
+        Endpoint::Transactions,
+        Endpoint::Servers,
+        Endpoint::Positions,
+    ];
+
+    /// Returns the last path segment of the endpoint (`/api/v1/<api_path>/<segment>`).
+    pub fn path_segment(self) -> &'static str {
+        match self {
+            Endpoint::Leads => "leads",
+            Endpoint::Customers => "registrations",
+            Endpoint::Transactions => "transactions",
+            Endpoint::Servers => "servers",
+            Endpoint::Positions => "positions",
+        }
+    }
+
+    /// Returns the stream name used in topics, metrics and logs.
+    pub fn stream(self) -> &'static str {
+        match self {
+            Endpoint::Leads => "leads",
+            Endpoint::Customers => "customers",
+            Endpoint::Transactions => "transactions",
+            Endpoint::Servers => "servers",
+            Endpoint::Positions => "positions",
+        }
+    }
+
+    /// Returns the CRM module the endpoint depends on (besides the IB Reports permission).
+    pub fn module(self) -> &'static str {
+        match self {
+            Endpoint::Leads | Endpoint::Customers => "leads",
+            Endpoint::Transactions => "transactions",
+            Endpoint::Servers | Endpoint::Positions => "platforms",
+        }
+    }
+}
+
+/// A model the client can read from one JSON object of a CRM answer.
+pub trait CrmRecord: Sized + Send + 'static {
+    /// The endpoint that serves this record.
+    const ENDPOINT: Endpoint;
+
+    /// Reads the model from a record object; the error names the field at fault.
+    fn from_json(map: &Map<String, Value>, tz: Tz) -> Result<Self, String>;
+
+    /// Returns the entity id, if the record carries one.
+    fn id(&self) -> Option<String>;
+}
+
+/// A tag category with the tags assigned from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagCategory {
+    /// Category name; `None` for the flat tag lists of older CRM versions.
+    pub category: Option<String>,
+    /// Tags assigned from this category.
+    pub tags: Vec<String>,
+}
+
+/// UTM attribution of a lead or customer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UtmDetails {
+    /// `utm_source`.
+    pub utm_source: Option<String>,
+    /// `utm_medium`.
+    pub utm_medium: Option<String>,
+    /// `utm_campaign`.
+    pub utm_campaign: Option<String>,
+    /// `utm_content`.
+    pub utm_content: Option<String>,
+    /// `utm_term`.
+    pub utm_term: Option<String>,
+}
+
+/// The person fields leads and customers share.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Person {
+    /// First name.
+    pub first_name: Option<String>,
+    /// Last name.
+    pub last_name: Option<String>,
+    /// Email address.
+    pub email: Option<String>,
+    /// Phone number.
+    pub phone: Option<String>,
+    /// Country code.
+    pub country: Option<String>,
+    /// Language code.
+    pub language: Option<String>,
+    /// Sales status.
+    pub status: Option<String>,
+    /// Affiliate (IB) id that brought the person.
+    pub affiliate_id: Option<String>,
+    /// Marketing campaign.
+    pub campaign: Option<String>,
+    /// When the person registered.
+    pub registration_date: Option<DateTime<Utc>>,
+    /// When the record last changed.
+    pub last_modified_date: Option<DateTime<Utc>>,
+    /// UTM attribution.
+    pub utm_details: Option<UtmDetails>,
+    /// Categorized tags.
+    pub tags: Option<Vec<TagCategory>>,
+}
+
+const PERSON_FIELDS: [&str; 13] = [
+    "firstName",
+    "lastName",
+    "email",
+    "phone",
+    "country",
+    "language",
+    "status",
+    "affiliateId",
+    "campaign",
+    "registrationDate",
+    "lastModifiedDate",
+    "utmDetails",
+    "tags",
+];
+
+/// A lead (`/ib/leads`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Lead {
+    /// Lead id, the entity key.
+    pub id: Option<i64>,
+    /// The person fields.
+    pub person: Person,
+    /// Unknown fields.
+    pub extra: Extra,
+}
+
+/// A customer, i.e. a converted lead (`/ib/registrations`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Customer {
+    /// Customer id, the entity key.
+    pub customer_id: Option<i64>,
+    /// The `id` field, if the CRM sends one besides `customerId`.
+    pub id: Option<i64>,
+    /// Id of the lead this customer was converted from.
+    pub lead_id: Option<i64>,
+    /// The person fields.
+    pub person: Person,
+    /// When the lead became a customer.
+    pub conversion_date: Option<DateTime<Utc>>,
+    /// The raw "User additional ID" string.
+    pub user_additional_id: Option<String>,
+    /// Live trading accounts parsed from `user_additional_id`.
+    pub accounts: Vec<TradingAccount>,
+    /// First deposit time.
+    pub ftd_date: Option<DateTime<Utc>>,
+    /// Balance in USD (volatile).
+    pub balance_usd: Option<Decimal>,
+    /// Unknown fields.
+    pub extra: Extra,
+}
+
+/// A trading account of a customer: `(login, server, type)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TradingAccount {
+    /// Login id on the platform server.
+    pub login: String,
+    /// Platform server id (a server tag).
+    pub server: String,
+    /// Account type (`live` / `demo`), when given.
+    pub account_type: Option<String>,
+}
+
+/// A successful (or, with `includeFake`, fake) money transaction (`/ib/transactions`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Transaction {
+    /// Transaction id, the entity key.
+    pub id: Option<i64>,
+    /// Customer the transaction belongs to.
+    pub customer_id: Option<i64>,
+    /// `Deposit`, `Withdrawal`, …
+    pub transaction_type: Option<String>,
+    /// Amount in `currency`.
+    pub amount: Option<Decimal>,
+    /// Currency code.
+    pub currency: Option<String>,
+    /// Amount in USD.
+    pub amount_usd: Option<Decimal>,
+    /// When the transaction happened.
+    pub transaction_date: Option<DateTime<Utc>>,
+    /// Payment method.
+    pub payment_method: Option<String>,
+    /// Trading account login.
+    pub trading_account: Option<String>,
+    /// Server tag of the trading account.
+    pub server_tag: Option<String>,
+    /// Trade-related id, or the literal `N/A`.
+    pub product_id: Option<String>,
+    /// Whether the transaction is fake.
+    pub is_fake: Option<bool>,
+    /// Unknown fields.
+    pub extra: Extra,
+}
+
+/// A platform server (`/ib/servers`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Server {
+    /// Platform group the server was listed under (`mt4`, `mt5`, …).
+    pub platform: Option<String>,
+    /// Server id, the server tag used by `/ib/positions`.
+    pub id: Option<String>,
+    /// Display name.
+    pub name: Option<String>,
+    /// `live` or `demo`.
+    pub server_type: Option<String>,
+    /// Unknown fields.
+    pub extra: Extra,
+}
+
+impl Server {
+    /// Returns whether this is a live server (whose positions are streamed).
+    pub fn is_live(&self) -> bool {
+        self.server_type
+            .as_deref()
+            .is_some_and(|t| t.eq_ignore_ascii_case("live"))
+    }
+}
+
+/// A closed trading position (`/ib/positions`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Position {
+    /// Position id, unique per server.
+    pub position_id: Option<i64>,
+    /// Trading account login.
+    pub login: Option<String>,
+    /// Server tag.
+    pub server_tag: Option<String>,
+    /// Customer owning the account.
+    pub customer_id: Option<i64>,
+    /// Instrument.
+    pub symbol: Option<String>,
+    /// `Buy` / `Sell`.
+    pub side: Option<String>,
+    /// Volume in lots.
+    pub volume: Option<Decimal>,
+    /// Open price.
+    pub open_price: Option<Decimal>,
+    /// Close price.
+    pub close_price: Option<Decimal>,
+    /// Open time.
+    pub open_time: Option<DateTime<Utc>>,
+    /// Close time.
+    pub close_time: Option<DateTime<Utc>>,
+    /// Profit.
+    pub profit: Option<Decimal>,
+    /// Commission.
+    pub commission: Option<Decimal>,
+    /// Swap.
+    pub swap: Option<Decimal>,
+    /// Currency of profit, commission and swap.
+    pub currency: Option<String>,
+    /// Unknown fields.
+    pub extra: Extra,
+}
+
+/// Reads named fields out of one record object, remembering which were known.
+struct Fields<'a> {
+    map: &'a Map<String, Value>,
+    tz: Tz,
+}
+
+impl<'a> Fields<'a> {
+    fn new(map: &'a Map<String, Value>, tz: Tz) -> Self {
+        Self { map, tz }
+    }
+
+    fn value(&self, key: &str) -> Option<&'a Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    fn string(&self, key: &str) -> Result<Option<String>, String> {
+        self.value(key)
+            .map(|v| lenient_string(v).map_err(|e| field_error(key, &e)))
+            .transpose()
+    }
+
+    fn int(&self, key: &str) -> Result<Option<i64>, String> {
+        match self.value(key) {
+            None => Ok(None),
+            Some(v) => lenient_int(v).map_err(|e| field_error(key, &e)),
+        }
+    }
+
+    fn decimal(&self, key: &str) -> Result<Option<Decimal>, String> {
+        match self.value(key) {
+            None => Ok(None),
+            Some(v) => lenient_decimal(v).map_err(|e| field_error(key, &e)),
+        }
+    }
+
+    fn timestamp(&self, key: &str) -> Result<Option<DateTime<Utc>>, String> {
+        match self.value(key) {
+            None => Ok(None),
+            Some(v) => parse_timestamp(v, self.tz).map_err(|e| field_error(key, &e)),
+        }
+    }
+
+    fn bool(&self, key: &str) -> Result<Option<bool>, String> {
+        match self.value(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => match lenient_string(v).map_err(|e| field_error(key, &e))?.trim() {
+                "" => Ok(None),
+                "true" | "True" | "TRUE" | "1" => Ok(Some(true)),
+                "false" | "False" | "FALSE" | "0" => Ok(Some(false)),
+                other => Err(field_error(key, &format!("not a boolean: {other:?}"))),
+            },
+        }
+    }
+
+    fn person(&self, extra: &mut Extra) -> Result<Person, String> {
+        Ok(Person {
+            first_name: self.string("firstName")?,
+            last_name: self.string("lastName")?,
+            email: self.string("email")?,
+            phone: self.string("phone")?,
+            country: self.string("country")?,
+            language: self.string("language")?,
+            status: self.string("status")?,
+            affiliate_id: self.string("affiliateId")?,
+            campaign: self.string("campaign")?,
+            registration_date: self.timestamp("registrationDate")?,
+            last_modified_date: self.timestamp("lastModifiedDate")?,
+            utm_details: self
+                .value("utmDetails")
+                .map(|v| utm_details(v, extra))
+                .transpose()?,
+            tags: self.value("tags").map(tag_categories).transpose()?,
+        })
+    }
+
+    /// Returns every field whose name is in none of `known`.
+    fn extra(&self, known: &[&[&str]]) -> Extra {
+        self.map
+            .iter()
+            .filter(|(k, _)| !known.iter().any(|list| list.contains(&k.as_str())))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
+fn field_error(key: &str, reason: &str) -> String {
+    format!("field `{key}`: {reason}")
+}
+
+fn lenient_string(value: &Value) -> Result<String, String> {
+    match value {
+        Value::String(s) => Ok(s.clone()),
+        Value::Number(n) => Ok(n.to_string()),
+        Value::Bool(b) => Ok(b.to_string()),
+        other => Err(format!("expected a string, got {}", kind_of(other))),
+    }
+}
+
+fn lenient_int(value: &Value) -> Result<Option<i64>, String> {
+    match value {
+        Value::Number(n) => n
+            .as_i64()
+            .map(Some)
+            .ok_or_else(|| format!("not a 64-bit integer: {n}")),
+        Value::String(s) if s.trim().is_empty() => Ok(None),
+        Value::String(s) => s
+            .trim()
+            .parse::<i64>()
+            .map(Some)
+            .map_err(|_| format!("not an integer: {s:?}")),
+        other => Err(format!("expected an integer, got {}", kind_of(other))),
+    }
+}
+
+/// Parses a decimal exactly from a JSON number's digits or a string.
+pub fn lenient_decimal(value: &Value) -> Result<Option<Decimal>, String> {
+    let text = match value {
+        // With `arbitrary_precision`, `to_string` is the number's text as received.
+        Value::Number(n) => n.to_string(),
+        Value::String(s) if s.trim().is_empty() => return Ok(None),
+        Value::String(s) => s.trim().to_owned(),
+        other => return Err(format!("expected a decimal, got {}", kind_of(other))),
+    };
+    parse_decimal(&text).map(Some)
+}
+
+/// Parses decimal text exactly: plain (`-12.50`) or scientific (`1.5e-3`); never rounds.
+pub fn parse_decimal(text: &str) -> Result<Decimal, String> {
+    let parsed = if text.contains(['e', 'E']) {
+        Decimal::from_scientific(text)
+    } else {
+        Decimal::from_str_exact(text)
+    };
+    parsed.map_err(|e| format!("not an exact decimal: {text:?} ({e})"))
+}
+
+fn utm_details(value: &Value, extra: &mut Extra) -> Result<UtmDetails, String> {
+    const KNOWN: [&str; 5] = [
+        "utmSource",
+        "utmMedium",
+        "utmCampaign",
+        "utmContent",
+        "utmTerm",
+    ];
+    let Value::Object(map) = value else {
+        return Err(field_error(
+            "utmDetails",
+            &format!("expected an object, got {}", kind_of(value)),
+        ));
+    };
+    let get = |key: &str| -> Result<Option<String>, String> {
+        map.get(key)
+            .filter(|v| !v.is_null())
+            .map(|v| lenient_string(v).map_err(|e| field_error(&format!("utmDetails.{key}"), &e)))
+            .transpose()
+    };
+    for (k, v) in map.iter().filter(|(k, _)| !KNOWN.contains(&k.as_str())) {
+        extra.insert(format!("utmDetails.{k}"), v.clone());
+    }
+    Ok(UtmDetails {
+        utm_source: get("utmSource")?,
+        utm_medium: get("utmMedium")?,
+        utm_campaign: get("utmCampaign")?,
+        utm_content: get("utmContent")?,
+        utm_term: get("utmTerm")?,
+    })
+}
+
+fn tag_categories(value: &Value) -> Result<Vec<TagCategory>, String> {
+    let Value::Array(items) = value else {
+        return Err(field_error(
+            "tags",
+            &format!("expected an array, got {}", kind_of(value)),
+        ));
+    };
+    let mut flat = Vec::new();
+    let mut categories = Vec::new();
+    for item in items {
+        match item {
+            // Older CRM versions send a flat list of tag names.
+            Value::String(tag) => flat.push(tag.clone()),
+            Value::Object(map) => {
+                let category = map
+                    .get("category")
+                    .or_else(|| map.get("name"))
+                    .filter(|v| !v.is_null())
+                    .map(lenient_string)
+                    .transpose()
+                    .map_err(|e| field_error("tags.category", &e))?;
+                let tags = match map.get("tags") {
+                    None | Some(Value::Null) => Vec::new(),
+                    Some(Value::Array(tags)) => tags
+                        .iter()
+                        .map(lenient_string)
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| field_error("tags.tags", &e))?,
+                    Some(other) => {
+                        return Err(field_error(
+                            "tags.tags",
+                            &format!("expected an array, got {}", kind_of(other)),
+                        ))
+                    }
+                };
+                categories.push(TagCategory { category, tags });
+            }
+            other => {
+                return Err(field_error(
+                    "tags",
+                    &format!("unexpected element: {}", kind_of(other)),
+                ))
+            }
+        }
+    }
+    if !flat.is_empty() {
+        categories.push(TagCategory {
+            category: None,
+            tags: flat,
+        });
+    }
+    Ok(categories)
+}
+
+/// Parses "User additional ID": `(login, server, type)` groups separated by `,` or `;`,
+/// with or without parentheses. Empty text is no accounts.
+pub fn parse_accounts(text: &str) -> Result<Vec<TradingAccount>, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(Vec::new());
+    }
+    let groups: Vec<Vec<&str>> = if text.contains('(') {
+        let mut groups = Vec::new();
+        let mut rest = text;
+        while let Some(open) = rest.find('(') {
+            let between =
+                rest[..open].trim_matches(|c: char| c == ',' || c == ';' || c.is_whitespace());
+            if !between.is_empty() {
+                return Err(format!("unexpected text {between:?} between accounts"));
+            }
+            let close = rest[open..]
+                .find(')')
+                .ok_or_else(|| "unbalanced parenthesis".to_owned())?
+                + open;
+            groups.push(split_parts(&rest[open + 1..close]));
+            rest = &rest[close + 1..];
+        }
+        let tail = rest.trim_matches(|c: char| c == ',' || c == ';' || c.is_whitespace());
+        if !tail.is_empty() {
+            return Err(format!("unexpected text {tail:?} after accounts"));
+        }
+        groups
+    } else if text.contains(';') {
+        text.split(';')
+            .filter(|g| !g.trim().is_empty())
+            .map(split_parts)
+            .collect()
+    } else {
+        let parts = split_parts(text);
+        if parts.len() % 3 != 0 {
+            return Err(format!(
+                "expected (login, server, type) triples, got {} values",
+                parts.len()
+            ));
+        }
+        parts.chunks(3).map(<[&str]>::to_vec).collect()
+    };
+    groups
+        .into_iter()
+        .map(|parts| match parts.as_slice() {
+            [login, server] if !login.is_empty() && !server.is_empty() => Ok(TradingAccount {
+                login: (*login).to_owned(),
+                server: (*server).to_owned(),
+                account_type: None,
+            }),
+            [login, server, kind] if !login.is_empty() && !server.is_empty() => {
+                Ok(TradingAccount {
+                    login: (*login).to_owned(),
+                    server: (*server).to_owned(),
+                    account_type: (!kind.is_empty()).then(|| (*kind).to_owned()),
+                })
+            }
+            _ => Err(format!("unreadable account {:?}", parts.join(", "))),
+        })
+        .collect()
+}
+
+fn split_parts(group: &str) -> Vec<&str> {
+    group.split(',').map(str::trim).collect()
+}
+
+impl CrmRecord for Lead {
+    const ENDPOINT: Endpoint = Endpoint::Leads;
+
+    fn from_json(map: &Map<String, Value>, tz: Tz) -> Result<Self, String> {
+        let f = Fields::new(map, tz);
+        let mut extra = f.extra(&[&["id"], &PERSON_FIELDS]);
+        let person = f.person(&mut extra)?;
+        Ok(Lead {
+            id: f.int("id")?,
+            person,
+            extra,
+        })
+    }
+
+    fn id(&self) -> Option<String> {
+        self.id.map(|id| id.to_string())
+    }
+}
+
+impl CrmRecord for Customer {
+    const ENDPOINT: Endpoint = Endpoint::Customers;
+
+    fn from_json(map: &Map<String, Value>, tz: Tz) -> Result<Self, String> {
+        const KNOWN: [&str; 8] = [
+            "customerId",
+            "id",
+            "leadId",
+            "conversionDate",
+            "userAdditionalId",
+            "ftdDate",
+            "balanceUsd",
+            "accounts",
+        ];
+        let f = Fields::new(map, tz);
+        let mut extra = f.extra(&[&KNOWN, &PERSON_FIELDS]);
+        let person = f.person(&mut extra)?;
+        let user_additional_id = f.string("userAdditionalId")?;
+        let accounts = match &user_additional_id {
+            Some(text) => parse_accounts(text).map_err(|e| field_error("userAdditionalId", &e))?,
+            None => Vec::new(),
+        };
+        if let Some(v) = map.get("accounts") {
+            // Not part of the API: kept as an unknown field rather than mixed with ours.
+            extra.insert("accounts".to_owned(), v.clone());
+        }
+        Ok(Customer {
+            customer_id: f.int("customerId")?,
+            id: f.int("id")?,
+            lead_id: f.int("leadId")?,
+            person,
+            conversion_date: f.timestamp("conversionDate")?,
+            user_additional_id,
+            accounts,
+            ftd_date: f.timestamp("ftdDate")?,
+            balance_usd: f.decimal("balanceUsd")?,
+            extra,
+        })
+    }
+
+    fn id(&self) -> Option<String> {
+        self.customer_id.map(|id| id.to_string())
+    }
+}
+
+impl CrmRecord for Transaction {
+    const ENDPOINT: Endpoint = Endpoint::Transactions;
+
+    fn from_json(map: &Map<String, Value>, tz: Tz) -> Result<Self, String> {
+        const KNOWN: [&str; 12] = [
+            "id",
+            "customerId",
+            "type",
+            "amount",
+            "currency",
+            "amountUsd",
+            "transactionDate",
+            "paymentMethod",
+            "tradingAccount",
+            "serverTag",
+            "productId",
+            "isFake",
+        ];
+        let f = Fields::new(map, tz);
+        Ok(Transaction {
+            id: f.int("id")?,
+            customer_id: f.int("customerId")?,
+            transaction_type: f.string("type")?,
+            amount: f.decimal("amount")?,
+            currency: f.string("currency")?,
+            amount_usd: f.decimal("amountUsd")?,
+            transaction_date: f.timestamp("transactionDate")?,
+            payment_method: f.string("paymentMethod")?,
+            trading_account: f.string("tradingAccount")?,
+            server_tag: f.string("serverTag")?,
+            product_id: f.string("productId")?,
+            is_fake: f.bool("isFake")?,
+            extra: f.extra(&[&KNOWN]),
+        })
+    }
+
+    fn id(&self) -> Option<String> {
+        self.id.map(|id| id.to_string())
+    }
+}
+
+impl CrmRecord for Server {
+    const ENDPOINT: Endpoint = Endpoint::Servers;
+
+    fn from_json(map: &Map<String, Value>, tz: Tz) -> Result<Self, String> {
+        const KNOWN: [&str; 4] = ["id", "name", "type", "platform"];
+        let f = Fields::new(map, tz);
+        Ok(Server {
+            platform: f.string("platform")?,
+            id: f.string("id")?,
+            name: f.string("name")?,
+            server_type: f.string("type")?,
+            extra: f.extra(&[&KNOWN]),
+        })
+    }
+
+    fn id(&self) -> Option<String> {
+        self.id.clone()
+    }
+}
+
+impl CrmRecord for Position {
+    const ENDPOINT: Endpoint = Endpoint::Positions;
+
+    fn from_json(map: &Map<String, Value>, tz: Tz) -> Result<Self, String> {
+        const KNOWN: [&str; 15] = [
+            "positionId",
+            "login",
+            "serverTag",
+            "customerId",
+            "symbol",
+            "side",
+            "volume",
+            "openPrice",
+            "closePrice",
+            "openTime",
+            "closeTime",
+            "profit",
+            "commission",
+            "swap",
+            "currency",
+        ];
+        let f = Fields::new(map, tz);
+        Ok(Position {
+            position_id: f.int("positionId")?,
+            login: f.string("login")?,
+            server_tag: f.string("serverTag")?,
+            customer_id: f.int("customerId")?,
+            symbol: f.string("symbol")?,
+            side: f.string("side")?,
+            volume: f.decimal("volume")?,
+            open_price: f.decimal("openPrice")?,
+            close_price: f.decimal("closePrice")?,
+            open_time: f.timestamp("openTime")?,
+            close_time: f.timestamp("closeTime")?,
+            profit: f.decimal("profit")?,
+            commission: f.decimal("commission")?,
+            swap: f.decimal("swap")?,
+            currency: f.string("currency")?,
+            extra: f.extra(&[&KNOWN]),
+        })
+    }
+
+    fn id(&self) -> Option<String> {
+        self.position_id.map(|id| id.to_string())
+    }
+}
+
+impl FromStr for Endpoint {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Endpoint::ALL
+            .into_iter()
+            .find(|e| e.stream() == s || e.path_segment() == s)
+            .ok_or_else(|| format!("unknown endpoint {s:?} (expected leads, customers, transactions, servers or positions)"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => panic!("not an object"),
+        }
+    }
+
+    #[test]
+    fn lead_reference_shape_parses_with_unknowns_kept() {
+        let raw = obj(
+            json!({"id": 100231, "firstName": "Maria", "lastName": "Ionescu",
+            "email": "maria.i@example.org", "phone": "+40712345678", "country": "RO",
+            "language": "ro", "status": "New", "affiliateId": "IB-1042", "campaign": "spring-webinar",
+            "registrationDate": "2019-03-14 09:21:44", "lastModifiedDate": "2019-03-15 10:01:02",
+            "utmDetails": {"utmSource": "ib-portal", "utmMedium": "referral", "utmCampaign": "spring",
+                "utmContent": null, "utmTerm": null, "utmId": "x1"},
+            "tags": [{"category": "Marketing", "tags": ["webinar", "vip"]}],
+            "score": 7, "owner": {"name": "desk 3"}}),
+        );
+        let lead = Lead::from_json(&raw, Tz::UTC).unwrap();
+        assert_eq!(lead.id, Some(100231));
+        assert_eq!(lead.person.first_name.as_deref(), Some("Maria"));
+        assert_eq!(
+            lead.person
+                .utm_details
+                .as_ref()
+                .unwrap()
+                .utm_source
+                .as_deref(),
+            Some("ib-portal")
+        );
+        assert_eq!(lead.person.utm_details.as_ref().unwrap().utm_content, None);
+        assert_eq!(
+            lead.person.tags,
+            Some(vec![TagCategory {
+                category: Some("Marketing".into()),
+                tags: vec!["webinar".into(), "vip".into()]
+            }])
+        );
+        assert_eq!(lead.extra.len(), 3, "{:?}", lead.extra);
+        assert_eq!(lead.extra["score"], json!(7));
+        assert_eq!(lead.extra["owner"], json!({"name": "desk 3"}));
+        assert_eq!(lead.extra["utmDetails.utmId"], json!("x1"));
+        assert_eq!(lead.id(), Some("100231".into()));
+    }
+
+    #[test]
+    fn numbers_as_strings_and_money_exact() {
+        let raw: Value = serde_json::from_str(
+            r#"{"id": "9000123", "customerId": 5501, "amount": 0.1, "amountUsd": "12345678901234567890.12345678",
+               "isFake": "false", "transactionDate": "", "productId": 17}"#,
+        )
+        .unwrap();
+        let t = Transaction::from_json(&obj(raw), Tz::UTC).unwrap();
+        assert_eq!(t.id, Some(9000123));
+        assert_eq!(t.amount.unwrap().to_string(), "0.1");
+        assert_eq!(
+            t.amount_usd.unwrap().to_string(),
+            "12345678901234567890.12345678"
+        );
+        assert_eq!(t.is_fake, Some(false));
+        assert_eq!(t.transaction_date, None);
+        assert_eq!(t.product_id.as_deref(), Some("17"));
+    }
+
+    #[test]
+    fn json_number_money_is_not_rounded_through_f64() {
+        // 0.1 + 0.2 style values and long mantissas survive because the text is parsed.
+        let raw: Value = serde_json::from_str(
+            r#"{"positionId": 1, "profit": 1234567.12345678, "volume": 1e-2}"#,
+        )
+        .unwrap();
+        let p = Position::from_json(&obj(raw), Tz::UTC).unwrap();
+        assert_eq!(p.profit.unwrap().to_string(), "1234567.12345678");
+        assert_eq!(p.volume.unwrap().to_string(), "0.01");
+    }
+
+    #[test]
+    fn bad_field_names_the_field() {
+        let err =
+            Transaction::from_json(&obj(json!({"id": 1, "amount": "12,5x"})), Tz::UTC).unwrap_err();
+        assert!(err.contains("`amount`"), "{err}");
+        let err = Lead::from_json(
+            &obj(json!({"id": 1, "registrationDate": "yesterday"})),
+            Tz::UTC,
+        )
+        .unwrap_err();
+        assert!(err.contains("`registrationDate`"), "{err}");
+        let err = Lead::from_json(&obj(json!({"id": [1]})), Tz::UTC).unwrap_err();
+        assert!(err.contains("`id`"), "{err}");
+    }
+
+    #[test]
+    fn every_field_may_be_missing() {
+        let lead = Lead::from_json(&Map::new(), Tz::UTC).unwrap();
+        assert_eq!(lead, Lead::default());
+        assert_eq!(lead.id(), None);
+        let c = Customer::from_json(&Map::new(), Tz::UTC).unwrap();
+        assert!(c.accounts.is_empty());
+    }
+
+    #[test]
+    fn customer_accounts_parse_in_every_tolerated_form() {
+        let expected = vec![
+            TradingAccount {
+                login: "12345".into(),
+                server: "mt4-live-01".into(),
+                account_type: Some("live".into()),
+            },
+            TradingAccount {
+                login: "88112".into(),
+                server: "mt5-live-02".into(),
+                account_type: Some("live".into()),
+            },
+        ];
+        for text in [
+            "(12345, mt4-live-01, live), (88112, mt5-live-02, live)",
+            "(12345, mt4-live-01, live); (88112, mt5-live-02, live)",
+            "(12345,mt4-live-01,live)(88112,mt5-live-02,live)",
+            "12345, mt4-live-01, live; 88112, mt5-live-02, live",
+            "12345, mt4-live-01, live, 88112, mt5-live-02, live",
+        ] {
+            assert_eq!(parse_accounts(text).unwrap(), expected, "{text}");
+        }
+        assert_eq!(parse_accounts("").unwrap(), vec![]);
+        assert!(parse_accounts("(12345, mt4").is_err());
+        assert!(parse_accounts("12345, mt4").is_err());
+        let c = Customer::from_json(
+            &obj(json!({"customerId": 5501, "leadId": "100231", "userAdditionalId": "(12345, mt4-live-01, live)", "balanceUsd": "1520.40"})),
+            Tz::UTC,
+        )
+        .unwrap();
+        assert_eq!(c.id(), Some("5501".into()));
+        assert_eq!(c.lead_id, Some(100231));
+        assert_eq!(c.accounts.len(), 1);
+        assert_eq!(c.balance_usd.unwrap().to_string(), "1520.40");
+    }
+
+    #[test]
+    fn flat_tag_lists_are_tolerated() {
+        let lead = Lead::from_json(&obj(json!({"tags": ["vip", "webinar"]})), Tz::UTC).unwrap();
+        assert_eq!(
+            lead.person.tags.unwrap(),
+            vec![TagCategory {
+                category: None,
+                tags: vec!["vip".into(), "webinar".into()]
+            }]
+        );
+    }
+}

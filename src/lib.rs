@@ -1,0 +1,11 @@
+//! ibstream streams a forex broker's CRM (the Impact CRM "IB Reports" API) into Kafka.
+//!
+//! Modules, one per concern: [`config`] (figment configuration, validation without IO),
+//! [`crm`] (HTTP client and models), [`sim`] (a CRM simulator serving the same API),
+//! [`check`] (the `ibstream check` connectivity report), [`telemetry`] (logging).
+
+pub mod check;
+pub mod config;
+pub mod crm;
+pub mod sim;
+pub mod telemetry;

@@ -1,0 +1,1080 @@
+//! The simulator's records: deterministic generation, queries, changes, and rendering in the
+//! payload shapes of CRM_API.md.
+//!
+//! Records are held as compact structs (timestamps as epoch seconds, money as integer minor
+//! units) and rendered to JSON only when served, so memory stays proportional to the record
+//! count. The vectors are in id order and records are only appended, so plain pages are stable.
+
+use chrono::{DateTime, Duration, NaiveDate, Utc};
+use chrono_tz::Tz;
+use rust_decimal::Decimal;
+use serde_json::{json, Value};
+
+use crate::crm::time::{format_local, local_to_utc};
+
+const FIRST_NAMES: [&str; 24] = [
+    "Maria", "Andreas", "Elena", "Giorgos", "Sofia", "Nikos", "Anna", "Ivan", "Olga", "Ahmed",
+    "Fatima", "Lukas", "Emma", "Mateo", "Chloe", "Kenji", "Aiko", "Rahul", "Priya", "Omar", "Lina",
+    "Pavel", "Ines", "Tomás",
+];
+const LAST_NAMES: [&str; 24] = [
+    "Ionescu",
+    "Papadopoulos",
+    "Georgiou",
+    "Ivanova",
+    "Petrov",
+    "Hassan",
+    "Müller",
+    "Schmidt",
+    "García",
+    "Rossi",
+    "Dubois",
+    "Tanaka",
+    "Sato",
+    "Sharma",
+    "Patel",
+    "Nowak",
+    "Kowalski",
+    "Silva",
+    "Costa",
+    "Novak",
+    "Horvat",
+    "Yilmaz",
+    "Haddad",
+    "O'Brien",
+];
+const COUNTRIES: [(&str, &str); 12] = [
+    ("RO", "ro"),
+    ("CY", "el"),
+    ("GR", "el"),
+    ("DE", "de"),
+    ("ES", "es"),
+    ("IT", "it"),
+    ("FR", "fr"),
+    ("PL", "pl"),
+    ("AE", "ar"),
+    ("JP", "ja"),
+    ("IN", "en"),
+    ("GB", "en"),
+];
+const LEAD_STATUSES: [&str; 6] = [
+    "New",
+    "No Answer",
+    "Call Back",
+    "Interested",
+    "Not Interested",
+    "Wrong Number",
+];
+const CUSTOMER_STATUSES: [&str; 4] = ["Active", "Dormant", "VIP", "Under Review"];
+const CAMPAIGNS: [&str; 6] = [
+    "spring-webinar",
+    "summer-promo",
+    "gold-rush",
+    "crypto-week",
+    "ib-referral",
+    "seo-organic",
+];
+const UTM_SOURCES: [&str; 5] = [
+    "ib-portal",
+    "google",
+    "facebook",
+    "newsletter",
+    "partner-site",
+];
+const UTM_MEDIUMS: [&str; 4] = ["referral", "cpc", "email", "social"];
+const TAGS: [(&str, [&str; 3]); 3] = [
+    ("Marketing", ["webinar", "vip", "newsletter"]),
+    ("Risk", ["high-risk", "pep", "kyc-pending"]),
+    ("Sales", ["hot", "cold", "callback"]),
+];
+const PAYMENT_METHODS: [&str; 5] = ["CreditCard", "WireTransfer", "Skrill", "Neteller", "Crypto"];
+const SYMBOLS: [(&str, i64); 8] = [
+    ("EURUSD", 108_123),
+    ("GBPUSD", 126_540),
+    ("USDJPY", 14_985_000),
+    ("XAUUSD", 203_450_000),
+    ("AUDUSD", 65_870),
+    ("USDCHF", 88_210),
+    ("BTCUSD", 4_215_000_000),
+    ("US30", 3_812_500_000),
+];
+
+/// An entity kind of the simulator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Leads.
+    Leads,
+    /// Customers (registrations).
+    Customers,
+    /// Transactions.
+    Transactions,
+    /// Servers.
+    Servers,
+    /// Closed positions.
+    Positions,
+}
+
+impl Kind {
+    /// Parses a kind from its endpoint segment or stream name.
+    pub fn parse(s: &str) -> Option<Kind> {
+        Some(match s {
+            "leads" => Kind::Leads,
+            "customers" | "registrations" => Kind::Customers,
+            "transactions" => Kind::Transactions,
+            "servers" => Kind::Servers,
+            "positions" => Kind::Positions,
+            _ => return None,
+        })
+    }
+}
+
+/// One change made by [`SimData::mutate`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Change {
+    /// Stream of the changed entity (`leads`, `customers`, …).
+    pub stream: &'static str,
+    /// `created` or `updated`.
+    pub op: &'static str,
+    /// Entity key as the stream keys it (positions: `serverTag:positionId`).
+    pub key: String,
+}
+
+/// A kind of change [`SimData::mutate`] can make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// A new lead registers.
+    NewLead,
+    /// A lead's status or phone changes.
+    EditLead,
+    /// A lead converts to a customer.
+    Conversion,
+    /// A customer's status, phone or balance changes.
+    EditCustomer,
+    /// A deposit or withdrawal (a customer's first deposit also sets its `ftdDate`).
+    Transaction,
+    /// A position closes.
+    Position,
+    /// A new live server appears, a customer opens an account on it and closes positions there.
+    Server,
+}
+
+impl ChangeKind {
+    /// Parses a change kind from the `kind` parameter of `/_sim/mutate`.
+    pub fn parse(s: &str) -> Option<ChangeKind> {
+        Some(match s {
+            "lead" | "new_lead" => ChangeKind::NewLead,
+            "lead_edit" | "edit_lead" => ChangeKind::EditLead,
+            "conversion" => ChangeKind::Conversion,
+            "customer_edit" | "edit_customer" => ChangeKind::EditCustomer,
+            "transaction" => ChangeKind::Transaction,
+            "position" => ChangeKind::Position,
+            "server" => ChangeKind::Server,
+            _ => return None,
+        })
+    }
+}
+
+/// Sizes and options of generated data.
+#[derive(Debug, Clone)]
+pub struct GenSpec {
+    /// Random seed.
+    pub seed: u64,
+    /// First day records are spread from.
+    pub start_date: NaiveDate,
+    /// The CRM's time zone.
+    pub tz: Tz,
+    /// Leads.
+    pub leads: usize,
+    /// Customers.
+    pub customers: usize,
+    /// Transactions.
+    pub transactions: usize,
+    /// Closed positions.
+    pub positions: usize,
+    /// Live servers (one demo server is added).
+    pub servers: usize,
+    /// Fraction of records served with an unreadable date or amount.
+    pub malformed_rate: f64,
+}
+
+#[derive(Debug, Clone)]
+struct Person {
+    first: &'static str,
+    last: &'static str,
+    email: String,
+    phone: String,
+    country: u8,
+    status: &'static str,
+    affiliate: u16,
+    campaign: u8,
+    registered: i64,
+    modified: i64,
+    utm_source: u8,
+    utm_medium: u8,
+    tags: Vec<(u8, u8)>,
+}
+
+#[derive(Debug, Clone)]
+struct Lead {
+    id: i64,
+    person: Person,
+    malformed: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Customer {
+    customer_id: i64,
+    lead_id: i64,
+    person: Person,
+    converted: i64,
+    accounts: Vec<(u64, u16)>,
+    ftd: Option<i64>,
+    balance_cents: i64,
+    malformed: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Transaction {
+    id: i64,
+    customer_id: Option<i64>,
+    deposit: bool,
+    amount_cents: i64,
+    eur: bool,
+    date: i64,
+    method: u8,
+    account: Option<(u64, u16)>,
+    product_id: Option<u64>,
+    fake: bool,
+    malformed: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Server {
+    id: String,
+    name: String,
+    platform: &'static str,
+    live: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Position {
+    id: i64,
+    login: u64,
+    server: u16,
+    customer_id: Option<i64>,
+    symbol: u8,
+    buy: bool,
+    volume_centilots: i64,
+    open_price: i64,
+    close_price: i64,
+    open: i64,
+    close: i64,
+    profit_cents: i64,
+    commission_cents: i64,
+    swap_cents: i64,
+    malformed: bool,
+}
+
+/// Every record the simulated CRM holds.
+pub struct SimData {
+    tz: Tz,
+    rng: fastrand::Rng,
+    malformed_rate: f64,
+    leads: Vec<Lead>,
+    customers: Vec<Customer>,
+    transactions: Vec<Transaction>,
+    servers: Vec<Server>,
+    positions: Vec<Position>,
+    next_login: u64,
+}
+
+/// A page query against the data.
+#[derive(Debug, Clone)]
+pub struct DataQuery {
+    /// Entity kind.
+    pub kind: Kind,
+    /// Filter on the modification date instead of the creation date (leads, customers).
+    pub by_modified: bool,
+    /// First instant (inclusive), epoch seconds.
+    pub from: i64,
+    /// Last instant (exclusive), epoch seconds.
+    pub until: i64,
+    /// Server tag (positions).
+    pub server_tag: Option<String>,
+    /// Include fake transactions.
+    pub include_fake: bool,
+}
+
+impl SimData {
+    /// Generates the data of `spec`, spread from `spec.start_date` to `now`.
+    pub fn generate(spec: &GenSpec, now: DateTime<Utc>) -> SimData {
+        let mut rng = fastrand::Rng::with_seed(spec.seed);
+        let start = spec
+            .start_date
+            .and_hms_opt(0, 0, 0)
+            .map(|t| local_to_utc(t, spec.tz).timestamp())
+            .unwrap_or(0);
+        let now = now.timestamp().max(start + 1);
+        let mut data = SimData {
+            tz: spec.tz,
+            rng: fastrand::Rng::with_seed(spec.seed.wrapping_add(1)),
+            malformed_rate: spec.malformed_rate,
+            leads: Vec::with_capacity(spec.leads),
+            customers: Vec::with_capacity(spec.customers),
+            transactions: Vec::with_capacity(spec.transactions),
+            servers: Vec::new(),
+            positions: Vec::with_capacity(spec.positions),
+            next_login: 100_000,
+        };
+        for i in 0..spec.servers.max(1) {
+            data.servers.push(live_server(i));
+        }
+        data.servers.push(Server {
+            id: "mt4-demo-01".to_owned(),
+            name: "MT4 Demo".to_owned(),
+            platform: "mt4",
+            live: false,
+        });
+        let malformed =
+            |rng: &mut fastrand::Rng| spec.malformed_rate > 0.0 && rng.f64() < spec.malformed_rate;
+        let mut registered: Vec<i64> = (0..spec.leads).map(|_| rng.i64(start..now)).collect();
+        registered.sort_unstable();
+        for (i, reg) in registered.into_iter().enumerate() {
+            let status = LEAD_STATUSES[rng.usize(..LEAD_STATUSES.len())];
+            let person = random_person(&mut rng, 100_000 + i as i64, reg, now, status);
+            data.leads.push(Lead {
+                id: 100_000 + i as i64,
+                person,
+                malformed: malformed(&mut rng),
+            });
+        }
+        for i in 0..spec.customers {
+            let customer_id = 5_000 + i as i64;
+            let converted_lead =
+                (spec.customers <= spec.leads).then(|| i * spec.leads / spec.customers);
+            let (lead_id, mut person) = match converted_lead {
+                Some(index) => {
+                    let lead = &mut data.leads[index];
+                    lead.person.status = "Converted";
+                    (lead.id, lead.person.clone())
+                }
+                None => {
+                    let reg = rng.i64(start..now);
+                    (
+                        90_000_000 + i as i64,
+                        random_person(&mut rng, 90_000_000 + i as i64, reg, now, "New"),
+                    )
+                }
+            };
+            let converted =
+                person.registered + rng.i64(0..=(now - person.registered).min(30 * 86_400));
+            person.status = CUSTOMER_STATUSES[rng.usize(..CUSTOMER_STATUSES.len())];
+            let ftd = rng
+                .bool()
+                .then(|| converted + rng.i64(0..=(now - converted).min(86_400)));
+            person.modified = ftd.unwrap_or(converted).max(person.modified);
+            let accounts = (0..rng.usize(1..=2))
+                .map(|_| data.new_account(&mut rng))
+                .collect();
+            if let Some(index) = converted_lead {
+                // Converting touched the lead too.
+                let lead = &mut data.leads[index].person;
+                lead.modified = lead.modified.max(converted);
+            }
+            data.customers.push(Customer {
+                customer_id,
+                lead_id,
+                person,
+                converted,
+                accounts,
+                ftd,
+                balance_cents: rng.i64(0..5_000_000),
+                malformed: malformed(&mut rng),
+            });
+        }
+        let mut txn_dates: Vec<(i64, usize)> = (0..spec.transactions)
+            .map(|_| {
+                let c = if data.customers.is_empty() {
+                    usize::MAX
+                } else {
+                    rng.usize(..data.customers.len())
+                };
+                let from = data.customers.get(c).map_or(start, |c| c.converted);
+                (rng.i64(from..=now), c)
+            })
+            .collect();
+        txn_dates.sort_unstable();
+        for (i, (date, c)) in txn_dates.into_iter().enumerate() {
+            let customer = data.customers.get(c);
+            let fake = rng.f64() < 0.03;
+            data.transactions.push(Transaction {
+                id: 9_000_000 + i as i64,
+                customer_id: customer.map(|c| c.customer_id),
+                deposit: rng.f64() < 0.7,
+                amount_cents: rng.i64(1_000..2_500_000),
+                eur: rng.f64() < 0.3,
+                date,
+                method: rng.u8(..PAYMENT_METHODS.len() as u8),
+                account: customer.and_then(|c| c.accounts.first().copied()),
+                product_id: (rng.f64() < 0.2).then(|| rng.u64(1_000_000..9_999_999)),
+                fake,
+                malformed: malformed(&mut rng),
+            });
+        }
+        let mut closes: Vec<(i64, usize)> = (0..spec.positions)
+            .map(|_| {
+                let c = if data.customers.is_empty() {
+                    usize::MAX
+                } else {
+                    rng.usize(..data.customers.len())
+                };
+                let from = data.customers.get(c).map_or(start, |c| c.converted);
+                (rng.i64(from..=now), c)
+            })
+            .collect();
+        closes.sort_unstable();
+        let live = data.live_server_indices();
+        for (close, c) in closes {
+            let (customer_id, account) = match data.customers.get(c) {
+                Some(customer) => (
+                    Some(customer.customer_id),
+                    customer.accounts[rng.usize(..customer.accounts.len())],
+                ),
+                None => (None, (data.next_login(), live[rng.usize(..live.len())])),
+            };
+            let m = malformed(&mut rng);
+            data.push_position(&mut rng, customer_id, account, close, m);
+        }
+        data
+    }
+
+    fn next_login(&mut self) -> u64 {
+        self.next_login += 1;
+        self.next_login
+    }
+
+    fn new_account(&mut self, rng: &mut fastrand::Rng) -> (u64, u16) {
+        let live: Vec<u16> = self.live_server_indices();
+        let server = live[rng.usize(..live.len())];
+        (self.next_login(), server)
+    }
+
+    fn live_server_indices(&self) -> Vec<u16> {
+        self.servers
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.live)
+            .map(|(i, _)| i as u16)
+            .collect()
+    }
+
+    fn push_position(
+        &mut self,
+        rng: &mut fastrand::Rng,
+        customer_id: Option<i64>,
+        account: (u64, u16),
+        close: i64,
+        malformed: bool,
+    ) -> usize {
+        let symbol = rng.u8(..SYMBOLS.len() as u8);
+        let base = SYMBOLS[symbol as usize].1;
+        let open_price = base + rng.i64(-(base / 50)..=(base / 50));
+        let close_price = open_price + rng.i64(-(base / 200)..=(base / 200));
+        let buy = rng.bool();
+        let volume_centilots = rng.i64(1..=1_000);
+        let profit_cents =
+            (close_price - open_price) * if buy { 1 } else { -1 } * volume_centilots * 100_000
+                / base.max(1);
+        self.positions.push(Position {
+            id: 77_000_000 + self.positions.len() as i64,
+            login: account.0,
+            server: account.1,
+            customer_id,
+            symbol,
+            buy,
+            volume_centilots,
+            open_price,
+            close_price,
+            open: close - rng.i64(60..=3 * 86_400),
+            close,
+            profit_cents,
+            commission_cents: -(volume_centilots * 7).max(1),
+            swap_cents: rng.i64(-500..=200),
+            malformed,
+        });
+        self.positions.len() - 1
+    }
+
+    /// Returns the ids of the live servers.
+    pub fn live_server_tags(&self) -> Vec<String> {
+        self.servers
+            .iter()
+            .filter(|s| s.live)
+            .map(|s| s.id.clone())
+            .collect()
+    }
+
+    /// Returns the indices of the records a query matches, in serving order.
+    pub fn select(&self, query: &DataQuery, newest_first: bool) -> Vec<usize> {
+        let in_range = |t: i64| t >= query.from && t < query.until;
+        let mut matched: Vec<(i64, usize)> = match query.kind {
+            Kind::Leads => self
+                .leads
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| {
+                    in_range(if query.by_modified {
+                        l.person.modified
+                    } else {
+                        l.person.registered
+                    })
+                })
+                .map(|(i, l)| (l.person.modified, i))
+                .collect(),
+            Kind::Customers => self
+                .customers
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| {
+                    in_range(if query.by_modified {
+                        c.person.modified
+                    } else {
+                        c.person.registered
+                    })
+                })
+                .map(|(i, c)| (c.person.modified, i))
+                .collect(),
+            Kind::Transactions => self
+                .transactions
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| in_range(t.date) && (query.include_fake || !t.fake))
+                .map(|(i, t)| (t.date, i))
+                .collect(),
+            Kind::Positions => {
+                let Some(server) = query
+                    .server_tag
+                    .as_deref()
+                    .and_then(|tag| self.servers.iter().position(|s| s.id == tag))
+                else {
+                    return Vec::new();
+                };
+                self.positions
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, p)| usize::from(p.server) == server && in_range(p.close))
+                    .map(|(i, p)| (p.close, i))
+                    .collect()
+            }
+            Kind::Servers => (0..self.servers.len()).map(|i| (0, i)).collect(),
+        };
+        if newest_first {
+            matched.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        }
+        matched.into_iter().map(|(_, i)| i).collect()
+    }
+
+    /// Renders one record of `kind` as the API serves it.
+    pub fn render(&self, kind: Kind, index: usize) -> Value {
+        match kind {
+            Kind::Leads => self.render_lead(&self.leads[index]),
+            Kind::Customers => self.render_customer(&self.customers[index]),
+            Kind::Transactions => self.render_transaction(&self.transactions[index]),
+            Kind::Positions => self.render_position(&self.positions[index]),
+            Kind::Servers => {
+                let s = &self.servers[index];
+                json!({"id": s.id, "name": s.name, "type": if s.live { "live" } else { "demo" }})
+            }
+        }
+    }
+
+    /// Renders the servers answer, grouped by platform.
+    pub fn render_servers(&self) -> Value {
+        let mut groups = serde_json::Map::new();
+        for (i, server) in self.servers.iter().enumerate() {
+            let group = groups
+                .entry(server.platform.to_owned())
+                .or_insert_with(|| Value::Array(Vec::new()));
+            if let Value::Array(items) = group {
+                items.push(self.render(Kind::Servers, i));
+            }
+        }
+        Value::Object(groups)
+    }
+
+    /// Renders every current record of `kind` (the ground truth).
+    pub fn truth(&self, kind: Kind) -> Vec<Value> {
+        let count = match kind {
+            Kind::Leads => self.leads.len(),
+            Kind::Customers => self.customers.len(),
+            Kind::Transactions => self.transactions.len(),
+            Kind::Servers => self.servers.len(),
+            Kind::Positions => self.positions.len(),
+        };
+        (0..count).map(|i| self.render(kind, i)).collect()
+    }
+
+    fn time(&self, secs: i64) -> String {
+        format_local(
+            DateTime::from_timestamp(secs, 0).unwrap_or_default(),
+            self.tz,
+        )
+    }
+
+    fn person_fields(&self, p: &Person, malformed: bool) -> serde_json::Map<String, Value> {
+        let (country, language) = COUNTRIES[p.country as usize];
+        let tags: Vec<Value> = TAGS
+            .iter()
+            .enumerate()
+            .filter_map(|(ci, (category, names))| {
+                let chosen: Vec<&str> = p
+                    .tags
+                    .iter()
+                    .filter(|(c, _)| usize::from(*c) == ci)
+                    .map(|(_, t)| names[*t as usize])
+                    .collect();
+                (!chosen.is_empty()).then(|| json!({"category": category, "tags": chosen}))
+            })
+            .collect();
+        let registration = if malformed {
+            "31/02/2024 25:61".to_owned()
+        } else {
+            self.time(p.registered)
+        };
+        let value = json!({
+            "firstName": p.first,
+            "lastName": p.last,
+            "email": p.email,
+            "phone": p.phone,
+            "country": country,
+            "language": language,
+            "status": p.status,
+            "affiliateId": format!("IB-{}", p.affiliate),
+            "campaign": CAMPAIGNS[p.campaign as usize],
+            "registrationDate": registration,
+            "lastModifiedDate": self.time(p.modified),
+            "utmDetails": {
+                "utmSource": UTM_SOURCES[p.utm_source as usize],
+                "utmMedium": UTM_MEDIUMS[p.utm_medium as usize],
+                "utmCampaign": CAMPAIGNS[p.campaign as usize],
+                "utmContent": null,
+                "utmTerm": null,
+            },
+            "tags": tags,
+        });
+        match value {
+            Value::Object(map) => map,
+            _ => serde_json::Map::new(),
+        }
+    }
+
+    fn render_lead(&self, lead: &Lead) -> Value {
+        let mut map = self.person_fields(&lead.person, lead.malformed);
+        map.insert("id".to_owned(), json!(lead.id));
+        Value::Object(map)
+    }
+
+    fn render_customer(&self, c: &Customer) -> Value {
+        let mut map = self.person_fields(&c.person, false);
+        let accounts: Vec<String> = c
+            .accounts
+            .iter()
+            .map(|(login, server)| {
+                format!("({login}, {}, live)", self.servers[usize::from(*server)].id)
+            })
+            .collect();
+        map.insert("customerId".to_owned(), json!(c.customer_id));
+        map.insert("leadId".to_owned(), json!(c.lead_id));
+        map.insert("conversionDate".to_owned(), json!(self.time(c.converted)));
+        map.insert("userAdditionalId".to_owned(), json!(accounts.join(", ")));
+        map.insert(
+            "ftdDate".to_owned(),
+            c.ftd.map_or(Value::Null, |t| json!(self.time(t))),
+        );
+        let balance = if c.malformed {
+            "1.520,40".to_owned()
+        } else {
+            money(c.balance_cents)
+        };
+        map.insert("balanceUsd".to_owned(), json!(balance));
+        Value::Object(map)
+    }
+
+    fn render_transaction(&self, t: &Transaction) -> Value {
+        // EUR converts at 1.08 exactly: amountUsd stays a whole number of cents.
+        let usd_cents = if t.eur {
+            t.amount_cents * 108 / 100
+        } else {
+            t.amount_cents
+        };
+        let sign = if t.deposit { 1 } else { -1 };
+        json!({
+            "id": t.id,
+            "customerId": t.customer_id,
+            "type": if t.deposit { "Deposit" } else { "Withdrawal" },
+            "amount": if t.malformed { "12,50.x".to_owned() } else { money(sign * t.amount_cents) },
+            "currency": if t.eur { "EUR" } else { "USD" },
+            "amountUsd": money(sign * usd_cents),
+            "transactionDate": self.time(t.date),
+            "paymentMethod": PAYMENT_METHODS[t.method as usize],
+            "tradingAccount": t.account.map(|(login, _)| login.to_string()),
+            "serverTag": t.account.map(|(_, s)| self.servers[usize::from(s)].id.clone()),
+            "productId": t.product_id.map_or_else(|| "N/A".to_owned(), |p| p.to_string()),
+            "isFake": t.fake,
+        })
+    }
+
+    fn render_position(&self, p: &Position) -> Value {
+        let (symbol, _) = SYMBOLS[p.symbol as usize];
+        let price_scale = if symbol == "USDJPY" { 3 } else { 5 };
+        json!({
+            "positionId": p.id,
+            "login": p.login.to_string(),
+            "serverTag": self.servers[usize::from(p.server)].id,
+            "customerId": p.customer_id,
+            "symbol": symbol,
+            "side": if p.buy { "Buy" } else { "Sell" },
+            "volume": Decimal::new(p.volume_centilots, 2).to_string(),
+            "openPrice": Decimal::new(p.open_price, price_scale).to_string(),
+            "closePrice": Decimal::new(p.close_price, price_scale).to_string(),
+            "openTime": self.time(p.open),
+            "closeTime": self.time(p.close),
+            "profit": if p.malformed { "NaN".to_owned() } else { money(p.profit_cents) },
+            "commission": money(p.commission_cents),
+            "swap": money(p.swap_cents),
+            "currency": "USD",
+        })
+    }
+
+    /// Applies `count` random changes stamped `now` (of `kind` if given) and returns them.
+    pub fn mutate(
+        &mut self,
+        count: usize,
+        kind: Option<ChangeKind>,
+        now: DateTime<Utc>,
+    ) -> Vec<Change> {
+        let mut changes = Vec::new();
+        for _ in 0..count {
+            let kind = kind.unwrap_or_else(|| match self.rng.u8(..100) {
+                0..=24 => ChangeKind::NewLead,
+                25..=44 => ChangeKind::EditLead,
+                45..=54 => ChangeKind::Conversion,
+                55..=64 => ChangeKind::EditCustomer,
+                65..=84 => ChangeKind::Transaction,
+                _ => ChangeKind::Position,
+            });
+            self.apply(kind, now.timestamp(), &mut changes);
+        }
+        changes
+    }
+
+    fn apply(&mut self, kind: ChangeKind, now: i64, changes: &mut Vec<Change>) {
+        let mut rng = std::mem::replace(&mut self.rng, fastrand::Rng::with_seed(0));
+        let change = |stream, op, key: String| Change { stream, op, key };
+        match kind {
+            ChangeKind::NewLead => {
+                let id = self.leads.last().map_or(100_000, |l| l.id + 1);
+                let person = random_person(&mut rng, id, now, now, "New");
+                let malformed = self.malformed_rate > 0.0 && rng.f64() < self.malformed_rate;
+                self.leads.push(Lead {
+                    id,
+                    person,
+                    malformed,
+                });
+                changes.push(change("leads", "created", id.to_string()));
+            }
+            ChangeKind::EditLead if !self.leads.is_empty() => {
+                let index = rng.usize(..self.leads.len());
+                let lead = &mut self.leads[index];
+                if lead.person.status == "Converted" || rng.bool() {
+                    lead.person.phone = random_phone(&mut rng);
+                } else {
+                    lead.person.status = next_status(&LEAD_STATUSES, lead.person.status);
+                }
+                lead.person.modified = now.max(lead.person.modified);
+                changes.push(change("leads", "updated", lead.id.to_string()));
+            }
+            ChangeKind::Conversion => {
+                let candidates = self.leads.len();
+                let start = if candidates == 0 {
+                    0
+                } else {
+                    rng.usize(..candidates)
+                };
+                let found = (0..candidates)
+                    .map(|i| (start + i) % candidates)
+                    .find(|&i| self.leads[i].person.status != "Converted");
+                if let Some(i) = found {
+                    let lead = &mut self.leads[i];
+                    lead.person.status = "Converted";
+                    lead.person.modified = now.max(lead.person.modified);
+                    let (lead_id, mut person) = (lead.id, lead.person.clone());
+                    person.status = "Active";
+                    let customer_id = self.customers.last().map_or(5_000, |c| c.customer_id + 1);
+                    let account = self.new_account(&mut rng);
+                    self.customers.push(Customer {
+                        customer_id,
+                        lead_id,
+                        person,
+                        converted: now,
+                        accounts: vec![account],
+                        ftd: None,
+                        balance_cents: 0,
+                        malformed: false,
+                    });
+                    changes.push(change("leads", "updated", lead_id.to_string()));
+                    changes.push(change("customers", "created", customer_id.to_string()));
+                } else {
+                    self.apply(ChangeKind::NewLead, now, changes);
+                }
+            }
+            ChangeKind::EditCustomer if !self.customers.is_empty() => {
+                let index = rng.usize(..self.customers.len());
+                let c = &mut self.customers[index];
+                match rng.u8(..3) {
+                    0 => c.person.phone = random_phone(&mut rng),
+                    1 => c.person.status = next_status(&CUSTOMER_STATUSES, c.person.status),
+                    _ => {
+                        c.person.email = format!(
+                            "{}.{}{}@example.net",
+                            c.person.first.to_lowercase(),
+                            c.person.last.to_lowercase(),
+                            rng.u16(..1000)
+                        )
+                    }
+                }
+                c.person.modified = now.max(c.person.modified);
+                changes.push(change("customers", "updated", c.customer_id.to_string()));
+            }
+            ChangeKind::Transaction if !self.customers.is_empty() => {
+                let ci = rng.usize(..self.customers.len());
+                let id = self.transactions.last().map_or(9_000_000, |t| t.id + 1);
+                let deposit = self.customers[ci].ftd.is_none() || rng.f64() < 0.7;
+                let amount_cents = rng.i64(1_000..500_000);
+                let customer = &mut self.customers[ci];
+                self.transactions.push(Transaction {
+                    id,
+                    customer_id: Some(customer.customer_id),
+                    deposit,
+                    amount_cents,
+                    eur: false,
+                    date: now,
+                    method: rng.u8(..PAYMENT_METHODS.len() as u8),
+                    account: customer.accounts.first().copied(),
+                    product_id: None,
+                    fake: false,
+                    malformed: false,
+                });
+                changes.push(change("transactions", "created", id.to_string()));
+                if customer.ftd.is_none() && deposit {
+                    customer.ftd = Some(now);
+                    customer.person.modified = now.max(customer.person.modified);
+                    changes.push(change(
+                        "customers",
+                        "updated",
+                        customer.customer_id.to_string(),
+                    ));
+                }
+                // The balance moves too, but it alone does not make the CRM touch lastModifiedDate.
+                customer.balance_cents += if deposit { amount_cents } else { -amount_cents };
+            }
+            ChangeKind::Position if !self.customers.is_empty() => {
+                let c = &self.customers[rng.usize(..self.customers.len())];
+                let account = c.accounts[rng.usize(..c.accounts.len())];
+                let customer_id = c.customer_id;
+                let i = self.push_position(&mut rng, Some(customer_id), account, now, false);
+                changes.push(change("positions", "created", self.position_key(i)));
+            }
+            ChangeKind::Server => {
+                let index = self.servers.iter().filter(|s| s.live).count();
+                let server = live_server(index);
+                let tag = server.id.clone();
+                self.servers.push(server);
+                let server_index = (self.servers.len() - 1) as u16;
+                changes.push(change("servers", "created", tag));
+                if !self.customers.is_empty() {
+                    let ci = rng.usize(..self.customers.len());
+                    let login = self.next_login();
+                    let c = &mut self.customers[ci];
+                    c.accounts.push((login, server_index));
+                    c.person.modified = now.max(c.person.modified);
+                    let customer_id = c.customer_id;
+                    changes.push(change("customers", "updated", customer_id.to_string()));
+                    for _ in 0..3 {
+                        let i = self.push_position(
+                            &mut rng,
+                            Some(customer_id),
+                            (login, server_index),
+                            now,
+                            false,
+                        );
+                        changes.push(change("positions", "created", self.position_key(i)));
+                    }
+                }
+            }
+            // Edits of entities that do not exist yet become creations.
+            ChangeKind::EditLead => {
+                self.rng = rng;
+                return self.apply(ChangeKind::NewLead, now, changes);
+            }
+            ChangeKind::EditCustomer | ChangeKind::Transaction | ChangeKind::Position => {
+                self.rng = rng;
+                return self.apply(ChangeKind::Conversion, now, changes);
+            }
+        }
+        self.rng = rng;
+    }
+
+    fn position_key(&self, index: usize) -> String {
+        let p = &self.positions[index];
+        format!("{}:{}", self.servers[usize::from(p.server)].id, p.id)
+    }
+}
+
+fn live_server(index: usize) -> Server {
+    let platform = if index % 2 == 0 { "mt4" } else { "mt5" };
+    Server {
+        id: format!("{platform}-live-{:02}", index + 1),
+        name: format!("{} Live {}", platform.to_uppercase(), index + 1),
+        platform,
+        live: true,
+    }
+}
+
+fn random_person(
+    rng: &mut fastrand::Rng,
+    id: i64,
+    registered: i64,
+    now: i64,
+    status: &'static str,
+) -> Person {
+    let first = FIRST_NAMES[rng.usize(..FIRST_NAMES.len())];
+    let last = LAST_NAMES[rng.usize(..LAST_NAMES.len())];
+    let mut tags = Vec::new();
+    for category in 0..TAGS.len() as u8 {
+        if rng.f64() < 0.3 {
+            tags.push((category, rng.u8(..3)));
+        }
+    }
+    Person {
+        first,
+        last,
+        email: format!("{}.{}.{id}@example.org", ascii(first), ascii(last)),
+        phone: random_phone(rng),
+        country: rng.u8(..COUNTRIES.len() as u8),
+        status,
+        affiliate: rng.u16(1000..1100),
+        campaign: rng.u8(..CAMPAIGNS.len() as u8),
+        registered,
+        modified: registered + rng.i64(0..=(now - registered).clamp(0, 60 * 86_400)),
+        utm_source: rng.u8(..UTM_SOURCES.len() as u8),
+        utm_medium: rng.u8(..UTM_MEDIUMS.len() as u8),
+        tags,
+    }
+}
+
+fn ascii(name: &str) -> String {
+    name.chars()
+        .filter(char::is_ascii_alphabetic)
+        .collect::<String>()
+        .to_lowercase()
+}
+
+fn random_phone(rng: &mut fastrand::Rng) -> String {
+    format!("+357{:08}", rng.u32(..100_000_000))
+}
+
+fn next_status(statuses: &[&'static str], current: &str) -> &'static str {
+    let i = statuses.iter().position(|s| *s == current).unwrap_or(0);
+    statuses[(i + 1) % statuses.len()]
+}
+
+fn money(cents: i64) -> String {
+    Decimal::new(cents, 2).to_string()
+}
+
+/// Returns the UTC bounds `[from 00:00, to+1 00:00)` of inclusive local days.
+pub fn day_bounds(from: NaiveDate, to: NaiveDate, tz: Tz) -> (i64, i64) {
+    let start = from
+        .and_hms_opt(0, 0, 0)
+        .map_or(0, |t| local_to_utc(t, tz).timestamp());
+    let end = (to + Duration::days(1))
+        .and_hms_opt(0, 0, 0)
+        .map_or(i64::MAX, |t| local_to_utc(t, tz).timestamp());
+    (start, end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> GenSpec {
+        GenSpec {
+            seed: 7,
+            start_date: NaiveDate::from_ymd_opt(2024, 1, 1).unwrap(),
+            tz: Tz::UTC,
+            leads: 300,
+            customers: 100,
+            transactions: 500,
+            positions: 800,
+            servers: 3,
+            malformed_rate: 0.0,
+        }
+    }
+
+    #[test]
+    fn generation_is_deterministic_by_seed() {
+        let now = DateTime::parse_from_rfc3339("2024-06-01T12:00:00Z")
+            .unwrap()
+            .with_utc_timezone();
+        let a = SimData::generate(&spec(), now);
+        let b = SimData::generate(&spec(), now);
+        assert_eq!(a.truth(Kind::Leads), b.truth(Kind::Leads));
+        assert_eq!(a.truth(Kind::Positions), b.truth(Kind::Positions));
+        let mut other = spec();
+        other.seed = 8;
+        assert_ne!(
+            a.truth(Kind::Leads),
+            SimData::generate(&other, now).truth(Kind::Leads)
+        );
+        assert_eq!(a.truth(Kind::Servers).len(), 4);
+        assert_eq!(
+            a.live_server_tags(),
+            vec!["mt4-live-01", "mt5-live-02", "mt4-live-03"]
+        );
+    }
+
+    #[test]
+    fn mutations_report_what_they_changed() {
+        let now = DateTime::parse_from_rfc3339("2024-06-01T12:00:00Z")
+            .unwrap()
+            .with_utc_timezone();
+        let mut data = SimData::generate(&spec(), now);
+        let before = data.truth(Kind::Leads).len();
+        let changes = data.mutate(3, Some(ChangeKind::NewLead), now);
+        assert_eq!(changes.len(), 3);
+        assert_eq!(data.truth(Kind::Leads).len(), before + 3);
+        let changes = data.mutate(1, Some(ChangeKind::Server), now);
+        assert_eq!(
+            changes[0],
+            Change {
+                stream: "servers",
+                op: "created",
+                key: "mt5-live-04".into()
+            }
+        );
+        assert_eq!(
+            changes.iter().filter(|c| c.stream == "positions").count(),
+            3
+        );
+    }
+
+    trait WithUtc {
+        fn with_utc_timezone(self) -> DateTime<Utc>;
+    }
+    impl WithUtc for DateTime<chrono::FixedOffset> {
+        fn with_utc_timezone(self) -> DateTime<Utc> {
+            self.with_timezone(&Utc)
+        }
+    }
+}

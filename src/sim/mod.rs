@@ -1,0 +1,196 @@
+//! `ibstream sim`: a CRM that serves CRM_API.md from generated, deterministic data.
+//!
+//! It is the CRM of the demo, the tests and the benchmarks: a real HTTP server on a real port,
+//! with the vendor's errors (401, 403, 400), faults on demand (`--fail-rate`, `--max-rps`,
+//! `--latency-ms`, `--token-ttl-secs`, `--shuffle-pages`, `--malformed-rate`, `--deny`), and a
+//! ground truth (`GET /_sim/truth/{kind}`) that tests compare the Kafka topics with.
+//!
+//! Besides the API it serves:
+//! - `GET /_sim/truth/{leads|customers|transactions|servers|positions}`: every current record
+//!   as the API serves it (fake transactions included, flagged `isFake`), no auth, no paging;
+//! - `POST /_sim/mutate?count=N[&kind=K]`: applies N changes now and returns them as
+//!   `[{"stream", "op", "key"}]` (K: lead, lead_edit, conversion, customer_edit, transaction,
+//!   position, server);
+//! - `POST /_sim/expire-tokens`: revokes every issued token (the next data call gets a 401);
+//! - `GET /_sim/stats`: counters of requests, logins and injected faults.
+
+mod data;
+mod server;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use chrono::NaiveDate;
+use chrono_tz::Tz;
+use clap::Parser;
+
+pub use data::{Change, ChangeKind, DataQuery, GenSpec, Kind, SimData};
+pub use server::{SimHandle, SimStats};
+
+/// Options of the simulator (also its command line).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sim", about = "Serve a simulated Impact CRM IB Reports API")]
+pub struct SimConfig {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8089")]
+    pub listen: SocketAddr,
+    /// Seed of the generated data and of the injected faults.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// First day of the generated records (they are spread from there to now).
+    #[arg(long, default_value = "2024-01-01")]
+    pub start_date: NaiveDate,
+    /// Time zone the simulated CRM writes local timestamps and reads day filters in.
+    #[arg(long, default_value = "UTC")]
+    pub timezone: Tz,
+    /// Leads to generate.
+    #[arg(long, default_value_t = 2000)]
+    pub leads: usize,
+    /// Customers to generate (converted leads).
+    #[arg(long, default_value_t = 800)]
+    pub customers: usize,
+    /// Transactions to generate.
+    #[arg(long, default_value_t = 5000)]
+    pub transactions: usize,
+    /// Closed positions to generate.
+    #[arg(long, default_value_t = 10000)]
+    pub positions: usize,
+    /// Live servers (one demo server is added besides).
+    #[arg(long, default_value_t = 2)]
+    pub servers: usize,
+    /// Background changes per second (new leads, edits, conversions, transactions, closed
+    /// positions); 0 = none.
+    #[arg(long, default_value_t = 0.0)]
+    pub change_rate: f64,
+    /// Path segment of the API (`/api/v1/<api-path>/…`).
+    #[arg(long, default_value = "ib")]
+    pub api_path: String,
+    /// Login email accepted.
+    #[arg(long, default_value = "ib@example.com")]
+    pub email: String,
+    /// Login password accepted.
+    #[arg(long, default_value = "ib-secret")]
+    pub password: String,
+    /// API key accepted (`X-Api-Key`).
+    #[arg(long, default_value = "sim-api-key")]
+    pub api_key: String,
+    /// Domain accepted (`X-DOMAIN`).
+    #[arg(long, default_value = "sim.example.com")]
+    pub domain: String,
+    /// Fraction of calls answered with HTTP 500.
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_rate: f64,
+    /// Calls per second served; beyond it HTTP 429 with `Retry-After: 1`. 0 = unlimited.
+    #[arg(long, default_value_t = 0)]
+    pub max_rps: u32,
+    /// Delay added to every call, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Lifetime of a login token in seconds; 0 = never expires.
+    #[arg(long, default_value_t = 3600)]
+    pub token_ttl_secs: u64,
+    /// Serve records newest-modified first and apply changes between page calls, so records
+    /// move between pages while a window is read.
+    #[arg(long)]
+    pub shuffle_pages: bool,
+    /// Fraction of records served with an unreadable date or amount.
+    #[arg(long, default_value_t = 0.0)]
+    pub malformed_rate: f64,
+    /// Endpoints answered with 403 (module off), comma-separated: leads, customers,
+    /// transactions, servers, positions.
+    #[arg(long, value_delimiter = ',')]
+    pub deny: Vec<String>,
+    /// Answer every data call with 403 (the role lacks the "IB Reports" permission).
+    #[arg(long)]
+    pub no_ib_reports: bool,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig::parse_from(["sim"])
+    }
+}
+
+impl SimConfig {
+    /// Checks the options; the error names the flag.
+    pub fn validate(&self) -> Result<Vec<Kind>, String> {
+        for (flag, rate) in [
+            ("--fail-rate", self.fail_rate),
+            ("--malformed-rate", self.malformed_rate),
+        ] {
+            if !(0.0..=1.0).contains(&rate) {
+                return Err(format!("{flag} must be between 0 and 1"));
+            }
+        }
+        if !(self.change_rate >= 0.0 && self.change_rate.is_finite()) {
+            return Err("--change-rate must be 0 or more".to_owned());
+        }
+        self.deny
+            .iter()
+            .map(|name| {
+                Kind::parse(name.trim()).ok_or_else(|| format!("--deny: unknown endpoint {name:?}"))
+            })
+            .collect()
+    }
+
+    fn gen_spec(&self) -> GenSpec {
+        GenSpec {
+            seed: self.seed,
+            start_date: self.start_date,
+            tz: self.timezone,
+            leads: self.leads,
+            customers: self.customers,
+            transactions: self.transactions,
+            positions: self.positions,
+            servers: self.servers,
+            malformed_rate: self.malformed_rate,
+        }
+    }
+}
+
+/// Starts the simulator on `config.listen` (port 0 picks a free port) and returns its handle.
+pub async fn start(config: SimConfig) -> Result<SimHandle, String> {
+    server::start(Arc::new(config)).await
+}
+
+/// Runs the simulator until Ctrl-C / SIGTERM, printing where it listens and its credentials.
+pub async fn serve(config: SimConfig) -> anyhow::Result<()> {
+    let handle = start(config.clone()).await.map_err(anyhow::Error::msg)?;
+    println!("ibstream sim listening on http://{}", handle.addr());
+    println!(
+        "  credentials: email={} password={} api_key={} domain={} api_path={}",
+        config.email, config.password, config.api_key, config.domain, config.api_path
+    );
+    println!(
+        "  data: {} leads, {} customers, {} transactions, {} positions on {} live servers + 1 demo, since {} ({})",
+        config.leads, config.customers, config.transactions, config.positions, config.servers, config.start_date, config.timezone
+    );
+    println!("  ground truth: GET /_sim/truth/{{leads|customers|transactions|servers|positions}}");
+    shutdown_signal().await;
+    handle.shutdown().await;
+    Ok(())
+}
+
+/// Waits for Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,538 @@
+//! The simulator's HTTP server: routing, auth, validation and fault injection.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use chrono::{NaiveDate, Utc};
+use serde_json::{json, Value};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::data::{day_bounds, ChangeKind, DataQuery, Kind, SimData};
+use super::SimConfig;
+
+/// Counters of what the simulator served.
+#[derive(Debug, Default)]
+pub struct SimStats {
+    /// API calls received (login included, `/_sim` excluded).
+    pub requests: AtomicU64,
+    /// Successful logins.
+    pub logins: AtomicU64,
+    /// Answers 500 injected.
+    pub failures: AtomicU64,
+    /// Answers 429.
+    pub rate_limited: AtomicU64,
+    /// Answers 401.
+    pub unauthorized: AtomicU64,
+    /// Answers 403.
+    pub forbidden: AtomicU64,
+    /// Answers 400.
+    pub bad_requests: AtomicU64,
+    /// Pages served.
+    pub pages: AtomicU64,
+}
+
+impl SimStats {
+    fn to_json(&self) -> Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "requests": get(&self.requests),
+            "logins": get(&self.logins),
+            "failures": get(&self.failures),
+            "rateLimited": get(&self.rate_limited),
+            "unauthorized": get(&self.unauthorized),
+            "forbidden": get(&self.forbidden),
+            "badRequests": get(&self.bad_requests),
+            "pages": get(&self.pages),
+        })
+    }
+}
+
+struct AppState {
+    config: Arc<SimConfig>,
+    denied: Vec<Kind>,
+    data: RwLock<SimData>,
+    tokens: Mutex<HashMap<String, Instant>>,
+    faults: Mutex<Faults>,
+    stats: SimStats,
+}
+
+struct Faults {
+    rng: fastrand::Rng,
+    window_start: Instant,
+    window_count: u32,
+    fail_next: u32,
+}
+
+/// A running simulator; dropping it does not stop it, [`SimHandle::shutdown`] does.
+pub struct SimHandle {
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<()>,
+    changer: Option<JoinHandle<()>>,
+}
+
+impl SimHandle {
+    /// Returns the address the simulator listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Returns the base URL (`http://127.0.0.1:PORT`).
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Returns the counters.
+    pub fn stats(&self) -> &SimStats {
+        &self.state.stats
+    }
+
+    /// Revokes every issued token, as a CRM does when tokens expire.
+    pub fn expire_tokens(&self) {
+        lock(&self.state.tokens).clear();
+    }
+
+    /// Answers the next `n` API calls with HTTP 500.
+    pub fn fail_next(&self, n: u32) {
+        lock(&self.state.faults).fail_next = n;
+    }
+
+    /// Applies `count` changes now and returns them.
+    pub fn mutate(&self, count: usize, kind: Option<ChangeKind>) -> Vec<super::Change> {
+        write(&self.state.data).mutate(count, kind, Utc::now())
+    }
+
+    /// Returns the ground truth of `kind`.
+    pub fn truth(&self, kind: Kind) -> Vec<Value> {
+        read(&self.state.data).truth(kind)
+    }
+
+    /// Stops serving and waits for the server task.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(changer) = self.changer.take() {
+            changer.abort();
+        }
+        let _ = (&mut self.server).await;
+    }
+}
+
+pub(super) async fn start(config: Arc<SimConfig>) -> Result<SimHandle, String> {
+    let denied = config.validate()?;
+    let data = SimData::generate(&config.gen_spec(), Utc::now());
+    let state = Arc::new(AppState {
+        denied,
+        data: RwLock::new(data),
+        tokens: Mutex::new(HashMap::new()),
+        faults: Mutex::new(Faults {
+            rng: fastrand::Rng::with_seed(config.seed.wrapping_add(2)),
+            window_start: Instant::now(),
+            window_count: 0,
+            fail_next: 0,
+        }),
+        stats: SimStats::default(),
+        config: config.clone(),
+    });
+    let app = Router::new()
+        .route("/api/v1/auth/login", post(login))
+        .route("/api/v1/{integration}/{endpoint}", get(data_call))
+        .route("/_sim/truth/{kind}", get(truth))
+        .route("/_sim/mutate", post(mutate))
+        .route("/_sim/expire-tokens", post(expire_tokens))
+        .route("/_sim/stats", get(stats))
+        .with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await;
+    });
+    let changer =
+        (config.change_rate > 0.0).then(|| tokio::spawn(background_changes(state.clone())));
+    Ok(SimHandle {
+        addr,
+        state,
+        stop: Some(stop),
+        server,
+        changer,
+    })
+}
+
+async fn background_changes(state: Arc<AppState>) {
+    const TICK: Duration = Duration::from_millis(50);
+    let per_tick = state.config.change_rate * TICK.as_secs_f64();
+    let mut owed = 0.0;
+    let mut interval = tokio::time::interval(TICK);
+    loop {
+        interval.tick().await;
+        owed += per_tick;
+        let count = owed.floor();
+        if count >= 1.0 {
+            owed -= count;
+            write(&state.data).mutate(count as usize, None, Utc::now());
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn json_response(status: StatusCode, body: String) -> Response {
+    (status, [("content-type", "application/json")], body).into_response()
+}
+
+fn error(state: &AppState, status: StatusCode, message: &str) -> Response {
+    let counter = match status {
+        StatusCode::UNAUTHORIZED => &state.stats.unauthorized,
+        StatusCode::FORBIDDEN => &state.stats.forbidden,
+        StatusCode::BAD_REQUEST => &state.stats.bad_requests,
+        StatusCode::TOO_MANY_REQUESTS => &state.stats.rate_limited,
+        _ => &state.stats.failures,
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    json_response(
+        status,
+        json!({"error": status.canonical_reason().unwrap_or("error"), "message": message})
+            .to_string(),
+    )
+}
+
+/// Latency, rate limit and injected failures, common to every API call.
+async fn faults(state: &AppState) -> Option<Response> {
+    state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    if state.config.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(state.config.latency_ms)).await;
+    }
+    let mut faults = lock(&state.faults);
+    if state.config.max_rps > 0 {
+        let now = Instant::now();
+        if now.duration_since(faults.window_start) >= Duration::from_secs(1) {
+            faults.window_start = now;
+            faults.window_count = 0;
+        }
+        faults.window_count += 1;
+        if faults.window_count > state.config.max_rps {
+            drop(faults);
+            let mut response = error(state, StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
+            response
+                .headers_mut()
+                .insert("retry-after", axum::http::HeaderValue::from_static("1"));
+            return Some(response);
+        }
+    }
+    let fail = if faults.fail_next > 0 {
+        faults.fail_next -= 1;
+        true
+    } else {
+        state.config.fail_rate > 0.0 && faults.rng.f64() < state.config.fail_rate
+    };
+    drop(faults);
+    fail.then(|| {
+        error(
+            state,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal server error (injected)",
+        )
+    })
+}
+
+fn api_key_ok(state: &AppState, headers: &HeaderMap) -> bool {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    header("x-api-key") == Some(state.config.api_key.as_str())
+        && header("x-domain") == Some(state.config.domain.as_str())
+}
+
+async fn login(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(response) = faults(&state).await {
+        return response;
+    }
+    if !api_key_ok(&state, &headers) {
+        return error(
+            &state,
+            StatusCode::UNAUTHORIZED,
+            "invalid or expired API key for this domain",
+        );
+    }
+    let Ok(credentials) = serde_json::from_slice::<Value>(&body) else {
+        return error(&state, StatusCode::BAD_REQUEST, "body must be JSON");
+    };
+    let email = credentials.get("email").and_then(Value::as_str);
+    let password = credentials.get("password").and_then(Value::as_str);
+    if email != Some(state.config.email.as_str())
+        || password != Some(state.config.password.as_str())
+    {
+        return error(
+            &state,
+            StatusCode::UNAUTHORIZED,
+            "invalid email or password",
+        );
+    }
+    let token = {
+        let mut faults = lock(&state.faults);
+        (0..32)
+            .map(|_| faults.rng.alphanumeric())
+            .collect::<String>()
+    };
+    lock(&state.tokens).insert(token.clone(), Instant::now());
+    state.stats.logins.fetch_add(1, Ordering::Relaxed);
+    json_response(StatusCode::OK, json!({ "token": token }).to_string())
+}
+
+fn token_ok(state: &AppState, headers: &HeaderMap) -> bool {
+    let Some(token) = headers.get("x-auth-token").and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let tokens = lock(&state.tokens);
+    match tokens.get(token) {
+        Some(issued) => {
+            state.config.token_ttl_secs == 0
+                || issued.elapsed() < Duration::from_secs(state.config.token_ttl_secs)
+        }
+        None => false,
+    }
+}
+
+async fn data_call(
+    State(state): State<Arc<AppState>>,
+    Path((integration, endpoint)): Path<(String, String)>,
+    Query(params): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(response) = faults(&state).await {
+        return response;
+    }
+    let kind = match Kind::parse(&endpoint) {
+        Some(kind) if integration == state.config.api_path && endpoint != "customers" => kind,
+        _ => return error(&state, StatusCode::NOT_FOUND, "no such endpoint"),
+    };
+    if !api_key_ok(&state, &headers) {
+        return error(
+            &state,
+            StatusCode::UNAUTHORIZED,
+            "invalid or expired API key for this domain",
+        );
+    }
+    if !token_ok(&state, &headers) {
+        return error(
+            &state,
+            StatusCode::UNAUTHORIZED,
+            "token missing, expired or revoked",
+        );
+    }
+    if state.config.no_ib_reports {
+        return error(
+            &state,
+            StatusCode::FORBIDDEN,
+            "missing permission: IB Reports",
+        );
+    }
+    if state.denied.contains(&kind) {
+        let module = match kind {
+            Kind::Leads | Kind::Customers => "leads",
+            Kind::Transactions => "transactions",
+            Kind::Servers | Kind::Positions => "platforms",
+        };
+        return error(
+            &state,
+            StatusCode::FORBIDDEN,
+            &format!("the {module} module is not enabled"),
+        );
+    }
+    if kind == Kind::Servers {
+        let body = read(&state.data).render_servers().to_string();
+        return json_response(StatusCode::OK, body);
+    }
+    match page(&state, kind, &params) {
+        Ok(body) => {
+            state.stats.pages.fetch_add(1, Ordering::Relaxed);
+            json_response(StatusCode::OK, body)
+        }
+        Err(message) => error(&state, StatusCode::BAD_REQUEST, &message),
+    }
+}
+
+fn page(state: &AppState, kind: Kind, params: &HashMap<String, String>) -> Result<String, String> {
+    let number = |name: &str, default: u32| -> Result<u32, String> {
+        match params.get(name) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| format!("{name} must be a positive integer")),
+        }
+    };
+    let page = number("page", 1)?;
+    let page_size = number("pageSize", 1000)?;
+    if page == 0 {
+        return Err("page must be 1 or more".to_owned());
+    }
+    if page_size == 0 || page_size > 1000 {
+        return Err("pageSize must be between 1 and 1000".to_owned());
+    }
+    let date = |name: &str| -> Result<Option<NaiveDate>, String> {
+        params
+            .get(name)
+            .map(|v| {
+                NaiveDate::parse_from_str(v, "%Y-%m-%d")
+                    .map_err(|_| format!("{name} must be a date as YYYY-MM-DD, got {v:?}"))
+            })
+            .transpose()
+    };
+    let range = |prefix: &str| -> Result<Option<(NaiveDate, NaiveDate)>, String> {
+        match (
+            date(&format!("{prefix}From"))?,
+            date(&format!("{prefix}To"))?,
+        ) {
+            (Some(from), Some(to)) => Ok(Some((from, to))),
+            (None, None) => Ok(None),
+            _ => Err(format!(
+                "{prefix}From and {prefix}To must be given together"
+            )),
+        }
+    };
+    let (by_modified, (from, to)) = match kind {
+        Kind::Leads | Kind::Customers => {
+            match (range("registrationDate")?, range("lastModifiedDate")?) {
+                (Some(r), None) => (false, r),
+                (None, Some(r)) => (true, r),
+                (Some(_), Some(_)) => {
+                    return Err(
+                        "give either registrationDate or lastModifiedDate filters, not both"
+                            .to_owned(),
+                    )
+                }
+                (None, None) => {
+                    return Err(
+                        "registrationDateFrom/To or lastModifiedDateFrom/To is required".to_owned(),
+                    )
+                }
+            }
+        }
+        Kind::Transactions => (
+            false,
+            range("transactionDate")?
+                .ok_or("transactionDateFrom and transactionDateTo are required")?,
+        ),
+        Kind::Positions => (
+            false,
+            range("positionCloseDate")?
+                .ok_or("positionCloseDateFrom and positionCloseDateTo are required")?,
+        ),
+        Kind::Servers => return Err("servers are not paged".to_owned()),
+    };
+    let server_tag = params.get("serverTag").cloned();
+    if kind == Kind::Positions && server_tag.as_deref().is_none_or(str::is_empty) {
+        return Err("serverTag is required".to_owned());
+    }
+    let include_fake = match params.get("includeFake").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => return Err(format!("includeFake must be true or false, got {other:?}")),
+    };
+    let (from, until) = day_bounds(from, to, state.config.timezone);
+    let query = DataQuery {
+        kind,
+        by_modified,
+        from,
+        until,
+        server_tag,
+        include_fake,
+    };
+    if state.config.shuffle_pages {
+        // Changes land between page calls, and the newest-modified-first order moves records.
+        write(&state.data).mutate(2, None, Utc::now());
+    }
+    let data = read(&state.data);
+    let matched = data.select(&query, state.config.shuffle_pages);
+    let skip = (page as usize - 1).saturating_mul(page_size as usize);
+    let records: Vec<Value> = matched
+        .iter()
+        .skip(skip)
+        .take(page_size as usize)
+        .map(|&i| data.render(kind, i))
+        .collect();
+    Ok(
+        json!({"page": page, "pageSize": page_size, "total": matched.len(), "data": records})
+            .to_string(),
+    )
+}
+
+async fn truth(State(state): State<Arc<AppState>>, Path(kind): Path<String>) -> Response {
+    match Kind::parse(&kind) {
+        Some(kind) => {
+            let body = Value::Array(read(&state.data).truth(kind)).to_string();
+            json_response(StatusCode::OK, body)
+        }
+        None => json_response(
+            StatusCode::NOT_FOUND,
+            json!({"message": "unknown kind"}).to_string(),
+        ),
+    }
+}
+
+async fn mutate(
+    State(state): State<Arc<AppState>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Response {
+    let count = match params.get("count").map(|c| c.parse::<usize>()) {
+        None => 1,
+        Some(Ok(n)) => n,
+        Some(Err(_)) => {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                json!({"message": "count must be a number"}).to_string(),
+            )
+        }
+    };
+    let kind = match params.get("kind") {
+        None => None,
+        Some(k) => match ChangeKind::parse(k) {
+            Some(kind) => Some(kind),
+            None => {
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    json!({"message": format!("unknown kind {k:?}")}).to_string(),
+                )
+            }
+        },
+    };
+    let changes = write(&state.data).mutate(count, kind, Utc::now());
+    json_response(
+        StatusCode::OK,
+        serde_json::to_string(&changes).unwrap_or_default(),
+    )
+}
+
+async fn expire_tokens(State(state): State<Arc<AppState>>) -> Response {
+    lock(&state.tokens).clear();
+    json_response(StatusCode::OK, "{}".to_owned())
+}
+
+async fn stats(State(state): State<Arc<AppState>>) -> Response {
+    json_response(StatusCode::OK, state.stats.to_json().to_string())
+}
