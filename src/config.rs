@@ -211,8 +211,28 @@ struct DefaultsOnly {
 struct DefaultsCrm {}
 
 fn describe_figment_error(error: figment::Error) -> String {
-    // One line per error: figment's Display already names the key path ("for key ...").
-    let mut lines: Vec<String> = error.into_iter().map(|e| e.to_string()).collect();
+    // One line per error, naming the dotted key and where its value came from.
+    let mut lines: Vec<String> = error
+        .into_iter()
+        .map(|e| {
+            let key = e.path.join(".").to_lowercase();
+            let source = e
+                .metadata
+                .as_ref()
+                .map(|m| match &m.source {
+                    Some(source) => format!(" (from {source})"),
+                    None => format!(" (from {})", m.name),
+                })
+                .unwrap_or_default();
+            let line = if key.is_empty() {
+                format!("{}{source}", e.kind)
+            } else {
+                format!("`{key}`: {}{source}", e.kind)
+            };
+            // Parse errors span several lines; the caller prints one.
+            line.split_whitespace().collect::<Vec<_>>().join(" ")
+        })
+        .collect();
     lines.dedup();
     lines.join("; ")
 }

@@ -103,6 +103,11 @@ impl SimHandle {
         lock(&self.state.tokens).clear();
     }
 
+    /// Returns the tokens issued and not revoked (tests look for them in logs).
+    pub fn tokens(&self) -> Vec<String> {
+        lock(&self.state.tokens).keys().cloned().collect()
+    }
+
     /// Answers the next `n` API calls with HTTP 500.
     pub fn fail_next(&self, n: u32) {
         lock(&self.state.faults).fail_next = n;

@@ -1,0 +1,221 @@
+//! Configuration loading: defaults, file, environment, unknown keys, validation, secret files.
+
+use figment::Jail;
+use ibstream::config::{Config, ConfigError};
+use secrecy::ExposeSecret;
+
+const MINIMAL: &str = r#"
+[crm]
+base_url = "https://crm.example-broker.com"
+email = "ib@example.com"
+password = "file-password"
+api_key = "file-key"
+domain = "example-broker.com"
+"#;
+
+fn load_err(jail: &mut Jail, toml: &str) -> String {
+    jail.create_file("c.toml", toml).unwrap();
+    match Config::load(Some("c.toml".as_ref())).and_then(|c| c.validate().map(|()| c)) {
+        Ok(_) => panic!("accepted: {toml}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn defaults_file_and_environment_layer() {
+    Jail::expect_with(|jail| {
+        jail.create_file("c.toml", MINIMAL)?;
+        let config = Config::load(Some("c.toml".as_ref())).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.crm.api_path, "ib");
+        assert_eq!(config.crm.timezone, "UTC");
+        assert_eq!(config.crm.page_size, 1000);
+        jail.set_env("IBSTREAM_CRM__BASE_URL", "http://127.0.0.1:9999");
+        jail.set_env("IBSTREAM_CRM__PAGE_SIZE", "250");
+        jail.set_env("IBSTREAM_CRM__TIMEZONE", "Europe/Nicosia");
+        jail.set_env("IBSTREAM_CONFIG", "c.toml");
+        jail.set_env("IBSTREAM_LOG", "debug");
+        let config = Config::load(Some("c.toml".as_ref())).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.crm.base_url, "http://127.0.0.1:9999");
+        assert_eq!(config.crm.page_size, 250);
+        assert_eq!(config.crm.timezone, "Europe/Nicosia");
+        assert_eq!(config.crm.domain, "example-broker.com");
+        Ok(())
+    });
+}
+
+#[test]
+fn environment_alone_is_enough() {
+    Jail::expect_with(|jail| {
+        jail.set_env("IBSTREAM_CRM__BASE_URL", "http://crm.local");
+        jail.set_env("IBSTREAM_CRM__EMAIL", "a@b.c");
+        jail.set_env("IBSTREAM_CRM__PASSWORD", "p");
+        jail.set_env("IBSTREAM_CRM__API_KEY", "k");
+        jail.set_env("IBSTREAM_CRM__DOMAIN", "d");
+        Config::load(None).unwrap().validate().unwrap();
+        Ok(())
+    });
+}
+
+#[test]
+fn unknown_keys_are_errors_naming_the_key() {
+    Jail::expect_with(|jail| {
+        let err = load_err(jail, &format!("{MINIMAL}pagesize = 10\n"));
+        assert!(err.contains("`crm.pagesize`"), "{err}");
+        let err = load_err(jail, &format!("{MINIMAL}[kafka]\nbootstrap = 1\n"));
+        assert!(err.contains("`kafka`"), "{err}");
+        jail.create_file("c.toml", MINIMAL)?;
+        jail.set_env("IBSTREAM_CRM__PAGESIZE", "10");
+        let err = Config::load(Some("c.toml".as_ref()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`crm.pagesize`") && err.contains("environment"),
+            "{err}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn invalid_values_name_the_key() {
+    Jail::expect_with(|jail| {
+        for (replace, with, key) in [
+            (
+                "https://crm.example-broker.com",
+                "crm.example-broker.com",
+                "crm.base_url",
+            ),
+            (
+                "https://crm.example-broker.com",
+                "ftp://crm",
+                "crm.base_url",
+            ),
+            (
+                "https://crm.example-broker.com",
+                "https://user:pw@crm",
+                "crm.base_url",
+            ),
+            ("email = \"ib@example.com\"", "email = \"\"", "crm.email"),
+            ("password = \"file-password\"", "", "crm.password"),
+            (
+                "password = \"file-password\"",
+                "password = \"a\"\npassword_file = \"/x\"",
+                "crm.password",
+            ),
+            ("api_key = \"file-key\"", "", "crm.api_key"),
+            ("domain = \"example-broker.com\"", "", "crm.domain"),
+            (
+                "domain = \"example-broker.com\"",
+                "domain = \"d\"\ntimezone = \"Mars/Olympus\"",
+                "crm.timezone",
+            ),
+            (
+                "domain = \"example-broker.com\"",
+                "domain = \"d\"\npage_size = 1001",
+                "crm.page_size",
+            ),
+            (
+                "domain = \"example-broker.com\"",
+                "domain = \"d\"\npage_size = 0",
+                "crm.page_size",
+            ),
+            (
+                "domain = \"example-broker.com\"",
+                "domain = \"d\"\nrequests_per_second = 0",
+                "crm.requests_per_second",
+            ),
+            (
+                "domain = \"example-broker.com\"",
+                "domain = \"d\"\nrequest_timeout_secs = 0",
+                "crm.request_timeout_secs",
+            ),
+            (
+                "domain = \"example-broker.com\"",
+                "domain = \"d\"\napi_path = \"a/b\"",
+                "crm.api_path",
+            ),
+            (
+                "domain = \"example-broker.com\"",
+                "domain = \"d\"\npage_size = \"many\"",
+                "crm.page_size",
+            ),
+            (
+                "domain = \"example-broker.com\"",
+                "domain = \"d\"\nbackoff_max_ms = 1",
+                "crm.backoff_max_ms",
+            ),
+        ] {
+            let toml = MINIMAL.replace(replace, with);
+            let err = load_err(jail, &toml);
+            assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn secrets_come_from_files_and_are_redacted() {
+    Jail::expect_with(|jail| {
+        jail.create_file("pw", "s3cr3t-from-file\n")?;
+        jail.create_file("key", "key-from-file")?;
+        let toml = MINIMAL
+            .replace("password = \"file-password\"", "password_file = \"pw\"")
+            .replace("api_key = \"file-key\"", "api_key_file = \"key\"");
+        jail.create_file("c.toml", &toml)?;
+        let config = Config::load(Some("c.toml".as_ref())).unwrap();
+        config.validate().unwrap();
+        let secrets = config.crm.resolve_secrets().unwrap();
+        assert_eq!(secrets.password.expose_secret(), "s3cr3t-from-file");
+        assert_eq!(secrets.api_key.expose_secret(), "key-from-file");
+        assert!(!format!("{secrets:?}").contains("from-file"));
+
+        let config = Config::load(Some("c.toml".as_ref())).unwrap();
+        let mut missing = config.crm.clone();
+        missing.password_file = Some("nope".into());
+        match missing.resolve_secrets() {
+            Err(e @ ConfigError::SecretFile { .. }) => {
+                assert!(e.to_string().contains("crm.password_file"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("s3cr3t"));
+        Ok(())
+    });
+}
+
+#[test]
+fn example_file_documents_every_key_and_loads() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/ibstream.example.toml"
+    ))
+    .unwrap();
+    let config = Config::load(Some(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/ibstream.example.toml").as_ref(),
+    ))
+    .unwrap();
+    config.validate().unwrap();
+    let value = serde_json::to_value(&config).unwrap();
+    for (section, keys) in value.as_object().unwrap() {
+        for key in keys.as_object().unwrap().keys() {
+            assert!(
+                text.contains(&format!("\n{key} =")) || text.contains(&format!("\n# {key} =")),
+                "ibstream.example.toml does not document {section}.{key}"
+            );
+        }
+    }
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for (section, keys) in value.as_object().unwrap() {
+        for key in keys.as_object().unwrap().keys() {
+            assert!(
+                readme.contains(&format!("`{section}.{key}`")),
+                "README.md does not document {section}.{key}"
+            );
+        }
+    }
+}
