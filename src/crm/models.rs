@@ -144,22 +144,6 @@ pub struct Person {
     pub tags: Option<Vec<TagCategory>>,
 }
 
-const PERSON_FIELDS: [&str; 13] = [
-    "firstName",
-    "lastName",
-    "email",
-    "phone",
-    "country",
-    "language",
-    "status",
-    "affiliateId",
-    "campaign",
-    "registrationDate",
-    "lastModifiedDate",
-    "utmDetails",
-    "tags",
-];
-
 /// A lead (`/ib/leads`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Lead {
@@ -299,90 +283,75 @@ pub struct Position {
     pub extra: Extra,
 }
 
-/// Reads named fields out of one record object, remembering which were known.
-struct Fields<'a> {
-    map: &'a Map<String, Value>,
-    tz: Tz,
+/// Field readers: each takes the key (for the error) and the value; `null` reads as `None`.
+/// Models walk their record once and `match` on the key, so a record costs one pass and
+/// unknown keys fall through to `extra`.
+fn string(key: &str, value: &Value) -> Result<Option<String>, String> {
+    match value {
+        Value::Null => Ok(None),
+        v => lenient_string(v)
+            .map(Some)
+            .map_err(|e| field_error(key, &e)),
+    }
 }
 
-impl<'a> Fields<'a> {
-    fn new(map: &'a Map<String, Value>, tz: Tz) -> Self {
-        Self { map, tz }
-    }
+fn int(key: &str, value: &Value) -> Result<Option<i64>, String> {
+    lenient_int(value).map_err(|e| field_error(key, &e))
+}
 
-    fn value(&self, key: &str) -> Option<&'a Value> {
-        self.map.get(key).filter(|v| !v.is_null())
-    }
+fn decimal(key: &str, value: &Value) -> Result<Option<Decimal>, String> {
+    lenient_decimal(value).map_err(|e| field_error(key, &e))
+}
 
-    fn string(&self, key: &str) -> Result<Option<String>, String> {
-        self.value(key)
-            .map(|v| lenient_string(v).map_err(|e| field_error(key, &e)))
-            .transpose()
-    }
+fn timestamp(key: &str, value: &Value, tz: Tz) -> Result<Option<DateTime<Utc>>, String> {
+    parse_timestamp(value, tz).map_err(|e| field_error(key, &e))
+}
 
-    fn int(&self, key: &str) -> Result<Option<i64>, String> {
-        match self.value(key) {
-            None => Ok(None),
-            Some(v) => lenient_int(v).map_err(|e| field_error(key, &e)),
+fn boolean(key: &str, value: &Value) -> Result<Option<bool>, String> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Bool(b) => Ok(Some(*b)),
+        v => match lenient_string(v).map_err(|e| field_error(key, &e))?.trim() {
+            "" => Ok(None),
+            "true" | "True" | "TRUE" | "1" => Ok(Some(true)),
+            "false" | "False" | "FALSE" | "0" => Ok(Some(false)),
+            other => Err(field_error(key, &format!("not a boolean: {other:?}"))),
+        },
+    }
+}
+
+impl Person {
+    /// Reads `key` into the person if it is a person field; returns whether it was.
+    fn read(
+        &mut self,
+        key: &str,
+        value: &Value,
+        tz: Tz,
+        extra: &mut Extra,
+    ) -> Result<bool, String> {
+        match key {
+            "firstName" => self.first_name = string(key, value)?,
+            "lastName" => self.last_name = string(key, value)?,
+            "email" => self.email = string(key, value)?,
+            "phone" => self.phone = string(key, value)?,
+            "country" => self.country = string(key, value)?,
+            "language" => self.language = string(key, value)?,
+            "status" => self.status = string(key, value)?,
+            "affiliateId" => self.affiliate_id = string(key, value)?,
+            "campaign" => self.campaign = string(key, value)?,
+            "registrationDate" => self.registration_date = timestamp(key, value, tz)?,
+            "lastModifiedDate" => self.last_modified_date = timestamp(key, value, tz)?,
+            "utmDetails" if !value.is_null() => self.utm_details = Some(utm_details(value, extra)?),
+            "tags" if !value.is_null() => self.tags = Some(tag_categories(value)?),
+            "utmDetails" | "tags" => {}
+            _ => return Ok(false),
         }
+        Ok(true)
     }
+}
 
-    fn decimal(&self, key: &str) -> Result<Option<Decimal>, String> {
-        match self.value(key) {
-            None => Ok(None),
-            Some(v) => lenient_decimal(v).map_err(|e| field_error(key, &e)),
-        }
-    }
-
-    fn timestamp(&self, key: &str) -> Result<Option<DateTime<Utc>>, String> {
-        match self.value(key) {
-            None => Ok(None),
-            Some(v) => parse_timestamp(v, self.tz).map_err(|e| field_error(key, &e)),
-        }
-    }
-
-    fn bool(&self, key: &str) -> Result<Option<bool>, String> {
-        match self.value(key) {
-            None => Ok(None),
-            Some(Value::Bool(b)) => Ok(Some(*b)),
-            Some(v) => match lenient_string(v).map_err(|e| field_error(key, &e))?.trim() {
-                "" => Ok(None),
-                "true" | "True" | "TRUE" | "1" => Ok(Some(true)),
-                "false" | "False" | "FALSE" | "0" => Ok(Some(false)),
-                other => Err(field_error(key, &format!("not a boolean: {other:?}"))),
-            },
-        }
-    }
-
-    fn person(&self, extra: &mut Extra) -> Result<Person, String> {
-        Ok(Person {
-            first_name: self.string("firstName")?,
-            last_name: self.string("lastName")?,
-            email: self.string("email")?,
-            phone: self.string("phone")?,
-            country: self.string("country")?,
-            language: self.string("language")?,
-            status: self.string("status")?,
-            affiliate_id: self.string("affiliateId")?,
-            campaign: self.string("campaign")?,
-            registration_date: self.timestamp("registrationDate")?,
-            last_modified_date: self.timestamp("lastModifiedDate")?,
-            utm_details: self
-                .value("utmDetails")
-                .map(|v| utm_details(v, extra))
-                .transpose()?,
-            tags: self.value("tags").map(tag_categories).transpose()?,
-        })
-    }
-
-    /// Returns every field whose name is in none of `known`.
-    fn extra(&self, known: &[&[&str]]) -> Extra {
-        self.map
-            .iter()
-            .filter(|(k, _)| !known.iter().any(|list| list.contains(&k.as_str())))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
-    }
+fn keep(extra: &mut Extra, key: &str, value: &Value) {
+    extra.insert(key.to_owned(), value.clone());
 }
 
 fn field_error(key: &str, reason: &str) -> String {
@@ -400,6 +369,7 @@ fn lenient_string(value: &Value) -> Result<String, String> {
 
 fn lenient_int(value: &Value) -> Result<Option<i64>, String> {
     match value {
+        Value::Null => Ok(None),
         Value::Number(n) => n
             .as_i64()
             .map(Some)
@@ -417,6 +387,7 @@ fn lenient_int(value: &Value) -> Result<Option<i64>, String> {
 /// Parses a decimal exactly from a JSON number's digits or a string.
 pub fn lenient_decimal(value: &Value) -> Result<Option<Decimal>, String> {
     let text = match value {
+        Value::Null => return Ok(None),
         // With `arbitrary_precision`, `to_string` is the number's text as received.
         Value::Number(n) => n.to_string(),
         Value::String(s) if s.trim().is_empty() => return Ok(None),
@@ -593,14 +564,18 @@ impl CrmRecord for Lead {
     const ENDPOINT: Endpoint = Endpoint::Leads;
 
     fn from_json(map: &Map<String, Value>, tz: Tz) -> Result<Self, String> {
-        let f = Fields::new(map, tz);
-        let mut extra = f.extra(&[&["id"], &PERSON_FIELDS]);
-        let person = f.person(&mut extra)?;
-        Ok(Lead {
-            id: f.int("id")?,
-            person,
-            extra,
-        })
+        let mut lead = Lead::default();
+        for (key, value) in map {
+            match key.as_str() {
+                "id" => lead.id = int(key, value)?,
+                k => {
+                    if !lead.person.read(k, value, tz, &mut lead.extra)? {
+                        keep(&mut lead.extra, k, value);
+                    }
+                }
+            }
+        }
+        Ok(lead)
     }
 
     fn id(&self) -> Option<String> {
@@ -612,40 +587,29 @@ impl CrmRecord for Customer {
     const ENDPOINT: Endpoint = Endpoint::Customers;
 
     fn from_json(map: &Map<String, Value>, tz: Tz) -> Result<Self, String> {
-        const KNOWN: [&str; 8] = [
-            "customerId",
-            "id",
-            "leadId",
-            "conversionDate",
-            "userAdditionalId",
-            "ftdDate",
-            "balanceUsd",
-            "accounts",
-        ];
-        let f = Fields::new(map, tz);
-        let mut extra = f.extra(&[&KNOWN, &PERSON_FIELDS]);
-        let person = f.person(&mut extra)?;
-        let user_additional_id = f.string("userAdditionalId")?;
-        let accounts = match &user_additional_id {
-            Some(text) => parse_accounts(text).map_err(|e| field_error("userAdditionalId", &e))?,
-            None => Vec::new(),
-        };
-        if let Some(v) = map.get("accounts") {
-            // Not part of the API: kept as an unknown field rather than mixed with ours.
-            extra.insert("accounts".to_owned(), v.clone());
+        let mut c = Customer::default();
+        for (key, value) in map {
+            match key.as_str() {
+                "customerId" => c.customer_id = int(key, value)?,
+                "id" => c.id = int(key, value)?,
+                "leadId" => c.lead_id = int(key, value)?,
+                "conversionDate" => c.conversion_date = timestamp(key, value, tz)?,
+                "userAdditionalId" => {
+                    c.user_additional_id = string(key, value)?;
+                    if let Some(text) = &c.user_additional_id {
+                        c.accounts = parse_accounts(text).map_err(|e| field_error(key, &e))?;
+                    }
+                }
+                "ftdDate" => c.ftd_date = timestamp(key, value, tz)?,
+                "balanceUsd" => c.balance_usd = decimal(key, value)?,
+                k => {
+                    if !c.person.read(k, value, tz, &mut c.extra)? {
+                        keep(&mut c.extra, k, value);
+                    }
+                }
+            }
         }
-        Ok(Customer {
-            customer_id: f.int("customerId")?,
-            id: f.int("id")?,
-            lead_id: f.int("leadId")?,
-            person,
-            conversion_date: f.timestamp("conversionDate")?,
-            user_additional_id,
-            accounts,
-            ftd_date: f.timestamp("ftdDate")?,
-            balance_usd: f.decimal("balanceUsd")?,
-            extra,
-        })
+        Ok(c)
     }
 
     fn id(&self) -> Option<String> {
@@ -657,36 +621,25 @@ impl CrmRecord for Transaction {
     const ENDPOINT: Endpoint = Endpoint::Transactions;
 
     fn from_json(map: &Map<String, Value>, tz: Tz) -> Result<Self, String> {
-        const KNOWN: [&str; 12] = [
-            "id",
-            "customerId",
-            "type",
-            "amount",
-            "currency",
-            "amountUsd",
-            "transactionDate",
-            "paymentMethod",
-            "tradingAccount",
-            "serverTag",
-            "productId",
-            "isFake",
-        ];
-        let f = Fields::new(map, tz);
-        Ok(Transaction {
-            id: f.int("id")?,
-            customer_id: f.int("customerId")?,
-            transaction_type: f.string("type")?,
-            amount: f.decimal("amount")?,
-            currency: f.string("currency")?,
-            amount_usd: f.decimal("amountUsd")?,
-            transaction_date: f.timestamp("transactionDate")?,
-            payment_method: f.string("paymentMethod")?,
-            trading_account: f.string("tradingAccount")?,
-            server_tag: f.string("serverTag")?,
-            product_id: f.string("productId")?,
-            is_fake: f.bool("isFake")?,
-            extra: f.extra(&[&KNOWN]),
-        })
+        let mut t = Transaction::default();
+        for (key, value) in map {
+            match key.as_str() {
+                "id" => t.id = int(key, value)?,
+                "customerId" => t.customer_id = int(key, value)?,
+                "type" => t.transaction_type = string(key, value)?,
+                "amount" => t.amount = decimal(key, value)?,
+                "currency" => t.currency = string(key, value)?,
+                "amountUsd" => t.amount_usd = decimal(key, value)?,
+                "transactionDate" => t.transaction_date = timestamp(key, value, tz)?,
+                "paymentMethod" => t.payment_method = string(key, value)?,
+                "tradingAccount" => t.trading_account = string(key, value)?,
+                "serverTag" => t.server_tag = string(key, value)?,
+                "productId" => t.product_id = string(key, value)?,
+                "isFake" => t.is_fake = boolean(key, value)?,
+                k => keep(&mut t.extra, k, value),
+            }
+        }
+        Ok(t)
     }
 
     fn id(&self) -> Option<String> {
@@ -697,16 +650,18 @@ impl CrmRecord for Transaction {
 impl CrmRecord for Server {
     const ENDPOINT: Endpoint = Endpoint::Servers;
 
-    fn from_json(map: &Map<String, Value>, tz: Tz) -> Result<Self, String> {
-        const KNOWN: [&str; 4] = ["id", "name", "type", "platform"];
-        let f = Fields::new(map, tz);
-        Ok(Server {
-            platform: f.string("platform")?,
-            id: f.string("id")?,
-            name: f.string("name")?,
-            server_type: f.string("type")?,
-            extra: f.extra(&[&KNOWN]),
-        })
+    fn from_json(map: &Map<String, Value>, _tz: Tz) -> Result<Self, String> {
+        let mut server = Server::default();
+        for (key, value) in map {
+            match key.as_str() {
+                "platform" => server.platform = string(key, value)?,
+                "id" => server.id = string(key, value)?,
+                "name" => server.name = string(key, value)?,
+                "type" => server.server_type = string(key, value)?,
+                k => keep(&mut server.extra, k, value),
+            }
+        }
+        Ok(server)
     }
 
     fn id(&self) -> Option<String> {
@@ -718,42 +673,28 @@ impl CrmRecord for Position {
     const ENDPOINT: Endpoint = Endpoint::Positions;
 
     fn from_json(map: &Map<String, Value>, tz: Tz) -> Result<Self, String> {
-        const KNOWN: [&str; 15] = [
-            "positionId",
-            "login",
-            "serverTag",
-            "customerId",
-            "symbol",
-            "side",
-            "volume",
-            "openPrice",
-            "closePrice",
-            "openTime",
-            "closeTime",
-            "profit",
-            "commission",
-            "swap",
-            "currency",
-        ];
-        let f = Fields::new(map, tz);
-        Ok(Position {
-            position_id: f.int("positionId")?,
-            login: f.string("login")?,
-            server_tag: f.string("serverTag")?,
-            customer_id: f.int("customerId")?,
-            symbol: f.string("symbol")?,
-            side: f.string("side")?,
-            volume: f.decimal("volume")?,
-            open_price: f.decimal("openPrice")?,
-            close_price: f.decimal("closePrice")?,
-            open_time: f.timestamp("openTime")?,
-            close_time: f.timestamp("closeTime")?,
-            profit: f.decimal("profit")?,
-            commission: f.decimal("commission")?,
-            swap: f.decimal("swap")?,
-            currency: f.string("currency")?,
-            extra: f.extra(&[&KNOWN]),
-        })
+        let mut p = Position::default();
+        for (key, value) in map {
+            match key.as_str() {
+                "positionId" => p.position_id = int(key, value)?,
+                "login" => p.login = string(key, value)?,
+                "serverTag" => p.server_tag = string(key, value)?,
+                "customerId" => p.customer_id = int(key, value)?,
+                "symbol" => p.symbol = string(key, value)?,
+                "side" => p.side = string(key, value)?,
+                "volume" => p.volume = decimal(key, value)?,
+                "openPrice" => p.open_price = decimal(key, value)?,
+                "closePrice" => p.close_price = decimal(key, value)?,
+                "openTime" => p.open_time = timestamp(key, value, tz)?,
+                "closeTime" => p.close_time = timestamp(key, value, tz)?,
+                "profit" => p.profit = decimal(key, value)?,
+                "commission" => p.commission = decimal(key, value)?,
+                "swap" => p.swap = decimal(key, value)?,
+                "currency" => p.currency = string(key, value)?,
+                k => keep(&mut p.extra, k, value),
+            }
+        }
+        Ok(p)
     }
 
     fn id(&self) -> Option<String> {

@@ -41,6 +41,9 @@ pub fn parse_timestamp_str(text: &str, tz: Tz) -> Result<Option<DateTime<Utc>>, 
             .map_err(|_| format!("epoch milliseconds out of range: {s:?}"))?;
         return from_millis(millis).map(Some);
     }
+    if let Some(naive) = parse_plain_local(s) {
+        return Ok(Some(local_to_utc(naive, tz)));
+    }
     for format in LOCAL_FORMATS {
         if let Ok(naive) = NaiveDateTime::parse_from_str(s, format) {
             return Ok(Some(local_to_utc(naive, tz)));
@@ -64,6 +67,28 @@ pub fn parse_timestamp_str(text: &str, tz: Tz) -> Result<Option<DateTime<Utc>>, 
         }
     }
     Err(format!("unreadable timestamp: {s:?}"))
+}
+
+/// Parses exactly `YYYY-MM-DD HH:MM:SS`, the CRM's usual format, without a format string
+/// (chrono's format parser dominated page parsing time).
+fn parse_plain_local(s: &str) -> Option<NaiveDateTime> {
+    let b = s.as_bytes();
+    if b.len() != 19
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !(b[10] == b' ' || b[10] == b'T')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let num = |range: std::ops::Range<usize>| -> Option<u32> {
+        b[range].iter().try_fold(0u32, |acc, &c| {
+            c.is_ascii_digit().then(|| acc * 10 + u32::from(c - b'0'))
+        })
+    };
+    let date = NaiveDate::from_ymd_opt(num(0..4)? as i32, num(5..7)?, num(8..10)?)?;
+    date.and_hms_opt(num(11..13)?, num(14..16)?, num(17..19)?)
 }
 
 /// Converts a CRM-local wall time to UTC (earlier instant when ambiguous, gap shifted forward).

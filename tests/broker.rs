@@ -1,0 +1,69 @@
+//! The tansu broker fixture: a real broker process on a free port, one message through it.
+
+mod common;
+
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Message};
+
+#[tokio::test]
+async fn tansu_produces_and_consumes_one_message() {
+    let broker = common::Tansu::start();
+    let topic = common::unique_topic("fixture");
+
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .create()
+        .expect("admin client");
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create topics call");
+    for result in results {
+        result.expect("topic created");
+    }
+
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("enable.idempotence", "true")
+        .create()
+        .expect("producer");
+    let delivery = producer
+        .send(
+            FutureRecord::to(&topic)
+                .key("lead-100231")
+                .payload("hello from ibstream"),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("delivered");
+    assert_eq!(delivery.partition, 0);
+
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("group.id", common::unique_topic("group"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[&topic]).expect("subscribe");
+    let message = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "no message within 30 s; broker log: {}",
+                broker.log.display()
+            )
+        })
+        .expect("message");
+    assert_eq!(message.key(), Some(&b"lead-100231"[..]));
+    assert_eq!(message.payload(), Some(&b"hello from ibstream"[..]));
+    assert_eq!(message.offset(), delivery.offset);
+}
