@@ -399,6 +399,14 @@ pub fn lenient_decimal(value: &Value) -> Result<Option<Decimal>, String> {
 
 /// Parses decimal text exactly: plain (`-12.50`) or scientific (`1.5e-3`); never rounds.
 pub fn parse_decimal(text: &str) -> Result<Decimal, String> {
+    // rust_decimal also takes `1_000`; money text with anything but these is not a number.
+    if text.is_empty()
+        || !text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+' | b'e' | b'E'))
+    {
+        return Err(format!("not a decimal: {text:?}"));
+    }
     let parsed = if text.contains(['e', 'E']) {
         Decimal::from_scientific(text)
     } else {
@@ -793,6 +801,34 @@ mod tests {
         let p = Position::from_json(&obj(raw), Tz::UTC).unwrap();
         assert_eq!(p.profit.unwrap().to_string(), "1234567.12345678");
         assert_eq!(p.volume.unwrap().to_string(), "0.01");
+    }
+
+    #[test]
+    fn hostile_numbers_are_errors_not_panics() {
+        for text in [
+            "1e99999999999",
+            "-",
+            ".",
+            "1e",
+            "e5",
+            "--1",
+            "1.2.3",
+            "NaN",
+            "inf",
+            "99999999999999999999999999999999999",
+            "0x10",
+            "1_000",
+        ] {
+            assert!(parse_decimal(text).is_err(), "{text}");
+        }
+        assert_eq!(parse_decimal("1.5e-3").unwrap().to_string(), "0.0015");
+        assert_eq!(
+            parse_decimal("-0.00000001").unwrap().to_string(),
+            "-0.00000001"
+        );
+        let raw: Value =
+            serde_json::from_str(r#"{"id": 1e400, "customerId": 18446744073709551616}"#).unwrap();
+        assert!(Transaction::from_json(&obj(raw), Tz::UTC).is_err());
     }
 
     #[test]

@@ -392,18 +392,7 @@ impl SimData {
                 malformed: malformed(&mut rng),
             });
         }
-        let mut txn_dates: Vec<(i64, usize)> = (0..spec.transactions)
-            .map(|_| {
-                let c = if data.customers.is_empty() {
-                    usize::MAX
-                } else {
-                    rng.usize(..data.customers.len())
-                };
-                let from = data.customers.get(c).map_or(start, |c| c.converted);
-                (rng.i64(from..=now), c)
-            })
-            .collect();
-        txn_dates.sort_unstable();
+        let txn_dates = data.customer_times(&mut rng, spec.transactions, start, now);
         for (i, (date, c)) in txn_dates.into_iter().enumerate() {
             let customer = data.customers.get(c);
             let fake = rng.f64() < 0.03;
@@ -421,18 +410,7 @@ impl SimData {
                 malformed: malformed(&mut rng),
             });
         }
-        let mut closes: Vec<(i64, usize)> = (0..spec.positions)
-            .map(|_| {
-                let c = if data.customers.is_empty() {
-                    usize::MAX
-                } else {
-                    rng.usize(..data.customers.len())
-                };
-                let from = data.customers.get(c).map_or(start, |c| c.converted);
-                (rng.i64(from..=now), c)
-            })
-            .collect();
-        closes.sort_unstable();
+        let closes = data.customer_times(&mut rng, spec.positions, start, now);
         let live = data.live_server_indices();
         for (close, c) in closes {
             let (customer_id, account) = match data.customers.get(c) {
@@ -446,6 +424,30 @@ impl SimData {
             data.push_position(&mut rng, customer_id, account, close, m);
         }
         data
+    }
+
+    /// Draws `count` (instant, customer index) pairs, each instant after that customer's
+    /// conversion, sorted by instant; the index is `usize::MAX` when there are no customers.
+    fn customer_times(
+        &self,
+        rng: &mut fastrand::Rng,
+        count: usize,
+        start: i64,
+        now: i64,
+    ) -> Vec<(i64, usize)> {
+        let mut times: Vec<(i64, usize)> = (0..count)
+            .map(|_| {
+                let c = if self.customers.is_empty() {
+                    usize::MAX
+                } else {
+                    rng.usize(..self.customers.len())
+                };
+                let from = self.customers.get(c).map_or(start, |c| c.converted);
+                (rng.i64(from..=now), c)
+            })
+            .collect();
+        times.sort_unstable();
+        times
     }
 
     fn next_login(&mut self) -> u64 {
