@@ -51,6 +51,167 @@ pub enum ConfigError {
 pub struct Config {
     /// The CRM source this process reads.
     pub crm: CrmConfig,
+    /// Shape of the Avro events.
+    #[serde(default)]
+    pub events: EventsConfig,
+    /// Names of the Kafka topics.
+    #[serde(default)]
+    pub topics: TopicsConfig,
+    /// Confluent Schema Registry; absent: Avro single-object encoding, no registry.
+    #[serde(default)]
+    pub schema_registry: Option<SchemaRegistryConfig>,
+}
+
+/// Shape of the Avro events.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsConfig {
+    /// Avro namespace of every event schema.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+}
+
+impl Default for EventsConfig {
+    fn default() -> Self {
+        Self {
+            namespace: default_namespace(),
+        }
+    }
+}
+
+fn default_namespace() -> String {
+    "com.ibstream".to_owned()
+}
+
+/// Names of the Kafka topics.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicsConfig {
+    /// Prefix of every topic: data topics are `<prefix>.<stream>`, dead letters `<prefix>.dlq`.
+    #[serde(default = "default_topic_prefix")]
+    pub prefix: String,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        Self {
+            prefix: default_topic_prefix(),
+        }
+    }
+}
+
+fn default_topic_prefix() -> String {
+    "crm".to_owned()
+}
+
+impl TopicsConfig {
+    /// Returns the data topic of a stream (`<prefix>.<stream>`).
+    pub fn data_topic(&self, stream: &str) -> String {
+        format!("{}.{stream}", self.prefix)
+    }
+
+    /// Returns the dead-letter topic (`<prefix>.dlq`).
+    pub fn dead_letter_topic(&self) -> String {
+        format!("{}.dlq", self.prefix)
+    }
+}
+
+/// A Confluent Schema Registry (or a compatible one: Redpanda, Apicurio's ccompat API).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchemaRegistryConfig {
+    /// Base URL, e.g. `https://schema-registry.example.com:8081`.
+    #[serde(default)]
+    pub url: String,
+    /// Basic-auth user name (with `password` or `password_file`).
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Basic-auth password.
+    #[serde(default, serialize_with = "serialize_redacted")]
+    pub password: Option<SecretString>,
+    /// File holding the basic-auth password; trailing newline ignored.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// PEM file of a CA to trust besides the system roots (private registries).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Register the schemas under `<topic>-value` at start-up (true), or only look them up
+    /// and fail if one is missing (false).
+    #[serde(default = "default_true")]
+    pub auto_register: bool,
+    /// Timeout of one registry request, in seconds.
+    #[serde(default = "default_request_timeout_secs")]
+    pub request_timeout_secs: u64,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl SchemaRegistryConfig {
+    /// Checks the registry section without IO.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: &str| ConfigError::Invalid {
+            key,
+            reason: reason.to_owned(),
+        };
+        match reqwest::Url::parse(&self.url) {
+            Ok(url) if url.scheme() == "http" || url.scheme() == "https" => {
+                if !url.username().is_empty() || url.password().is_some() {
+                    return Err(invalid(
+                        "schema_registry.url",
+                        "must not carry credentials; use schema_registry.username and password",
+                    ));
+                }
+            }
+            Ok(_) => {
+                return Err(invalid(
+                    "schema_registry.url",
+                    "must be an http:// or https:// URL",
+                ))
+            }
+            Err(e) => {
+                return Err(invalid(
+                    "schema_registry.url",
+                    &format!("is not a URL: {e}"),
+                ))
+            }
+        }
+        let has_password = self.password.is_some() || self.password_file.is_some();
+        if self.password.is_some() && self.password_file.is_some() {
+            return Err(invalid(
+                "schema_registry.password",
+                "and schema_registry.password_file are both set; set one",
+            ));
+        }
+        if self.username.is_some() != has_password {
+            return Err(invalid(
+                "schema_registry.username",
+                "and a password (schema_registry.password or password_file) go together",
+            ));
+        }
+        if self.request_timeout_secs == 0 {
+            return Err(invalid(
+                "schema_registry.request_timeout_secs",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads the basic-auth password, if any (IO for `password_file`).
+    pub fn resolve_password(&self) -> Result<Option<SecretString>, ConfigError> {
+        if self.password.is_none() && self.password_file.is_none() {
+            return Ok(None);
+        }
+        resolve_secret(
+            self.password.as_ref(),
+            self.password_file.as_deref(),
+            "schema_registry.password",
+            "schema_registry.password_file",
+        )
+        .map(Some)
+    }
 }
 
 /// How to reach and read the CRM's IB Reports API.
@@ -197,8 +358,45 @@ impl Config {
 
     /// Checks values without IO; the error names the first offending key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.crm.validate()
+        self.crm.validate()?;
+        if !is_avro_namespace(&self.events.namespace) {
+            return Err(ConfigError::Invalid {
+                key: "events.namespace",
+                reason: format!(
+                    "is not an Avro namespace (dot-separated names): {:?}",
+                    self.events.namespace
+                ),
+            });
+        }
+        if self.topics.prefix.is_empty()
+            || !self
+                .topics
+                .prefix
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(ConfigError::Invalid {
+                key: "topics.prefix",
+                reason: "must be letters, digits, '.', '_' or '-'".to_owned(),
+            });
+        }
+        if let Some(registry) = &self.schema_registry {
+            registry.validate()?;
+        }
+        Ok(())
     }
+}
+
+/// Returns whether `text` is a valid Avro namespace: dot-separated `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn is_avro_namespace(text: &str) -> bool {
+    !text.is_empty()
+        && text.split('.').all(|part| {
+            let mut chars = part.chars();
+            chars
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
 }
 
 /// The defaults that figment starts from: only sections, so a missing section is not an error.

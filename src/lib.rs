@@ -1,11 +1,12 @@
 //! ibstream streams a forex broker's CRM (the Impact CRM "IB Reports" API) into Kafka.
 //!
 //! Modules, one per concern: [`config`] (figment configuration, validation without IO),
-//! [`crm`] (HTTP client and models), [`sim`] (a CRM simulator serving the same API),
+//! [`crm`] (HTTP client and models), [`events`] (Avro schemas, encoder, registry, dead letters), [`sim`] (a CRM simulator serving the same API),
 //! [`check`] (the `ibstream check` connectivity report), [`telemetry`] (logging).
 
 pub mod check;
 pub mod config;
 pub mod crm;
+pub mod events;
 pub mod sim;
 pub mod telemetry;

@@ -31,6 +31,22 @@ enum Command {
     Check,
     /// Serve a simulated CRM (for the demo, tests and benchmarks).
     Sim(Box<ibstream::sim::SimConfig>),
+    /// Print, check or register the Avro event schemas.
+    #[command(subcommand)]
+    Schemas(SchemasCommand),
+}
+
+#[derive(Subcommand)]
+enum SchemasCommand {
+    /// Print one event schema (LeadEvent, leads, …) or all of them, self-contained.
+    Print {
+        /// Event name or stream; all when absent.
+        name: Option<String>,
+    },
+    /// Check every schema is BACKWARD compatible with its released snapshot.
+    Check,
+    /// Register every schema under `<topic>-value` in the configured Schema Registry.
+    Register,
 }
 
 /// Exit code of a configuration error.
@@ -55,6 +71,7 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             },
+            Command::Schemas(command) => schemas(cli.config.as_deref(), command).await,
             Command::Check => {
                 let config = match load_config(cli.config.as_deref()) {
                     Ok(config) => config,
@@ -87,4 +104,94 @@ fn load_config(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
         eprintln!("{e}");
         ExitCode::from(EXIT_CONFIG)
     })
+}
+
+async fn schemas(path: Option<&std::path::Path>, command: SchemasCommand) -> ExitCode {
+    use ibstream::events::{EventType, Schemas};
+    // print and check need only the namespace; the CRM section may be absent.
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if !ibstream::config::is_avro_namespace(&config.events.namespace) {
+        eprintln!(
+            "configuration error: `events.namespace` is not an Avro namespace: {:?}",
+            config.events.namespace
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let schemas = match Schemas::load(&config.events.namespace) {
+        Ok(schemas) => schemas,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match command {
+        SchemasCommand::Print { name: Some(name) } => match EventType::parse(&name) {
+            Some(event) => {
+                println!("{}", schemas.get(event).json);
+                ExitCode::SUCCESS
+            }
+            None => {
+                eprintln!("error: unknown schema {name:?}; one of LeadEvent, CustomerEvent, TransactionEvent, ServerEvent, PositionEvent");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        SchemasCommand::Print { name: None } => {
+            let all: Vec<&str> = schemas.all().iter().map(|s| s.json.as_str()).collect();
+            println!("[\n{}\n]", all.join(",\n"));
+            ExitCode::SUCCESS
+        }
+        SchemasCommand::Check => {
+            let mut ok = true;
+            for result in schemas.check_compatibility() {
+                match result {
+                    Ok(event) => println!("{:<18} ok (reads {}.v1)", event.name(), event.name()),
+                    Err(e) => {
+                        ok = false;
+                        println!("{e}");
+                    }
+                }
+            }
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        SchemasCommand::Register => {
+            let Some(registry_config) = &config.schema_registry else {
+                eprintln!(
+                    "configuration error: `schema_registry.url` is required to register schemas"
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            };
+            let registry = match ibstream::events::SchemaRegistry::build(registry_config) {
+                Ok(registry) => registry,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            let mut ok = true;
+            for (event, subject) in ibstream::events::subjects(&config) {
+                match registry.register(&subject, &schemas.get(event).json).await {
+                    Ok(id) => println!("{subject:<28} id {id}"),
+                    Err(e) => {
+                        ok = false;
+                        println!("{subject:<28} error: {e}");
+                    }
+                }
+            }
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
 }

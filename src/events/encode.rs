@@ -1,0 +1,485 @@
+//! Model → Avro value → framed bytes.
+//!
+//! Money and quantities become `decimal(38, 8)` bytes, always 16 bytes wide (the width
+//! precision 38 needs): apache-avro's reader rejects narrower, minimal encodings of a
+//! precision-38 decimal, and every other implementation reads the wide form. A value with
+//! more than 8 decimals, or more than 30 integer digits, is an [`EncodeError`], never rounded.
+//! Timestamps are `timestamp-millis` (UTC). Unknown CRM fields go into `extra` as JSON text.
+
+use apache_avro::types::Value;
+use apache_avro::GenericSingleObjectWriter;
+use chrono::{DateTime, NaiveDate, Utc};
+use rust_decimal::Decimal;
+
+use super::schema::{EventType, Schemas};
+use crate::crm::models::{Extra, Person, TagCategory, TradingAccount, UtmDetails};
+use crate::crm::{Customer, Lead, Position, Server, Transaction};
+
+/// Scale of every decimal in the event schemas.
+pub const DECIMAL_SCALE: u32 = 8;
+/// Precision of every decimal in the event schemas.
+pub const DECIMAL_PRECISION: u32 = 38;
+
+/// Why a record could not be encoded; the record goes to the dead-letter topic.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EncodeError {
+    /// A decimal does not fit `decimal(38, 8)`.
+    #[error("field `{field}`: {value} does not fit decimal(38, 8): {reason}")]
+    Decimal {
+        /// The field.
+        field: &'static str,
+        /// The value as text.
+        value: String,
+        /// Too many decimals, or too many integer digits.
+        reason: &'static str,
+    },
+    /// apache-avro refused the value (a bug: the schema and the encoder disagree).
+    #[error("avro encoding failed: {0}")]
+    Avro(String),
+}
+
+/// What happened to the entity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// First seen.
+    Created,
+    /// Changed since last seen.
+    Updated,
+}
+
+impl Op {
+    fn symbol(self) -> (u32, &'static str) {
+        match self {
+            Op::Created => (0, "CREATED"),
+            Op::Updated => (1, "UPDATED"),
+        }
+    }
+}
+
+/// The `meta` record of an event.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventMeta {
+    /// Deterministic id of the change.
+    pub event_id: String,
+    /// Created or updated.
+    pub op: Op,
+    /// When the event was emitted.
+    pub emitted_at: DateTime<Utc>,
+    /// The CRM domain.
+    pub source: String,
+    /// The endpoint path the record came from.
+    pub endpoint: String,
+    /// The query window (first and last day), if the endpoint is windowed.
+    pub window: Option<(NaiveDate, NaiveDate)>,
+    /// When the page was received.
+    pub fetched_at: DateTime<Utc>,
+    /// The ibstream version.
+    pub connector_version: String,
+}
+
+/// A model that has an event schema.
+pub trait AvroEvent {
+    /// The event type (selects the schema).
+    const EVENT: EventType;
+
+    /// Appends the entity's fields, in schema order, between `meta` and `extra`.
+    fn fields(&self, out: &mut Vec<(String, Value)>) -> Result<(), EncodeError>;
+
+    /// Returns the unknown fields.
+    fn extra(&self) -> &Extra;
+}
+
+/// How events are framed on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Framing {
+    /// Avro single-object encoding: `C3 01`, 8-byte CRC-64-AVRO fingerprint, datum.
+    SingleObject,
+    /// Confluent: `0x00`, 4-byte big-endian schema id, datum; one id per event type, in
+    /// [`EventType::ALL`] order.
+    Confluent {
+        /// Registry ids of the event schemas.
+        ids: [u32; 5],
+    },
+}
+
+/// Encodes events; holds the parsed schemas' writers (one per event type).
+pub struct Encoder {
+    writers: Vec<GenericSingleObjectWriter>,
+    framing: Framing,
+}
+
+impl std::fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Encoder")
+            .field("framing", &self.framing)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Length of the single-object header (`C3 01` + 8-byte fingerprint).
+const SINGLE_OBJECT_HEADER: usize = 10;
+/// Length of the Confluent header (`0x00` + 4-byte schema id).
+const CONFLUENT_HEADER: usize = 5;
+
+impl Encoder {
+    /// Builds an encoder for `schemas` (parsed once; encoding only walks values).
+    pub fn new(schemas: &Schemas, framing: Framing) -> Result<Encoder, EncodeError> {
+        let writers = schemas
+            .all()
+            .iter()
+            .map(|s| {
+                GenericSingleObjectWriter::new_with_capacity(&s.schema, 1024)
+                    .map_err(|e| EncodeError::Avro(e.to_string()))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Encoder { writers, framing })
+    }
+
+    /// Returns the framing in use.
+    pub fn framing(&self) -> &Framing {
+        &self.framing
+    }
+
+    /// Encodes one event into framed bytes.
+    pub fn encode<E: AvroEvent>(
+        &mut self,
+        entity: &E,
+        meta: &EventMeta,
+    ) -> Result<Vec<u8>, EncodeError> {
+        let value = to_value(entity, meta)?;
+        let mut out = Vec::with_capacity(512);
+        self.writers[E::EVENT as usize]
+            .write_value(value, &mut out)
+            .map_err(|e| EncodeError::Avro(e.to_string()))?;
+        if let Framing::Confluent { ids } = &self.framing {
+            // The writer always emits the single-object header; swap it for Confluent's.
+            out.drain(..SINGLE_OBJECT_HEADER - CONFLUENT_HEADER);
+            out[0] = 0;
+            out[1..CONFLUENT_HEADER].copy_from_slice(&ids[E::EVENT as usize].to_be_bytes());
+        }
+        Ok(out)
+    }
+}
+
+/// Builds the Avro value of an event: `meta`, the entity's fields, `extra`.
+pub fn to_value<E: AvroEvent>(entity: &E, meta: &EventMeta) -> Result<Value, EncodeError> {
+    let mut fields = Vec::with_capacity(32);
+    fields.push(("meta".to_owned(), meta_value(meta)));
+    entity.fields(&mut fields)?;
+    let extra = entity
+        .extra()
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.to_string())))
+        .collect();
+    fields.push(("extra".to_owned(), Value::Map(extra)));
+    Ok(Value::Record(fields))
+}
+
+fn meta_value(meta: &EventMeta) -> Value {
+    let (index, symbol) = meta.op.symbol();
+    let date = |d: NaiveDate| {
+        let days = d.signed_duration_since(NaiveDate::default()).num_days();
+        some(Value::Date(days as i32))
+    };
+    Value::Record(vec![
+        ("eventId".to_owned(), Value::String(meta.event_id.clone())),
+        ("op".to_owned(), Value::Enum(index, symbol.to_owned())),
+        (
+            "emittedAt".to_owned(),
+            Value::TimestampMillis(meta.emitted_at.timestamp_millis()),
+        ),
+        ("source".to_owned(), Value::String(meta.source.clone())),
+        ("endpoint".to_owned(), Value::String(meta.endpoint.clone())),
+        (
+            "windowFrom".to_owned(),
+            meta.window.map_or_else(none, |(from, _)| date(from)),
+        ),
+        (
+            "windowTo".to_owned(),
+            meta.window.map_or_else(none, |(_, to)| date(to)),
+        ),
+        (
+            "fetchedAt".to_owned(),
+            Value::TimestampMillis(meta.fetched_at.timestamp_millis()),
+        ),
+        (
+            "connectorVersion".to_owned(),
+            Value::String(meta.connector_version.clone()),
+        ),
+    ])
+}
+
+fn none() -> Value {
+    Value::Union(0, Box::new(Value::Null))
+}
+
+fn some(value: Value) -> Value {
+    Value::Union(1, Box::new(value))
+}
+
+fn string(value: &Option<String>) -> Value {
+    value
+        .as_ref()
+        .map_or_else(none, |s| some(Value::String(s.clone())))
+}
+
+fn long(value: Option<i64>) -> Value {
+    value.map_or_else(none, |v| some(Value::Long(v)))
+}
+
+fn boolean(value: Option<bool>) -> Value {
+    value.map_or_else(none, |v| some(Value::Boolean(v)))
+}
+
+fn timestamp(value: Option<DateTime<Utc>>) -> Value {
+    value.map_or_else(none, |t| some(Value::TimestampMillis(t.timestamp_millis())))
+}
+
+fn decimal(field: &'static str, value: Option<Decimal>) -> Result<Value, EncodeError> {
+    match value {
+        None => Ok(none()),
+        Some(d) => Ok(some(Value::Decimal(apache_avro::Decimal::from(
+            decimal_bytes(field, d)?.to_vec(),
+        )))),
+    }
+}
+
+/// Returns the 16-byte big-endian two's-complement unscaled value of `d` at scale 8.
+pub fn decimal_bytes(field: &'static str, d: Decimal) -> Result<[u8; 16], EncodeError> {
+    let normalized = d.normalize();
+    if normalized.scale() > DECIMAL_SCALE {
+        return Err(EncodeError::Decimal {
+            field,
+            value: d.to_string(),
+            reason: "more than 8 decimals",
+        });
+    }
+    let unscaled = normalized.mantissa() * 10_i128.pow(DECIMAL_SCALE - normalized.scale());
+    if unscaled.unsigned_abs() >= 10_u128.pow(DECIMAL_PRECISION) {
+        return Err(EncodeError::Decimal {
+            field,
+            value: d.to_string(),
+            reason: "more than 30 integer digits",
+        });
+    }
+    Ok(unscaled.to_be_bytes())
+}
+
+fn record(fields: Vec<(&str, Value)>) -> Value {
+    Value::Record(fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect())
+}
+
+fn utm(u: &UtmDetails) -> Value {
+    record(vec![
+        ("utmSource", string(&u.utm_source)),
+        ("utmMedium", string(&u.utm_medium)),
+        ("utmCampaign", string(&u.utm_campaign)),
+        ("utmContent", string(&u.utm_content)),
+        ("utmTerm", string(&u.utm_term)),
+    ])
+}
+
+fn tags(categories: &[TagCategory]) -> Value {
+    Value::Array(
+        categories
+            .iter()
+            .map(|c| {
+                record(vec![
+                    ("category", string(&c.category)),
+                    (
+                        "tags",
+                        Value::Array(c.tags.iter().map(|t| Value::String(t.clone())).collect()),
+                    ),
+                ])
+            })
+            .collect(),
+    )
+}
+
+fn account(a: &TradingAccount) -> Value {
+    record(vec![
+        ("login", Value::String(a.login.clone())),
+        ("server", Value::String(a.server.clone())),
+        ("type", string(&a.account_type)),
+    ])
+}
+
+fn person(p: &Person, out: &mut Vec<(String, Value)>) {
+    let mut push = |name: &str, value: Value| out.push((name.to_owned(), value));
+    push("firstName", string(&p.first_name));
+    push("lastName", string(&p.last_name));
+    push("email", string(&p.email));
+    push("phone", string(&p.phone));
+    push("country", string(&p.country));
+    push("language", string(&p.language));
+    push("status", string(&p.status));
+    push("affiliateId", string(&p.affiliate_id));
+    push("campaign", string(&p.campaign));
+    push("registrationDate", timestamp(p.registration_date));
+    push("lastModifiedDate", timestamp(p.last_modified_date));
+    push(
+        "utmDetails",
+        p.utm_details.as_ref().map_or_else(none, |u| some(utm(u))),
+    );
+    push(
+        "tags",
+        p.tags.as_deref().map_or_else(none, |t| some(tags(t))),
+    );
+}
+
+fn push(out: &mut Vec<(String, Value)>, name: &str, value: Value) {
+    out.push((name.to_owned(), value));
+}
+
+impl AvroEvent for Lead {
+    const EVENT: EventType = EventType::Lead;
+
+    fn fields(&self, out: &mut Vec<(String, Value)>) -> Result<(), EncodeError> {
+        push(out, "id", long(self.id));
+        person(&self.person, out);
+        Ok(())
+    }
+
+    fn extra(&self) -> &Extra {
+        &self.extra
+    }
+}
+
+impl AvroEvent for Customer {
+    const EVENT: EventType = EventType::Customer;
+
+    fn fields(&self, out: &mut Vec<(String, Value)>) -> Result<(), EncodeError> {
+        push(out, "customerId", long(self.customer_id));
+        push(out, "id", long(self.id));
+        push(out, "leadId", long(self.lead_id));
+        person(&self.person, out);
+        push(out, "conversionDate", timestamp(self.conversion_date));
+        push(out, "userAdditionalId", string(&self.user_additional_id));
+        push(
+            out,
+            "accounts",
+            Value::Array(self.accounts.iter().map(account).collect()),
+        );
+        push(out, "ftdDate", timestamp(self.ftd_date));
+        push(out, "balanceUsd", decimal("balanceUsd", self.balance_usd)?);
+        Ok(())
+    }
+
+    fn extra(&self) -> &Extra {
+        &self.extra
+    }
+}
+
+impl AvroEvent for Transaction {
+    const EVENT: EventType = EventType::Transaction;
+
+    fn fields(&self, out: &mut Vec<(String, Value)>) -> Result<(), EncodeError> {
+        push(out, "id", long(self.id));
+        push(out, "customerId", long(self.customer_id));
+        push(out, "type", string(&self.transaction_type));
+        push(out, "amount", decimal("amount", self.amount)?);
+        push(out, "currency", string(&self.currency));
+        push(out, "amountUsd", decimal("amountUsd", self.amount_usd)?);
+        push(out, "transactionDate", timestamp(self.transaction_date));
+        push(out, "paymentMethod", string(&self.payment_method));
+        push(out, "tradingAccount", string(&self.trading_account));
+        push(out, "serverTag", string(&self.server_tag));
+        push(out, "productId", string(&self.product_id));
+        push(out, "isFake", boolean(self.is_fake));
+        Ok(())
+    }
+
+    fn extra(&self) -> &Extra {
+        &self.extra
+    }
+}
+
+impl AvroEvent for Server {
+    const EVENT: EventType = EventType::Server;
+
+    fn fields(&self, out: &mut Vec<(String, Value)>) -> Result<(), EncodeError> {
+        push(out, "id", string(&self.id));
+        push(out, "name", string(&self.name));
+        push(out, "type", string(&self.server_type));
+        push(out, "platform", string(&self.platform));
+        Ok(())
+    }
+
+    fn extra(&self) -> &Extra {
+        &self.extra
+    }
+}
+
+impl AvroEvent for Position {
+    const EVENT: EventType = EventType::Position;
+
+    fn fields(&self, out: &mut Vec<(String, Value)>) -> Result<(), EncodeError> {
+        push(out, "positionId", long(self.position_id));
+        push(out, "login", string(&self.login));
+        push(out, "serverTag", string(&self.server_tag));
+        push(out, "customerId", long(self.customer_id));
+        push(out, "symbol", string(&self.symbol));
+        push(out, "side", string(&self.side));
+        push(out, "volume", decimal("volume", self.volume)?);
+        push(out, "openPrice", decimal("openPrice", self.open_price)?);
+        push(out, "closePrice", decimal("closePrice", self.close_price)?);
+        push(out, "openTime", timestamp(self.open_time));
+        push(out, "closeTime", timestamp(self.close_time));
+        push(out, "profit", decimal("profit", self.profit)?);
+        push(out, "commission", decimal("commission", self.commission)?);
+        push(out, "swap", decimal("swap", self.swap)?);
+        push(out, "currency", string(&self.currency));
+        Ok(())
+    }
+
+    fn extra(&self) -> &Extra {
+        &self.extra
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn bytes_of(text: &str) -> Result<[u8; 16], EncodeError> {
+        decimal_bytes("amount", Decimal::from_str(text).unwrap())
+    }
+
+    fn unscaled(bytes: [u8; 16]) -> i128 {
+        i128::from_be_bytes(bytes)
+    }
+
+    #[test]
+    fn decimals_encode_exactly_at_scale_8() {
+        assert_eq!(unscaled(bytes_of("0").unwrap()), 0);
+        assert_eq!(unscaled(bytes_of("-0.00000001").unwrap()), -1);
+        assert_eq!(bytes_of("-0.00000001").unwrap(), [0xff; 16]);
+        assert_eq!(unscaled(bytes_of("250.00").unwrap()), 25_000_000_000);
+        assert_eq!(
+            unscaled(bytes_of("12345678901234567890.12345678").unwrap()),
+            1_234_567_890_123_456_789_012_345_678
+        );
+        // Trailing zeros beyond 8 decimals are not precision.
+        assert_eq!(unscaled(bytes_of("1.500000000000").unwrap()), 150_000_000);
+    }
+
+    #[test]
+    fn decimals_that_do_not_fit_are_errors() {
+        let err = bytes_of("0.123456789").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                EncodeError::Decimal {
+                    reason: "more than 8 decimals",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("`amount`"));
+        // rust_decimal itself cannot hold 31 integer digits: such text fails when the record
+        // is read (a per-record error), before it could reach the encoder.
+        assert!(crate::crm::models::parse_decimal("1234567890123456789012345678901").is_err());
+    }
+}
