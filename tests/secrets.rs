@@ -86,7 +86,12 @@ async fn secrets_stay_out_of_logs_errors_and_debug() {
         texts[0].contains("crm request failed, retrying"),
         "retries were logged"
     );
-    let secrets = ["ib-secret", "sim-api-key", "wrong-password-123"];
+    let secrets = [
+        "ib-secret",
+        "sim-api-key",
+        "wrong-password-123",
+        "sr-password-456",
+    ];
     for text in &texts {
         for secret in secrets
             .iter()

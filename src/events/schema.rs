@@ -11,6 +11,7 @@ use std::collections::{HashMap, HashSet};
 use apache_avro::rabin::Rabin;
 use apache_avro::schema_compatibility::SchemaCompatibility;
 use apache_avro::Schema;
+use digest::Digest;
 use serde_json::Value;
 
 /// The five event types, one per stream.
@@ -140,6 +141,8 @@ pub struct EventSchema {
     pub json: String,
     /// The parsed schema.
     pub schema: Schema,
+    /// The Parsing Canonical Form (see [`parsing_canonical_form`]).
+    pub canonical_form: String,
     /// CRC-64-AVRO fingerprint of the parsing canonical form, little-endian (single-object
     /// encoding header).
     pub fingerprint: [u8; 8],
@@ -163,11 +166,18 @@ impl Schemas {
                     name: event.name().to_owned(),
                     reason: e.to_string(),
                 })?;
-                let fingerprint = fingerprint(&schema);
+                let canonical_form = serde_json::from_str(&json)
+                    .map(|value| parsing_canonical_form(&value))
+                    .map_err(|e| SchemaError::Invalid {
+                        name: event.name().to_owned(),
+                        reason: e.to_string(),
+                    })?;
+                let fingerprint = fingerprint(&canonical_form);
                 Ok(EventSchema {
                     event,
                     json,
                     schema,
+                    canonical_form,
                     fingerprint,
                 })
             })
@@ -296,11 +306,133 @@ fn strip_decimals(value: &mut Value, path: &str, found: &mut HashMap<String, (u6
 }
 
 /// Returns the CRC-64-AVRO fingerprint of a schema's parsing canonical form, little-endian.
-pub fn fingerprint(schema: &Schema) -> [u8; 8] {
-    let bytes = schema.fingerprint::<Rabin>().bytes;
+pub fn fingerprint(canonical_form: &str) -> [u8; 8] {
+    let digest = Rabin::digest(canonical_form.as_bytes());
     let mut out = [0u8; 8];
-    out.copy_from_slice(&bytes[..8]);
+    out.copy_from_slice(&digest[..8]);
     out
+}
+
+const PRIMITIVES: [&str; 8] = [
+    "null", "boolean", "int", "long", "float", "double", "bytes", "string",
+];
+
+/// Returns the Parsing Canonical Form of a schema (Avro specification, "Parsing Canonical
+/// Form for Schemas").
+///
+/// Written here rather than taken from apache-avro: its `canonical_form()` (0.21) keeps a
+/// logical type's base as `{"type":"long"}` where the specification's [PRIMITIVES] rule (and
+/// the Java and Python implementations) write `"long"`, so its fingerprints differ from what
+/// other readers compute for any schema with a timestamp or decimal.
+pub fn parsing_canonical_form(schema: &Value) -> String {
+    let mut out = String::with_capacity(2048);
+    canonical(schema, "", &mut out);
+    out
+}
+
+fn full_name(name: &str, namespace: &str) -> String {
+    if name.contains('.') || namespace.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{namespace}.{name}")
+    }
+}
+
+fn push_json_string(out: &mut String, s: &str) {
+    out.push_str(&serde_json::to_string(s).unwrap_or_default());
+}
+
+fn canonical(value: &Value, namespace: &str, out: &mut String) {
+    match value {
+        Value::String(name) if PRIMITIVES.contains(&name.as_str()) => push_json_string(out, name),
+        Value::String(reference) => push_json_string(out, &full_name(reference, namespace)),
+        Value::Array(branches) => {
+            out.push('[');
+            for (i, branch) in branches.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical(branch, namespace, out);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            let kind = map.get("type");
+            match kind.and_then(Value::as_str) {
+                Some(kind @ ("record" | "error" | "enum" | "fixed")) => {
+                    let name = map.get("name").and_then(Value::as_str).unwrap_or_default();
+                    let own_namespace = map
+                        .get("namespace")
+                        .and_then(Value::as_str)
+                        .unwrap_or(namespace);
+                    let full = full_name(name, own_namespace);
+                    let inner_namespace = full.rsplit_once('.').map_or("", |(ns, _)| ns).to_owned();
+                    out.push_str("{\"name\":");
+                    push_json_string(out, &full);
+                    out.push_str(",\"type\":");
+                    push_json_string(out, if kind == "error" { "record" } else { kind });
+                    match kind {
+                        "enum" => {
+                            out.push_str(",\"symbols\":");
+                            out.push_str(
+                                &map.get("symbols")
+                                    .map_or_else(|| "[]".to_owned(), Value::to_string),
+                            );
+                        }
+                        "fixed" => {
+                            out.push_str(",\"size\":");
+                            out.push_str(
+                                &map.get("size")
+                                    .map_or_else(|| "0".to_owned(), Value::to_string),
+                            );
+                        }
+                        _ => {
+                            out.push_str(",\"fields\":[");
+                            let fields = map
+                                .get("fields")
+                                .and_then(Value::as_array)
+                                .map_or(&[][..], Vec::as_slice);
+                            for (i, field) in fields.iter().enumerate() {
+                                if i > 0 {
+                                    out.push(',');
+                                }
+                                out.push_str("{\"name\":");
+                                push_json_string(
+                                    out,
+                                    field
+                                        .get("name")
+                                        .and_then(Value::as_str)
+                                        .unwrap_or_default(),
+                                );
+                                out.push_str(",\"type\":");
+                                canonical(
+                                    field.get("type").unwrap_or(&Value::Null),
+                                    &inner_namespace,
+                                    out,
+                                );
+                                out.push('}');
+                            }
+                            out.push(']');
+                        }
+                    }
+                    out.push('}');
+                }
+                Some("array") => {
+                    out.push_str("{\"type\":\"array\",\"items\":");
+                    canonical(map.get("items").unwrap_or(&Value::Null), namespace, out);
+                    out.push('}');
+                }
+                Some("map") => {
+                    out.push_str("{\"type\":\"map\",\"values\":");
+                    canonical(map.get("values").unwrap_or(&Value::Null), namespace, out);
+                    out.push('}');
+                }
+                // A primitive (possibly with a logical type) or a named reference in an object.
+                Some(_) | None => canonical(kind.unwrap_or(&Value::Null), namespace, out),
+            }
+        }
+        other => out.push_str(&other.to_string()),
+    }
 }
 
 fn shared_types() -> Result<HashMap<&'static str, Value>, SchemaError> {
@@ -428,6 +560,42 @@ mod tests {
             .get(EventType::Lead)
             .json
             .contains("\"name\": \"TagCategory\""));
+    }
+
+    #[test]
+    fn canonical_form_follows_the_specification() {
+        let schema = serde_json::json!({
+            "type": "record", "name": "A", "namespace": "x.y", "doc": "dropped",
+            "fields": [
+                {"name": "t", "type": {"type": "long", "logicalType": "timestamp-millis"}, "doc": "d"},
+                {"name": "d", "type": ["null", {"type": "bytes", "logicalType": "decimal", "precision": 38, "scale": 8}], "default": null},
+                {"name": "e", "type": {"type": "enum", "name": "E", "symbols": ["P", "Q"], "doc": "x"}},
+                {"name": "r", "type": "E"},
+                {"name": "m", "type": {"type": "map", "values": {"type": "array", "items": "string"}}},
+                {"name": "f", "type": {"type": "fixed", "name": "other.F", "size": 4}}
+            ]
+        });
+        assert_eq!(
+            parsing_canonical_form(&schema),
+            concat!(
+                r#"{"name":"x.y.A","type":"record","fields":["#,
+                r#"{"name":"t","type":"long"},"#,
+                r#"{"name":"d","type":["null","bytes"]},"#,
+                r#"{"name":"e","type":{"name":"x.y.E","type":"enum","symbols":["P","Q"]}},"#,
+                r#"{"name":"r","type":"x.y.E"},"#,
+                r#"{"name":"m","type":{"type":"map","values":{"type":"array","items":"string"}}},"#,
+                r#"{"name":"f","type":{"name":"other.F","type":"fixed","size":4}}]}"#
+            )
+        );
+        // Where apache-avro agrees (no logical types), the fingerprints agree.
+        let plain = serde_json::json!({"type": "record", "name": "P", "namespace": "n",
+            "fields": [{"name": "a", "type": ["null", "string"]}, {"name": "b", "type": {"type": "array", "items": "long"}}]});
+        let parsed = Schema::parse_str(&plain.to_string()).unwrap();
+        assert_eq!(parsing_canonical_form(&plain), parsed.canonical_form());
+        assert_eq!(
+            fingerprint(&parsing_canonical_form(&plain)).to_vec(),
+            parsed.fingerprint::<Rabin>().bytes
+        );
     }
 
     #[test]
