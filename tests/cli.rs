@@ -98,3 +98,88 @@ async fn check_reports_every_endpoint() {
     assert!(!stdout.contains("wrong\n"));
     sim.shutdown().await;
 }
+
+#[test]
+fn schemas_print_shows_self_contained_schemas() {
+    let out = ibstream()
+        .args(["schemas", "print", "leads"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(printed["name"], "LeadEvent");
+    assert_eq!(printed["namespace"], "com.ibstream");
+    // The shared types are inlined, so the output parses on its own.
+    apache_avro::Schema::parse_str(&printed.to_string()).unwrap();
+
+    let out = ibstream()
+        .args(["schemas", "print"])
+        .env("IBSTREAM_EVENTS__NAMESPACE", "org.broker")
+        .output()
+        .unwrap();
+    let all: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(all.len(), 5);
+    assert!(all.iter().all(|s| s["namespace"] == "org.broker"));
+
+    let out = ibstream()
+        .args(["schemas", "print", "Nope"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = ibstream()
+        .args(["schemas", "print"])
+        .env("IBSTREAM_EVENTS__NAMESPACE", "9bad")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`events.namespace`"));
+}
+
+#[test]
+fn schemas_check_reports_each_schema() {
+    let out = ibstream().args(["schemas", "check"]).output().unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert_eq!(
+        stdout.lines().filter(|l| l.contains(" ok (reads ")).count(),
+        5,
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn schemas_register_registers_every_subject() {
+    let registry = common::start_registry().await;
+    let url = registry.url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        ibstream()
+            .args(["schemas", "register"])
+            .env("IBSTREAM_SCHEMA_REGISTRY__URL", url)
+            .env("IBSTREAM_SCHEMA_REGISTRY__USERNAME", "sr-user")
+            .env("IBSTREAM_SCHEMA_REGISTRY__PASSWORD", "sr-pass")
+            .env("IBSTREAM_TOPICS__PREFIX", "broker1")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.lines().count(), 5, "{stdout}");
+    assert!(
+        stdout.contains("broker1.positions-value") && stdout.contains(" id "),
+        "{stdout}"
+    );
+    let subjects = registry.subjects.lock().unwrap();
+    assert_eq!(subjects.len(), 5);
+    assert!(subjects.contains_key("broker1.leads-value"));
+    drop(subjects);
+
+    let out = ibstream().args(["schemas", "register"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "no registry configured");
+}

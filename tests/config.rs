@@ -189,33 +189,74 @@ fn secrets_come_from_files_and_are_redacted() {
 
 #[test]
 fn example_file_documents_every_key_and_loads() {
-    let text = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/ibstream.example.toml"
-    ))
-    .unwrap();
-    let config = Config::load(Some(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/ibstream.example.toml").as_ref(),
-    ))
-    .unwrap();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/ibstream.example.toml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let config = Config::load(Some(path.as_ref())).unwrap();
     config.validate().unwrap();
-    let value = serde_json::to_value(&config).unwrap();
+    let mut value = serde_json::to_value(&config).unwrap();
+    // Sections that are off by default are documented commented out; list their keys too.
+    if value["schema_registry"].is_null() {
+        value["schema_registry"] =
+            serde_json::to_value(ibstream::config::SchemaRegistryConfig::default()).unwrap();
+    }
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let mut count = 0;
     for (section, keys) in value.as_object().unwrap() {
+        assert!(
+            text.contains(&format!("[{section}]")),
+            "ibstream.example.toml has no [{section}]"
+        );
         for key in keys.as_object().unwrap().keys() {
+            count += 1;
             assert!(
                 text.contains(&format!("\n{key} =")) || text.contains(&format!("\n# {key} =")),
                 "ibstream.example.toml does not document {section}.{key}"
             );
-        }
-    }
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    for (section, keys) in value.as_object().unwrap() {
-        for key in keys.as_object().unwrap().keys() {
             assert!(
                 readme.contains(&format!("`{section}.{key}`")),
                 "README.md does not document {section}.{key}"
             );
         }
     }
+    assert!(count >= 24, "{count}");
+}
+
+#[test]
+fn registry_section_validates() {
+    Jail::expect_with(|jail| {
+        let err = load_err(
+            jail,
+            &format!("{MINIMAL}[schema_registry]\nurl = \"registry:8081\"\n"),
+        );
+        assert!(err.contains("`schema_registry.url`"), "{err}");
+        let err = load_err(
+            jail,
+            &format!("{MINIMAL}[schema_registry]\nurl = \"http://r:8081\"\nusername = \"u\"\n"),
+        );
+        assert!(err.contains("`schema_registry.username`"), "{err}");
+        let err = load_err(
+            jail,
+            &format!("{MINIMAL}[schema_registry]\nurl = \"http://r:8081\"\nauto_registr = true\n"),
+        );
+        assert!(err.contains("`schema_registry.auto_registr`"), "{err}");
+        let err = load_err(
+            jail,
+            &format!("{MINIMAL}[events]\nnamespace = \"com..x\"\n"),
+        );
+        assert!(err.contains("`events.namespace`"), "{err}");
+        let err = load_err(jail, &format!("{MINIMAL}[topics]\nprefix = \"a b\"\n"));
+        assert!(err.contains("`topics.prefix`"), "{err}");
+        jail.create_file(
+            "c.toml",
+            &format!("{MINIMAL}[schema_registry]\nurl = \"https://r:8081\"\n"),
+        )?;
+        let config = Config::load(Some("c.toml".as_ref())).unwrap();
+        config.validate().unwrap();
+        assert!(
+            config.schema_registry.unwrap().auto_register,
+            "auto_register defaults to true"
+        );
+        Ok(())
+    });
 }

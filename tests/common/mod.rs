@@ -2,15 +2,19 @@
 //! process, each on a free port.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ibstream::config::CrmConfig;
 use ibstream::crm::CrmClient;
 use ibstream::sim::{SimConfig, SimHandle};
 use secrecy::SecretString;
+use serde_json::{json, Value as Json};
 
 /// Starts the simulator in-process on a free port with `tweak` applied to the defaults.
 pub async fn start_sim(tweak: impl FnOnce(&mut SimConfig)) -> SimHandle {
@@ -126,4 +130,115 @@ impl Drop for Tansu {
 /// Returns a topic name no other test uses.
 pub fn unique_topic(prefix: &str) -> String {
     format!("{prefix}-{}-{}", std::process::id(), fastrand::u64(..))
+}
+
+/// A minimal Confluent Schema Registry (no registry server can run here): the register and
+/// lookup calls ibstream makes, with basic auth, in-process on a free port.
+pub struct TestRegistry {
+    /// Base URL.
+    pub url: String,
+    /// Register calls served.
+    pub registrations: Arc<AtomicU32>,
+    /// Schemas by subject, with their ids.
+    pub subjects: Arc<Mutex<HashMap<String, Vec<(String, u32)>>>>,
+}
+
+/// Starts the registry on a free port; it accepts basic auth `sr-user:sr-pass` only.
+pub async fn start_registry() -> TestRegistry {
+    use axum::extract::{Path as AxPath, State};
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::routing::post;
+
+    type Subjects = Arc<Mutex<HashMap<String, Vec<(String, u32)>>>>;
+    #[derive(Clone)]
+    struct St {
+        subjects: Subjects,
+        registrations: Arc<AtomicU32>,
+        next_id: Arc<AtomicU32>,
+    }
+    fn authorized(headers: &HeaderMap) -> bool {
+        // "sr-user:sr-pass" in base64.
+        headers.get("authorization").and_then(|v| v.to_str().ok())
+            == Some("Basic c3ItdXNlcjpzci1wYXNz")
+    }
+    fn schema_of(body: &str) -> Option<String> {
+        let value: Json = serde_json::from_str(body).ok()?;
+        let schema: Json = serde_json::from_str(value["schema"].as_str()?).ok()?;
+        Some(schema.to_string())
+    }
+    async fn register(
+        State(st): State<St>,
+        AxPath(subject): AxPath<String>,
+        headers: HeaderMap,
+        body: String,
+    ) -> (StatusCode, String) {
+        if !authorized(&headers) {
+            return (
+                StatusCode::UNAUTHORIZED,
+                r#"{"error_code":401,"message":"Unauthorized"}"#.into(),
+            );
+        }
+        let Some(schema) = schema_of(&body) else {
+            return (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                r#"{"error_code":42201,"message":"Invalid schema"}"#.into(),
+            );
+        };
+        st.registrations.fetch_add(1, Ordering::SeqCst);
+        let mut subjects = st.subjects.lock().unwrap();
+        let versions = subjects.entry(subject).or_default();
+        let id = match versions.iter().find(|(s, _)| *s == schema) {
+            Some((_, id)) => *id,
+            None => {
+                let id = st.next_id.fetch_add(1, Ordering::SeqCst);
+                versions.push((schema, id));
+                id
+            }
+        };
+        (StatusCode::OK, json!({ "id": id }).to_string())
+    }
+    async fn lookup(
+        State(st): State<St>,
+        AxPath(subject): AxPath<String>,
+        headers: HeaderMap,
+        body: String,
+    ) -> (StatusCode, String) {
+        if !authorized(&headers) {
+            return (StatusCode::UNAUTHORIZED, "{}".into());
+        }
+        let schema = schema_of(&body).unwrap_or_default();
+        let subjects = st.subjects.lock().unwrap();
+        match subjects.get(&subject).and_then(|v| {
+            v.iter()
+                .position(|(s, _)| *s == schema)
+                .map(|i| (i, v[i].1))
+        }) {
+            Some((version, id)) => (
+                StatusCode::OK,
+                json!({"subject": subject, "version": version + 1, "id": id, "schema": schema})
+                    .to_string(),
+            ),
+            None => (
+                StatusCode::NOT_FOUND,
+                r#"{"error_code":40403,"message":"Schema not found"}"#.into(),
+            ),
+        }
+    }
+    let st = St {
+        subjects: Arc::default(),
+        registrations: Arc::default(),
+        next_id: Arc::new(AtomicU32::new(101)),
+    };
+    let app = axum::Router::new()
+        .route("/subjects/{subject}/versions", post(register))
+        .route("/subjects/{subject}", post(lookup))
+        .with_state(st.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    TestRegistry {
+        url,
+        registrations: st.registrations,
+        subjects: st.subjects,
+    }
 }
