@@ -69,6 +69,14 @@ async fn secrets_stay_out_of_logs_errors_and_debug() {
 
     let config = Config {
         crm: common::crm_config(&sim),
+        events: Default::default(),
+        topics: Default::default(),
+        schema_registry: Some(ibstream::config::SchemaRegistryConfig {
+            url: "http://127.0.0.1:1".to_owned(),
+            username: Some("sr-user".to_owned()),
+            password: Some("sr-password-456".to_owned().into()),
+            ..Default::default()
+        }),
     };
     let texts = [
         String::from_utf8(captured.0.lock().unwrap().clone()).unwrap(),
