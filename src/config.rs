@@ -60,6 +60,352 @@ pub struct Config {
     /// Confluent Schema Registry; absent: Avro single-object encoding, no registry.
     #[serde(default)]
     pub schema_registry: Option<SchemaRegistryConfig>,
+    /// The Kafka cluster events and state go to.
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    /// What to read and how often.
+    #[serde(default)]
+    pub streams: StreamsConfig,
+}
+
+/// How events reach Kafka.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Delivery {
+    /// One Kafka transaction per batch (events + state); needs a broker with transactions.
+    ExactlyOnce,
+    /// Idempotent producer; state written after the batch's events are acknowledged.
+    AtLeastOnce,
+}
+
+/// The Kafka cluster and producer settings.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`, e.g. `kafka-0:9092,kafka-1:9092` (required by `run`).
+    #[serde(default)]
+    pub bootstrap_servers: String,
+    /// `exactly-once` (transactions) or `at-least-once` (idempotent producer).
+    #[serde(default = "default_delivery")]
+    pub delivery: Delivery,
+    /// Identity of this process: its `transactional.id` and its state barrier key. Two
+    /// processes with the same id fence each other; give each process its own.
+    #[serde(default = "default_instance_id")]
+    pub instance_id: String,
+    /// State topic; default `<topics.prefix>._ibstream_state`.
+    #[serde(default)]
+    pub state_topic: Option<String>,
+    /// Partitions of data topics ibstream creates.
+    #[serde(default = "default_partitions")]
+    pub topic_partitions: i32,
+    /// Replication factor of topics ibstream creates; -1 uses the broker's default.
+    #[serde(default = "default_replication")]
+    pub replication_factor: i32,
+    /// Extra topic configs of data topics ibstream creates (e.g. `retention.ms`).
+    #[serde(default)]
+    pub topic_configs: std::collections::BTreeMap<String, String>,
+    /// Timeout of one batch (a transaction, or the acknowledgement of its events), seconds.
+    #[serde(default = "default_batch_timeout_secs")]
+    pub batch_timeout_secs: u64,
+    /// Further librdkafka producer/consumer settings, passed through (e.g. `security.protocol`,
+    /// `sasl.mechanism`, `ssl.ca.location`); keys ibstream sets itself are refused.
+    #[serde(default)]
+    pub librdkafka: std::collections::BTreeMap<String, String>,
+    /// SASL password (`sasl.password`), kept out of logs; or `sasl_password_file`.
+    #[serde(default, serialize_with = "serialize_redacted")]
+    pub sasl_password: Option<SecretString>,
+    /// File holding the SASL password; trailing newline ignored.
+    #[serde(default)]
+    pub sasl_password_file: Option<PathBuf>,
+}
+
+fn default_delivery() -> Delivery {
+    Delivery::ExactlyOnce
+}
+fn default_instance_id() -> String {
+    "ibstream".to_owned()
+}
+fn default_partitions() -> i32 {
+    3
+}
+fn default_replication() -> i32 {
+    -1
+}
+fn default_batch_timeout_secs() -> u64 {
+    60
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: String::new(),
+            delivery: default_delivery(),
+            instance_id: default_instance_id(),
+            state_topic: None,
+            topic_partitions: default_partitions(),
+            replication_factor: default_replication(),
+            topic_configs: Default::default(),
+            batch_timeout_secs: default_batch_timeout_secs(),
+            librdkafka: Default::default(),
+            sasl_password: None,
+            sasl_password_file: None,
+        }
+    }
+}
+
+/// librdkafka keys ibstream sets itself; the pass-through map may not set them.
+pub const RESERVED_LIBRDKAFKA_KEYS: [&str; 9] = [
+    "bootstrap.servers",
+    "transactional.id",
+    "enable.idempotence",
+    "isolation.level",
+    "group.id",
+    "enable.auto.commit",
+    "partitioner",
+    "sasl.password",
+    "transaction.timeout.ms",
+];
+
+impl KafkaConfig {
+    /// Returns the state topic name under `topics`.
+    pub fn state_topic(&self, topics: &TopicsConfig) -> String {
+        self.state_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}._ibstream_state", topics.prefix))
+    }
+
+    /// Checks the Kafka section without IO.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: &str| ConfigError::Invalid {
+            key,
+            reason: reason.to_owned(),
+        };
+        if self.bootstrap_servers.trim().is_empty() {
+            return Err(invalid("kafka.bootstrap_servers", "is required"));
+        }
+        if self.instance_id.is_empty()
+            || !self
+                .instance_id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        {
+            return Err(invalid(
+                "kafka.instance_id",
+                "must be letters, digits, '.', '_' or '-'",
+            ));
+        }
+        if self.topic_partitions < 1 {
+            return Err(invalid("kafka.topic_partitions", "must be at least 1"));
+        }
+        if self.replication_factor == 0 || self.replication_factor < -1 {
+            return Err(invalid(
+                "kafka.replication_factor",
+                "must be -1 (broker default) or at least 1",
+            ));
+        }
+        if self.batch_timeout_secs == 0 {
+            return Err(invalid("kafka.batch_timeout_secs", "must be at least 1"));
+        }
+        for key in self.librdkafka.keys() {
+            if RESERVED_LIBRDKAFKA_KEYS.contains(&key.as_str()) {
+                return Err(ConfigError::Invalid {
+                    key: "kafka.librdkafka",
+                    reason: format!(
+                        "sets `{key}`, which ibstream sets itself (use the typed kafka.* key)"
+                    ),
+                });
+            }
+        }
+        if self.sasl_password.is_some() && self.sasl_password_file.is_some() {
+            return Err(invalid(
+                "kafka.sasl_password",
+                "and kafka.sasl_password_file are both set; set one",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Returns the librdkafka settings common to producers and consumers (reads the SASL
+    /// password file: IO).
+    pub fn client_settings(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        let mut settings = vec![(
+            "bootstrap.servers".to_owned(),
+            self.bootstrap_servers.clone(),
+        )];
+        settings.extend(self.librdkafka.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if self.sasl_password.is_some() || self.sasl_password_file.is_some() {
+            let password = resolve_secret(
+                self.sasl_password.as_ref(),
+                self.sasl_password_file.as_deref(),
+                "kafka.sasl_password",
+                "kafka.sasl_password_file",
+            )?;
+            settings.push(("sasl.password".to_owned(), expose(&password).to_owned()));
+        }
+        Ok(settings)
+    }
+}
+
+/// What to read, from when, and how often.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamsConfig {
+    /// First day the first start backfills from (CRM time zone).
+    #[serde(default = "default_start_date")]
+    pub start_date: chrono::NaiveDate,
+    /// Days per backfill window.
+    #[serde(default = "default_backfill_window_days")]
+    pub backfill_window_days: u32,
+    /// A window whose total exceeds this is split in halves (down to one day).
+    #[serde(default = "default_max_window_records")]
+    pub max_window_records: u64,
+    /// Days before the watermark read again each cycle (late records).
+    #[serde(default = "default_lookback_days")]
+    pub lookback_days: u32,
+    /// Seconds after a day ends (CRM time zone) before the watermark may pass it.
+    #[serde(default = "default_closing_lag_secs")]
+    pub closing_lag_secs: u64,
+    /// Re-reads of a window whose pages held fewer distinct ids than its total.
+    #[serde(default = "default_max_drift_rereads")]
+    pub max_drift_rereads: u32,
+    /// Ask for fake transactions too (`includeFake=true`); they are flagged `isFake`.
+    #[serde(default)]
+    pub include_fake_transactions: bool,
+    /// Only these server tags' positions (default: every live server).
+    #[serde(default)]
+    pub server_tags: Option<Vec<String>>,
+    /// Leads.
+    #[serde(default = "StreamConfig::mutable")]
+    pub leads: StreamConfig,
+    /// Customers; `balanceUsd` is volatile by default.
+    #[serde(default = "StreamConfig::customers")]
+    pub customers: StreamConfig,
+    /// Transactions.
+    #[serde(default = "StreamConfig::append_only")]
+    pub transactions: StreamConfig,
+    /// Servers.
+    #[serde(default = "StreamConfig::servers")]
+    pub servers: StreamConfig,
+    /// Closed positions.
+    #[serde(default = "StreamConfig::append_only")]
+    pub positions: StreamConfig,
+}
+
+/// Settings of one stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamConfig {
+    /// Whether this process reads the stream.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Seconds between the end of one cycle and the start of the next.
+    #[serde(default = "default_poll_interval_secs")]
+    pub poll_interval_secs: u64,
+    /// Top-level fields left out of the fingerprint: a change of them alone makes no
+    /// UPDATED event (they are still carried in every event).
+    #[serde(default)]
+    pub volatile_fields: Vec<String>,
+}
+
+impl StreamConfig {
+    fn mutable() -> Self {
+        Self {
+            enabled: true,
+            poll_interval_secs: default_poll_interval_secs(),
+            volatile_fields: Vec::new(),
+        }
+    }
+    fn customers() -> Self {
+        Self {
+            volatile_fields: vec!["balanceUsd".to_owned()],
+            ..Self::mutable()
+        }
+    }
+    fn append_only() -> Self {
+        Self::mutable()
+    }
+    fn servers() -> Self {
+        Self {
+            poll_interval_secs: 300,
+            ..Self::mutable()
+        }
+    }
+}
+
+fn default_start_date() -> chrono::NaiveDate {
+    chrono::NaiveDate::from_ymd_opt(2020, 1, 1).unwrap_or_default()
+}
+fn default_backfill_window_days() -> u32 {
+    31
+}
+fn default_max_window_records() -> u64 {
+    50_000
+}
+fn default_lookback_days() -> u32 {
+    1
+}
+fn default_closing_lag_secs() -> u64 {
+    900
+}
+fn default_max_drift_rereads() -> u32 {
+    2
+}
+fn default_poll_interval_secs() -> u64 {
+    60
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        Self {
+            start_date: default_start_date(),
+            backfill_window_days: default_backfill_window_days(),
+            max_window_records: default_max_window_records(),
+            lookback_days: default_lookback_days(),
+            closing_lag_secs: default_closing_lag_secs(),
+            max_drift_rereads: default_max_drift_rereads(),
+            include_fake_transactions: false,
+            server_tags: None,
+            leads: StreamConfig::mutable(),
+            customers: StreamConfig::customers(),
+            transactions: StreamConfig::append_only(),
+            servers: StreamConfig::servers(),
+            positions: StreamConfig::append_only(),
+        }
+    }
+}
+
+impl StreamsConfig {
+    /// Checks the streams section without IO.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: &str| ConfigError::Invalid {
+            key,
+            reason: reason.to_owned(),
+        };
+        if self.backfill_window_days == 0 {
+            return Err(invalid(
+                "streams.backfill_window_days",
+                "must be at least 1",
+            ));
+        }
+        if self.max_window_records == 0 {
+            return Err(invalid("streams.max_window_records", "must be at least 1"));
+        }
+        for (key, stream) in [
+            ("streams.leads.poll_interval_secs", &self.leads),
+            ("streams.customers.poll_interval_secs", &self.customers),
+            (
+                "streams.transactions.poll_interval_secs",
+                &self.transactions,
+            ),
+            ("streams.servers.poll_interval_secs", &self.servers),
+            ("streams.positions.poll_interval_secs", &self.positions),
+        ] {
+            if stream.poll_interval_secs == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Shape of the Avro events.

@@ -8,5 +8,8 @@ pub mod check;
 pub mod config;
 pub mod crm;
 pub mod events;
+pub mod kafka;
+pub mod run;
 pub mod sim;
+pub mod stream;
 pub mod telemetry;

@@ -27,6 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Stream the CRM into Kafka until SIGINT/SIGTERM.
+    Run,
     /// Validate the configuration, log in to the CRM and call every endpoint once.
     Check,
     /// Serve a simulated CRM (for the demo, tests and benchmarks).
@@ -72,6 +74,18 @@ fn main() -> ExitCode {
                 }
             },
             Command::Schemas(command) => schemas(cli.config.as_deref(), command).await,
+            Command::Run => {
+                let config = match Config::load(cli.config.as_deref())
+                    .and_then(|c| ibstream::run::validate(&c).map(|()| c))
+                {
+                    Ok(config) => config,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                };
+                run(config).await
+            }
             Command::Check => {
                 let config = match load_config(cli.config.as_deref()) {
                     Ok(config) => config,
@@ -192,6 +206,38 @@ async fn schemas(path: Option<&std::path::Path>, command: SchemasCommand) -> Exi
             } else {
                 ExitCode::FAILURE
             }
+        }
+    }
+}
+
+async fn run(config: Config) -> ExitCode {
+    use tokio_util::sync::CancellationToken;
+    let cancel = CancellationToken::new();
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        ibstream::sim::shutdown_signal().await;
+        tracing::info!("shutdown requested");
+        on_signal.cancel();
+    });
+    let stats = ["leads", "customers", "transactions", "servers", "positions"]
+        .into_iter()
+        .map(|name| (name, std::sync::Arc::default()))
+        .collect();
+    match ibstream::run::run(config, cancel.clone(), stats).await {
+        Ok(report) if report.stopped.is_empty() => ExitCode::SUCCESS,
+        Ok(report) => {
+            for (stream, reason) in &report.stopped {
+                eprintln!("error: {stream} stopped: {reason}");
+            }
+            ExitCode::FAILURE
+        }
+        Err(ibstream::run::RunError::Config(e)) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }

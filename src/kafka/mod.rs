@@ -1,0 +1,8 @@
+//! The Kafka side: topic creation, the start-up state restore, and the sink that owns the
+//! producer. See `sink` for what is durable when.
+
+pub mod restore;
+pub mod sink;
+
+pub use restore::{ensure_topics, restore, TopicSpec};
+pub use sink::{Batch, OutRecord, Sink, SinkError, SinkHandle};

@@ -1,0 +1,159 @@
+//! Topic creation and the start-up restore of the state topic.
+//!
+//! The restore reads the state topic to its end before any poller starts. "The end" is found
+//! with a barrier, not with watermarks (some Kafka-protocol brokers report them late): a
+//! record `barrier/<instance_id>` with a fresh nonce is written, and the topic is consumed
+//! (`read_committed`) until that record comes back. Everything before it is the state.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tracing::info;
+
+use crate::config::KafkaConfig;
+use crate::stream::state::State;
+
+/// A topic ibstream creates when it is missing.
+#[derive(Debug, Clone)]
+pub struct TopicSpec {
+    /// Name.
+    pub name: String,
+    /// Partitions.
+    pub partitions: i32,
+    /// Replication factor (-1: broker default).
+    pub replication: i32,
+    /// Topic configs.
+    pub configs: Vec<(String, String)>,
+}
+
+fn client_config(config: &KafkaConfig) -> Result<ClientConfig, String> {
+    let mut client = ClientConfig::new();
+    for (key, value) in config.client_settings().map_err(|e| e.to_string())? {
+        client.set(key, value);
+    }
+    Ok(client)
+}
+
+/// Creates the topics that do not exist yet; existing ones are left as they are.
+pub async fn ensure_topics(config: &KafkaConfig, topics: &[TopicSpec]) -> Result<(), String> {
+    let admin: AdminClient<DefaultClientContext> = client_config(config)?
+        .create()
+        .map_err(|e| format!("cannot create the Kafka admin client: {e}"))?;
+    let new_topics: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| {
+            let mut topic = NewTopic::new(
+                &t.name,
+                t.partitions,
+                TopicReplication::Fixed(t.replication),
+            );
+            for (k, v) in &t.configs {
+                topic = topic.set(k, v);
+            }
+            topic
+        })
+        .collect();
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let results = admin
+        .create_topics(&new_topics, &options)
+        .await
+        .map_err(|e| format!("cannot create topics on {}: {e}", config.bootstrap_servers))?;
+    for result in results {
+        match result {
+            Ok(name) => info!(topic = %name, "topic created"),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => return Err(format!("cannot create topic {name}: {code}")),
+        }
+    }
+    Ok(())
+}
+
+/// Reads the state topic to the barrier and returns the state before it.
+pub async fn restore(
+    config: &KafkaConfig,
+    state_topic: &str,
+    timeout: Duration,
+) -> Result<State, String> {
+    let nonce = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    let barrier_key = format!("barrier/{}", config.instance_id);
+    let producer: FutureProducer = client_config(config)?
+        .set("enable.idempotence", "true")
+        .create()
+        .map_err(|e| format!("cannot create the barrier producer: {e}"))?;
+    producer
+        .send(
+            FutureRecord::to(state_topic)
+                .key(&barrier_key)
+                .payload(&nonce),
+            timeout,
+        )
+        .await
+        .map_err(|(e, _)| format!("cannot write the start-up barrier to {state_topic}: {e}"))?;
+    let consumer: BaseConsumer = client_config(config)?
+        .set("group.id", format!("{}-restore", config.instance_id))
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .map_err(|e| format!("cannot create the state consumer: {e}"))?;
+    let topic = state_topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        read_to_barrier(&consumer, &topic, &barrier_key, &nonce, timeout)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+fn read_to_barrier(
+    consumer: &BaseConsumer,
+    topic: &str,
+    barrier_key: &str,
+    nonce: &str,
+    timeout: Duration,
+) -> Result<State, String> {
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, 0, Offset::Beginning)
+        .map_err(|e| e.to_string())?;
+    consumer
+        .assign(&assignment)
+        .map_err(|e| format!("cannot read {topic}: {e}"))?;
+    let started = Instant::now();
+    let mut deadline = started + timeout;
+    let mut state = State::default();
+    let mut records = 0u64;
+    loop {
+        if Instant::now() > deadline {
+            return Err(format!("the start-up barrier did not come back from {topic} within {timeout:?} ({records} state records read)"));
+        }
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = message.map_err(|e| format!("reading {topic} failed: {e}"))?;
+        // Progress extends the deadline: a large state is not a stuck barrier.
+        deadline = Instant::now() + timeout;
+        records += 1;
+        let key = message
+            .key()
+            .map(String::from_utf8_lossy)
+            .unwrap_or_default();
+        if key == barrier_key && message.payload() == Some(nonce.as_bytes()) {
+            info!(
+                records,
+                entities = state.entities(),
+                cursors = state.cursors.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "state restored"
+            );
+            return Ok(state);
+        }
+        state
+            .apply(&key, message.payload())
+            .map_err(|e| format!("state topic {topic}: {e}"))?;
+    }
+}

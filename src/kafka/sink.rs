@@ -1,0 +1,298 @@
+//! The sink: the one owner of the Kafka producer.
+//!
+//! Pollers send [`Batch`]es through a bounded channel and wait for the acknowledgement; only
+//! then do they move their in-memory cursors and fingerprints. What is durable when:
+//!
+//! - `exactly-once`: one transaction per batch holding its events and its state records; on
+//!   commit both are visible to `read_committed` consumers, on abort neither. A failed batch
+//!   is aborted and retried (bounded); a fenced producer (another process took over the same
+//!   `kafka.instance_id`) is fatal.
+//! - `at-least-once`: the events are produced by an idempotent producer and acknowledged
+//!   first, then the state records. A crash in between leaves events without their state:
+//!   the batch is read and emitted again, with the same `eventId`s.
+//!
+//! rdkafka's transactional calls block, so the sink runs on a blocking thread.
+
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use crate::config::{ConfigError, Delivery, KafkaConfig};
+
+/// One record to produce.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutRecord {
+    /// Topic.
+    pub topic: String,
+    /// Key bytes.
+    pub key: Vec<u8>,
+    /// Value bytes; `None` is a tombstone.
+    pub payload: Option<Vec<u8>>,
+}
+
+/// What a poller commits at once.
+#[derive(Debug, Default, Clone)]
+pub struct Batch {
+    /// Data events and dead letters.
+    pub events: Vec<OutRecord>,
+    /// State records (fingerprints, cursors, tombstones), written with or after the events.
+    pub state: Vec<OutRecord>,
+}
+
+impl Batch {
+    /// Returns whether the batch holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty() && self.state.is_empty()
+    }
+}
+
+/// Why a batch was not committed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SinkError {
+    /// The batch failed; a later cycle may succeed.
+    #[error("kafka batch failed: {0}")]
+    Retriable(String),
+    /// The producer cannot go on (fenced, fatal error, sink gone); the process must stop.
+    #[error("kafka producer stopped: {0}")]
+    Fatal(String),
+}
+
+type Request = (Batch, oneshot::Sender<Result<(), SinkError>>);
+
+/// The pollers' side of the sink.
+#[derive(Clone, Debug)]
+pub struct SinkHandle {
+    tx: mpsc::Sender<Request>,
+}
+
+impl SinkHandle {
+    /// Commits a batch and waits for the outcome.
+    pub async fn commit(&self, batch: Batch) -> Result<(), SinkError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let (ack, outcome) = oneshot::channel();
+        self.tx
+            .send((batch, ack))
+            .await
+            .map_err(|_| SinkError::Fatal("the sink has stopped".to_owned()))?;
+        outcome.await.unwrap_or_else(|_| {
+            Err(SinkError::Fatal(
+                "the sink stopped before answering".to_owned(),
+            ))
+        })
+    }
+}
+
+/// Errors of starting the sink.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkStartError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The producer could not be created or initialised.
+    #[error("{0}")]
+    Kafka(String),
+}
+
+/// The running sink: its handle and the thread that owns the producer.
+pub struct Sink {
+    /// Handle to send batches.
+    pub handle: SinkHandle,
+    /// Ends when every handle is dropped and the last batch is done; yields the producer's
+    /// final flush result.
+    pub task: tokio::task::JoinHandle<Result<(), SinkError>>,
+}
+
+/// Retries of a failed transaction before the batch fails.
+const TRANSACTION_ATTEMPTS: u32 = 3;
+
+/// Builds the producer `config` asks for and starts the sink. In exactly-once mode this
+/// initialises transactions, which also fences and aborts what an earlier process with the
+/// same `instance_id` left open.
+pub async fn start(config: &KafkaConfig) -> Result<Sink, SinkStartError> {
+    let mut client = ClientConfig::new();
+    for (key, value) in config.client_settings()? {
+        client.set(key, value);
+    }
+    client
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .set(
+            "message.timeout.ms",
+            (config.batch_timeout_secs * 1000).to_string(),
+        );
+    let delivery = config.delivery;
+    if delivery == Delivery::ExactlyOnce {
+        client.set("transactional.id", &config.instance_id).set(
+            "transaction.timeout.ms",
+            (config.batch_timeout_secs * 1000).to_string(),
+        );
+    }
+    let producer: FutureProducer = client
+        .create()
+        .map_err(|e| SinkStartError::Kafka(format!("cannot create the Kafka producer: {e}")))?;
+    let timeout = Duration::from_secs(config.batch_timeout_secs);
+    if delivery == Delivery::ExactlyOnce {
+        let p = producer.clone();
+        tokio::task::spawn_blocking(move || p.init_transactions(timeout))
+            .await
+            .map_err(|e| SinkStartError::Kafka(e.to_string()))?
+            .map_err(|e| {
+                SinkStartError::Kafka(format!(
+                    "cannot start Kafka transactions ({e}); if the broker does not support transactions, set kafka.delivery = \"at-least-once\""
+                ))
+            })?;
+        info!(instance_id = %config.instance_id, "kafka transactions initialised");
+    }
+    let (tx, rx) = mpsc::channel::<Request>(4);
+    let runtime = tokio::runtime::Handle::current();
+    let task = tokio::task::spawn_blocking(move || run(producer, delivery, timeout, rx, runtime));
+    Ok(Sink {
+        handle: SinkHandle { tx },
+        task,
+    })
+}
+
+fn run(
+    producer: FutureProducer,
+    delivery: Delivery,
+    timeout: Duration,
+    mut rx: mpsc::Receiver<Request>,
+    runtime: tokio::runtime::Handle,
+) -> Result<(), SinkError> {
+    while let Some((batch, ack)) = rx.blocking_recv() {
+        let outcome = match delivery {
+            Delivery::AtLeastOnce => at_least_once(&producer, &batch, timeout, &runtime),
+            Delivery::ExactlyOnce => exactly_once(&producer, &batch, timeout, &runtime),
+        };
+        let fatal = matches!(outcome, Err(SinkError::Fatal(_)));
+        let _ = ack.send(outcome.clone());
+        if fatal {
+            return outcome;
+        }
+    }
+    producer
+        .flush(timeout)
+        .map_err(|e| SinkError::Retriable(format!("final flush failed: {e}")))
+}
+
+fn at_least_once(
+    producer: &FutureProducer,
+    batch: &Batch,
+    timeout: Duration,
+    runtime: &tokio::runtime::Handle,
+) -> Result<(), SinkError> {
+    let events = produce_all(producer, &batch.events, timeout)?;
+    await_all(events, runtime)?;
+    let state = produce_all(producer, &batch.state, timeout)?;
+    await_all(state, runtime)
+}
+
+fn exactly_once(
+    producer: &FutureProducer,
+    batch: &Batch,
+    timeout: Duration,
+    runtime: &tokio::runtime::Handle,
+) -> Result<(), SinkError> {
+    let mut last = String::new();
+    for attempt in 1..=TRANSACTION_ATTEMPTS {
+        producer.begin_transaction().map_err(classify)?;
+        let result = produce_all(producer, &batch.events, timeout)
+            .and_then(|mut futures| {
+                futures.extend(produce_all(producer, &batch.state, timeout)?);
+                Ok(futures)
+            })
+            .and_then(|futures| {
+                producer.commit_transaction(timeout).map_err(classify)?;
+                await_all(futures, runtime)
+            });
+        match result {
+            Ok(()) => return Ok(()),
+            Err(SinkError::Fatal(e)) => return Err(SinkError::Fatal(e)),
+            Err(SinkError::Retriable(e)) => {
+                warn!(attempt, error = %e, "kafka transaction failed, aborting");
+                producer.abort_transaction(timeout).map_err(classify)?;
+                last = e;
+            }
+        }
+    }
+    Err(SinkError::Retriable(format!(
+        "transaction failed {TRANSACTION_ATTEMPTS} times: {last}"
+    )))
+}
+
+fn produce_all(
+    producer: &FutureProducer,
+    records: &[OutRecord],
+    timeout: Duration,
+) -> Result<Vec<DeliveryFuture>, SinkError> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut futures = Vec::with_capacity(records.len());
+    for record in records {
+        let mut future_record = FutureRecord::to(&record.topic).key(&record.key);
+        if let Some(payload) = &record.payload {
+            future_record = future_record.payload(payload);
+        }
+        let mut pending = future_record;
+        loop {
+            match producer.send_result(pending) {
+                Ok(future) => {
+                    futures.push(future);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // Backpressure: wait for the queue to drain, not an error.
+                    if std::time::Instant::now() > deadline {
+                        return Err(SinkError::Retriable(
+                            "producer queue stayed full".to_owned(),
+                        ));
+                    }
+                    producer.poll(Duration::from_millis(10));
+                    pending = back;
+                }
+                Err((e, _)) => return Err(classify(e)),
+            }
+        }
+    }
+    Ok(futures)
+}
+
+fn await_all(
+    futures: Vec<DeliveryFuture>,
+    runtime: &tokio::runtime::Handle,
+) -> Result<(), SinkError> {
+    for future in futures {
+        match runtime.block_on(future) {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(classify(e)),
+            Err(_) => return Err(SinkError::Retriable("delivery report lost".to_owned())),
+        }
+    }
+    Ok(())
+}
+
+fn classify(error: KafkaError) -> SinkError {
+    let fenced = matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+        )
+    );
+    if fenced {
+        return SinkError::Fatal(format!(
+            "another ibstream process with the same kafka.instance_id took over (producer fenced: {error})"
+        ));
+    }
+    match &error {
+        KafkaError::Transaction(e) if e.is_fatal() => SinkError::Fatal(error.to_string()),
+        _ => SinkError::Retriable(error.to_string()),
+    }
+}

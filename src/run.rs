@@ -1,0 +1,560 @@
+//! `ibstream run`: start everything, run until cancelled, shut down cleanly.
+//!
+//! Start-up order matters: the sink first (in exactly-once mode its `init_transactions`
+//! fences an earlier process with the same `instance_id` and aborts what it left open, so the
+//! state topic's committed end is stable), then the state restore to the barrier, then the
+//! pollers. Shutdown: the pollers are cancelled at their next await, the sink finishes the
+//! batch it holds (committed or aborted), the producer is flushed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, ConfigError};
+use crate::crm::{CrmClient, Customer, DateFilter, Lead, Position, Server, Transaction};
+use crate::events::{encoder_for, Encoder, Schemas};
+use crate::kafka::{ensure_topics, restore, Batch, OutRecord, TopicSpec};
+use crate::stream::poller::{
+    log_stats, run_loop, CursorSpec, Exit, PollError, Pollable, Poller, Shared, StreamStats,
+};
+use crate::stream::state::{Cursor, State};
+use crate::stream::window::today;
+
+/// Errors that stop `run` before or while it runs.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Bad configuration (exit code 2).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Start-up failed.
+    #[error("start-up failed: {0}")]
+    Startup(String),
+    /// A stream hit an error the process cannot go on with.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// Counters by stream, for logs, `/status` and tests.
+pub type Stats = HashMap<&'static str, Arc<StreamStats>>;
+
+/// What a finished run reports.
+#[derive(Debug, Default)]
+pub struct RunReport {
+    /// Streams that stopped with an error while the others went on.
+    pub stopped: Vec<(String, String)>,
+}
+
+/// Validates the configuration for `run` (no IO).
+pub fn validate(config: &Config) -> Result<(), ConfigError> {
+    config.validate()?;
+    config.kafka.validate()?;
+    config.streams.validate()
+}
+
+/// Runs until `cancel` fires (or a fatal error); `stats` receives the counters.
+pub async fn run(
+    config: Config,
+    cancel: CancellationToken,
+    stats: Stats,
+) -> Result<RunReport, RunError> {
+    validate(&config)?;
+    let client = CrmClient::build(&config.crm)?;
+    let tz = client.tz();
+    let schemas =
+        Schemas::load(&config.events.namespace).map_err(|e| RunError::Startup(e.to_string()))?;
+    let state_topic = config.kafka.state_topic(&config.topics);
+    let streams = &config.streams;
+    let enabled: Vec<&'static str> = [
+        ("leads", streams.leads.enabled),
+        ("customers", streams.customers.enabled),
+        ("transactions", streams.transactions.enabled),
+        ("servers", streams.servers.enabled),
+        ("positions", streams.positions.enabled),
+    ]
+    .into_iter()
+    .filter_map(|(name, on)| on.then_some(name))
+    .collect();
+
+    let mut topics: Vec<TopicSpec> = enabled
+        .iter()
+        .chain(std::iter::once(&"dlq"))
+        .map(|stream| TopicSpec {
+            name: format!("{}.{stream}", config.topics.prefix),
+            partitions: config.kafka.topic_partitions,
+            replication: config.kafka.replication_factor,
+            configs: config
+                .kafka
+                .topic_configs
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        })
+        .collect();
+    topics.push(TopicSpec {
+        name: state_topic.clone(),
+        partitions: 1,
+        replication: config.kafka.replication_factor,
+        configs: vec![("cleanup.policy".to_owned(), "compact".to_owned())],
+    });
+    ensure_topics(&config.kafka, &topics)
+        .await
+        .map_err(RunError::Startup)?;
+
+    // Registry ids (if any) before the pollers: a missing schema stops start-up.
+    let framing = encoder_for(&config, &schemas)
+        .await
+        .map_err(|e| RunError::Startup(e.to_string()))?
+        .framing()
+        .clone();
+    let sink = crate::kafka::sink::start(&config.kafka)
+        .await
+        .map_err(|e| RunError::Startup(e.to_string()))?;
+    let restore_timeout = Duration::from_secs(config.kafka.batch_timeout_secs.max(30));
+    let mut state = restore(&config.kafka, &state_topic, restore_timeout)
+        .await
+        .map_err(RunError::Startup)?;
+
+    let shared = Arc::new(Shared {
+        client: client.clone(),
+        sink: sink.handle.clone(),
+        tz,
+        source: config.crm.domain.clone(),
+        api_prefix: format!("/api/v1/{}", config.crm.api_path),
+        topic_prefix: config.topics.prefix.clone(),
+        state_topic: state_topic.clone(),
+        streams: streams.clone(),
+    });
+    drop(sink.handle);
+
+    // A changed-records cursor starts the day of the first start: everything older is read
+    // by the backfill of new records. Persist it now so a restart days later keeps that day.
+    let first_day = today(Utc::now(), tz);
+    let mut initial = Batch::default();
+    for stream in ["leads", "customers"] {
+        let scope = format!("{stream}/lastModified");
+        if enabled.contains(&stream) && !state.cursors.contains_key(&scope) {
+            let cursor = Cursor {
+                watermark: None,
+                next: Some(first_day),
+            };
+            initial.state.push(OutRecord {
+                topic: state_topic.clone(),
+                key: Cursor::key(&scope).into_bytes(),
+                payload: Some(cursor.encode()),
+            });
+            state.cursors.insert(scope, cursor);
+        }
+    }
+    shared
+        .sink
+        .commit(initial)
+        .await
+        .map_err(|e| RunError::Startup(e.to_string()))?;
+
+    let new_encoder =
+        || Encoder::new(&schemas, framing.clone()).map_err(|e| RunError::Startup(e.to_string()));
+    let stat = |name: &'static str| stats.get(name).cloned().unwrap_or_default();
+    let mut tasks: JoinSet<(String, Exit)> = JoinSet::new();
+    let mutable_cursors = |stream: &str| {
+        vec![
+            CursorSpec {
+                scope: format!("{stream}/registration"),
+                filter: DateFilter::Registration,
+                initial: streams.start_date,
+            },
+            CursorSpec {
+                scope: format!("{stream}/lastModified"),
+                filter: DateFilter::LastModified,
+                initial: first_day,
+            },
+        ]
+    };
+    let take_cursors = |state: &mut State, specs: &[CursorSpec]| -> HashMap<String, Cursor> {
+        specs
+            .iter()
+            .filter_map(|s| state.cursors.remove(&s.scope).map(|c| (s.scope.clone(), c)))
+            .collect()
+    };
+    if streams.leads.enabled {
+        let specs = mutable_cursors("leads");
+        let cursors = take_cursors(&mut state, &specs);
+        let poller = Poller::<Lead>::new(
+            "leads",
+            None,
+            specs,
+            false,
+            streams.leads.volatile_fields.clone(),
+            state.fingerprints.remove("leads").unwrap_or_default(),
+            cursors,
+            shared.clone(),
+            new_encoder()?,
+            stat("leads"),
+        );
+        spawn(
+            &mut tasks,
+            "leads",
+            streams.leads.poll_interval_secs,
+            &cancel,
+            poller,
+        );
+    }
+    if streams.customers.enabled {
+        let specs = mutable_cursors("customers");
+        let cursors = take_cursors(&mut state, &specs);
+        let poller = Poller::<Customer>::new(
+            "customers",
+            None,
+            specs,
+            false,
+            streams.customers.volatile_fields.clone(),
+            state.fingerprints.remove("customers").unwrap_or_default(),
+            cursors,
+            shared.clone(),
+            new_encoder()?,
+            stat("customers"),
+        );
+        spawn(
+            &mut tasks,
+            "customers",
+            streams.customers.poll_interval_secs,
+            &cancel,
+            poller,
+        );
+    }
+    if streams.transactions.enabled {
+        let specs = vec![CursorSpec {
+            scope: "transactions".to_owned(),
+            filter: DateFilter::Transaction,
+            initial: streams.start_date,
+        }];
+        let cursors = take_cursors(&mut state, &specs);
+        let poller = Poller::<Transaction>::new(
+            "transactions",
+            None,
+            specs,
+            true,
+            streams.transactions.volatile_fields.clone(),
+            state
+                .fingerprints
+                .remove("transactions")
+                .unwrap_or_default(),
+            cursors,
+            shared.clone(),
+            new_encoder()?,
+            stat("transactions"),
+        );
+        spawn(
+            &mut tasks,
+            "transactions",
+            streams.transactions.poll_interval_secs,
+            &cancel,
+            poller,
+        );
+    }
+    let (tags_tx, tags_rx) = watch::channel::<Option<Vec<String>>>(None);
+    if streams.servers.enabled {
+        let poller = Poller::<Server>::new(
+            "servers",
+            None,
+            Vec::new(),
+            false,
+            streams.servers.volatile_fields.clone(),
+            state.fingerprints.remove("servers").unwrap_or_default(),
+            HashMap::new(),
+            shared.clone(),
+            new_encoder()?,
+            stat("servers"),
+        );
+        let servers = ServersLoop {
+            poller: Some(poller),
+            client: client.clone(),
+            tags: tags_tx,
+        };
+        spawn(
+            &mut tasks,
+            "servers",
+            streams.servers.poll_interval_secs,
+            &cancel,
+            servers,
+        );
+    } else if streams.positions.enabled {
+        // Positions still need the live server tags: list them without emitting servers.
+        let servers = ServersLoop {
+            poller: None,
+            client: client.clone(),
+            tags: tags_tx,
+        };
+        spawn(
+            &mut tasks,
+            "servers-list",
+            streams.positions.poll_interval_secs,
+            &cancel,
+            servers,
+        );
+    }
+    if streams.positions.enabled {
+        let positions_fps: HashMap<String, _> = state
+            .fingerprints
+            .iter()
+            .filter(|(k, _)| k.starts_with("positions/"))
+            .map(|(k, _)| k.clone())
+            .collect::<Vec<_>>()
+            .into_iter()
+            .filter_map(|k| state.fingerprints.remove(&k).map(|m| (k, m)))
+            .collect();
+        let positions_cursors: HashMap<String, Cursor> = state
+            .cursors
+            .iter()
+            .filter(|(k, _)| k.starts_with("positions/"))
+            .map(|(k, c)| (k.clone(), *c))
+            .collect();
+        let supervisor = PositionsSupervisor {
+            shared: shared.clone(),
+            schemas: schemas.clone(),
+            framing: framing.clone(),
+            fingerprints: positions_fps,
+            cursors: positions_cursors,
+            only: streams.server_tags.clone(),
+            stats: stat("positions"),
+        };
+        let cancel = cancel.clone();
+        let interval = streams.positions.poll_interval_secs;
+        tasks.spawn(async move {
+            (
+                "positions".to_owned(),
+                supervisor.run(tags_rx, interval, cancel).await,
+            )
+        });
+    }
+    drop(shared);
+
+    let mut report = RunReport::default();
+    let mut fatal = None;
+    let progress = {
+        let stats = stats.clone();
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(30)) => {
+                        for (name, s) in &stats {
+                            log_stats(name, s);
+                        }
+                    }
+                }
+            }
+        })
+    };
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((name, Exit::Stopped(reason))) => report.stopped.push((name, reason)),
+            Ok((name, Exit::Fatal(reason))) => {
+                fatal = Some(format!("{name}: {reason}"));
+                cancel.cancel();
+            }
+            Ok((_, Exit::Cancelled)) => {}
+            Err(e) => {
+                fatal = Some(format!("a stream task failed: {e}"));
+                cancel.cancel();
+            }
+        }
+    }
+    progress.abort();
+    for (name, s) in &stats {
+        log_stats(name, s);
+    }
+    // Every handle is gone: the sink finishes, flushes and ends.
+    match tokio::time::timeout(Duration::from_secs(8), sink.task).await {
+        Ok(Ok(Ok(()))) => info!("producer flushed"),
+        Ok(Ok(Err(e))) => warn!(error = %e, "producer did not flush cleanly"),
+        Ok(Err(e)) => warn!(error = %e, "sink task failed"),
+        Err(_) => warn!("producer flush timed out"),
+    }
+    match fatal {
+        Some(reason) => Err(RunError::Fatal(reason)),
+        None => Ok(report),
+    }
+}
+
+fn spawn<P: Pollable + 'static>(
+    tasks: &mut JoinSet<(String, Exit)>,
+    name: &str,
+    interval_secs: u64,
+    cancel: &CancellationToken,
+    pollable: P,
+) {
+    let name = name.to_owned();
+    let cancel = cancel.clone();
+    tasks.spawn(async move {
+        let (exit, _) = run_loop(
+            name.clone(),
+            Duration::from_secs(interval_secs),
+            cancel,
+            pollable,
+        )
+        .await;
+        (name, exit)
+    });
+}
+
+/// Reads the servers list each cycle: emits server events (unless only listing) and
+/// publishes the live server tags for the positions supervisor.
+struct ServersLoop {
+    poller: Option<Poller<Server>>,
+    client: CrmClient,
+    tags: watch::Sender<Option<Vec<String>>>,
+}
+
+impl Pollable for ServersLoop {
+    fn cycle(&mut self) -> impl std::future::Future<Output = Result<(), PollError>> + Send + '_ {
+        async move {
+            let records = self.client.servers().await?;
+            let mut live: Vec<String> = records
+                .iter()
+                .filter_map(|r| r.as_ref().ok())
+                .filter(|r| r.model.is_live())
+                .filter_map(|r| r.model.id.clone())
+                .collect();
+            live.sort();
+            if let Some(poller) = &mut self.poller {
+                poller.read_all(records).await?;
+            }
+            self.tags.send_if_modified(|current| {
+                let changed = current.as_ref() != Some(&live);
+                *current = Some(live.clone());
+                changed
+            });
+            Ok(())
+        }
+    }
+}
+
+/// Runs one positions poller per live server tag, following the servers list.
+struct PositionsSupervisor {
+    shared: Arc<Shared>,
+    schemas: Schemas,
+    framing: crate::events::Framing,
+    fingerprints: HashMap<String, crate::stream::state::FpMap>,
+    cursors: HashMap<String, Cursor>,
+    only: Option<Vec<String>>,
+    stats: Arc<StreamStats>,
+}
+
+impl PositionsSupervisor {
+    async fn run(
+        mut self,
+        mut tags: watch::Receiver<Option<Vec<String>>>,
+        interval_secs: u64,
+        cancel: CancellationToken,
+    ) -> Exit {
+        let mut running: HashMap<String, CancellationToken> = HashMap::new();
+        let mut tasks: JoinSet<(String, Exit, Poller<Position>)> = JoinSet::new();
+        loop {
+            let wanted: Vec<String> = tags
+                .borrow_and_update()
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|t| self.only.as_ref().is_none_or(|only| only.contains(t)))
+                .collect();
+            for tag in &wanted {
+                if running.contains_key(tag) {
+                    continue;
+                }
+                let scope = format!("positions/{tag}");
+                let encoder = match Encoder::new(&self.schemas, self.framing.clone()) {
+                    Ok(encoder) => encoder,
+                    Err(e) => return Exit::Fatal(e.to_string()),
+                };
+                let cursors: HashMap<String, Cursor> = self
+                    .cursors
+                    .get(&scope)
+                    .map(|c| (scope.clone(), *c))
+                    .into_iter()
+                    .collect();
+                let poller = Poller::<Position>::new(
+                    "positions",
+                    Some(tag.clone()),
+                    vec![CursorSpec {
+                        scope: scope.clone(),
+                        filter: DateFilter::PositionClose,
+                        initial: self.shared.streams.start_date,
+                    }],
+                    true,
+                    self.shared.streams.positions.volatile_fields.clone(),
+                    self.fingerprints.remove(&scope).unwrap_or_default(),
+                    cursors,
+                    self.shared.clone(),
+                    encoder,
+                    self.stats.clone(),
+                );
+                let child = cancel.child_token();
+                running.insert(tag.clone(), child.clone());
+                info!(server_tag = %tag, "polling positions of server");
+                let name = format!("positions[{tag}]");
+                let tag = tag.clone();
+                tasks.spawn(async move {
+                    let (exit, poller) =
+                        run_loop(name, Duration::from_secs(interval_secs), child, poller).await;
+                    (tag, exit, poller)
+                });
+            }
+            for (tag, token) in &running {
+                if !wanted.contains(tag) && !token.is_cancelled() {
+                    info!(server_tag = %tag, "server is gone, stopping its positions (cursor kept)");
+                    token.cancel();
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                changed = tags.changed() => {
+                    if changed.is_err() {
+                        // The servers loop ended (it stopped with an error): keep what runs.
+                        cancel.cancelled().await;
+                        break;
+                    }
+                }
+                Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
+                    match joined {
+                        Ok((tag, exit, poller)) => {
+                            running.remove(&tag);
+                            match exit {
+                                Exit::Fatal(reason) => return Exit::Fatal(reason),
+                                Exit::Stopped(reason) => {
+                                    error!(server_tag = %tag, reason = %reason, "positions of this server stopped");
+                                    // 403 on positions is the module: every tag would fail alike.
+                                    cancel.cancelled().await;
+                                    return Exit::Stopped(reason);
+                                }
+                                Exit::Cancelled => {
+                                    // Keep what it learned in case the server comes back.
+                                    let scope = format!("positions/{tag}");
+                                    self.keep(scope, poller);
+                                }
+                            }
+                        }
+                        Err(e) => return Exit::Fatal(format!("positions task failed: {e}")),
+                    }
+                }
+            }
+        }
+        for token in running.values() {
+            token.cancel();
+        }
+        while tasks.join_next().await.is_some() {}
+        Exit::Cancelled
+    }
+
+    fn keep(&mut self, scope: String, poller: Poller<Position>) {
+        let (fps, cursors) = poller.into_state();
+        self.fingerprints.insert(scope, fps);
+        self.cursors.extend(cursors);
+    }
+}
