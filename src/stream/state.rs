@@ -234,10 +234,10 @@ impl State {
             let map = self.fingerprints.entry(scope).or_default();
             match value {
                 Some(bytes) => map.insert(
-                    EntityKey::of(id),
+                    key_in_scope(stream, id),
                     FpEntry::decode(bytes).map_err(|e| format!("{key}: {e}"))?,
                 ),
-                None => map.remove(EntityKey::of(id)),
+                None => map.remove(key_in_scope(stream, id)),
             }
         }
         Ok(())
