@@ -604,7 +604,8 @@ impl SimData {
         Value::Object(groups)
     }
 
-    /// Renders every current record of `kind` (the ground truth).
+    /// Renders every current record of `kind` (the ground truth); servers carry their
+    /// platform group as `platform`, as the client reads them from the grouped answer.
     pub fn truth(&self, kind: Kind) -> Vec<Value> {
         let count = match kind {
             Kind::Leads => self.leads.len(),
@@ -613,7 +614,16 @@ impl SimData {
             Kind::Servers => self.servers.len(),
             Kind::Positions => self.positions.len(),
         };
-        (0..count).map(|i| self.render(kind, i)).collect()
+        (0..count)
+            .map(|i| {
+                let mut record = self.render(kind, i);
+                if let (Kind::Servers, Value::Object(map)) = (kind, &mut record) {
+                    // The API groups servers by platform; a flat list says it per server.
+                    map.insert("platform".to_owned(), json!(self.servers[i].platform));
+                }
+                record
+            })
+            .collect()
     }
 
     fn time(&self, secs: i64) -> String {

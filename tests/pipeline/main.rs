@@ -1,0 +1,343 @@
+//! The pipeline end to end: simulator → `ibstream run` → tansu (at-least-once), checked
+//! against the simulator's ground truth.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use apache_avro::from_avro_datum;
+use apache_avro::types::Value as Avro;
+use chrono_tz::Tz;
+use ibstream::config::{Config, Delivery};
+use ibstream::crm::page::read_record;
+use ibstream::crm::{Customer, Lead, Position, Server, Transaction};
+use ibstream::events::{to_value, AvroEvent, EventMeta, EventType, Op, Schemas};
+use ibstream::run::{RunError, RunReport, Stats};
+use ibstream::sim::{Kind, SimHandle};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::Value as Json;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A record read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: String,
+    pub payload: Vec<u8>,
+}
+
+pub const STREAMS: [&str; 5] = ["leads", "customers", "transactions", "servers", "positions"];
+
+pub fn config(sim: &SimHandle, broker: &common::Tansu, prefix: &str, instance: &str) -> Config {
+    let mut config = Config::load(None).unwrap();
+    config.crm = common::crm_config(sim);
+    config.kafka.bootstrap_servers = broker.bootstrap.clone();
+    config.kafka.delivery = Delivery::AtLeastOnce;
+    config.kafka.instance_id = instance.to_owned();
+    config.kafka.replication_factor = 1;
+    config.kafka.batch_timeout_secs = 30;
+    config.topics.prefix = prefix.to_owned();
+    config.streams.start_date = chrono::NaiveDate::from_ymd_opt(2024, 1, 1).unwrap();
+    for stream in [
+        &mut config.streams.leads,
+        &mut config.streams.customers,
+        &mut config.streams.transactions,
+        &mut config.streams.servers,
+        &mut config.streams.positions,
+    ] {
+        stream.poll_interval_secs = 1;
+    }
+    config
+}
+
+pub struct Running {
+    pub cancel: CancellationToken,
+    pub stats: Stats,
+    pub task: JoinHandle<Result<RunReport, RunError>>,
+}
+
+pub fn start(config: Config) -> Running {
+    let stats: Stats = STREAMS.into_iter().map(|s| (s, Arc::default())).collect();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(ibstream::run::run(config, cancel.clone(), stats.clone()));
+    Running {
+        cancel,
+        stats,
+        task,
+    }
+}
+
+impl Running {
+    /// Returns the completed cycles of each stream.
+    pub fn cycles(&self) -> HashMap<&'static str, u64> {
+        self.stats
+            .iter()
+            .map(|(k, v)| (*k, v.cycles.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    /// Waits until every stream in `streams` completed `more` cycles after `from` (positions
+    /// count one cycle per server tag).
+    pub async fn wait_cycles(
+        &self,
+        from: &HashMap<&'static str, u64>,
+        streams: &[&str],
+        more: u64,
+        timeout: Duration,
+    ) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.cycles();
+            if streams
+                .iter()
+                .all(|s| now[s] >= from.get(s).copied().unwrap_or(0) + more)
+            {
+                return;
+            }
+            assert!(!self.task.is_finished(), "ibstream run ended early");
+            assert!(
+                Instant::now() < deadline,
+                "cycles did not complete within {timeout:?}: {now:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn stop(self) -> RunReport {
+        self.cancel.cancel();
+        let started = Instant::now();
+        let report = tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("run stops within 10 s")
+            .unwrap()
+            .expect("run ends cleanly");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        report
+    }
+}
+
+/// Reads every record of `topics` (all partitions) until at least `expected` came and then
+/// nothing new for `idle` (tansu's high watermark lags, so "the end" is found by waiting).
+pub async fn consume(
+    bootstrap: &str,
+    topics: &[String],
+    expected: usize,
+    idle: Duration,
+) -> Vec<Consumed> {
+    let bootstrap = bootstrap.to_owned();
+    let topics = topics.to_vec();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("group.id", common::unique_topic("check"))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut assignment = TopicPartitionList::new();
+        for topic in &topics {
+            let metadata = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .unwrap();
+            for partition in metadata.topics()[0].partitions() {
+                assignment
+                    .add_partition_offset(topic, partition.id(), Offset::Beginning)
+                    .unwrap();
+            }
+        }
+        consumer.assign(&assignment).unwrap();
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut last = Instant::now();
+        loop {
+            if out.len() >= expected && last.elapsed() > idle {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {expected} records within 120 s",
+                out.len()
+            );
+            if let Some(message) = consumer.poll(Duration::from_millis(100)) {
+                let message = message.unwrap();
+                out.push(Consumed {
+                    topic: message.topic().to_owned(),
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    key: String::from_utf8(message.key().unwrap_or_default().to_vec()).unwrap(),
+                    payload: message.payload().unwrap_or_default().to_vec(),
+                });
+                last = Instant::now();
+            }
+        }
+        out
+    })
+    .await
+    .unwrap()
+}
+
+pub fn decode(schemas: &Schemas, event: EventType, payload: &[u8]) -> Avro {
+    assert_eq!(&payload[..2], &[0xC3, 0x01]);
+    assert_eq!(&payload[2..10], &schemas.get(event).fingerprint);
+    let schema = &schemas.get(event).schema;
+    from_avro_datum(schema, &mut &payload[10..], Some(schema)).unwrap()
+}
+
+pub fn field<'a>(record: &'a Avro, name: &str) -> &'a Avro {
+    match record {
+        Avro::Record(fields) => &fields.iter().find(|(n, _)| n == name).unwrap().1,
+        other => panic!("not a record: {other:?}"),
+    }
+}
+
+pub fn meta_string(record: &Avro, name: &str) -> String {
+    match field(field(record, "meta"), name) {
+        Avro::String(s) => s.clone(),
+        Avro::Enum(_, s) => s.clone(),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// The fields of an event but `meta` and the volatile `balanceUsd` (a customer's balance moves
+/// with every transaction without making an event, by design).
+fn without_meta(record: &Avro) -> Vec<(String, Avro)> {
+    match record {
+        Avro::Record(fields) => fields
+            .iter()
+            .filter(|(n, _)| n != "meta" && n != "balanceUsd")
+            .cloned()
+            .collect(),
+        _ => unreachable!(),
+    }
+}
+
+fn dummy_meta() -> EventMeta {
+    EventMeta {
+        event_id: String::new(),
+        op: Op::Created,
+        emitted_at: chrono::Utc::now(),
+        source: String::new(),
+        endpoint: String::new(),
+        window: None,
+        fetched_at: chrono::Utc::now(),
+        connector_version: String::new(),
+    }
+}
+
+/// The expected event body (all fields but `meta`) of each truth record, by key.
+pub fn expected(sim: &SimHandle, stream: &str) -> HashMap<String, Vec<(String, Avro)>> {
+    fn build<T: ibstream::crm::CrmRecord + AvroEvent>(
+        truth: Vec<Json>,
+        key: impl Fn(&T) -> String,
+    ) -> HashMap<String, Vec<(String, Avro)>> {
+        truth
+            .into_iter()
+            .map(|json| {
+                let record = read_record::<T>(json, Tz::UTC).expect("truth records are readable");
+                let value = to_value(&record.model, &dummy_meta()).unwrap();
+                (key(&record.model), without_meta(&value))
+            })
+            .collect()
+    }
+    match stream {
+        "leads" => build::<Lead>(sim.truth(Kind::Leads), |m| m.id.unwrap().to_string()),
+        "customers" => build::<Customer>(sim.truth(Kind::Customers), |m| {
+            m.customer_id.unwrap().to_string()
+        }),
+        "transactions" => build::<Transaction>(
+            sim.truth(Kind::Transactions)
+                .into_iter()
+                .filter(|t| t["isFake"] == false)
+                .collect(),
+            |m| m.id.unwrap().to_string(),
+        ),
+        "servers" => build::<Server>(sim.truth(Kind::Servers), |m| m.id.clone().unwrap()),
+        "positions" => build::<Position>(sim.truth(Kind::Positions), |m| {
+            format!(
+                "{}:{}",
+                m.server_tag.clone().unwrap(),
+                m.position_id.unwrap()
+            )
+        }),
+        _ => unreachable!(),
+    }
+}
+
+fn event_type(stream: &str) -> EventType {
+    EventType::parse(stream).unwrap()
+}
+
+/// Events grouped by stream and key, in offset order.
+pub type ByKey = HashMap<String, HashMap<String, Vec<Avro>>>;
+
+pub fn group(schemas: &Schemas, prefix: &str, records: &[Consumed]) -> ByKey {
+    let mut sorted: Vec<&Consumed> = records.iter().collect();
+    sorted.sort_by_key(|c| (c.topic.clone(), c.partition, c.offset));
+    let mut out: ByKey = HashMap::new();
+    for c in sorted {
+        let stream = c.topic.strip_prefix(&format!("{prefix}.")).unwrap();
+        if stream == "dlq" {
+            continue;
+        }
+        let value = decode(schemas, event_type(stream), &c.payload);
+        out.entry(stream.to_owned())
+            .or_default()
+            .entry(c.key.clone())
+            .or_default()
+            .push(value);
+    }
+    out
+}
+
+pub fn data_topics(prefix: &str) -> Vec<String> {
+    STREAMS.iter().map(|s| format!("{prefix}.{s}")).collect()
+}
+
+pub fn truth_count(sim: &SimHandle) -> usize {
+    STREAMS.iter().map(|s| expected(sim, s).len()).sum()
+}
+
+/// Asserts the latest event of every key equals the truth, and no key is missing or extra.
+pub fn assert_matches_truth(sim: &SimHandle, events: &ByKey) {
+    for stream in STREAMS {
+        let truth = expected(sim, stream);
+        let got = events.get(stream).cloned().unwrap_or_default();
+        let missing: Vec<&String> = truth
+            .keys()
+            .filter(|k| !got.contains_key(*k))
+            .take(5)
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "{stream}: {} of {} keys missing, e.g. {missing:?}",
+            truth.keys().filter(|k| !got.contains_key(*k)).count(),
+            truth.len()
+        );
+        let extra: Vec<&String> = got
+            .keys()
+            .filter(|k| !truth.contains_key(*k))
+            .take(5)
+            .collect();
+        assert!(
+            extra.is_empty(),
+            "{stream}: keys not in the truth: {extra:?}"
+        );
+        for (key, expected) in &truth {
+            let latest = got[key].last().unwrap();
+            assert_eq!(
+                &without_meta(latest),
+                expected,
+                "{stream} {key}: latest event differs from the truth"
+            );
+        }
+    }
+}
+
+mod scenarios;

@@ -1,0 +1,128 @@
+//! The scenarios of the pipeline issue, each on its own broker and simulator.
+
+use super::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_then_changes_then_restart() {
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(|c| {
+        c.leads = 20_000;
+        c.customers = 8_000;
+        c.transactions = 50_000;
+        c.positions = 100_000;
+        c.servers = 3;
+    })
+    .await;
+    let prefix = common::unique_topic("bf");
+    let schemas = Schemas::load("com.ibstream").unwrap();
+    let run = start(config(&sim, &broker, &prefix, "bf-1"));
+    run.wait_cycles(&HashMap::new(), &STREAMS, 1, Duration::from_secs(600))
+        .await;
+    run.wait_cycles(&HashMap::new(), &["positions"], 3, Duration::from_secs(600))
+        .await;
+
+    // Backfill: every truth record is in its topic, once, and equal to the truth.
+    let expected_count = truth_count(&sim);
+    let records = consume(
+        &broker.bootstrap,
+        &data_topics(&prefix),
+        expected_count,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(
+        records.len(),
+        expected_count,
+        "no record twice, none missing"
+    );
+    let events = group(&schemas, &prefix, &records);
+    assert_matches_truth(&sim, &events);
+    for (stream, keys) in &events {
+        for (key, versions) in keys {
+            assert_eq!(versions.len(), 1, "{stream} {key} emitted twice");
+            assert_eq!(meta_string(&versions[0], "op"), "CREATED");
+        }
+    }
+    // The demo server's positions are not read; the servers list includes it.
+    assert_eq!(events["servers"].len(), 4);
+    assert_eq!(events["positions"].len(), 100_000);
+
+    // Changes: exactly the changed keys get one new event each, with the right op.
+    let changes = sim.mutate(500, None);
+    let mut want: HashMap<(String, String), String> = HashMap::new();
+    for change in &changes {
+        let op = if change.op == "created" {
+            "CREATED"
+        } else {
+            "UPDATED"
+        };
+        let entry = want
+            .entry((change.stream.to_owned(), change.key.clone()))
+            .or_insert_with(|| op.to_owned());
+        if op == "CREATED" {
+            *entry = op.to_owned();
+        }
+    }
+    let before = run.cycles();
+    run.wait_cycles(&before, &STREAMS, 2, Duration::from_secs(120))
+        .await;
+    run.wait_cycles(&before, &["positions"], 6, Duration::from_secs(120))
+        .await;
+    let all = consume(
+        &broker.bootstrap,
+        &data_topics(&prefix),
+        expected_count + want.len(),
+        Duration::from_secs(2),
+    )
+    .await;
+    let old: HashSet<(String, i32, i64)> = records
+        .iter()
+        .map(|c| (c.topic.clone(), c.partition, c.offset))
+        .collect();
+    let new: Vec<&Consumed> = all
+        .iter()
+        .filter(|c| !old.contains(&(c.topic.clone(), c.partition, c.offset)))
+        .collect();
+    let mut got: HashMap<(String, String), String> = HashMap::new();
+    for c in &new {
+        let stream = c
+            .topic
+            .strip_prefix(&format!("{prefix}."))
+            .unwrap()
+            .to_owned();
+        let value = decode(&schemas, event_type(&stream), &c.payload);
+        let previous = got.insert((stream.clone(), c.key.clone()), meta_string(&value, "op"));
+        assert!(
+            previous.is_none(),
+            "{stream} {} emitted twice after the changes",
+            c.key
+        );
+    }
+    assert_eq!(got, want, "the new events are exactly the changes");
+    let events = group(&schemas, &prefix, &all);
+    assert_matches_truth(&sim, &events);
+
+    // Restart: the state is restored and nothing unchanged is emitted again.
+    run.stop().await;
+    let run = start(config(&sim, &broker, &prefix, "bf-1"));
+    run.wait_cycles(&HashMap::new(), &STREAMS, 1, Duration::from_secs(300))
+        .await;
+    run.wait_cycles(&HashMap::new(), &["positions"], 3, Duration::from_secs(300))
+        .await;
+    let emitted: u64 = run
+        .stats
+        .values()
+        .map(|s| s.created.load(Ordering::Relaxed) + s.updated.load(Ordering::Relaxed))
+        .sum();
+    assert_eq!(emitted, 0, "a restart re-emitted unchanged records");
+    run.stop().await;
+    let after = consume(
+        &broker.bootstrap,
+        &data_topics(&prefix),
+        all.len(),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(after.len(), all.len());
+    sim.shutdown().await;
+}
