@@ -13,6 +13,8 @@
 //!
 //! rdkafka's transactional calls block, so the sink runs on a blocking thread.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
@@ -67,9 +69,24 @@ type Request = (Batch, oneshot::Sender<Result<(), SinkError>>);
 #[derive(Clone, Debug)]
 pub struct SinkHandle {
     tx: mpsc::Sender<Request>,
+    stats: Arc<SinkStats>,
+}
+
+/// Counters of the sink.
+#[derive(Debug, Default)]
+pub struct SinkStats {
+    /// Batches committed.
+    pub batches: AtomicU64,
+    /// Transactions aborted (each followed by a retry or a failed batch).
+    pub aborts: AtomicU64,
 }
 
 impl SinkHandle {
+    /// Returns the sink's counters.
+    pub fn stats(&self) -> &SinkStats {
+        &self.stats
+    }
+
     /// Commits a batch and waits for the outcome.
     pub async fn commit(&self, batch: Batch) -> Result<(), SinkError> {
         if batch.is_empty() {
@@ -152,9 +169,13 @@ pub async fn start(config: &KafkaConfig) -> Result<Sink, SinkStartError> {
     }
     let (tx, rx) = mpsc::channel::<Request>(4);
     let runtime = tokio::runtime::Handle::current();
-    let task = tokio::task::spawn_blocking(move || run(producer, delivery, timeout, rx, runtime));
+    let stats = Arc::new(SinkStats::default());
+    let sink_stats = stats.clone();
+    let task = tokio::task::spawn_blocking(move || {
+        run(producer, delivery, timeout, rx, runtime, &sink_stats)
+    });
     Ok(Sink {
-        handle: SinkHandle { tx },
+        handle: SinkHandle { tx, stats },
         task,
     })
 }
@@ -165,12 +186,16 @@ fn run(
     timeout: Duration,
     mut rx: mpsc::Receiver<Request>,
     runtime: tokio::runtime::Handle,
+    stats: &SinkStats,
 ) -> Result<(), SinkError> {
     while let Some((batch, ack)) = rx.blocking_recv() {
         let outcome = match delivery {
             Delivery::AtLeastOnce => at_least_once(&producer, &batch, timeout, &runtime),
-            Delivery::ExactlyOnce => exactly_once(&producer, &batch, timeout, &runtime),
+            Delivery::ExactlyOnce => exactly_once(&producer, &batch, timeout, &runtime, stats),
         };
+        if outcome.is_ok() {
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+        }
         let fatal = matches!(outcome, Err(SinkError::Fatal(_)));
         let _ = ack.send(outcome.clone());
         if fatal {
@@ -199,6 +224,7 @@ fn exactly_once(
     batch: &Batch,
     timeout: Duration,
     runtime: &tokio::runtime::Handle,
+    stats: &SinkStats,
 ) -> Result<(), SinkError> {
     let mut last = String::new();
     for attempt in 1..=TRANSACTION_ATTEMPTS {
@@ -218,6 +244,7 @@ fn exactly_once(
             Err(SinkError::Retriable(e)) => {
                 warn!(attempt, error = %e, "kafka transaction failed, aborting");
                 producer.abort_transaction(timeout).map_err(classify)?;
+                stats.aborts.fetch_add(1, Ordering::Relaxed);
                 last = e;
             }
         }

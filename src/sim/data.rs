@@ -152,6 +152,8 @@ pub enum ChangeKind {
     EditCustomer,
     /// A deposit or withdrawal (a customer's first deposit also sets its `ftdDate`).
     Transaction,
+    /// A transaction dated yesterday, booked now (found only by the lookback).
+    LateTransaction,
     /// A position closes.
     Position,
     /// A new live server appears, a customer opens an account on it and closes positions there.
@@ -167,6 +169,7 @@ impl ChangeKind {
             "conversion" => ChangeKind::Conversion,
             "customer_edit" | "edit_customer" => ChangeKind::EditCustomer,
             "transaction" => ChangeKind::Transaction,
+            "late_transaction" => ChangeKind::LateTransaction,
             "position" => ChangeKind::Position,
             "server" => ChangeKind::Server,
             _ => return None,
@@ -859,36 +862,10 @@ impl SimData {
                 changes.push(change("customers", "updated", c.customer_id.to_string()));
             }
             ChangeKind::Transaction if !self.customers.is_empty() => {
-                let ci = rng.usize(..self.customers.len());
-                let id = self.transactions.last().map_or(9_000_000, |t| t.id + 1);
-                let deposit = self.customers[ci].ftd.is_none() || rng.f64() < 0.7;
-                let amount_cents = rng.i64(1_000..500_000);
-                let customer = &mut self.customers[ci];
-                self.transactions.push(Transaction {
-                    id,
-                    customer_id: Some(customer.customer_id),
-                    deposit,
-                    amount_cents,
-                    eur: false,
-                    date: now,
-                    method: rng.u8(..PAYMENT_METHODS.len() as u8),
-                    account: customer.accounts.first().copied(),
-                    product_id: None,
-                    fake: false,
-                    malformed: false,
-                });
-                changes.push(change("transactions", "created", id.to_string()));
-                if customer.ftd.is_none() && deposit {
-                    customer.ftd = Some(now);
-                    customer.person.modified = now.max(customer.person.modified);
-                    changes.push(change(
-                        "customers",
-                        "updated",
-                        customer.customer_id.to_string(),
-                    ));
-                }
-                // The balance moves too, but it alone does not make the CRM touch lastModifiedDate.
-                customer.balance_cents += if deposit { amount_cents } else { -amount_cents };
+                self.add_transaction(&mut rng, now, now, changes)
+            }
+            ChangeKind::LateTransaction if !self.customers.is_empty() => {
+                self.add_transaction(&mut rng, now, now - 86_400, changes)
             }
             ChangeKind::Position if !self.customers.is_empty() => {
                 let c = &self.customers[rng.usize(..self.customers.len())];
@@ -929,12 +906,60 @@ impl SimData {
                 self.rng = rng;
                 return self.apply(ChangeKind::NewLead, now, changes);
             }
-            ChangeKind::EditCustomer | ChangeKind::Transaction | ChangeKind::Position => {
+            ChangeKind::EditCustomer
+            | ChangeKind::Transaction
+            | ChangeKind::LateTransaction
+            | ChangeKind::Position => {
                 self.rng = rng;
                 return self.apply(ChangeKind::Conversion, now, changes);
             }
         }
         self.rng = rng;
+    }
+
+    /// A deposit or withdrawal dated `date`, booked `now` (a customer's first deposit also
+    /// sets its `ftdDate`).
+    fn add_transaction(
+        &mut self,
+        rng: &mut fastrand::Rng,
+        now: i64,
+        date: i64,
+        changes: &mut Vec<Change>,
+    ) {
+        let ci = rng.usize(..self.customers.len());
+        let id = self.transactions.last().map_or(9_000_000, |t| t.id + 1);
+        let deposit = self.customers[ci].ftd.is_none() || rng.f64() < 0.7;
+        let amount_cents = rng.i64(1_000..500_000);
+        let customer = &mut self.customers[ci];
+        self.transactions.push(Transaction {
+            id,
+            customer_id: Some(customer.customer_id),
+            deposit,
+            amount_cents,
+            eur: false,
+            date,
+            method: rng.u8(..PAYMENT_METHODS.len() as u8),
+            account: customer.accounts.first().copied(),
+            product_id: None,
+            fake: false,
+            malformed: false,
+        });
+        changes.push(Change {
+            stream: "transactions",
+            op: "created",
+            key: id.to_string(),
+        });
+        if customer.ftd.is_none() && deposit {
+            customer.ftd = Some(date);
+            customer.person.modified = now.max(customer.person.modified);
+            changes.push(Change {
+                stream: "customers",
+                op: "updated",
+                key: customer.customer_id.to_string(),
+            });
+        }
+        // The balance moves too, but it alone does not make the CRM touch lastModifiedDate.
+        customer.balance_cents += if deposit { amount_cents } else { -amount_cents };
     }
 
     fn position_key(&self, index: usize) -> String {

@@ -59,6 +59,7 @@ impl SimStats {
 
 struct AppState {
     config: Arc<SimConfig>,
+    paused: std::sync::atomic::AtomicBool,
     denied: Vec<Kind>,
     data: RwLock<SimData>,
     tokens: Mutex<HashMap<String, Instant>>,
@@ -108,6 +109,12 @@ impl SimHandle {
         lock(&self.state.tokens).keys().cloned().collect()
     }
 
+    /// Stops (or resumes) the background changes of `--change-rate` and `--shuffle-pages`,
+    /// so a test can compare with a truth that stands still.
+    pub fn pause_changes(&self, paused: bool) {
+        self.state.paused.store(paused, Ordering::Relaxed);
+    }
+
     /// Answers the next `n` API calls with HTTP 500.
     pub fn fail_next(&self, n: u32) {
         lock(&self.state.faults).fail_next = n;
@@ -139,6 +146,7 @@ pub(super) async fn start(config: Arc<SimConfig>) -> Result<SimHandle, String> {
     let denied = config.validate()?;
     let data = SimData::generate(&config.gen_spec(), Utc::now());
     let state = Arc::new(AppState {
+        paused: std::sync::atomic::AtomicBool::new(false),
         denied,
         data: RwLock::new(data),
         tokens: Mutex::new(HashMap::new()),
@@ -189,6 +197,9 @@ async fn background_changes(state: Arc<AppState>) {
     let mut interval = tokio::time::interval(TICK);
     loop {
         interval.tick().await;
+        if state.paused.load(Ordering::Relaxed) {
+            continue;
+        }
         owed += per_tick;
         let count = owed.floor();
         if count >= 1.0 {
@@ -468,7 +479,7 @@ fn page(state: &AppState, kind: Kind, params: &HashMap<String, String>) -> Resul
         server_tag,
         include_fake,
     };
-    if state.config.shuffle_pages {
+    if state.config.shuffle_pages && !state.paused.load(Ordering::Relaxed) {
         // Changes land between page calls, and the newest-modified-first order moves records.
         write(&state.data).mutate(2, None, Utc::now());
     }
