@@ -116,7 +116,7 @@ pub async fn run(
         .await
         .map_err(|e| RunError::Startup(e.to_string()))?;
     let restore_timeout = Duration::from_secs(config.kafka.batch_timeout_secs.max(30));
-    let mut state = restore(&config.kafka, &state_topic, restore_timeout)
+    let mut state = restore(&config.kafka, &state_topic, &sink.handle, restore_timeout)
         .await
         .map_err(RunError::Startup)?;
 

@@ -12,11 +12,11 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tracing::info;
 
-use crate::config::KafkaConfig;
+use super::sink::{Batch, OutRecord, SinkHandle};
+use crate::config::{Delivery, KafkaConfig};
 use crate::stream::state::State;
 
 /// A topic ibstream creates when it is missing.
@@ -75,26 +75,31 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[TopicSpec]) -> Result
 }
 
 /// Reads the state topic to the barrier and returns the state before it.
+///
+/// The barrier goes through the sink, so in exactly-once mode it is the first transaction:
+/// a broker that cannot commit transactions fails here, before anything else is written.
 pub async fn restore(
     config: &KafkaConfig,
     state_topic: &str,
+    sink: &SinkHandle,
     timeout: Duration,
 ) -> Result<State, String> {
     let nonce = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
     let barrier_key = format!("barrier/{}", config.instance_id);
-    let producer: FutureProducer = client_config(config)?
-        .set("enable.idempotence", "true")
-        .create()
-        .map_err(|e| format!("cannot create the barrier producer: {e}"))?;
-    producer
-        .send(
-            FutureRecord::to(state_topic)
-                .key(&barrier_key)
-                .payload(&nonce),
-            timeout,
-        )
-        .await
-        .map_err(|(e, _)| format!("cannot write the start-up barrier to {state_topic}: {e}"))?;
+    let barrier = Batch {
+        events: Vec::new(),
+        state: vec![OutRecord {
+            topic: state_topic.to_owned(),
+            key: barrier_key.clone().into_bytes(),
+            payload: Some(nonce.clone().into_bytes()),
+        }],
+    };
+    sink.commit(barrier).await.map_err(|e| match config.delivery {
+        Delivery::ExactlyOnce => format!(
+            "cannot commit a Kafka transaction ({e}); if the broker does not support transactions, set kafka.delivery = \"at-least-once\""
+        ),
+        Delivery::AtLeastOnce => format!("cannot write the start-up barrier to {state_topic}: {e}"),
+    })?;
     let consumer: BaseConsumer = client_config(config)?
         .set("group.id", format!("{}-restore", config.instance_id))
         .set("enable.auto.commit", "false")

@@ -17,7 +17,7 @@ use ibstream::crm::page::read_record;
 use ibstream::crm::{Customer, Lead, Position, Server, Transaction};
 use ibstream::events::{to_value, AvroEvent, EventMeta, EventType, Op, Schemas};
 use ibstream::run::{RunError, RunReport, Stats};
-use ibstream::sim::{Kind, SimHandle};
+use ibstream::sim::{ChangeKind, Kind, SimHandle};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::Value as Json;

@@ -126,3 +126,142 @@ async fn backfill_then_changes_then_restart() {
     assert_eq!(after.len(), all.len());
     sim.shutdown().await;
 }
+
+fn small(c: &mut ibstream::sim::SimConfig) {
+    c.leads = 1_500;
+    c.customers = 600;
+    c.transactions = 2_000;
+    c.positions = 3_000;
+    c.servers = 2;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_pages_and_live_changes_converge_to_the_truth() {
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(|c| {
+        small(c);
+        c.shuffle_pages = true;
+        c.change_rate = 50.0;
+    })
+    .await;
+    let prefix = common::unique_topic("shuffle");
+    let schemas = Schemas::load("com.ibstream").unwrap();
+    let mut cfg = config(&sim, &broker, &prefix, "shuffle-1");
+    cfg.crm.page_size = 100;
+    let run = start(cfg);
+    run.wait_cycles(&HashMap::new(), &STREAMS, 1, Duration::from_secs(300))
+        .await;
+    // Catch-up: the CRM stands still, and two more full cycles read what moved.
+    sim.pause_changes(true);
+    let paused = run.cycles();
+    run.wait_cycles(&paused, &STREAMS, 2, Duration::from_secs(300))
+        .await;
+    run.wait_cycles(&paused, &["positions"], 4, Duration::from_secs(300))
+        .await;
+    let drift: u64 = run
+        .stats
+        .values()
+        .map(|s| s.drift_rereads.load(Ordering::Relaxed))
+        .sum();
+    assert!(
+        drift > 0,
+        "records never moved between pages: the scenario did not happen"
+    );
+    run.stop().await;
+    let records = consume(
+        &broker.bootstrap,
+        &data_topics(&prefix),
+        truth_count(&sim),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_matches_truth(&sim, &group(&schemas, &prefix, &records));
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_records_new_servers_and_a_denied_endpoint() {
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(|c| {
+        small(c);
+        c.deny = vec!["leads".to_owned()];
+    })
+    .await;
+    let prefix = common::unique_topic("late");
+    let schemas = Schemas::load("com.ibstream").unwrap();
+    let run = start(config(&sim, &broker, &prefix, "late-1"));
+    let others = ["customers", "transactions", "servers", "positions"];
+    run.wait_cycles(&HashMap::new(), &others, 1, Duration::from_secs(300))
+        .await;
+    run.wait_cycles(&HashMap::new(), &["positions"], 2, Duration::from_secs(300))
+        .await;
+    assert_eq!(run.cycles()["leads"], 0, "leads are denied (403)");
+    assert!(!run.task.is_finished(), "the other streams go on");
+
+    // A transaction dated yesterday, booked now: found by the lookback.
+    let late = sim.mutate(3, Some(ChangeKind::LateTransaction));
+    // A new live server with closed positions: its tag gets a poller.
+    let server = sim.mutate(1, Some(ChangeKind::Server));
+    let before = run.cycles();
+    run.wait_cycles(&before, &others, 2, Duration::from_secs(120))
+        .await;
+    run.wait_cycles(&before, &["positions"], 5, Duration::from_secs(120))
+        .await;
+    let report = run.stop().await;
+    assert_eq!(report.stopped.len(), 1, "{:?}", report.stopped);
+    assert_eq!(report.stopped[0].0, "leads");
+    assert!(
+        report.stopped[0].1.contains("leads module"),
+        "{}",
+        report.stopped[0].1
+    );
+
+    let records = consume(
+        &broker.bootstrap,
+        &data_topics(&prefix),
+        1,
+        Duration::from_secs(3),
+    )
+    .await;
+    let events = group(&schemas, &prefix, &records);
+    for change in late.iter().chain(&server) {
+        assert!(
+            events[change.stream].contains_key(&change.key),
+            "{} {} not emitted",
+            change.stream,
+            change.key
+        );
+    }
+    assert_eq!(
+        server
+            .iter()
+            .filter(|c| c.stream == "positions" && c.key.starts_with("mt4-live-03:"))
+            .count(),
+        3
+    );
+    assert!(!events.contains_key("leads"));
+    for stream in others {
+        let truth = expected(&sim, stream);
+        assert_eq!(events[stream].len(), truth.len(), "{stream}");
+    }
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_on_a_broker_without_transactions_is_a_clear_startup_error() {
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(small).await;
+    let mut cfg = config(&sim, &broker, &common::unique_topic("eo"), "eo-tansu");
+    cfg.kafka.delivery = Delivery::ExactlyOnce;
+    cfg.kafka.batch_timeout_secs = 10;
+    let run = start(cfg);
+    let result = tokio::time::timeout(Duration::from_secs(60), run.task)
+        .await
+        .unwrap()
+        .unwrap();
+    match result {
+        Err(RunError::Startup(message)) => assert!(message.contains("at-least-once"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    sim.shutdown().await;
+}
