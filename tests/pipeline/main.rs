@@ -143,12 +143,26 @@ pub async fn consume(
             .unwrap();
         let mut assignment = TopicPartitionList::new();
         for topic in &topics {
-            let metadata = consumer
-                .fetch_metadata(Some(topic), Duration::from_secs(10))
-                .unwrap();
-            for partition in metadata.topics()[0].partitions() {
+            // The topics may not exist yet (ibstream creates them): wait for them.
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let partitions = loop {
+                let metadata = consumer
+                    .fetch_metadata(Some(topic), Duration::from_secs(10))
+                    .unwrap();
+                let ids: Vec<i32> = metadata.topics()[0]
+                    .partitions()
+                    .iter()
+                    .map(|p| p.id())
+                    .collect();
+                if !ids.is_empty() {
+                    break ids;
+                }
+                assert!(Instant::now() < deadline, "topic {topic} was not created");
+                std::thread::sleep(Duration::from_millis(200));
+            };
+            for partition in partitions {
                 assignment
-                    .add_partition_offset(topic, partition.id(), Offset::Beginning)
+                    .add_partition_offset(topic, partition, Offset::Beginning)
                     .unwrap();
             }
         }
