@@ -411,3 +411,59 @@ async fn kill_9_during_backfill_loses_nothing_and_duplicates_share_event_ids() {
     eprintln!("{duplicates} duplicate events after kill -9, each with its twin's eventId");
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_state_costs_one_request_per_query() {
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(small).await;
+    let prefix = common::unique_topic("steady");
+    let run = start(config(&sim, &broker, &prefix, "steady-1"));
+    run.wait_cycles(&HashMap::new(), &STREAMS, 2, Duration::from_secs(300))
+        .await;
+    run.wait_cycles(&HashMap::new(), &["positions"], 4, Duration::from_secs(300))
+        .await;
+    let pages = |run: &Running| -> HashMap<&'static str, u64> {
+        run.stats
+            .iter()
+            .map(|(k, v)| (*k, v.pages.load(Ordering::Relaxed)))
+            .collect()
+    };
+    let (cycles_before, pages_before) = (run.cycles(), pages(&run));
+    run.wait_cycles(&cycles_before, &STREAMS, 3, Duration::from_secs(60))
+        .await;
+    // Read both counters of a stream together, between its cycles.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for (stream, per_cycle) in [
+        ("leads", 2),
+        ("customers", 2),
+        ("transactions", 1),
+        ("servers", 1),
+        ("positions", 1),
+    ] {
+        loop {
+            let (cycles, pages) = (run.cycles()[stream], pages(&run)[stream]);
+            let done = cycles - cycles_before[stream];
+            let read = pages - pages_before[stream];
+            if read == done * per_cycle {
+                break;
+            }
+            assert!(
+                read <= (done + 1) * per_cycle,
+                "{stream}: {read} requests in {done} cycles (want {per_cycle} per cycle)"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "{stream}: {read} requests in {done} cycles (want {per_cycle} per cycle)"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let emitted: u64 = run
+        .stats
+        .values()
+        .map(|s| s.updated.load(Ordering::Relaxed))
+        .sum();
+    assert_eq!(emitted, 0);
+    run.stop().await;
+    sim.shutdown().await;
+}
