@@ -104,6 +104,8 @@ pub async fn restore(
         .set("group.id", format!("{}-restore", config.instance_id))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
+        // Large fetches: the state is read once, as fast as the broker can serve it.
+        .set("max.partition.fetch.bytes", "16777216")
         .create()
         .map_err(|e| format!("cannot create the state consumer: {e}"))?;
     let topic = state_topic.to_owned();

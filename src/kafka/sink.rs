@@ -11,7 +11,8 @@
 //!   first, then the state records. A crash in between leaves events without their state:
 //!   the batch is read and emitted again, with the same `eventId`s.
 //!
-//! rdkafka's transactional calls block, so the sink runs on a blocking thread.
+//! rdkafka's transactional calls block, so the exactly-once sink runs on a blocking thread,
+//! one transaction at a time; the at-least-once sink produces batches concurrently.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -167,32 +168,113 @@ pub async fn start(config: &KafkaConfig) -> Result<Sink, SinkStartError> {
             })?;
         info!(instance_id = %config.instance_id, "kafka transactions initialised");
     }
-    let (tx, rx) = mpsc::channel::<Request>(4);
-    let runtime = tokio::runtime::Handle::current();
+    let (tx, rx) = mpsc::channel::<Request>(16);
     let stats = Arc::new(SinkStats::default());
     let sink_stats = stats.clone();
-    let task = tokio::task::spawn_blocking(move || {
-        run(producer, delivery, timeout, rx, runtime, &sink_stats)
-    });
+    let task = match delivery {
+        Delivery::ExactlyOnce => {
+            let runtime = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || run(producer, timeout, rx, runtime, &sink_stats))
+        }
+        Delivery::AtLeastOnce => tokio::spawn(run_concurrent(producer, timeout, rx, sink_stats)),
+    };
     Ok(Sink {
         handle: SinkHandle { tx, stats },
         task,
     })
 }
 
+/// At-least-once: batches of different pollers are independent, so they are produced
+/// concurrently (a poller sends its next batch only after this one's acknowledgement, which
+/// keeps each poller's records in order). Each batch still waits for its events' acks before
+/// producing its state.
+async fn run_concurrent(
+    producer: FutureProducer,
+    timeout: Duration,
+    mut rx: mpsc::Receiver<Request>,
+    stats: Arc<SinkStats>,
+) -> Result<(), SinkError> {
+    let mut in_flight = tokio::task::JoinSet::new();
+    while let Some((batch, ack)) = rx.recv().await {
+        let producer = producer.clone();
+        let stats = stats.clone();
+        in_flight.spawn(async move {
+            let outcome = match produce_async(&producer, &batch.events, timeout).await {
+                Ok(()) => produce_async(&producer, &batch.state, timeout).await,
+                Err(e) => Err(e),
+            };
+            if outcome.is_ok() {
+                stats.batches.fetch_add(1, Ordering::Relaxed);
+            }
+            let _ = ack.send(outcome);
+        });
+        while in_flight.try_join_next().is_some() {}
+    }
+    while in_flight.join_next().await.is_some() {}
+    tokio::task::spawn_blocking(move || producer.flush(timeout))
+        .await
+        .map_err(|e| SinkError::Retriable(e.to_string()))?
+        .map_err(|e| SinkError::Retriable(format!("final flush failed: {e}")))
+}
+
+/// Enqueues every record (waiting while the producer queue is full), then awaits every
+/// delivery report.
+async fn produce_async(
+    producer: &FutureProducer,
+    records: &[OutRecord],
+    timeout: Duration,
+) -> Result<(), SinkError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut futures = Vec::with_capacity(records.len());
+    for record in records {
+        let mut pending = future_record(record);
+        loop {
+            match producer.send_result(pending) {
+                Ok(future) => {
+                    futures.push(future);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    if tokio::time::Instant::now() > deadline {
+                        return Err(SinkError::Retriable(
+                            "producer queue stayed full".to_owned(),
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    pending = back;
+                }
+                Err((e, _)) => return Err(classify(e)),
+            }
+        }
+    }
+    for future in futures {
+        match future.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(classify(e)),
+            Err(_) => return Err(SinkError::Retriable("delivery report lost".to_owned())),
+        }
+    }
+    Ok(())
+}
+
+fn future_record(record: &OutRecord) -> FutureRecord<'_, Vec<u8>, Vec<u8>> {
+    let future_record = FutureRecord::to(&record.topic).key(&record.key);
+    match &record.payload {
+        Some(payload) => future_record.payload(payload),
+        None => future_record,
+    }
+}
+
+/// Exactly-once: one transaction at a time, on a blocking thread.
 fn run(
     producer: FutureProducer,
-    delivery: Delivery,
     timeout: Duration,
     mut rx: mpsc::Receiver<Request>,
     runtime: tokio::runtime::Handle,
     stats: &SinkStats,
 ) -> Result<(), SinkError> {
     while let Some((batch, ack)) = rx.blocking_recv() {
-        let outcome = match delivery {
-            Delivery::AtLeastOnce => at_least_once(&producer, &batch, timeout, &runtime),
-            Delivery::ExactlyOnce => exactly_once(&producer, &batch, timeout, &runtime, stats),
-        };
+        let outcome = exactly_once(&producer, &batch, timeout, &runtime, stats);
         if outcome.is_ok() {
             stats.batches.fetch_add(1, Ordering::Relaxed);
         }
@@ -205,18 +287,6 @@ fn run(
     producer
         .flush(timeout)
         .map_err(|e| SinkError::Retriable(format!("final flush failed: {e}")))
-}
-
-fn at_least_once(
-    producer: &FutureProducer,
-    batch: &Batch,
-    timeout: Duration,
-    runtime: &tokio::runtime::Handle,
-) -> Result<(), SinkError> {
-    let events = produce_all(producer, &batch.events, timeout)?;
-    await_all(events, runtime)?;
-    let state = produce_all(producer, &batch.state, timeout)?;
-    await_all(state, runtime)
 }
 
 fn exactly_once(
@@ -262,11 +332,7 @@ fn produce_all(
     let deadline = std::time::Instant::now() + timeout;
     let mut futures = Vec::with_capacity(records.len());
     for record in records {
-        let mut future_record = FutureRecord::to(&record.topic).key(&record.key);
-        if let Some(payload) = &record.payload {
-            future_record = future_record.payload(payload);
-        }
-        let mut pending = future_record;
+        let mut pending = future_record(record);
         loop {
             match producer.send_result(pending) {
                 Ok(future) => {

@@ -9,7 +9,7 @@
 use serde_json::{Map, Value};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
-use super::state::{EntityKey, FpEntry, FpMap};
+use super::state::{EntityKey, FpMap};
 use crate::events::Op;
 
 /// Seed of record fingerprints; changing it would re-emit every entity.
@@ -50,15 +50,16 @@ pub fn event_id(stream: &str, id: &str, fingerprint: u64) -> String {
 
 /// Compares a record with what was last emitted for its entity.
 pub fn classify(map: &FpMap, key: EntityKey, fp: u64) -> Option<Op> {
-    match map.get(key) {
+    match map.get(key).map(|entry| entry.fp) {
         None => Some(Op::Created),
-        Some(FpEntry { fp: old, .. }) if old != fp => Some(Op::Updated),
+        Some(old) if old != fp => Some(Op::Updated),
         Some(_) => None,
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::state::FpEntry;
     use super::*;
     use serde_json::json;
 
