@@ -295,6 +295,8 @@ replication_factor = 1
 
 [streams]
 start_date = "2024-01-01"
+# Small, so windows are split in halves while the process is killed and restarted.
+max_window_records = 100
 
 [streams.leads]
 poll_interval_secs = 1
@@ -465,5 +467,93 @@ async fn steady_state_costs_one_request_per_query() {
         .sum();
     assert_eq!(emitted, 0);
     run.stop().await;
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_records_go_to_the_dead_letter_topic_once() {
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(|c| {
+        small(c);
+        c.malformed_rate = 0.03;
+    })
+    .await;
+    let prefix = common::unique_topic("dlq");
+    let schemas = Schemas::load("com.ibstream").unwrap();
+    let run = start(config(&sim, &broker, &prefix, "dlq-1"));
+    run.wait_cycles(&HashMap::new(), &STREAMS, 3, Duration::from_secs(300))
+        .await;
+    run.wait_cycles(&HashMap::new(), &["positions"], 6, Duration::from_secs(300))
+        .await;
+    run.stop().await;
+
+    // Every malformed truth record, once, in <prefix>.dlq; everything else in its topic.
+    let malformed: usize = [
+        Kind::Leads,
+        Kind::Customers,
+        Kind::Transactions,
+        Kind::Positions,
+    ]
+    .into_iter()
+    .map(|kind| {
+        let truth = sim.truth(kind);
+        let readable = match kind {
+            Kind::Leads => truth
+                .iter()
+                .filter(|j| read_record::<Lead>((*j).clone(), Tz::UTC).is_ok())
+                .count(),
+            Kind::Customers => truth
+                .iter()
+                .filter(|j| read_record::<Customer>((*j).clone(), Tz::UTC).is_ok())
+                .count(),
+            Kind::Transactions => truth
+                .iter()
+                .filter(|j| j["isFake"] == false)
+                .filter(|j| read_record::<Transaction>((*j).clone(), Tz::UTC).is_ok())
+                .count(),
+            _ => truth
+                .iter()
+                .filter(|j| read_record::<Position>((*j).clone(), Tz::UTC).is_ok())
+                .count(),
+        };
+        let total = if kind == Kind::Transactions {
+            truth.iter().filter(|j| j["isFake"] == false).count()
+        } else {
+            truth.len()
+        };
+        total - readable
+    })
+    .sum();
+    assert!(malformed > 50, "{malformed}");
+    let letters = consume(
+        &broker.bootstrap,
+        &[format!("{prefix}.dlq")],
+        malformed,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(
+        letters.len(),
+        malformed,
+        "one dead letter per malformed record, re-reads add none"
+    );
+    for letter in &letters {
+        let value: Json = serde_json::from_slice(&letter.payload).unwrap();
+        assert!(value["raw"].is_object(), "{value}");
+        assert!(
+            value["error"].as_str().unwrap().contains('`'),
+            "the error names the field: {value}"
+        );
+        assert!(STREAMS.contains(&value["stream"].as_str().unwrap()));
+        assert!(value["fetchedAt"].is_string());
+    }
+    let records = consume(
+        &broker.bootstrap,
+        &data_topics(&prefix),
+        truth_count(&sim),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_matches_truth(&sim, &group(&schemas, &prefix, &records));
     sim.shutdown().await;
 }
