@@ -434,6 +434,8 @@ fn config_with_registry(
         crm: Default::default(),
         events: Default::default(),
         topics: Default::default(),
+        kafka: Default::default(),
+        streams: Default::default(),
         schema_registry: Some(ibstream::config::SchemaRegistryConfig {
             url: url.to_owned(),
             username: Some("sr-user".to_owned()),

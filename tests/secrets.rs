@@ -71,6 +71,8 @@ async fn secrets_stay_out_of_logs_errors_and_debug() {
         crm: common::crm_config(&sim),
         events: Default::default(),
         topics: Default::default(),
+        kafka: Default::default(),
+        streams: Default::default(),
         schema_registry: Some(ibstream::config::SchemaRegistryConfig {
             url: "http://127.0.0.1:1".to_owned(),
             username: Some("sr-user".to_owned()),
