@@ -26,6 +26,12 @@ use tokio_util::sync::CancellationToken;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The same as the binary's hook (`main.rs`).
+fn release_free_memory() {
+    // SAFETY: mi_collect only walks mimalloc's own free lists.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
 const STREAMS: [&str; 5] = ["leads", "customers", "transactions", "servers", "positions"];
 
 struct Scale {
@@ -90,10 +96,8 @@ fn memory(scale: &Scale) {
             },
         );
     }
-    // mimalloc returns freed pages (the tables outgrown while inserting) after a short delay,
-    // on a later allocation: give it both, so what is measured is what stays.
-    std::thread::sleep(Duration::from_millis(200));
-    drop(vec![0u8; 1 << 20]);
+    // What `ibstream run` does after its restore: return the tables outgrown while filling.
+    release_free_memory();
     let after = rss_bytes();
     let per_entity = (after.saturating_sub(before)) as f64 / scale.fingerprints as f64;
     println!(

@@ -11,6 +11,13 @@ use ibstream::config::Config;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Returns the memory mimalloc keeps after big frees (the fingerprint tables outgrown during
+/// the state restore: measured 101 → ~50 bytes of RSS per tracked entity at 1M entities).
+fn release_free_memory() {
+    // SAFETY: mi_collect only walks mimalloc's own free lists; it is safe to call any time.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
 #[derive(Parser)]
 #[command(
     name = "ibstream",
@@ -212,6 +219,7 @@ async fn schemas(path: Option<&std::path::Path>, command: SchemasCommand) -> Exi
 
 async fn run(config: Config) -> ExitCode {
     use tokio_util::sync::CancellationToken;
+    ibstream::run::set_after_restore(release_free_memory);
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
     tokio::spawn(async move {

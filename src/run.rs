@@ -40,6 +40,15 @@ pub enum RunError {
     Fatal(String),
 }
 
+/// Called once the state is restored: the binary uses it to have its allocator return the
+/// memory the fingerprint tables outgrew while filling (see `main.rs`).
+static AFTER_RESTORE: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets the function called after the state restore (once per process).
+pub fn set_after_restore(hook: fn()) {
+    let _ = AFTER_RESTORE.set(hook);
+}
+
 /// Counters by stream, for logs, `/status` and tests.
 pub type Stats = HashMap<&'static str, Arc<StreamStats>>;
 
@@ -119,6 +128,9 @@ pub async fn run(
     let mut state = restore(&config.kafka, &state_topic, &sink.handle, restore_timeout)
         .await
         .map_err(RunError::Startup)?;
+    if let Some(hook) = AFTER_RESTORE.get() {
+        hook();
+    }
 
     let shared = Arc::new(Shared {
         client: client.clone(),
