@@ -227,24 +227,17 @@ async fn produce_async(
     let deadline = tokio::time::Instant::now() + timeout;
     let mut futures = Vec::with_capacity(records.len());
     for record in records {
-        let mut pending = future_record(record);
         loop {
-            match producer.send_result(pending) {
-                Ok(future) => {
-                    futures.push(future);
-                    break;
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    if tokio::time::Instant::now() > deadline {
-                        return Err(SinkError::Retriable(
-                            "producer queue stayed full".to_owned(),
-                        ));
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    pending = back;
-                }
-                Err((e, _)) => return Err(classify(e)),
+            if let Some(future) = try_enqueue(producer, record)? {
+                futures.push(future);
+                break;
             }
+            if tokio::time::Instant::now() > deadline {
+                return Err(SinkError::Retriable(
+                    "producer queue stayed full".to_owned(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
     for future in futures {
@@ -255,6 +248,18 @@ async fn produce_async(
         }
     }
     Ok(())
+}
+
+/// Enqueues one record; `None` when the producer's queue is full (the caller waits, retries).
+fn try_enqueue(
+    producer: &FutureProducer,
+    record: &OutRecord,
+) -> Result<Option<DeliveryFuture>, SinkError> {
+    match producer.send_result(future_record(record)) {
+        Ok(future) => Ok(Some(future)),
+        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => Ok(None),
+        Err((e, _)) => Err(classify(e)),
+    }
 }
 
 fn future_record(record: &OutRecord) -> FutureRecord<'_, Vec<u8>, Vec<u8>> {
@@ -332,25 +337,18 @@ fn produce_all(
     let deadline = std::time::Instant::now() + timeout;
     let mut futures = Vec::with_capacity(records.len());
     for record in records {
-        let mut pending = future_record(record);
         loop {
-            match producer.send_result(pending) {
-                Ok(future) => {
-                    futures.push(future);
-                    break;
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    // Backpressure: wait for the queue to drain, not an error.
-                    if std::time::Instant::now() > deadline {
-                        return Err(SinkError::Retriable(
-                            "producer queue stayed full".to_owned(),
-                        ));
-                    }
-                    producer.poll(Duration::from_millis(10));
-                    pending = back;
-                }
-                Err((e, _)) => return Err(classify(e)),
+            if let Some(future) = try_enqueue(producer, record)? {
+                futures.push(future);
+                break;
             }
+            // Backpressure: wait for the queue to drain, not an error.
+            if std::time::Instant::now() > deadline {
+                return Err(SinkError::Retriable(
+                    "producer queue stayed full".to_owned(),
+                ));
+            }
+            producer.poll(Duration::from_millis(10));
         }
     }
     Ok(futures)

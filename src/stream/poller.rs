@@ -26,7 +26,7 @@ use super::window::{advance, cycle_start, halves, last_closed_day, today, window
 use crate::crm::{
     CrmClient, CrmError, CrmRecord, DateFilter, Page, Record, RecordError, WindowQuery,
 };
-use crate::events::{AvroEvent, DeadLetter, EncodeError, Encoder, EventMeta, Op};
+use crate::events::{AvroEvent, DeadLetter, Encoder, EventMeta, Op};
 use crate::kafka::{Batch, OutRecord, SinkError, SinkHandle};
 
 /// A CRM record a stream emits.
@@ -69,6 +69,9 @@ pub struct StreamStats {
     pub pages: AtomicU64,
     /// Cycles completed.
     pub cycles: AtomicU64,
+    /// Entities whose fingerprint is kept (append-only streams forget old ones), dead-letter
+    /// markers included.
+    pub tracked: AtomicU64,
 }
 
 /// What pollers share: the CRM client, the sink, and the settings of the run.
@@ -183,6 +186,7 @@ impl<T: StreamRecord> Poller<T> {
         encoder: Encoder,
         stats: Arc<StreamStats>,
     ) -> Self {
+        stats.tracked.fetch_add(fps.len() as u64, Ordering::Relaxed);
         Poller {
             stream,
             server_tag,
@@ -206,6 +210,9 @@ impl<T: StreamRecord> Poller<T> {
 
     /// Gives back the poller's fingerprints and cursors (when it stops but may resume).
     pub fn into_state(self) -> (FpMap, HashMap<String, Cursor>) {
+        self.stats
+            .tracked
+            .fetch_sub(self.fps.len() as u64, Ordering::Relaxed);
         (self.fps, self.cursor_state)
     }
 
@@ -251,9 +258,13 @@ impl<T: StreamRecord> Poller<T> {
                     }
                 }
                 self.shared.sink.commit(batch).await?;
+                let before = self.fps.len();
                 for key in pruned {
                     self.fps.remove(key);
                 }
+                self.stats
+                    .tracked
+                    .fetch_sub((before - self.fps.len()) as u64, Ordering::Relaxed);
                 cursor = next;
                 self.cursor_state.insert(spec.scope.clone(), cursor);
             }
@@ -343,9 +354,13 @@ impl<T: StreamRecord> Poller<T> {
     /// Commits a page batch, then remembers its fingerprints.
     async fn commit(&mut self, built: PageBatch) -> Result<(), PollError> {
         self.shared.sink.commit(built.batch).await?;
+        let before = self.fps.len();
         for (key, entry) in built.remember {
             self.fps.insert(key, entry);
         }
+        self.stats
+            .tracked
+            .fetch_add((self.fps.len() - before) as u64, Ordering::Relaxed);
         self.stats
             .created
             .fetch_add(built.created, Ordering::Relaxed);
@@ -394,14 +409,14 @@ impl<T: StreamRecord> Poller<T> {
                             &"record has no id",
                             fetched_at,
                             window,
-                            seen,
+                            Some(seen),
                         );
                         continue;
                     }
                 },
                 Err(e) => {
                     let raw = e.raw.clone();
-                    self.dead_letter(&mut out, None, &raw, &e, fetched_at, window, seen);
+                    self.dead_letter(&mut out, None, &raw, &e, fetched_at, window, Some(seen));
                     continue;
                 }
             };
@@ -452,35 +467,15 @@ impl<T: StreamRecord> Poller<T> {
                 }
                 Err(e) => {
                     let raw = serde_json::Value::Object(record.json).to_string();
-                    self.encode_failed(&mut out, &id, &raw, &e, fetched_at, window);
+                    self.dead_letter(&mut out, Some(id), &raw, &e, fetched_at, window, None);
                 }
             }
         }
         out
     }
 
-    fn encode_failed(
-        &mut self,
-        out: &mut PageBatch,
-        id: &str,
-        raw: &str,
-        error: &EncodeError,
-        fetched_at: chrono::DateTime<Utc>,
-        window: Window,
-    ) {
-        let mut seen = HashSet::new();
-        self.dead_letter(
-            out,
-            Some(id.to_owned()),
-            raw,
-            error,
-            fetched_at,
-            window,
-            &mut seen,
-        );
-    }
-
-    /// Adds a dead letter, once per distinct raw record (re-reads do not repeat it).
+    /// Adds a dead letter, once per distinct raw record (re-reads do not repeat it); `seen`
+    /// counts it toward the window's distinct records when it stands for a record of its own.
     #[allow(clippy::too_many_arguments)]
     fn dead_letter(
         &mut self,
@@ -490,12 +485,14 @@ impl<T: StreamRecord> Poller<T> {
         error: &dyn std::fmt::Display,
         fetched_at: chrono::DateTime<Utc>,
         window: Window,
-        seen: &mut HashSet<EntityKey>,
+        seen: Option<&mut HashSet<EntityKey>>,
     ) {
         let hash = xxhash_rust::xxh3::xxh3_64(raw.as_bytes());
         let id = self.qualified(&format!("dlq-{hash:016x}"));
         let dlq_key = key_in_scope(self.stream, &id);
-        seen.insert(dlq_key);
+        if let Some(seen) = seen {
+            seen.insert(dlq_key);
+        }
         if self.fps.get(dlq_key).is_some() || out.remember.iter().any(|(k, _)| *k == dlq_key) {
             return;
         }
@@ -515,8 +512,7 @@ impl<T: StreamRecord> Poller<T> {
         out.dead += 1;
     }
 
-    /// Reads an unwindowed endpoint (servers) once and commits what changed; returns the
-    /// records read.
+    /// Commits what changed among the records of an unwindowed endpoint (servers).
     pub async fn read_all(
         &mut self,
         records: Vec<Result<Record<T>, RecordError>>,

@@ -43,6 +43,37 @@ async fn backfill_then_changes_then_restart() {
             assert_eq!(meta_string(&versions[0], "op"), "CREATED");
         }
     }
+    // Append-only streams keep fingerprints only inside the re-read horizon (watermark + 1 -
+    // lookback … today): the rest was pruned, with tombstones. Mutable ones keep them all.
+    let tracked = |s: &str| run.stats[s].tracked.load(Ordering::Relaxed);
+    let recent_transactions = sim
+        .truth(Kind::Transactions)
+        .iter()
+        .filter(|t| t["isFake"] == false)
+        .filter(|t| {
+            let day = &t["transactionDate"].as_str().unwrap()[..10];
+            let today = chrono::Utc::now().date_naive();
+            day >= (today - chrono::Duration::days(2))
+                .format("%Y-%m-%d")
+                .to_string()
+                .as_str()
+        })
+        .count() as u64;
+    assert!(
+        tracked("transactions") <= recent_transactions,
+        "{} tracked, {recent_transactions} recent",
+        tracked("transactions")
+    );
+    assert!(
+        tracked("positions") < 10_000,
+        "{} position fingerprints kept",
+        tracked("positions")
+    );
+    assert_eq!(
+        tracked("leads"),
+        20_000,
+        "mutable streams keep every fingerprint"
+    );
     // The demo server's positions are not read; the servers list includes it.
     assert_eq!(events["servers"].len(), 4);
     assert_eq!(events["positions"].len(), 100_000);
