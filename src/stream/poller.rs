@@ -294,7 +294,8 @@ impl<T: StreamRecord> Poller<T> {
         from: NaiveDate,
         to: NaiveDate,
     ) -> Result<(), PollError> {
-        let streams = self.shared.streams.clone();
+        let shared = self.shared.clone();
+        let streams = &shared.streams;
         let mut stack = vec![(from, to)];
         while let Some((a, b)) = stack.pop() {
             let mut rereads = 0;

@@ -211,47 +211,34 @@ async fn moving_pages_and_live_changes_converge_to_the_truth() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn late_records_new_servers_and_a_denied_endpoint() {
+async fn late_records_and_new_servers_are_picked_up() {
     let broker = common::Tansu::start();
-    let sim = common::start_sim(|c| {
-        small(c);
-        c.deny = vec!["leads".to_owned()];
-    })
-    .await;
+    let sim = common::start_sim(small).await;
     let prefix = common::unique_topic("late");
     let schemas = Schemas::load("com.ibstream").unwrap();
     let run = start(config(&sim, &broker, &prefix, "late-1"));
-    let others = ["customers", "transactions", "servers", "positions"];
-    run.wait_cycles(&HashMap::new(), &others, 1, Duration::from_secs(300))
+    run.wait_cycles(&HashMap::new(), &STREAMS, 1, Duration::from_secs(300))
         .await;
     run.wait_cycles(&HashMap::new(), &["positions"], 2, Duration::from_secs(300))
         .await;
-    assert_eq!(run.cycles()["leads"], 0, "leads are denied (403)");
-    assert!(!run.task.is_finished(), "the other streams go on");
 
     // A transaction dated yesterday, booked now: found by the lookback.
     let late = sim.mutate(3, Some(ChangeKind::LateTransaction));
     // A new live server with closed positions: its tag gets a poller.
     let server = sim.mutate(1, Some(ChangeKind::Server));
     let before = run.cycles();
-    run.wait_cycles(&before, &others, 2, Duration::from_secs(120))
+    run.wait_cycles(&before, &STREAMS, 2, Duration::from_secs(120))
         .await;
     run.wait_cycles(&before, &["positions"], 5, Duration::from_secs(120))
         .await;
     let report = run.stop().await;
-    assert_eq!(report.stopped.len(), 1, "{:?}", report.stopped);
-    assert_eq!(report.stopped[0].0, "leads");
-    assert!(
-        report.stopped[0].1.contains("leads module"),
-        "{}",
-        report.stopped[0].1
-    );
+    assert!(report.stopped.is_empty(), "{:?}", report.stopped);
 
     let records = consume(
         &broker.bootstrap,
         &data_topics(&prefix),
-        1,
-        Duration::from_secs(3),
+        truth_count(&sim),
+        Duration::from_secs(2),
     )
     .await;
     let events = group(&schemas, &prefix, &records);
@@ -270,10 +257,51 @@ async fn late_records_new_servers_and_a_denied_endpoint() {
             .count(),
         3
     );
-    assert!(!events.contains_key("leads"));
+    assert_matches_truth(&sim, &events);
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_positions_leave_the_other_streams_running() {
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(|c| {
+        small(c);
+        c.deny = vec!["positions".to_owned()];
+    })
+    .await;
+    let prefix = common::unique_topic("deny");
+    let schemas = Schemas::load("com.ibstream").unwrap();
+    let run = start(config(&sim, &broker, &prefix, "deny-1"));
+    let others = ["leads", "customers", "transactions", "servers"];
+    run.wait_cycles(&HashMap::new(), &others, 2, Duration::from_secs(300))
+        .await;
+    assert_eq!(run.cycles()["positions"], 0, "positions are denied (403)");
+    assert!(!run.task.is_finished(), "the other streams go on");
+    let report = run.stop().await;
+    assert_eq!(report.stopped.len(), 1, "{:?}", report.stopped);
+    assert_eq!(report.stopped[0].0, "positions");
+    assert!(
+        report.stopped[0].1.contains("platforms module"),
+        "{}",
+        report.stopped[0].1
+    );
+
+    let expected_others: usize = others.iter().map(|s| expected(&sim, s).len()).sum();
+    let records = consume(
+        &broker.bootstrap,
+        &data_topics(&prefix),
+        expected_others,
+        Duration::from_secs(2),
+    )
+    .await;
+    let events = group(&schemas, &prefix, &records);
+    assert!(!events.contains_key("positions"));
     for stream in others {
-        let truth = expected(&sim, stream);
-        assert_eq!(events[stream].len(), truth.len(), "{stream}");
+        assert_eq!(
+            events[stream].len(),
+            expected(&sim, stream).len(),
+            "{stream}"
+        );
     }
     sim.shutdown().await;
 }
