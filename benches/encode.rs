@@ -1,34 +1,18 @@
 //! Encoding a batch of 1000 lead events, model → framed bytes (target: ≤ 2 ms on the 2-core
 //! development machine). Schemas are parsed once, outside the measured loop.
 
-use chrono::{NaiveDate, TimeZone, Utc};
+use chrono::Utc;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ibstream::crm::{parse_page, Lead};
 use ibstream::events::{Encoder, EventMeta, Framing, Op, Schemas};
-use ibstream::sim::{GenSpec, Kind, SimData};
 
 // The same allocator as the `ibstream` binary.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn leads() -> Vec<Lead> {
-    let spec = GenSpec {
-        seed: 42,
-        start_date: NaiveDate::from_ymd_opt(2024, 1, 1).expect("date"),
-        tz: chrono_tz::Tz::UTC,
-        leads: 1000,
-        customers: 0,
-        transactions: 0,
-        positions: 0,
-        servers: 2,
-        malformed_rate: 0.0,
-    };
-    let now = Utc
-        .with_ymd_and_hms(2026, 6, 1, 12, 0, 0)
-        .single()
-        .expect("instant");
-    let body = serde_json::json!({"total": 1000, "data": SimData::generate(&spec, now).truth(Kind::Leads)}).to_string();
-    parse_page::<Lead>(body.as_bytes(), 1, 1000, chrono_tz::Tz::UTC)
+    let body = ibstream::sim::sample_leads_page(1000, chrono_tz::Tz::UTC);
+    parse_page::<Lead>(&body, 1, 1000, chrono_tz::Tz::UTC)
         .expect("page")
         .records
         .into_iter()

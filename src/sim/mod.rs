@@ -148,6 +148,28 @@ impl SimConfig {
     }
 }
 
+/// Returns one page of `count` generated leads as the API serves it (seed 42, records spread
+/// from 2024-01-01 to 2026-06-01, local times in `tz`): the input of the parse and encode
+/// benchmarks.
+pub fn sample_leads_page(count: usize, tz: Tz) -> Vec<u8> {
+    let spec = GenSpec {
+        seed: 42,
+        start_date: NaiveDate::from_ymd_opt(2024, 1, 1).unwrap_or_default(),
+        tz,
+        leads: count,
+        customers: 0,
+        transactions: 0,
+        positions: 0,
+        servers: 1,
+        malformed_rate: 0.0,
+    };
+    let now = chrono::DateTime::from_timestamp(1_780_315_200, 0).unwrap_or_default();
+    let records = SimData::generate(&spec, now).truth(Kind::Leads);
+    serde_json::json!({"page": 1, "pageSize": count, "total": count, "data": records})
+        .to_string()
+        .into_bytes()
+}
+
 /// Starts the simulator on `config.listen` (port 0 picks a free port) and returns its handle.
 pub async fn start(config: SimConfig) -> Result<SimHandle, String> {
     server::start(Arc::new(config)).await
