@@ -158,6 +158,10 @@ pub enum ChangeKind {
     Position,
     /// A new live server appears, a customer opens an account on it and closes positions there.
     Server,
+    /// The newest listed live server disappears from `/servers` (its data stays).
+    RemoveServer,
+    /// A removed server is listed again.
+    RestoreServer,
 }
 
 impl ChangeKind {
@@ -172,6 +176,8 @@ impl ChangeKind {
             "late_transaction" => ChangeKind::LateTransaction,
             "position" => ChangeKind::Position,
             "server" => ChangeKind::Server,
+            "server_remove" => ChangeKind::RemoveServer,
+            "server_restore" => ChangeKind::RestoreServer,
             _ => return None,
         })
     }
@@ -257,6 +263,8 @@ struct Server {
     name: String,
     platform: &'static str,
     live: bool,
+    /// Whether `/servers` lists it (a removed server's data stays).
+    listed: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -337,6 +345,7 @@ impl SimData {
             name: "MT4 Demo".to_owned(),
             platform: "mt4",
             live: false,
+            listed: true,
         });
         let malformed =
             |rng: &mut fastrand::Rng| spec.malformed_rate > 0.0 && rng.f64() < spec.malformed_rate;
@@ -468,7 +477,7 @@ impl SimData {
         self.servers
             .iter()
             .enumerate()
-            .filter(|(_, s)| s.live)
+            .filter(|(_, s)| s.live && s.listed)
             .map(|(i, _)| i as u16)
             .collect()
     }
@@ -514,7 +523,7 @@ impl SimData {
     pub fn live_server_tags(&self) -> Vec<String> {
         self.servers
             .iter()
-            .filter(|s| s.live)
+            .filter(|s| s.live && s.listed)
             .map(|s| s.id.clone())
             .collect()
     }
@@ -571,7 +580,10 @@ impl SimData {
                     .map(|(i, p)| (p.close, i))
                     .collect()
             }
-            Kind::Servers => (0..self.servers.len()).map(|i| (0, i)).collect(),
+            Kind::Servers => (0..self.servers.len())
+                .filter(|&i| self.servers[i].listed)
+                .map(|i| (0, i))
+                .collect(),
         };
         if newest_first {
             matched.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
@@ -596,7 +608,7 @@ impl SimData {
     /// Renders the servers answer, grouped by platform.
     pub fn render_servers(&self) -> Value {
         let mut groups = serde_json::Map::new();
-        for (i, server) in self.servers.iter().enumerate() {
+        for (i, server) in self.servers.iter().enumerate().filter(|(_, s)| s.listed) {
             let group = groups
                 .entry(server.platform.to_owned())
                 .or_insert_with(|| Value::Array(Vec::new()));
@@ -608,7 +620,8 @@ impl SimData {
     }
 
     /// Renders every current record of `kind` (the ground truth); servers carry their
-    /// platform group as `platform`, as the client reads them from the grouped answer.
+    /// platform group as `platform`, as the client reads them from the grouped answer, and
+    /// removed servers are left out, as `/servers` leaves them out.
     pub fn truth(&self, kind: Kind) -> Vec<Value> {
         let count = match kind {
             Kind::Leads => self.leads.len(),
@@ -618,6 +631,7 @@ impl SimData {
             Kind::Positions => self.positions.len(),
         };
         (0..count)
+            .filter(|&i| kind != Kind::Servers || self.servers[i].listed)
             .map(|i| {
                 let mut record = self.render(kind, i);
                 if let (Kind::Servers, Value::Object(map)) = (kind, &mut record) {
@@ -901,6 +915,18 @@ impl SimData {
                     }
                 }
             }
+            ChangeKind::RemoveServer => {
+                if let Some(server) = self.servers.iter_mut().rev().find(|s| s.live && s.listed) {
+                    server.listed = false;
+                    changes.push(change("servers", "removed", server.id.clone()));
+                }
+            }
+            ChangeKind::RestoreServer => {
+                if let Some(server) = self.servers.iter_mut().find(|s| !s.listed) {
+                    server.listed = true;
+                    changes.push(change("servers", "restored", server.id.clone()));
+                }
+            }
             // Edits of entities that do not exist yet become creations.
             ChangeKind::EditLead => {
                 self.rng = rng;
@@ -975,6 +1001,7 @@ fn live_server(index: usize) -> Server {
         name: format!("{} Live {}", platform.to_uppercase(), index + 1),
         platform,
         live: true,
+        listed: true,
     }
 }
 

@@ -10,9 +10,10 @@
 //!   as the API serves it (fake transactions included, flagged `isFake`), no auth, no paging;
 //! - `POST /_sim/mutate?count=N[&kind=K]`: applies N changes now and returns them as
 //!   `[{"stream", "op", "key"}]` (K: lead, lead_edit, conversion, customer_edit, transaction,
-//!   late_transaction, position, server);
+//!   late_transaction, position, server, server_remove, server_restore);
 //! - `POST /_sim/expire-tokens`: revokes every issued token (the next data call gets a 401);
-//! - `GET /_sim/stats`: counters of requests, logins and injected faults.
+//! - `GET /_sim/stats`: counters of requests, logins, injected faults, and position pages per
+//!   server tag.
 
 mod data;
 mod server;

@@ -39,9 +39,16 @@ pub struct SimStats {
     pub bad_requests: AtomicU64,
     /// Pages served.
     pub pages: AtomicU64,
+    /// Position pages served, by server tag.
+    pub position_pages: Mutex<HashMap<String, u64>>,
 }
 
 impl SimStats {
+    /// Returns the position pages served for `tag`.
+    pub fn position_pages(&self, tag: &str) -> u64 {
+        lock(&self.position_pages).get(tag).copied().unwrap_or(0)
+    }
+
     fn to_json(&self) -> Value {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         json!({
@@ -53,6 +60,7 @@ impl SimStats {
             "forbidden": get(&self.forbidden),
             "badRequests": get(&self.bad_requests),
             "pages": get(&self.pages),
+            "positionPages": *lock(&self.position_pages),
         })
     }
 }
@@ -387,6 +395,11 @@ async fn data_call(
     match page(&state, kind, &params) {
         Ok(body) => {
             state.stats.pages.fetch_add(1, Ordering::Relaxed);
+            if let (Kind::Positions, Some(tag)) = (kind, params.get("serverTag")) {
+                *lock(&state.stats.position_pages)
+                    .entry(tag.clone())
+                    .or_default() += 1;
+            }
             json_response(StatusCode::OK, body)
         }
         Err(message) => error(&state, StatusCode::BAD_REQUEST, &message),

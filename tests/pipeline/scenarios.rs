@@ -616,3 +616,61 @@ async fn malformed_records_go_to_the_dead_letter_topic_once() {
     assert_matches_truth(&sim, &group(&schemas, &prefix, &records));
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_server_stops_being_polled_and_resumes_from_its_cursor() {
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(small).await;
+    let prefix = common::unique_topic("gone");
+    let run = start(config(&sim, &broker, &prefix, "gone-1"));
+    run.wait_cycles(&HashMap::new(), &STREAMS, 1, Duration::from_secs(300))
+        .await;
+    run.wait_cycles(&HashMap::new(), &["positions"], 2, Duration::from_secs(300))
+        .await;
+    let backfill_pages = sim.stats().position_pages("mt5-live-02");
+    assert!(backfill_pages > 5, "{backfill_pages}");
+
+    let removed = sim.mutate(1, Some(ChangeKind::RemoveServer));
+    assert_eq!(removed[0].key, "mt5-live-02");
+    let before = run.cycles();
+    run.wait_cycles(&before, &["servers"], 2, Duration::from_secs(60))
+        .await;
+    run.wait_cycles(&before, &["positions"], 2, Duration::from_secs(60))
+        .await;
+    let stopped_at = sim.stats().position_pages("mt5-live-02");
+    let other_at = sim.stats().position_pages("mt4-live-01");
+    let before = run.cycles();
+    run.wait_cycles(&before, &["positions"], 3, Duration::from_secs(60))
+        .await;
+    assert_eq!(
+        sim.stats().position_pages("mt5-live-02"),
+        stopped_at,
+        "a removed server is still polled"
+    );
+    assert!(
+        sim.stats().position_pages("mt4-live-01") >= other_at + 3,
+        "the other server stopped too"
+    );
+
+    // Listed again: polling resumes from the kept cursor (no second backfill), and nothing
+    // already emitted is emitted again.
+    let emitted = run.stats["positions"].created.load(Ordering::Relaxed);
+    sim.mutate(1, Some(ChangeKind::RestoreServer));
+    let before = run.cycles();
+    run.wait_cycles(&before, &["servers"], 2, Duration::from_secs(60))
+        .await;
+    run.wait_cycles(&before, &["positions"], 4, Duration::from_secs(60))
+        .await;
+    let resumed = sim.stats().position_pages("mt5-live-02") - stopped_at;
+    assert!(resumed >= 1, "not polled again");
+    assert!(
+        resumed < backfill_pages / 2,
+        "{resumed} pages after the restore: the backfill started over"
+    );
+    assert_eq!(
+        run.stats["positions"].created.load(Ordering::Relaxed),
+        emitted
+    );
+    run.stop().await;
+    sim.shutdown().await;
+}
