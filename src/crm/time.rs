@@ -112,7 +112,19 @@ pub fn local_to_utc(naive: NaiveDateTime, tz: Tz) -> DateTime<Utc> {
 
 /// Formats an instant as the CRM's local `YYYY-MM-DD HH:MM:SS`.
 pub fn format_local(t: DateTime<Utc>, tz: Tz) -> String {
-    t.with_timezone(&tz).format("%Y-%m-%d %H:%M:%S").to_string()
+    use chrono::{Datelike, Timelike};
+    // Not chrono's `format`: it parses its format string on every call, and the simulator
+    // formats every timestamp of every page it serves.
+    let local = t.with_timezone(&tz).naive_local();
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        local.year(),
+        local.month(),
+        local.day(),
+        local.hour(),
+        local.minute(),
+        local.second()
+    )
 }
 
 fn from_millis(millis: i64) -> Result<DateTime<Utc>, String> {

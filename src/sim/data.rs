@@ -99,6 +99,46 @@ const SYMBOLS: [(&str, i64); 8] = [
     ("US30", 3_812_500_000),
 ];
 
+/// A transaction as the API serves it.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct TransactionWire<'a> {
+    id: i64,
+    customer_id: Option<i64>,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    amount: String,
+    currency: &'static str,
+    amount_usd: String,
+    transaction_date: String,
+    payment_method: &'static str,
+    trading_account: Option<String>,
+    server_tag: Option<&'a str>,
+    product_id: String,
+    is_fake: bool,
+}
+
+/// A closed position as the API serves it.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PositionWire<'a> {
+    position_id: i64,
+    login: String,
+    server_tag: &'a str,
+    customer_id: Option<i64>,
+    symbol: &'static str,
+    side: &'static str,
+    volume: String,
+    open_price: String,
+    close_price: String,
+    open_time: String,
+    close_time: String,
+    profit: String,
+    commission: String,
+    swap: String,
+    currency: &'static str,
+}
+
 /// An entity kind of the simulator.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -528,67 +568,94 @@ impl SimData {
             .collect()
     }
 
-    /// Returns the indices of the records a query matches, in serving order.
-    pub fn select(&self, query: &DataQuery, newest_first: bool) -> Vec<usize> {
-        let in_range = |t: i64| t >= query.from && t < query.until;
-        let mut matched: Vec<(i64, usize)> = match query.kind {
-            Kind::Leads => self
-                .leads
-                .iter()
-                .enumerate()
-                .filter(|(_, l)| {
-                    in_range(if query.by_modified {
-                        l.person.modified
-                    } else {
-                        l.person.registered
-                    })
-                })
-                .map(|(i, l)| (l.person.modified, i))
-                .collect(),
-            Kind::Customers => self
-                .customers
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| {
-                    in_range(if query.by_modified {
-                        c.person.modified
-                    } else {
-                        c.person.registered
-                    })
-                })
-                .map(|(i, c)| (c.person.modified, i))
-                .collect(),
-            Kind::Transactions => self
-                .transactions
-                .iter()
-                .enumerate()
-                .filter(|(_, t)| in_range(t.date) && (query.include_fake || !t.fake))
-                .map(|(i, t)| (t.date, i))
-                .collect(),
-            Kind::Positions => {
-                let Some(server) = query
-                    .server_tag
-                    .as_deref()
-                    .and_then(|tag| self.servers.iter().position(|s| s.id == tag))
-                else {
-                    return Vec::new();
-                };
-                self.positions
+    /// Returns the records a query matches as (modification or event time, index), in id
+    /// order.
+    fn matches<'a>(&'a self, query: &'a DataQuery) -> Box<dyn Iterator<Item = (i64, usize)> + 'a> {
+        let in_range = move |t: i64| t >= query.from && t < query.until;
+        match query.kind {
+            Kind::Leads => Box::new(
+                self.leads
                     .iter()
                     .enumerate()
-                    .filter(|(_, p)| usize::from(p.server) == server && in_range(p.close))
-                    .map(|(i, p)| (p.close, i))
-                    .collect()
+                    .filter(move |(_, l)| {
+                        in_range(if query.by_modified {
+                            l.person.modified
+                        } else {
+                            l.person.registered
+                        })
+                    })
+                    .map(|(i, l)| (l.person.modified, i)),
+            ),
+            Kind::Customers => Box::new(
+                self.customers
+                    .iter()
+                    .enumerate()
+                    .filter(move |(_, c)| {
+                        in_range(if query.by_modified {
+                            c.person.modified
+                        } else {
+                            c.person.registered
+                        })
+                    })
+                    .map(|(i, c)| (c.person.modified, i)),
+            ),
+            Kind::Transactions => Box::new(
+                self.transactions
+                    .iter()
+                    .enumerate()
+                    .filter(move |(_, t)| in_range(t.date) && (query.include_fake || !t.fake))
+                    .map(|(i, t)| (t.date, i)),
+            ),
+            Kind::Positions => {
+                let server = query
+                    .server_tag
+                    .as_deref()
+                    .and_then(|tag| self.servers.iter().position(|s| s.id == tag));
+                match server {
+                    Some(server) => Box::new(
+                        self.positions
+                            .iter()
+                            .enumerate()
+                            .filter(move |(_, p)| {
+                                usize::from(p.server) == server && in_range(p.close)
+                            })
+                            .map(|(i, p)| (p.close, i)),
+                    ),
+                    None => Box::new(std::iter::empty()),
+                }
             }
-            Kind::Servers => (0..self.servers.len())
-                .filter(|&i| self.servers[i].listed)
-                .map(|i| (0, i))
-                .collect(),
-        };
-        if newest_first {
-            matched.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+            Kind::Servers => Box::new(
+                (0..self.servers.len())
+                    .filter(|&i| self.servers[i].listed)
+                    .map(|i| (0, i)),
+            ),
         }
-        matched.into_iter().map(|(_, i)| i).collect()
+    }
+
+    /// Returns how many records a query matches and the indices of page `skip..skip+take`,
+    /// in serving order: id order, or newest-modified first.
+    pub fn select_page(
+        &self,
+        query: &DataQuery,
+        newest_first: bool,
+        skip: usize,
+        take: usize,
+    ) -> (usize, Vec<usize>) {
+        if newest_first {
+            let mut all: Vec<(i64, usize)> = self.matches(query).collect();
+            all.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+            let page = all.iter().skip(skip).take(take).map(|(_, i)| *i).collect();
+            return (all.len(), page);
+        }
+        let mut total = 0;
+        let mut page = Vec::with_capacity(take.min(1000));
+        for (_, index) in self.matches(query) {
+            if total >= skip && page.len() < take {
+                page.push(index);
+            }
+            total += 1;
+        }
+        (total, page)
     }
 
     /// Renders one record of `kind` as the API serves it.
@@ -596,8 +663,13 @@ impl SimData {
         match kind {
             Kind::Leads => self.render_lead(&self.leads[index]),
             Kind::Customers => self.render_customer(&self.customers[index]),
-            Kind::Transactions => self.render_transaction(&self.transactions[index]),
-            Kind::Positions => self.render_position(&self.positions[index]),
+            Kind::Transactions => {
+                serde_json::to_value(self.transaction_wire(&self.transactions[index]))
+                    .unwrap_or_default()
+            }
+            Kind::Positions => {
+                serde_json::to_value(self.position_wire(&self.positions[index])).unwrap_or_default()
+            }
             Kind::Servers => {
                 let s = &self.servers[index];
                 json!({"id": s.id, "name": s.name, "type": if s.live { "live" } else { "demo" }})
@@ -729,7 +801,7 @@ impl SimData {
         Value::Object(map)
     }
 
-    fn render_transaction(&self, t: &Transaction) -> Value {
+    fn transaction_wire<'a>(&'a self, t: &Transaction) -> TransactionWire<'a> {
         // EUR converts at 1.08 exactly: amountUsd stays a whole number of cents.
         let usd_cents = if t.eur {
             t.amount_cents * 108 / 100
@@ -737,42 +809,69 @@ impl SimData {
             t.amount_cents
         };
         let sign = if t.deposit { 1 } else { -1 };
-        json!({
-            "id": t.id,
-            "customerId": t.customer_id,
-            "type": if t.deposit { "Deposit" } else { "Withdrawal" },
-            "amount": if t.malformed { "12,50.x".to_owned() } else { money(sign * t.amount_cents) },
-            "currency": if t.eur { "EUR" } else { "USD" },
-            "amountUsd": money(sign * usd_cents),
-            "transactionDate": self.time(t.date),
-            "paymentMethod": PAYMENT_METHODS[t.method as usize],
-            "tradingAccount": t.account.map(|(login, _)| login.to_string()),
-            "serverTag": t.account.map(|(_, s)| self.servers[usize::from(s)].id.clone()),
-            "productId": t.product_id.map_or_else(|| "N/A".to_owned(), |p| p.to_string()),
-            "isFake": t.fake,
-        })
+        TransactionWire {
+            id: t.id,
+            customer_id: t.customer_id,
+            kind: if t.deposit { "Deposit" } else { "Withdrawal" },
+            amount: if t.malformed {
+                "12,50.x".to_owned()
+            } else {
+                money(sign * t.amount_cents)
+            },
+            currency: if t.eur { "EUR" } else { "USD" },
+            amount_usd: money(sign * usd_cents),
+            transaction_date: self.time(t.date),
+            payment_method: PAYMENT_METHODS[t.method as usize],
+            trading_account: t.account.map(|(login, _)| login.to_string()),
+            server_tag: t
+                .account
+                .map(|(_, s)| self.servers[usize::from(s)].id.as_str()),
+            product_id: t
+                .product_id
+                .map_or_else(|| "N/A".to_owned(), |p| p.to_string()),
+            is_fake: t.fake,
+        }
     }
 
-    fn render_position(&self, p: &Position) -> Value {
+    fn position_wire<'a>(&'a self, p: &Position) -> PositionWire<'a> {
         let (symbol, _) = SYMBOLS[p.symbol as usize];
         let price_scale = if symbol == "USDJPY" { 3 } else { 5 };
-        json!({
-            "positionId": p.id,
-            "login": p.login.to_string(),
-            "serverTag": self.servers[usize::from(p.server)].id,
-            "customerId": p.customer_id,
-            "symbol": symbol,
-            "side": if p.buy { "Buy" } else { "Sell" },
-            "volume": Decimal::new(p.volume_centilots, 2).to_string(),
-            "openPrice": Decimal::new(p.open_price, price_scale).to_string(),
-            "closePrice": Decimal::new(p.close_price, price_scale).to_string(),
-            "openTime": self.time(p.open),
-            "closeTime": self.time(p.close),
-            "profit": if p.malformed { "NaN".to_owned() } else { money(p.profit_cents) },
-            "commission": money(p.commission_cents),
-            "swap": money(p.swap_cents),
-            "currency": "USD",
-        })
+        PositionWire {
+            position_id: p.id,
+            login: p.login.to_string(),
+            server_tag: &self.servers[usize::from(p.server)].id,
+            customer_id: p.customer_id,
+            symbol,
+            side: if p.buy { "Buy" } else { "Sell" },
+            volume: Decimal::new(p.volume_centilots, 2).to_string(),
+            open_price: Decimal::new(p.open_price, price_scale).to_string(),
+            close_price: Decimal::new(p.close_price, price_scale).to_string(),
+            open_time: self.time(p.open),
+            close_time: self.time(p.close),
+            profit: if p.malformed {
+                "NaN".to_owned()
+            } else {
+                money(p.profit_cents)
+            },
+            commission: money(p.commission_cents),
+            swap: money(p.swap_cents),
+            currency: "USD",
+        }
+    }
+
+    /// Writes one record of `kind` as the API serves it. Positions and transactions, the
+    /// bulk of every benchmark, go straight from their wire structs to JSON text.
+    pub fn write_record(&self, kind: Kind, index: usize, out: &mut Vec<u8>) {
+        // Writing JSON into a Vec cannot fail.
+        let _ = match kind {
+            Kind::Positions => {
+                serde_json::to_writer(out, &self.position_wire(&self.positions[index]))
+            }
+            Kind::Transactions => {
+                serde_json::to_writer(out, &self.transaction_wire(&self.transactions[index]))
+            }
+            _ => serde_json::to_writer(out, &self.render(kind, index)),
+        };
     }
 
     /// Applies `count` random changes stamped `now` (of `kind` if given) and returns them.

@@ -497,18 +497,21 @@ fn page(state: &AppState, kind: Kind, params: &HashMap<String, String>) -> Resul
         write(&state.data).mutate(2, None, Utc::now());
     }
     let data = read(&state.data);
-    let matched = data.select(&query, state.config.shuffle_pages);
     let skip = (page as usize - 1).saturating_mul(page_size as usize);
-    let records: Vec<Value> = matched
-        .iter()
-        .skip(skip)
-        .take(page_size as usize)
-        .map(|&i| data.render(kind, i))
-        .collect();
-    Ok(
-        json!({"page": page, "pageSize": page_size, "total": matched.len(), "data": records})
-            .to_string(),
-    )
+    let (total, indices) =
+        data.select_page(&query, state.config.shuffle_pages, skip, page_size as usize);
+    let mut out = Vec::with_capacity(indices.len() * 512 + 64);
+    out.extend_from_slice(
+        format!(r#"{{"page":{page},"pageSize":{page_size},"total":{total},"data":["#).as_bytes(),
+    );
+    for (n, index) in indices.into_iter().enumerate() {
+        if n > 0 {
+            out.push(b',');
+        }
+        data.write_record(kind, index, &mut out);
+    }
+    out.extend_from_slice(b"]}");
+    Ok(String::from_utf8(out).unwrap_or_default())
 }
 
 async fn truth(State(state): State<Arc<AppState>>, Path(kind): Path<String>) -> Response {
