@@ -10,13 +10,15 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn bench_sim(c: &mut Criterion) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let mut config = SimConfig::default();
-    config.listen = "127.0.0.1:0".parse().expect("address");
-    config.leads = 20_000;
-    config.customers = 8_000;
-    config.transactions = 50_000;
-    config.positions = 100_000;
-    config.servers = 3;
+    let config = SimConfig {
+        listen: "127.0.0.1:0".parse().expect("address"),
+        leads: 20_000,
+        customers: 8_000,
+        transactions: 50_000,
+        positions: 100_000,
+        servers: 3,
+        ..SimConfig::default()
+    };
     let sim = runtime
         .block_on(ibstream::sim::start(config))
         .expect("simulator");

@@ -425,26 +425,24 @@ struct ServersLoop {
 }
 
 impl Pollable for ServersLoop {
-    fn cycle(&mut self) -> impl std::future::Future<Output = Result<(), PollError>> + Send + '_ {
-        async move {
-            let records = self.client.servers().await?;
-            let mut live: Vec<String> = records
-                .iter()
-                .filter_map(|r| r.as_ref().ok())
-                .filter(|r| r.model.is_live())
-                .filter_map(|r| r.model.id.clone())
-                .collect();
-            live.sort();
-            if let Some(poller) = &mut self.poller {
-                poller.read_all(records).await?;
-            }
-            self.tags.send_if_modified(|current| {
-                let changed = current.as_ref() != Some(&live);
-                *current = Some(live.clone());
-                changed
-            });
-            Ok(())
+    async fn cycle(&mut self) -> Result<(), PollError> {
+        let records = self.client.servers().await?;
+        let mut live: Vec<String> = records
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .filter(|r| r.model.is_live())
+            .filter_map(|r| r.model.id.clone())
+            .collect();
+        live.sort();
+        if let Some(poller) = &mut self.poller {
+            poller.read_all(records).await?;
         }
+        self.tags.send_if_modified(|current| {
+            let changed = current.as_ref() != Some(&live);
+            *current = Some(live.clone());
+            changed
+        });
+        Ok(())
     }
 }
 

@@ -429,7 +429,7 @@ impl<T: StreamRecord> Poller<T> {
                 continue;
             }
             let op = match classify(&self.fps, key, fp) {
-                Some(op) if pending.get(&key).is_none() => op,
+                Some(op) if !pending.contains_key(&key) => op,
                 // Seen earlier in this page with other content: the last version wins.
                 Some(_) => Op::Updated,
                 None => {

@@ -18,12 +18,14 @@ use serde_json::{json, Value as Json};
 
 /// Starts the simulator in-process on a free port with `tweak` applied to the defaults.
 pub async fn start_sim(tweak: impl FnOnce(&mut SimConfig)) -> SimHandle {
-    let mut config = SimConfig::default();
-    config.listen = "127.0.0.1:0".parse().expect("address");
-    config.leads = 50;
-    config.customers = 20;
-    config.transactions = 50;
-    config.positions = 50;
+    let mut config = SimConfig {
+        listen: "127.0.0.1:0".parse().expect("address"),
+        leads: 50,
+        customers: 20,
+        transactions: 50,
+        positions: 50,
+        ..SimConfig::default()
+    };
     tweak(&mut config);
     ibstream::sim::start(config)
         .await
@@ -140,8 +142,11 @@ pub struct TestRegistry {
     /// Register calls served.
     pub registrations: Arc<AtomicU32>,
     /// Schemas by subject, with their ids.
-    pub subjects: Arc<Mutex<HashMap<String, Vec<(String, u32)>>>>,
+    pub subjects: Subjects,
 }
+
+/// Registered schemas by subject: (schema JSON, id) per version.
+pub type Subjects = Arc<Mutex<HashMap<String, Vec<(String, u32)>>>>;
 
 /// Starts the registry on a free port; it accepts basic auth `sr-user:sr-pass` only.
 pub async fn start_registry() -> TestRegistry {
@@ -149,7 +154,6 @@ pub async fn start_registry() -> TestRegistry {
     use axum::http::{HeaderMap, StatusCode};
     use axum::routing::post;
 
-    type Subjects = Arc<Mutex<HashMap<String, Vec<(String, u32)>>>>;
     #[derive(Clone)]
     struct St {
         subjects: Subjects,
