@@ -9,7 +9,6 @@
 use serde_json::{Map, Value};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
-use super::state::{EntityKey, FpMap};
 use crate::events::Op;
 
 /// Seed of record fingerprints; changing it would re-emit every entity.
@@ -48,9 +47,10 @@ pub fn event_id(stream: &str, id: &str, fingerprint: u64) -> String {
     format!("{:016x}", xxh3_64(&bytes))
 }
 
-/// Compares a record with what was last emitted for its entity.
-pub fn classify(map: &FpMap, key: EntityKey, fp: u64) -> Option<Op> {
-    match map.get(key).map(|entry| entry.fp) {
+/// Compares a record's fingerprint with the one last emitted for its entity (`None`: never
+/// emitted); `None` means unchanged.
+pub fn classify(previous: Option<u64>, fp: u64) -> Option<Op> {
+    match previous {
         None => Some(Op::Created),
         Some(old) if old != fp => Some(Op::Updated),
         Some(_) => None,
@@ -59,7 +59,6 @@ pub fn classify(map: &FpMap, key: EntityKey, fp: u64) -> Option<Op> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::state::FpEntry;
     use super::*;
     use serde_json::json;
 
@@ -122,12 +121,9 @@ mod tests {
 
     #[test]
     fn classification_and_event_ids() {
-        let mut map = FpMap::default();
-        let key = EntityKey::of("7");
-        assert_eq!(classify(&map, key, 5), Some(Op::Created));
-        map.insert(key, FpEntry { fp: 5, day: 0 });
-        assert_eq!(classify(&map, key, 5), None);
-        assert_eq!(classify(&map, key, 6), Some(Op::Updated));
+        assert_eq!(classify(None, 5), Some(Op::Created));
+        assert_eq!(classify(Some(5), 5), None);
+        assert_eq!(classify(Some(5), 6), Some(Op::Updated));
         assert_eq!(event_id("leads", "7", 5), event_id("leads", "7", 5));
         assert_ne!(event_id("leads", "7", 5), event_id("leads", "7", 6));
         assert_ne!(event_id("leads", "7", 5), event_id("customers", "7", 5));

@@ -425,17 +425,17 @@ impl<T: StreamRecord> Poller<T> {
             let key = key_in_scope(self.stream, &id);
             seen.insert(key);
             let fp = fingerprint(&record.json, &volatile, &mut self.buffer);
-            if pending.get(&key) == Some(&fp) {
-                continue;
-            }
-            let op = match classify(&self.fps, key, fp) {
-                Some(op) if !pending.contains_key(&key) => op,
-                // Seen earlier in this page with other content: the last version wins.
-                Some(_) => Op::Updated,
-                None => {
+            // A record seen earlier in this page is compared with that version, not with the
+            // committed one: the last version read is the one remembered.
+            let previous = pending
+                .get(&key)
+                .copied()
+                .or_else(|| self.fps.get(key).map(|e| e.fp));
+            let Some(op) = classify(previous, fp) else {
+                if !pending.contains_key(&key) {
                     out.unchanged += 1;
-                    continue;
                 }
+                continue;
             };
             let meta = EventMeta {
                 event_id: event_id(self.stream, &id, fp),
