@@ -16,12 +16,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, StreamConfig};
 use crate::crm::{CrmClient, Customer, DateFilter, Lead, Position, Server, Transaction};
 use crate::events::{encoder_for, Encoder, Schemas};
 use crate::kafka::{ensure_topics, restore, Batch, OutRecord, TopicSpec};
 use crate::stream::poller::{
-    log_stats, run_loop, CursorSpec, Exit, PollError, Pollable, Poller, Shared, StreamStats,
+    log_stats, run_loop, CursorSpec, Exit, PollError, Pollable, Poller, Shared, StreamRecord,
+    StreamStats,
 };
 use crate::stream::state::{Cursor, State};
 use crate::stream::window::today;
@@ -187,24 +188,14 @@ pub async fn run(
             },
         ]
     };
-    let take_cursors = |state: &mut State, specs: &[CursorSpec]| -> HashMap<String, Cursor> {
-        specs
-            .iter()
-            .filter_map(|s| state.cursors.remove(&s.scope).map(|c| (s.scope.clone(), c)))
-            .collect()
-    };
     if streams.leads.enabled {
-        let specs = mutable_cursors("leads");
-        let cursors = take_cursors(&mut state, &specs);
-        let poller = Poller::<Lead>::new(
+        let poller = windowed::<Lead>(
             "leads",
-            None,
-            specs,
+            &streams.leads,
+            mutable_cursors("leads"),
             false,
-            streams.leads.volatile_fields.clone(),
-            state.fingerprints.remove("leads").unwrap_or_default(),
-            cursors,
-            shared.clone(),
+            &mut state,
+            &shared,
             new_encoder()?,
             stat("leads"),
         );
@@ -217,17 +208,13 @@ pub async fn run(
         );
     }
     if streams.customers.enabled {
-        let specs = mutable_cursors("customers");
-        let cursors = take_cursors(&mut state, &specs);
-        let poller = Poller::<Customer>::new(
+        let poller = windowed::<Customer>(
             "customers",
-            None,
-            specs,
+            &streams.customers,
+            mutable_cursors("customers"),
             false,
-            streams.customers.volatile_fields.clone(),
-            state.fingerprints.remove("customers").unwrap_or_default(),
-            cursors,
-            shared.clone(),
+            &mut state,
+            &shared,
             new_encoder()?,
             stat("customers"),
         );
@@ -245,19 +232,13 @@ pub async fn run(
             filter: DateFilter::Transaction,
             initial: streams.start_date,
         }];
-        let cursors = take_cursors(&mut state, &specs);
-        let poller = Poller::<Transaction>::new(
+        let poller = windowed::<Transaction>(
             "transactions",
-            None,
+            &streams.transactions,
             specs,
             true,
-            streams.transactions.volatile_fields.clone(),
-            state
-                .fingerprints
-                .remove("transactions")
-                .unwrap_or_default(),
-            cursors,
-            shared.clone(),
+            &mut state,
+            &shared,
             new_encoder()?,
             stat("transactions"),
         );
@@ -393,6 +374,36 @@ pub async fn run(
         Some(reason) => Err(RunError::Fatal(reason)),
         None => Ok(report),
     }
+}
+
+/// Builds the poller of a windowed stream with its restored cursors and fingerprints.
+#[allow(clippy::too_many_arguments)]
+fn windowed<T: StreamRecord>(
+    stream: &'static str,
+    settings: &StreamConfig,
+    specs: Vec<CursorSpec>,
+    append_only: bool,
+    state: &mut State,
+    shared: &Arc<Shared>,
+    encoder: Encoder,
+    stats: Arc<StreamStats>,
+) -> Poller<T> {
+    let cursors = specs
+        .iter()
+        .filter_map(|s| state.cursors.remove(&s.scope).map(|c| (s.scope.clone(), c)))
+        .collect();
+    Poller::new(
+        stream,
+        None,
+        specs,
+        append_only,
+        settings.volatile_fields.clone(),
+        state.fingerprints.remove(stream).unwrap_or_default(),
+        cursors,
+        shared.clone(),
+        encoder,
+        stats,
+    )
 }
 
 fn spawn<P: Pollable + 'static>(
