@@ -537,7 +537,11 @@ impl PositionsSupervisor {
                 _ = cancel.cancelled() => break,
                 changed = tags.changed() => {
                     if changed.is_err() {
-                        // The servers loop ended (it stopped with an error): keep what runs.
+                        // The servers loop ended (it stopped with an error). Without a list
+                        // there is nothing to poll; with one, keep what runs.
+                        if running.is_empty() {
+                            return Exit::Stopped("positions need the servers list, and reading it stopped (see the servers stream)".to_owned());
+                        }
                         cancel.cancelled().await;
                         break;
                     }

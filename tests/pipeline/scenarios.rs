@@ -674,3 +674,50 @@ async fn a_removed_server_stops_being_polled_and_resumes_from_its_cursor() {
     run.stop().await;
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_servers_stop_positions_with_a_reason() {
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(|c| {
+        small(c);
+        c.deny = vec!["servers".to_owned()];
+    })
+    .await;
+    let run = start(config(
+        &sim,
+        &broker,
+        &common::unique_topic("noservers"),
+        "noservers-1",
+    ));
+    run.wait_cycles(
+        &HashMap::new(),
+        &["leads", "customers", "transactions"],
+        1,
+        Duration::from_secs(300),
+    )
+    .await;
+    let report = run.stop().await;
+    let mut stopped: Vec<&str> = report.stopped.iter().map(|(s, _)| s.as_str()).collect();
+    stopped.sort();
+    assert_eq!(
+        stopped,
+        vec!["positions", "servers"],
+        "{:?}",
+        report.stopped
+    );
+    let servers = &report
+        .stopped
+        .iter()
+        .find(|(s, _)| s == "servers")
+        .unwrap()
+        .1;
+    assert!(servers.contains("platforms module"), "{servers}");
+    let positions = &report
+        .stopped
+        .iter()
+        .find(|(s, _)| s == "positions")
+        .unwrap()
+        .1;
+    assert!(positions.contains("servers list"), "{positions}");
+    sim.shutdown().await;
+}
