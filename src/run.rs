@@ -18,7 +18,7 @@ use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError, StreamConfig};
 use crate::crm::{CrmClient, Customer, DateFilter, Lead, Position, Server, Transaction};
-use crate::events::{encoder_for, Encoder, Schemas};
+use crate::events::{framing_for, Encoder, Schemas};
 use crate::kafka::{ensure_topics, restore, Batch, OutRecord, TopicSpec};
 use crate::stream::poller::{
     log_stats, run_loop, CursorSpec, Exit, PollError, Pollable, Poller, Shared, StreamRecord,
@@ -117,11 +117,9 @@ pub async fn run(
         .map_err(RunError::Startup)?;
 
     // Registry ids (if any) before the pollers: a missing schema stops start-up.
-    let framing = encoder_for(&config, &schemas)
+    let framing = framing_for(&config, &schemas)
         .await
-        .map_err(|e| RunError::Startup(e.to_string()))?
-        .framing()
-        .clone();
+        .map_err(|e| RunError::Startup(e.to_string()))?;
     let sink = crate::kafka::sink::start(&config.kafka)
         .await
         .map_err(|e| RunError::Startup(e.to_string()))?;
@@ -292,12 +290,13 @@ pub async fn run(
         );
     }
     if streams.positions.enabled {
-        let positions_fps: HashMap<String, _> = state
+        let scopes: Vec<String> = state
             .fingerprints
-            .iter()
-            .filter(|(k, _)| k.starts_with("positions/"))
-            .map(|(k, _)| k.clone())
-            .collect::<Vec<_>>()
+            .keys()
+            .filter(|k| k.starts_with("positions/"))
+            .cloned()
+            .collect();
+        let positions_fps: HashMap<String, _> = scopes
             .into_iter()
             .filter_map(|k| state.fingerprints.remove(&k).map(|m| (k, m)))
             .collect();

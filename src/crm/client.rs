@@ -196,11 +196,6 @@ impl CrmClient {
         self.inner.tz
     }
 
-    /// Returns the configured page size.
-    pub fn page_size(&self) -> u32 {
-        self.inner.page_size
-    }
-
     /// Logs in now if no token is held (the token is otherwise fetched lazily).
     pub async fn login(&self) -> Result<(), CrmError> {
         self.token().await.map(|_| ())
@@ -609,11 +604,6 @@ impl<T: CrmRecord> PageIter<T> {
         }
         self.next_page += 1;
         Some(Ok(page))
-    }
-
-    /// Returns the query being paged.
-    pub fn query(&self) -> &WindowQuery {
-        &self.query
     }
 }
 

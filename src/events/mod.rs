@@ -60,10 +60,10 @@ pub async fn registry_ids(
     Ok(ids)
 }
 
-/// Builds the encoder `config` asks for: single-object framing without a registry, Confluent
-/// framing with the registry's ids with one.
-pub async fn encoder_for(config: &Config, schemas: &Schemas) -> Result<Encoder, EventsError> {
-    let framing = match &config.schema_registry {
+/// Returns the framing `config` asks for: single-object without a registry, Confluent with
+/// the registry's ids (registered or looked up now) with one.
+pub async fn framing_for(config: &Config, schemas: &Schemas) -> Result<Framing, EventsError> {
+    Ok(match &config.schema_registry {
         None => Framing::SingleObject,
         Some(registry_config) => {
             let registry = SchemaRegistry::build(registry_config)?;
@@ -71,6 +71,11 @@ pub async fn encoder_for(config: &Config, schemas: &Schemas) -> Result<Encoder, 
                 ids: registry_ids(config, schemas, &registry).await?,
             }
         }
-    };
+    })
+}
+
+/// Builds the encoder `config` asks for (see [`framing_for`]).
+pub async fn encoder_for(config: &Config, schemas: &Schemas) -> Result<Encoder, EventsError> {
+    let framing = framing_for(config, schemas).await?;
     Ok(Encoder::new(schemas, framing)?)
 }

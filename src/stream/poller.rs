@@ -203,11 +203,6 @@ impl<T: StreamRecord> Poller<T> {
         }
     }
 
-    /// Returns the number of remembered entities.
-    pub fn entities(&self) -> usize {
-        self.fps.len()
-    }
-
     /// Gives back the poller's fingerprints and cursors (when it stops but may resume).
     pub fn into_state(self) -> (FpMap, HashMap<String, Cursor>) {
         self.stats
@@ -387,7 +382,6 @@ impl<T: StreamRecord> Poller<T> {
         let tz = self.shared.tz;
         let topic = self.shared.data_topic(self.stream);
         let endpoint = format!("{}/{}", self.shared.api_prefix, T::ENDPOINT.path_segment());
-        let volatile = self.volatile.clone();
         let mut out = PageBatch {
             batch: Batch::default(),
             remember: Vec::new(),
@@ -424,7 +418,7 @@ impl<T: StreamRecord> Poller<T> {
             let id = self.qualified(&id);
             let key = key_in_scope(self.stream, &id);
             seen.insert(key);
-            let fp = fingerprint(&record.json, &volatile, &mut self.buffer);
+            let fp = fingerprint(&record.json, &self.volatile, &mut self.buffer);
             // A record seen earlier in this page is compared with that version, not with the
             // committed one: the last version read is the one remembered.
             let previous = pending

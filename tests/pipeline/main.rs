@@ -311,6 +311,23 @@ pub fn group(schemas: &Schemas, prefix: &str, records: &[Consumed]) -> ByKey {
     out
 }
 
+/// Reads every data topic (at least as many records as the truth holds) and groups the events.
+pub async fn read_events(
+    broker: &common::Tansu,
+    sim: &SimHandle,
+    schemas: &Schemas,
+    prefix: &str,
+) -> ByKey {
+    let records = consume(
+        &broker.bootstrap,
+        &data_topics(prefix),
+        truth_count(sim),
+        Duration::from_secs(2),
+    )
+    .await;
+    group(schemas, prefix, &records)
+}
+
 pub fn data_topics(prefix: &str) -> Vec<String> {
     STREAMS.iter().map(|s| format!("{prefix}.{s}")).collect()
 }

@@ -199,14 +199,7 @@ async fn moving_pages_and_live_changes_converge_to_the_truth() {
         "records never moved between pages: the scenario did not happen"
     );
     run.stop().await;
-    let records = consume(
-        &broker.bootstrap,
-        &data_topics(&prefix),
-        truth_count(&sim),
-        Duration::from_secs(2),
-    )
-    .await;
-    assert_matches_truth(&sim, &group(&schemas, &prefix, &records));
+    assert_matches_truth(&sim, &read_events(&broker, &sim, &schemas, &prefix).await);
     sim.shutdown().await;
 }
 
@@ -234,14 +227,7 @@ async fn late_records_and_new_servers_are_picked_up() {
     let report = run.stop().await;
     assert!(report.stopped.is_empty(), "{:?}", report.stopped);
 
-    let records = consume(
-        &broker.bootstrap,
-        &data_topics(&prefix),
-        truth_count(&sim),
-        Duration::from_secs(2),
-    )
-    .await;
-    let events = group(&schemas, &prefix, &records);
+    let events = read_events(&broker, &sim, &schemas, &prefix).await;
     for change in late.iter().chain(&server) {
         assert!(
             events[change.stream].contains_key(&change.key),
@@ -606,14 +592,7 @@ async fn malformed_records_go_to_the_dead_letter_topic_once() {
         assert!(STREAMS.contains(&value["stream"].as_str().unwrap()));
         assert!(value["fetchedAt"].is_string());
     }
-    let records = consume(
-        &broker.bootstrap,
-        &data_topics(&prefix),
-        truth_count(&sim),
-        Duration::from_secs(2),
-    )
-    .await;
-    assert_matches_truth(&sim, &group(&schemas, &prefix, &records));
+    assert_matches_truth(&sim, &read_events(&broker, &sim, &schemas, &prefix).await);
     sim.shutdown().await;
 }
 
