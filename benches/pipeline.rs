@@ -88,12 +88,14 @@ fn memory(scale: &Scale) {
     let before = rss_bytes();
     let mut map = FpMap::default();
     for i in 0..scale.fingerprints as u64 {
+        let id = (9_000_000 + i).to_string();
         map.insert(
-            EntityKey::of(&(9_000_000 + i).to_string()),
+            EntityKey::of(&id),
             FpEntry {
                 fp: i.wrapping_mul(0x9E37_79B9_7F4A_7C15),
                 day: 19_000,
             },
+            &id,
         );
     }
     // What `ibstream run` does after its restore: return the tables outgrown while filling.

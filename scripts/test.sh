@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the tests need, then runs the whole test suite. CI runs this (.ci/run).
 #
-# Needs: a Rust toolchain (cargo), gcc/make for librdkafka, libssl-dev, python3 with pip.
+# Needs: a Rust toolchain (cargo), gcc/make for librdkafka, libssl-dev, python3 with venv.
 # Installs: tansu 0.6.0 (a Kafka-protocol broker) into ~/.cargo/bin, and fastavro (the
-# independent Avro implementation the interoperability test decodes with), when missing.
+# independent Avro implementation the interoperability test decodes with) into a virtual
+# environment of its own under target/ (Debian's system pip refuses installs, PEP 668).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,11 +18,15 @@ fi
 echo "==> $(tansu --version)"
 
 FASTAVRO_VERSION=1.13.1
-if ! python3 -c "import fastavro, sys; sys.exit(fastavro.__version__ != '$FASTAVRO_VERSION')" 2>/dev/null; then
-  echo "==> installing fastavro $FASTAVRO_VERSION"
-  python3 -m pip install --quiet --disable-pip-version-check "fastavro==$FASTAVRO_VERSION"
+VENV="$PWD/target/test-venv"
+if ! "$VENV/bin/python" -c "import fastavro, sys; sys.exit(fastavro.__version__ != '$FASTAVRO_VERSION')" 2>/dev/null; then
+  echo "==> installing fastavro $FASTAVRO_VERSION into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "fastavro==$FASTAVRO_VERSION"
 fi
-echo "==> fastavro $(python3 -c 'import fastavro; print(fastavro.__version__)')"
+echo "==> fastavro $("$VENV/bin/python" -c 'import fastavro; print(fastavro.__version__)')"
+# The interoperability test runs this interpreter.
+export IBSTREAM_TEST_PYTHON="$VENV/bin/python"
 
 # --all-targets also builds the benchmarks and runs each once, so they cannot rot.
 echo "==> cargo test"

@@ -203,8 +203,17 @@ impl KafkaConfig {
                 "must be -1 (broker default) or at least 1",
             ));
         }
-        if self.batch_timeout_secs == 0 {
-            return Err(invalid("kafka.batch_timeout_secs", "must be at least 1"));
+        if self.batch_timeout_secs == 0 || self.batch_timeout_secs > 900 {
+            // 900 s is Kafka's default transaction.max.timeout.ms.
+            return Err(invalid(
+                "kafka.batch_timeout_secs",
+                "must be between 1 and 900",
+            ));
+        }
+        if let Some(topic) = &self.state_topic {
+            if let Err(reason) = check_topic_name(topic) {
+                return Err(invalid("kafka.state_topic", &reason));
+            }
         }
         for key in self.librdkafka.keys() {
             if RESERVED_LIBRDKAFKA_KEYS.contains(&key.as_str()) {
@@ -265,9 +274,22 @@ pub struct StreamsConfig {
     /// Seconds after a day ends (CRM time zone) before the watermark may pass it.
     #[serde(default = "default_closing_lag_secs")]
     pub closing_lag_secs: u64,
-    /// Re-reads of a window whose pages held fewer distinct ids than its total.
+    /// Re-reads of a window whose pages held fewer distinct ids than its total (counted over
+    /// the union of its reads); still short, the window is split in halves, and a single day
+    /// still short becomes an open window.
     #[serde(default = "default_max_drift_rereads")]
     pub max_drift_rereads: u32,
+    /// Days an open window (a day read with records missing) is retried before it is given
+    /// up with an error.
+    #[serde(default = "default_open_window_retention_days")]
+    pub open_window_retention_days: u32,
+    /// Days before today the reconciliation sweep reads again (late and corrected records);
+    /// append-only streams keep fingerprints this long. 0 turns the sweep off.
+    #[serde(default = "default_reconcile_days")]
+    pub reconcile_days: u32,
+    /// Seconds between two reconciliation sweeps of a stream (or server tag).
+    #[serde(default = "default_reconcile_interval_secs")]
+    pub reconcile_interval_secs: u64,
     /// Ask for fake transactions too (`includeFake=true`); they are flagged `isFake`.
     #[serde(default)]
     pub include_fake_transactions: bool,
@@ -353,6 +375,15 @@ fn default_max_drift_rereads() -> u32 {
 fn default_poll_interval_secs() -> u64 {
     60
 }
+fn default_open_window_retention_days() -> u32 {
+    7
+}
+fn default_reconcile_days() -> u32 {
+    30
+}
+fn default_reconcile_interval_secs() -> u64 {
+    21_600
+}
 
 impl Default for StreamsConfig {
     fn default() -> Self {
@@ -363,6 +394,9 @@ impl Default for StreamsConfig {
             lookback_days: default_lookback_days(),
             closing_lag_secs: default_closing_lag_secs(),
             max_drift_rereads: default_max_drift_rereads(),
+            open_window_retention_days: default_open_window_retention_days(),
+            reconcile_days: default_reconcile_days(),
+            reconcile_interval_secs: default_reconcile_interval_secs(),
             include_fake_transactions: false,
             server_tags: None,
             leads: StreamConfig::mutable(),
@@ -381,14 +415,64 @@ impl StreamsConfig {
             key,
             reason: reason.to_owned(),
         };
-        if self.backfill_window_days == 0 {
-            return Err(invalid(
+        // Bounds keep every date and duration computed from these far from overflow.
+        let ranges: [(&'static str, u64, u64, u64); 7] = [
+            (
                 "streams.backfill_window_days",
-                "must be at least 1",
-            ));
+                self.backfill_window_days.into(),
+                1,
+                3660,
+            ),
+            ("streams.lookback_days", self.lookback_days.into(), 0, 366),
+            (
+                "streams.closing_lag_secs",
+                self.closing_lag_secs,
+                0,
+                7 * 86_400,
+            ),
+            ("streams.reconcile_days", self.reconcile_days.into(), 0, 366),
+            (
+                "streams.reconcile_interval_secs",
+                self.reconcile_interval_secs,
+                60,
+                30 * 86_400,
+            ),
+            (
+                "streams.open_window_retention_days",
+                self.open_window_retention_days.into(),
+                1,
+                366,
+            ),
+            (
+                "streams.max_drift_rereads",
+                self.max_drift_rereads.into(),
+                0,
+                100,
+            ),
+        ];
+        for (key, value, min, max) in ranges {
+            if value < min || value > max {
+                return Err(invalid(key, &format!("must be between {min} and {max}")));
+            }
         }
         if self.max_window_records == 0 {
             return Err(invalid("streams.max_window_records", "must be at least 1"));
+        }
+        let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).unwrap_or_default();
+        if self.start_date < epoch {
+            return Err(invalid(
+                "streams.start_date",
+                "must not be before 1970-01-01",
+            ));
+        }
+        // Today in the earliest time zone on Earth: a start date after it is in the future
+        // wherever the CRM is.
+        let latest_today = (chrono::Utc::now() + chrono::Duration::hours(14)).date_naive();
+        if self.start_date > latest_today {
+            return Err(invalid(
+                "streams.start_date",
+                &format!("is in the future ({})", self.start_date),
+            ));
         }
         for (key, stream) in [
             ("streams.leads.poll_interval_secs", &self.leads),
@@ -400,8 +484,8 @@ impl StreamsConfig {
             ("streams.servers.poll_interval_secs", &self.servers),
             ("streams.positions.poll_interval_secs", &self.positions),
         ] {
-            if stream.poll_interval_secs == 0 {
-                return Err(invalid(key, "must be at least 1"));
+            if stream.poll_interval_secs == 0 || stream.poll_interval_secs > 86_400 {
+                return Err(invalid(key, "must be between 1 and 86400"));
             }
         }
         Ok(())
@@ -415,12 +499,31 @@ pub struct EventsConfig {
     /// Avro namespace of every event schema.
     #[serde(default = "default_namespace")]
     pub namespace: String,
+    /// What a money or volume value with more than 8 decimals becomes.
+    #[serde(default)]
+    pub decimal_excess: DecimalExcess,
+}
+
+/// Policy for numbers with more than the 8 decimals the events carry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DecimalExcess {
+    /// Binary floating-point noise (15 or more significant digits, e.g. `-7.8500000000000005`)
+    /// is rounded half-even to 8 decimals and counted; a precise value with more decimals
+    /// (`0.123456789`) goes to the dead-letter topic.
+    #[default]
+    RoundFloatNoise,
+    /// Every value with more than 8 decimals goes to the dead-letter topic.
+    Reject,
+    /// Every value with more than 8 decimals is rounded half-even to 8 and counted.
+    Round,
 }
 
 impl Default for EventsConfig {
     fn default() -> Self {
         Self {
             namespace: default_namespace(),
+            decimal_excess: DecimalExcess::default(),
         }
     }
 }
@@ -609,6 +712,13 @@ pub struct CrmConfig {
     /// Largest retry delay in milliseconds (a longer `Retry-After` is still honoured).
     #[serde(default = "default_backoff_max_ms")]
     pub backoff_max_ms: u64,
+    /// Largest answer body read from the CRM, in bytes; a larger one is an error.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: u64,
+}
+
+fn default_max_response_bytes() -> u64 {
+    64 << 20
 }
 
 fn default_api_path() -> String {
@@ -664,6 +774,7 @@ impl Default for CrmConfig {
             max_retries: default_max_retries(),
             backoff_initial_ms: default_backoff_initial_ms(),
             backoff_max_ms: default_backoff_max_ms(),
+            max_response_bytes: default_max_response_bytes(),
         }
     }
 }
@@ -714,16 +825,16 @@ impl Config {
                 ),
             });
         }
-        if self.topics.prefix.is_empty()
-            || !self
-                .topics
-                .prefix
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        // The longest name made from the prefix is the default state topic.
+        if let Err(reason) = check_topic_name(&format!("{}._ibstream_state", self.topics.prefix))
+            .and_then(|_| check_topic_name(&self.topics.prefix))
         {
             return Err(ConfigError::Invalid {
                 key: "topics.prefix",
-                reason: "must be letters, digits, '.', '_' or '-'".to_owned(),
+                reason: format!(
+                    "{reason} (it must leave room for \"._ibstream_state\": at most {} characters)",
+                    MAX_TOPIC_NAME - "._ibstream_state".len()
+                ),
             });
         }
         if let Some(registry) = &self.schema_registry {
@@ -731,6 +842,29 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Kafka's longest topic name.
+const MAX_TOPIC_NAME: usize = 249;
+
+/// Checks a Kafka topic name: 1 to 249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
+pub fn check_topic_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name == "." || name == ".." {
+        return Err(format!("{name:?} is not a topic name"));
+    }
+    if name.len() > MAX_TOPIC_NAME {
+        return Err(format!(
+            "gives a topic name of {} characters; Kafka allows {MAX_TOPIC_NAME}",
+            name.len()
+        ));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        return Err("must be letters, digits, '.', '_' or '-'".to_owned());
+    }
+    Ok(())
 }
 
 /// Returns whether `text` is a valid Avro namespace: dot-separated `[A-Za-z_][A-Za-z0-9_]*`.
@@ -858,6 +992,18 @@ impl CrmConfig {
         }
         if self.page_size == 0 || self.page_size > MAX_PAGE_SIZE {
             return Err(invalid("crm.page_size", "must be between 1 and 1000"));
+        }
+        if self.request_timeout_secs > 3600 {
+            return Err(invalid("crm.request_timeout_secs", "must be at most 3600"));
+        }
+        if self.max_response_bytes < 1024 {
+            return Err(invalid("crm.max_response_bytes", "must be at least 1024"));
+        }
+        if self.backoff_max_ms > 3_600_000 {
+            return Err(invalid(
+                "crm.backoff_max_ms",
+                "must be at most 3600000 (an hour)",
+            ));
         }
         if self.backoff_initial_ms == 0 {
             return Err(invalid("crm.backoff_initial_ms", "must be at least 1"));

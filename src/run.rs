@@ -140,6 +140,7 @@ pub async fn run(
         topic_prefix: config.topics.prefix.clone(),
         state_topic: state_topic.clone(),
         streams: streams.clone(),
+        decimal_excess: config.events.decimal_excess,
     });
     drop(sink.handle);
 
@@ -151,8 +152,8 @@ pub async fn run(
         let scope = format!("{stream}/lastModified");
         if enabled.contains(&stream) && !state.cursors.contains_key(&scope) {
             let cursor = Cursor {
-                watermark: None,
                 next: Some(first_day),
+                ..Cursor::default()
             };
             initial.state.push(OutRecord {
                 topic: state_topic.clone(),
@@ -248,7 +249,7 @@ pub async fn run(
             poller,
         );
     }
-    let (tags_tx, tags_rx) = watch::channel::<Option<Vec<String>>>(None);
+    let (tags_tx, tags_rx) = watch::channel::<Option<ServerList>>(None);
     if streams.servers.enabled {
         let poller = Poller::<Server>::new(
             "servers",
@@ -304,7 +305,7 @@ pub async fn run(
             .cursors
             .iter()
             .filter(|(k, _)| k.starts_with("positions/"))
-            .map(|(k, c)| (k.clone(), *c))
+            .map(|(k, c)| (k.clone(), c.clone()))
             .collect();
         let supervisor = PositionsSupervisor {
             shared: shared.clone(),
@@ -346,7 +347,9 @@ pub async fn run(
     };
     while let Some(joined) = tasks.join_next().await {
         match joined {
-            Ok((name, Exit::Stopped(reason))) => report.stopped.push((name, reason)),
+            Ok((name, Exit::Stopped(reason) | Exit::Denied(reason))) => {
+                report.stopped.push((name, reason))
+            }
             Ok((name, Exit::Fatal(reason))) => {
                 fatal = Some(format!("{name}: {reason}"));
                 cancel.cancel();
@@ -419,6 +422,7 @@ fn spawn<P: Pollable + 'static>(
             name.clone(),
             Duration::from_secs(interval_secs),
             cancel,
+            CancellationToken::new(),
             pollable,
         )
         .await;
@@ -426,12 +430,20 @@ fn spawn<P: Pollable + 'static>(
     });
 }
 
+/// One good answer of the servers list: its live tags, and a number that grows with every
+/// answer (so the positions supervisor counts consecutive lists, not only changes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ServerList {
+    seq: u64,
+    live: Vec<String>,
+}
+
 /// Reads the servers list each cycle: emits server events (unless only listing) and
 /// publishes the live server tags for the positions supervisor.
 struct ServersLoop {
     poller: Option<Poller<Server>>,
     client: CrmClient,
-    tags: watch::Sender<Option<Vec<String>>>,
+    tags: watch::Sender<Option<ServerList>>,
 }
 
 impl Pollable for ServersLoop {
@@ -447,16 +459,25 @@ impl Pollable for ServersLoop {
         if let Some(poller) = &mut self.poller {
             poller.read_all(records).await?;
         }
-        self.tags.send_if_modified(|current| {
-            let changed = current.as_ref() != Some(&live);
-            *current = Some(live.clone());
-            changed
+        self.tags.send_modify(|current| {
+            let seq = current.as_ref().map_or(0, |l| l.seq + 1);
+            *current = Some(ServerList { seq, live });
         });
         Ok(())
     }
 }
 
+/// Lists a running tag may be missing from before its poller stops: one empty or partial
+/// answer of the servers list does not stop every tag.
+const ABSENT_LISTS_BEFORE_STOP: u32 = 2;
+
 /// Runs one positions poller per live server tag, following the servers list.
+///
+/// A tag starts when it is listed; it stops (gently: the batch in hand is finished, and its
+/// cursor and fingerprints are kept in case it comes back) after it was absent from two
+/// consecutive good lists. A tag whose positions call fails for good (400, 404) stops alone
+/// and the others go on; it is tried again once it left the list and came back. A 403 or an
+/// authentication failure concerns every tag alike and stops positions.
 struct PositionsSupervisor {
     shared: Arc<Shared>,
     schemas: Schemas,
@@ -467,69 +488,59 @@ struct PositionsSupervisor {
     stats: Arc<StreamStats>,
 }
 
+/// A tag's poller that runs.
+struct RunningTag {
+    halt: CancellationToken,
+    absent: u32,
+}
+
 impl PositionsSupervisor {
     async fn run(
         mut self,
-        mut tags: watch::Receiver<Option<Vec<String>>>,
+        mut tags: watch::Receiver<Option<ServerList>>,
         interval_secs: u64,
         cancel: CancellationToken,
     ) -> Exit {
-        let mut running: HashMap<String, CancellationToken> = HashMap::new();
+        let mut running: HashMap<String, RunningTag> = HashMap::new();
+        let mut failed: HashMap<String, String> = HashMap::new();
         let mut tasks: JoinSet<(String, Exit, Poller<Position>)> = JoinSet::new();
+        let mut seen_seq = None;
         loop {
-            let wanted: Vec<String> = tags
-                .borrow_and_update()
-                .clone()
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|t| self.only.as_ref().is_none_or(|only| only.contains(t)))
-                .collect();
-            for tag in &wanted {
-                if running.contains_key(tag) {
-                    continue;
-                }
-                let scope = format!("positions/{tag}");
-                let encoder = match Encoder::new(&self.schemas, self.framing.clone()) {
-                    Ok(encoder) => encoder,
-                    Err(e) => return Exit::Fatal(e.to_string()),
-                };
-                let cursors: HashMap<String, Cursor> = self
-                    .cursors
-                    .get(&scope)
-                    .map(|c| (scope.clone(), *c))
+            let list = tags.borrow_and_update().clone();
+            if let Some(list) = list.filter(|l| seen_seq != Some(l.seq)) {
+                seen_seq = Some(list.seq);
+                let wanted: Vec<String> = list
+                    .live
                     .into_iter()
+                    .filter(|t| self.only.as_ref().is_none_or(|only| only.contains(t)))
                     .collect();
-                let poller = Poller::<Position>::new(
-                    "positions",
-                    Some(tag.clone()),
-                    vec![CursorSpec {
-                        scope: scope.clone(),
-                        filter: DateFilter::PositionClose,
-                        initial: self.shared.streams.start_date,
-                    }],
-                    true,
-                    self.shared.streams.positions.volatile_fields.clone(),
-                    self.fingerprints.remove(&scope).unwrap_or_default(),
-                    cursors,
-                    self.shared.clone(),
-                    encoder,
-                    self.stats.clone(),
-                );
-                let child = cancel.child_token();
-                running.insert(tag.clone(), child.clone());
-                info!(server_tag = %tag, "polling positions of server");
-                let name = format!("positions[{tag}]");
-                let tag = tag.clone();
-                tasks.spawn(async move {
-                    let (exit, poller) =
-                        run_loop(name, Duration::from_secs(interval_secs), child, poller).await;
-                    (tag, exit, poller)
-                });
-            }
-            for (tag, token) in &running {
-                if !wanted.contains(tag) && !token.is_cancelled() {
-                    info!(server_tag = %tag, "server is gone, stopping its positions (cursor kept)");
-                    token.cancel();
+                failed.retain(|tag, _| wanted.contains(tag));
+                for (tag, state) in running.iter_mut() {
+                    if wanted.contains(tag) {
+                        state.absent = 0;
+                        continue;
+                    }
+                    state.absent += 1;
+                    if state.absent == ABSENT_LISTS_BEFORE_STOP {
+                        info!(server_tag = %tag, "server is gone, stopping its positions (cursor kept)");
+                        state.halt.cancel();
+                    } else if state.absent < ABSENT_LISTS_BEFORE_STOP {
+                        warn!(server_tag = %tag, "server missing from the servers list, stopping its positions if it stays missing");
+                    }
+                }
+                for tag in &wanted {
+                    if running.contains_key(tag) || failed.contains_key(tag) {
+                        continue;
+                    }
+                    if cancel.is_cancelled() {
+                        break;
+                    }
+                    match self.spawn_tag(tag, &mut tasks, interval_secs, &cancel) {
+                        Ok(halt) => {
+                            running.insert(tag.clone(), RunningTag { halt, absent: 0 });
+                        }
+                        Err(exit) => return exit,
+                    }
                 }
             }
             tokio::select! {
@@ -546,39 +557,94 @@ impl PositionsSupervisor {
                     }
                 }
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                    match joined {
-                        Ok((tag, exit, poller)) => {
-                            running.remove(&tag);
-                            match exit {
-                                Exit::Fatal(reason) => return Exit::Fatal(reason),
-                                Exit::Stopped(reason) => {
-                                    error!(server_tag = %tag, reason = %reason, "positions of this server stopped");
-                                    // 403 on positions is the module: every tag would fail alike.
-                                    cancel.cancelled().await;
-                                    return Exit::Stopped(reason);
-                                }
-                                Exit::Cancelled => {
-                                    // Keep what it learned in case the server comes back.
-                                    let scope = format!("positions/{tag}");
-                                    self.keep(scope, poller);
-                                }
+                    let Ok((tag, exit, poller)) = joined else {
+                        return Exit::Fatal("a positions task failed".to_owned());
+                    };
+                    running.remove(&tag);
+                    match exit {
+                        Exit::Fatal(reason) => return Exit::Fatal(reason),
+                        Exit::Denied(reason) => {
+                            error!(server_tag = %tag, reason = %reason, "positions denied; every server tag stops");
+                            for state in running.values() {
+                                state.halt.cancel();
                             }
+                            while tasks.join_next().await.is_some() {}
+                            return Exit::Denied(reason);
                         }
-                        Err(e) => return Exit::Fatal(format!("positions task failed: {e}")),
+                        Exit::Stopped(reason) => {
+                            error!(server_tag = %tag, reason = %reason, "positions of this server stopped; the other servers go on");
+                            failed.insert(tag.clone(), reason);
+                            self.keep(tag, poller);
+                        }
+                        Exit::Cancelled => self.keep(tag, poller),
                     }
                 }
             }
         }
-        for token in running.values() {
-            token.cancel();
+        for state in running.values() {
+            state.halt.cancel();
         }
         while tasks.join_next().await.is_some() {}
         Exit::Cancelled
     }
 
-    fn keep(&mut self, scope: String, poller: Poller<Position>) {
+    /// Starts the poller of a tag; returns its halt token.
+    fn spawn_tag(
+        &mut self,
+        tag: &str,
+        tasks: &mut JoinSet<(String, Exit, Poller<Position>)>,
+        interval_secs: u64,
+        cancel: &CancellationToken,
+    ) -> Result<CancellationToken, Exit> {
+        let scope = format!("positions/{tag}");
+        let encoder = Encoder::new(&self.schemas, self.framing.clone())
+            .map_err(|e| Exit::Fatal(e.to_string()))?;
+        let cursors: HashMap<String, Cursor> = self
+            .cursors
+            .remove(&scope)
+            .map(|c| (scope.clone(), c))
+            .into_iter()
+            .collect();
+        let halt = CancellationToken::new();
+        let poller = Poller::<Position>::new(
+            "positions",
+            Some(tag.to_owned()),
+            vec![CursorSpec {
+                scope: scope.clone(),
+                filter: DateFilter::PositionClose,
+                initial: self.shared.streams.start_date,
+            }],
+            true,
+            self.shared.streams.positions.volatile_fields.clone(),
+            self.fingerprints.remove(&scope).unwrap_or_default(),
+            cursors,
+            self.shared.clone(),
+            encoder,
+            self.stats.clone(),
+        )
+        .with_halt(halt.clone());
+        info!(server_tag = %tag, "polling positions of server");
+        let name = format!("positions[{tag}]");
+        let tag = tag.to_owned();
+        let (cancel, task_halt) = (cancel.clone(), halt.clone());
+        tasks.spawn(async move {
+            let (exit, poller) = run_loop(
+                name,
+                Duration::from_secs(interval_secs),
+                cancel,
+                task_halt,
+                poller,
+            )
+            .await;
+            (tag, exit, poller)
+        });
+        Ok(halt)
+    }
+
+    /// Keeps what a stopped tag's poller learned, in case the tag comes back.
+    fn keep(&mut self, tag: String, poller: Poller<Position>) {
         let (fps, cursors) = poller.into_state();
-        self.fingerprints.insert(scope, fps);
+        self.fingerprints.insert(format!("positions/{tag}"), fps);
         self.cursors.extend(cursors);
     }
 }

@@ -55,6 +55,9 @@ impl DateFilter {
     }
 }
 
+/// Bound of a window's records when the CRM reports no total and nobody set one.
+const DEFAULT_MAX_RECORDS: u64 = 50_000;
+
 /// A query of one day window (inclusive days in the CRM's time zone).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WindowQuery {
@@ -70,6 +73,9 @@ pub struct WindowQuery {
     pub include_fake: bool,
     /// Page size; `None` uses `crm.page_size`.
     pub page_size: Option<u32>,
+    /// The most records a window may hold, bounding the pages read when the CRM reports no
+    /// `total` (`streams.max_window_records`).
+    pub max_records: u64,
 }
 
 impl WindowQuery {
@@ -82,6 +88,7 @@ impl WindowQuery {
             server_tag: None,
             include_fake: false,
             page_size: None,
+            max_records: DEFAULT_MAX_RECORDS,
         }
     }
 
@@ -226,12 +233,16 @@ impl CrmClient {
     }
 
     /// Returns an iterator over every page of a window query.
-    pub fn pages<T: CrmRecord>(&self, query: WindowQuery) -> PageIter<T> {
+    pub fn pages<T: CrmRecord>(&self, mut query: WindowQuery) -> PageIter<T> {
+        query.page_size = Some(query.page_size.unwrap_or(self.inner.page_size));
         PageIter {
             client: self.clone(),
             query,
             next_page: 1,
             last_page: None,
+            max_pages: None,
+            fetched: 0,
+            ids: std::collections::HashSet::new(),
             done: false,
             _model: std::marker::PhantomData,
         }
@@ -559,23 +570,51 @@ fn jitter(bound: Duration) -> Duration {
 
 /// Pages of one window query, fetched on demand.
 ///
-/// Stops after page `ceil(total / pageSize)` of the first answer's total (a total that grows
-/// while paging extends it), or, when the CRM reports no total, after a short page. Empty
-/// pages before the last are passed on: records may have moved between pages.
+/// - With a `total`: stops after page `ceil(total / pageSize)` (a total that grows while
+///   paging extends it). A first page shorter than asked that is not the whole result (a CRM
+///   capping the page size) switches to the length the CRM actually serves, so no record is
+///   skipped. Empty pages before the last are passed on: records may have moved between pages.
+/// - Without a `total`: goes on while pages are full and bring ids not seen before; stops at
+///   the first short or empty page, or a page with no new id (a CRM ignoring `page`).
+/// - Bounded either way: at most `ceil(first total / pageSize)` pages plus a quarter (at least
+///   2) more, or `max_records / pageSize + 1` without a total; past it, [`CrmError::Paging`].
 pub struct PageIter<T> {
     client: CrmClient,
     query: WindowQuery,
     next_page: u32,
     last_page: Option<u64>,
+    max_pages: Option<u64>,
+    fetched: u64,
+    /// Hashes of the ids seen (only while the CRM reports no total).
+    ids: std::collections::HashSet<u64>,
     done: bool,
     _model: std::marker::PhantomData<fn() -> T>,
 }
 
 impl<T: CrmRecord> PageIter<T> {
+    /// Returns the page size asked for now (it shrinks to a CRM's cap).
+    pub fn page_size(&self) -> u32 {
+        self.query.page_size.unwrap_or(1).max(1)
+    }
+
     /// Returns the next page, `None` after the last one or after an error.
     pub async fn next(&mut self) -> Option<Result<Page<T>, CrmError>> {
         if self.done {
             return None;
+        }
+        if let Some(max) = self.max_pages.filter(|max| self.fetched >= *max) {
+            self.done = true;
+            let url = self.client.url(&format!(
+                "{}/{}",
+                self.client.inner.api_path,
+                T::ENDPOINT.path_segment()
+            ));
+            return Some(Err(CrmError::Paging {
+                url: display_url(&url, &self.query.params(1, self.page_size())),
+                reason: format!(
+                    "read {max} pages, the bound of this window, and the CRM still reports more (its total keeps growing, or its pages never run short)"
+                ),
+            }));
         }
         let page_number = self.next_page;
         let page = match self.client.page::<T>(&self.query, page_number).await {
@@ -585,13 +624,45 @@ impl<T: CrmRecord> PageIter<T> {
                 return Some(Err(e));
             }
         };
+        self.fetched += 1;
+        let asked = u64::from(self.page_size());
+        let served = page.records.len() as u64;
         match page.total {
             Some(total) => {
-                let pages = total.div_ceil(u64::from(page.page_size.max(1)));
+                if page_number == 1 && served > 0 && served < asked && total > served {
+                    // The CRM serves fewer than asked though more exist: it caps the page
+                    // size. Page 2 of the capped size starts right after this page.
+                    debug!(
+                        endpoint = T::ENDPOINT.path_segment(),
+                        asked, served, total, "crm caps the page size, paging by what it serves"
+                    );
+                    self.query.page_size = Some(served as u32);
+                }
+                let size = u64::from(self.page_size());
+                let pages = total.div_ceil(size);
                 self.last_page = Some(self.last_page.map_or(pages, |p| p.max(pages)));
+                if self.max_pages.is_none() {
+                    self.max_pages = Some(pages + (pages / 4).max(2));
+                }
             }
             None => {
-                if page.records.len() < page.page_size as usize {
+                if self.max_pages.is_none() {
+                    self.max_pages = Some(self.query.max_records / asked + 1);
+                }
+                let mut new_ids = 0;
+                for record in &page.records {
+                    let id = match record {
+                        Ok(record) => record
+                            .model
+                            .id()
+                            .map(|id| xxhash_rust::xxh3::xxh3_64(id.as_bytes())),
+                        Err(e) => Some(xxhash_rust::xxh3::xxh3_64(e.raw.as_bytes())),
+                    };
+                    if id.is_none_or(|id| self.ids.insert(id)) {
+                        new_ids += 1;
+                    }
+                }
+                if served < asked || new_ids == 0 {
                     self.last_page = Some(u64::from(page_number));
                 }
             }

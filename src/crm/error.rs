@@ -59,6 +59,15 @@ pub enum CrmError {
         /// The last failure.
         message: String,
     },
+    /// The pages of one window did not end within their bound (a CRM whose `total` keeps
+    /// growing, or whose pages never run short). The cycle fails; the next one tries again.
+    #[error("crm paging of {url} did not end: {reason}")]
+    Paging {
+        /// The query (first page's URL).
+        url: String,
+        /// What was seen.
+        reason: String,
+    },
 }
 
 /// What a 403 most likely means.
@@ -103,7 +112,7 @@ impl CrmError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            CrmError::Transient { .. } | CrmError::RateLimited { .. }
+            CrmError::Transient { .. } | CrmError::RateLimited { .. } | CrmError::Paging { .. }
         )
     }
 }

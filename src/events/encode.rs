@@ -3,7 +3,11 @@
 //! Money and quantities become `decimal(38, 8)` bytes, always 16 bytes wide (the width
 //! precision 38 needs): apache-avro's reader rejects narrower, minimal encodings of a
 //! precision-38 decimal, and every other implementation reads the wide form. A value with
-//! more than 8 decimals, or more than 30 integer digits, is an [`EncodeError`], never rounded.
+//! more than 30 integer digits is an [`EncodeError`]. One with more than 8 decimals follows
+//! `events.decimal_excess` ([`DecimalExcess`]): by default binary floating-point noise (15 or
+//! more significant digits, more than a double carries exactly: `-7.8500000000000005`) is
+//! rounded half-even to 8 decimals and counted, and a precise value (`0.123456789`) is an
+//! [`EncodeError`] (dead letter), never rounded silently.
 //! Timestamps are `timestamp-millis` (UTC). Unknown CRM fields go into `extra` as JSON text.
 
 use std::collections::HashMap;
@@ -12,9 +16,10 @@ use apache_avro::schema::SchemaKind;
 use apache_avro::types::Value;
 use apache_avro::Schema;
 use chrono::{DateTime, NaiveDate, Utc};
-use rust_decimal::Decimal;
+use rust_decimal::{Decimal, RoundingStrategy};
 
 use super::schema::{EventType, Schemas};
+use crate::config::DecimalExcess;
 use crate::crm::models::{Extra, Person, TagCategory, TradingAccount, UtmDetails};
 use crate::crm::{Customer, Lead, Position, Server, Transaction};
 
@@ -86,7 +91,11 @@ pub trait AvroEvent {
     const EVENT: EventType;
 
     /// Appends the entity's fields, in schema order, between `meta` and `extra`.
-    fn fields(&self, out: &mut Vec<(String, Value)>) -> Result<(), EncodeError>;
+    fn fields(
+        &self,
+        out: &mut Vec<(String, Value)>,
+        decimals: &mut Decimals,
+    ) -> Result<(), EncodeError>;
 
     /// Returns the unknown fields.
     fn extra(&self) -> &Extra;
@@ -110,6 +119,7 @@ pub struct Encoder {
     schemas: Vec<(Schema, [u8; 8])>,
     names: HashMap<String, Schema>,
     framing: Framing,
+    decimals: Decimals,
 }
 
 impl std::fmt::Debug for Encoder {
@@ -135,7 +145,19 @@ impl Encoder {
                 .collect(),
             names,
             framing,
+            decimals: Decimals::default(),
         })
+    }
+
+    /// Sets what values with more than 8 decimals become (`events.decimal_excess`).
+    pub fn with_decimal_excess(mut self, policy: DecimalExcess) -> Self {
+        self.decimals.policy = policy;
+        self
+    }
+
+    /// Returns how many values this encoder rounded to 8 decimals so far.
+    pub fn rounded(&self) -> u64 {
+        self.decimals.rounded
     }
 
     /// Returns the framing in use.
@@ -149,7 +171,7 @@ impl Encoder {
         entity: &E,
         meta: &EventMeta,
     ) -> Result<Vec<u8>, EncodeError> {
-        let value = to_value(entity, meta)?;
+        let value = to_value_with(entity, meta, &mut self.decimals)?;
         let (schema, fingerprint) = &self.schemas[E::EVENT as usize];
         let mut out = Vec::with_capacity(512);
         match &self.framing {
@@ -315,11 +337,21 @@ fn write_bytes(bytes: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(bytes);
 }
 
-/// Builds the Avro value of an event: `meta`, the entity's fields, `extra`.
+/// Builds the Avro value of an event: `meta`, the entity's fields, `extra` (decimals under
+/// the default policy).
 pub fn to_value<E: AvroEvent>(entity: &E, meta: &EventMeta) -> Result<Value, EncodeError> {
+    to_value_with(entity, meta, &mut Decimals::default())
+}
+
+/// Builds the Avro value of an event with `decimals`' policy, counting what it rounds.
+pub fn to_value_with<E: AvroEvent>(
+    entity: &E,
+    meta: &EventMeta,
+    decimals: &mut Decimals,
+) -> Result<Value, EncodeError> {
     let mut fields = Vec::with_capacity(32);
     fields.push(("meta".to_owned(), meta_value(meta)));
-    entity.fields(&mut fields)?;
+    entity.fields(&mut fields, decimals)?;
     let extra = entity
         .extra()
         .iter()
@@ -389,13 +421,60 @@ fn timestamp(value: Option<DateTime<Utc>>) -> Value {
     value.map_or_else(none, |t| some(Value::TimestampMillis(t.timestamp_millis())))
 }
 
-fn decimal(field: &'static str, value: Option<Decimal>) -> Result<Value, EncodeError> {
-    match value {
-        None => Ok(none()),
-        Some(d) => Ok(some(Value::Decimal(apache_avro::Decimal::from(
-            decimal_bytes(field, d)?.to_vec(),
-        )))),
+/// Significant digits from which a number is taken for binary floating-point output: a double
+/// carries 15 to 17, so digits past the 15th are the conversion's noise, not the CRM's data.
+const FLOAT_NOISE_DIGITS: u32 = 15;
+
+/// The decimal policy of an encoding and what it rounded.
+#[derive(Debug, Clone, Default)]
+pub struct Decimals {
+    /// What a value with more than 8 decimals becomes.
+    pub policy: DecimalExcess,
+    /// Values rounded to 8 decimals so far.
+    pub rounded: u64,
+}
+
+impl Decimals {
+    /// Returns the Avro value of an optional decimal field under the policy.
+    pub fn value(
+        &mut self,
+        field: &'static str,
+        value: Option<Decimal>,
+    ) -> Result<Value, EncodeError> {
+        match value {
+            None => Ok(none()),
+            Some(d) => Ok(some(Value::Decimal(apache_avro::Decimal::from(
+                decimal_bytes(field, self.fit(d))?.to_vec(),
+            )))),
+        }
     }
+
+    /// Rounds `d` to 8 decimals where the policy says so.
+    fn fit(&mut self, d: Decimal) -> Decimal {
+        let normalized = d.normalize();
+        if normalized.scale() <= DECIMAL_SCALE {
+            return d;
+        }
+        let round = match self.policy {
+            DecimalExcess::Reject => false,
+            DecimalExcess::Round => true,
+            DecimalExcess::RoundFloatNoise => {
+                significant_digits(normalized.mantissa()) >= FLOAT_NOISE_DIGITS
+            }
+        };
+        if !round {
+            return d;
+        }
+        self.rounded += 1;
+        d.round_dp_with_strategy(DECIMAL_SCALE, RoundingStrategy::MidpointNearestEven)
+    }
+}
+
+fn significant_digits(mantissa: i128) -> u32 {
+    mantissa
+        .unsigned_abs()
+        .checked_ilog10()
+        .map_or(0, |d| d + 1)
 }
 
 /// Returns the 16-byte big-endian two's-complement unscaled value of `d` at scale 8.
@@ -488,7 +567,11 @@ fn push(out: &mut Vec<(String, Value)>, name: &str, value: Value) {
 impl AvroEvent for Lead {
     const EVENT: EventType = EventType::Lead;
 
-    fn fields(&self, out: &mut Vec<(String, Value)>) -> Result<(), EncodeError> {
+    fn fields(
+        &self,
+        out: &mut Vec<(String, Value)>,
+        _decimals: &mut Decimals,
+    ) -> Result<(), EncodeError> {
         push(out, "id", long(self.id));
         person(&self.person, out);
         Ok(())
@@ -502,7 +585,11 @@ impl AvroEvent for Lead {
 impl AvroEvent for Customer {
     const EVENT: EventType = EventType::Customer;
 
-    fn fields(&self, out: &mut Vec<(String, Value)>) -> Result<(), EncodeError> {
+    fn fields(
+        &self,
+        out: &mut Vec<(String, Value)>,
+        decimals: &mut Decimals,
+    ) -> Result<(), EncodeError> {
         push(out, "customerId", long(self.customer_id));
         push(out, "id", long(self.id));
         push(out, "leadId", long(self.lead_id));
@@ -515,7 +602,11 @@ impl AvroEvent for Customer {
             Value::Array(self.accounts.iter().map(account).collect()),
         );
         push(out, "ftdDate", timestamp(self.ftd_date));
-        push(out, "balanceUsd", decimal("balanceUsd", self.balance_usd)?);
+        push(
+            out,
+            "balanceUsd",
+            decimals.value("balanceUsd", self.balance_usd)?,
+        );
         Ok(())
     }
 
@@ -527,13 +618,21 @@ impl AvroEvent for Customer {
 impl AvroEvent for Transaction {
     const EVENT: EventType = EventType::Transaction;
 
-    fn fields(&self, out: &mut Vec<(String, Value)>) -> Result<(), EncodeError> {
+    fn fields(
+        &self,
+        out: &mut Vec<(String, Value)>,
+        decimals: &mut Decimals,
+    ) -> Result<(), EncodeError> {
         push(out, "id", long(self.id));
         push(out, "customerId", long(self.customer_id));
         push(out, "type", string(&self.transaction_type));
-        push(out, "amount", decimal("amount", self.amount)?);
+        push(out, "amount", decimals.value("amount", self.amount)?);
         push(out, "currency", string(&self.currency));
-        push(out, "amountUsd", decimal("amountUsd", self.amount_usd)?);
+        push(
+            out,
+            "amountUsd",
+            decimals.value("amountUsd", self.amount_usd)?,
+        );
         push(out, "transactionDate", timestamp(self.transaction_date));
         push(out, "paymentMethod", string(&self.payment_method));
         push(out, "tradingAccount", string(&self.trading_account));
@@ -551,7 +650,11 @@ impl AvroEvent for Transaction {
 impl AvroEvent for Server {
     const EVENT: EventType = EventType::Server;
 
-    fn fields(&self, out: &mut Vec<(String, Value)>) -> Result<(), EncodeError> {
+    fn fields(
+        &self,
+        out: &mut Vec<(String, Value)>,
+        _decimals: &mut Decimals,
+    ) -> Result<(), EncodeError> {
         push(out, "id", string(&self.id));
         push(out, "name", string(&self.name));
         push(out, "type", string(&self.server_type));
@@ -567,21 +670,37 @@ impl AvroEvent for Server {
 impl AvroEvent for Position {
     const EVENT: EventType = EventType::Position;
 
-    fn fields(&self, out: &mut Vec<(String, Value)>) -> Result<(), EncodeError> {
+    fn fields(
+        &self,
+        out: &mut Vec<(String, Value)>,
+        decimals: &mut Decimals,
+    ) -> Result<(), EncodeError> {
         push(out, "positionId", long(self.position_id));
         push(out, "login", string(&self.login));
         push(out, "serverTag", string(&self.server_tag));
         push(out, "customerId", long(self.customer_id));
         push(out, "symbol", string(&self.symbol));
         push(out, "side", string(&self.side));
-        push(out, "volume", decimal("volume", self.volume)?);
-        push(out, "openPrice", decimal("openPrice", self.open_price)?);
-        push(out, "closePrice", decimal("closePrice", self.close_price)?);
+        push(out, "volume", decimals.value("volume", self.volume)?);
+        push(
+            out,
+            "openPrice",
+            decimals.value("openPrice", self.open_price)?,
+        );
+        push(
+            out,
+            "closePrice",
+            decimals.value("closePrice", self.close_price)?,
+        );
         push(out, "openTime", timestamp(self.open_time));
         push(out, "closeTime", timestamp(self.close_time));
-        push(out, "profit", decimal("profit", self.profit)?);
-        push(out, "commission", decimal("commission", self.commission)?);
-        push(out, "swap", decimal("swap", self.swap)?);
+        push(out, "profit", decimals.value("profit", self.profit)?);
+        push(
+            out,
+            "commission",
+            decimals.value("commission", self.commission)?,
+        );
+        push(out, "swap", decimals.value("swap", self.swap)?);
         push(out, "currency", string(&self.currency));
         Ok(())
     }
@@ -663,6 +782,136 @@ mod tests {
         assert_eq!(
             out,
             vec![0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]
+        );
+    }
+
+    #[test]
+    fn float_noise_is_rounded_and_precise_excess_rejected_on_every_money_field() {
+        use crate::crm::models::parse_decimal;
+        let d = |text: &str| Some(parse_decimal(text).unwrap());
+        let noisy = |text: &str| {
+            let t = Transaction {
+                amount: d(text),
+                amount_usd: d(text),
+                ..Transaction::default()
+            };
+            let p = Position {
+                volume: d(text),
+                open_price: d(text),
+                close_price: d(text),
+                profit: d(text),
+                commission: d(text),
+                swap: d(text),
+                ..Position::default()
+            };
+            (t, p)
+        };
+        let meta = EventMeta {
+            event_id: String::new(),
+            op: Op::Created,
+            emitted_at: Utc::now(),
+            source: String::new(),
+            endpoint: String::new(),
+            window: None,
+            fetched_at: Utc::now(),
+            connector_version: String::new(),
+        };
+        let field_bytes = |value: &Value, name: &str| -> Vec<u8> {
+            let Value::Record(fields) = value else {
+                unreachable!()
+            };
+            match &fields.iter().find(|(n, _)| n == name).unwrap().1 {
+                Value::Union(1, inner) => match inner.as_ref() {
+                    Value::Decimal(d) => Vec::<u8>::try_from(d).unwrap(),
+                    other => panic!("{other:?}"),
+                },
+                other => panic!("{other:?}"),
+            }
+        };
+        // Binary float noise (17 significant digits): rounded half-even to 8 decimals and
+        // counted, on every amount, volume, price, profit, commission and swap.
+        for (text, want) in [
+            ("-7.8500000000000005", "-7.85"),
+            ("0.35000000000000003", "0.35"),
+            ("1.1000000000000001", "1.1"),
+            ("123.45678901234567", "123.45678901"),
+            ("0.000000025000000000000001", "0.00000003"),
+        ] {
+            let (t, p) = noisy(text);
+            let want = decimal_bytes("x", Decimal::from_str(want).unwrap())
+                .unwrap()
+                .to_vec();
+            let mut decimals = Decimals::default();
+            let tv = to_value_with(&t, &meta, &mut decimals).unwrap();
+            let pv = to_value_with(&p, &meta, &mut decimals).unwrap();
+            assert_eq!(decimals.rounded, 8, "{text}");
+            for name in ["amount", "amountUsd"] {
+                assert_eq!(field_bytes(&tv, name), want, "{text} {name}");
+            }
+            for name in [
+                "volume",
+                "openPrice",
+                "closePrice",
+                "profit",
+                "commission",
+                "swap",
+            ] {
+                assert_eq!(field_bytes(&pv, name), want, "{text} {name}");
+            }
+        }
+        // Half-even: a 16-digit value exactly halfway rounds to the even neighbour.
+        let (t, _) = noisy("1234567.123456785");
+        let mut decimals = Decimals::default();
+        let tv = to_value_with(&t, &meta, &mut decimals).unwrap();
+        assert_eq!(
+            field_bytes(&tv, "amount"),
+            decimal_bytes("x", Decimal::from_str("1234567.12345678").unwrap())
+                .unwrap()
+                .to_vec()
+        );
+        // Trailing zeros are no precision: 9 significant digits, a precise value, rejected.
+        let (t, _) = noisy("0.12345678500000000");
+        assert!(to_value(&t, &meta).is_err());
+        // A precise value with more than 8 decimals (fewer than 15 significant digits) is
+        // rejected, on every field, under the default policy.
+        for text in ["0.123456789", "-7.850000001", "12345.123456789"] {
+            let (t, p) = noisy(text);
+            for err in [
+                to_value(&t, &meta).unwrap_err(),
+                to_value(&p, &meta).unwrap_err(),
+            ] {
+                assert!(
+                    matches!(
+                        err,
+                        EncodeError::Decimal {
+                            reason: "more than 8 decimals",
+                            ..
+                        }
+                    ),
+                    "{text}: {err}"
+                );
+            }
+        }
+        // "reject" rejects the noise too; "round" rounds the precise value too.
+        let (t, _) = noisy("-7.8500000000000005");
+        let mut reject = Decimals {
+            policy: DecimalExcess::Reject,
+            rounded: 0,
+        };
+        assert!(to_value_with(&t, &meta, &mut reject).is_err());
+        assert_eq!(reject.rounded, 0);
+        let (t, _) = noisy("0.123456789");
+        let mut round = Decimals {
+            policy: DecimalExcess::Round,
+            rounded: 0,
+        };
+        let tv = to_value_with(&t, &meta, &mut round).unwrap();
+        assert_eq!(round.rounded, 2);
+        assert_eq!(
+            field_bytes(&tv, "amount"),
+            decimal_bytes("x", Decimal::from_str("0.12345679").unwrap())
+                .unwrap()
+                .to_vec()
         );
     }
 

@@ -339,6 +339,17 @@ pub struct SimData {
     next_login: u64,
 }
 
+/// The order a page is cut from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageOrder {
+    /// Record order (stable).
+    Id,
+    /// Newest-modified first (records move as they change).
+    NewestFirst,
+    /// A random order from this seed (a database paging without `ORDER BY`).
+    Random(u64),
+}
+
 /// A page query against the data.
 #[derive(Debug, Clone)]
 pub struct DataQuery {
@@ -633,29 +644,39 @@ impl SimData {
     }
 
     /// Returns how many records a query matches and the indices of page `skip..skip+take`,
-    /// in serving order: id order, or newest-modified first.
+    /// in serving `order`.
     pub fn select_page(
         &self,
         query: &DataQuery,
-        newest_first: bool,
+        order: PageOrder,
         skip: usize,
         take: usize,
     ) -> (usize, Vec<usize>) {
-        if newest_first {
-            let mut all: Vec<(i64, usize)> = self.matches(query).collect();
-            all.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-            let page = all.iter().skip(skip).take(take).map(|(_, i)| *i).collect();
-            return (all.len(), page);
-        }
-        let mut total = 0;
-        let mut page = Vec::with_capacity(take.min(1000));
-        for (_, index) in self.matches(query) {
-            if total >= skip && page.len() < take {
-                page.push(index);
+        match order {
+            PageOrder::Id => {
+                let mut total = 0;
+                let mut page = Vec::with_capacity(take.min(1000));
+                for (_, index) in self.matches(query) {
+                    if total >= skip && page.len() < take {
+                        page.push(index);
+                    }
+                    total += 1;
+                }
+                (total, page)
             }
-            total += 1;
+            PageOrder::NewestFirst => {
+                let mut all: Vec<(i64, usize)> = self.matches(query).collect();
+                all.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+                let page = all.iter().skip(skip).take(take).map(|(_, i)| *i).collect();
+                (all.len(), page)
+            }
+            PageOrder::Random(seed) => {
+                let mut all: Vec<usize> = self.matches(query).map(|(_, i)| i).collect();
+                fastrand::Rng::with_seed(seed).shuffle(&mut all);
+                let page = all.iter().skip(skip).take(take).copied().collect();
+                (all.len(), page)
+            }
         }
-        (total, page)
     }
 
     /// Renders one record of `kind` as the API serves it.

@@ -2,7 +2,9 @@
 //!
 //! It is the CRM of the demo, the tests and the benchmarks: a real HTTP server on a real port,
 //! with the vendor's errors (401, 403, 400), faults on demand (`--fail-rate`, `--max-rps`,
-//! `--latency-ms`, `--token-ttl-secs`, `--shuffle-pages`, `--malformed-rate`, `--deny`), and a
+//! `--latency-ms`, `--token-ttl-secs`, `--shuffle-pages`, `--unstable-order`, `--malformed-rate`, `--deny`;
+//! paging quirks of other CRMs: `--page-cap`, `--omit-total`, `--ignore-page`,
+//! `--growing-total`), and a
 //! ground truth (`GET /_sim/truth/{kind}`) that tests compare the Kafka topics with.
 //!
 //! Besides the API it serves:
@@ -25,7 +27,7 @@ use chrono::NaiveDate;
 use chrono_tz::Tz;
 use clap::Parser;
 
-pub use data::{Change, ChangeKind, DataQuery, GenSpec, Kind, SimData};
+pub use data::{Change, ChangeKind, DataQuery, GenSpec, Kind, PageOrder, SimData};
 pub use server::{SimHandle, SimStats};
 
 /// Options of the simulator (also its command line).
@@ -94,6 +96,24 @@ pub struct SimConfig {
     /// move between pages while a window is read.
     #[arg(long)]
     pub shuffle_pages: bool,
+    /// Serve every page request from a fresh random order of its window (a database paging
+    /// without `ORDER BY`): pages overlap and miss records though none changes.
+    #[arg(long)]
+    pub unstable_order: bool,
+    /// Serve at most this many records per page whatever `pageSize` asks (pages are cut by
+    /// the capped size); 0 = no cap.
+    #[arg(long, default_value_t = 0)]
+    pub page_cap: u32,
+    /// Leave `total` out of paged answers.
+    #[arg(long)]
+    pub omit_total: bool,
+    /// Ignore `page`: every request gets the first page.
+    #[arg(long)]
+    pub ignore_page: bool,
+    /// Report a `total` that grows by this much on every paged call (a CRM counting rows
+    /// that keep arriving, or a broken count); 0 = the true total.
+    #[arg(long, default_value_t = 0)]
+    pub growing_total: u64,
     /// Fraction of records served with an unreadable date or amount.
     #[arg(long, default_value_t = 0.0)]
     pub malformed_rate: f64,

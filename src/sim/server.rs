@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::data::{day_bounds, ChangeKind, DataQuery, Kind, SimData};
+use super::data::{day_bounds, ChangeKind, DataQuery, Kind, PageOrder, SimData};
 use super::SimConfig;
 
 /// Counters of what the simulator served.
@@ -496,14 +496,34 @@ fn page(state: &AppState, kind: Kind, params: &HashMap<String, String>) -> Resul
         // Changes land between page calls, and the newest-modified-first order moves records.
         write(&state.data).mutate(2, None, Utc::now());
     }
+    let config = &state.config;
+    let served_size = match config.page_cap {
+        0 => page_size,
+        cap => page_size.min(cap),
+    };
+    let skip = if config.ignore_page {
+        0
+    } else {
+        (page as usize - 1).saturating_mul(served_size as usize)
+    };
+    let calls = state.stats.pages.load(Ordering::Relaxed);
+    let order = if config.unstable_order {
+        PageOrder::Random(config.seed ^ calls.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    } else if config.shuffle_pages {
+        PageOrder::NewestFirst
+    } else {
+        PageOrder::Id
+    };
     let data = read(&state.data);
-    let skip = (page as usize - 1).saturating_mul(page_size as usize);
-    let (total, indices) =
-        data.select_page(&query, state.config.shuffle_pages, skip, page_size as usize);
+    let (total, indices) = data.select_page(&query, order, skip, served_size as usize);
+    let total = total as u64 + config.growing_total.saturating_mul(calls + 1);
     let mut out = Vec::with_capacity(indices.len() * 512 + 64);
-    out.extend_from_slice(
-        format!(r#"{{"page":{page},"pageSize":{page_size},"total":{total},"data":["#).as_bytes(),
-    );
+    let head = if config.omit_total {
+        format!(r#"{{"page":{page},"pageSize":{page_size},"data":["#)
+    } else {
+        format!(r#"{{"page":{page},"pageSize":{page_size},"total":{total},"data":["#)
+    };
+    out.extend_from_slice(head.as_bytes());
     for (n, index) in indices.into_iter().enumerate() {
         if n > 0 {
             out.push(b',');

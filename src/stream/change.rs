@@ -1,10 +1,15 @@
 //! Change detection: fingerprints of canonical JSON, CREATED / UPDATED / unchanged.
 //!
 //! A record's fingerprint is xxh3-64 (fixed seed, the same on every platform and release) of
-//! its canonical JSON: keys sorted (serde_json's map is ordered), no whitespace, numbers as
-//! the CRM wrote them. Top-level fields the stream lists as volatile are left out, so a
-//! change of them alone is no change. The `eventId` of a change is a hash of (stream, entity
-//! id, fingerprint): the same change always gets the same id, whatever the delivery mode.
+//! its canonical JSON: keys sorted (serde_json's map is ordered), no whitespace, and numbers
+//! normalized – `1`, `1.0`, `1.00`, `1e0` and `10e-1` are all written `1`, so a CRM that changes
+//! how it writes a number makes no change; strings stay strings (`"1.0"` is not `1`).
+//! Top-level fields the stream lists as volatile are left out, so a change of them alone is no
+//! change. The `eventId` of a change is a hash of (stream, entity id, previous fingerprint,
+//! fingerprint): a retry of the same change gets the same id, whatever the delivery mode, and a
+//! record that changes back (A → B → A) gets a new id for its second A.
+
+use std::io::Write;
 
 use serde_json::{Map, Value};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
@@ -27,22 +32,138 @@ pub fn fingerprint(record: &Map<String, Value>, volatile: &[String], buffer: &mu
             buffer.push(b',');
         }
         first = false;
-        // Writing JSON into a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut *buffer, key);
+        write_string(buffer, key);
         buffer.push(b':');
-        let _ = serde_json::to_writer(&mut *buffer, value);
+        write_canonical(buffer, value);
     }
     buffer.push(b'}');
     xxh3_64_with_seed(buffer, FINGERPRINT_SEED)
 }
 
-/// Returns the deterministic event id of a change: 16 hex digits.
-pub fn event_id(stream: &str, id: &str, fingerprint: u64) -> String {
-    let mut bytes = Vec::with_capacity(stream.len() + id.len() + 10);
+fn write_string(buffer: &mut Vec<u8>, text: &str) {
+    // Writing JSON into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *buffer, text);
+}
+
+fn write_canonical(buffer: &mut Vec<u8>, value: &Value) {
+    match value {
+        Value::Number(n) => canonical_number(n.as_str(), buffer),
+        Value::Array(items) => {
+            buffer.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    buffer.push(b',');
+                }
+                write_canonical(buffer, item);
+            }
+            buffer.push(b']');
+        }
+        Value::Object(map) => {
+            buffer.push(b'{');
+            for (i, (key, item)) in map.iter().enumerate() {
+                if i > 0 {
+                    buffer.push(b',');
+                }
+                write_string(buffer, key);
+                buffer.push(b':');
+                write_canonical(buffer, item);
+            }
+            buffer.push(b'}');
+        }
+        Value::String(s) => write_string(buffer, s),
+        Value::Null => buffer.extend_from_slice(b"null"),
+        Value::Bool(b) => buffer.extend_from_slice(if *b { b"true" } else { b"false" }),
+    }
+}
+
+/// Writes a JSON number's text in one canonical form: no leading or trailing zeros, no
+/// exponent unless the plain form would exceed 40 digits, no `-0`. A number already written
+/// that way (`15`, `-7.85`, `0.05`) is written unchanged.
+fn canonical_number(text: &str, out: &mut Vec<u8>) {
+    let (negative, rest) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text.strip_prefix('+').unwrap_or(text)),
+    };
+    let (mantissa, exponent) = match rest.find(['e', 'E']) {
+        Some(at) => (&rest[..at], &rest[at + 1..]),
+        None => (rest, ""),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits_ok = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    let exponent_value: Option<i64> = if exponent.is_empty() {
+        Some(0)
+    } else {
+        let digits = exponent.trim_start_matches(['+', '-']);
+        // A huge exponent saturates: such a number is written in exponent form anyway.
+        digits_ok(digits).then(|| {
+            let magnitude = digits.trim_start_matches('0').parse::<i64>().unwrap_or(
+                if digits.trim_start_matches('0').is_empty() {
+                    0
+                } else {
+                    i64::MAX / 4
+                },
+            );
+            if exponent.starts_with('-') {
+                -magnitude
+            } else {
+                magnitude
+            }
+        })
+    };
+    let Some(mut exp) = exponent_value.filter(|_| digits_ok(int) && digits_ok(frac)) else {
+        // Not a JSON number (serde_json never hands us one): keep the text.
+        out.extend_from_slice(text.as_bytes());
+        return;
+    };
+    // value = digits × 10^exp, digits without leading or trailing zeros.
+    let all = format!("{int}{frac}");
+    exp -= frac.len() as i64;
+    let digits = all.trim_start_matches('0');
+    let trimmed = digits.trim_end_matches('0');
+    exp += (digits.len() - trimmed.len()) as i64;
+    let digits = trimmed;
+    if digits.is_empty() {
+        out.push(b'0');
+        return;
+    }
+    if negative {
+        out.push(b'-');
+    }
+    let len = digits.len() as i64;
+    if exp >= 0 && len + exp <= 40 {
+        out.extend_from_slice(digits.as_bytes());
+        out.extend(std::iter::repeat_n(b'0', exp as usize));
+    } else if exp < 0 && -exp <= 40 {
+        let point = len + exp;
+        if point > 0 {
+            out.extend_from_slice(&digits.as_bytes()[..point as usize]);
+            out.push(b'.');
+            out.extend_from_slice(&digits.as_bytes()[point as usize..]);
+        } else {
+            out.extend_from_slice(b"0.");
+            out.extend(std::iter::repeat_n(b'0', (-point) as usize));
+            out.extend_from_slice(digits.as_bytes());
+        }
+    } else {
+        let _ = write!(out, "{digits}e{exp}");
+    }
+}
+
+/// Returns the deterministic event id of a change from `previous` (the fingerprint last
+/// emitted for the entity, `None` for a new one) to `fingerprint`: 16 hex digits.
+pub fn event_id(stream: &str, id: &str, previous: Option<u64>, fingerprint: u64) -> String {
+    let mut bytes = Vec::with_capacity(stream.len() + id.len() + 20);
     bytes.extend_from_slice(stream.as_bytes());
     bytes.push(0);
     bytes.extend_from_slice(id.as_bytes());
     bytes.push(0);
+    match previous {
+        Some(previous) => {
+            bytes.push(1);
+            bytes.extend_from_slice(&previous.to_le_bytes());
+        }
+        None => bytes.push(0),
+    }
     bytes.extend_from_slice(&fingerprint.to_le_bytes());
     format!("{:016x}", xxh3_64(&bytes))
 }
@@ -124,9 +245,98 @@ mod tests {
         assert_eq!(classify(None, 5), Some(Op::Created));
         assert_eq!(classify(Some(5), 5), None);
         assert_eq!(classify(Some(5), 6), Some(Op::Updated));
-        assert_eq!(event_id("leads", "7", 5), event_id("leads", "7", 5));
-        assert_ne!(event_id("leads", "7", 5), event_id("leads", "7", 6));
-        assert_ne!(event_id("leads", "7", 5), event_id("customers", "7", 5));
-        assert_eq!(event_id("leads", "7", 5).len(), 16);
+        assert_eq!(
+            event_id("leads", "7", None, 5),
+            event_id("leads", "7", None, 5)
+        );
+        assert_ne!(
+            event_id("leads", "7", None, 5),
+            event_id("leads", "7", None, 6)
+        );
+        assert_ne!(
+            event_id("leads", "7", None, 5),
+            event_id("customers", "7", None, 5)
+        );
+        assert_eq!(event_id("leads", "7", None, 5).len(), 16);
+    }
+
+    #[test]
+    fn a_record_that_changes_back_gets_a_new_event_id() {
+        // A → B → A: three changes, three ids; each the same on every retry.
+        let (a, b) = (11, 22);
+        let ids = [
+            event_id("transactions", "9", None, a),
+            event_id("transactions", "9", Some(a), b),
+            event_id("transactions", "9", Some(b), a),
+        ];
+        assert_ne!(ids[0], ids[1]);
+        assert_ne!(ids[1], ids[2]);
+        assert_ne!(ids[0], ids[2], "the second A is a change of its own");
+        assert_eq!(ids[2], event_id("transactions", "9", Some(b), a));
+        // `None` (new) and a previous fingerprint of 0 are different histories.
+        assert_ne!(
+            event_id("transactions", "9", None, a),
+            event_id("transactions", "9", Some(0), a)
+        );
+    }
+
+    fn canonical(text: &str) -> String {
+        let mut out = Vec::new();
+        canonical_number(text, &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn numbers_have_one_canonical_form() {
+        for (text, want) in [
+            ("1", "1"),
+            ("1.0", "1"),
+            ("1.00", "1"),
+            ("1e0", "1"),
+            ("10e-1", "1"),
+            ("0.1e1", "1"),
+            ("100", "100"),
+            ("1E2", "100"),
+            ("-7.85", "-7.85"),
+            ("-7.850", "-7.85"),
+            ("0.05", "0.05"),
+            ("5e-2", "0.05"),
+            ("0", "0"),
+            ("-0", "0"),
+            ("-0.000", "0"),
+            ("0e10", "0"),
+            ("00012.340", "12.34"),
+            ("123456789.123456789", "123456789.123456789"),
+            ("1e39", "1000000000000000000000000000000000000000"),
+            ("1e40", "1e40"),
+            ("1e-41", "1e-41"),
+            ("1e999999999999999999999", "1e2305843009213693951"),
+        ] {
+            assert_eq!(canonical(text), want, "{text}");
+        }
+    }
+
+    #[test]
+    fn fingerprints_ignore_how_numbers_are_written() {
+        let mut buf = Vec::new();
+        let parse = |s: &str| obj(serde_json::from_str::<Value>(s).unwrap());
+        let a = parse(r#"{"id": 7, "amount": 1, "nested": {"v": [2.5, 3]}}"#);
+        let b = parse(r#"{"id": 7.0, "amount": 1.00, "nested": {"v": [25e-1, 3e0]}}"#);
+        assert_eq!(
+            fingerprint(&a, &[], &mut buf),
+            fingerprint(&b, &[], &mut buf)
+        );
+        // A string holding a number is a string.
+        let c = parse(r#"{"id": 7, "amount": "1", "nested": {"v": [2.5, 3]}}"#);
+        assert_ne!(
+            fingerprint(&a, &[], &mut buf),
+            fingerprint(&c, &[], &mut buf)
+        );
+        // A real change is still a change.
+        let d = parse(r#"{"id": 7, "amount": 1.01, "nested": {"v": [2.5, 3]}}"#);
+        assert_ne!(
+            fingerprint(&a, &[], &mut buf),
+            fingerprint(&d, &[], &mut buf)
+        );
     }
 }

@@ -7,6 +7,20 @@
 //! the sink acknowledged the batch, and its cursor only after a whole window was read (in a
 //! batch of its own, with the tombstones of pruned fingerprints).
 //!
+//! A window is read completely or not passed silently: the distinct ids over the union of its
+//! reads must reach the CRM's `total`. Short, it is read again (`max_drift_rereads`), then split
+//! in halves down to one day (a window that fits in one page cannot drift); a single day still
+//! short becomes an *open window* kept in the cursor's state value, retried at the start of
+//! every cycle until complete, and given up with an error after
+//! `open_window_retention_days`. The watermark moves on meanwhile: one bad day never stalls
+//! the stream. Append-only fingerprints of open days are kept until the day is closed.
+//!
+//! Between cycles a *reconciliation sweep* re-reads the last `reconcile_days` of every cursor
+//! every `reconcile_interval_secs`, a page at a time, yielding to the next cycle after the
+//! page in hand (late and corrected records; unchanged ones are dropped by their
+//! fingerprints). When it finishes, the cursor records the time, so a restart does not sweep
+//! at once.
+//!
 //! A crash between two batches loses nothing: the cursor has not moved past the window, so it
 //! is read again, and what was already committed is recognised by its fingerprint.
 
@@ -17,14 +31,15 @@ use std::time::Duration;
 
 use chrono::{NaiveDate, Utc};
 use chrono_tz::Tz;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::change::{classify, event_id, fingerprint};
-use super::state::{key_in_scope, Cursor, EntityKey, FpEntry, FpMap};
+use super::state::{key_in_scope, local_id, Cursor, EntityKey, FpEntry, FpMap};
 use super::window::{advance, cycle_start, halves, last_closed_day, today, windows};
 use crate::crm::{
-    CrmClient, CrmError, CrmRecord, DateFilter, Page, Record, RecordError, WindowQuery,
+    CrmClient, CrmError, CrmRecord, DateFilter, PageIter, Record, RecordError, WindowQuery,
 };
 use crate::events::{AvroEvent, DeadLetter, Encoder, EventMeta, Op};
 use crate::kafka::{Batch, OutRecord, SinkError, SinkHandle};
@@ -72,6 +87,14 @@ pub struct StreamStats {
     /// Entities whose fingerprint is kept (append-only streams forget old ones), dead-letter
     /// markers included.
     pub tracked: AtomicU64,
+    /// Open windows now (days read with records missing, retried every cycle).
+    pub open_windows: AtomicU64,
+    /// Open windows given up after `open_window_retention_days`.
+    pub open_windows_given_up: AtomicU64,
+    /// Reconciliation sweeps finished.
+    pub reconcile_sweeps: AtomicU64,
+    /// Money and volume values rounded to 8 decimals (binary floating-point noise).
+    pub decimals_rounded: AtomicU64,
 }
 
 /// What pollers share: the CRM client, the sink, and the settings of the run.
@@ -93,6 +116,8 @@ pub struct Shared {
     pub state_topic: String,
     /// Streams settings.
     pub streams: crate::config::StreamsConfig,
+    /// What values with more than 8 decimals become.
+    pub decimal_excess: crate::config::DecimalExcess,
 }
 
 impl Shared {
@@ -155,17 +180,62 @@ pub struct Poller<T: StreamRecord> {
     encoder: Encoder,
     buffer: Vec<u8>,
     stats: Arc<StreamStats>,
-    _model: std::marker::PhantomData<fn() -> T>,
+    sweep: Option<Sweep<T>>,
+    halt: CancellationToken,
 }
 
-/// A page turned into a batch, with the fingerprints to remember once it is committed.
+/// A page turned into a batch, with the fingerprints to remember once it is committed
+/// (hashed ids with their names, so they can be pruned).
 struct PageBatch {
     batch: Batch,
-    remember: Vec<(EntityKey, FpEntry)>,
+    remember: Vec<(EntityKey, FpEntry, Option<Box<str>>)>,
     created: u64,
     updated: u64,
     unchanged: u64,
     dead: u64,
+    rounded: u64,
+}
+
+/// Reads windows of one cursor page by page: the cycle drives it to the end, the sweep one
+/// page at a time.
+struct WindowReader<T> {
+    filter: DateFilter,
+    /// Windows still to read, the next on top.
+    stack: Vec<(NaiveDate, NaiveDate)>,
+    current: Option<Reading<T>>,
+    /// Single days still short after their re-reads, with the records missing.
+    short: Vec<(NaiveDate, u64)>,
+}
+
+/// The reads of one window.
+struct Reading<T> {
+    from: NaiveDate,
+    to: NaiveDate,
+    pages: PageIter<T>,
+    /// Distinct ids over every read of the window (dead letters included).
+    union: HashSet<EntityKey>,
+    /// The largest `total` of the current read.
+    total: u64,
+    rereads: u32,
+    first_page: bool,
+}
+
+impl<T> WindowReader<T> {
+    fn new(filter: DateFilter, mut windows: Vec<(NaiveDate, NaiveDate)>) -> Self {
+        windows.reverse();
+        WindowReader {
+            filter,
+            stack: windows,
+            current: None,
+            short: Vec::new(),
+        }
+    }
+}
+
+/// A reconciliation sweep in progress: one cursor's last `reconcile_days`.
+struct Sweep<T> {
+    spec: CursorSpec,
+    reader: WindowReader<T>,
 }
 
 /// Where a record was read from (events' `meta.window`).
@@ -187,6 +257,9 @@ impl<T: StreamRecord> Poller<T> {
         stats: Arc<StreamStats>,
     ) -> Self {
         stats.tracked.fetch_add(fps.len() as u64, Ordering::Relaxed);
+        let open: usize = cursor_state.values().map(|c| c.open.len()).sum();
+        stats.open_windows.fetch_add(open as u64, Ordering::Relaxed);
+        let encoder = encoder.with_decimal_excess(shared.decimal_excess);
         Poller {
             stream,
             server_tag,
@@ -199,8 +272,17 @@ impl<T: StreamRecord> Poller<T> {
             encoder,
             buffer: Vec::with_capacity(4096),
             stats,
-            _model: std::marker::PhantomData,
+            sweep: None,
+            halt: CancellationToken::new(),
         }
+    }
+
+    /// Sets the token that stops the poller gently: between two pages, never between a
+    /// batch handed to the sink and its acknowledgement (so its in-memory state includes
+    /// every committed batch).
+    pub fn with_halt(mut self, halt: CancellationToken) -> Self {
+        self.halt = halt;
+        self
     }
 
     /// Gives back the poller's fingerprints and cursors (when it stops but may resume).
@@ -208,64 +290,232 @@ impl<T: StreamRecord> Poller<T> {
         self.stats
             .tracked
             .fetch_sub(self.fps.len() as u64, Ordering::Relaxed);
+        let open: usize = self.cursor_state.values().map(|c| c.open.len()).sum();
+        self.stats
+            .open_windows
+            .fetch_sub(open as u64, Ordering::Relaxed);
         (self.fps, self.cursor_state)
     }
 
-    /// Reads every cursor from where it stands to today.
+    /// Reads every cursor from where it stands to today: its open windows first, then its
+    /// windows from `next` (or the lookback before the watermark).
     pub async fn cycle(&mut self) -> Result<(), PollError> {
-        let tz = self.shared.tz;
-        let streams = &self.shared.streams;
+        let shared = self.shared.clone();
+        let streams = &shared.streams;
         let now = Utc::now();
-        let today = today(now, tz);
+        let today = today(now, shared.tz);
         let closed = last_closed_day(
             now,
-            tz,
+            shared.tz,
             chrono::Duration::seconds(streams.closing_lag_secs as i64),
         );
-        let (lookback, window_days) = (streams.lookback_days, streams.backfill_window_days);
         for spec in self.cursors.clone() {
-            let mut cursor = self
-                .cursor_state
-                .get(&spec.scope)
-                .copied()
-                .unwrap_or_default();
-            let start = cycle_start(&cursor, lookback, spec.initial);
-            for (from, to) in windows(start, today, window_days) {
-                self.read_window(&spec, from, to).await?;
-                let next = advance(cursor, to, today, closed);
-                let mut batch = Batch::default();
-                batch.state.push(
-                    self.state_record(super::state::Cursor::key(&spec.scope), Some(next.encode())),
-                );
-                let mut pruned = Vec::new();
-                if self.append_only {
-                    if let Some(watermark) = next.watermark {
-                        let horizon = watermark + chrono::Duration::days(1 - i64::from(lookback));
-                        pruned = self.fps.stale_before(days_since_epoch(horizon));
-                        for key in &pruned {
-                            if let Some(id) = key.id() {
-                                let id = self.qualified(&id);
-                                batch
-                                    .state
-                                    .push(self.state_record(FpEntry::key(self.stream, &id), None));
-                            }
-                        }
-                    }
+            let mut cursor = self.cursor(&spec.scope);
+            if !cursor.open.is_empty() {
+                let next = self.retry_open(&spec, &cursor).await?;
+                if self.halted() {
+                    return Ok(());
                 }
-                self.shared.sink.commit(batch).await?;
-                let before = self.fps.len();
-                for key in pruned {
-                    self.fps.remove(key);
+                if next != cursor {
+                    self.save_cursor(&spec, next.clone(), false).await?;
                 }
-                self.stats
-                    .tracked
-                    .fetch_sub((before - self.fps.len()) as u64, Ordering::Relaxed);
                 cursor = next;
-                self.cursor_state.insert(spec.scope.clone(), cursor);
+            }
+            let start = cycle_start(&cursor, streams.lookback_days, spec.initial);
+            for (from, to) in windows(start, today, streams.backfill_window_days) {
+                let mut reader = WindowReader::new(spec.filter, vec![(from, to)]);
+                while self.step(&mut reader).await? {}
+                if self.halted() {
+                    return Ok(());
+                }
+                let mut next = advance(&cursor, to, today, closed);
+                for (day, missing) in reader.short {
+                    next.open_day(day, missing, Utc::now());
+                }
+                if next.next.is_none() && next.swept.is_none() {
+                    // The backfill read everything: it counts as the first sweep.
+                    next.swept = Some(Utc::now());
+                }
+                self.save_cursor(&spec, next.clone(), true).await?;
+                cursor = next;
             }
         }
         self.stats.cycles.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Works on the reconciliation sweep until `until` (finishing the page in hand).
+    pub async fn background(&mut self, until: Instant) -> Result<(), PollError> {
+        loop {
+            if Instant::now() >= until || self.halted() {
+                return Ok(());
+            }
+            let mut sweep = match self.sweep.take() {
+                Some(sweep) => sweep,
+                None => match self.due_sweep() {
+                    Some(sweep) => {
+                        info!(stream = self.stream, server_tag = self.server_tag.as_deref().unwrap_or("-"), scope = %sweep.spec.scope, days = self.shared.streams.reconcile_days, "reconciliation sweep started");
+                        sweep
+                    }
+                    None => return Ok(()),
+                },
+            };
+            if self.step(&mut sweep.reader).await? {
+                self.sweep = Some(sweep);
+                continue;
+            }
+            let mut cursor = self.cursor(&sweep.spec.scope);
+            let now = Utc::now();
+            for (day, missing) in sweep.reader.short {
+                cursor.open_day(day, missing, now);
+            }
+            cursor.swept = Some(now);
+            self.save_cursor(&sweep.spec, cursor, false).await?;
+            self.stats.reconcile_sweeps.fetch_add(1, Ordering::Relaxed);
+            info!(stream = self.stream, server_tag = self.server_tag.as_deref().unwrap_or("-"), scope = %sweep.spec.scope, "reconciliation sweep finished");
+        }
+    }
+
+    /// Returns the sweep of the first cursor whose last sweep is older than the interval
+    /// (cursors still in their backfill are not swept).
+    fn due_sweep(&self) -> Option<Sweep<T>> {
+        let streams = &self.shared.streams;
+        if streams.reconcile_days == 0 {
+            return None;
+        }
+        let now = Utc::now();
+        let interval = chrono::Duration::seconds(streams.reconcile_interval_secs as i64);
+        let today = today(now, self.shared.tz);
+        self.cursors.iter().find_map(|spec| {
+            let cursor = self.cursor_state.get(&spec.scope)?;
+            let due = cursor.watermark.is_some()
+                && cursor.next.is_none()
+                && cursor.swept.is_none_or(|t| now - t >= interval);
+            due.then(|| {
+                let from = (today - chrono::Duration::days(i64::from(streams.reconcile_days)))
+                    .max(spec.initial);
+                Sweep {
+                    spec: spec.clone(),
+                    reader: WindowReader::new(
+                        spec.filter,
+                        windows(from, today, streams.backfill_window_days),
+                    ),
+                }
+            })
+        })
+    }
+
+    fn cursor(&self, scope: &str) -> Cursor {
+        self.cursor_state.get(scope).cloned().unwrap_or_default()
+    }
+
+    fn halted(&self) -> bool {
+        self.halt.is_cancelled()
+    }
+
+    /// Reads each open window of a cursor again; returns the cursor with the days still
+    /// short (given up after the retention, loudly).
+    async fn retry_open(
+        &mut self,
+        spec: &CursorSpec,
+        cursor: &Cursor,
+    ) -> Result<Cursor, PollError> {
+        let retention =
+            chrono::Duration::days(i64::from(self.shared.streams.open_window_retention_days));
+        let mut next = cursor.clone();
+        next.open.clear();
+        for window in &cursor.open {
+            let mut reader = WindowReader::new(spec.filter, vec![(window.day, window.day)]);
+            while self.step(&mut reader).await? {}
+            if self.halted() {
+                return Ok(cursor.clone());
+            }
+            let Some(&(_, missing)) = reader.short.first() else {
+                info!(stream = self.stream, scope = %spec.scope, day = %window.day, "open window complete");
+                continue;
+            };
+            if Utc::now() - window.since > retention {
+                error!(stream = self.stream, scope = %spec.scope, day = %window.day, missing, since = %window.since, "open window given up: its total never matched the records served");
+                self.stats
+                    .open_windows_given_up
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            warn!(stream = self.stream, scope = %spec.scope, day = %window.day, missing, since = %window.since, "open window still missing records, retrying next cycle");
+            next.open
+                .push(super::state::OpenWindow { missing, ..*window });
+        }
+        Ok(next)
+    }
+
+    /// Commits a cursor (with the tombstones of append-only fingerprints now outside every
+    /// re-read horizon when `prune`), then takes it over in memory.
+    async fn save_cursor(
+        &mut self,
+        spec: &CursorSpec,
+        cursor: Cursor,
+        prune: bool,
+    ) -> Result<(), PollError> {
+        let mut batch = Batch::default();
+        batch
+            .state
+            .push(self.state_record(Cursor::key(&spec.scope), Some(cursor.encode())));
+        let mut pruned = Vec::new();
+        if prune && self.append_only {
+            if let Some(horizon) = self.horizon(&cursor) {
+                pruned = self.fps.stale_before(days_since_epoch(horizon));
+                for (_, id) in &pruned {
+                    let id = self.qualified(id);
+                    batch
+                        .state
+                        .push(self.state_record(FpEntry::key(self.stream, &id), None));
+                }
+            }
+        }
+        self.shared.sink.commit(batch).await?;
+        let before = self.fps.len();
+        for (key, _) in pruned {
+            self.fps.remove(key);
+        }
+        self.stats
+            .tracked
+            .fetch_sub((before - self.fps.len()) as u64, Ordering::Relaxed);
+        let open_before = self
+            .cursor_state
+            .get(&spec.scope)
+            .map_or(0, |c| c.open.len());
+        let open_now = cursor.open.len();
+        if open_now >= open_before {
+            self.stats
+                .open_windows
+                .fetch_add((open_now - open_before) as u64, Ordering::Relaxed);
+        } else {
+            self.stats
+                .open_windows
+                .fetch_sub((open_before - open_now) as u64, Ordering::Relaxed);
+        }
+        self.cursor_state.insert(spec.scope.clone(), cursor);
+        Ok(())
+    }
+
+    /// Returns the first day whose append-only fingerprints are still needed: by the
+    /// lookback, the reconciliation sweep and the open windows of every cursor.
+    fn horizon(&self, cursor: &Cursor) -> Option<NaiveDate> {
+        let streams = &self.shared.streams;
+        let watermark = cursor.watermark?;
+        let mut horizon = watermark + chrono::Duration::days(1 - i64::from(streams.lookback_days));
+        if streams.reconcile_days > 0 {
+            let today = today(Utc::now(), self.shared.tz);
+            horizon =
+                horizon.min(today - chrono::Duration::days(i64::from(streams.reconcile_days)));
+        }
+        let open = self
+            .cursor_state
+            .values()
+            .chain(std::iter::once(cursor))
+            .flat_map(|c| c.open.iter().map(|w| w.day))
+            .min();
+        Some(open.map_or(horizon, |day| horizon.min(day)))
     }
 
     fn qualified(&self, id: &str) -> String {
@@ -283,76 +533,96 @@ impl<T: StreamRecord> Poller<T> {
         }
     }
 
-    async fn read_window(
-        &mut self,
-        spec: &CursorSpec,
-        from: NaiveDate,
-        to: NaiveDate,
-    ) -> Result<(), PollError> {
-        let shared = self.shared.clone();
-        let streams = &shared.streams;
-        let mut stack = vec![(from, to)];
-        while let Some((a, b)) = stack.pop() {
-            let mut rereads = 0;
-            loop {
-                let mut query = WindowQuery::new(spec.filter, a, b);
-                query.server_tag = self.server_tag.clone();
-                query.include_fake =
-                    self.stream == "transactions" && streams.include_fake_transactions;
-                let mut pages = self.shared.client.pages::<T>(query);
-                let mut seen: HashSet<EntityKey> = HashSet::new();
-                let mut total = 0u64;
-                let mut first = true;
-                let mut split = false;
-                while let Some(page) = pages.next().await {
-                    let page = page?;
-                    self.stats.pages.fetch_add(1, Ordering::Relaxed);
-                    total = total.max(page.total.unwrap_or(0));
-                    if first {
-                        first = false;
-                        if total > streams.max_window_records {
-                            if let Some((left, right)) = halves(a, b) {
-                                stack.push(right);
-                                stack.push(left);
-                                split = true;
-                                break;
-                            }
-                        }
-                    }
-                    self.commit_page(page, Some((a, b)), &mut seen).await?;
-                }
-                if split || (seen.len() as u64) >= total {
-                    break;
-                }
-                if rereads < streams.max_drift_rereads {
-                    rereads += 1;
-                    self.stats.drift_rereads.fetch_add(1, Ordering::Relaxed);
-                    warn!(stream = self.stream, from = %a, to = %b, distinct = seen.len(), total, "records moved between pages, reading the window again");
-                    continue;
-                }
-                warn!(stream = self.stream, from = %a, to = %b, distinct = seen.len(), total, "records still missing after re-reads; the next cycle's lookback reads the window again");
-                break;
-            }
-        }
-        Ok(())
+    fn query(&self, filter: DateFilter, from: NaiveDate, to: NaiveDate) -> WindowQuery {
+        let streams = &self.shared.streams;
+        let mut query = WindowQuery::new(filter, from, to);
+        query.server_tag = self.server_tag.clone();
+        query.include_fake = self.stream == "transactions" && streams.include_fake_transactions;
+        query.max_records = streams.max_window_records;
+        query
     }
 
-    async fn commit_page(
-        &mut self,
-        page: Page<T>,
-        window: Window,
-        seen: &mut HashSet<EntityKey>,
-    ) -> Result<(), PollError> {
-        let built = self.build_batch(page.records, window, seen);
-        self.commit(built).await
+    /// Reads one page of `reader`'s current window (or moves to its next window); returns
+    /// whether there is more to do. Halting stops it between pages.
+    async fn step(&mut self, reader: &mut WindowReader<T>) -> Result<bool, PollError> {
+        if self.halted() {
+            return Ok(false);
+        }
+        let shared = self.shared.clone();
+        let streams = &shared.streams;
+        let Some(reading) = reader.current.as_mut() else {
+            let Some((from, to)) = reader.stack.pop() else {
+                return Ok(false);
+            };
+            reader.current = Some(Reading {
+                from,
+                to,
+                pages: shared
+                    .client
+                    .pages::<T>(self.query(reader.filter, from, to)),
+                union: HashSet::new(),
+                total: 0,
+                rereads: 0,
+                first_page: true,
+            });
+            return Ok(true);
+        };
+        let (from, to) = (reading.from, reading.to);
+        if let Some(page) = reading.pages.next().await {
+            let page = page?;
+            self.stats.pages.fetch_add(1, Ordering::Relaxed);
+            reading.total = reading.total.max(page.total.unwrap_or(0));
+            if std::mem::take(&mut reading.first_page) && reading.total > streams.max_window_records
+            {
+                if let Some((left, right)) = halves(from, to) {
+                    debug!(stream = self.stream, %from, %to, total = reading.total, "window above max_window_records, splitting");
+                    reader.stack.push(right);
+                    reader.stack.push(left);
+                    reader.current = None;
+                    return Ok(true);
+                }
+            }
+            let built = self.build_batch(page.records, Some((from, to)), &mut reading.union);
+            self.commit(built).await?;
+            return Ok(true);
+        }
+        // The read is over: complete when the union of the window's reads reaches its total.
+        let (distinct, total) = (reading.union.len() as u64, reading.total);
+        if distinct >= total {
+            reader.current = None;
+            return Ok(true);
+        }
+        if reading.rereads < streams.max_drift_rereads {
+            reading.rereads += 1;
+            self.stats.drift_rereads.fetch_add(1, Ordering::Relaxed);
+            warn!(stream = self.stream, %from, %to, distinct, total, "records moved between pages, reading the window again");
+            reading.pages = shared
+                .client
+                .pages::<T>(self.query(reader.filter, from, to));
+            reading.total = 0;
+            return Ok(true);
+        }
+        reader.current = None;
+        match halves(from, to) {
+            Some((left, right)) => {
+                warn!(stream = self.stream, %from, %to, distinct, total, "records still missing after re-reads, reading the window in halves");
+                reader.stack.push(right);
+                reader.stack.push(left);
+            }
+            None => {
+                warn!(stream = self.stream, day = %from, missing = total - distinct, "day read with records missing, keeping it open");
+                reader.short.push((from, total - distinct));
+            }
+        }
+        Ok(true)
     }
 
     /// Commits a page batch, then remembers its fingerprints.
     async fn commit(&mut self, built: PageBatch) -> Result<(), PollError> {
         self.shared.sink.commit(built.batch).await?;
         let before = self.fps.len();
-        for (key, entry) in built.remember {
-            self.fps.insert(key, entry);
+        for (key, entry, name) in built.remember {
+            self.fps.insert(key, entry, name.as_deref().unwrap_or(""));
         }
         self.stats
             .tracked
@@ -369,6 +639,9 @@ impl<T: StreamRecord> Poller<T> {
         self.stats
             .dead_letters
             .fetch_add(built.dead, Ordering::Relaxed);
+        self.stats
+            .decimals_rounded
+            .fetch_add(built.rounded, Ordering::Relaxed);
         Ok(())
     }
 
@@ -389,7 +662,9 @@ impl<T: StreamRecord> Poller<T> {
             updated: 0,
             unchanged: 0,
             dead: 0,
+            rounded: 0,
         };
+        let rounded_before = self.encoder.rounded();
         let mut pending: HashMap<EntityKey, u64> = HashMap::new();
         for record in records {
             let (record, id) = match record {
@@ -432,7 +707,7 @@ impl<T: StreamRecord> Poller<T> {
                 continue;
             };
             let meta = EventMeta {
-                event_id: event_id(self.stream, &id, fp),
+                event_id: event_id(self.stream, &id, previous, fp),
                 op,
                 emitted_at: Utc::now(),
                 source: self.shared.source.clone(),
@@ -443,7 +718,12 @@ impl<T: StreamRecord> Poller<T> {
             };
             match self.encoder.encode(&record.model, &meta) {
                 Ok(payload) => {
-                    let day = record.model.day(tz).map_or(0, days_since_epoch);
+                    // A record without a usable date is kept as long as its window's records.
+                    let day = record
+                        .model
+                        .day(tz)
+                        .or(window.map(|(_, to)| to))
+                        .map_or(0, days_since_epoch);
                     let entry = FpEntry { fp, day };
                     out.batch.events.push(OutRecord {
                         topic: topic.clone(),
@@ -453,7 +733,8 @@ impl<T: StreamRecord> Poller<T> {
                     out.batch.state.push(
                         self.state_record(FpEntry::key(self.stream, &id), Some(entry.encode())),
                     );
-                    out.remember.push((key, entry));
+                    out.remember
+                        .push((key, entry, name_of(key, &id, self.stream)));
                     pending.insert(key, fp);
                     match op {
                         Op::Created => out.created += 1,
@@ -466,6 +747,7 @@ impl<T: StreamRecord> Poller<T> {
                 }
             }
         }
+        out.rounded = self.encoder.rounded() - rounded_before;
         out
     }
 
@@ -488,7 +770,7 @@ impl<T: StreamRecord> Poller<T> {
         if let Some(seen) = seen {
             seen.insert(dlq_key);
         }
-        if self.fps.get(dlq_key).is_some() || out.remember.iter().any(|(k, _)| *k == dlq_key) {
+        if self.fps.get(dlq_key).is_some() || out.remember.iter().any(|(k, ..)| *k == dlq_key) {
             return;
         }
         let letter = DeadLetter::new(self.stream, key.clone(), raw, error, fetched_at);
@@ -503,7 +785,8 @@ impl<T: StreamRecord> Poller<T> {
         out.batch
             .state
             .push(self.state_record(FpEntry::key(self.stream, &id), Some(entry.encode())));
-        out.remember.push((dlq_key, entry));
+        out.remember
+            .push((dlq_key, entry, name_of(dlq_key, &id, self.stream)));
         out.dead += 1;
     }
 
@@ -521,6 +804,12 @@ impl<T: StreamRecord> Poller<T> {
     }
 }
 
+/// Returns the id to keep beside a hashed entity key (its id within the scope), so the
+/// entity can be pruned; `None` for keys that hold their id.
+fn name_of(key: EntityKey, id: &str, stream: &str) -> Option<Box<str>> {
+    key.id().is_none().then(|| local_id(stream, id).into())
+}
+
 /// Returns days since 1970-01-01.
 pub fn days_since_epoch(day: NaiveDate) -> i32 {
     day.signed_duration_since(NaiveDate::default()).num_days() as i32
@@ -531,8 +820,11 @@ pub fn days_since_epoch(day: NaiveDate) -> i32 {
 pub enum Exit {
     /// Shut down.
     Cancelled,
-    /// This stream stopped (403, 400, auth); the others go on.
+    /// This stream (or server tag) stopped (400, 404); the others go on.
     Stopped(String),
+    /// The CRM denied the stream (403) or the credentials (401 after a fresh login): every
+    /// server tag of it would fail alike; the other streams go on.
+    Denied(String),
     /// The process must stop (fenced producer, sink gone).
     Fatal(String),
 }
@@ -541,20 +833,40 @@ pub enum Exit {
 pub trait Pollable: Send {
     /// Runs one cycle.
     fn cycle(&mut self) -> impl std::future::Future<Output = Result<(), PollError>> + Send + '_;
+
+    /// Does low-priority work until `until` (the next cycle), yielding at its first chance
+    /// after it.
+    fn background(
+        &mut self,
+        until: Instant,
+    ) -> impl std::future::Future<Output = Result<(), PollError>> + Send + '_ {
+        let _ = until;
+        async { Ok(()) }
+    }
 }
 
 impl<T: StreamRecord> Pollable for Poller<T> {
     fn cycle(&mut self) -> impl std::future::Future<Output = Result<(), PollError>> + Send + '_ {
         Poller::cycle(self)
     }
+
+    fn background(
+        &mut self,
+        until: Instant,
+    ) -> impl std::future::Future<Output = Result<(), PollError>> + Send + '_ {
+        Poller::background(self, until)
+    }
 }
 
-/// Runs cycles every `interval` until cancelled or a non-retriable error; returns how it
-/// ended and the pollable (with its in-memory state) back.
+/// Runs cycles every `interval` (background work in between) until `cancel` (shutdown: the
+/// work in hand is dropped), `halt` (a gentle stop: the pollable finishes the batch in hand)
+/// or a non-retriable error; returns how it ended and the pollable (with its in-memory
+/// state) back.
 pub async fn run_loop<P: Pollable>(
     stream: String,
     interval: Duration,
     cancel: CancellationToken,
+    halt: CancellationToken,
     mut pollable: P,
 ) -> (Exit, P) {
     loop {
@@ -562,23 +874,48 @@ pub async fn run_loop<P: Pollable>(
             _ = cancel.cancelled() => return (Exit::Cancelled, pollable),
             result = pollable.cycle() => result,
         };
-        match result {
-            Ok(()) => {}
-            Err(e) if e.is_fatal_for_process() => {
-                error!(stream = %stream, error = %e, "stopping: the process cannot go on");
-                return (Exit::Fatal(e.to_string()), pollable);
-            }
-            Err(e) if e.is_retriable() => {
-                warn!(stream = %stream, error = %e, "cycle failed, retrying next cycle")
-            }
-            Err(e) => {
-                error!(stream = %stream, error = %e, "stream stopped; the other streams go on");
-                return (Exit::Stopped(e.to_string()), pollable);
-            }
+        if let Some(exit) = judge(&stream, result, "cycle failed, retrying next cycle") {
+            return (exit, pollable);
+        }
+        let until = Instant::now() + interval;
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return (Exit::Cancelled, pollable),
+            result = pollable.background(until) => result,
+        };
+        if let Some(exit) = judge(&stream, result, "background work failed, retrying later") {
+            return (exit, pollable);
         }
         tokio::select! {
             _ = cancel.cancelled() => return (Exit::Cancelled, pollable),
-            _ = tokio::time::sleep(interval) => {}
+            _ = halt.cancelled() => return (Exit::Cancelled, pollable),
+            _ = tokio::time::sleep_until(until) => {}
+        }
+    }
+}
+
+/// Returns how the loop ends after `result`, or `None` to go on.
+fn judge(stream: &str, result: Result<(), PollError>, retry_message: &str) -> Option<Exit> {
+    match result {
+        Ok(()) => None,
+        Err(e) if e.is_fatal_for_process() => {
+            error!(stream = %stream, error = %e, "stopping: the process cannot go on");
+            Some(Exit::Fatal(e.to_string()))
+        }
+        Err(e) if e.is_retriable() => {
+            warn!(stream = %stream, error = %e, "{retry_message}");
+            None
+        }
+        Err(e) => {
+            error!(stream = %stream, error = %e, "stream stopped; the other streams go on");
+            let denied = matches!(
+                e,
+                PollError::Crm(CrmError::Forbidden { .. } | CrmError::Auth { .. })
+            );
+            Some(if denied {
+                Exit::Denied(e.to_string())
+            } else {
+                Exit::Stopped(e.to_string())
+            })
         }
     }
 }
@@ -593,6 +930,10 @@ pub fn log_stats(stream: &str, stats: &StreamStats) {
         unchanged = get(&stats.unchanged),
         dead_letters = get(&stats.dead_letters),
         drift_rereads = get(&stats.drift_rereads),
+        open_windows = get(&stats.open_windows),
+        open_windows_given_up = get(&stats.open_windows_given_up),
+        reconcile_sweeps = get(&stats.reconcile_sweeps),
+        decimals_rounded = get(&stats.decimals_rounded),
         pages = get(&stats.pages),
         "stream progress"
     );

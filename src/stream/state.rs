@@ -1,8 +1,9 @@
 //! What ibstream remembers between runs, as records of the compacted state topic.
 //!
 //! Keys (UTF-8):
-//! - `cursor/<scope>`: a [`Cursor`] as JSON `{"v":1,"watermark":"YYYY-MM-DD"|null,"next":…}`.
-//!   Scopes: `leads/registration`, `leads/lastModified`, `customers/registration`,
+//! - `cursor/<scope>`: a [`Cursor`] as JSON `{"v":1,"watermark":"YYYY-MM-DD"|null,"next":…,
+//!   "open":[{"day":"YYYY-MM-DD","since":RFC 3339,"missing":N}],"swept":RFC 3339}` (`open` and
+//!   `swept` are left out when empty; a release that predates them ignores them). Scopes: `leads/registration`, `leads/lastModified`, `customers/registration`,
 //!   `customers/lastModified`, `transactions`, `positions/<serverTag>`.
 //! - `fp/<stream>/<id>`: the fingerprint of the last emitted version of an entity, 13 bytes:
 //!   version `1`, fingerprint (u64 LE), day (i32 LE, days since 1970-01-01, the record's day
@@ -15,19 +16,35 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
 use serde::{Deserialize, Serialize};
 
 /// Format version of state values.
 pub const STATE_VERSION: u8 = 1;
 
 /// Progress of one cursor scope.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cursor {
     /// The last day read completely after it had ended (plus the closing lag).
     pub watermark: Option<NaiveDate>,
     /// Where an unfinished cycle resumes (backfill progress); `None` between cycles.
     pub next: Option<NaiveDate>,
+    /// Days read with fewer distinct records than their `total`, even after re-reads: retried
+    /// every cycle until complete or given up (`streams.open_window_retention_days`).
+    pub open: Vec<OpenWindow>,
+    /// When the last reconciliation sweep of this scope finished (the backfill counts as one).
+    pub swept: Option<DateTime<Utc>>,
+}
+
+/// A day whose records were not all read, kept beside the cursor until they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenWindow {
+    /// The day.
+    pub day: NaiveDate,
+    /// When it was first found short.
+    pub since: DateTime<Utc>,
+    /// Records missing at the last read (`total` minus distinct ids seen).
+    pub missing: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -35,6 +52,10 @@ struct CursorValue {
     v: u8,
     watermark: Option<NaiveDate>,
     next: Option<NaiveDate>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    open: Vec<OpenWindow>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    swept: Option<DateTime<Utc>>,
 }
 
 impl Cursor {
@@ -49,6 +70,8 @@ impl Cursor {
             v: STATE_VERSION,
             watermark: self.watermark,
             next: self.next,
+            open: self.open.clone(),
+            swept: self.swept,
         })
         .unwrap_or_default()
     }
@@ -66,7 +89,24 @@ impl Cursor {
         Ok(Cursor {
             watermark: value.watermark,
             next: value.next,
+            open: value.open,
+            swept: value.swept,
         })
+    }
+
+    /// Records a day found short (keeps the first `since` of a day already open).
+    pub fn open_day(&mut self, day: NaiveDate, missing: u64, now: DateTime<Utc>) {
+        match self.open.iter_mut().find(|w| w.day == day) {
+            Some(window) => window.missing = missing,
+            None => {
+                self.open.push(OpenWindow {
+                    day,
+                    since: now,
+                    missing,
+                });
+                self.open.sort_by_key(|w| w.day);
+            }
+        }
     }
 }
 
@@ -165,9 +205,13 @@ impl EntityKey {
 }
 
 /// Fingerprints of one stream (or one server tag of positions): ~30 bytes per entity.
+///
+/// Ids the [`EntityKey`] keeps only as a hash (dead-letter markers, server tags, non-numeric
+/// ids of other CRMs) are also kept by name, so their state keys can be rebuilt to prune them.
 #[derive(Debug, Default, Clone)]
 pub struct FpMap {
     map: HashMap<EntityKey, FpEntry, BuildHasherDefault<IdHasher>>,
+    names: HashMap<EntityKey, Box<str>, BuildHasherDefault<IdHasher>>,
 }
 
 impl FpMap {
@@ -176,14 +220,18 @@ impl FpMap {
         self.map.get(&key).copied()
     }
 
-    /// Remembers an entity's entry.
-    pub fn insert(&mut self, key: EntityKey, entry: FpEntry) {
+    /// Remembers an entity's entry; `id` is its id within the scope (`key`'s source).
+    pub fn insert(&mut self, key: EntityKey, entry: FpEntry, id: &str) {
+        if key.id().is_none() {
+            self.names.insert(key, id.into());
+        }
         self.map.insert(key, entry);
     }
 
     /// Forgets an entity.
     pub fn remove(&mut self, key: EntityKey) {
         self.map.remove(&key);
+        self.names.remove(&key);
     }
 
     /// Returns the number of entities.
@@ -196,15 +244,18 @@ impl FpMap {
         self.map.is_empty()
     }
 
-    /// Returns the exactly-keyed entities whose day is before `day` (to prune).
-    pub fn stale_before(&self, day: i32) -> Vec<EntityKey> {
+    /// Returns the entities whose day is before `day` (to prune), with their ids in the scope.
+    pub fn stale_before(&self, day: i32) -> Vec<(EntityKey, String)> {
         self.map
             .iter()
-            .filter(|(k, e)| {
+            .filter(|(_, e)| {
                 let entry_day = e.day;
-                entry_day < day && k.id().is_some()
+                entry_day < day
             })
-            .map(|(k, _)| *k)
+            .filter_map(|(k, _)| {
+                let id = k.id().or_else(|| self.names.get(k).map(|n| n.to_string()));
+                id.map(|id| (*k, id))
+            })
             .collect()
     }
 }
@@ -257,9 +308,10 @@ impl State {
                 Some(map) => map,
                 None => self.fingerprints.entry(scope.to_owned()).or_default(),
             };
-            let entity = key_in_scope(stream, id);
+            let local = local_id(stream, id);
+            let entity = EntityKey::of(local);
             match entry {
-                Some(entry) => map.insert(entity, entry),
+                Some(entry) => map.insert(entity, entry, local),
                 None => map.remove(entity),
             }
         }
@@ -283,9 +335,14 @@ pub fn fingerprint_scope(stream: &str, id: &str) -> String {
 
 /// Returns the key of an entity inside its scope's map (positions: the position id alone).
 pub fn key_in_scope(stream: &str, id: &str) -> EntityKey {
+    EntityKey::of(local_id(stream, id))
+}
+
+/// Returns an entity's id inside its scope (positions: the position id without its tag).
+pub fn local_id<'a>(stream: &str, id: &'a str) -> &'a str {
     match (stream, id.rsplit_once(':')) {
-        ("positions", Some((_, position))) => EntityKey::of(position),
-        _ => EntityKey::of(id),
+        ("positions", Some((_, position))) => position,
+        _ => id,
     }
 }
 
@@ -295,10 +352,33 @@ mod tests {
 
     #[test]
     fn values_round_trip_and_versions_are_checked() {
-        let cursor = Cursor {
+        let mut cursor = Cursor {
             watermark: NaiveDate::from_ymd_opt(2024, 5, 1),
-            next: None,
+            ..Cursor::default()
         };
+        assert_eq!(Cursor::decode(&cursor.encode()).unwrap(), cursor);
+        // Without open windows or a sweep the value is what the first release wrote.
+        assert_eq!(
+            cursor.encode(),
+            br#"{"v":1,"watermark":"2024-05-01","next":null}"#.to_vec()
+        );
+        let now = DateTime::parse_from_rfc3339("2024-05-02T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        cursor.open_day(NaiveDate::from_ymd_opt(2024, 4, 20).unwrap(), 3, now);
+        cursor.open_day(NaiveDate::from_ymd_opt(2024, 4, 10).unwrap(), 1, now);
+        cursor.open_day(
+            NaiveDate::from_ymd_opt(2024, 4, 20).unwrap(),
+            2,
+            now + chrono::Duration::hours(1),
+        );
+        cursor.swept = Some(now);
+        assert_eq!(cursor.open.len(), 2);
+        assert_eq!(
+            cursor.open[0].day,
+            NaiveDate::from_ymd_opt(2024, 4, 10).unwrap()
+        );
+        assert_eq!((cursor.open[1].missing, cursor.open[1].since), (2, now));
         assert_eq!(Cursor::decode(&cursor.encode()).unwrap(), cursor);
         assert!(Cursor::decode(br#"{"v":2,"watermark":null,"next":null}"#).is_err());
         let entry = FpEntry {
@@ -337,6 +417,27 @@ mod tests {
             .apply("fp/positions/mt4-live-01:77", Some(&e.encode()))
             .unwrap();
         state
+            .apply(
+                "fp/positions/mt4-live-01:dlq-0011223344556677",
+                Some(&e.encode()),
+            )
+            .unwrap();
+        assert_eq!(
+            state.fingerprints["positions/mt4-live-01"]
+                .stale_before(11)
+                .into_iter()
+                .map(|(_, id)| id)
+                .collect::<std::collections::BTreeSet<_>>(),
+            ["77", "dlq-0011223344556677"]
+                .map(String::from)
+                .into_iter()
+                .collect(),
+            "restored hashed ids keep their names"
+        );
+        state
+            .apply("fp/positions/mt4-live-01:dlq-0011223344556677", None)
+            .unwrap();
+        state
             .apply("cursor/transactions", Some(&Cursor::default().encode()))
             .unwrap();
         state.apply("barrier/x", Some(b"nonce")).unwrap();
@@ -353,20 +454,26 @@ mod tests {
     #[test]
     fn pruning_returns_what_it_forgot() {
         let mut map = FpMap::default();
-        for (id, day) in [("1", 5), ("2", 9), ("3", 10), ("x-1", 1)] {
-            map.insert(EntityKey::of(id), FpEntry { fp: 0, day });
+        for (id, day) in [
+            ("1", 5),
+            ("2", 9),
+            ("3", 10),
+            ("x-1", 1),
+            ("dlq-00ff00ff00ff00ff", 2),
+            ("y-2", 12),
+        ] {
+            map.insert(EntityKey::of(id), FpEntry { fp: 0, day }, id);
         }
-        let mut stale: Vec<String> = map
-            .stale_before(10)
-            .into_iter()
-            .filter_map(EntityKey::id)
-            .collect();
+        let mut stale: Vec<String> = map.stale_before(10).into_iter().map(|(_, id)| id).collect();
         stale.sort();
-        assert_eq!(stale, vec!["1", "2"]);
+        // Hashed ids (a dead-letter marker, a non-numeric id) are pruned like numeric ones.
+        assert_eq!(stale, vec!["1", "2", "dlq-00ff00ff00ff00ff", "x-1"]);
         assert_eq!(
             map.len(),
-            4,
+            6,
             "nothing is forgotten before the tombstones are committed"
         );
+        map.remove(EntityKey::of("x-1"));
+        assert_eq!(map.stale_before(10).len(), 3);
     }
 }

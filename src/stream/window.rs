@@ -55,9 +55,10 @@ pub fn halves(
     })
 }
 
-/// Returns the cursor after the window ending `window_to` was read completely.
+/// Returns the cursor after the window ending `window_to` was read (its short days, if any,
+/// are kept as open windows by the caller); open windows and the last sweep carry over.
 pub fn advance(
-    cursor: Cursor,
+    cursor: &Cursor,
     window_to: NaiveDate,
     today: NaiveDate,
     last_closed: NaiveDate,
@@ -66,6 +67,7 @@ pub fn advance(
     Cursor {
         watermark: Some(cursor.watermark.map_or(reached, |w| w.max(reached))),
         next: (window_to < today).then(|| window_to + Duration::days(1)),
+        ..cursor.clone()
     }
 }
 
@@ -93,24 +95,25 @@ mod tests {
                 (d("2024-03-03"), d("2024-03-10"))
             ]
         );
-        cursor = advance(cursor, plan[0].1, today, closed);
+        cursor = advance(&cursor, plan[0].1, today, closed);
         assert_eq!(
             cursor,
             Cursor {
                 watermark: Some(d("2024-01-31")),
-                next: Some(d("2024-02-01"))
+                next: Some(d("2024-02-01")),
+                ..Cursor::default()
             }
         );
         // A crash here resumes at the next window.
         assert_eq!(cycle_start(&cursor, 1, initial), d("2024-02-01"));
-        cursor = advance(cursor, plan[1].1, today, closed);
-        cursor = advance(cursor, plan[2].1, today, closed);
+        cursor = advance(&cursor, plan[1].1, today, closed);
+        cursor = advance(&cursor, plan[2].1, today, closed);
         // Today is not closed: the watermark stops at yesterday, and the cycle is complete.
         assert_eq!(
             cursor,
             Cursor {
                 watermark: Some(closed),
-                next: None
+                ..Cursor::default()
             }
         );
         // Steady state: watermark + 1 - lookback .. today.
@@ -135,9 +138,9 @@ mod tests {
         assert_eq!(last_closed_day(later, tz, lag), d("2024-03-09"));
         // A watermark never moves back.
         let c = advance(
-            Cursor {
+            &Cursor {
                 watermark: Some(d("2024-03-09")),
-                next: None,
+                ..Cursor::default()
             },
             d("2024-03-10"),
             d("2024-03-10"),
