@@ -803,11 +803,16 @@ impl Config {
             figment = figment.merge(Toml::file_exact(path));
         }
         // IBSTREAM_CONFIG names the file and IBSTREAM_LOG the log filter: not config keys.
-        figment = figment.merge(
-            Env::prefixed("IBSTREAM_")
-                .ignore(&["CONFIG", "LOG"])
-                .split("__"),
-        );
+        // Secrets are taken as the strings they are: figment would read `123456` or `true`
+        // as a number or a boolean (and quote it in its type error).
+        let mut ignored = vec!["CONFIG", "LOG"];
+        ignored.extend(SECRET_ENV.iter().map(|(var, _)| *var));
+        figment = figment.merge(Env::prefixed("IBSTREAM_").ignore(&ignored).split("__"));
+        for (var, key) in SECRET_ENV {
+            if let Ok(value) = std::env::var(format!("IBSTREAM_{var}")) {
+                figment = figment.merge(Serialized::global(key, value));
+            }
+        }
         figment
             .extract::<Config>()
             .map_err(|e| ConfigError::Load(describe_figment_error(e)))
@@ -879,6 +884,14 @@ pub fn is_avro_namespace(text: &str) -> bool {
         })
 }
 
+/// Environment variables (after `IBSTREAM_`) holding secrets, and their keys.
+const SECRET_ENV: [(&str, &str); 4] = [
+    ("CRM__PASSWORD", "crm.password"),
+    ("CRM__API_KEY", "crm.api_key"),
+    ("KAFKA__SASL_PASSWORD", "kafka.sasl_password"),
+    ("SCHEMA_REGISTRY__PASSWORD", "schema_registry.password"),
+];
+
 /// The defaults that figment starts from: only sections, so a missing section is not an error.
 #[derive(Serialize, Default)]
 struct DefaultsOnly {
@@ -902,8 +915,12 @@ fn describe_figment_error(error: figment::Error) -> String {
                     None => format!(" (from {})", m.name),
                 })
                 .unwrap_or_default();
+            let secret = SECRET_ENV.iter().any(|(_, k)| *k == key);
             let line = if key.is_empty() {
                 format!("{}{source}", e.kind)
+            } else if secret {
+                // A type error quotes the value: never for a secret.
+                format!("`{key}`: must be a string (its value is not shown){source}")
             } else {
                 format!("`{key}`: {}{source}", e.kind)
             };

@@ -9,6 +9,7 @@ pub mod config;
 pub mod crm;
 pub mod events;
 pub mod kafka;
+pub mod net;
 pub mod run;
 pub mod sim;
 pub mod stream;

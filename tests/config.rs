@@ -278,3 +278,109 @@ fn registry_section_validates() {
         Ok(())
     });
 }
+
+#[test]
+fn secrets_from_the_environment_are_the_strings_they_are() {
+    Jail::expect_with(|jail| {
+        jail.create_file("c.toml", MINIMAL)?;
+        // figment would read these as a number, a boolean, a number without its leading zero
+        // and a float without its trailing zero.
+        jail.set_env("IBSTREAM_CRM__PASSWORD", "123456");
+        jail.set_env("IBSTREAM_CRM__API_KEY", "true");
+        jail.set_env("IBSTREAM_KAFKA__SASL_PASSWORD", "0123");
+        jail.set_env("IBSTREAM_SCHEMA_REGISTRY__PASSWORD", "1.50");
+        jail.set_env("IBSTREAM_SCHEMA_REGISTRY__URL", "http://r:8081");
+        jail.set_env("IBSTREAM_SCHEMA_REGISTRY__USERNAME", "u");
+        let config = Config::load(Some("c.toml".as_ref())).unwrap();
+        config.validate().unwrap();
+        let secrets = config.crm.resolve_secrets().unwrap();
+        assert_eq!(secrets.password.expose_secret(), "123456");
+        assert_eq!(secrets.api_key.expose_secret(), "true");
+        assert_eq!(
+            config.kafka.sasl_password.as_ref().unwrap().expose_secret(),
+            "0123"
+        );
+        let registry = config.schema_registry.as_ref().unwrap();
+        assert_eq!(registry.password.as_ref().unwrap().expose_secret(), "1.50");
+        Ok(())
+    });
+}
+
+#[test]
+fn a_secret_of_the_wrong_type_is_named_without_its_value() {
+    Jail::expect_with(|jail| {
+        let toml = MINIMAL.replace("password = \"file-password\"", "password = 987654321");
+        let err = load_err(jail, &toml);
+        assert!(err.contains("`crm.password`"), "{err}");
+        assert!(!err.contains("987654321"), "the secret is printed: {err}");
+        let toml = MINIMAL.replace("api_key = \"file-key\"", "api_key = 4242.4242");
+        let err = load_err(jail, &toml);
+        assert!(err.contains("`crm.api_key`"), "{err}");
+        assert!(!err.contains("4242"), "the secret is printed: {err}");
+        Ok(())
+    });
+}
+
+#[test]
+fn values_that_would_overflow_a_date_or_a_duration_are_refused() {
+    Jail::expect_with(|jail| {
+        let long_prefix = "p".repeat(240);
+        let long_state = "s".repeat(250);
+        let future = (chrono::Utc::now() + chrono::Duration::days(3))
+            .format("%Y-%m-%d")
+            .to_string();
+        for (section, key, value) in [
+            (
+                "streams",
+                "closing_lag_secs",
+                "9223372036854775807".to_owned(),
+            ),
+            ("streams", "lookback_days", "4000000000".to_owned()),
+            ("streams", "backfill_window_days", "4000000000".to_owned()),
+            ("streams", "backfill_window_days", "0".to_owned()),
+            ("streams", "reconcile_days", "100000".to_owned()),
+            ("streams", "reconcile_interval_secs", "0".to_owned()),
+            ("streams", "open_window_retention_days", "0".to_owned()),
+            ("streams", "start_date", future.clone()),
+            ("streams", "start_date", "1900-01-01".to_owned()),
+            (
+                "kafka",
+                "batch_timeout_secs",
+                "9223372036854775807".to_owned(),
+            ),
+            ("kafka", "state_topic", "\"bad topic!\"".to_owned()),
+            ("kafka", "state_topic", format!("\"{long_state}\"")),
+            ("topics", "prefix", format!("\"{long_prefix}\"")),
+        ] {
+            let toml = format!(
+                "{MINIMAL}[kafka]\nbootstrap_servers = \"k:9092\"\n{}\n",
+                match section {
+                    "kafka" => format!("{key} = {value}\n"),
+                    other => format!("[{other}]\n{key} = {value}\n"),
+                }
+            );
+            jail.create_file("c.toml", &toml)?;
+            let err = match Config::load(Some("c.toml".as_ref())) {
+                Ok(config) => ibstream::run::validate(&config)
+                    .expect_err(&format!("accepted {section}.{key} = {value}"))
+                    .to_string(),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                err.contains(&format!("`{section}.{key}`")),
+                "{section}.{key} = {value}: {err}"
+            );
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
+        // The largest accepted values compute without overflow.
+        let toml = format!(
+            "{MINIMAL}[kafka]\nbootstrap_servers = \"k:9092\"\nbatch_timeout_secs = 900\n\
+             [streams]\nclosing_lag_secs = 604800\nlookback_days = 366\nbackfill_window_days = 3660\n\
+             reconcile_days = 366\nopen_window_retention_days = 366\n"
+        );
+        jail.create_file("c.toml", &toml)?;
+        let config = Config::load(Some("c.toml".as_ref())).unwrap();
+        ibstream::run::validate(&config).unwrap();
+        Ok(())
+    });
+}

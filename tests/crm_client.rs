@@ -120,19 +120,27 @@ async fn wrong_credentials_are_an_auth_error_naming_what_to_check() {
 
 #[tokio::test]
 async fn rate_limit_429_waits_for_retry_after() {
-    let sim = start_sim(|c| c.max_rps = 2).await;
+    let sim = start_sim(|c| c.max_rps = 1).await;
     let crm = client(&sim, |_| {});
-    let started = Instant::now();
-    // Login + 4 calls = 5 calls at 2 per second: at least one Retry-After wait of 1 s.
-    for _ in 0..4 {
+    crm.login().await.unwrap();
+    // Calls until one of them meets a 429 (wherever the simulator's one-second window falls,
+    // two calls in a row soon land in one window): that call waits for Retry-After (1 s),
+    // then succeeds.
+    let mut waited = None;
+    for _ in 0..10 {
+        let limited = sim.stats().rate_limited.load(Ordering::Relaxed);
+        let started = Instant::now();
         crm.page::<Lead>(&since_start(), 1)
             .await
             .expect("succeeds after waiting");
+        if sim.stats().rate_limited.load(Ordering::Relaxed) > limited {
+            waited = Some(started.elapsed());
+            break;
+        }
     }
-    let elapsed = started.elapsed();
-    assert!(sim.stats().rate_limited.load(Ordering::Relaxed) >= 1);
-    assert!(elapsed >= Duration::from_millis(1000), "{elapsed:?}");
-    assert!(elapsed < Duration::from_secs(20), "{elapsed:?}");
+    let waited = waited.expect("no call met a 429 in 10 calls at 1 call per second");
+    assert!(waited >= Duration::from_millis(1000), "{waited:?}");
+    assert!(waited < Duration::from_secs(20), "{waited:?}");
     sim.shutdown().await;
 }
 
@@ -313,6 +321,124 @@ async fn pagination_yields_each_record_once() {
     sim.shutdown().await;
 }
 
+/// Reads every page of a leads query since the start; returns the ids and the page sizes.
+async fn read_all(crm: &ibstream::crm::CrmClient) -> Result<(Vec<i64>, Vec<usize>), CrmError> {
+    let mut pages = crm.pages::<Lead>(since_start());
+    let (mut ids, mut sizes) = (Vec::new(), Vec::new());
+    let read = async {
+        while let Some(page) = pages.next().await {
+            let page = page?;
+            sizes.push(page.records.len());
+            ids.extend(
+                page.records
+                    .into_iter()
+                    .map(|r| r.unwrap().model.id.unwrap()),
+            );
+        }
+        Ok::<_, CrmError>(())
+    };
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("paging ends")?;
+    Ok((ids, sizes))
+}
+
+fn lead_ids(sim: &ibstream::sim::SimHandle) -> HashSet<i64> {
+    sim.truth(ibstream::sim::Kind::Leads)
+        .iter()
+        .map(|l| l["id"].as_i64().unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn answers_without_total_are_paged_until_a_short_page() {
+    for (leads, want) in [(2345, vec![1000, 1000, 345]), (2000, vec![1000, 1000, 0])] {
+        let sim = start_sim(|c| {
+            c.leads = leads;
+            c.omit_total = true;
+        })
+        .await;
+        let (ids, sizes) = read_all(&client(&sim, |_| {})).await.unwrap();
+        assert_eq!(sizes, want);
+        assert_eq!(ids.len(), leads, "no record twice");
+        assert_eq!(ids.into_iter().collect::<HashSet<_>>(), lead_ids(&sim));
+        sim.shutdown().await;
+    }
+}
+
+#[tokio::test]
+async fn a_crm_ignoring_page_without_total_stops_at_the_first_page_without_new_ids() {
+    let sim = start_sim(|c| {
+        c.leads = 2345;
+        c.omit_total = true;
+        c.ignore_page = true;
+    })
+    .await;
+    // Every page is the first one, always full: the second brings no new id, and paging stops
+    // there instead of running forever. (The pipeline then finds the window short.)
+    let (ids, sizes) = read_all(&client(&sim, |_| {})).await.unwrap();
+    assert_eq!(sizes, vec![1000, 1000]);
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 1000);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_crm_ignoring_page_with_a_total_reads_the_pages_the_total_asks_for() {
+    let sim = start_sim(|c| {
+        c.leads = 2345;
+        c.ignore_page = true;
+    })
+    .await;
+    let (ids, sizes) = read_all(&client(&sim, |_| {})).await.unwrap();
+    assert_eq!(sizes, vec![1000, 1000, 1000]);
+    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 1000);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_crm_capping_the_page_size_is_paged_by_what_it_serves() {
+    let sim = start_sim(|c| {
+        c.leads = 2345;
+        c.page_cap = 100;
+    })
+    .await;
+    // pageSize=1000 is asked, 100 are served: paging goes on by 100, so nothing is skipped.
+    let crm = client(&sim, |c| c.page_size = 1000);
+    let (ids, sizes) = read_all(&crm).await.unwrap();
+    assert_eq!(sizes.len(), 24, "{sizes:?}");
+    assert!(sizes[..23].iter().all(|&n| n == 100), "{sizes:?}");
+    assert_eq!(sizes[23], 45);
+    assert_eq!(ids.len(), 2345, "no record twice");
+    assert_eq!(ids.into_iter().collect::<HashSet<_>>(), lead_ids(&sim));
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_total_that_grows_on_every_call_ends_in_a_paging_error() {
+    let sim = start_sim(|c| {
+        c.leads = 2345;
+        c.growing_total = 1000;
+    })
+    .await;
+    let err = read_all(&client(&sim, |_| {})).await.unwrap_err();
+    assert!(matches!(err, CrmError::Paging { .. }), "{err:?}");
+    assert!(err.is_transient(), "the next cycle tries again");
+    assert!(err.to_string().contains("did not end"), "{err}");
+    // First total 3345: 4 pages, plus the margin of 2.
+    assert_eq!(sim.stats().pages.load(Ordering::Relaxed), 6);
+    sim.shutdown().await;
+
+    // A total that grows a little (records arriving while paging) still ends, complete.
+    let sim = start_sim(|c| {
+        c.leads = 2345;
+        c.growing_total = 1;
+    })
+    .await;
+    let (ids, _) = read_all(&client(&sim, |_| {})).await.unwrap();
+    assert_eq!(ids.into_iter().collect::<HashSet<_>>(), lead_ids(&sim));
+    sim.shutdown().await;
+}
+
 #[tokio::test]
 async fn empty_window_is_one_empty_page() {
     let sim = start_sim(|_| {}).await;
@@ -481,4 +607,113 @@ async fn unreachable_crm_names_the_url() {
         !text.contains("ib-secret") && !text.contains("sim-api-key"),
         "{text}"
     );
+}
+
+/// A server that records every request it receives (method, path, headers, body).
+async fn recording_server() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use axum::extract::Request;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let app = axum::Router::new().fallback(move |request: Request| {
+        let log = log.clone();
+        async move {
+            let (parts, body) = request.into_parts();
+            let body = axum::body::to_bytes(body, 1 << 20)
+                .await
+                .unwrap_or_default();
+            log.lock().unwrap().push(format!(
+                "{} {} {:?} {}",
+                parts.method,
+                parts.uri,
+                parts.headers,
+                String::from_utf8_lossy(&body)
+            ));
+            "{}"
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, seen)
+}
+
+/// A CRM that logs in normally but redirects (`status`) every other call to `target`; with
+/// `redirect_login`, the login too.
+async fn redirecting_crm(target: String, status: u16, redirect_login: bool) -> String {
+    use axum::extract::Request;
+    use axum::http::{header::LOCATION, StatusCode};
+    use axum::response::IntoResponse;
+    let app = axum::Router::new().fallback(move |request: Request| {
+        let target = target.clone();
+        async move {
+            let path = request.uri().path().to_owned();
+            if path.ends_with("/auth/login") && !redirect_login {
+                return (StatusCode::OK, r#"{"token": "t0k3n-secret"}"#).into_response();
+            }
+            let status = StatusCode::from_u16(status).unwrap();
+            (status, [(LOCATION, format!("{target}{path}"))], "").into_response()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+#[tokio::test]
+async fn redirects_are_not_followed_and_no_secret_reaches_another_origin() {
+    let (elsewhere, seen) = recording_server().await;
+    for (status, redirect_login) in [(302, false), (307, false), (307, true), (301, true)] {
+        let crm_url = redirecting_crm(elsewhere.clone(), status, redirect_login).await;
+        let config = ibstream::config::CrmConfig {
+            base_url: crm_url.clone(),
+            max_retries: 0,
+            ..common::crm_config_for_url()
+        };
+        let crm = ibstream::crm::CrmClient::build(&config).unwrap();
+        let err = if redirect_login {
+            crm.login().await.unwrap_err()
+        } else {
+            crm.get_raw(Endpoint::Servers, &[]).await.unwrap_err()
+        };
+        let text = err.to_string();
+        assert!(matches!(err, CrmError::Unusable { .. }), "{err:?}");
+        assert!(
+            text.contains("redirect") && text.contains(&elsewhere),
+            "{text}"
+        );
+        assert!(
+            !text.contains("ib-secret") && !text.contains("sim-api-key") && !text.contains("t0k3n"),
+            "{text}"
+        );
+    }
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.is_empty(),
+        "the other origin received requests: {:?}",
+        *seen
+    );
+}
+
+#[tokio::test]
+async fn answers_above_the_size_limit_are_a_clear_error() {
+    let sim = start_sim(|c| c.leads = 3000).await;
+    let crm = client(&sim, |c| c.max_response_bytes = 64 * 1024);
+    let err = crm.page::<Lead>(&since_start(), 1).await.unwrap_err();
+    assert!(matches!(err, CrmError::Unusable { .. }), "{err:?}");
+    assert!(err.to_string().contains("crm.max_response_bytes"), "{err}");
+    // Small pages fit.
+    let crm = client(&sim, |c| {
+        c.max_response_bytes = 64 * 1024;
+        c.page_size = 10;
+    });
+    assert_eq!(
+        crm.page::<Lead>(&since_start(), 1)
+            .await
+            .unwrap()
+            .records
+            .len(),
+        10
+    );
+    sim.shutdown().await;
 }

@@ -126,6 +126,7 @@ struct Inner {
     domain: String,
     tz: Tz,
     page_size: u32,
+    max_response_bytes: u64,
     max_retries: u32,
     backoff_initial: Duration,
     backoff_max: Duration,
@@ -165,7 +166,7 @@ impl CrmClient {
             key: "crm.base_url",
             reason: format!("is not a URL: {e}"),
         })?;
-        let http = reqwest::Client::builder()
+        let http = crate::net::client_builder()
             .timeout(Duration::from_secs(config.request_timeout_secs))
             .connect_timeout(Duration::from_secs(config.request_timeout_secs.min(10)))
             .user_agent(concat!("ibstream/", env!("CARGO_PKG_VERSION")))
@@ -189,6 +190,7 @@ impl CrmClient {
                 domain: config.domain.clone(),
                 tz: config.tz()?,
                 page_size: config.page_size,
+                max_response_bytes: config.max_response_bytes,
                 max_retries: config.max_retries,
                 backoff_initial: Duration::from_millis(config.backoff_initial_ms),
                 backoff_max: Duration::from_millis(config.backoff_max_ms),
@@ -386,14 +388,32 @@ impl CrmClient {
             }
             let outcome = match request.send().await {
                 Err(e) => Retry::Transient(describe_reqwest_error(&e)),
+                Ok(response) if response.status().is_redirection() => {
+                    return Err(Failure::Error(CrmError::Unusable {
+                        url: display_url,
+                        message: crate::net::redirect_message(&response),
+                    }))
+                }
                 Ok(response) => {
                     let status = response.status();
                     let retry_after = parse_retry_after(response.headers());
-                    match response.bytes().await {
-                        Err(e) => Retry::Transient(format!(
+                    let body = crate::net::read_body(
+                        response,
+                        inner.max_response_bytes,
+                        "crm.max_response_bytes",
+                    )
+                    .await;
+                    match body {
+                        Err(crate::net::BodyError::Read(e)) => Retry::Transient(format!(
                             "reading the answer failed: {}",
                             describe_reqwest_error(&e)
                         )),
+                        Err(e @ crate::net::BodyError::TooLarge { .. }) => {
+                            return Err(Failure::Error(CrmError::Unusable {
+                                url: display_url,
+                                message: e.to_string(),
+                            }))
+                        }
                         Ok(bytes) => match classify(status, &bytes) {
                             Class::Ok => match decode(&bytes) {
                                 Ok(value) => return Ok(value),

@@ -59,6 +59,15 @@ pub enum CrmError {
         /// The last failure.
         message: String,
     },
+    /// An answer ibstream will not use: a redirect (none is followed, so credentials never
+    /// reach another address) or a body above `crm.max_response_bytes`. Not retried.
+    #[error("crm answer from {url} not used: {message}")]
+    Unusable {
+        /// The URL called.
+        url: String,
+        /// What was wrong.
+        message: String,
+    },
     /// The pages of one window did not end within their bound (a CRM whose `total` keeps
     /// growing, or whose pages never run short). The cycle fails; the next one tries again.
     #[error("crm paging of {url} did not end: {reason}")]

@@ -73,12 +73,15 @@ impl std::fmt::Debug for SchemaRegistry {
 
 const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 
+/// The largest registry answer read: an id or an error message is a few hundred bytes.
+const MAX_ANSWER_BYTES: u64 = 1 << 20;
+
 impl SchemaRegistry {
     /// Builds the client (reads `password_file` and `ca_file`; no network).
     pub fn build(config: &SchemaRegistryConfig) -> Result<SchemaRegistry, ConfigError> {
         config.validate()?;
         let mut builder =
-            reqwest::Client::builder().timeout(Duration::from_secs(config.request_timeout_secs));
+            crate::net::client_builder().timeout(Duration::from_secs(config.request_timeout_secs));
         if let Some(path) = &config.ca_file {
             let pem = std::fs::read(path).map_err(|source| ConfigError::SecretFile {
                 key: "schema_registry.ca_file",
@@ -177,7 +180,21 @@ impl SchemaRegistry {
         };
         let response = request.send().await.map_err(unavailable)?;
         let status = response.status().as_u16();
-        let body = response.bytes().await.map_err(unavailable)?;
+        if response.status().is_redirection() {
+            return Err(RegistryError::Unavailable {
+                url: self.url.clone(),
+                message: crate::net::redirect_message(&response),
+            });
+        }
+        let body = crate::net::read_body(response, MAX_ANSWER_BYTES, "the registry's answers")
+            .await
+            .map_err(|e| RegistryError::Unavailable {
+                url: self.url.clone(),
+                message: match e {
+                    crate::net::BodyError::Read(e) => e.without_url().to_string(),
+                    other => other.to_string(),
+                },
+            })?;
         if status == 401 || status == 403 {
             return Err(RegistryError::Unavailable {
                 url: self.url.clone(),
@@ -187,7 +204,7 @@ impl SchemaRegistry {
                 ),
             });
         }
-        Ok((status, body.to_vec()))
+        Ok((status, body))
     }
 }
 
