@@ -99,6 +99,38 @@ const SYMBOLS: [(&str, i64); 8] = [
     ("US30", 3_812_500_000),
 ];
 
+/// A money or quantity value as the API serves it: a JSON string by default, a JSON number
+/// with `--numeric-money`, written with an exponent once `reformat`ted (the same number).
+struct Money {
+    text: String,
+    form: MoneyForm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MoneyForm {
+    Text,
+    Number,
+    Exponent,
+}
+
+impl serde::Serialize for Money {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let text = match self.form {
+            MoneyForm::Text => return serializer.serialize_str(&self.text),
+            MoneyForm::Number => self.text.clone(),
+            MoneyForm::Exponent => {
+                // "-12.50" → "-1250e-2": the same number written another way.
+                let (int, frac) = self.text.split_once('.').unwrap_or((&self.text, ""));
+                format!("{int}{frac}e-{}", frac.len())
+            }
+        };
+        match text.parse::<serde_json::Number>() {
+            Ok(number) => number.serialize(serializer),
+            Err(_) => serializer.serialize_str(&text),
+        }
+    }
+}
+
 /// A transaction as the API serves it.
 #[derive(serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -107,10 +139,10 @@ struct TransactionWire<'a> {
     customer_id: Option<i64>,
     #[serde(rename = "type")]
     kind: &'static str,
-    amount: String,
+    amount: Money,
     currency: &'static str,
-    amount_usd: String,
-    transaction_date: String,
+    amount_usd: Money,
+    transaction_date: Option<String>,
     payment_method: &'static str,
     trading_account: Option<String>,
     server_tag: Option<&'a str>,
@@ -128,14 +160,14 @@ struct PositionWire<'a> {
     customer_id: Option<i64>,
     symbol: &'static str,
     side: &'static str,
-    volume: String,
-    open_price: String,
-    close_price: String,
+    volume: Money,
+    open_price: Money,
+    close_price: Money,
     open_time: String,
     close_time: String,
-    profit: String,
-    commission: String,
-    swap: String,
+    profit: Money,
+    commission: Money,
+    swap: Money,
     currency: &'static str,
 }
 
@@ -192,8 +224,25 @@ pub enum ChangeKind {
     EditCustomer,
     /// A deposit or withdrawal (a customer's first deposit also sets its `ftdDate`).
     Transaction,
-    /// A transaction dated yesterday, booked now (found only by the lookback).
-    LateTransaction,
+    /// A successful transaction dated `days` ago, booked now (a deposit that succeeded late).
+    LateTransaction {
+        /// How many days before now it is dated.
+        days: u32,
+    },
+    /// One transaction's amount and one closed position's profit change (by 1.00), the
+    /// records dated closest to `days` ago (random records without `days`).
+    Correction {
+        /// How many days back the corrected records are dated.
+        days: Option<u32>,
+    },
+    /// The last correction is undone (its records are as they were before it).
+    Revert,
+    /// The newest transaction is served with `"transactionDate": null` (it stays in its day's
+    /// results).
+    NullDate,
+    /// The newest transaction and position write their numbers another way (`12.50` becomes
+    /// `1250e-2`; the same numbers; needs `--numeric-money` to be visible as numbers).
+    Reformat,
     /// A position closes.
     Position,
     /// A new live server appears, a customer opens an account on it and closes positions there.
@@ -213,7 +262,11 @@ impl ChangeKind {
             "conversion" => ChangeKind::Conversion,
             "customer_edit" | "edit_customer" => ChangeKind::EditCustomer,
             "transaction" => ChangeKind::Transaction,
-            "late_transaction" => ChangeKind::LateTransaction,
+            "late_transaction" => ChangeKind::LateTransaction { days: 1 },
+            "correction" => ChangeKind::Correction { days: None },
+            "revert" => ChangeKind::Revert,
+            "null_date" => ChangeKind::NullDate,
+            "reformat" => ChangeKind::Reformat,
             "position" => ChangeKind::Position,
             "server" => ChangeKind::Server,
             "server_remove" => ChangeKind::RemoveServer,
@@ -242,6 +295,8 @@ pub struct GenSpec {
     pub positions: usize,
     /// Live servers (one demo server is added).
     pub servers: usize,
+    /// Serve money and quantities as JSON numbers instead of strings.
+    pub numeric_money: bool,
     /// Fraction of records served with an unreadable date or amount.
     pub malformed_rate: f64,
 }
@@ -295,6 +350,8 @@ struct Transaction {
     product_id: Option<u64>,
     fake: bool,
     malformed: bool,
+    date_hidden: bool,
+    reformatted: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -324,6 +381,7 @@ struct Position {
     commission_cents: i64,
     swap_cents: i64,
     malformed: bool,
+    reformatted: bool,
 }
 
 /// Every record the simulated CRM holds.
@@ -337,6 +395,10 @@ pub struct SimData {
     servers: Vec<Server>,
     positions: Vec<Position>,
     next_login: u64,
+    /// Serve money and quantities as JSON numbers instead of strings.
+    numeric_money: bool,
+    /// Corrections made, newest last: each record's kind, index and previous cents.
+    corrections: Vec<Vec<(Kind, usize, i64)>>,
 }
 
 /// The order a page is cut from.
@@ -387,6 +449,8 @@ impl SimData {
             servers: Vec::new(),
             positions: Vec::with_capacity(spec.positions),
             next_login: 100_000,
+            numeric_money: spec.numeric_money,
+            corrections: Vec::new(),
         };
         for i in 0..spec.servers.max(1) {
             data.servers.push(live_server(i));
@@ -471,6 +535,8 @@ impl SimData {
                 product_id: (rng.f64() < 0.2).then(|| rng.u64(1_000_000..9_999_999)),
                 fake,
                 malformed: malformed(&mut rng),
+                date_hidden: false,
+                reformatted: false,
             });
         }
         let closes = data.customer_times(&mut rng, spec.positions, start, now);
@@ -566,6 +632,7 @@ impl SimData {
             commission_cents: -(volume_centilots * 7).max(1),
             swap_cents: rng.i64(-500..=200),
             malformed,
+            reformatted: false,
         });
         self.positions.len() - 1
     }
@@ -830,18 +897,23 @@ impl SimData {
             t.amount_cents
         };
         let sign = if t.deposit { 1 } else { -1 };
+        let form = self.money_form(t.reformatted);
+        let m = |text: String| Money { text, form };
         TransactionWire {
             id: t.id,
             customer_id: t.customer_id,
             kind: if t.deposit { "Deposit" } else { "Withdrawal" },
             amount: if t.malformed {
-                "12,50.x".to_owned()
+                Money {
+                    text: "12,50.x".to_owned(),
+                    form: MoneyForm::Text,
+                }
             } else {
-                money(sign * t.amount_cents)
+                m(money(sign * t.amount_cents))
             },
             currency: if t.eur { "EUR" } else { "USD" },
-            amount_usd: money(sign * usd_cents),
-            transaction_date: self.time(t.date),
+            amount_usd: m(money(sign * usd_cents)),
+            transaction_date: (!t.date_hidden).then(|| self.time(t.date)),
             payment_method: PAYMENT_METHODS[t.method as usize],
             trading_account: t.account.map(|(login, _)| login.to_string()),
             server_tag: t
@@ -857,6 +929,8 @@ impl SimData {
     fn position_wire<'a>(&'a self, p: &Position) -> PositionWire<'a> {
         let (symbol, _) = SYMBOLS[p.symbol as usize];
         let price_scale = if symbol == "USDJPY" { 3 } else { 5 };
+        let form = self.money_form(p.reformatted);
+        let m = |text: String| Money { text, form };
         PositionWire {
             position_id: p.id,
             login: p.login.to_string(),
@@ -864,19 +938,30 @@ impl SimData {
             customer_id: p.customer_id,
             symbol,
             side: if p.buy { "Buy" } else { "Sell" },
-            volume: Decimal::new(p.volume_centilots, 2).to_string(),
-            open_price: Decimal::new(p.open_price, price_scale).to_string(),
-            close_price: Decimal::new(p.close_price, price_scale).to_string(),
+            volume: m(Decimal::new(p.volume_centilots, 2).to_string()),
+            open_price: m(Decimal::new(p.open_price, price_scale).to_string()),
+            close_price: m(Decimal::new(p.close_price, price_scale).to_string()),
             open_time: self.time(p.open),
             close_time: self.time(p.close),
             profit: if p.malformed {
-                "NaN".to_owned()
+                Money {
+                    text: "NaN".to_owned(),
+                    form: MoneyForm::Text,
+                }
             } else {
-                money(p.profit_cents)
+                m(money(p.profit_cents))
             },
-            commission: money(p.commission_cents),
-            swap: money(p.swap_cents),
+            commission: m(money(p.commission_cents)),
+            swap: m(money(p.swap_cents)),
             currency: "USD",
+        }
+    }
+
+    fn money_form(&self, reformatted: bool) -> MoneyForm {
+        match (self.numeric_money, reformatted) {
+            (false, _) => MoneyForm::Text,
+            (true, false) => MoneyForm::Number,
+            (true, true) => MoneyForm::Exponent,
         }
     }
 
@@ -998,8 +1083,55 @@ impl SimData {
             ChangeKind::Transaction if !self.customers.is_empty() => {
                 self.add_transaction(&mut rng, now, now, changes)
             }
-            ChangeKind::LateTransaction if !self.customers.is_empty() => {
-                self.add_transaction(&mut rng, now, now - 86_400, changes)
+            ChangeKind::LateTransaction { days } if !self.customers.is_empty() => {
+                self.add_transaction(&mut rng, now, now - i64::from(days) * 86_400, changes)
+            }
+            ChangeKind::Correction { days } => {
+                let target = days.map(|d| now - i64::from(d) * 86_400);
+                let mut undo = Vec::new();
+                let transaction = self.pick(Kind::Transactions, target, &mut rng);
+                if let Some(i) = transaction {
+                    let t = &mut self.transactions[i];
+                    undo.push((Kind::Transactions, i, t.amount_cents));
+                    t.amount_cents += 100;
+                    changes.push(change("transactions", "updated", t.id.to_string()));
+                }
+                if let Some(i) = self.pick(Kind::Positions, target, &mut rng) {
+                    undo.push((Kind::Positions, i, self.positions[i].profit_cents));
+                    self.positions[i].profit_cents += 100;
+                    changes.push(change("positions", "updated", self.position_key(i)));
+                }
+                self.corrections.push(undo);
+            }
+            ChangeKind::Revert => {
+                for (kind, i, cents) in self.corrections.pop().unwrap_or_default() {
+                    if kind == Kind::Transactions {
+                        self.transactions[i].amount_cents = cents;
+                        let id = self.transactions[i].id.to_string();
+                        changes.push(change("transactions", "updated", id));
+                    } else {
+                        self.positions[i].profit_cents = cents;
+                        changes.push(change("positions", "updated", self.position_key(i)));
+                    }
+                }
+            }
+            ChangeKind::NullDate => {
+                if let Some(i) = self.pick(Kind::Transactions, Some(now), &mut rng) {
+                    self.transactions[i].date_hidden = true;
+                    let id = self.transactions[i].id.to_string();
+                    changes.push(change("transactions", "updated", id));
+                }
+            }
+            ChangeKind::Reformat => {
+                if let Some(i) = self.pick(Kind::Transactions, Some(now), &mut rng) {
+                    self.transactions[i].reformatted = true;
+                    let id = self.transactions[i].id.to_string();
+                    changes.push(change("transactions", "reformatted", id));
+                }
+                if let Some(i) = self.pick(Kind::Positions, Some(now), &mut rng) {
+                    self.positions[i].reformatted = true;
+                    changes.push(change("positions", "reformatted", self.position_key(i)));
+                }
             }
             ChangeKind::Position if !self.customers.is_empty() => {
                 let c = &self.customers[rng.usize(..self.customers.len())];
@@ -1054,13 +1186,51 @@ impl SimData {
             }
             ChangeKind::EditCustomer
             | ChangeKind::Transaction
-            | ChangeKind::LateTransaction
+            | ChangeKind::LateTransaction { .. }
             | ChangeKind::Position => {
                 self.rng = rng;
                 return self.apply(ChangeKind::Conversion, now, changes);
             }
         }
         self.rng = rng;
+    }
+
+    /// Returns a readable, real (not fake, not malformed) transaction or position not
+    /// corrected or reformatted before: the one dated closest to `target`, or a random one.
+    fn pick(&self, kind: Kind, target: Option<i64>, rng: &mut fastrand::Rng) -> Option<usize> {
+        let candidates: Vec<(usize, i64)> = match kind {
+            Kind::Transactions => self
+                .transactions
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| !t.fake && !t.malformed && !t.date_hidden && !t.reformatted)
+                .map(|(i, t)| (i, t.date))
+                .collect(),
+            Kind::Positions => self
+                .positions
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| !p.malformed && !p.reformatted && self.servers[usize::from(p.server)].live)
+                .map(|(i, p)| (i, p.close))
+                .collect(),
+            _ => Vec::new(),
+        };
+        let touched = |i: usize| {
+            self.corrections
+                .iter()
+                .flatten()
+                .any(|(k, j, _)| *k == kind && *j == i)
+        };
+        let candidates: Vec<(usize, i64)> =
+            candidates.into_iter().filter(|(i, _)| !touched(*i)).collect();
+        match target {
+            Some(target) => candidates
+                .into_iter()
+                .min_by_key(|(_, date)| (date - target).abs())
+                .map(|(i, _)| i),
+            None if candidates.is_empty() => None,
+            None => Some(candidates[rng.usize(..candidates.len())].0),
+        }
     }
 
     /// A deposit or withdrawal dated `date`, booked `now` (a customer's first deposit also
@@ -1089,6 +1259,8 @@ impl SimData {
             product_id: None,
             fake: false,
             malformed: false,
+            date_hidden: false,
+            reformatted: false,
         });
         changes.push(Change {
             stream: "transactions",
@@ -1203,7 +1375,45 @@ mod tests {
             positions: 800,
             servers: 3,
             malformed_rate: 0.0,
+            numeric_money: false,
         }
+    }
+
+    #[test]
+    fn money_can_be_numbers_and_be_rewritten_as_the_same_numbers() {
+        let now = DateTime::from_timestamp(1_780_315_200, 0).unwrap();
+        let strings = SimData::generate(&spec(), now);
+        let t = &strings.truth(Kind::Transactions)[0];
+        assert!(t["amount"].is_string(), "{t}");
+        let mut data = SimData::generate(
+            &GenSpec {
+                numeric_money: true,
+                ..spec()
+            },
+            now,
+        );
+        let before = data.truth(Kind::Transactions);
+        let changes = data.mutate(1, Some(ChangeKind::Reformat), now);
+        let id: i64 = changes[0].key.parse().unwrap();
+        let after = data.truth(Kind::Transactions);
+        let find = |all: &[Value]| all.iter().find(|t| t["id"] == id).unwrap().clone();
+        let (a, b) = (find(&before), find(&after));
+        assert!(a["amount"].is_number() && b["amount"].is_number());
+        let text = |v: &Value| v.as_number().unwrap().as_str().to_owned();
+        assert_ne!(text(&a["amount"]), text(&b["amount"]));
+        assert!(text(&b["amount"]).contains("e-2"), "{}", text(&b["amount"]));
+        let value = |v: &Value| Decimal::from_scientific(&text(v)).or_else(|_| text(v).parse());
+        assert_eq!(value(&a["amount"]).unwrap(), value(&b["amount"]).unwrap());
+        // A correction and its revert give the record back as it was.
+        let changes = data.mutate(1, Some(ChangeKind::Correction { days: Some(10) }), now);
+        assert_eq!(changes.len(), 2);
+        let corrected = data.truth(Kind::Transactions);
+        data.mutate(1, Some(ChangeKind::Revert), now);
+        let reverted = data.truth(Kind::Transactions);
+        let key: i64 = changes[0].key.parse().unwrap();
+        let find = |all: &[Value]| all.iter().find(|t| t["id"] == key).unwrap().clone();
+        assert_ne!(find(&corrected), find(&after));
+        assert_eq!(find(&reverted), find(&after));
     }
 
     #[test]

@@ -10,9 +10,11 @@
 //! Besides the API it serves:
 //! - `GET /_sim/truth/{leads|customers|transactions|servers|positions}`: every current record
 //!   as the API serves it (fake transactions included, flagged `isFake`), no auth, no paging;
-//! - `POST /_sim/mutate?count=N[&kind=K]`: applies N changes now and returns them as
+//! - `POST /_sim/mutate?count=N[&kind=K][&days=D]`: applies N changes now and returns them as
 //!   `[{"stream", "op", "key"}]` (K: lead, lead_edit, conversion, customer_edit, transaction,
-//!   late_transaction, position, server, server_remove, server_restore);
+//!   late_transaction (dated D days ago, default 1), correction (of records dated about D
+//!   days ago), revert, null_date, reformat, position, server, server_remove,
+//!   server_restore);
 //! - `POST /_sim/expire-tokens`: revokes every issued token (the next data call gets a 401);
 //! - `GET /_sim/stats`: counters of requests, logins, injected faults, and position pages per
 //!   server tag.
@@ -114,6 +116,14 @@ pub struct SimConfig {
     /// that keep arriving, or a broken count); 0 = the true total.
     #[arg(long, default_value_t = 0)]
     pub growing_total: u64,
+    /// Serve money and quantities (amounts, volumes, prices, profits) as JSON numbers
+    /// instead of strings.
+    #[arg(long)]
+    pub numeric_money: bool,
+    /// Report one record more in the `total` of every transactions query whose window holds
+    /// this day than is served (a record deleted between the count and the fetch).
+    #[arg(long)]
+    pub short_day: Option<NaiveDate>,
     /// Fraction of records served with an unreadable date or amount.
     #[arg(long, default_value_t = 0.0)]
     pub malformed_rate: f64,
@@ -165,6 +175,7 @@ impl SimConfig {
             positions: self.positions,
             servers: self.servers,
             malformed_rate: self.malformed_rate,
+            numeric_money: self.numeric_money,
         }
     }
 }
@@ -183,6 +194,7 @@ pub fn sample_leads_page(count: usize, tz: Tz) -> Vec<u8> {
         positions: 0,
         servers: 1,
         malformed_rate: 0.0,
+        numeric_money: false,
     };
     let now = chrono::DateTime::from_timestamp(1_780_315_200, 0).unwrap_or_default();
     let records = SimData::generate(&spec, now).truth(Kind::Leads);

@@ -73,6 +73,12 @@ struct AppState {
     tokens: Mutex<HashMap<String, Instant>>,
     faults: Mutex<Faults>,
     stats: SimStats,
+    /// `--short-day`, changeable while running.
+    short_day: Mutex<Option<NaiveDate>>,
+    /// Server tags whose positions calls are answered with an error status.
+    failing_tags: Mutex<HashMap<String, u16>>,
+    /// Servers calls still to answer with an empty list.
+    empty_servers: std::sync::atomic::AtomicU32,
 }
 
 struct Faults {
@@ -128,6 +134,25 @@ impl SimHandle {
         lock(&self.state.faults).fail_next = n;
     }
 
+    /// Sets (or clears) the day whose transactions' totals report one record more than served.
+    pub fn set_short_day(&self, day: Option<NaiveDate>) {
+        *lock(&self.state.short_day) = day;
+    }
+
+    /// Answers positions calls of `tag` with `status` (`None`: normally again).
+    pub fn fail_positions(&self, tag: &str, status: Option<u16>) {
+        let mut tags = lock(&self.state.failing_tags);
+        match status {
+            Some(status) => tags.insert(tag.to_owned(), status),
+            None => tags.remove(tag),
+        };
+    }
+
+    /// Answers the next `n` servers calls with an empty list.
+    pub fn empty_servers(&self, n: u32) {
+        self.state.empty_servers.store(n, Ordering::Relaxed);
+    }
+
     /// Applies `count` changes now and returns them.
     pub fn mutate(&self, count: usize, kind: Option<ChangeKind>) -> Vec<super::Change> {
         write(&self.state.data).mutate(count, kind, Utc::now())
@@ -165,6 +190,9 @@ pub(super) async fn start(config: Arc<SimConfig>) -> Result<SimHandle, String> {
             fail_next: 0,
         }),
         stats: SimStats::default(),
+        short_day: Mutex::new(config.short_day),
+        failing_tags: Mutex::new(HashMap::new()),
+        empty_servers: std::sync::atomic::AtomicU32::new(0),
         config: config.clone(),
     });
     let app = Router::new()
@@ -389,8 +417,23 @@ async fn data_call(
         );
     }
     if kind == Kind::Servers {
-        let body = read(&state.data).render_servers().to_string();
+        let empty = state
+            .empty_servers
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok();
+        let body = if empty {
+            "{}".to_owned()
+        } else {
+            read(&state.data).render_servers().to_string()
+        };
         return json_response(StatusCode::OK, body);
+    }
+    if let (Kind::Positions, Some(tag)) = (kind, params.get("serverTag")) {
+        let status = lock(&state.failing_tags).get(tag).copied();
+        if let Some(status) = status {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::NOT_FOUND);
+            return error(&state, status, &format!("server {tag} not found"));
+        }
     }
     match page(&state, kind, &params) {
         Ok(body) => {
@@ -483,11 +526,11 @@ fn page(state: &AppState, kind: Kind, params: &HashMap<String, String>) -> Resul
         Some("true") => true,
         Some(other) => return Err(format!("includeFake must be true or false, got {other:?}")),
     };
-    let (from, until) = day_bounds(from, to, state.config.timezone);
+    let (from_instant, until) = day_bounds(from, to, state.config.timezone);
     let query = DataQuery {
         kind,
         by_modified,
-        from,
+        from: from_instant,
         until,
         server_tag,
         include_fake,
@@ -516,7 +559,11 @@ fn page(state: &AppState, kind: Kind, params: &HashMap<String, String>) -> Resul
     };
     let data = read(&state.data);
     let (total, indices) = data.select_page(&query, order, skip, served_size as usize);
-    let total = total as u64 + config.growing_total.saturating_mul(calls + 1);
+    let mut total = total as u64 + config.growing_total.saturating_mul(calls + 1);
+    let short_day = *lock(&state.short_day);
+    if kind == Kind::Transactions && short_day.is_some_and(|d| from <= d && d <= to) {
+        total += 1;
+    }
     let mut out = Vec::with_capacity(indices.len() * 512 + 64);
     let head = if config.omit_total {
         format!(r#"{{"page":{page},"pageSize":{page_size},"data":["#)
@@ -561,9 +608,23 @@ async fn mutate(
             )
         }
     };
+    let days = match params.get("days").map(|d| d.parse::<u32>()) {
+        None => None,
+        Some(Ok(days)) => Some(days),
+        Some(Err(_)) => {
+            return json_response(
+                StatusCode::BAD_REQUEST,
+                json!({"message": "days must be a number"}).to_string(),
+            )
+        }
+    };
     let kind = match params.get("kind") {
         None => None,
         Some(k) => match ChangeKind::parse(k) {
+            Some(ChangeKind::LateTransaction { .. }) => Some(ChangeKind::LateTransaction {
+                days: days.unwrap_or(1),
+            }),
+            Some(ChangeKind::Correction { .. }) => Some(ChangeKind::Correction { days }),
             Some(kind) => Some(kind),
             None => {
                 return json_response(

@@ -216,7 +216,7 @@ async fn late_records_and_new_servers_are_picked_up() {
         .await;
 
     // A transaction dated yesterday, booked now: found by the lookback.
-    let late = sim.mutate(3, Some(ChangeKind::LateTransaction));
+    let late = sim.mutate(3, Some(ChangeKind::LateTransaction { days: 1 }));
     // A new live server with closed positions: its tag gets a poller.
     let server = sim.mutate(1, Some(ChangeKind::Server));
     let before = run.cycles();
