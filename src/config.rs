@@ -234,6 +234,18 @@ impl KafkaConfig {
         Ok(())
     }
 
+    /// Returns the largest record the producer sends: `message.max.bytes` from
+    /// `kafka.librdkafka`, else librdkafka's default (1,000,000), less room for the record's
+    /// key and headers.
+    pub fn max_message_bytes(&self) -> usize {
+        let limit = self
+            .librdkafka
+            .get("message.max.bytes")
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .unwrap_or(1_000_000);
+        limit.saturating_sub(512)
+    }
+
     /// Returns the librdkafka settings common to producers and consumers (reads the SASL
     /// password file: IO).
     pub fn client_settings(&self) -> Result<Vec<(String, String)>, ConfigError> {
@@ -434,7 +446,7 @@ impl StreamsConfig {
             (
                 "streams.reconcile_interval_secs",
                 self.reconcile_interval_secs,
-                60,
+                1,
                 30 * 86_400,
             ),
             (

@@ -19,7 +19,7 @@ use tracing::{error, info, warn};
 use crate::config::{Config, ConfigError, StreamConfig};
 use crate::crm::{CrmClient, Customer, DateFilter, Lead, Position, Server, Transaction};
 use crate::events::{framing_for, Encoder, Schemas};
-use crate::kafka::{ensure_topics, restore, Batch, OutRecord, TopicSpec};
+use crate::kafka::{check_state_topic, ensure_topics, restore, Batch, OutRecord, TopicSpec};
 use crate::stream::poller::{
     log_stats, run_loop, CursorSpec, Exit, PollError, Pollable, Poller, Shared, StreamRecord,
     StreamStats,
@@ -115,6 +115,9 @@ pub async fn run(
     ensure_topics(&config.kafka, &topics)
         .await
         .map_err(RunError::Startup)?;
+    check_state_topic(&config.kafka, &state_topic)
+        .await
+        .map_err(RunError::Startup)?;
 
     // Registry ids (if any) before the pollers: a missing schema stops start-up.
     let framing = framing_for(&config, &schemas)
@@ -141,6 +144,7 @@ pub async fn run(
         state_topic: state_topic.clone(),
         streams: streams.clone(),
         decimal_excess: config.events.decimal_excess,
+        max_event_bytes: config.kafka.max_message_bytes(),
     });
     drop(sink.handle);
 

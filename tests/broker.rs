@@ -67,3 +67,57 @@ async fn tansu_produces_and_consumes_one_message() {
     assert_eq!(message.payload(), Some(&b"hello from ibstream"[..]));
     assert_eq!(message.offset(), delivery.offset);
 }
+
+async fn create(broker: &common::Tansu, topic: &str, partitions: i32, policy: &str) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .create()
+        .expect("admin client");
+    let results = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))
+                .set("cleanup.policy", policy)],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create topics call");
+    for result in results {
+        result.expect("topic created");
+    }
+}
+
+#[tokio::test]
+async fn a_state_topic_that_cannot_hold_the_state_is_refused_naming_the_fix() {
+    let broker = common::Tansu::start();
+    let config = ibstream::config::KafkaConfig {
+        bootstrap_servers: broker.bootstrap.clone(),
+        ..Default::default()
+    };
+    let good = common::unique_topic("state-ok");
+    create(&broker, &good, 1, "compact").await;
+    ibstream::kafka::check_state_topic(&config, &good)
+        .await
+        .expect("one compacted partition is right");
+
+    let split = common::unique_topic("state-split");
+    create(&broker, &split, 3, "compact").await;
+    let err = ibstream::kafka::check_state_topic(&config, &split)
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains(&split) && err.contains("3 partitions"),
+        "{err}"
+    );
+    assert!(err.contains("kafka.state_topic"), "{err}");
+
+    let deleting = common::unique_topic("state-delete");
+    create(&broker, &deleting, 1, "delete").await;
+    let err = ibstream::kafka::check_state_topic(&config, &deleting)
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains(&deleting) && err.contains("cleanup.policy=delete"),
+        "{err}"
+    );
+    assert!(err.contains("cleanup.policy=compact"), "{err}");
+}

@@ -150,3 +150,79 @@ async fn a_second_process_with_the_same_instance_id_fences_the_first() {
     drop(second.handle);
     second.task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_times_out_is_committed_again_not_aborted_and_resent() {
+    let mock = cluster();
+    let mut config = kafka(&mock.bootstrap_servers(), "eo-commit-retry");
+    config.batch_timeout_secs = 2;
+    let sink = sink::start(&config).await.unwrap();
+    sink.handle.commit(batch(1, "first")).await.unwrap();
+    // The coordinator keeps failing EndTxn with a retriable error for longer than the commit
+    // timeout: the commit call times out with its outcome unknown. Committing again is right;
+    // aborting and producing the batch again would write it twice.
+    mock.request_errors(
+        RDKafkaApiKey::EndTxn,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS; 6],
+    );
+    sink.handle
+        .commit(batch(2, "second"))
+        .await
+        .expect("committed after retrying the commit");
+    assert!(
+        sink.handle.stats().commit_retries.load(Ordering::Relaxed) >= 1,
+        "the commit never timed out: the scenario did not happen"
+    );
+    assert_eq!(
+        sink.handle.stats().aborts.load(Ordering::Relaxed),
+        0,
+        "the transaction was aborted and sent again"
+    );
+    sink.handle.commit(batch(1, "third")).await.unwrap();
+    // The mock shows aborted records too: a resent batch would appear twice.
+    let keys = read_committed(&mock.bootstrap_servers(), "crm.leads", 5);
+    assert_eq!(keys, vec!["first-0", "second-0", "second-1", "third-0"]);
+    drop(sink.handle);
+    sink.task.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_that_cannot_be_aborted_is_fatal() {
+    let mock = cluster();
+    let mut config = kafka(&mock.bootstrap_servers(), "eo-abort-fails");
+    config.batch_timeout_secs = 2;
+    let sink = sink::start(&config).await.unwrap();
+    sink.handle.commit(batch(1, "first")).await.unwrap();
+    // The batch fails, and the abort that must follow cannot complete.
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD],
+    );
+    mock.request_errors(
+        RDKafkaApiKey::EndTxn,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS; 200],
+    );
+    match sink.handle.commit(batch(2, "second")).await {
+        Err(SinkError::Fatal(message)) => assert!(message.contains("abort"), "{message}"),
+        other => panic!("a failed abort was not fatal: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_error_of_the_idempotent_producer_is_fatal() {
+    let mock = cluster();
+    // The broker refuses the producer id the idempotent producer needs: librdkafka raises a
+    // fatal error, after which it cannot keep its guarantees.
+    mock.request_errors(
+        RDKafkaApiKey::InitProducerId,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_CLUSTER_AUTHORIZATION_FAILED; 5],
+    );
+    let mut config = kafka(&mock.bootstrap_servers(), "alo-fatal");
+    config.delivery = Delivery::AtLeastOnce;
+    config.batch_timeout_secs = 5;
+    let sink = sink::start(&config).await.unwrap();
+    match sink.handle.commit(batch(1, "first")).await {
+        Err(SinkError::Fatal(message)) => assert!(message.contains("fatal"), "{message}"),
+        other => panic!("a fatal producer error was retriable: {other:?}"),
+    }
+}

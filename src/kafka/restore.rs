@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -72,6 +72,59 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[TopicSpec]) -> Result
         }
     }
     Ok(())
+}
+
+/// Checks that an existing state topic can hold the state: one partition (the restore reads
+/// partition 0; records spread over several would be lost) and `cleanup.policy=compact`
+/// (with `delete`, retention would drop cursors and fingerprints, and everything would be
+/// emitted again). The error names the topic and the fix.
+pub async fn check_state_topic(config: &KafkaConfig, topic: &str) -> Result<(), String> {
+    let admin: AdminClient<DefaultClientContext> = client_config(config)?
+        .create()
+        .map_err(|e| format!("cannot create the Kafka admin client: {e}"))?;
+    let admin = std::sync::Arc::new(admin);
+    let metadata = {
+        let (admin, name) = (admin.clone(), topic.to_owned());
+        tokio::task::spawn_blocking(move || {
+            admin
+                .inner()
+                .fetch_metadata(Some(&name), Duration::from_secs(30))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot read the metadata of {topic}: {e}"))?
+    };
+    let partitions = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic)
+        .map_or(0, |t| t.partitions().len());
+    if partitions != 1 {
+        return Err(format!(
+            "the state topic {topic} has {partitions} partitions; it must have exactly 1. Point kafka.state_topic at a new name (ibstream creates it with 1 partition, compacted) or recreate {topic} with 1 partition and cleanup.policy=compact"
+        ));
+    }
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    let described = admin
+        .describe_configs(&[ResourceSpecifier::Topic(topic)], &options)
+        .await
+        .map_err(|e| format!("cannot read the configuration of {topic}: {e}"))?;
+    let policy = described
+        .into_iter()
+        .next()
+        .and_then(Result::ok)
+        .and_then(|resource| {
+            resource
+                .get("cleanup.policy")
+                .and_then(|entry| entry.value.clone())
+        });
+    match policy {
+        Some(policy) if policy.split(',').any(|p| p.trim() == "compact") => Ok(()),
+        other => Err(format!(
+            "the state topic {topic} has cleanup.policy={}; it must be compact, or retention deletes cursors and fingerprints and everything is emitted again. Fix: kafka-configs.sh --alter --entity-type topics --entity-name {topic} --add-config cleanup.policy=compact",
+            other.as_deref().unwrap_or("(not reported)")
+        )),
+    }
 }
 
 /// Reads the state topic to the barrier and returns the state before it.

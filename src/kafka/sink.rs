@@ -5,11 +5,15 @@
 //!
 //! - `exactly-once`: one transaction per batch holding its events and its state records; on
 //!   commit both are visible to `read_committed` consumers, on abort neither. A failed batch
-//!   is aborted and retried (bounded); a fenced producer (another process took over the same
-//!   `kafka.instance_id`) is fatal.
+//!   is aborted and retried (bounded). A commit that fails with a retriable error (a timeout)
+//!   may have been applied, so the commit is retried, never aborted and sent again. A failed
+//!   abort, a fenced producer (another process took over the same `kafka.instance_id`) and a
+//!   fatal producer error are fatal.
 //! - `at-least-once`: the events are produced by an idempotent producer and acknowledged
 //!   first, then the state records. A crash in between leaves events without their state:
-//!   the batch is read and emitted again, with the same `eventId`s.
+//!   the batch is read and emitted again, with the same `eventId`s. A fatal error of the
+//!   idempotent producer (it cannot keep its guarantees any more) is fatal for the process,
+//!   so an orchestrator restarts it, never retried forever.
 //!
 //! rdkafka's transactional calls block, so the exactly-once sink runs on a blocking thread,
 //! one transaction at a time; the at-least-once sink produces batches concurrently.
@@ -80,6 +84,8 @@ pub struct SinkStats {
     pub batches: AtomicU64,
     /// Transactions aborted (each followed by a retry or a failed batch).
     pub aborts: AtomicU64,
+    /// Commits called again after a retriable failure (outcome unknown, e.g. a timeout).
+    pub commit_retries: AtomicU64,
 }
 
 impl SinkHandle {
@@ -243,11 +249,21 @@ async fn produce_async(
     for future in futures {
         match future.await {
             Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(classify(e)),
+            Ok(Err((e, _))) => return Err(delivery_error(producer, e)),
             Err(_) => return Err(SinkError::Retriable("delivery report lost".to_owned())),
         }
     }
     Ok(())
+}
+
+/// Classifies a failed delivery; the producer's own fatal error, when it has one, wins.
+fn delivery_error(producer: &FutureProducer, error: KafkaError) -> SinkError {
+    match producer.client().fatal_error() {
+        Some((code, reason)) => SinkError::Fatal(format!(
+            "the Kafka producer hit a fatal error ({code:?}: {reason}); restart to go on"
+        )),
+        None => classify(error),
+    }
 }
 
 /// Enqueues one record; `None` when the producer's queue is full (the caller waits, retries).
@@ -310,15 +326,19 @@ fn exactly_once(
                 Ok(futures)
             })
             .and_then(|futures| {
-                producer.commit_transaction(timeout).map_err(classify)?;
-                await_all(futures, runtime)
+                commit(producer, timeout, stats)?;
+                await_all(producer, futures, runtime)
             });
         match result {
             Ok(()) => return Ok(()),
             Err(SinkError::Fatal(e)) => return Err(SinkError::Fatal(e)),
             Err(SinkError::Retriable(e)) => {
                 warn!(attempt, error = %e, "kafka transaction failed, aborting");
-                producer.abort_transaction(timeout).map_err(classify)?;
+                producer.abort_transaction(timeout).map_err(|abort| {
+                    SinkError::Fatal(format!(
+                        "cannot abort the failed transaction ({abort}) after: {e}"
+                    ))
+                })?;
                 stats.aborts.fetch_add(1, Ordering::Relaxed);
                 last = e;
             }
@@ -328,6 +348,38 @@ fn exactly_once(
         "transaction failed {TRANSACTION_ATTEMPTS} times: {last}"
     )))
 }
+
+/// Commits the open transaction. A retriable failure (a timeout) leaves the outcome unknown –
+/// the commit may have been applied – so the commit is called again, as librdkafka asks,
+/// instead of aborting and sending the batch a second time.
+fn commit(
+    producer: &FutureProducer,
+    timeout: Duration,
+    stats: &SinkStats,
+) -> Result<(), SinkError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match producer.commit_transaction(timeout) {
+            Ok(()) => return Ok(()),
+            Err(KafkaError::Transaction(e))
+                if e.is_retriable() && !e.txn_requires_abort() && attempt < COMMIT_ATTEMPTS =>
+            {
+                warn!(attempt, error = %e, "kafka commit failed with a retriable error, committing again");
+                stats.commit_retries.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(KafkaError::Transaction(e)) if e.is_retriable() && !e.txn_requires_abort() => {
+                return Err(SinkError::Fatal(format!(
+                    "the transaction's commit is still unknown after {attempt} attempts ({e}); restarting resolves it"
+                )))
+            }
+            Err(e) => return Err(classify(e)),
+        }
+    }
+}
+
+/// Commit calls of one transaction before its outcome is given up as unknown (fatal).
+const COMMIT_ATTEMPTS: u32 = 5;
 
 fn produce_all(
     producer: &FutureProducer,
@@ -355,13 +407,14 @@ fn produce_all(
 }
 
 fn await_all(
+    producer: &FutureProducer,
     futures: Vec<DeliveryFuture>,
     runtime: &tokio::runtime::Handle,
 ) -> Result<(), SinkError> {
     for future in futures {
         match runtime.block_on(future) {
             Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(classify(e)),
+            Ok(Err((e, _))) => return Err(delivery_error(producer, e)),
             Err(_) => return Err(SinkError::Retriable("delivery report lost".to_owned())),
         }
     }
@@ -384,6 +437,9 @@ fn classify(error: KafkaError) -> SinkError {
     }
     match &error {
         KafkaError::Transaction(e) if e.is_fatal() => SinkError::Fatal(error.to_string()),
+        _ if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) => {
+            SinkError::Fatal(error.to_string())
+        }
         _ => SinkError::Retriable(error.to_string()),
     }
 }

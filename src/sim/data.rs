@@ -1210,7 +1210,9 @@ impl SimData {
                 .positions
                 .iter()
                 .enumerate()
-                .filter(|(_, p)| !p.malformed && !p.reformatted && self.servers[usize::from(p.server)].live)
+                .filter(|(_, p)| {
+                    !p.malformed && !p.reformatted && self.servers[usize::from(p.server)].live
+                })
                 .map(|(i, p)| (i, p.close))
                 .collect(),
             _ => Vec::new(),
@@ -1221,8 +1223,10 @@ impl SimData {
                 .flatten()
                 .any(|(k, j, _)| *k == kind && *j == i)
         };
-        let candidates: Vec<(usize, i64)> =
-            candidates.into_iter().filter(|(i, _)| !touched(*i)).collect();
+        let candidates: Vec<(usize, i64)> = candidates
+            .into_iter()
+            .filter(|(i, _)| !touched(*i))
+            .collect();
         match target {
             Some(target) => candidates
                 .into_iter()

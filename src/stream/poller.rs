@@ -118,6 +118,9 @@ pub struct Shared {
     pub streams: crate::config::StreamsConfig,
     /// What values with more than 8 decimals become.
     pub decimal_excess: crate::config::DecimalExcess,
+    /// The largest event the producer sends (`message.max.bytes`); larger ones are dead
+    /// letters.
+    pub max_event_bytes: usize,
 }
 
 impl Shared {
@@ -182,6 +185,10 @@ pub struct Poller<T: StreamRecord> {
     stats: Arc<StreamStats>,
     sweep: Option<Sweep<T>>,
     halt: CancellationToken,
+    /// The distinct ids read so far of each open window (by scope and day): every retry
+    /// adds to them, so a day denser than a page converges even when the CRM pages in a
+    /// random order. Kept in memory only; a restart starts them again.
+    open_unions: HashMap<(String, NaiveDate), HashSet<EntityKey>>,
 }
 
 /// A page turned into a batch, with the fingerprints to remember once it is committed
@@ -199,6 +206,7 @@ struct PageBatch {
 /// Reads windows of one cursor page by page: the cycle drives it to the end, the sweep one
 /// page at a time.
 struct WindowReader<T> {
+    scope: String,
     filter: DateFilter,
     /// Windows still to read, the next on top.
     stack: Vec<(NaiveDate, NaiveDate)>,
@@ -221,10 +229,11 @@ struct Reading<T> {
 }
 
 impl<T> WindowReader<T> {
-    fn new(filter: DateFilter, mut windows: Vec<(NaiveDate, NaiveDate)>) -> Self {
+    fn new(spec: &CursorSpec, mut windows: Vec<(NaiveDate, NaiveDate)>) -> Self {
         windows.reverse();
         WindowReader {
-            filter,
+            scope: spec.scope.clone(),
+            filter: spec.filter,
             stack: windows,
             current: None,
             short: Vec::new(),
@@ -274,6 +283,7 @@ impl<T: StreamRecord> Poller<T> {
             stats,
             sweep: None,
             halt: CancellationToken::new(),
+            open_unions: HashMap::new(),
         }
     }
 
@@ -323,7 +333,7 @@ impl<T: StreamRecord> Poller<T> {
             }
             let start = cycle_start(&cursor, streams.lookback_days, spec.initial);
             for (from, to) in windows(start, today, streams.backfill_window_days) {
-                let mut reader = WindowReader::new(spec.filter, vec![(from, to)]);
+                let mut reader = WindowReader::new(&spec, vec![(from, to)]);
                 while self.step(&mut reader).await? {}
                 if self.halted() {
                     return Ok(());
@@ -397,7 +407,7 @@ impl<T: StreamRecord> Poller<T> {
                 Sweep {
                     spec: spec.clone(),
                     reader: WindowReader::new(
-                        spec.filter,
+                        spec,
                         windows(from, today, streams.backfill_window_days),
                     ),
                 }
@@ -425,7 +435,7 @@ impl<T: StreamRecord> Poller<T> {
         let mut next = cursor.clone();
         next.open.clear();
         for window in &cursor.open {
-            let mut reader = WindowReader::new(spec.filter, vec![(window.day, window.day)]);
+            let mut reader = WindowReader::new(&spec, vec![(window.day, window.day)]);
             while self.step(&mut reader).await? {}
             if self.halted() {
                 return Ok(cursor.clone());
@@ -435,6 +445,7 @@ impl<T: StreamRecord> Poller<T> {
                 continue;
             };
             if Utc::now() - window.since > retention {
+                self.open_unions.remove(&(spec.scope.clone(), window.day));
                 error!(stream = self.stream, scope = %spec.scope, day = %window.day, missing, since = %window.since, "open window given up: its total never matched the records served");
                 self.stats
                     .open_windows_given_up
@@ -602,7 +613,9 @@ impl<T: StreamRecord> Poller<T> {
             reading.total = 0;
             return Ok(true);
         }
-        reader.current = None;
+        let Some(reading) = reader.current.take() else {
+            return Ok(true);
+        };
         match halves(from, to) {
             Some((left, right)) => {
                 warn!(stream = self.stream, %from, %to, distinct, total, "records still missing after re-reads, reading the window in halves");
@@ -611,6 +624,8 @@ impl<T: StreamRecord> Poller<T> {
             }
             None => {
                 warn!(stream = self.stream, day = %from, missing = total - distinct, "day read with records missing, keeping it open");
+                self.open_unions
+                    .insert((reader.scope.clone(), from), reading.union);
                 reader.short.push((from, total - distinct));
             }
         }
@@ -716,7 +731,19 @@ impl<T: StreamRecord> Poller<T> {
                 fetched_at,
                 connector_version: env!("CARGO_PKG_VERSION").to_owned(),
             };
-            match self.encoder.encode(&record.model, &meta) {
+            let encoded = self
+                .encoder
+                .encode(&record.model, &meta)
+                .map_err(|e| e.to_string());
+            let max = self.shared.max_event_bytes;
+            let encoded = encoded.and_then(|payload| match payload.len() {
+                // Kafka would refuse it every cycle: a dead letter instead, once.
+                len if len > max => Err(format!(
+                    "the event is {len} bytes, more than Kafka accepts (message.max.bytes = {max}; raise it in kafka.librdkafka and on the broker to let it through)"
+                )),
+                _ => Ok(payload),
+            });
+            match encoded {
                 Ok(payload) => {
                     // A record without a usable date is kept as long as its window's records.
                     let day = record
@@ -773,7 +800,13 @@ impl<T: StreamRecord> Poller<T> {
         if self.fps.get(dlq_key).is_some() || out.remember.iter().any(|(k, ..)| *k == dlq_key) {
             return;
         }
-        let letter = DeadLetter::new(self.stream, key.clone(), raw, error, fetched_at);
+        // A record too large for an event must not make a dead letter too large for Kafka.
+        let limit = self.shared.max_event_bytes / 2;
+        let raw = match raw.char_indices().nth(limit) {
+            Some((cut, _)) => format!("{}…(truncated)", &raw[..cut]),
+            None => raw.to_owned(),
+        };
+        let letter = DeadLetter::new(self.stream, key.clone(), &raw, error, fetched_at);
         warn!(stream = self.stream, key = key.as_deref().unwrap_or("-"), error = %letter.error, "record sent to the dead-letter topic");
         let day = window.map_or(0, |(_, to)| days_since_epoch(to));
         let entry = FpEntry { fp: hash, day };

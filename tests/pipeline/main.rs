@@ -18,6 +18,7 @@ use ibstream::crm::{Customer, Lead, Position, Server, Transaction};
 use ibstream::events::{to_value, AvroEvent, EventMeta, EventType, Op, Schemas};
 use ibstream::run::{RunError, RunReport, Stats};
 use ibstream::sim::{ChangeKind, Kind, SimHandle};
+use ibstream::stream::poller::StreamStats;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::Value as Json;
@@ -372,4 +373,5 @@ pub fn assert_matches_truth(sim: &SimHandle, events: &ByKey) {
     }
 }
 
+mod completeness;
 mod scenarios;

@@ -43,30 +43,31 @@ async fn backfill_then_changes_then_restart() {
             assert_eq!(meta_string(&versions[0], "op"), "CREATED");
         }
     }
-    // Append-only streams keep fingerprints only inside the re-read horizon (watermark + 1 -
-    // lookback … today): the rest was pruned, with tombstones. Mutable ones keep them all.
+    // Append-only streams keep fingerprints only inside the re-read horizon (the lookback and
+    // the reconciliation sweep's `reconcile_days`, 30): the rest was pruned, with tombstones.
+    // Mutable ones keep them all.
     let tracked = |s: &str| run.stats[s].tracked.load(Ordering::Relaxed);
-    let recent_transactions = sim
-        .truth(Kind::Transactions)
-        .iter()
-        .filter(|t| t["isFake"] == false)
-        .filter(|t| {
-            let day = &t["transactionDate"].as_str().unwrap()[..10];
-            let today = chrono::Utc::now().date_naive();
-            day >= (today - chrono::Duration::days(2))
-                .format("%Y-%m-%d")
-                .to_string()
-                .as_str()
-        })
-        .count() as u64;
+    let today = chrono::Utc::now().date_naive();
+    let horizon = (today - chrono::Duration::days(31))
+        .format("%Y-%m-%d")
+        .to_string();
+    let recent = |kind: Kind, field: &str| {
+        sim.truth(kind)
+            .iter()
+            .filter(|t| t["isFake"] != true)
+            .filter(|t| t[field].as_str().unwrap()[..10] >= *horizon.as_str())
+            .count() as u64
+    };
+    let recent_transactions = recent(Kind::Transactions, "transactionDate");
     assert!(
         tracked("transactions") <= recent_transactions,
         "{} tracked, {recent_transactions} recent",
         tracked("transactions")
     );
+    let recent_positions = recent(Kind::Positions, "closeTime");
     assert!(
-        tracked("positions") < 10_000,
-        "{} position fingerprints kept",
+        tracked("positions") <= recent_positions && recent_positions < 50_000,
+        "{} position fingerprints kept, {recent_positions} recent",
         tracked("positions")
     );
     assert_eq!(

@@ -1,0 +1,437 @@
+//! The completeness issue's scenarios: windows never passed with records missing, open
+//! windows, the reconciliation sweep, event ids across real changes, records without a date,
+//! numbers written another way, and the positions supervisor following a flaky servers list.
+
+use super::*;
+use ibstream::stream::state::Cursor;
+
+fn sim_days_ago(c: &mut ibstream::sim::SimConfig, days: i64) {
+    c.start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(days);
+}
+
+fn tiny(c: &mut ibstream::sim::SimConfig) {
+    c.leads = 300;
+    c.customers = 120;
+    c.transactions = 1_500;
+    c.positions = 1_500;
+    c.servers = 2;
+}
+
+fn counter(
+    run: &Running,
+    stream: &str,
+    get: fn(&StreamStats) -> &std::sync::atomic::AtomicU64,
+) -> u64 {
+    get(&run.stats[stream]).load(Ordering::Relaxed)
+}
+
+/// Waits until `check` holds (polling), or fails after `timeout`.
+async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what} within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Returns the latest value of every key of the state topic.
+async fn state_values(broker: &common::Tansu, prefix: &str) -> HashMap<String, Option<Vec<u8>>> {
+    let topic = format!("{prefix}._ibstream_state");
+    let records = consume(&broker.bootstrap, &[topic], 1, Duration::from_secs(2)).await;
+    let mut sorted: Vec<&Consumed> = records.iter().collect();
+    sorted.sort_by_key(|c| c.offset);
+    sorted
+        .into_iter()
+        .map(|c| {
+            (
+                c.key.clone(),
+                (!c.payload.is_empty()).then(|| c.payload.clone()),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfill_under_unstable_page_order_equals_the_truth() {
+    let broker = common::Tansu::start();
+    // 20k transactions over 70 days, served from a fresh random order on every page request
+    // (a database paging without ORDER BY): pages overlap and miss records though none
+    // changes. Only the union of a window's reads, and splitting it, finds them all.
+    let sim = common::start_sim(|c| {
+        sim_days_ago(c, 70);
+        c.leads = 1_000;
+        c.customers = 400;
+        c.transactions = 20_000;
+        c.positions = 3_000;
+        c.servers = 1;
+        c.unstable_order = true;
+    })
+    .await;
+    let prefix = common::unique_topic("unstable");
+    let schemas = Schemas::load("com.ibstream").unwrap();
+    let mut cfg = config(&sim, &broker, &prefix, "unstable-1");
+    cfg.streams.start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(70);
+    let run = start(cfg);
+    run.wait_cycles(&HashMap::new(), &STREAMS, 1, Duration::from_secs(600))
+        .await;
+    let drift: u64 = run
+        .stats
+        .values()
+        .map(|s| s.drift_rereads.load(Ordering::Relaxed))
+        .sum();
+    assert!(
+        drift > 0,
+        "pages never overlapped: the scenario did not happen"
+    );
+    // A day holding more records than a page may stay open after its first reads; every
+    // cycle's retry adds to what was read of it, until it is complete.
+    let open = || -> u64 {
+        run.stats
+            .values()
+            .map(|s| s.open_windows.load(Ordering::Relaxed))
+            .sum()
+    };
+    wait_until("every open window closed", Duration::from_secs(300), || {
+        open() == 0
+    })
+    .await;
+    run.stop().await;
+    let expected = truth_count(&sim);
+    let records = consume(
+        &broker.bootstrap,
+        &data_topics(&prefix),
+        expected,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(records.len(), expected, "no record twice, none missing");
+    assert_matches_truth(&sim, &group(&schemas, &prefix, &records));
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_day_short_of_its_total_stays_open_until_its_records_are_all_read() {
+    let broker = common::Tansu::start();
+    let short = chrono::Utc::now().date_naive() - chrono::Duration::days(10);
+    // Every transactions answer whose window holds `short` counts one record more than it
+    // serves: the window is re-read, split down to that day, and the day is kept open.
+    let sim = common::start_sim(|c| {
+        tiny(c);
+        sim_days_ago(c, 60);
+        c.short_day = Some(short);
+    })
+    .await;
+    let prefix = common::unique_topic("open");
+    let mut cfg = config(&sim, &broker, &prefix, "open-1");
+    cfg.streams.start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(60);
+    let run = start(cfg.clone());
+    run.wait_cycles(&HashMap::new(), &STREAMS, 2, Duration::from_secs(300))
+        .await;
+    assert_eq!(counter(&run, "transactions", |s| &s.open_windows), 1);
+    run.stop().await;
+    let state = state_values(&broker, &prefix).await;
+    let cursor = Cursor::decode(state["cursor/transactions"].as_ref().unwrap()).unwrap();
+    assert_eq!(cursor.open.len(), 1, "{cursor:?}");
+    assert_eq!((cursor.open[0].day, cursor.open[0].missing), (short, 1));
+    assert!(
+        cursor.watermark.unwrap() > short,
+        "the watermark moved on: {cursor:?}"
+    );
+
+    // The CRM recovers; a restart finds the open window in the state and closes it.
+    sim.set_short_day(None);
+    let run = start(cfg);
+    wait_until("the open window restored", Duration::from_secs(60), || {
+        run.cycles()["transactions"] >= 1
+    })
+    .await;
+    assert_eq!(counter(&run, "transactions", |s| &s.open_windows), 0);
+    run.stop().await;
+    let state = state_values(&broker, &prefix).await;
+    let cursor = Cursor::decode(state["cursor/transactions"].as_ref().unwrap()).unwrap();
+    assert!(cursor.open.is_empty(), "{cursor:?}");
+    let schemas = Schemas::load("com.ibstream").unwrap();
+    let events = read_events(&broker, &sim, &schemas, &prefix).await;
+    assert_matches_truth(&sim, &events);
+    for (key, versions) in &events["transactions"] {
+        assert_eq!(versions.len(), 1, "transaction {key} emitted twice");
+    }
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_window_past_its_retention_is_given_up() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let broker = common::Tansu::start();
+    let short = chrono::Utc::now().date_naive() - chrono::Duration::days(20);
+    let sim = common::start_sim(|c| {
+        tiny(c);
+        c.short_day = Some(short);
+    })
+    .await;
+    let prefix = common::unique_topic("giveup");
+    // The state of an earlier run: transactions read to yesterday, `short` open for 8 days.
+    let state_topic = format!("{prefix}._ibstream_state");
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .create()
+        .unwrap();
+    for result in admin
+        .create_topics(
+            &[NewTopic::new(&state_topic, 1, TopicReplication::Fixed(1))
+                .set("cleanup.policy", "compact")],
+            &AdminOptions::new(),
+        )
+        .await
+        .unwrap()
+    {
+        result.unwrap();
+    }
+    let mut cursor = Cursor {
+        watermark: Some(chrono::Utc::now().date_naive() - chrono::Duration::days(1)),
+        swept: Some(chrono::Utc::now()),
+        ..Cursor::default()
+    };
+    cursor.open_day(short, 1, chrono::Utc::now() - chrono::Duration::days(8));
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .create()
+        .unwrap();
+    producer
+        .send(
+            FutureRecord::to(&state_topic)
+                .key("cursor/transactions")
+                .payload(&cursor.encode()),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+
+    let mut cfg = config(&sim, &broker, &prefix, "giveup-1");
+    cfg.streams.open_window_retention_days = 7;
+    let run = start(cfg);
+    run.wait_cycles(
+        &HashMap::new(),
+        &["transactions"],
+        1,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert_eq!(
+        counter(&run, "transactions", |s| &s.open_windows_given_up),
+        1
+    );
+    assert_eq!(counter(&run, "transactions", |s| &s.open_windows), 0);
+    run.stop().await;
+    let state = state_values(&broker, &prefix).await;
+    let cursor = Cursor::decode(state["cursor/transactions"].as_ref().unwrap()).unwrap();
+    assert!(cursor.open.is_empty(), "{cursor:?}");
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_finds_late_and_corrected_records_and_event_ids_follow_real_changes() {
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(|c| {
+        tiny(c);
+        sim_days_ago(c, 90);
+    })
+    .await;
+    let prefix = common::unique_topic("sweep");
+    let schemas = Schemas::load("com.ibstream").unwrap();
+    let mut cfg = config(&sim, &broker, &prefix, "sweep-1");
+    cfg.streams.start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(90);
+    cfg.streams.reconcile_interval_secs = 2;
+    cfg.streams.lookback_days = 1;
+    let run = start(cfg);
+    run.wait_cycles(&HashMap::new(), &STREAMS, 1, Duration::from_secs(300))
+        .await;
+    // Sweeps over unchanged data emit nothing.
+    let sweeps = |run: &Running, s: &str| counter(run, s, |s| &s.reconcile_sweeps);
+    wait_until(
+        "two sweeps of transactions",
+        Duration::from_secs(60),
+        || sweeps(&run, "transactions") >= 2 && sweeps(&run, "positions") >= 4,
+    )
+    .await;
+    let quiet = consume(
+        &broker.bootstrap,
+        &data_topics(&prefix),
+        truth_count(&sim),
+        Duration::from_secs(2),
+    )
+    .await;
+    assert_eq!(
+        quiet.len(),
+        truth_count(&sim),
+        "a sweep emitted unchanged records"
+    );
+
+    // A deposit dated 7 days ago succeeds now; a transaction and a position 10 days back are
+    // corrected. The lookback (1 day) cannot see them: only the sweep can.
+    let late = sim.mutate(1, Some(ChangeKind::LateTransaction { days: 7 }));
+    let corrected = sim.mutate(1, Some(ChangeKind::Correction { days: Some(10) }));
+    assert_eq!(corrected.len(), 2);
+    let after_sweeps = |run: &Running| (sweeps(run, "transactions"), sweeps(run, "positions"));
+    let (t0, p0) = after_sweeps(&run);
+    wait_until(
+        "a full sweep after the changes",
+        Duration::from_secs(60),
+        || {
+            let (t, p) = after_sweeps(&run);
+            t >= t0 + 2 && p >= p0 + 4
+        },
+    )
+    .await;
+    // Back to A: the second A is a change of its own.
+    sim.mutate(1, Some(ChangeKind::Revert));
+    let (t0, p0) = after_sweeps(&run);
+    wait_until(
+        "a full sweep after the revert",
+        Duration::from_secs(60),
+        || {
+            let (t, p) = after_sweeps(&run);
+            t >= t0 + 2 && p >= p0 + 4
+        },
+    )
+    .await;
+    run.stop().await;
+
+    let events = read_events(&broker, &sim, &schemas, &prefix).await;
+    assert_matches_truth(&sim, &events);
+    let late_events = &events["transactions"][&late[0].key];
+    assert_eq!(late_events.len(), 1);
+    assert_eq!(meta_string(&late_events[0], "op"), "CREATED");
+    for change in &corrected {
+        let versions = &events[change.stream][&change.key];
+        let ops: Vec<String> = versions.iter().map(|v| meta_string(v, "op")).collect();
+        assert_eq!(
+            ops,
+            ["CREATED", "UPDATED", "UPDATED"],
+            "{} {}",
+            change.stream,
+            change.key
+        );
+        let ids: HashSet<String> = versions.iter().map(|v| meta_string(v, "eventId")).collect();
+        assert_eq!(ids.len(), 3, "A → B → A: three changes, three event ids");
+        let body = |v: &Avro| match v {
+            Avro::Record(fields) => fields
+                .iter()
+                .filter(|(n, _)| n != "meta")
+                .cloned()
+                .collect::<Vec<_>>(),
+            _ => unreachable!(),
+        };
+        assert_eq!(
+            body(&versions[0]),
+            body(&versions[2]),
+            "the record is A again"
+        );
+        assert_ne!(body(&versions[0]), body(&versions[1]));
+    }
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_without_a_date_is_emitted_once_and_numbers_written_another_way_make_no_event() {
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(|c| {
+        tiny(c);
+        c.numeric_money = true;
+    })
+    .await;
+    let prefix = common::unique_topic("nodate");
+    let schemas = Schemas::load("com.ibstream").unwrap();
+    let run = start(config(&sim, &broker, &prefix, "nodate-1"));
+    run.wait_cycles(&HashMap::new(), &STREAMS, 1, Duration::from_secs(300))
+        .await;
+    // The newest transaction loses its date (it stays in its day's results), and the newest
+    // transaction and position write their numbers as `1250e-2` instead of `12.50`.
+    let undated = sim.mutate(1, Some(ChangeKind::NullDate));
+    let reformatted = sim.mutate(1, Some(ChangeKind::Reformat));
+    assert_eq!(reformatted.len(), 2);
+    let before = run.cycles();
+    run.wait_cycles(&before, &["transactions"], 10, Duration::from_secs(120))
+        .await;
+    run.wait_cycles(&before, &["positions"], 10, Duration::from_secs(120))
+        .await;
+    run.stop().await;
+    let events = read_events(&broker, &sim, &schemas, &prefix).await;
+    assert_matches_truth(&sim, &events);
+    let versions = &events["transactions"][&undated[0].key];
+    let ops: Vec<String> = versions.iter().map(|v| meta_string(v, "op")).collect();
+    assert_eq!(
+        ops,
+        ["CREATED", "UPDATED"],
+        "emitted once in 10 cycles after losing its date"
+    );
+    for change in &reformatted {
+        assert_eq!(
+            events[change.stream][&change.key].len(),
+            1,
+            "{} {}: the same numbers written another way made an event",
+            change.stream,
+            change.key
+        );
+    }
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_positions_supervisor_survives_a_failing_tag_and_a_flaky_servers_list() {
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(tiny).await;
+    let prefix = common::unique_topic("supervisor");
+    let run = start(config(&sim, &broker, &prefix, "supervisor-1"));
+    run.wait_cycles(&HashMap::new(), &STREAMS, 1, Duration::from_secs(300))
+        .await;
+    let pages = |tag: &str| sim.stats().position_pages(tag);
+
+    // One empty servers answer stops no tag: both keep being polled without a gap.
+    sim.empty_servers(1);
+    let servers = run.cycles()["servers"];
+    wait_until(
+        "the empty answer and a good one",
+        Duration::from_secs(30),
+        || run.cycles()["servers"] >= servers + 3,
+    )
+    .await;
+    let (a, b) = (pages("mt4-live-01"), pages("mt5-live-02"));
+    let before = run.cycles();
+    run.wait_cycles(&before, &["positions"], 4, Duration::from_secs(60))
+        .await;
+    assert!(pages("mt4-live-01") > a && pages("mt5-live-02") > b);
+
+    // A tag whose positions call fails for good (404) stops alone; the others go on, and a
+    // new server is still picked up.
+    sim.fail_positions("mt4-live-01", Some(404));
+    let before = run.cycles();
+    run.wait_cycles(&before, &["positions"], 3, Duration::from_secs(60))
+        .await;
+    let failed_pages = pages("mt4-live-01");
+    sim.mutate(1, Some(ChangeKind::Server));
+    wait_until(
+        "the new server's positions",
+        Duration::from_secs(60),
+        || pages("mt4-live-03") > 0,
+    )
+    .await;
+    let b = pages("mt5-live-02");
+    let before = run.cycles();
+    run.wait_cycles(&before, &["positions"], 4, Duration::from_secs(60))
+        .await;
+    assert!(pages("mt5-live-02") > b, "a healthy tag stopped");
+    assert_eq!(
+        pages("mt4-live-01"),
+        failed_pages,
+        "the failing tag was polled again"
+    );
+    let report = run.stop().await;
+    assert!(
+        report.stopped.is_empty(),
+        "positions as a whole stopped: {:?}",
+        report.stopped
+    );
+    sim.shutdown().await;
+}
