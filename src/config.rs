@@ -236,14 +236,14 @@ impl KafkaConfig {
 
     /// Returns the largest record the producer sends: `message.max.bytes` from
     /// `kafka.librdkafka`, else librdkafka's default (1,000,000), less room for the record's
-    /// key and headers.
+    /// key, headers and framing (256 bytes).
     pub fn max_message_bytes(&self) -> usize {
         let limit = self
             .librdkafka
             .get("message.max.bytes")
             .and_then(|v| v.trim().parse::<usize>().ok())
             .unwrap_or(1_000_000);
-        limit.saturating_sub(512)
+        limit.saturating_sub(256)
     }
 
     /// Returns the librdkafka settings common to producers and consumers (reads the SASL

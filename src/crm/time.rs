@@ -27,8 +27,16 @@ pub fn parse_timestamp(value: &Value, tz: Tz) -> Result<Option<DateTime<Utc>>, S
     }
 }
 
-/// Parses a timestamp string; empty or blank is `None`.
+/// Parses a timestamp string; empty or blank is `None`. An instant chrono cannot show in
+/// every time zone (within a day of its limits) is an error, so no later conversion panics.
 pub fn parse_timestamp_str(text: &str, tz: Tz) -> Result<Option<DateTime<Utc>>, String> {
+    match parse_any(text, tz)? {
+        Some(t) if !within_limits(t) => Err(format!("timestamp out of range: {:?}", text.trim())),
+        other => Ok(other),
+    }
+}
+
+fn parse_any(text: &str, tz: Tz) -> Result<Option<DateTime<Utc>>, String> {
     let s = text.trim();
     if s.is_empty() {
         return Ok(None);
@@ -99,12 +107,14 @@ pub fn local_to_utc(naive: NaiveDateTime, tz: Tz) -> DateTime<Utc> {
         LocalResult::None => {
             // In a gap: use the offset in force just before it, which moves the wall time
             // forward by the gap's length.
-            let before = naive - Duration::hours(3);
+            let before = naive.checked_sub_signed(Duration::hours(3)).unwrap_or(naive);
             let offset = match tz.from_local_datetime(&before) {
                 LocalResult::Single(t) | LocalResult::Ambiguous(t, _) => t.offset().fix(),
                 LocalResult::None => Utc.fix(),
             };
-            let utc = naive - Duration::seconds(i64::from(offset.local_minus_utc()));
+            let utc = naive
+                .checked_sub_signed(Duration::seconds(i64::from(offset.local_minus_utc())))
+                .unwrap_or(naive);
             Utc.from_utc_datetime(&utc)
         }
     }
@@ -129,7 +139,15 @@ pub fn format_local(t: DateTime<Utc>, tz: Tz) -> String {
 
 fn from_millis(millis: i64) -> Result<DateTime<Utc>, String> {
     DateTime::from_timestamp_millis(millis)
+        .filter(|t| within_limits(*t))
         .ok_or_else(|| format!("epoch milliseconds out of range: {millis}"))
+}
+
+/// Returns whether an instant is a day or more inside chrono's limits, so it can be shown in
+/// any time zone.
+fn within_limits(t: DateTime<Utc>) -> bool {
+    t.checked_add_signed(Duration::days(1)).is_some()
+        && t.checked_sub_signed(Duration::days(1)).is_some()
 }
 
 pub(crate) fn kind_of(value: &Value) -> &'static str {
@@ -220,5 +238,29 @@ mod tests {
         let s = format_local(t, tz);
         assert_eq!(s, "2024-07-01 08:00:00");
         assert_eq!(parse_timestamp_str(&s, tz).unwrap(), Some(t));
+    }
+
+    #[test]
+    fn instants_at_chrono_s_limits_are_errors_not_panics() {
+        let east: Tz = "Asia/Tokyo".parse().unwrap();
+        let west: Tz = "America/Los_Angeles".parse().unwrap();
+        let max = DateTime::<Utc>::MAX_UTC.timestamp_millis();
+        let min = DateTime::<Utc>::MIN_UTC.timestamp_millis();
+        for tz in [east, west, Tz::UTC] {
+            for millis in [max, max - 1, min, min + 1] {
+                let err = parse_timestamp(&json!(millis), tz).unwrap_err();
+                assert!(err.contains("out of range"), "{err}");
+                let err = parse_timestamp(&json!(millis.to_string()), tz).unwrap_err();
+                assert!(err.contains("out of range"), "{err}");
+            }
+            for text in ["+262142-12-31T23:59:59Z", "-262143-01-01T00:00:00Z"] {
+                assert!(parse_timestamp(&json!(text), tz).is_err(), "{text}");
+            }
+            // A day inside the limits converts to the zone without a panic.
+            let inside = parse_timestamp(&json!(max - 2 * 86_400_000), tz)
+                .unwrap()
+                .unwrap();
+            let _ = inside.with_timezone(&tz).date_naive();
+        }
     }
 }

@@ -79,6 +79,17 @@ struct AppState {
     failing_tags: Mutex<HashMap<String, u16>>,
     /// Servers calls still to answer with an empty list.
     empty_servers: std::sync::atomic::AtomicU32,
+    /// Every change applied so far, in order (tests compare events with them).
+    changes: Mutex<Vec<super::Change>>,
+}
+
+impl AppState {
+    /// Applies changes and records them.
+    fn mutate(&self, count: usize, kind: Option<ChangeKind>) -> Vec<super::Change> {
+        let changes = write(&self.data).mutate(count, kind, Utc::now());
+        lock(&self.changes).extend(changes.iter().cloned());
+        changes
+    }
 }
 
 struct Faults {
@@ -155,7 +166,13 @@ impl SimHandle {
 
     /// Applies `count` changes now and returns them.
     pub fn mutate(&self, count: usize, kind: Option<ChangeKind>) -> Vec<super::Change> {
-        write(&self.state.data).mutate(count, kind, Utc::now())
+        self.state.mutate(count, kind)
+    }
+
+    /// Returns every change applied so far (by `mutate`, background changes and
+    /// `--shuffle-pages`), in order.
+    pub fn changes(&self) -> Vec<super::Change> {
+        lock(&self.state.changes).clone()
     }
 
     /// Returns the ground truth of `kind`.
@@ -193,6 +210,7 @@ pub(super) async fn start(config: Arc<SimConfig>) -> Result<SimHandle, String> {
         short_day: Mutex::new(config.short_day),
         failing_tags: Mutex::new(HashMap::new()),
         empty_servers: std::sync::atomic::AtomicU32::new(0),
+        changes: Mutex::new(Vec::new()),
         config: config.clone(),
     });
     let app = Router::new()
@@ -240,7 +258,7 @@ async fn background_changes(state: Arc<AppState>) {
         let count = owed.floor();
         if count >= 1.0 {
             owed -= count;
-            write(&state.data).mutate(count as usize, None, Utc::now());
+            state.mutate(count as usize, None);
         }
     }
 }
@@ -537,7 +555,7 @@ fn page(state: &AppState, kind: Kind, params: &HashMap<String, String>) -> Resul
     };
     if state.config.shuffle_pages && !state.paused.load(Ordering::Relaxed) {
         // Changes land between page calls, and the newest-modified-first order moves records.
-        write(&state.data).mutate(2, None, Utc::now());
+        state.mutate(2, None);
     }
     let config = &state.config;
     let served_size = match config.page_cap {
@@ -634,7 +652,7 @@ async fn mutate(
             }
         },
     };
-    let changes = write(&state.data).mutate(count, kind, Utc::now());
+    let changes = state.mutate(count, kind);
     json_response(
         StatusCode::OK,
         serde_json::to_string(&changes).unwrap_or_default(),

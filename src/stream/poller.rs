@@ -185,10 +185,11 @@ pub struct Poller<T: StreamRecord> {
     stats: Arc<StreamStats>,
     sweep: Option<Sweep<T>>,
     halt: CancellationToken,
-    /// The distinct ids read so far of each open window (by scope and day): every retry
-    /// adds to them, so a day denser than a page converges even when the CRM pages in a
-    /// random order. Kept in memory only; a restart starts them again.
-    open_unions: HashMap<(String, NaiveDate), HashSet<EntityKey>>,
+    /// The distinct ids read of single days that needed more than one read (by scope and
+    /// day), kept while the day is open or still re-read by the cycles: every read adds to
+    /// them, so a day denser than a page converges even when the CRM pages in a random order.
+    /// In memory only; a restart starts them again. Empty with a CRM that pages stably.
+    day_unions: HashMap<(String, NaiveDate), HashSet<EntityKey>>,
 }
 
 /// A page turned into a batch, with the fingerprints to remember once it is committed
@@ -226,6 +227,8 @@ struct Reading<T> {
     total: u64,
     rereads: u32,
     first_page: bool,
+    /// Ids the union started with (a day read before).
+    first_union: usize,
 }
 
 impl<T> WindowReader<T> {
@@ -283,7 +286,7 @@ impl<T: StreamRecord> Poller<T> {
             stats,
             sweep: None,
             halt: CancellationToken::new(),
-            open_unions: HashMap::new(),
+            day_unions: HashMap::new(),
         }
     }
 
@@ -332,6 +335,10 @@ impl<T: StreamRecord> Poller<T> {
                 cursor = next;
             }
             let start = cycle_start(&cursor, streams.lookback_days, spec.initial);
+            let open_days: Vec<NaiveDate> = cursor.open.iter().map(|w| w.day).collect();
+            self.day_unions.retain(|(scope, day), _| {
+                *scope != spec.scope || *day >= start || open_days.contains(day)
+            });
             for (from, to) in windows(start, today, streams.backfill_window_days) {
                 let mut reader = WindowReader::new(&spec, vec![(from, to)]);
                 while self.step(&mut reader).await? {}
@@ -445,7 +452,7 @@ impl<T: StreamRecord> Poller<T> {
                 continue;
             };
             if Utc::now() - window.since > retention {
-                self.open_unions.remove(&(spec.scope.clone(), window.day));
+                self.day_unions.remove(&(spec.scope.clone(), window.day));
                 error!(stream = self.stream, scope = %spec.scope, day = %window.day, missing, since = %window.since, "open window given up: its total never matched the records served");
                 self.stats
                     .open_windows_given_up
@@ -565,13 +572,19 @@ impl<T: StreamRecord> Poller<T> {
             let Some((from, to)) = reader.stack.pop() else {
                 return Ok(false);
             };
+            let union = match from == to {
+                true => self.day_unions.remove(&(reader.scope.clone(), from)),
+                false => None,
+            }
+            .unwrap_or_default();
             reader.current = Some(Reading {
                 from,
                 to,
                 pages: shared
                     .client
                     .pages::<T>(self.query(reader.filter, from, to)),
-                union: HashSet::new(),
+                first_union: union.len(),
+                union,
                 total: 0,
                 rereads: 0,
                 first_page: true,
@@ -600,7 +613,13 @@ impl<T: StreamRecord> Poller<T> {
         // The read is over: complete when the union of the window's reads reaches its total.
         let (distinct, total) = (reading.union.len() as u64, reading.total);
         if distinct >= total {
-            reader.current = None;
+            if let Some(done) = reader.current.take() {
+                if from == to && (done.rereads > 0 || done.first_union > 0) {
+                    // A day that was hard to read: the next cycle's re-read starts from here.
+                    self.day_unions
+                        .insert((reader.scope.clone(), from), done.union);
+                }
+            }
             return Ok(true);
         }
         if reading.rereads < streams.max_drift_rereads {
@@ -624,7 +643,7 @@ impl<T: StreamRecord> Poller<T> {
             }
             None => {
                 warn!(stream = self.stream, day = %from, missing = total - distinct, "day read with records missing, keeping it open");
-                self.open_unions
+                self.day_unions
                     .insert((reader.scope.clone(), from), reading.union);
                 reader.short.push((from, total - distinct));
             }

@@ -435,3 +435,66 @@ async fn the_positions_supervisor_survives_a_failing_tag_and_a_flaky_servers_lis
     );
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_larger_than_kafka_accepts_becomes_a_dead_letter_and_the_stream_goes_on() {
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(tiny).await;
+    let prefix = common::unique_topic("toolarge");
+    let schemas = Schemas::load("com.ibstream").unwrap();
+    let mut cfg = config(&sim, &broker, &prefix, "toolarge-1");
+    // librdkafka's smallest message.max.bytes: customer events (accounts, tags, UTM
+    // details) are larger than that, and Kafka would refuse them every cycle.
+    cfg.kafka
+        .librdkafka
+        .insert("message.max.bytes".to_owned(), "1000".to_owned());
+    let run = start(cfg);
+    run.wait_cycles(&HashMap::new(), &STREAMS, 3, Duration::from_secs(300))
+        .await;
+    let report = run.stop().await;
+    assert!(report.stopped.is_empty(), "{:?}", report.stopped);
+    let records = consume(
+        &broker.bootstrap,
+        &data_topics(&prefix),
+        1,
+        Duration::from_secs(2),
+    )
+    .await;
+    let events = group(&schemas, &prefix, &records);
+    let letters = consume(
+        &broker.bootstrap,
+        &[format!("{prefix}.dlq")],
+        1,
+        Duration::from_secs(2),
+    )
+    .await;
+    let mut too_large = HashSet::new();
+    for letter in &letters {
+        assert!(letter.payload.len() <= 1000, "a dead letter too large itself");
+        let value: Json = serde_json::from_slice(&letter.payload).unwrap();
+        if value["error"]
+            .as_str()
+            .unwrap()
+            .contains("message.max.bytes")
+        {
+            too_large.insert((value["stream"].as_str().unwrap().to_owned(), letter.key.clone()));
+        }
+    }
+    assert!(!too_large.is_empty(), "no event was too large: the scenario did not happen");
+    // Once each, and every truth key is either in its topic or among the dead letters.
+    assert_eq!(
+        too_large.len(),
+        letters.len(),
+        "a dead letter was repeated, or another error happened"
+    );
+    for stream in STREAMS {
+        for key in expected(&sim, stream).keys() {
+            let emitted = events.get(stream).is_some_and(|keys| keys.contains_key(key));
+            assert!(
+                emitted || too_large.contains(&(stream.to_owned(), key.clone())),
+                "{stream} {key} is neither in its topic nor a dead letter"
+            );
+        }
+    }
+    sim.shutdown().await;
+}

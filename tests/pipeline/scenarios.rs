@@ -200,7 +200,45 @@ async fn moving_pages_and_live_changes_converge_to_the_truth() {
         "records never moved between pages: the scenario did not happen"
     );
     run.stop().await;
-    assert_matches_truth(&sim, &read_events(&broker, &sim, &schemas, &prefix).await);
+    let events = read_events(&broker, &sim, &schemas, &prefix).await;
+    assert_matches_truth(&sim, &events);
+    // One event per real change, and no phantom UPDATED: a key has at most one event more
+    // than the changes made to it (its first version), and no event repeats the one before.
+    let mut changes: HashMap<(&str, String), usize> = HashMap::new();
+    for change in sim.changes() {
+        *changes.entry((change.stream, change.key)).or_default() += 1;
+    }
+    let body = |v: &Avro| match v {
+        Avro::Record(fields) => fields
+            .iter()
+            .filter(|(n, _)| n != "meta")
+            .cloned()
+            .collect::<Vec<_>>(),
+        _ => unreachable!(),
+    };
+    let mut updated = 0;
+    for (stream, keys) in &events {
+        for (key, versions) in keys {
+            let made = changes
+                .get(&(stream.as_str(), key.clone()))
+                .copied()
+                .unwrap_or(0);
+            assert!(
+                versions.len() <= made + 1,
+                "{stream} {key}: {} events for {made} changes",
+                versions.len()
+            );
+            for pair in versions.windows(2) {
+                assert_ne!(
+                    body(&pair[0]),
+                    body(&pair[1]),
+                    "{stream} {key}: a phantom UPDATED repeats the event before it"
+                );
+                updated += 1;
+            }
+        }
+    }
+    assert!(updated > 0, "no record changed: the scenario did not happen");
     sim.shutdown().await;
 }
 
@@ -388,37 +426,56 @@ async fn kill_9_during_backfill_loses_nothing_and_duplicates_share_event_ids() {
     let config = write_config(dir.path(), &sim, &broker, &prefix);
     let total = truth_count(&sim);
 
-    let mut child = spawn_run(&config);
-    let partial = consume(
-        &broker.bootstrap,
-        &data_topics(&prefix),
-        3_000,
-        Duration::ZERO,
-    )
-    .await;
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let at_kill = consume(
-        &broker.bootstrap,
-        &data_topics(&prefix),
-        partial.len(),
-        Duration::from_secs(1),
-    )
-    .await;
-    assert!(
-        at_kill.len() < total,
-        "the backfill ended before the kill ({} of {total})",
-        at_kill.len()
-    );
+    // Kill -9 while batches are in flight – events produced, their state not yet – until
+    // a restart has emitted a duplicate (at most 8 kills): otherwise "duplicates share
+    // their eventIds" would test nothing.
+    let schemas = Schemas::load("com.ibstream").unwrap();
+    let mut seen = 0;
+    let mut kills = 0;
+    loop {
+        let mut child = spawn_run(&config);
+        let partial = consume(
+            &broker.bootstrap,
+            &data_topics(&prefix),
+            seen + 1_500 + fastrand::usize(..1_500),
+            Duration::ZERO,
+        )
+        .await;
+        child.kill().unwrap();
+        child.wait().unwrap();
+        kills += 1;
+        let at_kill = consume(
+            &broker.bootstrap,
+            &data_topics(&prefix),
+            partial.len(),
+            Duration::from_secs(1),
+        )
+        .await;
+        assert!(
+            at_kill.len() < total,
+            "the backfill ended before kill {kills} ({} of {total})",
+            at_kill.len()
+        );
+        seen = at_kill.len();
+        let events = group(&schemas, &prefix, &at_kill);
+        let duplicated = events
+            .values()
+            .flat_map(HashMap::values)
+            .any(|versions| versions.len() > 1);
+        if duplicated {
+            break;
+        }
+        assert!(kills < 8, "8 kills during the backfill and never a duplicate");
+    }
+    eprintln!("a duplicate after {kills} kills");
 
     let mut child = spawn_run(&config);
-    let schemas = Schemas::load("com.ibstream").unwrap();
     let deadline = Instant::now() + Duration::from_secs(300);
     let events = loop {
         let records = consume(
             &broker.bootstrap,
             &data_topics(&prefix),
-            total.min(at_kill.len() + 1),
+            total.min(seen + 1),
             Duration::from_secs(2),
         )
         .await;
@@ -456,6 +513,7 @@ async fn kill_9_during_backfill_loses_nothing_and_duplicates_share_event_ids() {
             duplicates += versions.len() - 1;
         }
     }
+    assert!(duplicates > 0, "no duplicate: the scenario did not happen");
     eprintln!("{duplicates} duplicate events after kill -9, each with its twin's eventId");
     sim.shutdown().await;
 }
