@@ -107,7 +107,9 @@ pub fn local_to_utc(naive: NaiveDateTime, tz: Tz) -> DateTime<Utc> {
         LocalResult::None => {
             // In a gap: use the offset in force just before it, which moves the wall time
             // forward by the gap's length.
-            let before = naive.checked_sub_signed(Duration::hours(3)).unwrap_or(naive);
+            let before = naive
+                .checked_sub_signed(Duration::hours(3))
+                .unwrap_or(naive);
             let offset = match tz.from_local_datetime(&before) {
                 LocalResult::Single(t) | LocalResult::Ambiguous(t, _) => t.offset().fix(),
                 LocalResult::None => Utc.fix(),

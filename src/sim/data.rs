@@ -240,6 +240,9 @@ pub enum ChangeKind {
     /// The newest transaction is served with `"transactionDate": null` (it stays in its day's
     /// results).
     NullDate,
+    /// The newest lead gets a `notes` field of 1.5 MB (its event is larger than Kafka's
+    /// default `message.max.bytes`).
+    Bloat,
     /// The newest transaction and position write their numbers another way (`12.50` becomes
     /// `1250e-2`; the same numbers; needs `--numeric-money` to be visible as numbers).
     Reformat,
@@ -267,6 +270,7 @@ impl ChangeKind {
             "revert" => ChangeKind::Revert,
             "null_date" => ChangeKind::NullDate,
             "reformat" => ChangeKind::Reformat,
+            "bloat" => ChangeKind::Bloat,
             "position" => ChangeKind::Position,
             "server" => ChangeKind::Server,
             "server_remove" => ChangeKind::RemoveServer,
@@ -323,6 +327,8 @@ struct Lead {
     id: i64,
     person: Person,
     malformed: bool,
+    /// Size of a `notes` field of filler text (0: none).
+    notes_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -473,6 +479,7 @@ impl SimData {
                 id: 100_000 + i as i64,
                 person,
                 malformed: malformed(&mut rng),
+                notes_bytes: 0,
             });
         }
         for i in 0..spec.customers {
@@ -860,6 +867,9 @@ impl SimData {
     fn render_lead(&self, lead: &Lead) -> Value {
         let mut map = self.person_fields(&lead.person, lead.malformed);
         map.insert("id".to_owned(), json!(lead.id));
+        if lead.notes_bytes > 0 {
+            map.insert("notes".to_owned(), json!("n".repeat(lead.notes_bytes)));
+        }
         Value::Object(map)
     }
 
@@ -1014,6 +1024,7 @@ impl SimData {
                     id,
                     person,
                     malformed,
+                    notes_bytes: 0,
                 });
                 changes.push(change("leads", "created", id.to_string()));
             }
@@ -1113,6 +1124,13 @@ impl SimData {
                         self.positions[i].profit_cents = cents;
                         changes.push(change("positions", "updated", self.position_key(i)));
                     }
+                }
+            }
+            ChangeKind::Bloat => {
+                if let Some(lead) = self.leads.iter_mut().rev().find(|l| !l.malformed) {
+                    lead.notes_bytes = 1_500_000;
+                    lead.person.modified = now.max(lead.person.modified);
+                    changes.push(change("leads", "updated", lead.id.to_string()));
                 }
             }
             ChangeKind::NullDate => {

@@ -238,7 +238,10 @@ async fn moving_pages_and_live_changes_converge_to_the_truth() {
             }
         }
     }
-    assert!(updated > 0, "no record changed: the scenario did not happen");
+    assert!(
+        updated > 0,
+        "no record changed: the scenario did not happen"
+    );
     sim.shutdown().await;
 }
 
@@ -465,7 +468,10 @@ async fn kill_9_during_backfill_loses_nothing_and_duplicates_share_event_ids() {
         if duplicated {
             break;
         }
-        assert!(kills < 8, "8 kills during the backfill and never a duplicate");
+        assert!(
+            kills < 8,
+            "8 kills during the backfill and never a duplicate"
+        );
     }
     eprintln!("a duplicate after {kills} kills");
 
