@@ -146,6 +146,15 @@ async fn backfill(broker: &common::Tansu, scale: &Scale) {
         .values()
         .map(|s| s.created.load(Ordering::Relaxed))
         .sum();
+    // Append-only streams keep fingerprints for the reconciliation sweep's horizon (30 days)
+    // too: how many stay tracked after the backfill, against how many were emitted.
+    for stream in ["transactions", "positions"] {
+        println!(
+            "tracked after backfill: {stream}: {} of {} emitted (30-day sweep horizon)",
+            stats[stream].tracked.load(Ordering::Relaxed),
+            stats[stream].created.load(Ordering::Relaxed)
+        );
+    }
     cancel.cancel();
     task.await.expect("task").expect("run");
     let requests = sim.stats().requests.load(Ordering::Relaxed);

@@ -25,8 +25,9 @@ if ! "$VENV/bin/python" -c "import fastavro, sys; sys.exit(fastavro.__version__ 
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "fastavro==$FASTAVRO_VERSION"
 fi
 echo "==> fastavro $("$VENV/bin/python" -c 'import fastavro; print(fastavro.__version__)')"
-# The interoperability test runs this interpreter.
-export IBSTREAM_TEST_PYTHON="$VENV/bin/python"
+# The interoperability test runs this interpreter (not an IBSTREAM_ variable: those are
+# configuration keys, and an unknown one is an error).
+export FASTAVRO_PYTHON="$VENV/bin/python"
 
 # --all-targets also builds the benchmarks and runs each once, so they cannot rot.
 echo "==> cargo test"

@@ -565,7 +565,7 @@ fn fastavro_reads_what_ibstream_writes() {
     // ./scripts/test.sh puts fastavro into a virtual environment of its own and names its
     // interpreter here; the system python3 is the fallback.
     let venv = root.join("target/test-venv/bin/python");
-    let python = std::env::var("IBSTREAM_TEST_PYTHON").unwrap_or_else(|_| {
+    let python = std::env::var("FASTAVRO_PYTHON").unwrap_or_else(|_| {
         if venv.exists() {
             venv.display().to_string()
         } else {
