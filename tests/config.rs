@@ -1,4 +1,6 @@
 //! Configuration loading: defaults, file, environment, unknown keys, validation, secret files.
+// figment's `Jail` closures return figment's own (large) error type.
+#![allow(clippy::result_large_err)]
 
 use figment::Jail;
 use ibstream::config::{Config, ConfigError};

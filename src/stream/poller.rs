@@ -442,7 +442,7 @@ impl<T: StreamRecord> Poller<T> {
         let mut next = cursor.clone();
         next.open.clear();
         for window in &cursor.open {
-            let mut reader = WindowReader::new(&spec, vec![(window.day, window.day)]);
+            let mut reader = WindowReader::new(spec, vec![(window.day, window.day)]);
             while self.step(&mut reader).await? {}
             if self.halted() {
                 return Ok(cursor.clone());
