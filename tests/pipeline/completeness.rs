@@ -315,14 +315,6 @@ async fn the_sweep_finds_late_and_corrected_records_and_event_ids_follow_real_ch
         );
         let ids: HashSet<String> = versions.iter().map(|v| meta_string(v, "eventId")).collect();
         assert_eq!(ids.len(), 3, "A → B → A: three changes, three event ids");
-        let body = |v: &Avro| match v {
-            Avro::Record(fields) => fields
-                .iter()
-                .filter(|(n, _)| n != "meta")
-                .cloned()
-                .collect::<Vec<_>>(),
-            _ => unreachable!(),
-        };
         assert_eq!(
             body(&versions[0]),
             body(&versions[2]),

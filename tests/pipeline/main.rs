@@ -233,6 +233,18 @@ fn without_meta(record: &Avro) -> Vec<(String, Avro)> {
     }
 }
 
+/// The fields of an event but `meta`: what the record was.
+pub fn body(record: &Avro) -> Vec<(String, Avro)> {
+    match record {
+        Avro::Record(fields) => fields
+            .iter()
+            .filter(|(n, _)| n != "meta")
+            .cloned()
+            .collect(),
+        other => panic!("not a record: {other:?}"),
+    }
+}
+
 fn dummy_meta() -> EventMeta {
     EventMeta {
         event_id: String::new(),
