@@ -208,14 +208,6 @@ async fn moving_pages_and_live_changes_converge_to_the_truth() {
     for change in sim.changes() {
         *changes.entry((change.stream, change.key)).or_default() += 1;
     }
-    let body = |v: &Avro| match v {
-        Avro::Record(fields) => fields
-            .iter()
-            .filter(|(n, _)| n != "meta")
-            .cloned()
-            .collect::<Vec<_>>(),
-        _ => unreachable!(),
-    };
     let mut updated = 0;
     for (stream, keys) in &events {
         for (key, versions) in keys {
