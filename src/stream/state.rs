@@ -324,15 +324,6 @@ impl State {
     }
 }
 
-/// Returns the fingerprint scope of an entity: its stream, or `positions/<tag>` for
-/// positions (whose ids are `<tag>:<positionId>`).
-pub fn fingerprint_scope(stream: &str, id: &str) -> String {
-    match (stream, id.rsplit_once(':')) {
-        ("positions", Some((tag, _))) => format!("positions/{tag}"),
-        _ => stream.to_owned(),
-    }
-}
-
 /// Returns the key of an entity inside its scope's map (positions: the position id alone).
 pub fn key_in_scope(stream: &str, id: &str) -> EntityKey {
     EntityKey::of(local_id(stream, id))
