@@ -123,6 +123,7 @@ async fn backfill(broker: &common::Tansu, scale: &Scale) {
     config.kafka.delivery = Delivery::AtLeastOnce;
     config.kafka.replication_factor = 1;
     config.topics.prefix = common::unique_topic("bench");
+    config.http.listen = "127.0.0.1:0".to_owned();
     config.streams.start_date = chrono::NaiveDate::from_ymd_opt(2024, 1, 1).expect("date");
     let stats: Stats = STREAMS.into_iter().map(|s| (s, Arc::default())).collect();
     let cancel = CancellationToken::new();

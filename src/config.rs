@@ -66,6 +66,44 @@ pub struct Config {
     /// What to read and how often.
     #[serde(default)]
     pub streams: StreamsConfig,
+    /// The operations HTTP server (`/metrics`, `/health/live`, `/health/ready`, `/status`).
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+/// The operations HTTP server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Whether `run` serves it.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Address it listens on (`host:port`; port 0 picks a free one).
+    #[serde(default = "default_http_listen")]
+    pub listen: String,
+}
+
+fn default_http_listen() -> String {
+    "0.0.0.0:9464".to_owned()
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: default_http_listen(),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// Returns the address to listen on; the error names the key.
+    pub fn address(&self) -> Result<std::net::SocketAddr, ConfigError> {
+        self.listen.parse().map_err(|_| ConfigError::Invalid {
+            key: "http.listen",
+            reason: format!("is not host:port with a numeric host: {:?}", self.listen),
+        })
+    }
 }
 
 /// How events reach Kafka.
@@ -857,6 +895,7 @@ impl Config {
         if let Some(registry) = &self.schema_registry {
             registry.validate()?;
         }
+        self.http.address()?;
         Ok(())
     }
 }

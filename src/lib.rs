@@ -10,6 +10,7 @@ pub mod crm;
 pub mod events;
 pub mod kafka;
 pub mod net;
+pub mod ops;
 pub mod run;
 pub mod sim;
 pub mod stream;

@@ -436,6 +436,7 @@ fn config_with_registry(
         topics: Default::default(),
         kafka: Default::default(),
         streams: Default::default(),
+        http: Default::default(),
         schema_registry: Some(ibstream::config::SchemaRegistryConfig {
             url: url.to_owned(),
             username: Some("sr-user".to_owned()),
@@ -562,16 +563,7 @@ fn fastavro_reads_what_ibstream_writes() {
     );
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    // ./scripts/test.sh puts fastavro into a virtual environment of its own and names its
-    // interpreter here; the system python3 is the fallback.
-    let venv = root.join("target/test-venv/bin/python");
-    let python = std::env::var("FASTAVRO_PYTHON").unwrap_or_else(|_| {
-        if venv.exists() {
-            venv.display().to_string()
-        } else {
-            "python3".to_owned()
-        }
-    });
+    let python = common::interop_python();
     let output = Command::new(&python)
         .arg(root.join("tests/interop/read_avro.py"))
         .arg(root.join("schemas"))

@@ -73,6 +73,7 @@ async fn secrets_stay_out_of_logs_errors_and_debug() {
         topics: Default::default(),
         kafka: Default::default(),
         streams: Default::default(),
+        http: Default::default(),
         schema_registry: Some(ibstream::config::SchemaRegistryConfig {
             url: "http://127.0.0.1:1".to_owned(),
             username: Some("sr-user".to_owned()),

@@ -13,6 +13,7 @@
 //! - 403, 400 and other 4xx: not retried ([`CrmError::Forbidden`], [`CrmError::BadRequest`]).
 
 use std::num::NonZeroU32;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,6 +31,7 @@ use super::error::{CrmError, ForbiddenKind};
 use super::models::{CrmRecord, Endpoint, Server};
 use super::page::{parse_page, parse_servers, Page, Record, RecordError};
 use crate::config::{expose, ConfigError, CrmConfig};
+use crate::ops::CrmStats;
 
 /// The day filter a windowed query uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -132,6 +134,7 @@ struct Inner {
     backoff_max: Duration,
     limiter: DefaultDirectRateLimiter,
     token: Mutex<TokenState>,
+    stats: Arc<CrmStats>,
 }
 
 #[derive(Default)]
@@ -196,8 +199,14 @@ impl CrmClient {
                 backoff_max: Duration::from_millis(config.backoff_max_ms),
                 limiter: RateLimiter::direct(Quota::per_second(rps)),
                 token: Mutex::new(TokenState::default()),
+                stats: Arc::default(),
             }),
         })
+    }
+
+    /// Returns the client's counters (requests, durations, retries, logins, health).
+    pub fn stats(&self) -> Arc<CrmStats> {
+        self.inner.stats.clone()
     }
 
     /// Returns the CRM's time zone.
@@ -271,6 +280,26 @@ impl CrmClient {
         params: &[(&'static str, String)],
         decode: Decode<'_, R>,
     ) -> Result<R, CrmError> {
+        let result = self.get_with_login(endpoint, params, decode).await;
+        // The CRM answered unless the call failed for want of an answer (or of a login): a
+        // 403 or 400 is the CRM answering.
+        self.inner.stats.outcome(match &result {
+            Err(
+                e @ (CrmError::Transient { .. }
+                | CrmError::RateLimited { .. }
+                | CrmError::Auth { .. }),
+            ) => Some(e.to_string()),
+            _ => None,
+        });
+        result
+    }
+
+    async fn get_with_login<R>(
+        &self,
+        endpoint: Endpoint,
+        params: &[(&'static str, String)],
+        decode: Decode<'_, R>,
+    ) -> Result<R, CrmError> {
         let url = self.url(&format!(
             "{}/{}",
             self.inner.api_path,
@@ -280,7 +309,15 @@ impl CrmClient {
         loop {
             let (token, generation) = self.token().await?;
             let result = self
-                .send(Method::GET, &url, params, None, Some(&token), decode)
+                .send(
+                    endpoint.path_segment(),
+                    Method::GET,
+                    &url,
+                    params,
+                    None,
+                    Some(&token),
+                    decode,
+                )
                 .await;
             match result {
                 Ok(value) => return Ok(value),
@@ -318,7 +355,14 @@ impl CrmClient {
         if let Some(token) = &state.token {
             return Ok((token.clone(), state.generation));
         }
-        let token = self.login_call().await?;
+        let token = match self.login_call().await {
+            Ok(token) => token,
+            Err(e) => {
+                self.inner.stats.outcome(Some(e.to_string()));
+                return Err(e);
+            }
+        };
+        self.inner.stats.logins.fetch_add(1, Ordering::Relaxed);
         state.generation += 1;
         state.token = Some(token.clone());
         info!(generation = state.generation, "crm login succeeded");
@@ -348,7 +392,10 @@ impl CrmClient {
                 _ => Err("login answer has no token".to_owned()),
             }
         };
-        match self.send(Method::POST, &url, &[], Some(body), None, &decode).await {
+        match self
+            .send("login", Method::POST, &url, &[], Some(body), None, &decode)
+            .await
+        {
             Ok(token) => Ok(token),
             Err(Failure::Unauthorized(message) | Failure::Forbidden(message)) => Err(CrmError::Auth {
                 url,
@@ -361,8 +408,10 @@ impl CrmClient {
     }
 
     /// Sends one request with retries; returns the decoded answer or how it failed.
+    #[allow(clippy::too_many_arguments)]
     async fn send<R>(
         &self,
+        endpoint: &'static str,
         method: Method,
         url: &str,
         params: &[(&'static str, String)],
@@ -386,7 +435,14 @@ impl CrmClient {
                     .header(CONTENT_TYPE, "application/json")
                     .body(body.clone());
             }
-            let outcome = match request.send().await {
+            let sent = std::time::Instant::now();
+            let response = request.send().await;
+            inner.stats.request(
+                endpoint,
+                response.as_ref().ok().map(|r| r.status().as_u16()),
+                sent.elapsed(),
+            );
+            let outcome = match response {
                 Err(e) => Retry::Transient(describe_reqwest_error(&e)),
                 Ok(response) if response.status().is_redirection() => {
                     return Err(Failure::Error(CrmError::Unusable {
@@ -436,6 +492,9 @@ impl CrmClient {
                     }
                 }
             };
+            if matches!(outcome, Retry::RateLimited(_)) {
+                inner.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+            }
             if attempt > inner.max_retries {
                 return Err(Failure::Error(match outcome {
                     Retry::RateLimited(retry_after) => CrmError::RateLimited {
@@ -450,6 +509,7 @@ impl CrmClient {
                     },
                 }));
             }
+            inner.stats.retries.fetch_add(1, Ordering::Relaxed);
             let delay = match &outcome {
                 Retry::RateLimited(Some(after)) => *after + jitter(inner.backoff_initial),
                 _ => backoff(attempt, inner.backoff_initial, inner.backoff_max),

@@ -122,6 +122,11 @@ pub fn local_to_utc(naive: NaiveDateTime, tz: Tz) -> DateTime<Utc> {
     }
 }
 
+/// Returns the instant a CRM-local day starts.
+pub fn day_start(day: NaiveDate, tz: Tz) -> DateTime<Utc> {
+    local_to_utc(day.and_time(chrono::NaiveTime::MIN), tz)
+}
+
 /// Formats an instant as the CRM's local `YYYY-MM-DD HH:MM:SS`.
 pub fn format_local(t: DateTime<Utc>, tz: Tz) -> String {
     use chrono::{Datelike, Timelike};

@@ -78,7 +78,7 @@ pub struct SinkHandle {
 }
 
 /// Counters of the sink.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SinkStats {
     /// Batches committed.
     pub batches: AtomicU64,
@@ -86,12 +86,82 @@ pub struct SinkStats {
     pub aborts: AtomicU64,
     /// Commits called again after a retriable failure (outcome unknown, e.g. a timeout).
     pub commit_retries: AtomicU64,
+    /// Seconds from a batch reaching the sink to its outcome.
+    pub batch_duration: prometheus_client::metrics::histogram::Histogram,
+    /// The last batch's failure, if the last batch failed.
+    last_failure: std::sync::Mutex<Option<String>>,
+    /// Batches handed to the sink and not answered yet, with when the oldest arrived.
+    in_flight: std::sync::Mutex<(u64, Option<std::time::Instant>)>,
+}
+
+impl Default for SinkStats {
+    fn default() -> Self {
+        SinkStats {
+            batches: AtomicU64::new(0),
+            aborts: AtomicU64::new(0),
+            commit_retries: AtomicU64::new(0),
+            batch_duration: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 16),
+            ),
+            last_failure: std::sync::Mutex::default(),
+            in_flight: std::sync::Mutex::default(),
+        }
+    }
+}
+
+impl SinkStats {
+    fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn started(&self) {
+        let mut in_flight = Self::lock(&self.in_flight);
+        in_flight.0 += 1;
+        in_flight.1.get_or_insert_with(std::time::Instant::now);
+    }
+
+    fn finished(&self, started: std::time::Instant, outcome: &Result<(), SinkError>) {
+        self.batch_duration.observe(started.elapsed().as_secs_f64());
+        {
+            let mut in_flight = Self::lock(&self.in_flight);
+            in_flight.0 = in_flight.0.saturating_sub(1);
+            in_flight.1 = (in_flight.0 > 0).then(std::time::Instant::now);
+        }
+        match outcome {
+            Ok(()) => {
+                self.batches.fetch_add(1, Ordering::Relaxed);
+                *Self::lock(&self.last_failure) = None;
+            }
+            Err(e) => *Self::lock(&self.last_failure) = Some(e.to_string()),
+        }
+    }
+
+    /// Returns whether the sink is healthy: its last batch succeeded, and no batch has waited
+    /// for its outcome longer than `timeout`.
+    pub fn health(&self, timeout: Duration) -> Result<(), String> {
+        if let Some(failure) = Self::lock(&self.last_failure).clone() {
+            return Err(format!("the last batch failed: {failure}"));
+        }
+        match *Self::lock(&self.in_flight) {
+            (n, Some(since)) if n > 0 && since.elapsed() > timeout => Err(format!(
+                "a batch has waited {} s for Kafka (kafka.batch_timeout_secs = {})",
+                since.elapsed().as_secs(),
+                timeout.as_secs()
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl SinkHandle {
     /// Returns the sink's counters.
     pub fn stats(&self) -> &SinkStats {
         &self.stats
+    }
+
+    /// Returns the sink's counters, to share (the operations registry).
+    pub fn shared_stats(&self) -> Arc<SinkStats> {
+        self.stats.clone()
     }
 
     /// Commits a batch and waits for the outcome.
@@ -204,14 +274,14 @@ async fn run_concurrent(
     while let Some((batch, ack)) = rx.recv().await {
         let producer = producer.clone();
         let stats = stats.clone();
+        let started = std::time::Instant::now();
+        stats.started();
         in_flight.spawn(async move {
             let outcome = match produce_async(&producer, &batch.events, timeout).await {
                 Ok(()) => produce_async(&producer, &batch.state, timeout).await,
                 Err(e) => Err(e),
             };
-            if outcome.is_ok() {
-                stats.batches.fetch_add(1, Ordering::Relaxed);
-            }
+            stats.finished(started, &outcome);
             let _ = ack.send(outcome);
         });
         while in_flight.try_join_next().is_some() {}
@@ -295,10 +365,10 @@ fn run(
     stats: &SinkStats,
 ) -> Result<(), SinkError> {
     while let Some((batch, ack)) = rx.blocking_recv() {
+        let started = std::time::Instant::now();
+        stats.started();
         let outcome = exactly_once(&producer, &batch, timeout, &runtime, stats);
-        if outcome.is_ok() {
-            stats.batches.fetch_add(1, Ordering::Relaxed);
-        }
+        stats.finished(started, &outcome);
         let fatal = matches!(outcome, Err(SinkError::Fatal(_)));
         let _ = ack.send(outcome.clone());
         if fatal {

@@ -70,6 +70,8 @@ impl StreamRecord for crate::crm::Position {
 /// Counters of one stream, shared with the operations side.
 #[derive(Debug, Default)]
 pub struct StreamStats {
+    /// Records read from the CRM (every read, re-reads included).
+    pub fetched: AtomicU64,
     /// CREATED events committed.
     pub created: AtomicU64,
     /// UPDATED events committed.
@@ -121,6 +123,8 @@ pub struct Shared {
     /// The largest event the producer sends (`message.max.bytes`); larger ones are dead
     /// letters.
     pub max_event_bytes: usize,
+    /// The operations registry (cursors and outcomes for `/status` and the metrics).
+    pub ops: Arc<crate::ops::Registry>,
 }
 
 impl Shared {
@@ -190,6 +194,8 @@ pub struct Poller<T: StreamRecord> {
     /// them, so a day denser than a page converges even when the CRM pages in a random order.
     /// In memory only; a restart starts them again. Empty with a CRM that pages stably.
     day_unions: HashMap<(String, NaiveDate), HashSet<EntityKey>>,
+    /// Up to when each cursor has read everything (see [`crate::ops::CursorStatus`]).
+    read_through: HashMap<String, chrono::DateTime<Utc>>,
 }
 
 /// A page turned into a batch, with the fingerprints to remember once it is committed
@@ -202,6 +208,7 @@ struct PageBatch {
     unchanged: u64,
     dead: u64,
     rounded: u64,
+    fetched: u64,
 }
 
 /// Reads windows of one cursor page by page: the cycle drives it to the end, the sweep one
@@ -272,7 +279,7 @@ impl<T: StreamRecord> Poller<T> {
         let open: usize = cursor_state.values().map(|c| c.open.len()).sum();
         stats.open_windows.fetch_add(open as u64, Ordering::Relaxed);
         let encoder = encoder.with_decimal_excess(shared.decimal_excess);
-        Poller {
+        let poller = Poller {
             stream,
             server_tag,
             cursors,
@@ -287,7 +294,40 @@ impl<T: StreamRecord> Poller<T> {
             sweep: None,
             halt: CancellationToken::new(),
             day_unions: HashMap::new(),
+            read_through: HashMap::new(),
+        };
+        poller
+            .shared
+            .ops
+            .register(&poller.name(), stream, poller.server_tag.as_deref());
+        for spec in poller.cursors.clone() {
+            poller.publish(&spec);
         }
+        poller
+    }
+
+    /// Returns the poller's name: its stream, or `positions[<tag>]`.
+    pub fn name(&self) -> String {
+        match &self.server_tag {
+            Some(tag) => format!("{}[{tag}]", self.stream),
+            None => self.stream.to_owned(),
+        }
+    }
+
+    /// Tells the operations registry where a cursor stands.
+    fn publish(&self, spec: &CursorSpec) {
+        let status = crate::ops::CursorStatus {
+            cursor: self.cursor(&spec.scope),
+            initial: spec.initial,
+            read_through: self.read_through.get(&spec.scope).copied(),
+        };
+        self.shared.ops.cursor(
+            &self.name(),
+            self.stream,
+            self.server_tag.as_deref(),
+            &spec.scope,
+            status,
+        );
     }
 
     /// Sets the token that stops the poller gently: between two pages, never between a
@@ -353,6 +393,12 @@ impl<T: StreamRecord> Poller<T> {
                     // The backfill read everything: it counts as the first sweep.
                     next.swept = Some(Utc::now());
                 }
+                let read_through = match next.next {
+                    // Everything that existed when this cycle started has been read.
+                    None => now,
+                    Some(day) => crate::crm::time::day_start(day, shared.tz),
+                };
+                self.read_through.insert(spec.scope.clone(), read_through);
                 self.save_cursor(&spec, next.clone(), true).await?;
                 cursor = next;
             }
@@ -513,6 +559,7 @@ impl<T: StreamRecord> Poller<T> {
                 .fetch_sub((open_before - open_now) as u64, Ordering::Relaxed);
         }
         self.cursor_state.insert(spec.scope.clone(), cursor);
+        self.publish(spec);
         Ok(())
     }
 
@@ -676,6 +723,9 @@ impl<T: StreamRecord> Poller<T> {
         self.stats
             .decimals_rounded
             .fetch_add(built.rounded, Ordering::Relaxed);
+        self.stats
+            .fetched
+            .fetch_add(built.fetched, Ordering::Relaxed);
         Ok(())
     }
 
@@ -697,6 +747,7 @@ impl<T: StreamRecord> Poller<T> {
             unchanged: 0,
             dead: 0,
             rounded: 0,
+            fetched: records.len() as u64,
         };
         let rounded_before = self.encoder.rounded();
         let mut pending: HashMap<EntityKey, u64> = HashMap::new();
@@ -919,6 +970,7 @@ pub async fn run_loop<P: Pollable>(
     interval: Duration,
     cancel: CancellationToken,
     halt: CancellationToken,
+    ops: Arc<crate::ops::Registry>,
     mut pollable: P,
 ) -> (Exit, P) {
     loop {
@@ -926,6 +978,10 @@ pub async fn run_loop<P: Pollable>(
             _ = cancel.cancelled() => return (Exit::Cancelled, pollable),
             result = pollable.cycle() => result,
         };
+        ops.cycle(
+            &stream,
+            result.as_ref().map(|_| ()).map_err(ToString::to_string),
+        );
         if let Some(exit) = judge(&stream, result, "cycle failed, retrying next cycle") {
             return (exit, pollable);
         }

@@ -246,3 +246,17 @@ pub async fn start_registry() -> TestRegistry {
         subjects: st.subjects,
     }
 }
+
+/// Returns the Python interpreter with the interoperability tools (fastavro,
+/// prometheus_client): the one `./scripts/test.sh` names, its virtual environment, or
+/// `python3`.
+pub fn interop_python() -> String {
+    let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-venv/bin/python");
+    std::env::var("INTEROP_PYTHON").unwrap_or_else(|_| {
+        if venv.exists() {
+            venv.display().to_string()
+        } else {
+            "python3".to_owned()
+        }
+    })
+}

@@ -46,6 +46,8 @@ pub fn config(sim: &SimHandle, broker: &common::Tansu, prefix: &str, instance: &
     config.kafka.replication_factor = 1;
     config.kafka.batch_timeout_secs = 30;
     config.topics.prefix = prefix.to_owned();
+    // Many runs share the machine: each picks a free port for its operations server.
+    config.http.listen = "127.0.0.1:0".to_owned();
     config.streams.start_date = chrono::NaiveDate::from_ymd_opt(2024, 1, 1).unwrap();
     for stream in [
         &mut config.streams.leads,
@@ -386,4 +388,5 @@ pub fn assert_matches_truth(sim: &SimHandle, events: &ByKey) {
 }
 
 mod completeness;
+mod ops;
 mod scenarios;

@@ -372,6 +372,9 @@ delivery = "at-least-once"
 instance_id = "kill-1"
 replication_factor = 1
 
+[http]
+listen = "127.0.0.1:0"
+
 [streams]
 start_date = "2024-01-01"
 # Small, so windows are split in halves while the process is killed and restarted.

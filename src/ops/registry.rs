@@ -1,0 +1,360 @@
+//! The registry of what a running process does: per stream counters (`StreamStats`), per
+//! poller cursors and outcomes, the CRM client's and the sink's counters, and readiness.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, NaiveDate, Utc};
+use chrono_tz::Tz;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+
+use crate::config::Delivery;
+use crate::kafka::sink::SinkStats;
+use crate::stream::poller::StreamStats;
+use crate::stream::state::Cursor;
+
+/// Counters of each stream, by stream name.
+pub type Stats = HashMap<&'static str, Arc<StreamStats>>;
+
+/// The label of a CRM endpoint.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabel {
+    /// `login`, `leads`, `registrations`, `transactions`, `servers`, `positions`.
+    pub endpoint: String,
+}
+
+/// Returns request-duration buckets from 5 ms to about 20 s.
+fn duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 13))
+}
+
+/// Counters of the CRM client.
+#[derive(Debug)]
+pub struct CrmStats {
+    /// Requests by (endpoint, status class: `2xx` … `5xx`, `error` without an answer).
+    requests: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// Request durations by endpoint.
+    pub durations: Family<EndpointLabel, Histogram, fn() -> Histogram>,
+    /// Calls repeated after a failure (429 included).
+    pub retries: AtomicU64,
+    /// HTTP 429 answers.
+    pub rate_limited: AtomicU64,
+    /// Logins made.
+    pub logins: AtomicU64,
+    /// Whether the last call (after its retries) succeeded.
+    healthy: AtomicBool,
+    /// Why the last call failed, if it did.
+    last_error: Mutex<Option<String>>,
+}
+
+impl Default for CrmStats {
+    fn default() -> Self {
+        CrmStats {
+            requests: Mutex::default(),
+            durations: Family::new_with_constructor(duration_histogram),
+            retries: AtomicU64::new(0),
+            rate_limited: AtomicU64::new(0),
+            logins: AtomicU64::new(0),
+            healthy: AtomicBool::new(false),
+            last_error: Mutex::default(),
+        }
+    }
+}
+
+impl CrmStats {
+    /// Counts one request and its duration.
+    pub fn request(&self, endpoint: &'static str, status: Option<u16>, took: Duration) {
+        let class = match status {
+            Some(200..=299) => "2xx",
+            Some(300..=399) => "3xx",
+            Some(400..=499) => "4xx",
+            Some(500..=599) => "5xx",
+            _ => "error",
+        };
+        *lock(&self.requests).entry((endpoint, class)).or_default() += 1;
+        self.durations
+            .get_or_create(&EndpointLabel {
+                endpoint: endpoint.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Returns the requests counted, by (endpoint, status class).
+    pub fn requests(&self) -> BTreeMap<(&'static str, &'static str), u64> {
+        lock(&self.requests).clone()
+    }
+
+    /// Records the outcome of a call after its retries (the reason carries no secret).
+    pub fn outcome(&self, error: Option<String>) {
+        self.healthy.store(error.is_none(), Ordering::Relaxed);
+        *lock(&self.last_error) = error;
+    }
+
+    /// Returns whether the CRM answered the last call, or why not.
+    pub fn health(&self) -> Result<(), String> {
+        if self.healthy.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        Err(lock(&self.last_error)
+            .clone()
+            .unwrap_or_else(|| "no CRM call has succeeded yet".to_owned()))
+    }
+}
+
+/// What a poller's cursor stands at.
+#[derive(Debug, Clone)]
+pub struct CursorStatus {
+    /// The cursor.
+    pub cursor: Cursor,
+    /// The first day the cursor reads.
+    pub initial: NaiveDate,
+    /// Everything before this instant has been read (the end of the last day read during a
+    /// backfill; the start of the last complete cycle in steady state).
+    pub read_through: Option<DateTime<Utc>>,
+}
+
+/// What one poller (a stream, or one server tag of positions) did last.
+#[derive(Debug, Clone)]
+pub struct PollerStatus {
+    /// The stream.
+    pub stream: &'static str,
+    /// The server tag (positions).
+    pub server_tag: Option<String>,
+    /// Its cursors by scope.
+    pub cursors: BTreeMap<String, CursorStatus>,
+    /// When its last cycle succeeded.
+    pub last_success: Option<DateTime<Utc>>,
+    /// When and why its last cycle failed, if that came after the last success.
+    pub last_error: Option<(DateTime<Utc>, String)>,
+}
+
+impl PollerStatus {
+    /// Returns the backfill progress of its cursors: days read of days to read (1 when
+    /// every cursor caught up).
+    pub fn progress(&self, today: NaiveDate) -> f64 {
+        self.cursors
+            .values()
+            .map(|c| match c.cursor.next {
+                None if c.cursor.watermark.is_some() => 1.0,
+                None => 0.0,
+                Some(next) => {
+                    let total = (today - c.initial).num_days() + 1;
+                    let done = (next - c.initial).num_days();
+                    (done as f64 / total.max(1) as f64).clamp(0.0, 1.0)
+                }
+            })
+            .fold(1.0, f64::min)
+    }
+
+    /// Returns how far behind now its slowest cursor has read everything, in seconds.
+    pub fn lag_seconds(&self, now: DateTime<Utc>) -> Option<f64> {
+        self.cursors
+            .values()
+            .map(|c| {
+                c.read_through
+                    .map(|t| (now - t).num_milliseconds() as f64 / 1000.0)
+            })
+            .try_fold(0.0_f64, |max, lag| lag.map(|l| max.max(l)))
+    }
+}
+
+/// The registry of a running process.
+#[derive(Debug)]
+pub struct Registry {
+    started: Instant,
+    /// `kafka.instance_id`.
+    pub instance_id: String,
+    /// `kafka.delivery`.
+    pub delivery: Delivery,
+    /// The CRM's time zone.
+    pub tz: Tz,
+    /// `kafka.batch_timeout_secs`.
+    pub batch_timeout: Duration,
+    /// Counters by stream.
+    pub streams: Stats,
+    /// The CRM client's counters.
+    pub crm: Arc<CrmStats>,
+    sink: OnceLock<Arc<SinkStats>>,
+    restore: OnceLock<Duration>,
+    pollers: Mutex<BTreeMap<String, PollerStatus>>,
+}
+
+impl Registry {
+    /// Builds the registry of a process.
+    pub fn new(
+        instance_id: &str,
+        delivery: Delivery,
+        tz: Tz,
+        batch_timeout: Duration,
+        streams: Stats,
+        crm: Arc<CrmStats>,
+    ) -> Registry {
+        Registry {
+            started: Instant::now(),
+            instance_id: instance_id.to_owned(),
+            delivery,
+            tz,
+            batch_timeout,
+            streams,
+            crm,
+            sink: OnceLock::new(),
+            restore: OnceLock::new(),
+            pollers: Mutex::default(),
+        }
+    }
+
+    /// Returns the time since the process started.
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// Attaches the sink's counters (once it runs).
+    pub fn set_sink(&self, stats: Arc<SinkStats>) {
+        let _ = self.sink.set(stats);
+    }
+
+    /// Returns the sink's counters, once the sink runs.
+    pub fn sink(&self) -> Option<&SinkStats> {
+        self.sink.get().map(Arc::as_ref)
+    }
+
+    /// Records that the state was restored, and how long it took.
+    pub fn restored(&self, took: Duration) {
+        let _ = self.restore.set(took);
+    }
+
+    /// Returns how long the state restore took, once it is done.
+    pub fn restore_duration(&self) -> Option<Duration> {
+        self.restore.get().copied()
+    }
+
+    /// Returns the counters of a stream.
+    pub fn stream(&self, stream: &str) -> Option<&Arc<StreamStats>> {
+        self.streams.get(stream)
+    }
+
+    /// Registers a poller (before its first cursor or cycle is recorded).
+    pub fn register(&self, poller: &str, stream: &'static str, server_tag: Option<&str>) {
+        lock(&self.pollers)
+            .entry(poller.to_owned())
+            .or_insert_with(|| PollerStatus {
+                stream,
+                server_tag: server_tag.map(str::to_owned),
+                cursors: BTreeMap::new(),
+                last_success: None,
+                last_error: None,
+            });
+    }
+
+    /// Records where a poller's cursor stands.
+    pub fn cursor(
+        &self,
+        poller: &str,
+        stream: &'static str,
+        server_tag: Option<&str>,
+        scope: &str,
+        status: CursorStatus,
+    ) {
+        let mut pollers = lock(&self.pollers);
+        let entry = pollers
+            .entry(poller.to_owned())
+            .or_insert_with(|| PollerStatus {
+                stream,
+                server_tag: server_tag.map(str::to_owned),
+                cursors: BTreeMap::new(),
+                last_success: None,
+                last_error: None,
+            });
+        entry.cursors.insert(scope.to_owned(), status);
+    }
+
+    /// Records the outcome of a poller's cycle (`Err`: the reason, free of secrets).
+    pub fn cycle(&self, poller: &str, outcome: Result<(), String>) {
+        let mut pollers = lock(&self.pollers);
+        let Some(entry) = pollers.get_mut(poller) else {
+            return;
+        };
+        match outcome {
+            Ok(()) => {
+                entry.last_success = Some(Utc::now());
+                entry.last_error = None;
+            }
+            Err(reason) => entry.last_error = Some((Utc::now(), reason)),
+        }
+    }
+
+    /// Returns every poller's status, by poller name.
+    pub fn pollers(&self) -> BTreeMap<String, PollerStatus> {
+        lock(&self.pollers).clone()
+    }
+
+    /// Returns why the process is not ready, if it is not: the state not restored yet, the
+    /// CRM not answering, or the last sink batch failed.
+    pub fn readiness(&self) -> Result<(), String> {
+        if self.restore.get().is_none() {
+            return Err("the state is not restored yet".to_owned());
+        }
+        self.crm
+            .health()
+            .map_err(|reason| format!("the CRM does not answer: {reason}"))?;
+        match self.sink() {
+            None => Err("the Kafka producer is not running".to_owned()),
+            Some(sink) => sink
+                .health(self.batch_timeout)
+                .map_err(|reason| format!("Kafka: {reason}")),
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(s: &str) -> NaiveDate {
+        NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap()
+    }
+
+    #[test]
+    fn progress_and_lag_follow_the_slowest_cursor() {
+        let now = Utc::now();
+        let mut status = PollerStatus {
+            stream: "leads",
+            server_tag: None,
+            cursors: BTreeMap::new(),
+            last_success: None,
+            last_error: None,
+        };
+        let cursor = |next: Option<&str>| Cursor {
+            watermark: Some(d("2024-01-10")),
+            next: next.map(d),
+            ..Cursor::default()
+        };
+        status.cursors.insert(
+            "leads/registration".into(),
+            CursorStatus {
+                cursor: cursor(Some("2024-01-11")),
+                initial: d("2024-01-01"),
+                read_through: Some(now - chrono::Duration::seconds(300)),
+            },
+        );
+        status.cursors.insert(
+            "leads/lastModified".into(),
+            CursorStatus {
+                cursor: cursor(None),
+                initial: d("2024-01-01"),
+                read_through: Some(now - chrono::Duration::seconds(20)),
+            },
+        );
+        // 10 of 20 days read by the slower cursor.
+        assert!((status.progress(d("2024-01-20")) - 0.5).abs() < 1e-9);
+        assert!((status.lag_seconds(now).unwrap() - 300.0).abs() < 1e-6);
+    }
+}

@@ -1,0 +1,281 @@
+//! `ibstream run`: start everything, run until cancelled, shut down cleanly.
+//!
+//! Start-up order matters: the sink first (in exactly-once mode its `init_transactions`
+//! fences an earlier process with the same `instance_id` and aborts what it left open, so the
+//! state topic's committed end is stable), then the state restore to the barrier, then the
+//! pollers. Shutdown: the pollers are cancelled at their next await, the sink finishes the
+//! batch it holds (committed or aborted), the producer is flushed.
+//!
+//! Files: this one is the start-up sequence; `pollers` builds and starts one poller per
+//! stream; `positions` follows the servers list with one poller per live server tag. The
+//! operations side (`crate::ops`) reads the registry they all update.
+
+mod pollers;
+mod positions;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{Config, ConfigError};
+use crate::crm::CrmClient;
+use crate::events::{framing_for, Schemas};
+use crate::kafka::{check_state_topic, ensure_topics, restore, Batch, OutRecord, TopicSpec};
+use crate::ops::Registry;
+use crate::stream::poller::{log_stats, Exit, Shared};
+use crate::stream::state::{Cursor, State};
+use crate::stream::window::today;
+
+pub use crate::ops::Stats;
+
+/// Errors that stop `run` before or while it runs.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Bad configuration (exit code 2).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Start-up failed.
+    #[error("start-up failed: {0}")]
+    Startup(String),
+    /// A stream hit an error the process cannot go on with.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// Called once the state is restored: the binary uses it to have its allocator return the
+/// memory the fingerprint tables outgrew while filling (see `main.rs`).
+static AFTER_RESTORE: std::sync::OnceLock<fn()> = std::sync::OnceLock::new();
+
+/// Sets the function called after the state restore (once per process).
+pub fn set_after_restore(hook: fn()) {
+    let _ = AFTER_RESTORE.set(hook);
+}
+
+/// What a finished run reports.
+#[derive(Debug, Default)]
+pub struct RunReport {
+    /// Streams that stopped with an error while the others went on.
+    pub stopped: Vec<(String, String)>,
+    /// Where the operations HTTP server listened, if it ran.
+    pub http: Option<std::net::SocketAddr>,
+}
+
+/// Validates the configuration for `run` (no IO).
+pub fn validate(config: &Config) -> Result<(), ConfigError> {
+    config.validate()?;
+    config.kafka.validate()?;
+    config.streams.validate()
+}
+
+fn startup<E: std::fmt::Display>(e: E) -> RunError {
+    RunError::Startup(e.to_string())
+}
+
+/// Runs until `cancel` fires (or a fatal error); `stats` receives the counters (streams
+/// missing from it get counters of their own).
+pub async fn run(
+    config: Config,
+    cancel: CancellationToken,
+    stats: Stats,
+) -> Result<RunReport, RunError> {
+    validate(&config)?;
+    let client = CrmClient::build(&config.crm)?;
+    let schemas = Schemas::load(&config.events.namespace).map_err(startup)?;
+    let state_topic = config.kafka.state_topic(&config.topics);
+    let enabled = pollers::enabled(&config.streams);
+    ensure_topics(&config.kafka, &topic_specs(&config, &enabled, &state_topic))
+        .await
+        .map_err(RunError::Startup)?;
+    check_state_topic(&config.kafka, &state_topic)
+        .await
+        .map_err(RunError::Startup)?;
+    // Registry ids (if any) before the pollers: a missing schema stops start-up.
+    let framing = framing_for(&config, &schemas).await.map_err(startup)?;
+    let sink = crate::kafka::sink::start(&config.kafka)
+        .await
+        .map_err(startup)?;
+    let ops = Arc::new(registry(&config, &client, &enabled, stats));
+    ops.set_sink(sink.handle.shared_stats());
+    let http_cancel = cancel.child_token();
+    let http = serve_ops(&config, &ops, &http_cancel).await?;
+
+    let restore_started = Instant::now();
+    let restore_timeout = Duration::from_secs(config.kafka.batch_timeout_secs.max(30));
+    let mut state = restore(&config.kafka, &state_topic, &sink.handle, restore_timeout)
+        .await
+        .map_err(RunError::Startup)?;
+    ops.restored(restore_started.elapsed());
+    if let Some(hook) = AFTER_RESTORE.get() {
+        hook();
+    }
+    let shared = Arc::new(Shared {
+        client: client.clone(),
+        sink: sink.handle.clone(),
+        tz: client.tz(),
+        source: config.crm.domain.clone(),
+        api_prefix: format!("/api/v1/{}", config.crm.api_path),
+        topic_prefix: config.topics.prefix.clone(),
+        state_topic: state_topic.clone(),
+        streams: config.streams.clone(),
+        decimal_excess: config.events.decimal_excess,
+        max_event_bytes: config.kafka.max_message_bytes(),
+        ops: ops.clone(),
+    });
+    drop(sink.handle);
+    let first_day = persist_first_day(&shared, &enabled, &mut state).await?;
+    let mut tasks: JoinSet<(String, Exit)> = JoinSet::new();
+    pollers::start(
+        &mut tasks, &shared, &schemas, &framing, state, first_day, &cancel,
+    )?;
+    drop(shared);
+
+    let (mut report, fatal) = wait(tasks, &ops, &cancel).await;
+    http_cancel.cancel();
+    report.http = http;
+    // Every handle is gone: the sink finishes, flushes and ends.
+    match tokio::time::timeout(Duration::from_secs(8), sink.task).await {
+        Ok(Ok(Ok(()))) => info!("producer flushed"),
+        Ok(Ok(Err(e))) => warn!(error = %e, "producer did not flush cleanly"),
+        Ok(Err(e)) => warn!(error = %e, "sink task failed"),
+        Err(_) => warn!("producer flush timed out"),
+    }
+    match fatal {
+        Some(reason) => Err(RunError::Fatal(reason)),
+        None => Ok(report),
+    }
+}
+
+/// Starts the operations server when `http.enabled`; returns where it listens.
+async fn serve_ops(
+    config: &Config,
+    ops: &Arc<Registry>,
+    cancel: &CancellationToken,
+) -> Result<Option<std::net::SocketAddr>, RunError> {
+    if !config.http.enabled {
+        return Ok(None);
+    }
+    let (addr, _) = crate::ops::http::serve(config.http.address()?, ops.clone(), cancel.clone())
+        .await
+        .map_err(RunError::Startup)?;
+    info!(address = %addr, "operations server listening (/metrics, /health/live, /health/ready, /status)");
+    Ok(Some(addr))
+}
+
+/// Builds the registry, with counters for every enabled stream.
+fn registry(
+    config: &Config,
+    client: &CrmClient,
+    enabled: &[&'static str],
+    mut stats: Stats,
+) -> Registry {
+    for stream in enabled {
+        stats.entry(stream).or_default();
+    }
+    Registry::new(
+        &config.kafka.instance_id,
+        config.kafka.delivery,
+        client.tz(),
+        Duration::from_secs(config.kafka.batch_timeout_secs),
+        stats,
+        client.stats(),
+    )
+}
+
+/// The topics `run` needs: one per enabled stream, the dead-letter topic, the state topic.
+fn topic_specs(config: &Config, enabled: &[&'static str], state_topic: &str) -> Vec<TopicSpec> {
+    let kafka = &config.kafka;
+    let mut topics: Vec<TopicSpec> = enabled
+        .iter()
+        .chain(std::iter::once(&"dlq"))
+        .map(|stream| TopicSpec {
+            name: format!("{}.{stream}", config.topics.prefix),
+            partitions: kafka.topic_partitions,
+            replication: kafka.replication_factor,
+            configs: kafka
+                .topic_configs
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        })
+        .collect();
+    topics.push(TopicSpec {
+        name: state_topic.to_owned(),
+        partitions: 1,
+        replication: kafka.replication_factor,
+        configs: vec![("cleanup.policy".to_owned(), "compact".to_owned())],
+    });
+    topics
+}
+
+/// A changed-records cursor starts the day of the first start: everything older is read by
+/// the backfill of new records. Persisted at once, so a restart days later keeps that day.
+async fn persist_first_day(
+    shared: &Shared,
+    enabled: &[&'static str],
+    state: &mut State,
+) -> Result<chrono::NaiveDate, RunError> {
+    let first_day = today(Utc::now(), shared.tz);
+    let mut batch = Batch::default();
+    for stream in ["leads", "customers"] {
+        let scope = format!("{stream}/lastModified");
+        if enabled.contains(&stream) && !state.cursors.contains_key(&scope) {
+            let cursor = Cursor {
+                next: Some(first_day),
+                ..Cursor::default()
+            };
+            batch.state.push(OutRecord {
+                topic: shared.state_topic.clone(),
+                key: Cursor::key(&scope).into_bytes(),
+                payload: Some(cursor.encode()),
+            });
+            state.cursors.insert(scope, cursor);
+        }
+    }
+    shared.sink.commit(batch).await.map_err(startup)?;
+    Ok(first_day)
+}
+
+/// Waits for every stream task; the first fatal error cancels the rest and is returned.
+/// Logs progress every 30 s.
+async fn wait(
+    mut tasks: JoinSet<(String, Exit)>,
+    ops: &Registry,
+    cancel: &CancellationToken,
+) -> (RunReport, Option<String>) {
+    let mut report = RunReport::default();
+    let mut first_fatal = None;
+    let log_all = || {
+        for (name, s) in &ops.streams {
+            log_stats(name, s);
+        }
+    };
+    let mut progress = tokio::time::interval(Duration::from_secs(30));
+    progress.tick().await;
+    loop {
+        let joined = tokio::select! {
+            _ = progress.tick() => {
+                log_all();
+                continue;
+            }
+            joined = tasks.join_next() => joined,
+        };
+        let fatal = match joined {
+            None => break,
+            Some(Ok((name, Exit::Stopped(reason) | Exit::Denied(reason)))) => {
+                report.stopped.push((name, reason));
+                continue;
+            }
+            Some(Ok((_, Exit::Cancelled))) => continue,
+            Some(Ok((name, Exit::Fatal(reason)))) => format!("{name}: {reason}"),
+            Some(Err(e)) => format!("a stream task failed: {e}"),
+        };
+        first_fatal.get_or_insert(fatal);
+        cancel.cancel();
+    }
+    log_all();
+    (report, first_fatal)
+}

@@ -1,0 +1,276 @@
+//! The operations endpoints of a running `ibstream run`: `/metrics` read by an independent
+//! Prometheus parser and checked against what the topics hold, readiness following the CRM,
+//! and `/status`.
+
+use super::*;
+
+#[derive(Debug, serde::Deserialize)]
+struct Sample {
+    name: String,
+    labels: HashMap<String, String>,
+    value: f64,
+}
+
+async fn get(url: &str) -> (u16, String) {
+    let response = reqwest::get(url).await.unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+/// Scrapes `/metrics` and parses it with prometheus_client's parser (Python).
+async fn scrape(base: &str) -> Vec<Sample> {
+    use std::io::Write;
+    let (status, text) = get(&format!("{base}/metrics")).await;
+    assert_eq!(status, 200);
+    let mut child = std::process::Command::new(common::interop_python())
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/interop/parse_metrics.py"
+        ))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python with prometheus_client (./scripts/test.sh installs it)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "prometheus_client could not parse /metrics: {}\n{text}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_status_and_readiness_tell_what_the_process_does() {
+    let broker = common::Tansu::start();
+    let sim_port = common::free_port();
+    let sim_config = |c: &mut ibstream::sim::SimConfig| {
+        c.listen = format!("127.0.0.1:{sim_port}").parse().unwrap();
+        c.leads = 300;
+        c.customers = 120;
+        c.transactions = 800;
+        c.positions = 900;
+        c.servers = 2;
+    };
+    let sim = common::start_sim(sim_config).await;
+    let prefix = common::unique_topic("ops");
+    let schemas = Schemas::load("com.ibstream").unwrap();
+    let mut cfg = config(&sim, &broker, &prefix, "ops-1");
+    let http_port = common::free_port();
+    cfg.http.listen = format!("127.0.0.1:{http_port}");
+    cfg.crm.max_retries = 1;
+    let base = format!("http://127.0.0.1:{http_port}");
+    let run = start(cfg);
+    run.wait_cycles(&HashMap::new(), &STREAMS, 2, Duration::from_secs(300))
+        .await;
+    run.wait_cycles(&HashMap::new(), &["positions"], 4, Duration::from_secs(300))
+        .await;
+
+    assert_eq!(get(&format!("{base}/health/live")).await.0, 200);
+    let (status, body) = get(&format!("{base}/health/ready")).await;
+    assert_eq!(status, 200, "{body}");
+
+    // The counters equal what the topics hold: every event was consumed from Kafka.
+    let events = read_events(&broker, &sim, &schemas, &prefix).await;
+    let samples = scrape(&base).await;
+    for stream in STREAMS {
+        let created = value(
+            &samples,
+            "ibstream_events_total",
+            &[("stream", stream), ("op", "CREATED")],
+        );
+        assert_eq!(
+            created,
+            Some(events[stream].len() as f64),
+            "{stream}: CREATED events counted vs. keys in the topic"
+        );
+        assert_eq!(
+            value(
+                &samples,
+                "ibstream_events_total",
+                &[("stream", stream), ("op", "UPDATED")]
+            ),
+            Some(0.0)
+        );
+        assert!(
+            value(
+                &samples,
+                "ibstream_records_fetched_total",
+                &[("stream", stream)]
+            )
+            .unwrap()
+                >= events[stream].len() as f64
+        );
+    }
+    // Steady state: every poller read everything up to its last cycle's start.
+    let lags: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.name == "ibstream_stream_lag_seconds")
+        .collect();
+    assert!(lags.len() >= 4 + 2, "{lags:?}");
+    for lag in &lags {
+        assert!(
+            lag.value < 1.0 + 900.0 && lag.value >= 0.0,
+            "lag above poll_interval + closing_lag: {lag:?}"
+        );
+        assert_eq!(
+            lag.labels.contains_key("server_tag"),
+            lag.labels["stream"] == "positions"
+        );
+    }
+    for progress in samples
+        .iter()
+        .filter(|s| s.name == "ibstream_backfill_progress_ratio")
+    {
+        assert_eq!(progress.value, 1.0, "{progress:?}");
+    }
+    let requests: f64 = samples
+        .iter()
+        .filter(|s| s.name == "ibstream_crm_requests_total")
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(
+        requests as u64,
+        sim.stats().requests.load(Ordering::Relaxed),
+        "CRM requests counted vs. served"
+    );
+    assert_eq!(value(&samples, "ibstream_crm_logins_total", &[]), Some(1.0));
+    assert!(value(&samples, "ibstream_sink_batches_total", &[]).unwrap() > 0.0);
+    assert!(samples
+        .iter()
+        .any(|s| s.name == "ibstream_sink_batch_duration_seconds_bucket"));
+    assert!(samples
+        .iter()
+        .any(|s| s.name == "ibstream_crm_request_duration_seconds_count"
+            && s.labels["endpoint"] == "leads"));
+    assert!(value(&samples, "ibstream_state_restore_duration_seconds", &[]).is_some());
+    assert_eq!(
+        value(
+            &samples,
+            "ibstream_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "ibstream_tracked_entities",
+            &[("stream", "leads")]
+        ),
+        Some(300.0)
+    );
+
+    // /status: one entry per poller with its cursors, and the counts.
+    let (status, body) = get(&format!("{base}/status")).await;
+    assert_eq!(status, 200);
+    let doc: Json = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["instanceId"], "ops-1");
+    assert_eq!(doc["delivery"], "at-least-once");
+    assert_eq!(doc["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(doc["ready"], true);
+    assert!(doc["uptimeSeconds"].is_u64());
+    let pollers = doc["pollers"].as_array().unwrap();
+    let names: HashSet<&str> = pollers
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    for name in [
+        "leads",
+        "customers",
+        "transactions",
+        "servers",
+        "positions[mt4-live-01]",
+        "positions[mt5-live-02]",
+    ] {
+        assert!(names.contains(name), "{name} missing from {names:?}");
+    }
+    for poller in pollers {
+        assert!(poller["lastSuccess"].is_string(), "{poller}");
+        assert!(poller["lastError"].is_null(), "{poller}");
+        for cursor in poller["cursors"].as_array().unwrap() {
+            for key in [
+                "scope",
+                "watermark",
+                "backfillNext",
+                "initialDay",
+                "readThrough",
+                "lastSweep",
+                "openWindows",
+            ] {
+                assert!(cursor.get(key).is_some(), "{key} missing: {cursor}");
+            }
+            assert!(cursor["watermark"].is_string() && cursor["backfillNext"].is_null());
+        }
+    }
+    let leads = pollers.iter().find(|p| p["name"] == "leads").unwrap();
+    assert_eq!(leads["cursors"].as_array().unwrap().len(), 2);
+    assert_eq!(doc["counts"]["leads"]["created"], 300);
+
+    // The CRM goes away: ready says so; it comes back: ready again.
+    sim.shutdown().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let reason = loop {
+        let (status, body) = get(&format!("{base}/health/ready")).await;
+        if status == 503 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "still ready with the CRM gone");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(reason.contains("CRM"), "{reason}");
+    let (_, body) = get(&format!("{base}/status")).await;
+    let doc: Json = serde_json::from_str(&body).unwrap();
+    assert_eq!(doc["ready"], false);
+    assert!(
+        doc["pollers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["lastError"]["message"].is_string()),
+        "no poller shows its last error: {doc}"
+    );
+    assert!(
+        !body.contains("ib-secret") && !body.contains("sim-api-key"),
+        "a secret in /status"
+    );
+    let sim = common::start_sim(sim_config).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, _) = get(&format!("{base}/health/ready")).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not ready again after the CRM came back"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = get(&format!("{base}/metrics")).await.1;
+    assert!(!metrics.contains("ib-secret") && !metrics.contains("sim-api-key"));
+    run.stop().await;
+    sim.shutdown().await;
+}
