@@ -13,5 +13,6 @@ pub mod net;
 pub mod ops;
 pub mod run;
 pub mod sim;
+pub mod state_tool;
 pub mod stream;
 pub mod telemetry;

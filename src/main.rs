@@ -43,6 +43,45 @@ enum Command {
     /// Print, check or register the Avro event schemas.
     #[command(subcommand)]
     Schemas(SchemasCommand),
+    /// Show or move the state (cursors, fingerprints) kept in the state topic.
+    #[command(subcommand)]
+    State(StateCommand),
+}
+
+#[derive(Subcommand)]
+enum StateCommand {
+    /// Show every cursor, the fingerprints kept per stream and the instance's heartbeat.
+    Show {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a stream's cursors back (it reads again from there); refused while the instance
+    /// runs.
+    Reset {
+        /// The stream: leads, customers, transactions, servers, positions.
+        #[arg(long)]
+        stream: String,
+        /// Only this server tag (positions).
+        #[arg(long)]
+        server_tag: Option<String>,
+        /// Read again from this day (YYYY-MM-DD).
+        #[arg(
+            long,
+            conflicts_with = "from_start",
+            required_unless_present = "from_start"
+        )]
+        to: Option<chrono::NaiveDate>,
+        /// Forget the cursors: read again from the first day, as a first start.
+        #[arg(long)]
+        from_start: bool,
+        /// Drop the fingerprints too: every record read again is emitted again (CREATED).
+        #[arg(long)]
+        resnapshot: bool,
+        /// Reset although the instance's heartbeat is fresh.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -81,6 +120,7 @@ fn main() -> ExitCode {
                 }
             },
             Command::Schemas(command) => schemas(cli.config.as_deref(), command).await,
+            Command::State(command) => state(cli.config.as_deref(), command).await,
             Command::Run => {
                 let config = match Config::load(cli.config.as_deref())
                     .and_then(|c| ibstream::run::validate(&c).map(|()| c))
@@ -212,6 +252,71 @@ async fn schemas(path: Option<&std::path::Path>, command: SchemasCommand) -> Exi
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+async fn state(path: Option<&std::path::Path>, command: StateCommand) -> ExitCode {
+    let config = match Config::load(path).and_then(|c| {
+        c.validate()?;
+        c.kafka.validate().map(|()| c)
+    }) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    use ibstream::state_tool::{ResetRequest, ResetTo};
+    match command {
+        StateCommand::Show { json } => match ibstream::state_tool::load(&config).await {
+            Ok(state) => {
+                let now = chrono::Utc::now();
+                if json {
+                    println!("{}", ibstream::state_tool::show_json(&state, now));
+                } else {
+                    print!(
+                        "{}",
+                        ibstream::state_tool::show_text(&state, &config.kafka.instance_id, now)
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        StateCommand::Reset {
+            stream,
+            server_tag,
+            to,
+            from_start,
+            resnapshot,
+            force,
+        } => {
+            let request = ResetRequest {
+                stream,
+                server_tag,
+                to: match (to, from_start) {
+                    (Some(day), _) => ResetTo::Day(day),
+                    (None, _) => ResetTo::Start,
+                },
+                resnapshot,
+                force,
+            };
+            match ibstream::state_tool::reset(&config, &request).await {
+                Ok(lines) => {
+                    for line in lines {
+                        println!("{line}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
             }
         }
     }

@@ -153,6 +153,43 @@ pub async fn restore(
         ),
         Delivery::AtLeastOnce => format!("cannot write the start-up barrier to {state_topic}: {e}"),
     })?;
+    read_after_barrier(config, state_topic, barrier_key, nonce, timeout).await
+}
+
+/// Reads the state topic without a running instance's sink (for `ibstream state`): the
+/// barrier (`barrier/<instance_id>/tools`) is written by a plain producer – never with the
+/// instance's transactional id, which would fence a running instance – and is visible to the
+/// read_committed reader at once.
+pub async fn read_state(
+    config: &KafkaConfig,
+    state_topic: &str,
+    timeout: Duration,
+) -> Result<State, String> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let nonce = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    let barrier_key = format!("barrier/{}/tools", config.instance_id);
+    let producer: FutureProducer = client_config(config)?
+        .create()
+        .map_err(|e| format!("cannot create a Kafka producer: {e}"))?;
+    producer
+        .send(
+            FutureRecord::to(state_topic)
+                .key(&barrier_key)
+                .payload(&nonce),
+            timeout,
+        )
+        .await
+        .map_err(|(e, _)| format!("cannot write to {state_topic}: {e}"))?;
+    read_after_barrier(config, state_topic, barrier_key, nonce, timeout).await
+}
+
+async fn read_after_barrier(
+    config: &KafkaConfig,
+    state_topic: &str,
+    barrier_key: String,
+    nonce: String,
+    timeout: Duration,
+) -> Result<State, String> {
     let consumer: BaseConsumer = client_config(config)?
         .set("group.id", format!("{}-restore", config.instance_id))
         .set("enable.auto.commit", "false")

@@ -131,9 +131,17 @@ pub async fn run(
     pollers::start(
         &mut tasks, &shared, &schemas, &framing, state, first_day, &cancel,
     )?;
+    let beat_cancel = cancel.child_token();
+    let beat = tokio::spawn(heartbeat(
+        shared.clone(),
+        config.kafka.instance_id.clone(),
+        beat_cancel.clone(),
+    ));
     drop(shared);
 
     let (mut report, fatal) = wait(tasks, &ops, &cancel).await;
+    beat_cancel.cancel();
+    let _ = beat.await;
     http_cancel.cancel();
     report.http = http;
     // Every handle is gone: the sink finishes, flushes and ends.
@@ -146,6 +154,37 @@ pub async fn run(
     match fatal {
         Some(reason) => Err(RunError::Fatal(reason)),
         None => Ok(report),
+    }
+}
+
+/// How often a running instance writes its heartbeat (`alive/<instance_id>`).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Writes the instance's heartbeat now and every [`HEARTBEAT_INTERVAL`] until cancelled, so
+/// `ibstream state reset` can tell it runs.
+async fn heartbeat(shared: Arc<Shared>, instance_id: String, cancel: CancellationToken) {
+    let mut every = tokio::time::interval(HEARTBEAT_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let beat = crate::stream::state::Heartbeat { at: Utc::now() };
+        let batch = Batch {
+            events: Vec::new(),
+            state: vec![OutRecord {
+                topic: shared.state_topic.clone(),
+                key: crate::stream::state::Heartbeat::key(&instance_id).into_bytes(),
+                payload: Some(beat.encode()),
+            }],
+        };
+        let outcome = tokio::select! {
+            _ = cancel.cancelled() => return,
+            outcome = shared.sink.commit(batch) => outcome,
+        };
+        if let Err(e) = outcome {
+            warn!(error = %e, "heartbeat not written");
+        }
     }
 }
 

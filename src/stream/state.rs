@@ -8,7 +8,10 @@
 //! - `fp/<stream>/<id>`: the fingerprint of the last emitted version of an entity, 13 bytes:
 //!   version `1`, fingerprint (u64 LE), day (i32 LE, days since 1970-01-01, the record's day
 //!   for pruning append-only streams). A tombstone (null value) forgets the entity.
-//! - `barrier/<instance_id>`: the start-up barrier (a nonce), see `kafka::restore`.
+//! - `barrier/<instance_id>`: the start-up barrier (a nonce), see `kafka::restore`
+//!   (`barrier/<instance_id>/tools`: the barrier of `ibstream state`).
+//! - `alive/<instance_id>`: a running instance's heartbeat, JSON `{"v":1,"at":RFC 3339}`,
+//!   written every 30 s; `ibstream state reset` refuses while it is fresh.
 //!
 //! Values carry a format version so later releases can read what earlier ones wrote; an
 //! unknown version is an error at start-up, never silently ignored.
@@ -260,11 +263,49 @@ impl FpMap {
     }
 }
 
+/// A running instance's sign of life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// When it was written.
+    pub at: DateTime<Utc>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct HeartbeatValue {
+    v: u8,
+    at: DateTime<Utc>,
+}
+
+impl Heartbeat {
+    /// Returns the state key of an instance's heartbeat.
+    pub fn key(instance_id: &str) -> String {
+        format!("alive/{instance_id}")
+    }
+
+    /// Encodes the heartbeat as a state value.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(&HeartbeatValue {
+            v: STATE_VERSION,
+            at: self.at,
+        })
+        .unwrap_or_default()
+    }
+
+    /// Decodes a state value.
+    pub fn decode(bytes: &[u8]) -> Result<Heartbeat, String> {
+        let value: HeartbeatValue =
+            serde_json::from_slice(bytes).map_err(|e| format!("unreadable heartbeat: {e}"))?;
+        Ok(Heartbeat { at: value.at })
+    }
+}
+
 /// Everything restored from the state topic, by scope.
 #[derive(Debug, Default)]
 pub struct State {
     /// Cursors by scope.
     pub cursors: HashMap<String, Cursor>,
+    /// Heartbeats by instance id.
+    pub heartbeats: HashMap<String, Heartbeat>,
     /// Fingerprints by scope (`leads`, …, `positions/<tag>`).
     pub fingerprints: HashMap<String, FpMap>,
     scratch: String,
@@ -274,7 +315,17 @@ impl State {
     /// Applies one state record (`None` value: a tombstone). Unknown key families are
     /// ignored (barriers, or keys of a later release).
     pub fn apply(&mut self, key: &str, value: Option<&[u8]>) -> Result<(), String> {
-        if let Some(scope) = key.strip_prefix("cursor/") {
+        if let Some(instance) = key.strip_prefix("alive/") {
+            // A heartbeat never stops a restore: an unreadable one is no heartbeat.
+            match value.map(Heartbeat::decode) {
+                Some(Ok(beat)) => {
+                    self.heartbeats.insert(instance.to_owned(), beat);
+                }
+                _ => {
+                    self.heartbeats.remove(instance);
+                }
+            }
+        } else if let Some(scope) = key.strip_prefix("cursor/") {
             match value {
                 Some(bytes) => {
                     self.cursors.insert(

@@ -274,3 +274,124 @@ async fn metrics_status_and_readiness_tell_what_the_process_does() {
     run.stop().await;
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_reset_moves_cursors_back_and_is_refused_while_the_instance_runs() {
+    use ibstream::state_tool::{reset, show_json, ResetRequest, ResetTo};
+    let broker = common::Tansu::start();
+    let days_ago = |n: i64| chrono::Utc::now().date_naive() - chrono::Duration::days(n);
+    let sim = common::start_sim(|c| {
+        c.start_date = days_ago(60);
+        c.leads = 300;
+        c.customers = 120;
+        c.transactions = 1_000;
+        c.positions = 600;
+        c.servers = 1;
+    })
+    .await;
+    let prefix = common::unique_topic("reset");
+    let schemas = Schemas::load("com.ibstream").unwrap();
+    let mut cfg = config(&sim, &broker, &prefix, "reset-1");
+    cfg.streams.start_date = days_ago(60);
+    let run = start(cfg.clone());
+    run.wait_cycles(&HashMap::new(), &STREAMS, 2, Duration::from_secs(300))
+        .await;
+
+    // While it runs: show tells its heartbeat; reset is refused, naming the instance.
+    let state = ibstream::state_tool::load(&cfg).await.unwrap();
+    let shown = show_json(&state, chrono::Utc::now());
+    assert!(
+        shown["heartbeats"]["reset-1"]["ageSeconds"]
+            .as_i64()
+            .unwrap()
+            < 90,
+        "{shown}"
+    );
+    let scopes: Vec<&str> = shown["cursors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["scope"].as_str().unwrap())
+        .collect();
+    for scope in [
+        "leads/registration",
+        "leads/lastModified",
+        "transactions",
+        "positions/mt4-live-01",
+    ] {
+        assert!(scopes.contains(&scope), "{scope} not in {scopes:?}");
+    }
+    assert_eq!(shown["fingerprints"]["leads"], 300);
+    let from = days_ago(10);
+    let request = ResetRequest {
+        stream: "transactions".to_owned(),
+        server_tag: None,
+        to: ResetTo::Day(from),
+        resnapshot: true,
+        force: false,
+    };
+    let err = reset(&cfg, &request).await.unwrap_err();
+    assert!(
+        err.contains("reset-1") && err.contains("stop it first"),
+        "{err}"
+    );
+    run.stop().await;
+    let before = read_events(&broker, &sim, &schemas, &prefix).await;
+
+    // Stopped: transactions re-snapshot from 10 days ago; leads only re-read (nothing new).
+    let done = reset(
+        &cfg,
+        &ResetRequest {
+            force: true,
+            ..request
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        done.iter()
+            .any(|l| l.contains(&format!("transactions: reads again from {from}"))),
+        "{done:?}"
+    );
+    assert!(
+        done.iter().any(|l| l.contains("fingerprints dropped")),
+        "{done:?}"
+    );
+    reset(
+        &cfg,
+        &ResetRequest {
+            stream: "leads".to_owned(),
+            server_tag: None,
+            to: ResetTo::Day(days_ago(30)),
+            resnapshot: false,
+            force: true,
+        },
+    )
+    .await
+    .unwrap();
+    let run = start(cfg);
+    run.wait_cycles(&HashMap::new(), &STREAMS, 2, Duration::from_secs(300))
+        .await;
+    run.stop().await;
+    let after = read_events(&broker, &sim, &schemas, &prefix).await;
+    let from_text = from.format("%Y-%m-%d").to_string();
+    let resnapshot: HashSet<String> = sim
+        .truth(Kind::Transactions)
+        .iter()
+        .filter(|t| t["isFake"] == false)
+        .filter(|t| t["transactionDate"].as_str().unwrap()[..10] >= *from_text.as_str())
+        .map(|t| t["id"].to_string())
+        .collect();
+    assert!(!resnapshot.is_empty());
+    for (key, versions) in &after["transactions"] {
+        let was = before["transactions"][key].len();
+        let want = was + usize::from(resnapshot.contains(key));
+        assert_eq!(versions.len(), want, "transaction {key}");
+        assert_eq!(meta_string(versions.last().unwrap(), "op"), "CREATED");
+    }
+    for stream in ["leads", "customers", "positions", "servers"] {
+        let count = |events: &ByKey| events[stream].values().map(Vec::len).sum::<usize>();
+        assert_eq!(count(&after), count(&before), "{stream} emitted again");
+    }
+    sim.shutdown().await;
+}
