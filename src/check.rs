@@ -2,6 +2,10 @@
 //!
 //! Validates the configuration, logs in, lists the servers, then calls every endpoint for
 //! today with `pageSize=1` (positions once per live server tag) and reports one line each.
+//! Then Kafka: the brokers, every topic `run` uses (present with its partitions, or to be
+//! created), the state topic's settings, transactions in exactly-once mode (with a
+//! transactional id of its own, `<instance_id>-check`: the instance's id would fence a running
+//! instance), and the Schema Registry when one is configured.
 
 use std::fmt;
 
@@ -25,6 +29,9 @@ pub enum Outcome {
     PermissionMissing(String),
     /// The endpoint's CRM module is off.
     ModuleOff(String),
+    /// Not a failure, but worth saying (a topic `run` will create, a check that does not
+    /// apply).
+    Note(String),
     /// Any other failure.
     Error(String),
 }
@@ -45,6 +52,7 @@ impl fmt::Display for CheckLine {
             Outcome::Ok { total: None } => write!(f, "{:<28} ok", self.what),
             Outcome::PermissionMissing(m) => write!(f, "{:<28} permission missing: {m}", self.what),
             Outcome::ModuleOff(m) => write!(f, "{:<28} module off: {m}", self.what),
+            Outcome::Note(m) => write!(f, "{:<28} ok: {m}", self.what),
             Outcome::Error(m) => write!(f, "{:<28} error: {m}", self.what),
         }
     }
@@ -53,7 +61,14 @@ impl fmt::Display for CheckLine {
 impl CheckLine {
     /// Returns whether the call worked.
     pub fn is_ok(&self) -> bool {
-        matches!(self.outcome, Outcome::Ok { .. })
+        matches!(self.outcome, Outcome::Ok { .. } | Outcome::Note(_))
+    }
+
+    fn new(what: impl Into<String>, outcome: Outcome) -> Self {
+        CheckLine {
+            what: what.into(),
+            outcome,
+        }
     }
 }
 
@@ -81,6 +96,7 @@ pub async fn run(config: &Config) -> Result<Vec<CheckLine>, crate::config::Confi
         outcome: login.map_or_else(outcome_of, |()| Outcome::Ok { total: None }),
     });
     if !login_ok {
+        lines.extend(kafka(config).await);
         return Ok(lines);
     }
     let today = Utc::now().with_timezone(&client.tz()).date_naive();
@@ -132,7 +148,162 @@ pub async fn run(config: &Config) -> Result<Vec<CheckLine>, crate::config::Confi
             });
         }
     }
+    lines.extend(kafka(config).await);
     Ok(lines)
+}
+
+/// Checks Kafka and the Schema Registry; one line each.
+pub async fn kafka(config: &Config) -> Vec<CheckLine> {
+    use crate::config::Delivery;
+    let kafka = &config.kafka;
+    if let Err(e) = kafka.validate() {
+        return vec![CheckLine::new("kafka", Outcome::Error(e.to_string()))];
+    }
+    let settings = match kafka.client_settings() {
+        Ok(settings) => settings,
+        Err(e) => return vec![CheckLine::new("kafka", Outcome::Error(e.to_string()))],
+    };
+    let client_config = || {
+        let mut client = rdkafka::ClientConfig::new();
+        for (key, value) in &settings {
+            client.set(key, value);
+        }
+        client
+    };
+    let mut lines = Vec::new();
+    let metadata = {
+        let client = client_config();
+        tokio::task::spawn_blocking(move || {
+            let consumer: rdkafka::consumer::BaseConsumer = client.create()?;
+            rdkafka::consumer::Consumer::fetch_metadata(
+                &consumer,
+                None,
+                std::time::Duration::from_secs(5),
+            )
+        })
+        .await
+    };
+    let metadata = match metadata {
+        Ok(Ok(metadata)) => metadata,
+        Ok(Err(e)) => {
+            lines.push(CheckLine::new(
+                "kafka brokers",
+                Outcome::Error(format!("{} unreachable: {e}", kafka.bootstrap_servers)),
+            ));
+            return lines;
+        }
+        Err(e) => {
+            return vec![CheckLine::new(
+                "kafka brokers",
+                Outcome::Error(e.to_string()),
+            )]
+        }
+    };
+    lines.push(CheckLine::new(
+        format!("kafka brokers ({})", metadata.brokers().len()),
+        Outcome::Ok { total: None },
+    ));
+    let state_topic = kafka.state_topic(&config.topics);
+    let mut topics: Vec<String> = crate::run::enabled_streams(&config.streams)
+        .into_iter()
+        .chain(["dlq"])
+        .map(|s| config.topics.data_topic(s))
+        .collect();
+    topics.push(state_topic.clone());
+    for topic in topics {
+        let partitions = metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map(|t| t.partitions().len())
+            .filter(|n| *n > 0);
+        let outcome = match partitions {
+            None => Outcome::Note("missing; `ibstream run` creates it".to_owned()),
+            Some(_) if topic == state_topic => {
+                match crate::kafka::check_state_topic(kafka, &topic).await {
+                    Ok(()) => Outcome::Note("1 partition, compacted".to_owned()),
+                    Err(e) => Outcome::Error(e),
+                }
+            }
+            Some(n) => Outcome::Note(format!("{n} partitions")),
+        };
+        lines.push(CheckLine::new(format!("topic {topic}"), outcome));
+    }
+    let state_exists = metadata
+        .topics()
+        .iter()
+        .any(|t| t.name() == state_topic && t.error().is_none() && !t.partitions().is_empty());
+    let transactions = match kafka.delivery {
+        Delivery::AtLeastOnce => {
+            Outcome::Note("not used (kafka.delivery = \"at-least-once\")".to_owned())
+        }
+        Delivery::ExactlyOnce if !state_exists => Outcome::Note(
+            "not checked: the state topic does not exist yet (`ibstream run` checks them first)"
+                .to_owned(),
+        ),
+        Delivery::ExactlyOnce => {
+            let mut client = client_config();
+            client.set("transactional.id", format!("{}-check", kafka.instance_id));
+            let timeout = std::time::Duration::from_secs(kafka.batch_timeout_secs.min(30));
+            let key = format!("check/{}", kafka.instance_id);
+            let topic = state_topic.clone();
+            // One record in a committed transaction (an empty one never reaches the broker):
+            // a key family the restore ignores, compacted to one record.
+            let result = tokio::task::spawn_blocking(move || {
+                use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+                let producer: BaseProducer = client.create()?;
+                producer.init_transactions(timeout)?;
+                producer.begin_transaction()?;
+                let now = Utc::now().to_rfc3339();
+                producer
+                    .send(BaseRecord::to(&topic).key(&key).payload(&now))
+                    .map_err(|(e, _)| e)?;
+                producer.commit_transaction(timeout)
+            })
+            .await;
+            match result {
+                Ok(Ok(())) => Outcome::Ok { total: None },
+                Ok(Err(e)) => Outcome::Error(format!(
+                    "{e}; if the broker has no transactions, set kafka.delivery = \"at-least-once\""
+                )),
+                Err(e) => Outcome::Error(e.to_string()),
+            }
+        }
+    };
+    lines.push(CheckLine::new("kafka transactions", transactions));
+    if let Some(registry) = &config.schema_registry {
+        lines.push(CheckLine::new(
+            "schema registry",
+            registry_outcome(config, registry).await,
+        ));
+    }
+    lines
+}
+
+async fn registry_outcome(
+    config: &Config,
+    registry: &crate::config::SchemaRegistryConfig,
+) -> Outcome {
+    use crate::events::{EventType, RegistryError, SchemaRegistry, Schemas};
+    let client = match SchemaRegistry::build(registry) {
+        Ok(client) => client,
+        Err(e) => return Outcome::Error(e.to_string()),
+    };
+    let schemas = match Schemas::load(&config.events.namespace) {
+        Ok(schemas) => schemas,
+        Err(e) => return Outcome::Error(e.to_string()),
+    };
+    let subject = crate::events::value_subject(&config.topics.data_topic("leads"));
+    match client
+        .lookup(&subject, &schemas.get(EventType::Lead).json)
+        .await
+    {
+        Ok(id) => Outcome::Note(format!("reachable; {subject} has id {id}")),
+        Err(RegistryError::NotRegistered { .. }) => {
+            Outcome::Note(format!("reachable; {subject} not registered yet"))
+        }
+        Err(e) => Outcome::Error(e.to_string()),
+    }
 }
 
 async fn check_page<T: CrmRecord>(client: &CrmClient, what: &str, query: WindowQuery) -> CheckLine {

@@ -121,3 +121,47 @@ async fn a_state_topic_that_cannot_hold_the_state_is_refused_naming_the_fix() {
     );
     assert!(err.contains("cleanup.policy=compact"), "{err}");
 }
+
+#[tokio::test]
+async fn check_reports_the_broker_topics_and_transactions() {
+    use ibstream::check::Outcome;
+    let broker = common::Tansu::start();
+    let mut config = ibstream::config::Config::load(None).unwrap();
+    config.kafka.bootstrap_servers = broker.bootstrap.clone();
+    config.topics.prefix = common::unique_topic("chk");
+    let state_topic = config.kafka.state_topic(&config.topics);
+    create(&broker, &config.topics.data_topic("leads"), 3, "delete").await;
+    create(&broker, &state_topic, 2, "compact").await;
+    // exactly-once (the default): tansu has no transactions.
+    let lines = ibstream::check::kafka(&config).await;
+    let line = |prefix: &str| {
+        lines
+            .iter()
+            .find(|l| l.what.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} line in {lines:?}"))
+    };
+    assert!(line("kafka brokers (1)").is_ok());
+    assert_eq!(
+        line(&format!("topic {}.leads", config.topics.prefix)).outcome,
+        Outcome::Note("3 partitions".to_owned())
+    );
+    assert!(matches!(
+        &line(&format!("topic {}.positions", config.topics.prefix)).outcome,
+        Outcome::Note(m) if m.contains("creates it")
+    ));
+    let state = line(&format!("topic {state_topic}"));
+    assert!(
+        matches!(&state.outcome, Outcome::Error(m) if m.contains("2 partitions")),
+        "{state}"
+    );
+    let transactions = line("kafka transactions");
+    assert!(
+        matches!(&transactions.outcome, Outcome::Error(m) if m.contains("at-least-once")),
+        "{transactions}"
+    );
+    config.kafka.delivery = ibstream::config::Delivery::AtLeastOnce;
+    let lines = ibstream::check::kafka(&config).await;
+    assert!(lines
+        .iter()
+        .any(|l| l.what == "kafka transactions" && l.is_ok()));
+}

@@ -44,10 +44,13 @@ fn bad_configuration_exits_2_with_one_line_naming_the_key() {
 async fn check_reports_every_endpoint() {
     let sim = common::start_sim(|c| c.deny = vec!["transactions".to_owned()]).await;
     let url = sim.base_url();
+    // No broker listens there: the Kafka part of the report says so.
+    let kafka = format!("127.0.0.1:{}", common::free_port());
     let out = tokio::task::spawn_blocking(move || {
         ibstream()
             .args(["--config", example(), "check"])
             .env("IBSTREAM_CRM__BASE_URL", url)
+            .env("IBSTREAM_KAFKA__BOOTSTRAP_SERVERS", &kafka)
             .output()
             .unwrap()
     })
@@ -56,7 +59,11 @@ async fn check_reports_every_endpoint() {
     let stdout = String::from_utf8(out.stdout).unwrap();
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     let lines: Vec<&str> = stdout.lines().collect();
-    assert_eq!(lines.len(), 7, "{stdout}");
+    assert_eq!(lines.len(), 8, "{stdout}");
+    assert!(
+        lines[7].starts_with("kafka brokers") && lines[7].contains("unreachable"),
+        "{stdout}"
+    );
     assert!(
         lines[0].starts_with("login") && lines[0].ends_with("ok"),
         "{stdout}"

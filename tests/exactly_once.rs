@@ -226,3 +226,25 @@ async fn a_fatal_error_of_the_idempotent_producer_is_fatal() {
         other => panic!("a fatal producer error was retriable: {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_commits_a_transaction_without_fencing_the_running_instance() {
+    let mock = cluster();
+    let config = kafka(&mock.bootstrap_servers(), "eo-check");
+    let sink = sink::start(&config).await.unwrap();
+    sink.handle.commit(batch(1, "before")).await.unwrap();
+    let full = ibstream::config::Config {
+        kafka: config.clone(),
+        ..ibstream::config::Config::load(None).unwrap()
+    };
+    let lines = ibstream::check::kafka(&full).await;
+    let transactions = lines
+        .iter()
+        .find(|l| l.what == "kafka transactions")
+        .unwrap();
+    assert!(transactions.is_ok(), "{transactions}");
+    // The check used a transactional id of its own: the instance's producer still commits.
+    sink.handle.commit(batch(1, "after")).await.unwrap();
+    drop(sink.handle);
+    sink.task.await.unwrap().unwrap();
+}

@@ -31,6 +31,7 @@ use crate::stream::state::{Cursor, State};
 use crate::stream::window::today;
 
 pub use crate::ops::Stats;
+pub use pollers::enabled as enabled_streams;
 
 /// Errors that stop `run` before or while it runs.
 #[derive(Debug, thiserror::Error)]
