@@ -7,6 +7,7 @@
 pub mod check;
 pub mod config;
 pub mod crm;
+pub mod demo;
 pub mod events;
 pub mod kafka;
 pub mod net;

@@ -36,6 +36,9 @@ struct Cli {
 enum Command {
     /// Stream the CRM into Kafka until SIGINT/SIGTERM.
     Run,
+    /// Everything in one process: a simulated CRM, an in-process Kafka, the connector, and a
+    /// live view of the events decoded back from the topics.
+    Demo(Box<ibstream::demo::DemoArgs>),
     /// Validate the configuration, log in to the CRM and call every endpoint once.
     Check,
     /// Serve a simulated CRM (for the demo, tests and benchmarks).
@@ -121,6 +124,24 @@ fn main() -> ExitCode {
             },
             Command::Schemas(command) => schemas(cli.config.as_deref(), command).await,
             Command::State(command) => state(cli.config.as_deref(), command).await,
+            Command::Demo(args) => {
+                let cancel = tokio_util::sync::CancellationToken::new();
+                let on_signal = cancel.clone();
+                tokio::spawn(async move {
+                    ibstream::sim::shutdown_signal().await;
+                    on_signal.cancel();
+                });
+                match ibstream::demo::run(*args, cancel).await {
+                    Ok(summary) => {
+                        print!("{summary}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        ExitCode::FAILURE
+                    }
+                }
+            }
             Command::Run => {
                 let config = match Config::load(cli.config.as_deref())
                     .and_then(|c| ibstream::run::validate(&c).map(|()| c))

@@ -190,3 +190,55 @@ async fn schemas_register_registers_every_subject() {
     let out = ibstream().args(["schemas", "register"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "no registry configured");
 }
+
+#[test]
+fn demo_streams_every_stream_into_the_in_process_kafka_and_reads_it_back() {
+    let out = ibstream()
+        .args([
+            "demo",
+            "--for",
+            "15",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--leads",
+            "200",
+            "--customers",
+            "80",
+            "--transactions",
+            "300",
+            "--positions",
+            "500",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = stdout
+        .split("summary after")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no summary: {stdout}"));
+    for stream in ["leads", "customers", "transactions", "servers", "positions"] {
+        let line = summary
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{stream}:")))
+            .unwrap_or_else(|| panic!("no {stream} line: {summary}"));
+        let read_back: u64 = line
+            .split("read back from Kafka ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{line}"));
+        assert!(read_back > 0, "nothing of {stream} decoded back: {line}");
+    }
+    assert!(
+        summary.contains("events that did not decode: 0"),
+        "{summary}"
+    );
+    assert!(summary.contains("CREATED"), "{summary}");
+    assert!(stdout.contains("kcat -b 127.0.0.1:"), "{stdout}");
+}

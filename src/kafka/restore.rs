@@ -40,13 +40,31 @@ fn client_config(config: &KafkaConfig) -> Result<ClientConfig, String> {
     Ok(client)
 }
 
-/// Creates the topics that do not exist yet; existing ones are left as they are.
+/// Creates the topics that do not exist yet; existing ones are left as they are (when all
+/// exist, no CreateTopics request is made: a user without the permission, or a broker
+/// without the API, can run on topics made beforehand).
 pub async fn ensure_topics(config: &KafkaConfig, topics: &[TopicSpec]) -> Result<(), String> {
     let admin: AdminClient<DefaultClientContext> = client_config(config)?
         .create()
         .map_err(|e| format!("cannot create the Kafka admin client: {e}"))?;
+    let admin = std::sync::Arc::new(admin);
+    let existing: Vec<String> = {
+        let admin = admin.clone();
+        tokio::task::spawn_blocking(move || {
+            admin.inner().fetch_metadata(None, Duration::from_secs(30))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot reach Kafka at {}: {e}", config.bootstrap_servers))?
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.name().to_owned())
+        .collect()
+    };
     let new_topics: Vec<NewTopic> = topics
         .iter()
+        .filter(|t| !existing.contains(&t.name))
         .map(|t| {
             let mut topic = NewTopic::new(
                 &t.name,
@@ -59,6 +77,9 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[TopicSpec]) -> Result
             topic
         })
         .collect();
+    if new_topics.is_empty() {
+        return Ok(());
+    }
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let results = admin
         .create_topics(&new_topics, &options)

@@ -83,6 +83,29 @@ pub async fn run(
     cancel: CancellationToken,
     stats: Stats,
 ) -> Result<RunReport, RunError> {
+    run_with(config, cancel, stats, &RunOptions::default()).await
+}
+
+/// Where a caller finds the registry of a run once it exists (the demo's view).
+pub type RegistrySlot = Arc<std::sync::OnceLock<Arc<Registry>>>;
+
+/// What an embedding caller (the demo) can ask of a run beyond its configuration.
+#[derive(Debug, Default, Clone)]
+pub struct RunOptions {
+    /// Receives the run's registry once the sink runs.
+    pub registry: RegistrySlot,
+    /// Skip reading the state topic's configuration (rdkafka's MockCluster, which made the
+    /// topic itself, cannot describe configs).
+    pub skip_state_topic_config: bool,
+}
+
+/// Runs as [`run`] does, with `options`.
+pub async fn run_with(
+    config: Config,
+    cancel: CancellationToken,
+    stats: Stats,
+    options: &RunOptions,
+) -> Result<RunReport, RunError> {
     validate(&config)?;
     let client = CrmClient::build(&config.crm)?;
     let schemas = Schemas::load(&config.events.namespace).map_err(startup)?;
@@ -91,9 +114,11 @@ pub async fn run(
     ensure_topics(&config.kafka, &topic_specs(&config, &enabled, &state_topic))
         .await
         .map_err(RunError::Startup)?;
-    check_state_topic(&config.kafka, &state_topic)
-        .await
-        .map_err(RunError::Startup)?;
+    if !options.skip_state_topic_config {
+        check_state_topic(&config.kafka, &state_topic)
+            .await
+            .map_err(RunError::Startup)?;
+    }
     // Registry ids (if any) before the pollers: a missing schema stops start-up.
     let framing = framing_for(&config, &schemas).await.map_err(startup)?;
     let sink = crate::kafka::sink::start(&config.kafka)
@@ -101,6 +126,7 @@ pub async fn run(
         .map_err(startup)?;
     let ops = Arc::new(registry(&config, &client, &enabled, stats));
     ops.set_sink(sink.handle.shared_stats());
+    let _ = options.registry.set(ops.clone());
     let http_cancel = cancel.child_token();
     let http = serve_ops(&config, &ops, &http_cancel).await?;
 
