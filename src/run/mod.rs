@@ -12,6 +12,7 @@
 
 mod pollers;
 mod positions;
+mod progress;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -319,12 +320,19 @@ async fn wait(
             log_stats(name, s);
         }
     };
-    let mut progress = tokio::time::interval(Duration::from_secs(30));
+    // A terminal gets progress bars, redrawn twice a second; elsewhere a log line per
+    // stream every 30 s.
+    let mut bars = progress::Bars::on_terminal();
+    let period = Duration::from_millis(if bars.is_some() { 500 } else { 30_000 });
+    let mut progress = tokio::time::interval(period);
     progress.tick().await;
     loop {
         let joined = tokio::select! {
             _ = progress.tick() => {
-                log_all();
+                match &mut bars {
+                    Some(bars) => bars.update(ops),
+                    None => log_all(),
+                }
                 continue;
             }
             joined = tasks.join_next() => joined,

@@ -760,3 +760,53 @@ async fn forbidden_servers_stop_positions_with_a_reason() {
     assert!(positions.contains("servers list"), "{positions}");
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_terminal_run_draws_a_progress_bar_per_poller() {
+    let broker = common::Tansu::start();
+    // Slow pages: the backfill takes a few seconds, long enough to draw its bars.
+    let sim = common::start_sim(|c| {
+        small(c);
+        c.latency_ms = 20;
+    })
+    .await;
+    let prefix = common::unique_topic("tty");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), &sim, &broker, &prefix);
+    let log = dir.path().join("terminal.log");
+    // `script` gives the process a pseudo-terminal and records what it draws.
+    let command = format!(
+        "IBSTREAM_LOG=warn timeout -s TERM 10 {} --config {} run",
+        env!("CARGO_BIN_EXE_ibstream"),
+        config.display()
+    );
+    let recorded = log.clone();
+    tokio::task::spawn_blocking(move || {
+        std::process::Command::new("script")
+            .args(["-qfec", &command])
+            .arg(&recorded)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("script (util-linux) runs")
+    })
+    .await
+    .unwrap();
+    let drawn = String::from_utf8_lossy(&std::fs::read(&log).unwrap()).into_owned();
+    for poller in [
+        "leads",
+        "customers",
+        "transactions",
+        "positions[mt4-live-01]",
+    ] {
+        assert!(drawn.contains(poller), "no bar for {poller}: {drawn}");
+    }
+    assert!(drawn.contains(" days"), "{drawn}");
+    assert!(
+        drawn.contains("records/s"),
+        "no rate while backfilling: {drawn}"
+    );
+    assert!(drawn.contains("caught up"), "{drawn}");
+    assert!(drawn.contains("[="), "no bar drawn: {drawn}");
+    sim.shutdown().await;
+}
