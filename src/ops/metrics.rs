@@ -208,7 +208,7 @@ impl Collector for Metrics {
             crm.durations.metric_type(),
         )?;
         crm.durations.encode(duration)?;
-        for (name, help, value) in [
+        let mut plain = vec![
             (
                 "ibstream_crm_retries",
                 "CRM calls repeated after a failure or a 429.",
@@ -224,19 +224,9 @@ impl Collector for Metrics {
                 "Logins to the CRM.",
                 get(&crm.logins),
             ),
-        ] {
-            family(
-                &mut encoder,
-                name,
-                help,
-                MetricType::Counter,
-                [(Labels::new(), counter(value))],
-            )?;
-        }
-
-        // The sink.
+        ];
         if let Some(sink) = registry.sink() {
-            for (name, help, value) in [
+            plain.extend([
                 (
                     "ibstream_sink_batches",
                     "Batches committed (transactions in exactly-once mode).",
@@ -252,15 +242,20 @@ impl Collector for Metrics {
                     "Commits called again after a retriable failure.",
                     get(&sink.commit_retries),
                 ),
-            ] {
-                family(
-                    &mut encoder,
-                    name,
-                    help,
-                    MetricType::Counter,
-                    [(Labels::new(), counter(value))],
-                )?;
-            }
+            ]);
+        }
+        for (name, help, value) in plain {
+            family(
+                &mut encoder,
+                name,
+                help,
+                MetricType::Counter,
+                [(Labels::new(), counter(value))],
+            )?;
+        }
+
+        // The sink's batch durations.
+        if let Some(sink) = registry.sink() {
             let duration = encoder.encode_descriptor(
                 "ibstream_sink_batch_duration_seconds",
                 "Time from a batch reaching the sink to its outcome.",

@@ -250,26 +250,11 @@ impl Registry {
             });
     }
 
-    /// Records where a poller's cursor stands.
-    pub fn cursor(
-        &self,
-        poller: &str,
-        stream: &'static str,
-        server_tag: Option<&str>,
-        scope: &str,
-        status: CursorStatus,
-    ) {
-        let mut pollers = lock(&self.pollers);
-        let entry = pollers
-            .entry(poller.to_owned())
-            .or_insert_with(|| PollerStatus {
-                stream,
-                server_tag: server_tag.map(str::to_owned),
-                cursors: BTreeMap::new(),
-                last_success: None,
-                last_error: None,
-            });
-        entry.cursors.insert(scope.to_owned(), status);
+    /// Records where a cursor of a registered poller stands.
+    pub fn cursor(&self, poller: &str, scope: &str, status: CursorStatus) {
+        if let Some(entry) = lock(&self.pollers).get_mut(poller) {
+            entry.cursors.insert(scope.to_owned(), status);
+        }
     }
 
     /// Records the outcome of a poller's cycle (`Err`: the reason, free of secrets).

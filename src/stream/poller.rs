@@ -321,13 +321,7 @@ impl<T: StreamRecord> Poller<T> {
             initial: spec.initial,
             read_through: self.read_through.get(&spec.scope).copied(),
         };
-        self.shared.ops.cursor(
-            &self.name(),
-            self.stream,
-            self.server_tag.as_deref(),
-            &spec.scope,
-            status,
-        );
+        self.shared.ops.cursor(&self.name(), &spec.scope, status);
     }
 
     /// Sets the token that stops the poller gently: between two pages, never between a
