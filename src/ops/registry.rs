@@ -133,21 +133,27 @@ pub struct PollerStatus {
 }
 
 impl PollerStatus {
-    /// Returns the backfill progress of its cursors: days read of days to read (1 when
-    /// every cursor caught up).
+    /// Returns the days its cursors have read and the days they have to read, from each
+    /// one's first day to today (a cursor that caught up has read them all).
+    pub fn days(&self, today: NaiveDate) -> (u64, u64) {
+        self.cursors.values().fold((0, 0), |(done, total), c| {
+            let days = ((today - c.initial).num_days() + 1).max(1) as u64;
+            let read = match c.cursor.next {
+                Some(next) => (next - c.initial).num_days().clamp(0, days as i64) as u64,
+                None if c.cursor.watermark.is_some() => days,
+                None => 0,
+            };
+            (done + read, total + days)
+        })
+    }
+
+    /// Returns the backfill progress: days read of days to read over its cursors (1 when
+    /// every cursor caught up, or it has none).
     pub fn progress(&self, today: NaiveDate) -> f64 {
-        self.cursors
-            .values()
-            .map(|c| match c.cursor.next {
-                None if c.cursor.watermark.is_some() => 1.0,
-                None => 0.0,
-                Some(next) => {
-                    let total = (today - c.initial).num_days() + 1;
-                    let done = (next - c.initial).num_days();
-                    (done as f64 / total.max(1) as f64).clamp(0.0, 1.0)
-                }
-            })
-            .fold(1.0, f64::min)
+        match self.days(today) {
+            (_, 0) => 1.0,
+            (done, total) => done as f64 / total as f64,
+        }
     }
 
     /// Returns how far behind now its slowest cursor has read everything, in seconds.
@@ -338,8 +344,9 @@ mod tests {
                 read_through: Some(now - chrono::Duration::seconds(20)),
             },
         );
-        // 10 of 20 days read by the slower cursor.
-        assert!((status.progress(d("2024-01-20")) - 0.5).abs() < 1e-9);
+        // 10 of 20 days read by one cursor, 20 of 20 by the other.
+        assert_eq!(status.days(d("2024-01-20")), (30, 40));
+        assert!((status.progress(d("2024-01-20")) - 0.75).abs() < 1e-9);
         assert!((status.lag_seconds(now).unwrap() - 300.0).abs() < 1e-6);
     }
 }

@@ -56,19 +56,10 @@ impl Bars {
         }
         let today = Utc::now().with_timezone(&ops.tz).date_naive();
         for (name, poller) in ops.pollers() {
-            // Days of all its cursors: to read from each one's first day to today, and done.
             if poller.cursors.is_empty() {
                 continue;
             }
-            let (done, total) = poller.cursors.values().fold((0, 0), |(done, total), c| {
-                let days = ((today - c.initial).num_days() + 1).max(1) as u64;
-                let read = match c.cursor.next {
-                    Some(next) => (next - c.initial).num_days().clamp(0, days as i64) as u64,
-                    None if c.cursor.watermark.is_some() => days,
-                    None => 0,
-                };
-                (done + read, total + days)
-            });
+            let (done, total) = poller.days(today);
             let bar = self.bars.entry(name.clone()).or_insert_with(|| {
                 let bar = self.multi.add(ProgressBar::new(total));
                 bar.set_style(self.style.clone());
