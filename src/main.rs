@@ -39,8 +39,14 @@ enum Command {
     /// Everything in one process: a simulated CRM, an in-process Kafka, the connector, and a
     /// live view of the events decoded back from the topics.
     Demo(Box<ibstream::demo::DemoArgs>),
-    /// Validate the configuration, log in to the CRM and call every endpoint once.
-    Check,
+    /// Validate the configuration, log in to the CRM and call every endpoint once, then check
+    /// Kafka (and the Schema Registry when configured).
+    Check {
+        /// Only validate the configuration (no network) and print it as `run` would use it,
+        /// secrets redacted; exit 2 if it is invalid.
+        #[arg(long)]
+        config_only: bool,
+    },
     /// Serve a simulated CRM (for the demo, tests and benchmarks).
     Sim(Box<ibstream::sim::SimConfig>),
     /// Print, check or register the Avro event schemas.
@@ -154,7 +160,27 @@ fn main() -> ExitCode {
                 };
                 run(config).await
             }
-            Command::Check => {
+            Command::Check { config_only: true } => {
+                match Config::load(cli.config.as_deref())
+                    .and_then(|c| ibstream::run::validate(&c).map(|()| c))
+                {
+                    Ok(config) => match toml::to_string_pretty(&config) {
+                        Ok(text) => {
+                            print!("{text}");
+                            ExitCode::SUCCESS
+                        }
+                        Err(e) => {
+                            eprintln!("error: cannot print the configuration: {e}");
+                            ExitCode::FAILURE
+                        }
+                    },
+                    Err(e) => {
+                        eprintln!("{e}");
+                        ExitCode::from(EXIT_CONFIG)
+                    }
+                }
+            }
+            Command::Check { config_only: false } => {
                 let config = match load_config(cli.config.as_deref()) {
                     Ok(config) => config,
                     Err(code) => return code,

@@ -242,3 +242,32 @@ fn demo_streams_every_stream_into_the_in_process_kafka_and_reads_it_back() {
     assert!(summary.contains("CREATED"), "{summary}");
     assert!(stdout.contains("kcat -b 127.0.0.1:"), "{stdout}");
 }
+
+#[test]
+fn check_config_only_prints_the_effective_configuration_with_secrets_redacted() {
+    let out = ibstream()
+        .args(["--config", example(), "check", "--config-only"])
+        .env("IBSTREAM_KAFKA__SASL_PASSWORD", "sasl-secret-789")
+        .env("IBSTREAM_STREAMS__LOOKBACK_DAYS", "3")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    // The effective configuration, as TOML ibstream itself reads back.
+    let value: toml::Value = toml::from_str(&stdout).unwrap();
+    assert_eq!(value["streams"]["lookback_days"].as_integer(), Some(3));
+    assert_eq!(value["crm"]["password"].as_str(), Some("[REDACTED]"));
+    assert_eq!(value["kafka"]["sasl_password"].as_str(), Some("[REDACTED]"));
+    for secret in ["ib-secret", "sim-api-key", "sasl-secret-789"] {
+        assert!(!stdout.contains(secret), "{secret} printed");
+    }
+    let out = ibstream()
+        .args(["--config", example(), "check", "--config-only"])
+        .env("IBSTREAM_KAFKA__BATCH_TIMEOUT_SECS", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("`kafka.batch_timeout_secs`"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}
