@@ -765,6 +765,10 @@ pub struct CrmConfig {
     /// Largest answer body read from the CRM, in bytes; a larger one is an error.
     #[serde(default = "default_max_response_bytes")]
     pub max_response_bytes: u64,
+    /// PEM file of a CA to trust for the CRM's certificate besides the system roots (a
+    /// private CA).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 fn default_max_response_bytes() -> u64 {
@@ -825,6 +829,7 @@ impl Default for CrmConfig {
             backoff_initial_ms: default_backoff_initial_ms(),
             backoff_max_ms: default_backoff_max_ms(),
             max_response_bytes: default_max_response_bytes(),
+            ca_file: None,
         }
     }
 }

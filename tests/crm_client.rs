@@ -717,3 +717,101 @@ async fn answers_above_the_size_limit_are_a_clear_error() {
     );
     sim.shutdown().await;
 }
+
+/// Makes a CA and a certificate for 127.0.0.1 signed by it, with the openssl command line.
+fn test_pki(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=ibstream test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+}
+
+#[tokio::test]
+async fn an_https_crm_with_a_private_ca_needs_crm_ca_file() {
+    let dir = tempfile::tempdir().unwrap();
+    test_pki(dir.path());
+    let sim = start_sim(|c| {
+        c.tls_cert = Some(dir.path().join("server.pem"));
+        c.tls_key = Some(dir.path().join("server.key"));
+    })
+    .await;
+    assert!(sim.base_url().starts_with("https://127.0.0.1:"));
+    // Trusting the CA: login and a page work over TLS.
+    let crm = client(&sim, |c| c.ca_file = Some(dir.path().join("ca.pem")));
+    crm.login().await.unwrap();
+    let page = crm.page::<Lead>(&since_start(), 1).await.unwrap();
+    assert!(!page.records.is_empty());
+    // Without it the certificate is not trusted, and the error says what to set.
+    let crm = client(&sim, |c| c.max_retries = 0);
+    let err = crm.login().await.unwrap_err().to_string();
+    assert!(
+        err.contains("certificate") && err.contains("crm.ca_file"),
+        "{err}"
+    );
+    // A CA file that is not one is a configuration error naming the key.
+    std::fs::write(dir.path().join("junk.pem"), "not a certificate").unwrap();
+    let mut config = common::crm_config(&sim);
+    config.ca_file = Some(dir.path().join("junk.pem"));
+    let err = ibstream::crm::CrmClient::build(&config)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("crm.ca_file"), "{err}");
+    sim.shutdown().await;
+}

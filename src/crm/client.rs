@@ -169,7 +169,20 @@ impl CrmClient {
             key: "crm.base_url",
             reason: format!("is not a URL: {e}"),
         })?;
-        let http = crate::net::client_builder()
+        let mut builder = crate::net::client_builder();
+        if let Some(path) = &config.ca_file {
+            let pem = std::fs::read(path).map_err(|source| ConfigError::SecretFile {
+                key: "crm.ca_file",
+                path: path.clone(),
+                source,
+            })?;
+            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| ConfigError::Invalid {
+                key: "crm.ca_file",
+                reason: format!("is not a PEM certificate: {e}"),
+            })?;
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder
             .timeout(Duration::from_secs(config.request_timeout_secs))
             .connect_timeout(Duration::from_secs(config.request_timeout_secs.min(10)))
             .user_agent(concat!("ibstream/", env!("CARGO_PKG_VERSION")))
@@ -626,6 +639,11 @@ fn describe_reqwest_error(error: &reqwest::Error) -> String {
         text.push_str(": ");
         text.push_str(&cause.to_string());
         source = cause.source();
+    }
+    if text.contains("certificate") {
+        text.push_str(
+            " (if the CRM's certificate is signed by a private CA, set crm.ca_file to that CA)",
+        );
     }
     text
 }

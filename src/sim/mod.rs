@@ -134,6 +134,12 @@ pub struct SimConfig {
     /// Answer every data call with 403 (the role lacks the "IB Reports" permission).
     #[arg(long)]
     pub no_ib_reports: bool,
+    /// Serve HTTPS with this PEM certificate (chain), with `--tls-key`.
+    #[arg(long)]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The PKCS#8 PEM private key of `--tls-cert`.
+    #[arg(long)]
+    pub tls_key: Option<std::path::PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -211,7 +217,7 @@ pub async fn start(config: SimConfig) -> Result<SimHandle, String> {
 /// Runs the simulator until Ctrl-C / SIGTERM, printing where it listens and its credentials.
 pub async fn serve(config: SimConfig) -> anyhow::Result<()> {
     let handle = start(config.clone()).await.map_err(anyhow::Error::msg)?;
-    println!("ibstream sim listening on http://{}", handle.addr());
+    println!("ibstream sim listening on {}", handle.base_url());
     println!(
         "  credentials: email={} password={} api_key={} domain={} api_path={}",
         config.email, config.password, config.api_key, config.domain, config.api_path

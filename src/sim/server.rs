@@ -116,7 +116,12 @@ impl SimHandle {
 
     /// Returns the base URL (`http://127.0.0.1:PORT`).
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.state.config.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Returns the counters.
@@ -226,13 +231,25 @@ pub(super) async fn start(config: Arc<SimConfig>) -> Result<SimHandle, String> {
         .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = stopped.await;
-            })
-            .await;
-    });
+    let stopped = async {
+        let _ = stopped.await;
+    };
+    let server = match tls_acceptor(&config)? {
+        None => tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(stopped)
+                .await;
+        }),
+        Some(acceptor) => tokio::spawn(async move {
+            let listener = TlsListener {
+                inner: listener,
+                acceptor,
+            };
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(stopped)
+                .await;
+        }),
+    };
     let changer =
         (config.change_rate > 0.0).then(|| tokio::spawn(background_changes(state.clone())));
     Ok(SimHandle {
@@ -242,6 +259,53 @@ pub(super) async fn start(config: Arc<SimConfig>) -> Result<SimHandle, String> {
         server,
         changer,
     })
+}
+
+/// Builds the TLS acceptor of `--tls-cert`/`--tls-key` (PEM; the key PKCS#8), if given.
+fn tls_acceptor(config: &SimConfig) -> Result<Option<tokio_native_tls::TlsAcceptor>, String> {
+    let (cert, key) = match (&config.tls_cert, &config.tls_key) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => (cert, key),
+        _ => return Err("--tls-cert and --tls-key go together".to_owned()),
+    };
+    let read = |path: &std::path::Path, flag: &str| {
+        std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+    };
+    let identity =
+        native_tls::Identity::from_pkcs8(&read(cert, "--tls-cert")?, &read(key, "--tls-key")?)
+            .map_err(|e| {
+                format!("--tls-cert/--tls-key: not a PEM certificate and PKCS#8 key: {e}")
+            })?;
+    let acceptor = native_tls::TlsAcceptor::new(identity).map_err(|e| e.to_string())?;
+    Ok(Some(acceptor.into()))
+}
+
+/// A TCP listener that completes a TLS handshake before handing a connection to axum.
+struct TlsListener {
+    inner: tokio::net::TcpListener,
+    acceptor: tokio_native_tls::TlsAcceptor,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_native_tls::TlsStream<tokio::net::TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok((stream, addr)) = self.inner.accept().await else {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            };
+            // A client that does not trust the certificate fails its handshake: next.
+            if let Ok(tls) = self.acceptor.accept(stream).await {
+                return (tls, addr);
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
 }
 
 async fn background_changes(state: Arc<AppState>) {
