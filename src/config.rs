@@ -155,6 +155,213 @@ pub struct KafkaConfig {
     /// File holding the SASL password; trailing newline ignored.
     #[serde(default)]
     pub sasl_password_file: Option<PathBuf>,
+    /// TLS and SASL to the brokers.
+    #[serde(default)]
+    pub security: KafkaSecurity,
+}
+
+/// How ibstream authenticates to Kafka and encrypts the connection (librdkafka's
+/// `security.protocol`, `sasl.*` and `ssl.*` settings, typed).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSecurity {
+    /// `PLAINTEXT` (default), `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`.
+    #[serde(default)]
+    pub protocol: SecurityProtocol,
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512` (with a SASL protocol).
+    #[serde(default)]
+    pub sasl_mechanism: Option<SaslMechanism>,
+    /// SASL user name (the password is `kafka.sasl_password` or `kafka.sasl_password_file`).
+    #[serde(default)]
+    pub sasl_username: Option<String>,
+    /// PEM CA file to verify the brokers' certificates (default: the system's roots).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS, with `key_file`.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of `cert_file`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
+/// librdkafka's `security.protocol`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SecurityProtocol {
+    /// No TLS, no SASL.
+    #[default]
+    Plaintext,
+    /// TLS.
+    Ssl,
+    /// SASL without TLS.
+    SaslPlaintext,
+    /// SASL over TLS.
+    SaslSsl,
+}
+
+/// librdkafka's `sasl.mechanism`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SaslMechanism {
+    /// `PLAIN`.
+    #[serde(rename = "PLAIN")]
+    Plain,
+    /// `SCRAM-SHA-256`.
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// `SCRAM-SHA-512`.
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl KafkaSecurity {
+    fn protocol_name(&self) -> &'static str {
+        match self.protocol {
+            SecurityProtocol::Plaintext => "PLAINTEXT",
+            SecurityProtocol::Ssl => "SSL",
+            SecurityProtocol::SaslPlaintext => "SASL_PLAINTEXT",
+            SecurityProtocol::SaslSsl => "SASL_SSL",
+        }
+    }
+
+    fn sasl(&self) -> bool {
+        matches!(
+            self.protocol,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        )
+    }
+
+    fn tls(&self) -> bool {
+        matches!(
+            self.protocol,
+            SecurityProtocol::Ssl | SecurityProtocol::SaslSsl
+        )
+    }
+
+    /// Checks the section without IO; `has_password`: a SASL password is configured.
+    fn validate(&self, has_password: bool) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: &str| ConfigError::Invalid {
+            key,
+            reason: reason.to_owned(),
+        };
+        let protocol = self.protocol_name();
+        if self.sasl() {
+            if self.sasl_mechanism.is_none() {
+                return Err(invalid("kafka.security.sasl_mechanism", &format!("is required with protocol {protocol} (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)")));
+            }
+            if self.sasl_username.as_deref().is_none_or(str::is_empty) {
+                return Err(invalid(
+                    "kafka.security.sasl_username",
+                    &format!("is required with protocol {protocol}"),
+                ));
+            }
+            if !has_password {
+                return Err(invalid(
+                    "kafka.sasl_password",
+                    &format!("(or kafka.sasl_password_file) is required with protocol {protocol}"),
+                ));
+            }
+        } else if self.sasl_mechanism.is_some() || self.sasl_username.is_some() {
+            return Err(invalid(
+                "kafka.security.protocol",
+                &format!(
+                    "is {protocol}, but SASL settings are given: use SASL_SSL or SASL_PLAINTEXT"
+                ),
+            ));
+        }
+        if !self.tls() {
+            for (key, set) in [
+                ("kafka.security.ca_file", self.ca_file.is_some()),
+                ("kafka.security.cert_file", self.cert_file.is_some()),
+                ("kafka.security.key_file", self.key_file.is_some()),
+            ] {
+                if set {
+                    return Err(invalid(
+                        key,
+                        &format!("needs protocol SSL or SASL_SSL (it is {protocol})"),
+                    ));
+                }
+            }
+        }
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => Err(invalid(
+                "kafka.security.key_file",
+                "is required with kafka.security.cert_file",
+            )),
+            (None, Some(_)) => Err(invalid(
+                "kafka.security.cert_file",
+                "is required with kafka.security.key_file",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Returns the librdkafka keys this section sets (none while it is left at PLAINTEXT).
+    fn keys(&self) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        if self.protocol != SecurityProtocol::Plaintext {
+            keys.push("security.protocol");
+        }
+        for (key, set) in [
+            ("sasl.mechanism", self.sasl_mechanism.is_some()),
+            ("sasl.username", self.sasl_username.is_some()),
+            ("ssl.ca.location", self.ca_file.is_some()),
+            ("ssl.certificate.location", self.cert_file.is_some()),
+            ("ssl.key.location", self.key_file.is_some()),
+        ] {
+            if set {
+                keys.push(key);
+            }
+        }
+        keys
+    }
+
+    /// Returns the librdkafka settings (checks the files exist: IO).
+    fn settings(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        let mut out = Vec::new();
+        if self.protocol != SecurityProtocol::Plaintext {
+            out.push((
+                "security.protocol".to_owned(),
+                self.protocol_name().to_owned(),
+            ));
+        }
+        if let Some(mechanism) = self.sasl_mechanism {
+            let name = match mechanism {
+                SaslMechanism::Plain => "PLAIN",
+                SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+                SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+            };
+            out.push(("sasl.mechanism".to_owned(), name.to_owned()));
+        }
+        if let Some(user) = &self.sasl_username {
+            out.push(("sasl.username".to_owned(), user.clone()));
+        }
+        for (key, setting, file) in [
+            ("kafka.security.ca_file", "ssl.ca.location", &self.ca_file),
+            (
+                "kafka.security.cert_file",
+                "ssl.certificate.location",
+                &self.cert_file,
+            ),
+            (
+                "kafka.security.key_file",
+                "ssl.key.location",
+                &self.key_file,
+            ),
+        ] {
+            if let Some(path) = file {
+                if let Err(source) = std::fs::metadata(path) {
+                    return Err(ConfigError::SecretFile {
+                        key,
+                        path: path.clone(),
+                        source,
+                    });
+                }
+                out.push((setting.to_owned(), path.display().to_string()));
+            }
+        }
+        Ok(out)
+    }
 }
 
 fn default_delivery() -> Delivery {
@@ -187,6 +394,7 @@ impl Default for KafkaConfig {
             librdkafka: Default::default(),
             sasl_password: None,
             sasl_password_file: None,
+            security: KafkaSecurity::default(),
         }
     }
 }
@@ -269,7 +477,16 @@ impl KafkaConfig {
                 "and kafka.sasl_password_file are both set; set one",
             ));
         }
-        Ok(())
+        for key in self.security.keys() {
+            if self.librdkafka.contains_key(key) {
+                return Err(ConfigError::Invalid {
+                    key: "kafka.librdkafka",
+                    reason: format!("sets `{key}`, which kafka.security sets too; set it one way"),
+                });
+            }
+        }
+        self.security
+            .validate(self.sasl_password.is_some() || self.sasl_password_file.is_some())
     }
 
     /// Returns the largest record the producer sends: `message.max.bytes` from
@@ -292,6 +509,7 @@ impl KafkaConfig {
             self.bootstrap_servers.clone(),
         )];
         settings.extend(self.librdkafka.iter().map(|(k, v)| (k.clone(), v.clone())));
+        settings.extend(self.security.settings()?);
         if self.sasl_password.is_some() || self.sasl_password_file.is_some() {
             let password = resolve_secret(
                 self.sasl_password.as_ref(),

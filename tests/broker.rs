@@ -165,3 +165,133 @@ async fn check_reports_the_broker_topics_and_transactions() {
         .iter()
         .any(|l| l.what == "kafka transactions" && l.is_ok()));
 }
+
+/// Makes a CA and a certificate for 127.0.0.1 signed by it, with the openssl command line.
+fn test_pki(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(out.status.success(), "openssl {args:?}");
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=ibstream test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("san.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
+}
+
+/// A TLS-terminating proxy on `at` in front of a plaintext port (tansu 0.6.0 cannot take
+/// both `--cert` and `--key`); returns the address it listens on.
+async fn tls_proxy_at(
+    dir: &std::path::Path,
+    at: std::net::SocketAddr,
+    upstream: std::net::SocketAddr,
+) -> std::net::SocketAddr {
+    let identity = native_tls::Identity::from_pkcs8(
+        &std::fs::read(dir.join("server.pem")).unwrap(),
+        &std::fs::read(dir.join("server.key")).unwrap(),
+    )
+    .unwrap();
+    let acceptor: tokio_native_tls::TlsAcceptor =
+        native_tls::TlsAcceptor::new(identity).unwrap().into();
+    let listener = tokio::net::TcpListener::bind(at).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                continue;
+            };
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(client).await else {
+                    return;
+                };
+                if let Ok(mut broker) = tokio::net::TcpStream::connect(upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut broker).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_over_tls_with_a_private_ca() {
+    use ibstream::config::{KafkaSecurity, SecurityProtocol};
+    let dir = tempfile::tempdir().unwrap();
+    test_pki(dir.path());
+    // Reserve the proxy's port first: the broker advertises it.
+    let proxy_port = common::free_port();
+    let proxy_addr: std::net::SocketAddr = format!("127.0.0.1:{proxy_port}").parse().unwrap();
+    let broker = common::Tansu::start_advertising(Some(proxy_addr));
+    let upstream: std::net::SocketAddr = broker.bootstrap.parse().unwrap();
+    let bound = tls_proxy_at(dir.path(), proxy_addr, upstream).await;
+    assert_eq!(bound, proxy_addr);
+    let mut config = ibstream::config::Config::load(None).unwrap();
+    config.kafka.bootstrap_servers = proxy_addr.to_string();
+    config.kafka.delivery = ibstream::config::Delivery::AtLeastOnce;
+    config.kafka.security = KafkaSecurity {
+        protocol: SecurityProtocol::Ssl,
+        ca_file: Some(dir.path().join("ca.pem")),
+        ..KafkaSecurity::default()
+    };
+    config.kafka.validate().unwrap();
+    let settings = config.kafka.client_settings().unwrap();
+    assert!(settings.contains(&("security.protocol".to_owned(), "SSL".to_owned())));
+    let lines = ibstream::check::kafka(&config).await;
+    assert!(
+        lines[0].what.starts_with("kafka brokers") && lines[0].is_ok(),
+        "{lines:?}"
+    );
+    // Without the CA the broker's certificate is not trusted.
+    config.kafka.security.ca_file = None;
+    let lines = ibstream::check::kafka(&config).await;
+    assert!(!lines[0].is_ok(), "{lines:?}");
+}

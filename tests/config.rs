@@ -386,3 +386,87 @@ fn values_that_would_overflow_a_date_or_a_duration_are_refused() {
         Ok(())
     });
 }
+
+#[test]
+fn kafka_security_reaches_librdkafka_and_bad_combinations_name_the_missing_piece() {
+    Jail::expect_with(|jail| {
+        jail.create_file("ca.pem", "CA")?;
+        jail.create_file("client.pem", "CERT")?;
+        jail.create_file("client.key", "KEY")?;
+        jail.create_file("sasl-password", "s3cr3t\n")?;
+        let kafka = |security: &str, extra: &str| {
+            format!("{MINIMAL}[kafka]\nbootstrap_servers = \"k:9093\"\n{extra}\n[kafka.security]\n{security}\n")
+        };
+        let toml = kafka(
+            "protocol = \"SASL_SSL\"\nsasl_mechanism = \"SCRAM-SHA-512\"\nsasl_username = \"ibstream\"\nca_file = \"ca.pem\"\ncert_file = \"client.pem\"\nkey_file = \"client.key\"",
+            "sasl_password_file = \"sasl-password\"",
+        );
+        jail.create_file("c.toml", &toml)?;
+        let config = Config::load(Some("c.toml".as_ref())).unwrap();
+        ibstream::run::validate(&config).unwrap();
+        let settings: std::collections::HashMap<String, String> = config
+            .kafka
+            .client_settings()
+            .unwrap()
+            .into_iter()
+            .collect();
+        assert_eq!(settings["security.protocol"], "SASL_SSL");
+        assert_eq!(settings["sasl.mechanism"], "SCRAM-SHA-512");
+        assert_eq!(settings["sasl.username"], "ibstream");
+        assert_eq!(settings["sasl.password"], "s3cr3t");
+        assert!(settings["ssl.ca.location"].ends_with("ca.pem"));
+        assert!(settings["ssl.certificate.location"].ends_with("client.pem"));
+        assert!(settings["ssl.key.location"].ends_with("client.key"));
+
+        for (security, extra, key) in [
+            // SASL without a password.
+            (
+                "protocol = \"SASL_SSL\"\nsasl_mechanism = \"PLAIN\"\nsasl_username = \"u\"",
+                "",
+                "kafka.sasl_password",
+            ),
+            (
+                "protocol = \"SASL_PLAINTEXT\"\nsasl_username = \"u\"",
+                "sasl_password = \"p\"",
+                "kafka.security.sasl_mechanism",
+            ),
+            (
+                "protocol = \"SASL_SSL\"\nsasl_mechanism = \"PLAIN\"",
+                "sasl_password = \"p\"",
+                "kafka.security.sasl_username",
+            ),
+            // SASL settings without a SASL protocol; TLS files without TLS.
+            ("sasl_mechanism = \"PLAIN\"", "", "kafka.security.protocol"),
+            ("ca_file = \"ca.pem\"", "", "kafka.security.ca_file"),
+            // A certificate without its key.
+            (
+                "protocol = \"SSL\"\ncert_file = \"client.pem\"",
+                "",
+                "kafka.security.key_file",
+            ),
+            // The same setting two ways.
+            (
+                "protocol = \"SSL\"",
+                "[kafka.librdkafka]\n\"security.protocol\" = \"SSL\"",
+                "kafka.librdkafka",
+            ),
+        ] {
+            let toml = kafka(security, extra);
+            jail.create_file("c.toml", &toml)?;
+            let config = Config::load(Some("c.toml".as_ref())).unwrap();
+            let err = ibstream::run::validate(&config).unwrap_err().to_string();
+            assert!(err.contains(&format!("`{key}`")), "{key}: {err}");
+        }
+        // A TLS file that does not exist is named when the settings are made.
+        let toml = kafka("protocol = \"SSL\"\nca_file = \"missing.pem\"", "");
+        jail.create_file("c.toml", &toml)?;
+        let config = Config::load(Some("c.toml".as_ref())).unwrap();
+        ibstream::run::validate(&config).unwrap();
+        let err = config.kafka.client_settings().unwrap_err().to_string();
+        assert!(
+            err.contains("kafka.security.ca_file") && err.contains("missing.pem"),
+            "{err}"
+        );
+        Ok(())
+    });
+}

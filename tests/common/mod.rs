@@ -81,8 +81,15 @@ pub struct Tansu {
 impl Tansu {
     /// Starts the broker and waits until it accepts connections.
     pub fn start() -> Tansu {
+        Tansu::start_advertising(None)
+    }
+
+    /// Starts the broker telling clients to connect to `advertised` (a proxy in front of it)
+    /// instead of its own address.
+    pub fn start_advertising(advertised: Option<SocketAddr>) -> Tansu {
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised_url = advertised.map_or_else(|| url.clone(), |a| format!("tcp://{a}"));
         let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("tansu-{port}.log"));
         let out = std::fs::File::create(&log).expect("log file");
         let err = out.try_clone().expect("log file");
@@ -93,7 +100,7 @@ impl Tansu {
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised_url,
             ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdin(Stdio::null())
