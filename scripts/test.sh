@@ -2,10 +2,9 @@
 # Installs what the tests need, then runs the whole test suite. CI runs this (.ci/run).
 #
 # Needs: a Rust toolchain (cargo), gcc/make for librdkafka, libssl-dev, python3 with venv.
-# Installs: tansu 0.6.0 (a Kafka-protocol broker) into ~/.cargo/bin, and fastavro (the
-# independent Avro implementation the interoperability test decodes with) and
-# prometheus_client (whose parser reads the /metrics text in the operations test) into a
-# virtual environment of its own under target/ (Debian's system pip refuses installs, PEP 668).
+# Installs: tansu 0.6.0 (a Kafka-protocol broker) into ~/.cargo/bin, and the tests' Python
+# tools (below) into a virtual environment of its own under target/ (Debian's system pip
+# refuses installs, PEP 668).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,16 +17,26 @@ if ! tansu --version 2>/dev/null | grep -qx "tansu $TANSU_VERSION"; then
 fi
 echo "==> $(tansu --version)"
 
-FASTAVRO_VERSION=1.13.1
-PROMETHEUS_CLIENT_VERSION=0.21.1
+# Python tools of the tests, pinned: fastavro (an independent Avro implementation),
+# prometheus_client (its parser reads /metrics), pyyaml + jsonschema (docker-compose.yml
+# against the Compose Specification's schema).
+PYTHON_TOOLS="fastavro==1.13.1 prometheus_client==0.21.1 PyYAML==6.0.4 jsonschema==4.26.0"
 VENV="$PWD/target/test-venv"
-if ! "$VENV/bin/python" -c "import fastavro, prometheus_client, sys; from importlib.metadata import version; sys.exit(fastavro.__version__ != '$FASTAVRO_VERSION' or version('prometheus_client') != '$PROMETHEUS_CLIENT_VERSION')" 2>/dev/null; then
-  echo "==> installing fastavro $FASTAVRO_VERSION and prometheus_client $PROMETHEUS_CLIENT_VERSION into $VENV"
+if ! "$VENV/bin/python" - "$PYTHON_TOOLS" <<'PY' 2>/dev/null
+import sys
+from importlib.metadata import version
+for pin in sys.argv[1].split():
+    name, want = pin.split("==")
+    if version(name) != want:
+        sys.exit(1)
+PY
+then
+  echo "==> installing $PYTHON_TOOLS into $VENV"
   python3 -m venv "$VENV"
-  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
-    "fastavro==$FASTAVRO_VERSION" "prometheus_client==$PROMETHEUS_CLIENT_VERSION"
+  # shellcheck disable=SC2086
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check $PYTHON_TOOLS
 fi
-echo "==> fastavro $("$VENV/bin/python" -c 'import fastavro; print(fastavro.__version__)'), prometheus_client $PROMETHEUS_CLIENT_VERSION"
+echo "==> python tools: $PYTHON_TOOLS"
 # The interoperability tests run this interpreter (not an IBSTREAM_ variable: those are
 # configuration keys, and an unknown one is an error).
 export INTEROP_PYTHON="$VENV/bin/python"
