@@ -19,8 +19,9 @@ echo "==> $(tansu --version)"
 
 # Python tools of the tests, pinned: fastavro (an independent Avro implementation),
 # prometheus_client (its parser reads /metrics), pyyaml + jsonschema (docker-compose.yml
-# against the Compose Specification's schema).
-PYTHON_TOOLS="fastavro==1.13.1 prometheus_client==0.21.1 PyYAML==6.0.4 jsonschema==4.26.0"
+# against the Compose Specification's schema), helm-python-sdk (Helm's own engine and linter,
+# no helm binary) and yamllint (the rendered chart).
+PYTHON_TOOLS="fastavro==1.13.1 prometheus_client==0.21.1 PyYAML==6.0.4 jsonschema==4.26.0 helm-python-sdk==0.2.2 yamllint==1.38.0"
 VENV="$PWD/target/test-venv"
 if ! "$VENV/bin/python" - "$PYTHON_TOOLS" <<'PY' 2>/dev/null
 import sys

@@ -95,3 +95,42 @@ fn docker_compose_validates_and_its_configuration_passes_ibstream_s_own_check() 
         "{stdout}"
     );
 }
+
+#[test]
+fn the_helm_chart_renders_lints_and_its_configuration_passes_ibstream_s_own_check() {
+    let out = Command::new(common::interop_python())
+        .arg(root().join("tests/deploy/check_chart.py"))
+        .arg(root().join("helm/ibstream"))
+        .output()
+        .expect("python with helm-python-sdk and yamllint (./scripts/test.sh installs them)");
+    assert!(
+        out.status.success(),
+        "helm/ibstream: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let rendered: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(rendered.len(), 2, "default and everything values");
+    for values in rendered {
+        let path = dir
+            .path()
+            .join(format!("{}.toml", values["values"].as_str().unwrap()));
+        std::fs::write(&path, values["toml"].as_str().unwrap()).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_ibstream"))
+            .args(["check", "--config-only"])
+            .env("IBSTREAM_CONFIG", &path)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "the ConfigMap of the {} values: {}",
+            values["values"],
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
