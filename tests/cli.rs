@@ -271,3 +271,40 @@ fn check_config_only_prints_the_effective_configuration_with_secrets_redacted() 
     assert!(stderr.contains("`kafka.batch_timeout_secs`"), "{stderr}");
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn run_with_a_missing_tls_file_or_sasl_password_exits_2_naming_the_key() {
+    for (env, key) in [
+        (
+            vec![
+                ("IBSTREAM_KAFKA__SECURITY__PROTOCOL", "SSL"),
+                (
+                    "IBSTREAM_KAFKA__SECURITY__CA_FILE",
+                    "/nonexistent/kafka-ca.pem",
+                ),
+            ],
+            "kafka.security.ca_file",
+        ),
+        (
+            vec![
+                ("IBSTREAM_KAFKA__SECURITY__PROTOCOL", "SASL_SSL"),
+                ("IBSTREAM_KAFKA__SECURITY__SASL_MECHANISM", "SCRAM-SHA-256"),
+                ("IBSTREAM_KAFKA__SECURITY__SASL_USERNAME", "ibstream"),
+            ],
+            "kafka.sasl_password",
+        ),
+        (
+            vec![("IBSTREAM_CRM__CA_FILE", "/nonexistent/crm-ca.pem")],
+            "crm.ca_file",
+        ),
+    ] {
+        let out = ibstream()
+            .args(["--config", example(), "run"])
+            .envs(env)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(2), "{key}: {stderr}");
+        assert!(stderr.contains(key), "{key}: {stderr}");
+    }
+}

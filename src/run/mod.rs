@@ -109,6 +109,9 @@ pub async fn run_with(
 ) -> Result<RunReport, RunError> {
     validate(&config)?;
     let client = CrmClient::build(&config.crm)?;
+    // Reads the SASL password file and checks the TLS files: a missing one is a
+    // configuration error (exit 2) naming its key, before any connection.
+    config.kafka.client_settings()?;
     let schemas = Schemas::load(&config.events.namespace).map_err(startup)?;
     let state_topic = config.kafka.state_topic(&config.topics);
     let enabled = pollers::enabled(&config.streams);
