@@ -166,67 +166,6 @@ async fn check_reports_the_broker_topics_and_transactions() {
         .any(|l| l.what == "kafka transactions" && l.is_ok()));
 }
 
-/// Makes a CA and a certificate for 127.0.0.1 signed by it, with the openssl command line.
-fn test_pki(dir: &std::path::Path) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl runs");
-        assert!(out.status.success(), "openssl {args:?}");
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=ibstream test CA",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-    ]);
-}
-
 /// A TLS-terminating proxy on `at` in front of a plaintext port (tansu 0.6.0 cannot take
 /// both `--cert` and `--key`); returns the address it listens on.
 async fn tls_proxy_at(
@@ -266,7 +205,7 @@ async fn tls_proxy_at(
 async fn kafka_over_tls_with_a_private_ca() {
     use ibstream::config::{KafkaSecurity, SecurityProtocol};
     let dir = tempfile::tempdir().unwrap();
-    test_pki(dir.path());
+    common::test_pki(dir.path());
     // Reserve the proxy's port first: the broker advertises it.
     let proxy_port = common::free_port();
     let proxy_addr: std::net::SocketAddr = format!("127.0.0.1:{proxy_port}").parse().unwrap();

@@ -718,75 +718,10 @@ async fn answers_above_the_size_limit_are_a_clear_error() {
     sim.shutdown().await;
 }
 
-/// Makes a CA and a certificate for 127.0.0.1 signed by it, with the openssl command line.
-fn test_pki(dir: &std::path::Path) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl runs");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=ibstream test CA",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    std::fs::write(
-        dir.join("san.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "san.ext",
-    ]);
-}
-
 #[tokio::test]
 async fn an_https_crm_with_a_private_ca_needs_crm_ca_file() {
     let dir = tempfile::tempdir().unwrap();
-    test_pki(dir.path());
+    common::test_pki(dir.path());
     let sim = start_sim(|c| {
         c.tls_cert = Some(dir.path().join("server.pem"));
         c.tls_key = Some(dir.path().join("server.key"));
