@@ -86,6 +86,8 @@ pub struct SinkStats {
     pub aborts: AtomicU64,
     /// Commits called again after a retriable failure (outcome unknown, e.g. a timeout).
     pub commit_retries: AtomicU64,
+    /// Key and value bytes of the records of committed batches (events and state).
+    pub bytes: AtomicU64,
     /// Seconds from a batch reaching the sink to its outcome.
     pub batch_duration: prometheus_client::metrics::histogram::Histogram,
     /// The last batch's failure, if the last batch failed.
@@ -100,6 +102,7 @@ impl Default for SinkStats {
             batches: AtomicU64::new(0),
             aborts: AtomicU64::new(0),
             commit_retries: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
             batch_duration: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 16),
             ),
@@ -120,7 +123,12 @@ impl SinkStats {
         in_flight.1.get_or_insert_with(std::time::Instant::now);
     }
 
-    fn finished(&self, started: std::time::Instant, outcome: &Result<(), SinkError>) {
+    fn finished(
+        &self,
+        started: std::time::Instant,
+        batch: &Batch,
+        outcome: &Result<(), SinkError>,
+    ) {
         self.batch_duration.observe(started.elapsed().as_secs_f64());
         {
             let mut in_flight = Self::lock(&self.in_flight);
@@ -130,6 +138,13 @@ impl SinkStats {
         match outcome {
             Ok(()) => {
                 self.batches.fetch_add(1, Ordering::Relaxed);
+                let bytes: usize = batch
+                    .events
+                    .iter()
+                    .chain(&batch.state)
+                    .map(|r| r.key.len() + r.payload.as_ref().map_or(0, Vec::len))
+                    .sum();
+                self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
                 *Self::lock(&self.last_failure) = None;
             }
             Err(e) => *Self::lock(&self.last_failure) = Some(e.to_string()),
@@ -281,7 +296,7 @@ async fn run_concurrent(
                 Ok(()) => produce_async(&producer, &batch.state, timeout).await,
                 Err(e) => Err(e),
             };
-            stats.finished(started, &outcome);
+            stats.finished(started, &batch, &outcome);
             let _ = ack.send(outcome);
         });
         while in_flight.try_join_next().is_some() {}
@@ -368,7 +383,7 @@ fn run(
         let started = std::time::Instant::now();
         stats.started();
         let outcome = exactly_once(&producer, &batch, timeout, &runtime, stats);
-        stats.finished(started, &outcome);
+        stats.finished(started, &batch, &outcome);
         let fatal = matches!(outcome, Err(SinkError::Fatal(_)));
         let _ = ack.send(outcome.clone());
         if fatal {

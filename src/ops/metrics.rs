@@ -238,6 +238,11 @@ impl Collector for Metrics {
                     get(&sink.aborts),
                 ),
                 (
+                    "ibstream_sink_bytes",
+                    "Key and value bytes of the records of committed batches.",
+                    get(&sink.bytes),
+                ),
+                (
                     "ibstream_sink_commit_retries",
                     "Commits called again after a retriable failure.",
                     get(&sink.commit_retries),

@@ -1,0 +1,162 @@
+"""The end-to-end benchmark of `ibstream run` (see scripts/bench.sh, which builds the binary
+and calls this).
+
+Starts the simulator (fixed seed, no background changes) and tansu (memory storage), runs
+`ibstream run` (at-least-once) until every stream's backfill is complete – read from /status,
+never a sleep – and reports records/s, the connector's CPU microseconds per record (user+sys of
+the ibstream process alone, from /proc), its peak RSS, the CRM requests and the bytes produced.
+
+usage: bench.py BINARY [--smoke]"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+BINARY = sys.argv[1]
+SMOKE = "--smoke" in sys.argv
+SIZES = (
+    {"leads": 2000, "customers": 800, "transactions": 5000, "positions": 10000, "servers": 2}
+    if SMOKE
+    else {"leads": 200000, "customers": 100000, "transactions": 500000, "positions": 1000000, "servers": 5}
+)
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url, timeout=5):
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def wait_for(what, check, timeout):
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+            if result:
+                return result
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            sys.exit(f"bench: {what} did not happen within {timeout} s")
+        time.sleep(0.2)
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # utime and stime are fields 14 and 15 of the whole line (11 and 12 after the name).
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def peak_rss_bytes(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def main():
+    work = tempfile.mkdtemp(prefix="ibstream-bench-")
+    sim_port, kafka_port, http_port = free_port(), free_port(), free_port()
+    processes = []
+    try:
+        started = time.monotonic()
+        sim = subprocess.Popen(
+            [BINARY, "sim", "--listen", f"127.0.0.1:{sim_port}", "--seed", "42", "--start-date", "2024-01-01"]
+            + [f"--{k}={v}" for k, v in SIZES.items()],
+            stdout=subprocess.DEVNULL,
+        )
+        processes.append(sim)
+        kafka = subprocess.Popen(
+            ["tansu", "broker", "--listener-url", f"tcp://127.0.0.1:{kafka_port}",
+             "--advertised-listener-url", f"tcp://127.0.0.1:{kafka_port}", "--storage-engine", "memory://tansu/"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        processes.append(kafka)
+        wait_for("the simulator", lambda: get_json(f"http://127.0.0.1:{sim_port}/_sim/stats"), 300)
+        print(f"simulator ready in {time.monotonic() - started:.1f} s ({SIZES})", flush=True)
+        config = os.path.join(work, "ibstream.toml")
+        with open(config, "w") as f:
+            f.write(f"""
+[crm]
+base_url = "http://127.0.0.1:{sim_port}"
+email = "ib@example.com"
+password = "ib-secret"
+api_key = "sim-api-key"
+domain = "sim.example.com"
+requests_per_second = 1000
+
+[kafka]
+bootstrap_servers = "127.0.0.1:{kafka_port}"
+delivery = "at-least-once"
+instance_id = "bench"
+replication_factor = 1
+
+[topics]
+prefix = "bench"
+
+[http]
+listen = "127.0.0.1:{http_port}"
+
+[streams]
+start_date = "2024-01-01"
+""")
+        run_started = time.monotonic()
+        run = subprocess.Popen([BINARY, "--config", config, "run"],
+                               env={**os.environ, "IBSTREAM_LOG": "warn"}, stdout=subprocess.DEVNULL)
+        processes.append(run)
+        live = SIZES["servers"]
+
+        def done():
+            status = get_json(f"http://127.0.0.1:{http_port}/status")
+            pollers = status["pollers"]
+            tags = [p for p in pollers if p["stream"] == "positions"]
+            if len(tags) < live or len(pollers) < 4 + live:
+                return None
+            if all(p["backfillProgress"] == 1 and p["lastSuccess"] for p in pollers):
+                return status
+            return None
+
+        status = wait_for("the backfill", done, 3600)
+        elapsed = time.monotonic() - run_started
+        cpu = cpu_seconds(run.pid)
+        rss = peak_rss_bytes(run.pid)
+        records = sum(c["created"] for c in status["counts"].values())
+        requests = get_json(f"http://127.0.0.1:{sim_port}/_sim/stats")["requests"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics") as response:
+            metrics = response.read().decode()
+        produced = next(float(line.split()[-1]) for line in metrics.splitlines()
+                        if line.startswith("ibstream_sink_bytes_total"))
+        result = {
+            "records": records,
+            "seconds": round(elapsed, 2),
+            "records_per_second": round(records / elapsed),
+            "cpu_us_per_record": round(cpu * 1e6 / max(records, 1), 2),
+            "peak_rss_mb": round(rss / 2**20, 1),
+            "crm_requests": requests,
+            "bytes_produced": int(produced),
+        }
+        print(json.dumps({"ibstream": result}), flush=True)
+    finally:
+        for p in reversed(processes):
+            p.terminate()
+        for p in processes:
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+main()
