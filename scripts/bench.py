@@ -6,7 +6,11 @@ Starts the simulator (fixed seed, no background changes) and tansu (memory stora
 never a sleep – and reports records/s, the connector's CPU microseconds per record (user+sys of
 the ibstream process alone, from /proc), its peak RSS, the CRM requests and the bytes produced.
 
-usage: bench.py BINARY [--smoke]"""
+Then the same workload through the baseline (benches/baseline/poller.py: what a team writes
+without ibstream) on the same simulator and broker, checks both emitted the same number of
+events per stream, and prints the ratio.
+
+usage: bench.py BINARY BASELINE_PYTHON [--smoke]"""
 
 import json
 import os
@@ -18,6 +22,7 @@ import time
 import urllib.request
 
 BINARY = sys.argv[1]
+BASELINE_PYTHON = sys.argv[2]
 SMOKE = "--smoke" in sys.argv
 SIZES = (
     {"leads": 2000, "customers": 800, "transactions": 5000, "positions": 10000, "servers": 2}
@@ -149,6 +154,50 @@ start_date = "2024-01-01"
             "bytes_produced": int(produced),
         }
         print(json.dumps({"ibstream": result}), flush=True)
+        run.terminate()
+        run.wait(timeout=15)
+
+        # The same workload through the baseline, on the same simulator and broker.
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        baseline_started = time.monotonic()
+        baseline = subprocess.Popen(
+            [BASELINE_PYTHON, os.path.join(root, "benches/baseline/poller.py"),
+             "--crm", f"http://127.0.0.1:{sim_port}", "--kafka", f"127.0.0.1:{kafka_port}",
+             "--schemas", os.path.join(root, "schemas"), "--prefix", "baseline", "--start-date", "2024-01-01"],
+            stdout=subprocess.PIPE, text=True,
+        )
+        processes.append(baseline)
+        peak = 0
+        cpu_base = 0.0
+        while baseline.poll() is None:
+            try:
+                peak = max(peak, peak_rss_bytes(baseline.pid))
+                cpu_base = cpu_seconds(baseline.pid)
+            except OSError:
+                pass
+            time.sleep(0.2)
+        output = baseline.stdout.read()
+        if baseline.returncode != 0:
+            sys.exit(f"bench: the baseline failed ({baseline.returncode})")
+        base_elapsed = time.monotonic() - baseline_started
+        counts = json.loads(output.strip().splitlines()[-1])["events"]
+        ours = {name: c["created"] + c["updated"] for name, c in status["counts"].items()}
+        if counts != ours:
+            sys.exit(f"bench: the baseline emitted {counts}, ibstream {ours}: not the same work")
+        base_records = sum(counts.values())
+        base = {
+            "records": base_records,
+            "seconds": round(base_elapsed, 2),
+            "records_per_second": round(base_records / base_elapsed),
+            "cpu_us_per_record": round(cpu_base * 1e6 / max(base_records, 1), 2),
+            "peak_rss_mb": round(peak / 2**20, 1),
+        }
+        print(json.dumps({"baseline": base}), flush=True)
+        print(json.dumps({
+            "ratio_records_per_second": round(result["records_per_second"] / base["records_per_second"], 1),
+            "ratio_cpu_per_record": round(base["cpu_us_per_record"] / result["cpu_us_per_record"], 1),
+            "same_events_per_stream": True,
+        }), flush=True)
     finally:
         for p in reversed(processes):
             p.terminate()
