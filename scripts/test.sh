@@ -45,3 +45,7 @@ export INTEROP_PYTHON="$VENV/bin/python"
 # --all-targets also builds the benchmarks and runs each once, so they cannot rot.
 echo "==> cargo test"
 cargo test --locked --all-targets "$@"
+
+# The end-to-end benchmark on a tiny workload: both sides run and emit the same events.
+echo "==> scripts/bench.sh --smoke"
+./scripts/bench.sh --smoke
