@@ -767,7 +767,7 @@ async fn on_a_terminal_run_draws_a_progress_bar_per_poller() {
     // Slow pages: the backfill takes a few seconds, long enough to draw its bars.
     let sim = common::start_sim(|c| {
         small(c);
-        c.latency_ms = 20;
+        c.latency_ms = 10;
     })
     .await;
     let prefix = common::unique_topic("tty");
@@ -776,7 +776,7 @@ async fn on_a_terminal_run_draws_a_progress_bar_per_poller() {
     let log = dir.path().join("terminal.log");
     // `script` gives the process a pseudo-terminal and records what it draws.
     let command = format!(
-        "IBSTREAM_LOG=warn timeout -s TERM 10 {} --config {} run",
+        "IBSTREAM_LOG=warn timeout -s TERM 20 {} --config {} run",
         env!("CARGO_BIN_EXE_ibstream"),
         config.display()
     );
