@@ -730,6 +730,9 @@ impl<T: StreamRecord> Poller<T> {
         seen: &mut HashSet<EntityKey>,
     ) -> PageBatch {
         let fetched_at = Utc::now();
+        // One instant for the page's events: the clock read per record cost 2 % of the
+        // connector's CPU in the benchmark's profile.
+        let emitted_at = Utc::now();
         let tz = self.shared.tz;
         let topic = self.shared.data_topic(self.stream);
         let endpoint = format!("{}/{}", self.shared.api_prefix, T::ENDPOINT.path_segment());
@@ -788,7 +791,7 @@ impl<T: StreamRecord> Poller<T> {
             let meta = EventMeta {
                 event_id: event_id(self.stream, &id, previous, fp),
                 op,
-                emitted_at: Utc::now(),
+                emitted_at,
                 source: self.shared.source.clone(),
                 endpoint: endpoint.clone(),
                 window,
