@@ -72,6 +72,17 @@ def peak_rss_bytes(pid):
     return 0
 
 
+def figures(records, seconds, cpu, rss):
+    """The figures both sides report."""
+    return {
+        "records": records,
+        "seconds": round(seconds, 2),
+        "records_per_second": round(records / seconds),
+        "cpu_us_per_record": round(cpu * 1e6 / max(records, 1), 2),
+        "peak_rss_mb": round(rss / 2**20, 1),
+    }
+
+
 def main():
     work = tempfile.mkdtemp(prefix="ibstream-bench-")
     sim_port, kafka_port, http_port = free_port(), free_port(), free_port()
@@ -144,15 +155,8 @@ start_date = "2024-01-01"
             metrics = response.read().decode()
         produced = next(float(line.split()[-1]) for line in metrics.splitlines()
                         if line.startswith("ibstream_sink_bytes_total"))
-        result = {
-            "records": records,
-            "seconds": round(elapsed, 2),
-            "records_per_second": round(records / elapsed),
-            "cpu_us_per_record": round(cpu * 1e6 / max(records, 1), 2),
-            "peak_rss_mb": round(rss / 2**20, 1),
-            "crm_requests": requests,
-            "bytes_produced": int(produced),
-        }
+        result = {**figures(records, elapsed, cpu, rss), "crm_requests": requests,
+                  "bytes_produced": int(produced)}
         print(json.dumps({"ibstream": result}), flush=True)
         run.terminate()
         run.wait(timeout=15)
@@ -184,14 +188,7 @@ start_date = "2024-01-01"
         ours = {name: c["created"] + c["updated"] for name, c in status["counts"].items()}
         if counts != ours:
             sys.exit(f"bench: the baseline emitted {counts}, ibstream {ours}: not the same work")
-        base_records = sum(counts.values())
-        base = {
-            "records": base_records,
-            "seconds": round(base_elapsed, 2),
-            "records_per_second": round(base_records / base_elapsed),
-            "cpu_us_per_record": round(cpu_base * 1e6 / max(base_records, 1), 2),
-            "peak_rss_mb": round(peak / 2**20, 1),
-        }
+        base = figures(sum(counts.values()), base_elapsed, cpu_base, peak)
         print(json.dumps({"baseline": base}), flush=True)
         print(json.dumps({
             "ratio_records_per_second": round(result["records_per_second"] / base["records_per_second"], 1),

@@ -282,6 +282,15 @@ impl CrmClient {
         self.get(endpoint, params, &|body| Ok(body.to_vec())).await
     }
 
+    /// Returns the URL of a data endpoint (`…/api/v1/<api_path>/<segment>`).
+    fn endpoint_url(&self, endpoint: Endpoint) -> String {
+        self.url(&format!(
+            "{}/{}",
+            self.inner.api_path,
+            endpoint.path_segment()
+        ))
+    }
+
     fn url(&self, tail: &str) -> String {
         let base = self.inner.base.as_str().trim_end_matches('/');
         format!("{base}/api/v1/{tail}")
@@ -313,11 +322,7 @@ impl CrmClient {
         params: &[(&'static str, String)],
         decode: Decode<'_, R>,
     ) -> Result<R, CrmError> {
-        let url = self.url(&format!(
-            "{}/{}",
-            self.inner.api_path,
-            endpoint.path_segment()
-        ));
+        let url = self.endpoint_url(endpoint);
         let mut relogged = false;
         loop {
             let (token, generation) = self.token().await?;
@@ -702,11 +707,7 @@ impl<T: CrmRecord> PageIter<T> {
         }
         if let Some(max) = self.max_pages.filter(|max| self.fetched >= *max) {
             self.done = true;
-            let url = self.client.url(&format!(
-                "{}/{}",
-                self.client.inner.api_path,
-                T::ENDPOINT.path_segment()
-            ));
+            let url = self.client.endpoint_url(T::ENDPOINT);
             return Some(Err(CrmError::Paging {
                 url: display_url(&url, &self.query.params(1, self.page_size())),
                 reason: format!(

@@ -92,7 +92,8 @@ pub struct SinkStats {
     pub batch_duration: prometheus_client::metrics::histogram::Histogram,
     /// The last batch's failure, if the last batch failed.
     last_failure: std::sync::Mutex<Option<String>>,
-    /// Batches handed to the sink and not answered yet, with when the oldest arrived.
+    /// Batches handed to the sink and not answered yet, and since when the sink has waited
+    /// without any of them finishing (reset whenever one finishes).
     in_flight: std::sync::Mutex<(u64, Option<std::time::Instant>)>,
 }
 
@@ -151,8 +152,8 @@ impl SinkStats {
         }
     }
 
-    /// Returns whether the sink is healthy: its last batch succeeded, and no batch has waited
-    /// for its outcome longer than `timeout`.
+    /// Returns whether the sink is healthy: its last batch succeeded, and with batches in
+    /// flight, one finished within `timeout`.
     pub fn health(&self, timeout: Duration) -> Result<(), String> {
         if let Some(failure) = Self::lock(&self.last_failure).clone() {
             return Err(format!("the last batch failed: {failure}"));
