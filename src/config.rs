@@ -400,7 +400,7 @@ impl Default for KafkaConfig {
 }
 
 /// librdkafka keys ibstream sets itself; the pass-through map may not set them.
-pub const RESERVED_LIBRDKAFKA_KEYS: [&str; 9] = [
+pub const RESERVED_LIBRDKAFKA_KEYS: [&str; 10] = [
     "bootstrap.servers",
     "transactional.id",
     "enable.idempotence",
@@ -410,6 +410,7 @@ pub const RESERVED_LIBRDKAFKA_KEYS: [&str; 9] = [
     "partitioner",
     "sasl.password",
     "transaction.timeout.ms",
+    "message.timeout.ms",
 ];
 
 impl KafkaConfig {

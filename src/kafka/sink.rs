@@ -225,25 +225,8 @@ const TRANSACTION_ATTEMPTS: u32 = 3;
 /// initialises transactions, which also fences and aborts what an earlier process with the
 /// same `instance_id` left open.
 pub async fn start(config: &KafkaConfig) -> Result<Sink, SinkStartError> {
-    let mut client = ClientConfig::new();
-    for (key, value) in config.client_settings()? {
-        client.set(key, value);
-    }
-    client
-        .set("enable.idempotence", "true")
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
-        .set(
-            "message.timeout.ms",
-            (config.batch_timeout_secs * 1000).to_string(),
-        );
+    let client = producer_config(config)?;
     let delivery = config.delivery;
-    if delivery == Delivery::ExactlyOnce {
-        client.set("transactional.id", &config.instance_id).set(
-            "transaction.timeout.ms",
-            (config.batch_timeout_secs * 1000).to_string(),
-        );
-    }
     let producer: FutureProducer = client
         .create()
         .map_err(|e| SinkStartError::Kafka(format!("cannot create the Kafka producer: {e}")))?;
@@ -274,6 +257,32 @@ pub async fn start(config: &KafkaConfig) -> Result<Sink, SinkStartError> {
         handle: SinkHandle { tx, stats },
         task,
     })
+}
+
+/// The producer's librdkafka settings: ibstream's tuning defaults (`linger.ms`), then the
+/// `kafka.librdkafka` pass-through and security settings (which may override the defaults),
+/// then what the delivery guarantees depend on (never overridable: the config refuses those
+/// keys in the pass-through).
+pub fn producer_config(config: &KafkaConfig) -> Result<ClientConfig, ConfigError> {
+    let mut client = ClientConfig::new();
+    client.set("linger.ms", "5");
+    for (key, value) in config.client_settings()? {
+        client.set(key, value);
+    }
+    client
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .set(
+            "message.timeout.ms",
+            (config.batch_timeout_secs * 1000).to_string(),
+        );
+    if config.delivery == Delivery::ExactlyOnce {
+        client.set("transactional.id", &config.instance_id).set(
+            "transaction.timeout.ms",
+            (config.batch_timeout_secs * 1000).to_string(),
+        );
+    }
+    Ok(client)
 }
 
 /// At-least-once: batches of different pollers are independent, so they are produced
@@ -527,5 +536,35 @@ fn classify(error: KafkaError) -> SinkError {
             SinkError::Fatal(error.to_string())
         }
         _ => SinkError::Retriable(error.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pass_through_tunes_the_producer_but_cannot_weaken_delivery() {
+        let mut config = KafkaConfig {
+            bootstrap_servers: "k:9092".to_owned(),
+            batch_timeout_secs: 7,
+            ..KafkaConfig::default()
+        };
+        assert_eq!(
+            producer_config(&config).unwrap().get("linger.ms"),
+            Some("5")
+        );
+        config
+            .librdkafka
+            .insert("linger.ms".to_owned(), "100".to_owned());
+        config
+            .librdkafka
+            .insert("batch.size".to_owned(), "2000000".to_owned());
+        let client = producer_config(&config).unwrap();
+        assert_eq!(client.get("linger.ms"), Some("100"));
+        assert_eq!(client.get("batch.size"), Some("2000000"));
+        assert_eq!(client.get("enable.idempotence"), Some("true"));
+        assert_eq!(client.get("message.timeout.ms"), Some("7000"));
+        assert_eq!(client.get("transactional.id"), Some("ibstream"));
     }
 }

@@ -332,3 +332,107 @@ pub fn test_pki(dir: &std::path::Path) {
         "san.ext",
     ]);
 }
+
+/// A TCP proxy in front of a broker that reads the Kafka requests it forwards. Once told to
+/// hold the produce requests to a topic, the first Produce request naming that topic – and
+/// everything any client sends after it – never reaches the broker, while the connections
+/// stay open (so librdkafka neither sees an error nor resends). A kill after that lands
+/// exactly between a batch's acknowledged events and its state records.
+pub struct KafkaGate {
+    pub addr: SocketAddr,
+    state: Arc<GateState>,
+}
+
+#[derive(Default)]
+struct GateState {
+    hold_topic: Mutex<Option<Vec<u8>>>,
+    held: std::sync::atomic::AtomicBool,
+}
+
+impl KafkaGate {
+    /// Listens on `at` (the address the broker advertises) and forwards to `upstream`.
+    pub async fn start(at: SocketAddr, upstream: &str) -> KafkaGate {
+        let listener = tokio::net::TcpListener::bind(at).await.expect("gate port");
+        let state = Arc::new(GateState::default());
+        let upstream = upstream.to_owned();
+        let shared = state.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(broker) = tokio::net::TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (client_read, mut client_write) = client.into_split();
+                let (broker_read, broker_write) = broker.into_split();
+                tokio::spawn(async move {
+                    let mut broker_read = broker_read;
+                    let _ = tokio::io::copy(&mut broker_read, &mut client_write).await;
+                });
+                tokio::spawn(forward_requests(client_read, broker_write, shared.clone()));
+            }
+        });
+        KafkaGate { addr: at, state }
+    }
+
+    /// Holds from the first Produce request naming `topic` on.
+    pub fn hold_produce_to(&self, topic: &str) {
+        *self.state.hold_topic.lock().unwrap() = Some(topic.as_bytes().to_vec());
+    }
+
+    /// Whether a request is being held.
+    pub fn held(&self) -> bool {
+        self.state.held.load(Ordering::SeqCst)
+    }
+
+    /// Forwards everything again on new connections (held ones stay held until closed).
+    pub fn open(&self) {
+        *self.state.hold_topic.lock().unwrap() = None;
+        self.state.held.store(false, Ordering::SeqCst);
+    }
+}
+
+async fn forward_requests(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    state: Arc<GateState>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const PRODUCE: i16 = 0;
+    let mut buffer = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut holding = false;
+    loop {
+        let n = match from.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if holding {
+            continue;
+        }
+        buffer.extend_from_slice(&chunk[..n]);
+        // Each request: a 4-byte big-endian size, then api_key (i16), api_version, ….
+        while buffer.len() >= 6 {
+            let size = u32::from_be_bytes(buffer[..4].try_into().unwrap()) as usize;
+            if buffer.len() < 4 + size {
+                break;
+            }
+            let request: Vec<u8> = buffer.drain(..4 + size).collect();
+            let api_key = i16::from_be_bytes([request[4], request[5]]);
+            let hold = state.held.load(Ordering::SeqCst)
+                || (api_key == PRODUCE
+                    && state
+                        .hold_topic
+                        .lock()
+                        .unwrap()
+                        .as_ref()
+                        .is_some_and(|t| request.windows(t.len()).any(|w| w == t.as_slice())));
+            if hold {
+                state.held.store(true, Ordering::SeqCst);
+                holding = true;
+                break;
+            }
+            if to.write_all(&request).await.is_err() {
+                return;
+            }
+        }
+    }
+}
