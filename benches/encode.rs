@@ -12,7 +12,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn leads() -> Vec<Lead> {
     let body = ibstream::sim::sample_leads_page(1000, chrono_tz::Tz::UTC);
-    parse_page::<Lead>(&body, 1, 1000, chrono_tz::Tz::UTC)
+    parse_page::<Lead>(&body, 1, 1000, chrono_tz::Tz::UTC, &[])
         .expect("page")
         .records
         .into_iter()

@@ -16,7 +16,7 @@ fn bench_parse(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1000));
     group.bench_function("leads_page_1000", |b| {
         b.iter(|| {
-            let page = parse_page::<Lead>(&body, 1, 1000, tz).expect("page");
+            let page = parse_page::<Lead>(&body, 1, 1000, tz, &[]).expect("page");
             assert_eq!(page.records.len(), 1000);
             page
         })

@@ -10,7 +10,11 @@ Then the same workload through the baseline (benches/baseline/poller.py: what a 
 without ibstream) on the same simulator and broker, checks both emitted the same number of
 events per stream, and prints the ratio.
 
-usage: bench.py BINARY BASELINE_PYTHON [--smoke]"""
+usage: bench.py BINARY BASELINE_PYTHON [--smoke] [--scale F] [--no-baseline]
+
+--scale F: F times the full workload (0.1 for the 10 % scaling figure);
+--no-baseline: ibstream alone (for profiling and quick comparisons of ibstream builds);
+environment BENCH_PERF=FILE: `perf record -g` of the connector during the backfill into FILE."""
 
 import json
 import os
@@ -24,10 +28,13 @@ import urllib.request
 BINARY = sys.argv[1]
 BASELINE_PYTHON = sys.argv[2]
 SMOKE = "--smoke" in sys.argv
+SCALE = float(sys.argv[sys.argv.index("--scale") + 1]) if "--scale" in sys.argv else 1.0
+BASELINE = "--no-baseline" not in sys.argv
 SIZES = (
     {"leads": 2000, "customers": 800, "transactions": 5000, "positions": 10000, "servers": 2}
     if SMOKE
-    else {"leads": 200000, "customers": 100000, "transactions": 500000, "positions": 1000000, "servers": 5}
+    else {"leads": round(200000 * SCALE), "customers": round(100000 * SCALE),
+          "transactions": round(500000 * SCALE), "positions": round(1000000 * SCALE), "servers": 5}
 )
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -133,6 +140,11 @@ start_date = "2024-01-01"
         run = subprocess.Popen([BINARY, "--config", config, "run"],
                                env={**os.environ, "IBSTREAM_LOG": "warn"}, stdout=subprocess.DEVNULL)
         processes.append(run)
+        # BENCH_PERF=FILE: profile the connector (perf record, call graphs) until the backfill ends.
+        perf = None
+        if os.environ.get("BENCH_PERF"):
+            perf = subprocess.Popen(["perf", "record", "-F", "499", "-g", "-o", os.environ["BENCH_PERF"],
+                                     "-p", str(run.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         live = SIZES["servers"]
 
         def done():
@@ -149,17 +161,29 @@ start_date = "2024-01-01"
         elapsed = time.monotonic() - run_started
         cpu = cpu_seconds(run.pid)
         rss = peak_rss_bytes(run.pid)
+        if perf:
+            perf.send_signal(2)
+            perf.wait(timeout=60)
         records = sum(c["created"] for c in status["counts"].values())
         requests = get_json(f"http://127.0.0.1:{sim_port}/_sim/stats")["requests"]
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics") as response:
             metrics = response.read().decode()
-        produced = next(float(line.split()[-1]) for line in metrics.splitlines()
-                        if line.startswith("ibstream_sink_bytes_total"))
+        def metric(name):
+            values = [float(line.split()[-1]) for line in metrics.splitlines()
+                      if line.split(" ")[0].split("{")[0] == name]
+            if not values:
+                sys.exit(f"bench: no metric {name} on /metrics")
+            return values[0]
+        events = sum(c["created"] + c["updated"] for c in status["counts"].values())
         result = {**figures(records, elapsed, cpu, rss), "crm_requests": requests,
-                  "bytes_produced": int(produced)}
+                  "bytes_produced": int(metric("ibstream_sink_bytes_total")),
+                  "state_records_per_event": round(metric("ibstream_sink_state_records_total") / events, 3),
+                  "state_bytes_per_event": round(metric("ibstream_sink_state_bytes_total") / events, 1)}
         print(json.dumps({"ibstream": result}), flush=True)
         run.terminate()
         run.wait(timeout=15)
+        if not BASELINE:
+            return
 
         # The same workload through the baseline, on the same simulator and broker.
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -109,7 +109,7 @@ pub async fn run(config: &Config) -> Result<Vec<CheckLine>, crate::config::Confi
     lines.push(
         check_page::<Transaction>(&client, "transactions", query(DateFilter::Transaction)).await,
     );
-    match client.servers().await {
+    match client.servers(&[]).await {
         Ok(servers) => {
             let servers: Vec<_> = servers
                 .into_iter()

@@ -30,7 +30,7 @@ async fn logs_in_once_and_reuses_the_token() {
     let mut pages = crm.pages::<Lead>(since_start());
     let page = pages.next().await.unwrap().unwrap();
     assert_eq!(page.total, Some(50));
-    other_stream.servers().await.unwrap();
+    other_stream.servers(&[]).await.unwrap();
     let mut q = since_start();
     q.filter = DateFilter::LastModified;
     other_stream.page::<Lead>(&q, 1).await.unwrap();
@@ -477,7 +477,7 @@ async fn every_stream_parses_what_the_simulator_serves() {
         .records
         .iter()
         .all(|r| r.as_ref().unwrap().model.is_fake == Some(false)));
-    let servers = crm.servers().await.unwrap();
+    let servers = crm.servers(&[]).await.unwrap();
     assert_eq!(servers.len(), 3);
     let mut q = since_start();
     q.filter = DateFilter::PositionClose;

@@ -308,7 +308,7 @@ fn decimals_that_do_not_fit_are_rejected_not_rounded() {
     // Text too large for decimal(38, 8) never becomes a model: the record fails when read.
     let body =
         br#"{"total": 1, "data": [{"id": 1, "amount": "1234567890123456789012345678901.5"}]}"#;
-    let page = parse_page::<Transaction>(body, 1, 1000, Tz::UTC).unwrap();
+    let page = parse_page::<Transaction>(body, 1, 1000, Tz::UTC, &[]).unwrap();
     let err = page.records.into_iter().next().unwrap().unwrap_err();
     assert!(err.reason.contains("`amount`"), "{}", err.reason);
 }
@@ -322,7 +322,7 @@ fn local_times_across_dst_changes_become_the_right_instants() {
         {"id": 1, "registrationDate": "2024-03-31 01:59:59", "lastModifiedDate": "2024-03-31 03:00:00"},
         {"id": 2, "registrationDate": "2024-10-27 02:30:00", "lastModifiedDate": "2024-10-27 03:30:00"},
         {"id": 3, "registrationDate": "2024-03-31 02:30:00", "lastModifiedDate": "2024-07-01 12:00:00"}]}"#;
-    let page = parse_page::<Lead>(body, 1, 1000, tz).unwrap();
+    let page = parse_page::<Lead>(body, 1, 1000, tz, &[]).unwrap();
     let expected = [
         ("2024-03-31T00:59:59Z", "2024-03-31T01:00:00Z"), // CET, then CEST: one real second apart
         ("2024-10-27T00:30:00Z", "2024-10-27T02:30:00Z"), // ambiguous 02:30 takes the earlier (CEST)
@@ -347,7 +347,7 @@ fn unknown_fields_land_in_extra_as_json_text() {
     let mut encoder = Encoder::new(&schemas, Framing::SingleObject).unwrap();
     let body = br#"{"total": 1, "data": [{"id": 1, "score": 7.50, "owner": {"name": "desk 3"}, "vip": true,
         "utmDetails": {"utmSource": "x", "utmId": "abc"}}]}"#;
-    let lead = parse_page::<Lead>(body, 1, 1000, Tz::UTC)
+    let lead = parse_page::<Lead>(body, 1, 1000, Tz::UTC, &[])
         .unwrap()
         .records
         .remove(0)

@@ -78,6 +78,8 @@ pub struct WindowQuery {
     /// The most records a window may hold, bounding the pages read when the CRM reports no
     /// `total` (`streams.max_window_records`).
     pub max_records: u64,
+    /// Top-level fields left out of the records' fingerprints (`volatile_fields`).
+    pub volatile: std::sync::Arc<[String]>,
 }
 
 impl WindowQuery {
@@ -91,6 +93,7 @@ impl WindowQuery {
             include_fake: false,
             page_size: None,
             max_records: DEFAULT_MAX_RECORDS,
+            volatile: std::sync::Arc::new([]),
         }
     }
 
@@ -232,11 +235,15 @@ impl CrmClient {
         self.token().await.map(|_| ())
     }
 
-    /// Returns the servers list, each server read on its own.
-    pub async fn servers(&self) -> Result<Vec<Result<Record<Server>, RecordError>>, CrmError> {
+    /// Returns the servers list, each server read on its own (`volatile` fields left out of
+    /// their fingerprints).
+    pub async fn servers(
+        &self,
+        volatile: &[String],
+    ) -> Result<Vec<Result<Record<Server>, RecordError>>, CrmError> {
         let tz = self.inner.tz;
         self.get(Endpoint::Servers, &[], &|body| {
-            parse_servers::<Server>(body, tz)
+            parse_servers::<Server>(body, tz, volatile)
         })
         .await
     }
@@ -251,7 +258,7 @@ impl CrmClient {
         let tz = self.inner.tz;
         let params = query.params(page, page_size);
         self.get(T::ENDPOINT, &params, &|body| {
-            parse_page::<T>(body, page, page_size, tz)
+            parse_page::<T>(body, page, page_size, tz, &query.volatile)
         })
         .await
     }

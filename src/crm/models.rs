@@ -15,6 +15,8 @@ use chrono_tz::Tz;
 use rust_decimal::Decimal;
 use serde_json::{Map, Value};
 
+use super::raw::Field;
+use super::raw::Fields;
 use super::time::{kind_of, parse_timestamp};
 
 /// Fields of a record that its model does not know, by name, as received.
@@ -82,8 +84,15 @@ pub trait CrmRecord: Sized + Send + 'static {
     /// The endpoint that serves this record.
     const ENDPOINT: Endpoint;
 
-    /// Reads the model from a record object; the error names the field at fault.
-    fn from_json(map: &Map<String, Value>, tz: Tz) -> Result<Self, String>;
+    /// Reads the model from a record's fields; the error names the field at fault.
+    fn from_fields(fields: &Fields<'_>, tz: Tz) -> Result<Self, String>;
+
+    /// Reads the model from a record object (tests, tools: the pipeline reads [`Fields`]).
+    fn from_json(map: &Map<String, Value>, tz: Tz) -> Result<Self, String> {
+        let text = Value::Object(map.clone()).to_string();
+        let fields = Fields::parse(&text).map_err(|e| e.to_string())?;
+        Self::from_fields(&fields, tz)
+    }
 
     /// Returns the entity id, if the record carries one.
     fn id(&self) -> Option<String>;
@@ -286,31 +295,31 @@ pub struct Position {
 /// Field readers: each takes the key (for the error) and the value; `null` reads as `None`.
 /// Models walk their record once and `match` on the key, so a record costs one pass and
 /// unknown keys fall through to `extra`.
-fn string(key: &str, value: &Value) -> Result<Option<String>, String> {
+fn string(key: &str, value: &Field<'_>) -> Result<Option<String>, String> {
     match value {
-        Value::Null => Ok(None),
+        Field::Null => Ok(None),
         v => lenient_string(v)
             .map(Some)
             .map_err(|e| field_error(key, &e)),
     }
 }
 
-fn int(key: &str, value: &Value) -> Result<Option<i64>, String> {
+fn int(key: &str, value: &Field<'_>) -> Result<Option<i64>, String> {
     lenient_int(value).map_err(|e| field_error(key, &e))
 }
 
-fn decimal(key: &str, value: &Value) -> Result<Option<Decimal>, String> {
+fn decimal(key: &str, value: &Field<'_>) -> Result<Option<Decimal>, String> {
     lenient_decimal(value).map_err(|e| field_error(key, &e))
 }
 
-fn timestamp(key: &str, value: &Value, tz: Tz) -> Result<Option<DateTime<Utc>>, String> {
+fn timestamp(key: &str, value: &Field<'_>, tz: Tz) -> Result<Option<DateTime<Utc>>, String> {
     parse_timestamp(value, tz).map_err(|e| field_error(key, &e))
 }
 
-fn boolean(key: &str, value: &Value) -> Result<Option<bool>, String> {
+fn boolean(key: &str, value: &Field<'_>) -> Result<Option<bool>, String> {
     match value {
-        Value::Null => Ok(None),
-        Value::Bool(b) => Ok(Some(*b)),
+        Field::Null => Ok(None),
+        Field::Bool(b) => Ok(Some(*b)),
         v => match lenient_string(v).map_err(|e| field_error(key, &e))?.trim() {
             "" => Ok(None),
             "true" | "True" | "TRUE" | "1" => Ok(Some(true)),
@@ -325,7 +334,7 @@ impl Person {
     fn read(
         &mut self,
         key: &str,
-        value: &Value,
+        value: &Field<'_>,
         tz: Tz,
         extra: &mut Extra,
     ) -> Result<bool, String> {
@@ -341,8 +350,10 @@ impl Person {
             "campaign" => self.campaign = string(key, value)?,
             "registrationDate" => self.registration_date = timestamp(key, value, tz)?,
             "lastModifiedDate" => self.last_modified_date = timestamp(key, value, tz)?,
-            "utmDetails" if !value.is_null() => self.utm_details = Some(utm_details(value, extra)?),
-            "tags" if !value.is_null() => self.tags = Some(tag_categories(value)?),
+            "utmDetails" if !value.is_null() => {
+                self.utm_details = Some(utm_details(&value.to_value(), extra)?)
+            }
+            "tags" if !value.is_null() => self.tags = Some(tag_categories(&value.to_value())?),
             "utmDetails" | "tags" => {}
             _ => return Ok(false),
         }
@@ -350,15 +361,25 @@ impl Person {
     }
 }
 
-fn keep(extra: &mut Extra, key: &str, value: &Value) {
-    extra.insert(key.to_owned(), value.clone());
+fn keep(extra: &mut Extra, key: &str, value: &Field<'_>) {
+    extra.insert(key.to_owned(), value.to_value());
 }
 
 fn field_error(key: &str, reason: &str) -> String {
     format!("field `{key}`: {reason}")
 }
 
-fn lenient_string(value: &Value) -> Result<String, String> {
+fn lenient_string(value: &Field<'_>) -> Result<String, String> {
+    match value {
+        Field::String(s) => Ok(s.to_string()),
+        Field::Number(n) => Ok((*n).to_owned()),
+        Field::Bool(b) => Ok(b.to_string()),
+        other => Err(format!("expected a string, got {}", other.kind())),
+    }
+}
+
+/// [`lenient_string`] of a value inside a nested object or array.
+fn lenient_string_json(value: &Value) -> Result<String, String> {
     match value {
         Value::String(s) => Ok(s.clone()),
         Value::Number(n) => Ok(n.to_string()),
@@ -367,34 +388,33 @@ fn lenient_string(value: &Value) -> Result<String, String> {
     }
 }
 
-fn lenient_int(value: &Value) -> Result<Option<i64>, String> {
+fn lenient_int(value: &Field<'_>) -> Result<Option<i64>, String> {
     match value {
-        Value::Null => Ok(None),
-        Value::Number(n) => n
-            .as_i64()
+        Field::Null => Ok(None),
+        Field::Number(n) => n
+            .parse::<i64>()
             .map(Some)
-            .ok_or_else(|| format!("not a 64-bit integer: {n}")),
-        Value::String(s) if s.trim().is_empty() => Ok(None),
-        Value::String(s) => s
+            .map_err(|_| format!("not a 64-bit integer: {n}")),
+        Field::String(s) if s.trim().is_empty() => Ok(None),
+        Field::String(s) => s
             .trim()
             .parse::<i64>()
             .map(Some)
             .map_err(|_| format!("not an integer: {s:?}")),
-        other => Err(format!("expected an integer, got {}", kind_of(other))),
+        other => Err(format!("expected an integer, got {}", other.kind())),
     }
 }
 
 /// Parses a decimal exactly from a JSON number's digits or a string.
-pub fn lenient_decimal(value: &Value) -> Result<Option<Decimal>, String> {
+pub fn lenient_decimal(value: &Field<'_>) -> Result<Option<Decimal>, String> {
     let text = match value {
-        Value::Null => return Ok(None),
-        // With `arbitrary_precision`, `to_string` is the number's text as received.
-        Value::Number(n) => n.to_string(),
-        Value::String(s) if s.trim().is_empty() => return Ok(None),
-        Value::String(s) => s.trim().to_owned(),
-        other => return Err(format!("expected a decimal, got {}", kind_of(other))),
+        Field::Null => return Ok(None),
+        Field::Number(n) => n,
+        Field::String(s) if s.trim().is_empty() => return Ok(None),
+        Field::String(s) => s.trim(),
+        other => return Err(format!("expected a decimal, got {}", other.kind())),
     };
-    parse_decimal(&text).map(Some)
+    parse_decimal(text).map(Some)
 }
 
 /// Parses decimal text exactly: plain (`-12.50`) or scientific (`1.5e-3`); never rounds.
@@ -432,7 +452,9 @@ fn utm_details(value: &Value, extra: &mut Extra) -> Result<UtmDetails, String> {
     let get = |key: &str| -> Result<Option<String>, String> {
         map.get(key)
             .filter(|v| !v.is_null())
-            .map(|v| lenient_string(v).map_err(|e| field_error(&format!("utmDetails.{key}"), &e)))
+            .map(|v| {
+                lenient_string_json(v).map_err(|e| field_error(&format!("utmDetails.{key}"), &e))
+            })
             .transpose()
     };
     for (k, v) in map.iter().filter(|(k, _)| !KNOWN.contains(&k.as_str())) {
@@ -465,14 +487,14 @@ fn tag_categories(value: &Value) -> Result<Vec<TagCategory>, String> {
                     .get("category")
                     .or_else(|| map.get("name"))
                     .filter(|v| !v.is_null())
-                    .map(lenient_string)
+                    .map(lenient_string_json)
                     .transpose()
                     .map_err(|e| field_error("tags.category", &e))?;
                 let tags = match map.get("tags") {
                     None | Some(Value::Null) => Vec::new(),
                     Some(Value::Array(tags)) => tags
                         .iter()
-                        .map(lenient_string)
+                        .map(lenient_string_json)
                         .collect::<Result<_, _>>()
                         .map_err(|e| field_error("tags.tags", &e))?,
                     Some(other) => {
@@ -571,10 +593,10 @@ fn split_parts(group: &str) -> Vec<&str> {
 impl CrmRecord for Lead {
     const ENDPOINT: Endpoint = Endpoint::Leads;
 
-    fn from_json(map: &Map<String, Value>, tz: Tz) -> Result<Self, String> {
+    fn from_fields(map: &Fields<'_>, tz: Tz) -> Result<Self, String> {
         let mut lead = Lead::default();
-        for (key, value) in map {
-            match key.as_str() {
+        for (key, value) in map.iter() {
+            match key {
                 "id" => lead.id = int(key, value)?,
                 k => {
                     if !lead.person.read(k, value, tz, &mut lead.extra)? {
@@ -594,10 +616,10 @@ impl CrmRecord for Lead {
 impl CrmRecord for Customer {
     const ENDPOINT: Endpoint = Endpoint::Customers;
 
-    fn from_json(map: &Map<String, Value>, tz: Tz) -> Result<Self, String> {
+    fn from_fields(map: &Fields<'_>, tz: Tz) -> Result<Self, String> {
         let mut c = Customer::default();
-        for (key, value) in map {
-            match key.as_str() {
+        for (key, value) in map.iter() {
+            match key {
                 "customerId" => c.customer_id = int(key, value)?,
                 "id" => c.id = int(key, value)?,
                 "leadId" => c.lead_id = int(key, value)?,
@@ -628,10 +650,10 @@ impl CrmRecord for Customer {
 impl CrmRecord for Transaction {
     const ENDPOINT: Endpoint = Endpoint::Transactions;
 
-    fn from_json(map: &Map<String, Value>, tz: Tz) -> Result<Self, String> {
+    fn from_fields(map: &Fields<'_>, tz: Tz) -> Result<Self, String> {
         let mut t = Transaction::default();
-        for (key, value) in map {
-            match key.as_str() {
+        for (key, value) in map.iter() {
+            match key {
                 "id" => t.id = int(key, value)?,
                 "customerId" => t.customer_id = int(key, value)?,
                 "type" => t.transaction_type = string(key, value)?,
@@ -658,10 +680,10 @@ impl CrmRecord for Transaction {
 impl CrmRecord for Server {
     const ENDPOINT: Endpoint = Endpoint::Servers;
 
-    fn from_json(map: &Map<String, Value>, _tz: Tz) -> Result<Self, String> {
+    fn from_fields(map: &Fields<'_>, _tz: Tz) -> Result<Self, String> {
         let mut server = Server::default();
-        for (key, value) in map {
-            match key.as_str() {
+        for (key, value) in map.iter() {
+            match key {
                 "platform" => server.platform = string(key, value)?,
                 "id" => server.id = string(key, value)?,
                 "name" => server.name = string(key, value)?,
@@ -680,10 +702,10 @@ impl CrmRecord for Server {
 impl CrmRecord for Position {
     const ENDPOINT: Endpoint = Endpoint::Positions;
 
-    fn from_json(map: &Map<String, Value>, tz: Tz) -> Result<Self, String> {
+    fn from_fields(map: &Fields<'_>, tz: Tz) -> Result<Self, String> {
         let mut p = Position::default();
-        for (key, value) in map {
-            match key.as_str() {
+        for (key, value) in map.iter() {
+            match key {
                 "positionId" => p.position_id = int(key, value)?,
                 "login" => p.login = string(key, value)?,
                 "serverTag" => p.server_tag = string(key, value)?,

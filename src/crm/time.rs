@@ -10,20 +10,22 @@ use chrono::{DateTime, Duration, LocalResult, NaiveDate, NaiveDateTime, Offset, 
 use chrono_tz::Tz;
 use serde_json::Value;
 
+use super::raw::Field;
+
 const LOCAL_FORMATS: [&str; 2] = ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"];
 
 /// Parses a JSON value as an instant; `null` and empty strings are `None`.
-pub fn parse_timestamp(value: &Value, tz: Tz) -> Result<Option<DateTime<Utc>>, String> {
+pub fn parse_timestamp(value: &Field<'_>, tz: Tz) -> Result<Option<DateTime<Utc>>, String> {
     match value {
-        Value::Null => Ok(None),
-        Value::Number(n) => {
+        Field::Null => Ok(None),
+        Field::Number(n) => {
             let millis = n
-                .as_i64()
-                .ok_or_else(|| format!("not an epoch-milliseconds integer: {n}"))?;
+                .parse::<i64>()
+                .map_err(|_| format!("not an epoch-milliseconds integer: {n}"))?;
             from_millis(millis).map(Some)
         }
-        Value::String(s) => parse_timestamp_str(s, tz),
-        other => Err(format!("not a timestamp: {}", kind_of(other))),
+        Field::String(s) => parse_timestamp_str(s, tz),
+        other => Err(format!("not a timestamp: {}", other.kind())),
     }
 }
 
@@ -172,6 +174,13 @@ pub(crate) fn kind_of(value: &Value) -> &'static str {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The field a page would hold for `value`.
+    fn parse_timestamp(value: &Value, tz: Tz) -> Result<Option<DateTime<Utc>>, String> {
+        let text = value.to_string();
+        let raw: &serde_json::value::RawValue = serde_json::from_str(&text).unwrap();
+        super::parse_timestamp(&Field::from_raw(raw).unwrap(), tz)
+    }
 
     fn utc(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)

@@ -56,7 +56,7 @@ mod tests {
     #[test]
     fn unreadable_record_becomes_a_dead_letter_with_its_raw_json() {
         let body = br#"{"total": 1, "data": [{"id": 7, "registrationDate": "31/02/2024", "score": 1.50}]}"#;
-        let page = parse_page::<Lead>(body, 1, 1000, chrono_tz::Tz::UTC).unwrap();
+        let page = parse_page::<Lead>(body, 1, 1000, chrono_tz::Tz::UTC, &[]).unwrap();
         let error = page.records.into_iter().next().unwrap().unwrap_err();
         let fetched = DateTime::parse_from_rfc3339("2024-05-01T10:00:00Z")
             .unwrap()

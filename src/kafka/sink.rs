@@ -88,6 +88,10 @@ pub struct SinkStats {
     pub commit_retries: AtomicU64,
     /// Key and value bytes of the records of committed batches (events and state).
     pub bytes: AtomicU64,
+    /// State-topic records of committed batches.
+    pub state_records: AtomicU64,
+    /// Key and value bytes of those state records.
+    pub state_bytes: AtomicU64,
     /// Seconds from a batch reaching the sink to its outcome.
     pub batch_duration: prometheus_client::metrics::histogram::Histogram,
     /// The last batch's failure, if the last batch failed.
@@ -104,6 +108,8 @@ impl Default for SinkStats {
             aborts: AtomicU64::new(0),
             commit_retries: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
+            state_records: AtomicU64::new(0),
+            state_bytes: AtomicU64::new(0),
             batch_duration: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 16),
             ),
@@ -139,13 +145,18 @@ impl SinkStats {
         match outcome {
             Ok(()) => {
                 self.batches.fetch_add(1, Ordering::Relaxed);
-                let bytes: usize = batch
-                    .events
-                    .iter()
-                    .chain(&batch.state)
-                    .map(|r| r.key.len() + r.payload.as_ref().map_or(0, Vec::len))
-                    .sum();
-                self.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+                let size = |records: &[OutRecord]| -> u64 {
+                    records
+                        .iter()
+                        .map(|r| (r.key.len() + r.payload.as_ref().map_or(0, Vec::len)) as u64)
+                        .sum()
+                };
+                let state_bytes = size(&batch.state);
+                self.bytes
+                    .fetch_add(size(&batch.events) + state_bytes, Ordering::Relaxed);
+                self.state_records
+                    .fetch_add(batch.state.len() as u64, Ordering::Relaxed);
+                self.state_bytes.fetch_add(state_bytes, Ordering::Relaxed);
                 *Self::lock(&self.last_failure) = None;
             }
             Err(e) => *Self::lock(&self.last_failure) = Some(e.to_string()),

@@ -243,6 +243,16 @@ impl Collector for Metrics {
                     get(&sink.bytes),
                 ),
                 (
+                    "ibstream_sink_state_records",
+                    "State-topic records (cursors, fingerprints) of committed batches.",
+                    get(&sink.state_records),
+                ),
+                (
+                    "ibstream_sink_state_bytes",
+                    "Key and value bytes of the state-topic records of committed batches.",
+                    get(&sink.state_bytes),
+                ),
+                (
                     "ibstream_sink_commit_retries",
                     "Commits called again after a retriable failure.",
                     get(&sink.commit_retries),

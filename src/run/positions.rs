@@ -51,7 +51,8 @@ impl ServersLoop {
 
 impl Pollable for ServersLoop {
     async fn cycle(&mut self) -> Result<(), PollError> {
-        let records = self.client.servers().await?;
+        let volatile = self.poller.as_ref().map_or(&[][..], |p| p.volatile());
+        let records = self.client.servers(volatile).await?;
         let mut live: Vec<String> = records
             .iter()
             .filter_map(|r| r.as_ref().ok())

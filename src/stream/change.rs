@@ -9,11 +9,13 @@
 //! fingerprint): a retry of the same change gets the same id, whatever the delivery mode, and a
 //! record that changes back (A → B → A) gets a new id for its second A.
 
+use std::borrow::Cow;
 use std::io::Write;
 
 use serde_json::{Map, Value};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
+use crate::crm::raw::{Field, Fields};
 use crate::events::Op;
 
 /// Seed of record fingerprints; changing it would re-emit every entity.
@@ -38,6 +40,52 @@ pub fn fingerprint(record: &Map<String, Value>, volatile: &[String], buffer: &mu
     }
     buffer.push(b'}');
     xxh3_64_with_seed(buffer, FINGERPRINT_SEED)
+}
+
+/// Returns the fingerprint of a record read by [`crate::crm::raw`]: the same bytes hashed as
+/// [`fingerprint`] hashes for the same record as a `Value` map.
+pub fn fingerprint_fields(fields: &Fields<'_>, volatile: &[String], buffer: &mut Vec<u8>) -> u64 {
+    buffer.clear();
+    buffer.push(b'{');
+    let mut first = true;
+    for (key, value) in fields.iter() {
+        if volatile.iter().any(|v| v == key) {
+            continue;
+        }
+        if !first {
+            buffer.push(b',');
+        }
+        first = false;
+        write_plain_or_escaped(buffer, key);
+        buffer.push(b':');
+        match value {
+            Field::Null => buffer.extend_from_slice(b"null"),
+            Field::Bool(b) => buffer.extend_from_slice(if *b { b"true" } else { b"false" }),
+            Field::Number(text) => canonical_number(text, buffer),
+            Field::String(Cow::Borrowed(text)) => {
+                // Read without escapes: JSON allows no quote, backslash or control character
+                // unescaped, so its text is what serde_json would write.
+                buffer.push(b'"');
+                buffer.extend_from_slice(text.as_bytes());
+                buffer.push(b'"');
+            }
+            Field::String(Cow::Owned(text)) => write_string(buffer, text),
+            Field::Nested(_) => write_canonical(buffer, &value.to_value()),
+        }
+    }
+    buffer.push(b'}');
+    xxh3_64_with_seed(buffer, FINGERPRINT_SEED)
+}
+
+/// Writes a key that came from JSON text: as is when it needs no escape.
+fn write_plain_or_escaped(buffer: &mut Vec<u8>, text: &str) {
+    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        buffer.push(b'"');
+        buffer.extend_from_slice(text.as_bytes());
+        buffer.push(b'"');
+    } else {
+        write_string(buffer, text);
+    }
 }
 
 fn write_string(buffer: &mut Vec<u8>, text: &str) {
@@ -187,6 +235,68 @@ mod tests {
         match v {
             Value::Object(m) => m,
             _ => unreachable!(),
+        }
+    }
+
+    /// The fingerprint the pipeline computes from a record's text ([`fingerprint_fields`]) is
+    /// the one of its `Value` map: a parser change must never re-emit every entity.
+    fn both(text: &str, volatile: &[String]) -> (u64, u64) {
+        let mut buf = Vec::new();
+        let fields = Fields::parse(text).unwrap();
+        let from_fields = fingerprint_fields(&fields, volatile, &mut buf);
+        let map = obj(serde_json::from_str(text).unwrap());
+        (from_fields, fingerprint(&map, volatile, &mut buf))
+    }
+
+    #[test]
+    fn fingerprints_from_fields_equal_those_from_values() {
+        let volatile = vec!["balanceUsd".to_owned(), "b".to_owned()];
+        for text in [
+            r#"{"id": 1, "b": {"y": 2, "x": [1, "a"]}, "amount": 1.50}"#,
+            r#"{"z": "tab\there", "a": "quote \" and \\ and \u00e9 \u0001", "é": "ü"}"#,
+            r#"{"k\u0041y": 1, "n": -0.0, "e": 1E+3, "f": 12.500, "g": 1e-7, "h": 0}"#,
+            r#"{"id": 1, "id": 2, "dup": "first", "dup": null, "t": true, "f": false}"#,
+            r#"{"nested": [{"b": 1, "a": "x\ny"}, [], {}], "empty": "", "slash": "a/b\/c"}"#,
+            r#"{"balanceUsd": "12.3", "id": "7", "utmDetails": {"utmSource": null}}"#,
+            r#"{}"#,
+        ] {
+            for volatile in [&[][..], &volatile[..]] {
+                let (from_fields, from_value) = both(text, volatile);
+                assert_eq!(from_fields, from_value, "{text} without {volatile:?}");
+            }
+        }
+        // Every record the simulator serves, of every endpoint and both money styles.
+        for numeric_money in [false, true] {
+            let data = crate::sim::SimData::generate(
+                &crate::sim::GenSpec {
+                    seed: 11,
+                    start_date: chrono::NaiveDate::from_ymd_opt(2024, 1, 1).unwrap(),
+                    tz: chrono_tz::Tz::UTC,
+                    leads: 200,
+                    customers: 100,
+                    transactions: 300,
+                    positions: 300,
+                    servers: 2,
+                    numeric_money,
+                    malformed_rate: 0.05,
+                },
+                chrono::Utc::now(),
+            );
+            use crate::sim::Kind;
+            for (kind, count) in [
+                (Kind::Leads, 200),
+                (Kind::Customers, 100),
+                (Kind::Transactions, 300),
+                (Kind::Positions, 300),
+            ] {
+                for index in 0..count {
+                    let mut text = Vec::new();
+                    data.write_record(kind, index, &mut text);
+                    let text = String::from_utf8(text).unwrap();
+                    let (from_fields, from_value) = both(&text, &volatile);
+                    assert_eq!(from_fields, from_value, "{text}");
+                }
+            }
         }
     }
 

@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use super::change::{classify, event_id, fingerprint};
+use super::change::{classify, event_id};
 use super::state::{key_in_scope, local_id, Cursor, EntityKey, FpEntry, FpMap};
 use super::window::{advance, cycle_start, halves, last_closed_day, today, windows};
 use crate::crm::{
@@ -180,12 +180,11 @@ pub struct Poller<T: StreamRecord> {
     server_tag: Option<String>,
     cursors: Vec<CursorSpec>,
     append_only: bool,
-    volatile: Vec<String>,
+    volatile: std::sync::Arc<[String]>,
     fps: FpMap,
     cursor_state: HashMap<String, Cursor>,
     shared: Arc<Shared>,
     encoder: Encoder,
-    buffer: Vec<u8>,
     stats: Arc<StreamStats>,
     sweep: Option<Sweep<T>>,
     halt: CancellationToken,
@@ -284,12 +283,11 @@ impl<T: StreamRecord> Poller<T> {
             server_tag,
             cursors,
             append_only,
-            volatile,
+            volatile: volatile.into(),
             fps,
             cursor_state,
             shared,
             encoder,
-            buffer: Vec::with_capacity(4096),
             stats,
             sweep: None,
             halt: CancellationToken::new(),
@@ -592,12 +590,18 @@ impl<T: StreamRecord> Poller<T> {
         }
     }
 
+    /// Top-level fields left out of this stream's fingerprints.
+    pub fn volatile(&self) -> &[String] {
+        &self.volatile
+    }
+
     fn query(&self, filter: DateFilter, from: NaiveDate, to: NaiveDate) -> WindowQuery {
         let streams = &self.shared.streams;
         let mut query = WindowQuery::new(filter, from, to);
         query.server_tag = self.server_tag.clone();
         query.include_fake = self.stream == "transactions" && streams.include_fake_transactions;
         query.max_records = streams.max_window_records;
+        query.volatile = self.volatile.clone();
         query
     }
 
@@ -753,7 +757,7 @@ impl<T: StreamRecord> Poller<T> {
                 Ok(record) => match record.model.id() {
                     Some(id) => (record, id),
                     None => {
-                        let raw = serde_json::Value::Object(record.json).to_string();
+                        let raw = record.normalized_json();
                         self.dead_letter(
                             &mut out,
                             None,
@@ -775,7 +779,7 @@ impl<T: StreamRecord> Poller<T> {
             let id = self.qualified(&id);
             let key = key_in_scope(self.stream, &id);
             seen.insert(key);
-            let fp = fingerprint(&record.json, &self.volatile, &mut self.buffer);
+            let fp = record.fp;
             // A record seen earlier in this page is compared with that version, not with the
             // committed one: the last version read is the one remembered.
             let previous = pending
@@ -836,7 +840,7 @@ impl<T: StreamRecord> Poller<T> {
                     }
                 }
                 Err(e) => {
-                    let raw = serde_json::Value::Object(record.json).to_string();
+                    let raw = record.normalized_json();
                     self.dead_letter(&mut out, Some(id), &raw, &e, fetched_at, window, None);
                 }
             }

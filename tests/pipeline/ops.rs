@@ -161,6 +161,10 @@ async fn metrics_status_and_readiness_tell_what_the_process_does() {
     );
     assert_eq!(value(&samples, "ibstream_crm_logins_total", &[]), Some(1.0));
     assert!(value(&samples, "ibstream_sink_batches_total", &[]).unwrap() > 0.0);
+    let state_records = value(&samples, "ibstream_sink_state_records_total", &[]).unwrap();
+    let state_bytes = value(&samples, "ibstream_sink_state_bytes_total", &[]).unwrap();
+    assert!(state_records > 0.0 && state_bytes > state_records * 10.0);
+    assert!(value(&samples, "ibstream_sink_bytes_total", &[]).unwrap() > state_bytes);
     assert!(samples
         .iter()
         .any(|s| s.name == "ibstream_sink_batch_duration_seconds_bucket"));
