@@ -22,9 +22,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
@@ -238,9 +239,10 @@ const TRANSACTION_ATTEMPTS: u32 = 3;
 pub async fn start(config: &KafkaConfig) -> Result<Sink, SinkStartError> {
     let client = producer_config(config)?;
     let delivery = config.delivery;
-    let producer: FutureProducer = client
-        .create()
-        .map_err(|e| SinkStartError::Kafka(format!("cannot create the Kafka producer: {e}")))?;
+    let producer: Arc<KafkaProducer> =
+        Arc::new(client.create_with_context(Deliveries).map_err(|e| {
+            SinkStartError::Kafka(format!("cannot create the Kafka producer: {e}"))
+        })?);
     let timeout = Duration::from_secs(config.batch_timeout_secs);
     if delivery == Delivery::ExactlyOnce {
         let p = producer.clone();
@@ -296,12 +298,83 @@ pub fn producer_config(config: &KafkaConfig) -> Result<ClientConfig, ConfigError
     Ok(client)
 }
 
+/// The producer: delivery reports are counted per batch ([`Acks`]), not one future per
+/// record (a channel, a mutex and a wake-up for each of millions of records).
+type KafkaProducer = ThreadedProducer<Deliveries>;
+
+/// Routes each delivery report to the [`Acks`] of its batch.
+struct Deliveries;
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = Arc<Acks>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, acks: Arc<Acks>) {
+        if let Err((error, _)) = result {
+            let mut first = Acks::lock(&acks.error);
+            first.get_or_insert_with(|| error.clone());
+        }
+        acks.settle_one();
+    }
+}
+
+/// The outstanding delivery reports of one batch's records and the first failure among them.
+struct Acks {
+    /// Records enqueued and not reported yet, plus one while records are still being enqueued.
+    outstanding: std::sync::atomic::AtomicUsize,
+    error: std::sync::Mutex<Option<KafkaError>>,
+    settled: tokio::sync::Notify,
+}
+
+impl Acks {
+    fn new() -> Arc<Acks> {
+        Arc::new(Acks {
+            outstanding: std::sync::atomic::AtomicUsize::new(1),
+            error: std::sync::Mutex::new(None),
+            settled: tokio::sync::Notify::new(),
+        })
+    }
+
+    fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn settle_one(&self) {
+        if self.outstanding.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.settled.notify_one();
+        }
+    }
+
+    /// Ends the enqueueing, waits for every report, and returns the first failure.
+    async fn wait(&self, producer: &KafkaProducer, timeout: Duration) -> Result<(), SinkError> {
+        self.settle_one();
+        let all = async {
+            while self.outstanding.load(Ordering::Acquire) > 0 {
+                self.settled.notified().await;
+            }
+        };
+        // librdkafka reports every record by message.timeout.ms (= the batch timeout); the
+        // margin only guards against a report that never comes.
+        if tokio::time::timeout(timeout + Duration::from_secs(5), all)
+            .await
+            .is_err()
+        {
+            return Err(SinkError::Retriable("delivery reports lost".to_owned()));
+        }
+        match Self::lock(&self.error).take() {
+            Some(e) => Err(delivery_error(producer, e)),
+            None => Ok(()),
+        }
+    }
+}
+
 /// At-least-once: batches of different pollers are independent, so they are produced
 /// concurrently (a poller sends its next batch only after this one's acknowledgement, which
 /// keeps each poller's records in order). Each batch still waits for its events' acks before
 /// producing its state.
 async fn run_concurrent(
-    producer: FutureProducer,
+    producer: Arc<KafkaProducer>,
     timeout: Duration,
     mut rx: mpsc::Receiver<Request>,
     stats: Arc<SinkStats>,
@@ -332,18 +405,14 @@ async fn run_concurrent(
 /// Enqueues every record (waiting while the producer queue is full), then awaits every
 /// delivery report.
 async fn produce_async(
-    producer: &FutureProducer,
+    producer: &KafkaProducer,
     records: &[OutRecord],
     timeout: Duration,
 ) -> Result<(), SinkError> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut futures = Vec::with_capacity(records.len());
+    let acks = Acks::new();
     for record in records {
-        loop {
-            if let Some(future) = try_enqueue(producer, record)? {
-                futures.push(future);
-                break;
-            }
+        while !try_enqueue(producer, record, &acks)? {
             if tokio::time::Instant::now() > deadline {
                 return Err(SinkError::Retriable(
                     "producer queue stayed full".to_owned(),
@@ -352,18 +421,11 @@ async fn produce_async(
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-    for future in futures {
-        match future.await {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(delivery_error(producer, e)),
-            Err(_) => return Err(SinkError::Retriable("delivery report lost".to_owned())),
-        }
-    }
-    Ok(())
+    acks.wait(producer, timeout).await
 }
 
 /// Classifies a failed delivery; the producer's own fatal error, when it has one, wins.
-fn delivery_error(producer: &FutureProducer, error: KafkaError) -> SinkError {
+fn delivery_error(producer: &KafkaProducer, error: KafkaError) -> SinkError {
     match producer.client().fatal_error() {
         Some((code, reason)) => SinkError::Fatal(format!(
             "the Kafka producer hit a fatal error ({code:?}: {reason}); restart to go on"
@@ -372,29 +434,35 @@ fn delivery_error(producer: &FutureProducer, error: KafkaError) -> SinkError {
     }
 }
 
-/// Enqueues one record; `None` when the producer's queue is full (the caller waits, retries).
+/// Enqueues one record under `acks`; `false` when the producer's queue is full (the caller
+/// waits, retries).
 fn try_enqueue(
-    producer: &FutureProducer,
+    producer: &KafkaProducer,
     record: &OutRecord,
-) -> Result<Option<DeliveryFuture>, SinkError> {
-    match producer.send_result(future_record(record)) {
-        Ok(future) => Ok(Some(future)),
-        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => Ok(None),
-        Err((e, _)) => Err(classify(e)),
-    }
-}
-
-fn future_record(record: &OutRecord) -> FutureRecord<'_, Vec<u8>, Vec<u8>> {
-    let future_record = FutureRecord::to(&record.topic).key(&record.key);
-    match &record.payload {
-        Some(payload) => future_record.payload(payload),
-        None => future_record,
+    acks: &Arc<Acks>,
+) -> Result<bool, SinkError> {
+    acks.outstanding.fetch_add(1, Ordering::AcqRel);
+    let base = BaseRecord::with_opaque_to(&record.topic, acks.clone()).key(&record.key);
+    let base = match &record.payload {
+        Some(payload) => base.payload(payload),
+        None => base,
+    };
+    match producer.send(base) {
+        Ok(()) => Ok(true),
+        Err((e, _)) => {
+            // Never enqueued: no report will come for it (the guard keeps the count above 0).
+            acks.outstanding.fetch_sub(1, Ordering::AcqRel);
+            match e {
+                KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull) => Ok(false),
+                e => Err(classify(e)),
+            }
+        }
     }
 }
 
 /// Exactly-once: one transaction at a time, on a blocking thread.
 fn run(
-    producer: FutureProducer,
+    producer: Arc<KafkaProducer>,
     timeout: Duration,
     mut rx: mpsc::Receiver<Request>,
     runtime: tokio::runtime::Handle,
@@ -417,7 +485,7 @@ fn run(
 }
 
 fn exactly_once(
-    producer: &FutureProducer,
+    producer: &KafkaProducer,
     batch: &Batch,
     timeout: Duration,
     runtime: &tokio::runtime::Handle,
@@ -426,15 +494,12 @@ fn exactly_once(
     let mut last = String::new();
     for attempt in 1..=TRANSACTION_ATTEMPTS {
         producer.begin_transaction().map_err(classify)?;
-        let result = produce_all(producer, &batch.events, timeout)
-            .and_then(|mut futures| {
-                futures.extend(produce_all(producer, &batch.state, timeout)?);
-                Ok(futures)
-            })
-            .and_then(|futures| {
-                commit(producer, timeout, stats)?;
-                await_all(producer, futures, runtime)
-            });
+        // A failed attempt drops its Acks: late reports of aborted records go nowhere.
+        let acks = Acks::new();
+        let result = produce_all(producer, &batch.events, timeout, &acks)
+            .and_then(|()| produce_all(producer, &batch.state, timeout, &acks))
+            .and_then(|()| commit(producer, timeout, stats))
+            .and_then(|()| runtime.block_on(acks.wait(producer, timeout)));
         match result {
             Ok(()) => return Ok(()),
             Err(SinkError::Fatal(e)) => return Err(SinkError::Fatal(e)),
@@ -458,11 +523,7 @@ fn exactly_once(
 /// Commits the open transaction. A retriable failure (a timeout) leaves the outcome unknown –
 /// the commit may have been applied – so the commit is called again, as librdkafka asks,
 /// instead of aborting and sending the batch a second time.
-fn commit(
-    producer: &FutureProducer,
-    timeout: Duration,
-    stats: &SinkStats,
-) -> Result<(), SinkError> {
+fn commit(producer: &KafkaProducer, timeout: Duration, stats: &SinkStats) -> Result<(), SinkError> {
     let mut attempt = 0;
     loop {
         attempt += 1;
@@ -488,40 +549,21 @@ fn commit(
 const COMMIT_ATTEMPTS: u32 = 5;
 
 fn produce_all(
-    producer: &FutureProducer,
+    producer: &KafkaProducer,
     records: &[OutRecord],
     timeout: Duration,
-) -> Result<Vec<DeliveryFuture>, SinkError> {
+    acks: &Arc<Acks>,
+) -> Result<(), SinkError> {
     let deadline = std::time::Instant::now() + timeout;
-    let mut futures = Vec::with_capacity(records.len());
     for record in records {
-        loop {
-            if let Some(future) = try_enqueue(producer, record)? {
-                futures.push(future);
-                break;
-            }
-            // Backpressure: wait for the queue to drain, not an error.
+        // Backpressure: wait for the queue to drain, not an error.
+        while !try_enqueue(producer, record, acks)? {
             if std::time::Instant::now() > deadline {
                 return Err(SinkError::Retriable(
                     "producer queue stayed full".to_owned(),
                 ));
             }
-            producer.poll(Duration::from_millis(10));
-        }
-    }
-    Ok(futures)
-}
-
-fn await_all(
-    producer: &FutureProducer,
-    futures: Vec<DeliveryFuture>,
-    runtime: &tokio::runtime::Handle,
-) -> Result<(), SinkError> {
-    for future in futures {
-        match runtime.block_on(future) {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(delivery_error(producer, e)),
-            Err(_) => return Err(SinkError::Retriable("delivery report lost".to_owned())),
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
     Ok(())
