@@ -60,7 +60,11 @@ fn main() {
             customers: 8_000,
             transactions: 50_000,
             positions: 100_000,
-            fingerprints: 1_000_000,
+            // BENCH_FINGERPRINTS=5000000 for the 5M figures.
+            fingerprints: std::env::var("BENCH_FINGERPRINTS")
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(1_000_000),
         }
     } else {
         Scale {
@@ -167,7 +171,40 @@ async fn backfill(broker: &common::Tansu, scale: &Scale) {
     sim.shutdown().await;
 }
 
+/// Restores `scale.fingerprints` fingerprints from a state topic, written as `ibstream run`
+/// writes them (segments of a page, 1,000 entities each), then as releases before segments
+/// wrote them (one record per entity), and prints both.
 async fn restore_bench(broker: &common::Tansu, scale: &Scale) {
+    let n = scale.fingerprints as u64;
+    let mut map = FpMap::default();
+    let mut segments = Vec::new();
+    for page in 0..n.div_ceil(1_000) {
+        let changes: Vec<_> = (page * 1_000..((page + 1) * 1_000).min(n))
+            .map(|i| {
+                let entry = FpEntry { fp: i, day: 19_000 };
+                (EntityKey::of(&(9_000_000 + i).to_string()), entry, None)
+            })
+            .collect();
+        let (records, plan) = map.plan_write("transactions", &changes, &|id| {
+            FpEntry::key("transactions", id)
+        });
+        map.apply(plan);
+        segments.extend(records.into_iter().map(|(k, v)| (k, v.expect("a segment"))));
+    }
+    restore_from(broker, scale, "segments", segments).await;
+    let per_entity = (0..n).map(|i| {
+        let key = FpEntry::key("transactions", &(9_000_000 + i).to_string());
+        (key, FpEntry { fp: i, day: 19_000 }.encode())
+    });
+    restore_from(broker, scale, "per-entity records", per_entity.collect()).await;
+}
+
+async fn restore_from(
+    broker: &common::Tansu,
+    scale: &Scale,
+    format: &str,
+    records: Vec<(String, Vec<u8>)>,
+) {
     let mut config = Config::load(None).expect("config");
     config.kafka.bootstrap_servers = broker.bootstrap.clone();
     config.kafka.delivery = Delivery::AtLeastOnce;
@@ -192,12 +229,10 @@ async fn restore_bench(broker: &common::Tansu, scale: &Scale) {
         .create()
         .expect("producer");
     let written = Instant::now();
-    let mut pending = Vec::with_capacity(scale.fingerprints);
-    for i in 0..scale.fingerprints as u64 {
-        let key = FpEntry::key("transactions", &(9_000_000 + i).to_string());
-        let value = FpEntry { fp: i, day: 19_000 }.encode();
+    let mut pending = Vec::with_capacity(records.len());
+    for (key, value) in &records {
         loop {
-            match producer.send_result(FutureRecord::to(&topic).key(&key).payload(&value)) {
+            match producer.send_result(FutureRecord::to(&topic).key(key).payload(value)) {
                 Ok(f) => {
                     pending.push(f);
                     break;
@@ -226,7 +261,7 @@ async fn restore_bench(broker: &common::Tansu, scale: &Scale) {
         consumer.assign(&tpl).expect("assign");
         let started = Instant::now();
         let mut n = 0;
-        while n < scale.fingerprints {
+        while n < records.len() {
             if let Some(Ok(_)) = consumer.poll(Duration::from_millis(100)) {
                 n += 1;
             }
@@ -247,7 +282,8 @@ async fn restore_bench(broker: &common::Tansu, scale: &Scale) {
     let entities = state.entities();
     assert_eq!(entities, scale.fingerprints);
     println!(
-        "restore: {entities} fingerprints read from the state topic in {:.2} s (target <= 5 s; a consumer with librdkafka's defaults reads them in {raw:.2} s; writing them took {write_secs:.2} s); RSS grew {:.1} bytes per entity",
+        "restore ({format}): {entities} fingerprints in {} records read from the state topic in {:.2} s (target <= 5 s; a consumer with librdkafka's defaults reads the records in {raw:.2} s; writing them took {write_secs:.2} s); RSS grew {:.1} bytes per entity",
+        records.len(),
         elapsed.as_secs_f64(),
         grown as f64 / entities as f64
     );

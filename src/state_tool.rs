@@ -234,17 +234,18 @@ pub async fn reset(config: &Config, request: &ResetRequest) -> Result<Vec<String
                 continue;
             };
             let tag = scope.strip_prefix("positions/");
-            let entries = map.stale_before(i32::MAX);
-            for (_, id) in &entries {
-                let id = match tag {
-                    Some(tag) => format!("{tag}:{id}"),
-                    None => id.clone(),
-                };
-                records.push((FpEntry::key(&request.stream, &id), None));
-            }
+            let legacy = |id: &str| match tag {
+                Some(tag) => FpEntry::key(&request.stream, &format!("{tag}:{id}")),
+                None => FpEntry::key(&request.stream, id),
+            };
+            records.extend(
+                map.state_keys(scope, &legacy)
+                    .into_iter()
+                    .map(|key| (key, None)),
+            );
             done.push(format!(
                 "{scope}: {} fingerprints dropped, records read again are emitted as CREATED",
-                entries.len()
+                map.len()
             ));
         }
     }

@@ -265,6 +265,7 @@ fn read_to_barrier(
             .map(String::from_utf8_lossy)
             .unwrap_or_default();
         if key == barrier_key && message.payload() == Some(nonce.as_bytes()) {
+            state.finish();
             info!(
                 records,
                 entities = state.entities(),

@@ -516,22 +516,45 @@ impl<T: StreamRecord> Poller<T> {
         batch
             .state
             .push(self.state_record(Cursor::key(&spec.scope), Some(cursor.encode())));
-        let mut pruned = Vec::new();
+        let mut plan = None;
         if prune && self.append_only {
             if let Some(horizon) = self.horizon(&cursor) {
-                pruned = self.fps.stale_before(days_since_epoch(horizon));
-                for (_, id) in &pruned {
-                    let id = self.qualified(id);
-                    batch
-                        .state
-                        .push(self.state_record(FpEntry::key(self.stream, &id), None));
-                }
+                let pruned: Vec<EntityKey> = self
+                    .fps
+                    .stale_before(days_since_epoch(horizon))
+                    .into_iter()
+                    .map(|(key, _)| key)
+                    .collect();
+                let (stream, tag) = (self.stream, self.server_tag.clone());
+                let legacy = move |id: &str| legacy_key(stream, tag.as_deref(), id);
+                let (records, removal) = self.fps.plan_remove(&self.scope(), &pruned, &legacy);
+                batch.state.extend(
+                    records
+                        .into_iter()
+                        .map(|(key, value)| self.state_record(key, value)),
+                );
+                plan = Some(removal);
             }
         }
         self.shared.sink.commit(batch).await?;
         let before = self.fps.len();
-        for (key, _) in pruned {
-            self.fps.remove(key);
+        if let Some(plan) = plan {
+            self.fps.apply(plan);
+        }
+        let (stream, tag) = (self.stream, self.server_tag.clone());
+        let legacy = move |id: &str| legacy_key(stream, tag.as_deref(), id);
+        if let Some((records, rewrite)) =
+            self.fps
+                .plan_compaction(&self.scope(), &legacy, COMPACTION_LIMIT)
+        {
+            let mut batch = Batch::default();
+            batch.state.extend(
+                records
+                    .into_iter()
+                    .map(|(key, value)| self.state_record(key, value)),
+            );
+            self.shared.sink.commit(batch).await?;
+            self.fps.apply(rewrite);
         }
         self.stats
             .tracked
@@ -573,6 +596,14 @@ impl<T: StreamRecord> Poller<T> {
             .flat_map(|c| c.open.iter().map(|w| w.day))
             .min();
         Some(open.map_or(horizon, |day| horizon.min(day)))
+    }
+
+    /// The scope of this poller's fingerprints: the stream, or `positions/<tag>`.
+    fn scope(&self) -> String {
+        match &self.server_tag {
+            Some(tag) => format!("{}/{tag}", self.stream),
+            None => self.stream.to_owned(),
+        }
     }
 
     fn qualified(&self, id: &str) -> String {
@@ -697,12 +728,18 @@ impl<T: StreamRecord> Poller<T> {
     }
 
     /// Commits a page batch, then remembers its fingerprints.
-    async fn commit(&mut self, built: PageBatch) -> Result<(), PollError> {
+    async fn commit(&mut self, mut built: PageBatch) -> Result<(), PollError> {
+        let (stream, tag) = (self.stream, self.server_tag.clone());
+        let legacy = move |id: &str| legacy_key(stream, tag.as_deref(), id);
+        let (records, plan) = self.fps.plan_write(&self.scope(), &built.remember, &legacy);
+        built.batch.state.extend(
+            records
+                .into_iter()
+                .map(|(key, value)| self.state_record(key, value)),
+        );
         self.shared.sink.commit(built.batch).await?;
         let before = self.fps.len();
-        for (key, entry, name) in built.remember {
-            self.fps.insert(key, entry, name.as_deref().unwrap_or(""));
-        }
+        self.fps.apply(plan);
         self.stats
             .tracked
             .fetch_add((self.fps.len() - before) as u64, Ordering::Relaxed);
@@ -828,9 +865,6 @@ impl<T: StreamRecord> Poller<T> {
                         key: id.clone().into_bytes(),
                         payload: Some(payload),
                     });
-                    out.batch.state.push(
-                        self.state_record(FpEntry::key(self.stream, &id), Some(entry.encode())),
-                    );
                     out.remember
                         .push((key, entry, name_of(key, &id, self.stream)));
                     pending.insert(key, fp);
@@ -886,9 +920,6 @@ impl<T: StreamRecord> Poller<T> {
             key: key.unwrap_or_else(|| self.stream.to_owned()).into_bytes(),
             payload: Some(letter.to_json()),
         });
-        out.batch
-            .state
-            .push(self.state_record(FpEntry::key(self.stream, &id), Some(entry.encode())));
         out.remember
             .push((dlq_key, entry, name_of(dlq_key, &id, self.stream)));
         out.dead += 1;
@@ -910,6 +941,17 @@ impl<T: StreamRecord> Poller<T> {
 
 /// Returns the id to keep beside a hashed entity key (its id within the scope), so the
 /// entity can be pruned; `None` for keys that hold their id.
+/// Most fingerprints one cursor save rewrites into fresh segments (see `FpMap::plan_compaction`).
+const COMPACTION_LIMIT: usize = 50_000;
+
+/// The per-entity state key an earlier release wrote for an id of a stream (and server tag).
+fn legacy_key(stream: &str, tag: Option<&str>, id: &str) -> String {
+    match tag {
+        Some(tag) => FpEntry::key(stream, &format!("{tag}:{id}")),
+        None => FpEntry::key(stream, id),
+    }
+}
+
 fn name_of(key: EntityKey, id: &str, stream: &str) -> Option<Box<str>> {
     key.id().is_none().then(|| local_id(stream, id).into())
 }

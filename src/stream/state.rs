@@ -5,9 +5,17 @@
 //!   "open":[{"day":"YYYY-MM-DD","since":RFC 3339,"missing":N}],"swept":RFC 3339}` (`open` and
 //!   `swept` are left out when empty; a release that predates them ignores them). Scopes: `leads/registration`, `leads/lastModified`, `customers/registration`,
 //!   `customers/lastModified`, `transactions`, `positions/<serverTag>`.
-//! - `fp/<stream>/<id>`: the fingerprint of the last emitted version of an entity, 13 bytes:
-//!   version `1`, fingerprint (u64 LE), day (i32 LE, days since 1970-01-01, the record's day
-//!   for pruning append-only streams). A tombstone (null value) forgets the entity.
+//! - `fps/<n>/<scope>`: a *segment* of fingerprints of one scope (`leads`, …,
+//!   `positions/<serverTag>`): the entities one batch emitted, up to 5,000, each the
+//!   fingerprint of its last emitted version and its day (days since 1970-01-01, for pruning
+//!   append-only streams). Value: version `2`, then per entity `0` + id (u64 LE) or `1` + name
+//!   length (u16 LE) + name (ids kept as a hash in memory), fingerprint (u64 LE), day
+//!   (i32 LE). An entity's entry is the one in its newest segment; a segment none of whose
+//!   entries is the latest any more is tombstoned. See [`FpMap`].
+//! - `fp/<stream>/<id>` (written by releases before segments, still read): the fingerprint of
+//!   one entity, 13 bytes: version `1`, fingerprint (u64 LE), day (i32 LE). A tombstone
+//!   forgets it unless a segment holds it; such entries move into segments when they change
+//!   or, a batch at a time, at cursor saves.
 //! - `barrier/<instance_id>`: the start-up barrier (a nonce), see `kafka::restore`
 //!   (`barrier/<instance_id>/tools`: the barrier of `ibstream state`).
 //! - `alive/<instance_id>`: a running instance's heartbeat, JSON `{"v":1,"at":RFC 3339}`,
@@ -200,6 +208,11 @@ impl EntityKey {
         }
     }
 
+    /// Returns the key's 64 bits.
+    fn raw(self) -> u64 {
+        self.0
+    }
+
     /// Returns the id again, when the key holds it exactly.
     pub fn id(self) -> Option<String> {
         let raw = self.0;
@@ -207,33 +220,126 @@ impl EntityKey {
     }
 }
 
-/// Fingerprints of one stream (or one server tag of positions): ~30 bytes per entity.
+/// Segment number of an entity whose fingerprint is in a per-entity `fp/` record of an
+/// earlier release (migrated into a segment when it changes, dropped with a tombstone).
+pub const LEGACY: u32 = u32::MAX;
+
+/// Most entries in one segment record (21 bytes each: ~100 KB, well under Kafka's 1 MB).
+pub const SEGMENT_MAX: usize = 5_000;
+
+/// Format version of segment values.
+const SEGMENT_VERSION: u8 = 2;
+
+/// What the map keeps per entity: the entry and the segment record that holds it.
+#[derive(Debug, Clone, Copy)]
+#[repr(C, packed(4))]
+struct Slot {
+    fp: u64,
+    day: i32,
+    segment: u32,
+}
+
+/// Entries written into a segment record, and how many of them are still the entity's
+/// latest (when none is, the record is tombstoned).
+#[derive(Debug, Clone, Copy, Default)]
+struct SegmentCount {
+    written: u32,
+    live: u32,
+}
+
+/// Fingerprints of one stream (or one server tag of positions): ~35 bytes per entity.
+///
+/// Persisted as *segments*: the fingerprints a batch changes go into one record
+/// `fps/<n>/<scope>` (see [`segment_key`]), so a page of 1,000 events costs one state record
+/// instead of 1,000. Compaction keeps the latest value of each segment key; an entity's
+/// latest entry is the one in the newest segment holding it (a restore replays in offset
+/// order), and a segment whose entries were all superseded or pruned is tombstoned. A pruned
+/// entity in a segment that still holds live entries comes back at the next restore and is
+/// pruned again at the next cursor save: harmless, it is only remembered longer.
 ///
 /// Ids the [`EntityKey`] keeps only as a hash (dead-letter markers, server tags, non-numeric
-/// ids of other CRMs) are also kept by name, so their state keys can be rebuilt to prune them.
+/// ids of other CRMs) are also kept by name, so their records can be rebuilt.
 #[derive(Debug, Default, Clone)]
 pub struct FpMap {
-    map: HashMap<EntityKey, FpEntry, BuildHasherDefault<IdHasher>>,
+    map: HashMap<EntityKey, Slot, BuildHasherDefault<IdHasher>>,
     names: HashMap<EntityKey, Box<str>, BuildHasherDefault<IdHasher>>,
+    segments: HashMap<u32, SegmentCount, BuildHasherDefault<IdHasher>>,
+    /// The next segment number (above every number seen, tombstoned ones included).
+    next_segment: u32,
+    /// Segments tombstoned during a restore (entities still pointing to them were pruned).
+    dead: std::collections::HashSet<u32>,
+    /// Entities still in per-entity records.
+    legacy: usize,
+}
+
+/// What [`FpMap::plan_write`] or [`FpMap::plan_remove`] prepared, applied once the batch
+/// holding its records is committed.
+#[derive(Debug, Default)]
+pub struct FpPlan {
+    writes: Vec<(EntityKey, FpEntry, u32, Option<Box<str>>)>,
+    removes: Vec<EntityKey>,
+    segments: Vec<(u32, u32)>,
+}
+
+/// A state record to write: key and value (`None`: a tombstone).
+pub type StateRecord = (String, Option<Vec<u8>>);
+
+/// Returns the state key of segment `n` of a scope (`leads`, `positions/<tag>`, …).
+pub fn segment_key(scope: &str, n: u32) -> String {
+    format!("fps/{n}/{scope}")
 }
 
 impl FpMap {
     /// Returns the entry of an entity.
     pub fn get(&self, key: EntityKey) -> Option<FpEntry> {
-        self.map.get(&key).copied()
+        self.map.get(&key).map(|slot| FpEntry {
+            fp: slot.fp,
+            day: slot.day,
+        })
     }
 
-    /// Remembers an entity's entry; `id` is its id within the scope (`key`'s source).
-    pub fn insert(&mut self, key: EntityKey, entry: FpEntry, id: &str) {
-        if key.id().is_none() {
-            self.names.insert(key, id.into());
+    /// Remembers an entity's entry, held by `segment` ([`LEGACY`]: a per-entity record);
+    /// `name` is the id of a hashed key.
+    fn put(&mut self, key: EntityKey, entry: FpEntry, segment: u32, name: Option<&str>) {
+        if let (None, Some(name)) = (key.id(), name) {
+            self.names.insert(key, name.into());
         }
-        self.map.insert(key, entry);
+        let slot = Slot {
+            fp: entry.fp,
+            day: entry.day,
+            segment,
+        };
+        if let Some(old) = self.map.insert(key, slot) {
+            self.release(old.segment);
+        }
+        if segment == LEGACY {
+            self.legacy += 1;
+        } else if let Some(count) = self.segments.get_mut(&segment) {
+            count.live += 1;
+        }
+    }
+
+    fn release(&mut self, segment: u32) {
+        if segment == LEGACY {
+            self.legacy = self.legacy.saturating_sub(1);
+        } else if let Some(count) = self.segments.get_mut(&segment) {
+            count.live = count.live.saturating_sub(1);
+        }
+    }
+
+    /// Remembers an entity's entry as if read from a per-entity record (tests, tools).
+    pub fn insert(&mut self, key: EntityKey, entry: FpEntry, id: &str) {
+        self.put(key, entry, LEGACY, Some(id));
     }
 
     /// Forgets an entity.
     pub fn remove(&mut self, key: EntityKey) {
-        self.map.remove(&key);
+        if let Some(old) = self.map.remove(&key) {
+            self.release(old.segment);
+            if self.segments.get(&old.segment).is_some_and(|c| c.live == 0) {
+                self.segments.remove(&old.segment);
+            }
+        }
         self.names.remove(&key);
     }
 
@@ -247,20 +353,294 @@ impl FpMap {
         self.map.is_empty()
     }
 
+    /// Returns the number of segment records holding live entries.
+    pub fn segments(&self) -> usize {
+        self.segments.len()
+    }
+
+    fn id_of(&self, key: EntityKey) -> Option<String> {
+        key.id()
+            .or_else(|| self.names.get(&key).map(|n| n.to_string()))
+    }
+
     /// Returns the entities whose day is before `day` (to prune), with their ids in the scope.
     pub fn stale_before(&self, day: i32) -> Vec<(EntityKey, String)> {
         self.map
             .iter()
-            .filter(|(_, e)| {
-                let entry_day = e.day;
+            .filter(|(_, slot)| {
+                let entry_day = slot.day;
                 entry_day < day
             })
-            .filter_map(|(k, _)| {
-                let id = k.id().or_else(|| self.names.get(k).map(|n| n.to_string()));
-                id.map(|id| (*k, id))
-            })
+            .filter_map(|(k, _)| self.id_of(*k).map(|id| (*k, id)))
             .collect()
     }
+
+    /// Prepares the state records that persist `changes` (the last of an entity counts):
+    /// segment records of up to [`SEGMENT_MAX`] entries, then tombstones of the segments
+    /// they leave without a live entry and of the per-entity records they replace
+    /// (`legacy_key` names those). Nothing changes in memory until [`FpMap::apply`].
+    pub fn plan_write(
+        &mut self,
+        scope: &str,
+        changes: &[(EntityKey, FpEntry, Option<Box<str>>)],
+        legacy_key: &dyn Fn(&str) -> String,
+    ) -> (Vec<StateRecord>, FpPlan) {
+        let mut last: HashMap<EntityKey, usize, BuildHasherDefault<IdHasher>> = HashMap::default();
+        for (i, (key, ..)) in changes.iter().enumerate() {
+            last.insert(*key, i);
+        }
+        let mut order: Vec<usize> = last.values().copied().collect();
+        order.sort_unstable();
+        let mut records = Vec::new();
+        let mut plan = FpPlan::default();
+        for chunk in order.chunks(SEGMENT_MAX) {
+            let segment = self.next_segment;
+            self.next_segment += 1;
+            let mut value = Vec::with_capacity(1 + chunk.len() * 21);
+            value.push(SEGMENT_VERSION);
+            for &i in chunk {
+                let (key, entry, name) = &changes[i];
+                let name = name.clone().or_else(|| self.names.get(key).cloned());
+                encode_segment_entry(&mut value, *key, name.as_deref(), *entry);
+                plan.writes.push((*key, *entry, segment, name));
+            }
+            records.push((segment_key(scope, segment), Some(value)));
+            plan.segments.push((segment, chunk.len() as u32));
+        }
+        let keys: Vec<EntityKey> = order.iter().map(|&i| changes[i].0).collect();
+        records.extend(self.emptied(scope, &keys, legacy_key));
+        (records, plan)
+    }
+
+    /// Prepares the tombstones that forget `keys`: of their emptied segments and of their
+    /// per-entity records.
+    pub fn plan_remove(
+        &self,
+        scope: &str,
+        keys: &[EntityKey],
+        legacy_key: &dyn Fn(&str) -> String,
+    ) -> (Vec<StateRecord>, FpPlan) {
+        let records = self.emptied(scope, keys, legacy_key);
+        let plan = FpPlan {
+            removes: keys.to_vec(),
+            ..FpPlan::default()
+        };
+        (records, plan)
+    }
+
+    /// Tombstones of the segments that `keys` (distinct) leave empty when they move or go,
+    /// and of their per-entity records.
+    fn emptied(
+        &self,
+        scope: &str,
+        keys: &[EntityKey],
+        legacy_key: &dyn Fn(&str) -> String,
+    ) -> Vec<StateRecord> {
+        let mut leaving: HashMap<u32, u32, BuildHasherDefault<IdHasher>> = HashMap::default();
+        let mut records = Vec::new();
+        for key in keys {
+            let Some(slot) = self.map.get(key) else {
+                continue;
+            };
+            if slot.segment == LEGACY {
+                if let Some(id) = self.id_of(*key) {
+                    records.push((legacy_key(&id), None));
+                }
+            } else {
+                *leaving.entry(slot.segment).or_default() += 1;
+            }
+        }
+        let mut emptied: Vec<u32> = leaving
+            .into_iter()
+            .filter(|(segment, n)| self.segments.get(segment).is_none_or(|c| c.live <= *n))
+            .map(|(segment, _)| segment)
+            .collect();
+        emptied.sort_unstable();
+        records.extend(emptied.into_iter().map(|s| (segment_key(scope, s), None)));
+        records
+    }
+
+    /// Applies a plan whose records were committed.
+    pub fn apply(&mut self, plan: FpPlan) {
+        for (segment, written) in plan.segments {
+            self.segments
+                .insert(segment, SegmentCount { written, live: 0 });
+        }
+        for (key, entry, segment, name) in plan.writes {
+            self.put(key, entry, segment, name.as_deref());
+        }
+        for key in plan.removes {
+            self.remove(key);
+        }
+        self.segments.retain(|_, count| count.live > 0);
+    }
+
+    /// Prepares a rewrite of scattered entries, when there is one to do: the live entries
+    /// of segments less than a quarter live (once the segments hold more than twice the
+    /// live entries) and entries still in per-entity records of an earlier release, at most
+    /// `limit` per call. The rewritten segments and records are tombstoned, so the state
+    /// topic stays proportional to the entities remembered.
+    pub fn plan_compaction(
+        &mut self,
+        scope: &str,
+        legacy_key: &dyn Fn(&str) -> String,
+        limit: usize,
+    ) -> Option<(Vec<StateRecord>, FpPlan)> {
+        let stored: usize = self.segments.values().map(|c| c.written as usize).sum();
+        let scattered = stored > 2 * self.map.len() + SEGMENT_MAX;
+        if !scattered && self.legacy == 0 {
+            return None;
+        }
+        let sparse: std::collections::HashSet<u32> = self
+            .segments
+            .iter()
+            .filter(|(_, c)| scattered && (c.live as usize) * 4 < c.written as usize)
+            .map(|(segment, _)| *segment)
+            .collect();
+        let changes: Vec<(EntityKey, FpEntry, Option<Box<str>>)> = self
+            .map
+            .iter()
+            .filter(|(_, slot)| {
+                let segment = slot.segment;
+                segment == LEGACY || sparse.contains(&segment)
+            })
+            .take(limit)
+            .map(|(key, slot)| {
+                let entry = FpEntry {
+                    fp: slot.fp,
+                    day: slot.day,
+                };
+                (*key, entry, self.names.get(key).cloned())
+            })
+            .collect();
+        (!changes.is_empty()).then(|| self.plan_write(scope, &changes, legacy_key))
+    }
+
+    /// Every state key holding this scope's fingerprints (to drop them all).
+    pub fn state_keys(&self, scope: &str, legacy_key: &dyn Fn(&str) -> String) -> Vec<String> {
+        let mut segments: Vec<u32> = self.segments.keys().copied().collect();
+        segments.sort_unstable();
+        let mut keys: Vec<String> = segments.iter().map(|s| segment_key(scope, *s)).collect();
+        for (key, slot) in &self.map {
+            if slot.segment == LEGACY {
+                if let Some(id) = self.id_of(*key) {
+                    keys.push(legacy_key(&id));
+                }
+            }
+        }
+        keys
+    }
+
+    /// Restore: a segment record (`None`: its tombstone).
+    fn restore_segment(&mut self, segment: u32, value: Option<&[u8]>) -> Result<(), String> {
+        self.next_segment = self.next_segment.max(segment.saturating_add(1));
+        let Some(bytes) = value else {
+            self.dead.insert(segment);
+            return Ok(());
+        };
+        self.dead.remove(&segment);
+        let entries = decode_segment(bytes)?;
+        self.segments.insert(
+            segment,
+            SegmentCount {
+                written: entries.len() as u32,
+                live: 0,
+            },
+        );
+        for (key, name, entry) in entries {
+            self.put(key, entry, segment, name.as_deref());
+        }
+        Ok(())
+    }
+
+    /// Restore done: forgets the entities whose latest segment was tombstoned (pruned), and
+    /// the segments without a live entry.
+    fn finish_restore(&mut self) {
+        if !self.dead.is_empty() {
+            let dead = std::mem::take(&mut self.dead);
+            let gone: Vec<EntityKey> = self
+                .map
+                .iter()
+                .filter(|(_, slot)| {
+                    let segment = slot.segment;
+                    dead.contains(&segment)
+                })
+                .map(|(k, _)| *k)
+                .collect();
+            for key in gone {
+                self.remove(key);
+            }
+            for segment in dead {
+                self.segments.remove(&segment);
+            }
+        }
+        self.segments.retain(|_, count| count.live > 0);
+    }
+}
+
+fn encode_segment_entry(out: &mut Vec<u8>, key: EntityKey, name: Option<&str>, entry: FpEntry) {
+    let (fp, day) = (entry.fp, entry.day);
+    match key.id() {
+        Some(_) => {
+            out.push(0);
+            out.extend_from_slice(&key.raw().to_le_bytes());
+        }
+        None => {
+            let name = name.unwrap_or("").as_bytes();
+            let len = name.len().min(u16::MAX as usize);
+            out.push(1);
+            out.extend_from_slice(&(len as u16).to_le_bytes());
+            out.extend_from_slice(&name[..len]);
+        }
+    }
+    out.extend_from_slice(&fp.to_le_bytes());
+    out.extend_from_slice(&day.to_le_bytes());
+}
+
+/// Decodes a segment value: version 2, then per entry `0, id (u64 LE)` or `1, name length
+/// (u16 LE), name`, then fingerprint (u64 LE) and day (i32 LE).
+fn decode_segment(bytes: &[u8]) -> Result<Vec<(EntityKey, Option<String>, FpEntry)>, String> {
+    let (version, mut rest) = bytes
+        .split_first()
+        .ok_or_else(|| "empty fingerprint segment".to_owned())?;
+    if *version != SEGMENT_VERSION {
+        return Err(format!(
+            "fingerprint segment format version {version} is not supported"
+        ));
+    }
+    let mut take = |n: usize| -> Result<&[u8], String> {
+        if rest.len() < n {
+            return Err("truncated fingerprint segment".to_owned());
+        }
+        let (head, tail) = rest.split_at(n);
+        rest = tail;
+        Ok(head)
+    };
+    let mut entries = Vec::with_capacity(bytes.len() / 21);
+    while let Ok(kind) = take(1) {
+        let kind = kind[0];
+        let (key, name) = match kind {
+            0 => {
+                let raw = u64::from_le_bytes(take(8)?.try_into().unwrap_or_default());
+                if raw & HASHED != 0 {
+                    return Err("fingerprint segment: a numeric id out of range".to_owned());
+                }
+                (EntityKey(raw), None)
+            }
+            1 => {
+                let len = u16::from_le_bytes(take(2)?.try_into().unwrap_or_default()) as usize;
+                let name = std::str::from_utf8(take(len)?)
+                    .map_err(|_| "fingerprint segment: a name is not UTF-8".to_owned())?
+                    .to_owned();
+                (EntityKey::of(&name), Some(name))
+            }
+            other => return Err(format!("fingerprint segment: unknown entry kind {other}")),
+        };
+        let fp = u64::from_le_bytes(take(8)?.try_into().unwrap_or_default());
+        let day = i32::from_le_bytes(take(4)?.try_into().unwrap_or_default());
+        entries.push((key, name, FpEntry { fp, day }));
+    }
+    Ok(entries)
 }
 
 /// A running instance's sign of life.
@@ -337,6 +717,19 @@ impl State {
                     self.cursors.remove(scope);
                 }
             }
+        } else if let Some(rest) = key.strip_prefix("fps/") {
+            let parsed = rest
+                .split_once('/')
+                .and_then(|(n, scope)| Some((n.parse::<u32>().ok()?, scope)));
+            let Some((segment, scope)) = parsed.filter(|(n, _)| *n != LEGACY) else {
+                return Err(format!("{key}: not fps/<n>/<scope>"));
+            };
+            let map = match self.fingerprints.get_mut(scope) {
+                Some(map) => map,
+                None => self.fingerprints.entry(scope.to_owned()).or_default(),
+            };
+            map.restore_segment(segment, value)
+                .map_err(|e| format!("{key}: {e}"))?;
         } else if let Some(rest) = key.strip_prefix("fp/") {
             let Some((stream, id)) = rest.split_once('/') else {
                 return Err(format!("{key}: not fp/<stream>/<id>"));
@@ -363,10 +756,23 @@ impl State {
             let entity = EntityKey::of(local);
             match entry {
                 Some(entry) => map.insert(entity, entry, local),
-                None => map.remove(entity),
+                // A per-entity tombstone forgets only what that record held: a segment
+                // written after it holds a newer entry.
+                None if map.map.get(&entity).is_some_and(|s| s.segment == LEGACY) => {
+                    map.remove(entity)
+                }
+                None => {}
             }
         }
         Ok(())
+    }
+
+    /// Ends a restore: entities whose latest segment was tombstoned are forgotten.
+    pub fn finish(&mut self) {
+        for map in self.fingerprints.values_mut() {
+            map.finish_restore();
+        }
+        self.fingerprints.retain(|_, map| !map.is_empty());
     }
 
     /// Returns the number of remembered entities.
@@ -517,5 +923,147 @@ mod tests {
         );
         map.remove(EntityKey::of("x-1"));
         assert_eq!(map.stale_before(10).len(), 3);
+    }
+
+    /// Replays state records into a fresh state, as a restore does.
+    fn replay(log: &[(String, Option<Vec<u8>>)]) -> State {
+        let mut state = State::default();
+        for (key, value) in log {
+            state.apply(key, value.as_deref()).unwrap();
+        }
+        state.finish();
+        state
+    }
+
+    /// What compaction leaves of a log: the last record of each key, tombstones gone.
+    fn compacted(log: &[(String, Option<Vec<u8>>)]) -> Vec<(String, Option<Vec<u8>>)> {
+        let mut last: HashMap<&str, usize> = HashMap::new();
+        for (i, (key, _)) in log.iter().enumerate() {
+            last.insert(key, i);
+        }
+        log.iter()
+            .enumerate()
+            .filter(|(i, (key, value))| last[key.as_str()] == *i && value.is_some())
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+
+    fn legacy(id: &str) -> String {
+        FpEntry::key("leads", id)
+    }
+
+    #[test]
+    fn segments_restore_exactly_what_memory_holds_through_changes_prunes_and_compaction() {
+        let mut rng = fastrand::Rng::with_seed(5);
+        for round in 0..20 {
+            let mut log: Vec<(String, Option<Vec<u8>>)> = Vec::new();
+            // Start from what an earlier release wrote: per-entity records.
+            for id in 0..50u64 {
+                let entry = FpEntry { fp: id, day: 1 };
+                log.push((legacy(&id.to_string()), Some(entry.encode())));
+            }
+            let mut map = replay(&log).fingerprints.remove("leads").unwrap();
+            let mut pruned = std::collections::HashSet::new();
+            for step in 0..60 {
+                let (records, plan) = match rng.u8(..10) {
+                    0 => {
+                        let keys: Vec<EntityKey> = map
+                            .stale_before(rng.i32(0..40))
+                            .into_iter()
+                            .map(|(k, _)| k)
+                            .collect();
+                        pruned.extend(keys.iter().copied());
+                        map.plan_remove("leads", &keys, &legacy)
+                    }
+                    1 => match map.plan_compaction("leads", &legacy, 30) {
+                        Some(planned) => planned,
+                        None => continue,
+                    },
+                    _ => {
+                        let changes: Vec<_> = (0..rng.usize(1..40))
+                            .map(|_| {
+                                let id = rng.u64(0..120);
+                                let (key, name) = if id % 17 == 0 {
+                                    let name = format!("dlq-{id:016x}");
+                                    (EntityKey::of(&name), Some(name.into_boxed_str()))
+                                } else {
+                                    (EntityKey(id), None)
+                                };
+                                let entry = FpEntry {
+                                    fp: rng.u64(..),
+                                    day: rng.i32(0..40),
+                                };
+                                (key, entry, name)
+                            })
+                            .collect();
+                        for (key, ..) in &changes {
+                            pruned.remove(key);
+                        }
+                        map.plan_write("leads", &changes, &legacy)
+                    }
+                };
+                log.extend(records);
+                map.apply(plan);
+                for restored in [replay(&log), replay(&compacted(&log))] {
+                    let got = restored
+                        .fingerprints
+                        .get("leads")
+                        .cloned()
+                        .unwrap_or_default();
+                    for (key, slot) in &map.map {
+                        let entry = FpEntry {
+                            fp: slot.fp,
+                            day: slot.day,
+                        };
+                        assert_eq!(got.get(*key), Some(entry), "round {round} step {step}");
+                    }
+                    // Only pruned entities may come back (their segment still lives).
+                    for key in got.map.keys() {
+                        assert!(
+                            map.map.contains_key(key) || pruned.contains(key),
+                            "round {round} step {step}: {key:?} came back unpruned"
+                        );
+                    }
+                    assert_eq!(
+                        got.stale_before(i32::MAX).len(),
+                        got.len(),
+                        "every restored id has its name"
+                    );
+                }
+            }
+            // Segments, not entities, make the state: far fewer records than entries.
+            let live_records = compacted(&log).len();
+            assert!(
+                live_records <= map.len(),
+                "{live_records} records for {} entities",
+                map.len()
+            );
+        }
+    }
+
+    #[test]
+    fn a_segment_record_replaces_a_page_of_per_entity_records() {
+        let mut map = FpMap::default();
+        let changes: Vec<_> = (0..1_000u64)
+            .map(|id| (EntityKey(id), FpEntry { fp: id, day: 3 }, None))
+            .collect();
+        let (records, plan) = map.plan_write("positions/mt4-live-01", &changes, &legacy);
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].0, "fps/0/positions/mt4-live-01");
+        assert_eq!(records[0].1.as_ref().unwrap().len(), 1 + 1_000 * 21);
+        map.apply(plan);
+        // The same entities again: a new segment, and the old one tombstoned.
+        let (records, plan) = map.plan_write("positions/mt4-live-01", &changes, &legacy);
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[1], ("fps/0/positions/mt4-live-01".to_owned(), None));
+        map.apply(plan);
+        assert_eq!(map.segments(), 1);
+        let restored = replay(&records);
+        assert_eq!(restored.fingerprints["positions/mt4-live-01"].len(), 1_000);
+        assert!(State::default().apply("fps/x/leads", Some(&[2])).is_err());
+        assert!(State::default().apply("fps/1/leads", Some(&[3])).is_err());
+        assert!(State::default()
+            .apply("fps/1/leads", Some(&[2, 0, 1]))
+            .is_err());
     }
 }
