@@ -248,3 +248,36 @@ async fn check_commits_a_transaction_without_fencing_the_running_instance() {
     drop(sink.handle);
     sink.task.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_sent_at_once_share_a_transaction() {
+    let mock = cluster();
+    let sink = sink::start(&kafka(&mock.bootstrap_servers(), "eo-group"))
+        .await
+        .unwrap();
+    let mut pollers = tokio::task::JoinSet::new();
+    for tag in ["a", "b", "c", "d", "e", "f", "g", "h"] {
+        let handle = sink.handle.clone();
+        pollers.spawn(async move { handle.commit(batch(50, tag)).await });
+    }
+    while let Some(done) = pollers.join_next().await {
+        done.unwrap().unwrap();
+    }
+    let stats = sink.handle.stats();
+    assert_eq!(stats.batches.load(Ordering::Relaxed), 8);
+    let transactions = stats.transactions.load(Ordering::Relaxed);
+    assert!(
+        (1..8).contains(&transactions),
+        "8 batches sent at once took {transactions} transactions"
+    );
+    assert_eq!(
+        read_committed(&mock.bootstrap_servers(), "crm.leads", 400).len(),
+        400
+    );
+    assert_eq!(
+        read_committed(&mock.bootstrap_servers(), "crm._ibstream_state", 8).len(),
+        8
+    );
+    drop(sink.handle);
+    sink.task.await.unwrap().unwrap();
+}

@@ -3,8 +3,10 @@
 //! Pollers send [`Batch`]es through a bounded channel and wait for the acknowledgement; only
 //! then do they move their in-memory cursors and fingerprints. What is durable when:
 //!
-//! - `exactly-once`: one transaction per batch holding its events and its state records; on
-//!   commit both are visible to `read_committed` consumers, on abort neither. A failed batch
+//! - `exactly-once`: one transaction holding batches' events and state records (the batches
+//!   several pollers sent meanwhile share one transaction: a group commit); on commit both
+//!   are visible to `read_committed` consumers, on abort neither (a failed transaction fails
+//!   every batch in it, each retried by its poller). A failed batch
 //!   is aborted and retried (bounded). A commit that fails with a retriable error (a timeout)
 //!   may have been applied, so the commit is retried, never aborted and sent again. A failed
 //!   abort, a fenced producer (another process took over the same `kafka.instance_id`) and a
@@ -83,6 +85,8 @@ pub struct SinkHandle {
 pub struct SinkStats {
     /// Batches committed.
     pub batches: AtomicU64,
+    /// Transactions committed (exactly-once; one holds the batches of several pollers).
+    pub transactions: AtomicU64,
     /// Transactions aborted (each followed by a retry or a failed batch).
     pub aborts: AtomicU64,
     /// Commits called again after a retriable failure (outcome unknown, e.g. a timeout).
@@ -106,6 +110,7 @@ impl Default for SinkStats {
     fn default() -> Self {
         SinkStats {
             batches: AtomicU64::new(0),
+            transactions: AtomicU64::new(0),
             aborts: AtomicU64::new(0),
             commit_retries: AtomicU64::new(0),
             bytes: AtomicU64::new(0),
@@ -468,13 +473,26 @@ fn run(
     runtime: tokio::runtime::Handle,
     stats: &SinkStats,
 ) -> Result<(), SinkError> {
-    while let Some((batch, ack)) = rx.blocking_recv() {
+    while let Some(first) = rx.blocking_recv() {
+        // Group commit: the batches other pollers sent meanwhile share the transaction.
+        let mut group = vec![first];
+        while group.len() < GROUP_MAX {
+            match rx.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
+            }
+        }
         let started = std::time::Instant::now();
-        stats.started();
-        let outcome = exactly_once(&producer, &batch, timeout, &runtime, stats);
-        stats.finished(started, &batch, &outcome);
+        for _ in &group {
+            stats.started();
+        }
+        let batches: Vec<&Batch> = group.iter().map(|(batch, _)| batch).collect();
+        let outcome = exactly_once(&producer, &batches, timeout, &runtime, stats);
         let fatal = matches!(outcome, Err(SinkError::Fatal(_)));
-        let _ = ack.send(outcome.clone());
+        for (batch, ack) in group {
+            stats.finished(started, &batch, &outcome);
+            let _ = ack.send(outcome.clone());
+        }
         if fatal {
             return outcome;
         }
@@ -484,9 +502,13 @@ fn run(
         .map_err(|e| SinkError::Retriable(format!("final flush failed: {e}")))
 }
 
+/// Most batches (of different pollers) committed in one transaction.
+const GROUP_MAX: usize = 8;
+
+/// Commits `batches` in one transaction: their events, then their state records.
 fn exactly_once(
     producer: &KafkaProducer,
-    batch: &Batch,
+    batches: &[&Batch],
     timeout: Duration,
     runtime: &tokio::runtime::Handle,
     stats: &SinkStats,
@@ -496,12 +518,24 @@ fn exactly_once(
         producer.begin_transaction().map_err(classify)?;
         // A failed attempt drops its Acks: late reports of aborted records go nowhere.
         let acks = Acks::new();
-        let result = produce_all(producer, &batch.events, timeout, &acks)
-            .and_then(|()| produce_all(producer, &batch.state, timeout, &acks))
-            .and_then(|()| commit(producer, timeout, stats))
-            .and_then(|()| runtime.block_on(acks.wait(producer, timeout)));
+        let result = batches
+            .iter()
+            .try_for_each(|b| produce_all(producer, &b.events, timeout, &acks))
+            .and_then(|()| {
+                batches
+                    .iter()
+                    .try_for_each(|b| produce_all(producer, &b.state, timeout, &acks))
+            })
+            .and_then(|()| runtime.block_on(acks.wait(producer, timeout)))
+            .and_then(|()| {
+                drained(producer, timeout);
+                commit(producer, timeout, stats)
+            });
         match result {
-            Ok(()) => return Ok(()),
+            Ok(()) => {
+                stats.transactions.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
             Err(SinkError::Fatal(e)) => return Err(SinkError::Fatal(e)),
             Err(SinkError::Retriable(e)) => {
                 warn!(attempt, error = %e, "kafka transaction failed, aborting");
@@ -518,6 +552,17 @@ fn exactly_once(
     Err(SinkError::Retriable(format!(
         "transaction failed {TRANSACTION_ATTEMPTS} times: {last}"
     )))
+}
+
+/// Waits (briefly: every record is already reported) until librdkafka has released the
+/// transaction's records. rdkafka's `commit_transaction` flushes first, and its flush polls in
+/// steps of 100 ms while any record is outstanding: measured on the MockCluster, every
+/// transaction took 100 ms longer than its records did.
+fn drained(producer: &KafkaProducer, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    while producer.in_flight_count() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_micros(200));
+    }
 }
 
 /// Commits the open transaction. A retriable failure (a timeout) leaves the outcome unknown –

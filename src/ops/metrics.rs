@@ -233,6 +233,11 @@ impl Collector for Metrics {
                     get(&sink.batches),
                 ),
                 (
+                    "ibstream_sink_transactions",
+                    "Transactions committed (exactly-once; one may hold several pollers' batches).",
+                    get(&sink.transactions),
+                ),
+                (
                     "ibstream_sink_aborts",
                     "Transactions aborted (each retried or failed).",
                     get(&sink.aborts),
