@@ -35,7 +35,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Stream the CRM into Kafka until SIGINT/SIGTERM.
-    Run,
+    Run {
+        /// Start although the state topic is empty while the data topics hold records (the
+        /// state was lost): every record is read and emitted again.
+        #[arg(long)]
+        rebuild_state: bool,
+    },
     /// Everything in one process: a simulated CRM, an in-process Kafka, the connector, and a
     /// live view of the events decoded back from the topics.
     Demo(Box<ibstream::demo::DemoArgs>),
@@ -148,7 +153,7 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            Command::Run => {
+            Command::Run { rebuild_state } => {
                 let config = match Config::load(cli.config.as_deref())
                     .and_then(|c| ibstream::run::validate(&c).map(|()| c))
                 {
@@ -158,7 +163,7 @@ fn main() -> ExitCode {
                         return ExitCode::from(EXIT_CONFIG);
                     }
                 };
-                run(config).await
+                run(config, rebuild_state).await
             }
             Command::Check { config_only: true } => {
                 match Config::load(cli.config.as_deref())
@@ -369,7 +374,7 @@ async fn state(path: Option<&std::path::Path>, command: StateCommand) -> ExitCod
     }
 }
 
-async fn run(config: Config) -> ExitCode {
+async fn run(config: Config, rebuild_state: bool) -> ExitCode {
     use tokio_util::sync::CancellationToken;
     ibstream::run::set_after_restore(release_free_memory);
     let cancel = CancellationToken::new();
@@ -383,7 +388,11 @@ async fn run(config: Config) -> ExitCode {
         .into_iter()
         .map(|name| (name, std::sync::Arc::default()))
         .collect();
-    match ibstream::run::run(config, cancel.clone(), stats).await {
+    let options = ibstream::run::RunOptions {
+        rebuild_state,
+        ..Default::default()
+    };
+    match ibstream::run::run_with(config, cancel.clone(), stats, &options).await {
         Ok(report) if report.stopped.is_empty() => ExitCode::SUCCESS,
         Ok(report) => {
             for (stream, reason) in &report.stopped {

@@ -4,5 +4,7 @@
 pub mod restore;
 pub mod sink;
 
-pub use restore::{check_state_topic, ensure_topics, read_state, restore, TopicSpec};
+pub use restore::{
+    check_state_topic, ensure_topics, first_with_records, read_state, restore, TopicSpec,
+};
 pub use sink::{Batch, OutRecord, Sink, SinkError, SinkHandle};

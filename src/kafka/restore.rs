@@ -40,6 +40,44 @@ fn client_config(config: &KafkaConfig) -> Result<ClientConfig, String> {
     Ok(client)
 }
 
+/// Returns the first of `topics` that holds records (a high watermark above 0 on any
+/// partition), if any.
+pub async fn first_with_records(
+    config: &KafkaConfig,
+    topics: Vec<String>,
+) -> Result<Option<String>, String> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = client_config(config)?
+        .set("group.id", "ibstream-watermarks")
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(|e| format!("cannot create a Kafka consumer: {e}"))?;
+    tokio::task::spawn_blocking(move || {
+        let timeout = Duration::from_secs(15);
+        for topic in topics {
+            let metadata = consumer
+                .fetch_metadata(Some(&topic), timeout)
+                .map_err(|e| format!("cannot read the metadata of {topic}: {e}"))?;
+            let partitions: Vec<i32> = metadata
+                .topics()
+                .iter()
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            for partition in partitions {
+                let (_, high) = consumer
+                    .fetch_watermarks(&topic, partition, timeout)
+                    .map_err(|e| format!("cannot read the offsets of {topic}: {e}"))?;
+                if high > 0 {
+                    return Ok(Some(topic));
+                }
+            }
+        }
+        Ok(None)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
 /// Creates the topics that do not exist yet; existing ones are left as they are (when all
 /// exist, no CreateTopics request is made: a user without the permission, or a broker
 /// without the API, can run on topics made beforehand).
@@ -266,6 +304,7 @@ fn read_to_barrier(
             .unwrap_or_default();
         if key == barrier_key && message.payload() == Some(nonce.as_bytes()) {
             state.finish();
+            state.records_before = records - 1;
             info!(
                 records,
                 entities = state.entities(),

@@ -98,6 +98,9 @@ pub struct RunOptions {
     /// Skip reading the state topic's configuration (rdkafka's MockCluster, which made the
     /// topic itself, cannot describe configs).
     pub skip_state_topic_config: bool,
+    /// Start even though the state topic is empty while the data topics hold records (the
+    /// state was lost): everything is read and emitted again (`run --rebuild-state`).
+    pub rebuild_state: bool,
 }
 
 /// Runs as [`run`] does, with `options`.
@@ -139,6 +142,21 @@ pub async fn run_with(
     let mut state = restore(&config.kafka, &state_topic, &sink.handle, restore_timeout)
         .await
         .map_err(RunError::Startup)?;
+    if state.records_before == 0 && !options.rebuild_state {
+        let data: Vec<String> = topic_specs(&config, &enabled, &state_topic)
+            .into_iter()
+            .map(|t| t.name)
+            .filter(|name| *name != state_topic)
+            .collect();
+        if let Some(topic) = crate::kafka::first_with_records(&config.kafka, data)
+            .await
+            .map_err(RunError::Startup)?
+        {
+            return Err(RunError::Startup(format!(
+                "the state topic {state_topic} is empty, but {topic} already holds records: the state was lost (the topic deleted or renamed), and starting would read and emit every record again. Restore the state topic, or run `ibstream run --rebuild-state` to backfill again on purpose"
+            )));
+        }
+    }
     ops.restored(restore_started.elapsed());
     if let Some(hook) = AFTER_RESTORE.get() {
         hook();

@@ -688,6 +688,9 @@ pub struct State {
     pub heartbeats: HashMap<String, Heartbeat>,
     /// Fingerprints by scope (`leads`, …, `positions/<tag>`).
     pub fingerprints: HashMap<String, FpMap>,
+    /// Records the state topic held before this process's start-up barrier (0: an empty or
+    /// new state topic).
+    pub records_before: u64,
     scratch: String,
 }
 

@@ -345,6 +345,81 @@ async fn exactly_once_on_a_broker_without_transactions_is_a_clear_startup_error(
     sim.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_state_topic_stops_start_up_unless_a_rebuild_is_asked_for() {
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(small).await;
+    let prefix = common::unique_topic("lost");
+    let run = start(config(&sim, &broker, &prefix, "lost-1"));
+    run.wait_cycles(&HashMap::new(), &STREAMS, 1, Duration::from_secs(300))
+        .await;
+    run.stop().await;
+    let emitted = consume(
+        &broker.bootstrap,
+        &data_topics(&prefix),
+        1,
+        Duration::from_secs(2),
+    )
+    .await
+    .len();
+
+    // The same data topics with an empty state topic: the state was lost.
+    let mut lost = config(&sim, &broker, &prefix, "lost-1");
+    lost.kafka.state_topic = Some(format!("{prefix}.state-after-loss"));
+    let run = start(lost.clone());
+    match tokio::time::timeout(Duration::from_secs(60), run.task)
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Err(RunError::Startup(message)) => {
+            assert!(message.contains("--rebuild-state"), "{message}");
+            assert!(message.contains("state-after-loss"), "{message}");
+        }
+        other => panic!("started on a lost state: {other:?}"),
+    }
+    let after = consume(
+        &broker.bootstrap,
+        &data_topics(&prefix),
+        emitted,
+        Duration::from_secs(2),
+    )
+    .await
+    .len();
+    assert_eq!(after, emitted, "nothing may be emitted before the refusal");
+
+    // Asked for on purpose, the rebuild runs (and emits everything again).
+    let stats: ibstream::run::Stats = STREAMS
+        .into_iter()
+        .map(|s| (s, Default::default()))
+        .collect();
+    let cancel = CancellationToken::new();
+    let options = ibstream::run::RunOptions {
+        rebuild_state: true,
+        ..Default::default()
+    };
+    let task = tokio::spawn({
+        let (cancel, stats) = (cancel.clone(), stats.clone());
+        async move { ibstream::run::run_with(lost, cancel, stats, &options).await }
+    });
+    let again = consume(
+        &broker.bootstrap,
+        &data_topics(&prefix),
+        emitted * 2,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(
+        again.len() >= emitted * 2,
+        "{} of {}",
+        again.len(),
+        emitted * 2
+    );
+    cancel.cancel();
+    task.await.unwrap().unwrap();
+    sim.shutdown().await;
+}
+
 fn write_config(
     dir: &std::path::Path,
     sim: &SimHandle,
