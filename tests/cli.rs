@@ -308,3 +308,124 @@ fn run_with_a_missing_tls_file_or_sasl_password_exits_2_naming_the_key() {
         assert!(stderr.contains(key), "{key}: {stderr}");
     }
 }
+
+/// Invalid configurations, in the file and in the environment: each exits 2 before any
+/// connection, with one line naming the key. `check --config-only` validates without reading
+/// files (a compose or Helm config names secret files mounted only where it runs); files named
+/// by the configuration are read and checked by `run`, before it connects anywhere.
+#[test]
+fn bad_configuration_table_exits_2_with_one_line_naming_the_key() {
+    struct Case {
+        crm: &'static str,
+        kafka: &'static str,
+        rest: &'static str,
+        env: &'static [(&'static str, &'static str)],
+        key: &'static str,
+    }
+    const fn case(
+        crm: &'static str,
+        kafka: &'static str,
+        rest: &'static str,
+        env: &'static [(&'static str, &'static str)],
+        key: &'static str,
+    ) -> Case {
+        Case {
+            crm,
+            kafka,
+            rest,
+            env,
+            key,
+        }
+    }
+    let cases = [
+        case("page_size = 5000", "", "", &[], "crm.page_size"),
+        case("page_size = \"many\"", "", "", &[], "crm.page_size"),
+        case("timezone = \"Nowhere/City\"", "", "", &[], "crm.timezone"),
+        case("colour = \"red\"", "", "", &[], "crm.colour"),
+        case("", "", "", &[("IBSTREAM_CRM__PAGESIZE", "5")], "crm.pagesize"),
+        case("", "", "", &[("IBSTREAM_CRM__PAGE_SIZE", "0")], "crm.page_size"),
+        case("requests_per_second = 0", "", "", &[], "crm.requests_per_second"),
+        case("request_timeout_secs = -1", "", "", &[], "crm.request_timeout_secs"),
+        case("", "", "", &[("IBSTREAM_CRM__BASE_URL", "ftp://crm")], "crm.base_url"),
+        case("", "", "", &[("IBSTREAM_CRM__DOMAIN", "")], "crm.domain"),
+        case("", "batch_timeout_secs = 0", "", &[], "kafka.batch_timeout_secs"),
+        case("", "topic_partitions = 0", "", &[], "kafka.topic_partitions"),
+        case("", "replication_factor = 0", "", &[], "kafka.replication_factor"),
+        case("", "delivery = \"sometimes\"", "", &[], "kafka.delivery"),
+        case("", "state_topic = \"no spaces allowed\"", "", &[], "kafka.state_topic"),
+        case("", "", "[topics]\nprefix = \"bad/prefix\"", &[], "topics.prefix"),
+        case(
+            "",
+            "",
+            "[kafka.security]\nprotocol = \"SASL_SSL\"\nsasl_mechanism = \"PLAIN\"\nsasl_username = \"u\"",
+            &[],
+            "kafka.sasl_password",
+        ),
+        case(
+            "",
+            "",
+            "[kafka.security]\nprotocol = \"SSL\"\nca_file = \"/nonexistent/ca.pem\"",
+            &[("RUN", "")],
+            "kafka.security.ca_file",
+        ),
+        case(
+            "",
+            "sasl_password_file = \"/nonexistent/password\"",
+            "[kafka.security]\nprotocol = \"SASL_PLAINTEXT\"\nsasl_mechanism = \"PLAIN\"\nsasl_username = \"u\"",
+            &[("RUN", "")],
+            "kafka.sasl_password_file",
+        ),
+        case(
+            "",
+            "",
+            "[kafka.security]\nprotocol = \"SSL\"\ncert_file = \"/etc/hostname\"",
+            &[],
+            "kafka.security.key_file",
+        ),
+        case("", "", "[kafka.librdkafka]\n\"enable.idempotence\" = \"false\"", &[], "kafka.librdkafka"),
+        case("", "", "[streams]\nstart_date = \"2999-01-01\"", &[], "streams.start_date"),
+        case("", "", "[streams]\nlookback_days = 100000", &[], "streams.lookback_days"),
+        case("", "", "[streams]\nmax_window_records = 0", &[], "streams.max_window_records"),
+        case("", "", "[streams.leads]\npoll_interval_secs = 0", &[], "streams.leads.poll_interval_secs"),
+        case("", "", "[events]\ndecimal_excess = \"guess\"", &[], "events.decimal_excess"),
+        case("", "", "[http]\nlisten = \"not an address\"", &[], "http.listen"),
+        case("", "", "", &[("IBSTREAM_HTTP__LISTEN", "nowhere:port")], "http.listen"),
+        case("", "", "[schema_registry]\nurl = \"not a url\"", &[], "schema_registry.url"),
+    ];
+    assert!(cases.len() >= 20);
+    let dir = tempfile::tempdir().unwrap();
+    let mut failures = Vec::new();
+    for (i, c) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("bad-{i}.toml"));
+        std::fs::write(
+            &path,
+            format!(
+                "[crm]\nbase_url = \"https://crm.example.com\"\nemail = \"ib@example.com\"\npassword = \"pw\"\napi_key = \"key\"\ndomain = \"example.com\"\n{}\n\n[kafka]\nbootstrap_servers = \"127.0.0.1:9\"\n{}\n\n{}\n",
+                c.crm, c.kafka, c.rest
+            ),
+        )
+        .unwrap();
+        let mut command = ibstream();
+        command.args(["--config", path.to_str().unwrap()]);
+        if c.env.iter().any(|(k, _)| *k == "RUN") {
+            command.arg("run");
+        } else {
+            command.args(["check", "--config-only"]);
+        }
+        for (k, v) in c.env.iter().filter(|(k, _)| *k != "RUN") {
+            command.env(k, v);
+        }
+        let out = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let named = stderr.contains(&format!("`{}`", c.key)) || stderr.contains(c.key);
+        if out.status.code() != Some(2) || stderr.trim().lines().count() != 1 || !named {
+            failures.push(format!(
+                "case {i} ({}): exit {:?}, stderr: {}",
+                c.key,
+                out.status.code(),
+                stderr.trim()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
