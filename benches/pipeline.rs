@@ -185,9 +185,7 @@ async fn restore_bench(broker: &common::Tansu, scale: &Scale) {
                 (EntityKey::of(&(9_000_000 + i).to_string()), entry, None)
             })
             .collect();
-        let (records, plan) = map.plan_write("transactions", &changes, &|id| {
-            FpEntry::key("transactions", id)
-        });
+        let (records, plan) = map.plan_write("transactions", &changes);
         map.apply(plan);
         segments.extend(records.into_iter().map(|(k, v)| (k, v.expect("a segment"))));
     }

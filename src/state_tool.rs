@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::config::Config;
 use crate::kafka::read_state;
-use crate::stream::state::{Cursor, FpEntry, State};
+use crate::stream::state::{Cursor, State};
 
 /// A heartbeat younger than this means the instance runs.
 pub const ALIVE_WITHIN: Duration = Duration::from_secs(90);
@@ -233,16 +233,7 @@ pub async fn reset(config: &Config, request: &ResetRequest) -> Result<Vec<String
             let Some(map) = state.fingerprints.get(scope) else {
                 continue;
             };
-            let tag = scope.strip_prefix("positions/");
-            let legacy = |id: &str| match tag {
-                Some(tag) => FpEntry::key(&request.stream, &format!("{tag}:{id}")),
-                None => FpEntry::key(&request.stream, id),
-            };
-            records.extend(
-                map.state_keys(scope, &legacy)
-                    .into_iter()
-                    .map(|key| (key, None)),
-            );
+            records.extend(map.state_keys(scope).into_iter().map(|key| (key, None)));
             done.push(format!(
                 "{scope}: {} fingerprints dropped, records read again are emitted as CREATED",
                 map.len()

@@ -125,13 +125,14 @@ impl Default for SinkStats {
     }
 }
 
-impl SinkStats {
-    fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-        m.lock().unwrap_or_else(|e| e.into_inner())
-    }
+/// Locks a mutex; a panic elsewhere while it was held leaves the data usable here.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
+impl SinkStats {
     fn started(&self) {
-        let mut in_flight = Self::lock(&self.in_flight);
+        let mut in_flight = lock(&self.in_flight);
         in_flight.0 += 1;
         in_flight.1.get_or_insert_with(std::time::Instant::now);
     }
@@ -144,7 +145,7 @@ impl SinkStats {
     ) {
         self.batch_duration.observe(started.elapsed().as_secs_f64());
         {
-            let mut in_flight = Self::lock(&self.in_flight);
+            let mut in_flight = lock(&self.in_flight);
             in_flight.0 = in_flight.0.saturating_sub(1);
             in_flight.1 = (in_flight.0 > 0).then(std::time::Instant::now);
         }
@@ -163,19 +164,19 @@ impl SinkStats {
                 self.state_records
                     .fetch_add(batch.state.len() as u64, Ordering::Relaxed);
                 self.state_bytes.fetch_add(state_bytes, Ordering::Relaxed);
-                *Self::lock(&self.last_failure) = None;
+                *lock(&self.last_failure) = None;
             }
-            Err(e) => *Self::lock(&self.last_failure) = Some(e.to_string()),
+            Err(e) => *lock(&self.last_failure) = Some(e.to_string()),
         }
     }
 
     /// Returns whether the sink is healthy: its last batch succeeded, and with batches in
     /// flight, one finished within `timeout`.
     pub fn health(&self, timeout: Duration) -> Result<(), String> {
-        if let Some(failure) = Self::lock(&self.last_failure).clone() {
+        if let Some(failure) = lock(&self.last_failure).clone() {
             return Err(format!("the last batch failed: {failure}"));
         }
-        match *Self::lock(&self.in_flight) {
+        match *lock(&self.in_flight) {
             (n, Some(since)) if n > 0 && since.elapsed() > timeout => Err(format!(
                 "a batch has waited {} s for Kafka (kafka.batch_timeout_secs = {})",
                 since.elapsed().as_secs(),
@@ -317,7 +318,7 @@ impl ProducerContext for Deliveries {
 
     fn delivery(&self, result: &DeliveryResult<'_>, acks: Arc<Acks>) {
         if let Err((error, _)) = result {
-            let mut first = Acks::lock(&acks.error);
+            let mut first = lock(&acks.error);
             first.get_or_insert_with(|| error.clone());
         }
         acks.settle_one();
@@ -339,10 +340,6 @@ impl Acks {
             error: std::sync::Mutex::new(None),
             settled: tokio::sync::Notify::new(),
         })
-    }
-
-    fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-        m.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn settle_one(&self) {
@@ -367,7 +364,7 @@ impl Acks {
         {
             return Err(SinkError::Retriable("delivery reports lost".to_owned()));
         }
-        match Self::lock(&self.error).take() {
+        match lock(&self.error).take() {
             Some(e) => Err(delivery_error(producer, e)),
             None => Ok(()),
         }

@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::change::{classify, event_id};
-use super::state::{key_in_scope, local_id, Cursor, EntityKey, FpEntry, FpMap};
+use super::state::{key_in_scope, local_id, Cursor, EntityKey, FpEntry, FpMap, StateRecord};
 use super::window::{advance, cycle_start, halves, last_closed_day, today, windows};
 use crate::crm::{
     CrmClient, CrmError, CrmRecord, DateFilter, PageIter, Record, RecordError, WindowQuery,
@@ -525,14 +525,8 @@ impl<T: StreamRecord> Poller<T> {
                     .into_iter()
                     .map(|(key, _)| key)
                     .collect();
-                let (stream, tag) = (self.stream, self.server_tag.clone());
-                let legacy = move |id: &str| legacy_key(stream, tag.as_deref(), id);
-                let (records, removal) = self.fps.plan_remove(&self.scope(), &pruned, &legacy);
-                batch.state.extend(
-                    records
-                        .into_iter()
-                        .map(|(key, value)| self.state_record(key, value)),
-                );
+                let (records, removal) = self.fps.plan_remove(&self.scope(), &pruned);
+                batch.state.extend(self.state_records(records));
                 plan = Some(removal);
             }
         }
@@ -541,18 +535,10 @@ impl<T: StreamRecord> Poller<T> {
         if let Some(plan) = plan {
             self.fps.apply(plan);
         }
-        let (stream, tag) = (self.stream, self.server_tag.clone());
-        let legacy = move |id: &str| legacy_key(stream, tag.as_deref(), id);
-        if let Some((records, rewrite)) =
-            self.fps
-                .plan_compaction(&self.scope(), &legacy, COMPACTION_LIMIT)
+        if let Some((records, rewrite)) = self.fps.plan_compaction(&self.scope(), COMPACTION_LIMIT)
         {
             let mut batch = Batch::default();
-            batch.state.extend(
-                records
-                    .into_iter()
-                    .map(|(key, value)| self.state_record(key, value)),
-            );
+            batch.state.extend(self.state_records(records));
             self.shared.sink.commit(batch).await?;
             self.fps.apply(rewrite);
         }
@@ -611,6 +597,13 @@ impl<T: StreamRecord> Poller<T> {
             Some(tag) => format!("{tag}:{id}"),
             None => id.to_owned(),
         }
+    }
+
+    fn state_records(&self, records: Vec<StateRecord>) -> Vec<OutRecord> {
+        records
+            .into_iter()
+            .map(|(key, value)| self.state_record(key, value))
+            .collect()
     }
 
     fn state_record(&self, key: String, payload: Option<Vec<u8>>) -> OutRecord {
@@ -729,14 +722,8 @@ impl<T: StreamRecord> Poller<T> {
 
     /// Commits a page batch, then remembers its fingerprints.
     async fn commit(&mut self, mut built: PageBatch) -> Result<(), PollError> {
-        let (stream, tag) = (self.stream, self.server_tag.clone());
-        let legacy = move |id: &str| legacy_key(stream, tag.as_deref(), id);
-        let (records, plan) = self.fps.plan_write(&self.scope(), &built.remember, &legacy);
-        built.batch.state.extend(
-            records
-                .into_iter()
-                .map(|(key, value)| self.state_record(key, value)),
-        );
+        let (records, plan) = self.fps.plan_write(&self.scope(), &built.remember);
+        built.batch.state.extend(self.state_records(records));
         self.shared.sink.commit(built.batch).await?;
         let before = self.fps.len();
         self.fps.apply(plan);
@@ -943,14 +930,6 @@ impl<T: StreamRecord> Poller<T> {
 /// entity can be pruned; `None` for keys that hold their id.
 /// Most fingerprints one cursor save rewrites into fresh segments (see `FpMap::plan_compaction`).
 const COMPACTION_LIMIT: usize = 50_000;
-
-/// The per-entity state key an earlier release wrote for an id of a stream (and server tag).
-fn legacy_key(stream: &str, tag: Option<&str>, id: &str) -> String {
-    match tag {
-        Some(tag) => FpEntry::key(stream, &format!("{tag}:{id}")),
-        None => FpEntry::key(stream, id),
-    }
-}
 
 fn name_of(key: EntityKey, id: &str, stream: &str) -> Option<Box<str>> {
     key.id().is_none().then(|| local_id(stream, id).into())

@@ -281,6 +281,15 @@ pub struct FpPlan {
     segments: Vec<(u32, u32)>,
 }
 
+/// Returns the per-entity key (`fp/<stream>/<id>`) an earlier release wrote for the id `id`
+/// of a scope (`positions/<tag>` ids are qualified as `<tag>:<id>`).
+pub fn legacy_key(scope: &str, id: &str) -> String {
+    match scope.split_once('/') {
+        Some((stream, tag)) => FpEntry::key(stream, &format!("{tag}:{id}")),
+        None => FpEntry::key(scope, id),
+    }
+}
+
 /// A state record to write: key and value (`None`: a tombstone).
 pub type StateRecord = (String, Option<Vec<u8>>);
 
@@ -378,12 +387,11 @@ impl FpMap {
     /// Prepares the state records that persist `changes` (the last of an entity counts):
     /// segment records of up to [`SEGMENT_MAX`] entries, then tombstones of the segments
     /// they leave without a live entry and of the per-entity records they replace
-    /// (`legacy_key` names those). Nothing changes in memory until [`FpMap::apply`].
+    /// ([`legacy_key`] names those). Nothing changes in memory until [`FpMap::apply`].
     pub fn plan_write(
         &mut self,
         scope: &str,
         changes: &[(EntityKey, FpEntry, Option<Box<str>>)],
-        legacy_key: &dyn Fn(&str) -> String,
     ) -> (Vec<StateRecord>, FpPlan) {
         let mut last: HashMap<EntityKey, usize, BuildHasherDefault<IdHasher>> = HashMap::default();
         for (i, (key, ..)) in changes.iter().enumerate() {
@@ -408,19 +416,14 @@ impl FpMap {
             plan.segments.push((segment, chunk.len() as u32));
         }
         let keys: Vec<EntityKey> = order.iter().map(|&i| changes[i].0).collect();
-        records.extend(self.emptied(scope, &keys, legacy_key));
+        records.extend(self.emptied(scope, &keys));
         (records, plan)
     }
 
     /// Prepares the tombstones that forget `keys`: of their emptied segments and of their
     /// per-entity records.
-    pub fn plan_remove(
-        &self,
-        scope: &str,
-        keys: &[EntityKey],
-        legacy_key: &dyn Fn(&str) -> String,
-    ) -> (Vec<StateRecord>, FpPlan) {
-        let records = self.emptied(scope, keys, legacy_key);
+    pub fn plan_remove(&self, scope: &str, keys: &[EntityKey]) -> (Vec<StateRecord>, FpPlan) {
+        let records = self.emptied(scope, keys);
         let plan = FpPlan {
             removes: keys.to_vec(),
             ..FpPlan::default()
@@ -430,12 +433,7 @@ impl FpMap {
 
     /// Tombstones of the segments that `keys` (distinct) leave empty when they move or go,
     /// and of their per-entity records.
-    fn emptied(
-        &self,
-        scope: &str,
-        keys: &[EntityKey],
-        legacy_key: &dyn Fn(&str) -> String,
-    ) -> Vec<StateRecord> {
+    fn emptied(&self, scope: &str, keys: &[EntityKey]) -> Vec<StateRecord> {
         let mut leaving: HashMap<u32, u32, BuildHasherDefault<IdHasher>> = HashMap::default();
         let mut records = Vec::new();
         for key in keys {
@@ -444,7 +442,7 @@ impl FpMap {
             };
             if slot.segment == LEGACY {
                 if let Some(id) = self.id_of(*key) {
-                    records.push((legacy_key(&id), None));
+                    records.push((legacy_key(scope, &id), None));
                 }
             } else {
                 *leaving.entry(slot.segment).or_default() += 1;
@@ -483,7 +481,6 @@ impl FpMap {
     pub fn plan_compaction(
         &mut self,
         scope: &str,
-        legacy_key: &dyn Fn(&str) -> String,
         limit: usize,
     ) -> Option<(Vec<StateRecord>, FpPlan)> {
         let stored: usize = self.segments.values().map(|c| c.written as usize).sum();
@@ -513,18 +510,18 @@ impl FpMap {
                 (*key, entry, self.names.get(key).cloned())
             })
             .collect();
-        (!changes.is_empty()).then(|| self.plan_write(scope, &changes, legacy_key))
+        (!changes.is_empty()).then(|| self.plan_write(scope, &changes))
     }
 
     /// Every state key holding this scope's fingerprints (to drop them all).
-    pub fn state_keys(&self, scope: &str, legacy_key: &dyn Fn(&str) -> String) -> Vec<String> {
+    pub fn state_keys(&self, scope: &str) -> Vec<String> {
         let mut segments: Vec<u32> = self.segments.keys().copied().collect();
         segments.sort_unstable();
         let mut keys: Vec<String> = segments.iter().map(|s| segment_key(scope, *s)).collect();
         for (key, slot) in &self.map {
             if slot.segment == LEGACY {
                 if let Some(id) = self.id_of(*key) {
-                    keys.push(legacy_key(&id));
+                    keys.push(legacy_key(scope, &id));
                 }
             }
         }
@@ -951,10 +948,6 @@ mod tests {
             .collect()
     }
 
-    fn legacy(id: &str) -> String {
-        FpEntry::key("leads", id)
-    }
-
     #[test]
     fn segments_restore_exactly_what_memory_holds_through_changes_prunes_and_compaction() {
         let mut rng = fastrand::Rng::with_seed(5);
@@ -963,7 +956,7 @@ mod tests {
             // Start from what an earlier release wrote: per-entity records.
             for id in 0..50u64 {
                 let entry = FpEntry { fp: id, day: 1 };
-                log.push((legacy(&id.to_string()), Some(entry.encode())));
+                log.push((legacy_key("leads", &id.to_string()), Some(entry.encode())));
             }
             let mut map = replay(&log).fingerprints.remove("leads").unwrap();
             let mut pruned = std::collections::HashSet::new();
@@ -976,9 +969,9 @@ mod tests {
                             .map(|(k, _)| k)
                             .collect();
                         pruned.extend(keys.iter().copied());
-                        map.plan_remove("leads", &keys, &legacy)
+                        map.plan_remove("leads", &keys)
                     }
-                    1 => match map.plan_compaction("leads", &legacy, 30) {
+                    1 => match map.plan_compaction("leads", 30) {
                         Some(planned) => planned,
                         None => continue,
                     },
@@ -1002,7 +995,7 @@ mod tests {
                         for (key, ..) in &changes {
                             pruned.remove(key);
                         }
-                        map.plan_write("leads", &changes, &legacy)
+                        map.plan_write("leads", &changes)
                     }
                 };
                 log.extend(records);
@@ -1050,13 +1043,13 @@ mod tests {
         let changes: Vec<_> = (0..1_000u64)
             .map(|id| (EntityKey(id), FpEntry { fp: id, day: 3 }, None))
             .collect();
-        let (records, plan) = map.plan_write("positions/mt4-live-01", &changes, &legacy);
+        let (records, plan) = map.plan_write("positions/mt4-live-01", &changes);
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].0, "fps/0/positions/mt4-live-01");
         assert_eq!(records[0].1.as_ref().unwrap().len(), 1 + 1_000 * 21);
         map.apply(plan);
         // The same entities again: a new segment, and the old one tombstoned.
-        let (records, plan) = map.plan_write("positions/mt4-live-01", &changes, &legacy);
+        let (records, plan) = map.plan_write("positions/mt4-live-01", &changes);
         assert_eq!(records.len(), 2);
         assert_eq!(records[1], ("fps/0/positions/mt4-live-01".to_owned(), None));
         map.apply(plan);
