@@ -78,18 +78,6 @@ impl<'a> Field<'a> {
     }
 }
 
-impl fmt::Display for Field<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Field::Null => f.write_str("null"),
-            Field::Bool(b) => write!(f, "{b}"),
-            Field::Number(text) => f.write_str(text),
-            Field::String(s) => f.write_str(s),
-            Field::Nested(raw) => f.write_str(raw.get()),
-        }
-    }
-}
-
 /// A JSON object's fields, sorted by key (byte order, as `serde_json::Map` iterates); of a
 /// key given twice the last value counts, as in a `Map`.
 #[derive(Debug, Default, Clone)]
@@ -104,29 +92,6 @@ impl<'a> Fields<'a> {
     /// The fields in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Field<'a>)> {
         self.0.iter().map(|(k, v)| (k.as_ref(), v))
-    }
-
-    /// The value of `key`.
-    pub fn get(&self, key: &str) -> Option<&Field<'a>> {
-        self.0
-            .binary_search_by(|(k, _)| k.as_ref().cmp(key))
-            .ok()
-            .map(|i| &self.0[i].1)
-    }
-
-    /// Removes and returns the value of `key`.
-    pub fn remove(&mut self, key: &str) -> Option<Field<'a>> {
-        self.0
-            .binary_search_by(|(k, _)| k.as_ref().cmp(key))
-            .ok()
-            .map(|i| self.0.remove(i).1)
-    }
-
-    /// Sets `key` if it is missing.
-    pub fn insert_missing(&mut self, key: &'a str, value: Field<'a>) {
-        if let Err(at) = self.0.binary_search_by(|(k, _)| k.as_ref().cmp(key)) {
-            self.0.insert(at, (Cow::Borrowed(key), value));
-        }
     }
 }
 
