@@ -135,7 +135,7 @@ listen = "127.0.0.1:{http_port}"
 
 [streams]
 start_date = "2024-01-01"
-""")
+""" + os.environ.get("BENCH_EXTRA_TOML", ""))
         run_started = time.monotonic()
         others_before = cpu_seconds(sim.pid), cpu_seconds(kafka.pid)
         run = subprocess.Popen([BINARY, "--config", config, "run"],
@@ -147,10 +147,17 @@ start_date = "2024-01-01"
             perf = subprocess.Popen(["perf", "record", "-F", "499", "-g", "-o", os.environ["BENCH_PERF"],
                                      "-p", str(run.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         live = SIZES["servers"]
+        # When each poller's backfill completed (seconds from the start): the last one bounds
+        # the records/s.
+        finished = {}
 
         def done():
             status = get_json(f"http://127.0.0.1:{http_port}/status")
             pollers = status["pollers"]
+            for p in pollers:
+                name = p["stream"] + (f"/{p['serverTag']}" if p.get("serverTag") else "")
+                if p["backfillProgress"] == 1 and p["lastSuccess"] and name not in finished:
+                    finished[name] = round(time.monotonic() - run_started, 1)
             tags = [p for p in pollers if p["stream"] == "positions"]
             if len(tags) < live or len(pollers) < 4 + live:
                 return None
@@ -173,18 +180,25 @@ start_date = "2024-01-01"
         with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics") as response:
             metrics = response.read().decode()
         def metric(name):
+            """The sum of a metric's series (every label set)."""
             values = [float(line.split()[-1]) for line in metrics.splitlines()
                       if line.split(" ")[0].split("{")[0] == name]
             if not values:
                 sys.exit(f"bench: no metric {name} on /metrics")
-            return values[0]
+            return sum(values)
         events = sum(c["created"] + c["updated"] for c in status["counts"].values())
         result = {**figures(records, elapsed, cpu, rss), "crm_requests": requests,
                   "bytes_produced": int(metric("ibstream_sink_bytes_total")),
                   "state_records_per_event": round(metric("ibstream_sink_state_records_total") / events, 3),
                   "state_bytes_per_event": round(metric("ibstream_sink_state_bytes_total") / events, 1),
                   "cores_busy": {"ibstream": round(cpu / elapsed, 2), "simulator": round(sim_cpu / elapsed, 2),
-                                 "broker": round(broker_cpu / elapsed, 2)}}
+                                 "broker": round(broker_cpu / elapsed, 2)},
+                  # Where a poller's time goes: one CRM request, one batch into Kafka (means).
+                  "crm_request_ms": round(1000 * metric("ibstream_crm_request_duration_seconds_sum")
+                                          / metric("ibstream_crm_request_duration_seconds_count"), 2),
+                  "batch_commit_ms": round(1000 * metric("ibstream_sink_batch_duration_seconds_sum")
+                                           / metric("ibstream_sink_batch_duration_seconds_count"), 2),
+                  "backfill_seconds": dict(sorted(finished.items(), key=lambda kv: kv[1]))}
         print(json.dumps({"ibstream": result}), flush=True)
         run.terminate()
         run.wait(timeout=15)

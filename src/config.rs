@@ -972,6 +972,10 @@ pub struct CrmConfig {
     /// Records per page (1 to 1000, the API's maximum).
     #[serde(default = "default_page_size")]
     pub page_size: u32,
+    /// Pages of a window fetched ahead of the one being committed, one request at a time (0
+    /// reads a page only when the previous one is committed).
+    #[serde(default = "default_read_ahead_pages")]
+    pub read_ahead_pages: u32,
     /// Retries of a failed call (5xx, 429, timeouts, resets) before the call fails.
     #[serde(default = "default_max_retries")]
     pub max_retries: u32,
@@ -1009,6 +1013,9 @@ fn default_request_timeout_secs() -> u64 {
 fn default_page_size() -> u32 {
     MAX_PAGE_SIZE
 }
+fn default_read_ahead_pages() -> u32 {
+    4
+}
 fn default_max_retries() -> u32 {
     6
 }
@@ -1044,6 +1051,7 @@ impl Default for CrmConfig {
             requests_per_second: default_requests_per_second(),
             request_timeout_secs: default_request_timeout_secs(),
             page_size: default_page_size(),
+            read_ahead_pages: default_read_ahead_pages(),
             max_retries: default_max_retries(),
             backoff_initial_ms: default_backoff_initial_ms(),
             backoff_max_ms: default_backoff_max_ms(),
@@ -1284,6 +1292,9 @@ impl CrmConfig {
         }
         if self.page_size == 0 || self.page_size > MAX_PAGE_SIZE {
             return Err(invalid("crm.page_size", "must be between 1 and 1000"));
+        }
+        if self.read_ahead_pages > 32 {
+            return Err(invalid("crm.read_ahead_pages", "must be at most 32"));
         }
         if self.request_timeout_secs > 3600 {
             return Err(invalid("crm.request_timeout_secs", "must be at most 3600"));

@@ -63,7 +63,11 @@ async fn concurrent_streams_share_one_login() {
 #[tokio::test]
 async fn logs_in_again_when_the_token_expires_mid_pagination() {
     let sim = start_sim(|c| c.leads = 2345).await;
-    let crm = client(&sim, |c| c.page_size = 500);
+    // Pages fetched only when asked for: the tokens expire between pages 2 and 3.
+    let crm = client(&sim, |c| {
+        c.page_size = 500;
+        c.read_ahead_pages = 0;
+    });
     let mut pages = crm.pages::<Lead>(since_start());
     let mut ids = HashSet::new();
     let mut n = 0;
@@ -318,6 +322,89 @@ async fn pagination_yields_each_record_once() {
         .map(|l| l["id"].as_i64().unwrap())
         .collect();
     assert_eq!(ids, truth);
+    sim.shutdown().await;
+}
+
+/// Waits until the simulator has served `pages` pages, then a little longer (so a page more
+/// would be seen), and returns the pages served.
+async fn pages_served_settle(sim: &ibstream::sim::SimHandle, pages: u64) -> u64 {
+    let served = || sim.stats().pages.load(Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served() < pages && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    served()
+}
+
+#[tokio::test]
+async fn pages_are_read_ahead_up_to_the_bound_with_the_requests_of_reading_in_turn() {
+    let sim = start_sim(|c| c.leads = 5000).await;
+    let crm = client(&sim, |c| {
+        c.page_size = 500;
+        c.read_ahead_pages = 3;
+    });
+    let mut pages = crm.pages::<Lead>(since_start());
+    let first = pages.next().await.unwrap().unwrap();
+    let first_total = first.total;
+    assert_eq!(first.page, 1);
+    // While page 1 is being worked on: pages 2-4 wait in the queue and page 5 waits to join
+    // it; no more.
+    assert_eq!(pages_served_settle(&sim, 5).await, 5);
+    let mut numbers = vec![first.page];
+    let mut ids: HashSet<i64> = first
+        .records
+        .into_iter()
+        .map(|r| r.unwrap().model.id.unwrap())
+        .collect();
+    let mut ready = 0;
+    loop {
+        let page = match pages.ready() {
+            Some(page) => {
+                ready += 1;
+                page
+            }
+            None => match pages.next().await {
+                Some(page) => page,
+                None => break,
+            },
+        };
+        let page = page.unwrap();
+        numbers.push(page.page);
+        ids.extend(
+            page.records
+                .into_iter()
+                .map(|r| r.unwrap().model.id.unwrap()),
+        );
+    }
+    assert_eq!(
+        numbers,
+        (1..=10).collect::<Vec<_>>(),
+        "pages in order, once"
+    );
+    assert_eq!(Some(ids.len() as u64), first_total, "every record once");
+    assert!(
+        ready >= 3,
+        "pages already fetched are handed out without waiting"
+    );
+    // The same requests as reading page after page: one per page, none past the last.
+    assert_eq!(pages_served_settle(&sim, 10).await, 10);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_window_its_reader_will_split_is_not_read_ahead() {
+    let sim = start_sim(|c| c.leads = 5000).await;
+    let crm = client(&sim, |c| c.page_size = 500);
+    let mut query = since_start();
+    query.max_records = 1000;
+    let mut pages = crm.pages::<Lead>(query);
+    let first = pages.next().await.unwrap().unwrap();
+    assert_eq!(first.total, Some(5000));
+    assert_eq!(pages_served_settle(&sim, 1).await, 1, "only page 1 is read");
+    // A reader that reads on anyway (a day cannot be split) gets the next pages.
+    assert_eq!(pages.next().await.unwrap().unwrap().page, 2);
+    drop(pages);
     sim.shutdown().await;
 }
 

@@ -131,6 +131,7 @@ struct Inner {
     domain: String,
     tz: Tz,
     page_size: u32,
+    read_ahead_pages: u32,
     max_response_bytes: u64,
     max_retries: u32,
     backoff_initial: Duration,
@@ -209,6 +210,7 @@ impl CrmClient {
                 domain: config.domain.clone(),
                 tz: config.tz()?,
                 page_size: config.page_size,
+                read_ahead_pages: config.read_ahead_pages,
                 max_response_bytes: config.max_response_bytes,
                 max_retries: config.max_retries,
                 backoff_initial: Duration::from_millis(config.backoff_initial_ms),
@@ -266,7 +268,7 @@ impl CrmClient {
     /// Returns an iterator over every page of a window query.
     pub fn pages<T: CrmRecord>(&self, mut query: WindowQuery) -> PageIter<T> {
         query.page_size = Some(query.page_size.unwrap_or(self.inner.page_size));
-        PageIter {
+        let pager = Pager {
             client: self.clone(),
             query,
             next_page: 1,
@@ -276,7 +278,8 @@ impl CrmClient {
             ids: std::collections::HashSet::new(),
             done: false,
             _model: std::marker::PhantomData,
-        }
+        };
+        PageIter::new(pager, self.inner.read_ahead_pages)
     }
 
     /// Calls an endpoint with arbitrary query parameters and returns the raw body (for
@@ -678,7 +681,96 @@ fn jitter(bound: Duration) -> Duration {
     Duration::from_millis(fastrand::u64(0..=millis))
 }
 
-/// Pages of one window query, fetched on demand.
+/// Pages of one window query, in order: read by a [`Pager`], on demand or by a task of its
+/// own up to `crm.read_ahead_pages` ahead of the caller (still one request at a time). A
+/// window whose first page reports more than `max_records` is not read ahead: its reader
+/// splits it instead of reading on. Dropping the iterator stops the task.
+pub struct PageIter<T: CrmRecord> {
+    source: Source<T>,
+}
+
+enum Source<T: CrmRecord> {
+    Direct(Pager<T>),
+    Ahead {
+        pages: tokio::sync::mpsc::Receiver<Result<Page<T>, CrmError>>,
+        /// Pages the caller asked for, and a wake-up for the task when it waits for one.
+        asked: Arc<(std::sync::atomic::AtomicU64, tokio::sync::Notify)>,
+        task: tokio::task::JoinHandle<()>,
+    },
+}
+
+impl<T: CrmRecord> Drop for PageIter<T> {
+    fn drop(&mut self) {
+        if let Source::Ahead { task, .. } = &self.source {
+            task.abort();
+        }
+    }
+}
+
+impl<T: CrmRecord> PageIter<T> {
+    fn new(pager: Pager<T>, read_ahead: u32) -> Self {
+        if read_ahead == 0 {
+            return PageIter {
+                source: Source::Direct(pager),
+            };
+        }
+        let (tx, pages) = tokio::sync::mpsc::channel(read_ahead as usize);
+        let asked = Arc::new((
+            std::sync::atomic::AtomicU64::new(0),
+            tokio::sync::Notify::new(),
+        ));
+        let task = tokio::spawn(read_ahead_task(pager, tx, asked.clone()));
+        PageIter {
+            source: Source::Ahead { pages, asked, task },
+        }
+    }
+
+    /// Returns the next page, `None` after the last one or after an error.
+    pub async fn next(&mut self) -> Option<Result<Page<T>, CrmError>> {
+        match &mut self.source {
+            Source::Direct(pager) => pager.next().await,
+            Source::Ahead { pages, asked, .. } => {
+                asked.0.fetch_add(1, Ordering::AcqRel);
+                asked.1.notify_one();
+                pages.recv().await
+            }
+        }
+    }
+
+    /// Returns the next page if it has been fetched already, without waiting.
+    pub fn ready(&mut self) -> Option<Result<Page<T>, CrmError>> {
+        match &mut self.source {
+            Source::Direct(_) => None,
+            Source::Ahead { pages, asked, .. } => {
+                let page = pages.try_recv().ok()?;
+                asked.0.fetch_add(1, Ordering::AcqRel);
+                Some(page)
+            }
+        }
+    }
+}
+
+/// Reads `pager`'s pages into `tx` (its capacity bounds the read-ahead); after a first page
+/// above the window's `max_records`, waits until the caller asks for a second one (it
+/// usually splits the window and drops the iterator instead).
+async fn read_ahead_task<T: CrmRecord>(
+    mut pager: Pager<T>,
+    tx: tokio::sync::mpsc::Sender<Result<Page<T>, CrmError>>,
+    asked: Arc<(std::sync::atomic::AtomicU64, tokio::sync::Notify)>,
+) {
+    while let Some(page) = pager.next().await {
+        let oversized = pager.fetched == 1
+            && matches!(&page, Ok(page) if page.total.is_some_and(|t| t > pager.query.max_records));
+        if tx.send(page).await.is_err() {
+            return;
+        }
+        while oversized && asked.0.load(Ordering::Acquire) < 2 {
+            asked.1.notified().await;
+        }
+    }
+}
+
+/// Reads the pages of one window query one after the other.
 ///
 /// - With a `total`: stops after page `ceil(total / pageSize)` (a total that grows while
 ///   paging extends it). A first page shorter than asked that is not the whole result (a CRM
@@ -688,7 +780,7 @@ fn jitter(bound: Duration) -> Duration {
 ///   the first short or empty page, or a page with no new id (a CRM ignoring `page`).
 /// - Bounded either way: at most `ceil(first total / pageSize)` pages plus a quarter (at least
 ///   2) more, or `max_records / pageSize + 1` without a total; past it, [`CrmError::Paging`].
-pub struct PageIter<T> {
+struct Pager<T: CrmRecord> {
     client: CrmClient,
     query: WindowQuery,
     next_page: u32,
@@ -701,14 +793,14 @@ pub struct PageIter<T> {
     _model: std::marker::PhantomData<fn() -> T>,
 }
 
-impl<T: CrmRecord> PageIter<T> {
+impl<T: CrmRecord> Pager<T> {
     /// Returns the page size asked for now (it shrinks to a CRM's cap).
-    pub fn page_size(&self) -> u32 {
+    fn page_size(&self) -> u32 {
         self.query.page_size.unwrap_or(1).max(1)
     }
 
     /// Returns the next page, `None` after the last one or after an error.
-    pub async fn next(&mut self) -> Option<Result<Page<T>, CrmError>> {
+    async fn next(&mut self) -> Option<Result<Page<T>, CrmError>> {
         if self.done {
             return None;
         }

@@ -5,6 +5,9 @@
 //! units) and rendered to JSON only when served, so memory stays proportional to the record
 //! count. The vectors are in id order and records are only appended, so plain pages are stable.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use chrono_tz::Tz;
 use rust_decimal::Decimal;
@@ -172,7 +175,7 @@ struct PositionWire<'a> {
 }
 
 /// An entity kind of the simulator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     /// Leads.
     Leads,
@@ -405,7 +408,17 @@ pub struct SimData {
     numeric_money: bool,
     /// Corrections made, newest last: each record's kind, index and previous cents.
     corrections: Vec<Vec<(Kind, usize, i64)>>,
+    /// The records matching recent queries (modification instant, index), in index order:
+    /// the pages of one window are cut from one scan, as a real CRM's index would serve
+    /// them. Emptied by every change.
+    matched: std::sync::Mutex<HashMap<DataQuery, Matches>>,
 }
+
+/// The records a query matches: (modification instant, index), in index order.
+type Matches = Arc<Vec<(i64, usize)>>;
+
+/// Most queries whose matches [`SimData`] keeps.
+const MATCHED_QUERIES: usize = 64;
 
 /// The order a page is cut from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -419,7 +432,7 @@ pub enum PageOrder {
 }
 
 /// A page query against the data.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct DataQuery {
     /// Entity kind.
     pub kind: Kind,
@@ -457,6 +470,7 @@ impl SimData {
             next_login: 100_000,
             numeric_money: spec.numeric_money,
             corrections: Vec::new(),
+            matched: Default::default(),
         };
         for i in 0..spec.servers.max(1) {
             data.servers.push(live_server(i));
@@ -726,31 +740,42 @@ impl SimData {
         skip: usize,
         take: usize,
     ) -> (usize, Vec<usize>) {
-        match order {
-            PageOrder::Id => {
-                let mut total = 0;
-                let mut page = Vec::with_capacity(take.min(1000));
-                for (_, index) in self.matches(query) {
-                    if total >= skip && page.len() < take {
-                        page.push(index);
-                    }
-                    total += 1;
-                }
-                (total, page)
-            }
+        let all = self.matching(query);
+        let total = all.len();
+        let page = match order {
+            PageOrder::Id => all.iter().skip(skip).take(take).map(|(_, i)| *i).collect(),
             PageOrder::NewestFirst => {
-                let mut all: Vec<(i64, usize)> = self.matches(query).collect();
+                let mut all = all.to_vec();
                 all.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-                let page = all.iter().skip(skip).take(take).map(|(_, i)| *i).collect();
-                (all.len(), page)
+                all.iter().skip(skip).take(take).map(|(_, i)| *i).collect()
             }
             PageOrder::Random(seed) => {
-                let mut all: Vec<usize> = self.matches(query).map(|(_, i)| i).collect();
+                let mut all: Vec<usize> = all.iter().map(|(_, i)| *i).collect();
                 fastrand::Rng::with_seed(seed).shuffle(&mut all);
-                let page = all.iter().skip(skip).take(take).copied().collect();
-                (all.len(), page)
+                all.into_iter().skip(skip).take(take).collect()
             }
+        };
+        (total, page)
+    }
+
+    /// Returns the records matching `query`, from the cache when it holds them.
+    fn matching(&self, query: &DataQuery) -> Matches {
+        if let Some(all) = self.matched().get(query) {
+            return all.clone();
         }
+        let all = Arc::new(self.matches(query).collect::<Vec<_>>());
+        let mut matched = self.matched();
+        if matched.len() >= MATCHED_QUERIES {
+            matched.clear();
+        }
+        matched.insert(query.clone(), all.clone());
+        all
+    }
+
+    fn matched(&self) -> std::sync::MutexGuard<'_, HashMap<DataQuery, Matches>> {
+        self.matched
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Renders one record of `kind` as the API serves it.
@@ -997,6 +1022,7 @@ impl SimData {
         kind: Option<ChangeKind>,
         now: DateTime<Utc>,
     ) -> Vec<Change> {
+        self.matched().clear();
         let mut changes = Vec::new();
         for _ in 0..count {
             let kind = kind.unwrap_or_else(|| match self.rng.u8(..100) {
@@ -1399,6 +1425,29 @@ mod tests {
             malformed_rate: 0.0,
             numeric_money: false,
         }
+    }
+
+    #[test]
+    fn pages_cut_from_remembered_matches_still_show_every_change() {
+        let now = DateTime::from_timestamp(1_780_315_200, 0).unwrap();
+        let mut data = SimData::generate(&spec(), now);
+        let query = DataQuery {
+            kind: Kind::Leads,
+            by_modified: false,
+            from: 0,
+            until: now.timestamp() + 86_400,
+            server_tag: None,
+            include_fake: false,
+        };
+        let (before, first) = data.select_page(&query, PageOrder::Id, 0, 1000);
+        assert_eq!(
+            data.select_page(&query, PageOrder::Id, 0, 1000),
+            (before, first)
+        );
+        data.mutate(1, Some(ChangeKind::NewLead), now);
+        let (after, page) = data.select_page(&query, PageOrder::Id, 0, 1000);
+        assert_eq!(after, before + 1, "the new lead is matched");
+        assert_eq!(page.len(), after);
     }
 
     #[test]

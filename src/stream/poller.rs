@@ -212,7 +212,7 @@ struct PageBatch {
 
 /// Reads windows of one cursor page by page: the cycle drives it to the end, the sweep one
 /// page at a time.
-struct WindowReader<T> {
+struct WindowReader<T: CrmRecord> {
     scope: String,
     filter: DateFilter,
     /// Windows still to read, the next on top.
@@ -223,7 +223,7 @@ struct WindowReader<T> {
 }
 
 /// The reads of one window.
-struct Reading<T> {
+struct Reading<T: CrmRecord> {
     from: NaiveDate,
     to: NaiveDate,
     pages: PageIter<T>,
@@ -237,7 +237,7 @@ struct Reading<T> {
     first_union: usize,
 }
 
-impl<T> WindowReader<T> {
+impl<T: CrmRecord> WindowReader<T> {
     fn new(spec: &CursorSpec, mut windows: Vec<(NaiveDate, NaiveDate)>) -> Self {
         windows.reverse();
         WindowReader {
@@ -251,7 +251,7 @@ impl<T> WindowReader<T> {
 }
 
 /// A reconciliation sweep in progress: one cursor's last `reconcile_days`.
-struct Sweep<T> {
+struct Sweep<T: CrmRecord> {
     spec: CursorSpec,
     reader: WindowReader<T>,
 }
@@ -675,8 +675,29 @@ impl<T: StreamRecord> Poller<T> {
                     return Ok(true);
                 }
             }
-            let built = self.build_batch(page.records, Some((from, to)), &mut reading.union);
+            // Pages already read ahead go into the same batch: when Kafka is slower than the
+            // CRM, batches grow instead of the pages waiting.
+            let mut records = page.records;
+            let mut failed = None;
+            while records.len() < MAX_BATCH_RECORDS {
+                match reading.pages.ready() {
+                    Some(Ok(page)) => {
+                        self.stats.pages.fetch_add(1, Ordering::Relaxed);
+                        reading.total = reading.total.max(page.total.unwrap_or(0));
+                        records.extend(page.records);
+                    }
+                    Some(Err(e)) => {
+                        failed = Some(e);
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            let built = self.build_batch(records, Some((from, to)), &mut reading.union);
             self.commit(built).await?;
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
             return Ok(true);
         }
         // The read is over: complete when the union of the window's reads reaches its total.
@@ -926,11 +947,14 @@ impl<T: StreamRecord> Poller<T> {
     }
 }
 
-/// Returns the id to keep beside a hashed entity key (its id within the scope), so the
-/// entity can be pruned; `None` for keys that hold their id.
 /// Most fingerprints one cursor save rewrites into fresh segments (see `FpMap::plan_compaction`).
 const COMPACTION_LIMIT: usize = 50_000;
 
+/// Most records one batch gathers from pages already read ahead.
+const MAX_BATCH_RECORDS: usize = 8_000;
+
+/// Returns the id to keep beside a hashed entity key (its id within the scope), so the
+/// entity can be pruned; `None` for keys that hold their id.
 fn name_of(key: EntityKey, id: &str, stream: &str) -> Option<Box<str>> {
     key.id().is_none().then(|| local_id(stream, id).into())
 }
