@@ -49,7 +49,8 @@ impl SimStats {
         lock(&self.position_pages).get(tag).copied().unwrap_or(0)
     }
 
-    fn to_json(&self) -> Value {
+    /// Returns the counters as the `/_sim/stats` document.
+    pub fn snapshot(&self) -> Value {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         json!({
             "requests": get(&self.requests),
@@ -68,7 +69,8 @@ impl SimStats {
 struct AppState {
     config: Arc<SimConfig>,
     paused: std::sync::atomic::AtomicBool,
-    denied: Vec<Kind>,
+    /// Endpoints answered with 403 (`--deny`, changeable while running).
+    denied: Mutex<Vec<Kind>>,
     data: RwLock<SimData>,
     tokens: Mutex<HashMap<String, Instant>>,
     faults: Mutex<Faults>,
@@ -185,6 +187,15 @@ impl SimHandle {
         read(&self.state.data).truth(kind)
     }
 
+    /// Answers calls of `kind` with 403 "module not enabled" (`false`: normally again).
+    pub fn deny(&self, kind: Kind, denied: bool) {
+        let mut kinds = lock(&self.state.denied);
+        kinds.retain(|k| *k != kind);
+        if denied {
+            kinds.push(kind);
+        }
+    }
+
     /// Stops serving and waits for the server task.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -195,6 +206,16 @@ impl SimHandle {
         }
         let _ = (&mut self.server).await;
     }
+
+    /// Goes down for `down` and comes back on the same address with the same records, as a
+    /// CRM restarted: connections are refused meanwhile and every token is forgotten.
+    pub async fn restart(self, down: Duration) -> Result<SimHandle, String> {
+        let (state, addr) = (self.state.clone(), self.addr);
+        self.shutdown().await;
+        tokio::time::sleep(down).await;
+        lock(&state.tokens).clear();
+        serve(state, addr).await
+    }
 }
 
 pub(super) async fn start(config: Arc<SimConfig>) -> Result<SimHandle, String> {
@@ -202,7 +223,7 @@ pub(super) async fn start(config: Arc<SimConfig>) -> Result<SimHandle, String> {
     let data = SimData::generate(&config.gen_spec(), Utc::now());
     let state = Arc::new(AppState {
         paused: std::sync::atomic::AtomicBool::new(false),
-        denied,
+        denied: Mutex::new(denied),
         data: RwLock::new(data),
         tokens: Mutex::new(HashMap::new()),
         faults: Mutex::new(Faults {
@@ -218,6 +239,12 @@ pub(super) async fn start(config: Arc<SimConfig>) -> Result<SimHandle, String> {
         changes: Mutex::new(Vec::new()),
         config: config.clone(),
     });
+    serve(state, config.listen).await
+}
+
+/// Serves `state` on `listen`.
+async fn serve(state: Arc<AppState>, listen: SocketAddr) -> Result<SimHandle, String> {
+    let config = state.config.clone();
     let app = Router::new()
         .route("/api/v1/auth/login", post(login))
         .route("/api/v1/{integration}/{endpoint}", get(data_call))
@@ -226,9 +253,9 @@ pub(super) async fn start(config: Arc<SimConfig>) -> Result<SimHandle, String> {
         .route("/_sim/expire-tokens", post(expire_tokens))
         .route("/_sim/stats", get(stats))
         .with_state(state.clone());
-    let listener = tokio::net::TcpListener::bind(config.listen)
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (stop, stopped) = oneshot::channel::<()>();
     let stopped = async {
@@ -486,7 +513,7 @@ async fn data_call(
             "missing permission: IB Reports",
         );
     }
-    if state.denied.contains(&kind) {
+    if lock(&state.denied).contains(&kind) {
         let module = match kind {
             Kind::Leads | Kind::Customers => "leads",
             Kind::Transactions => "transactions",
@@ -729,5 +756,5 @@ async fn expire_tokens(State(state): State<Arc<AppState>>) -> Response {
 }
 
 async fn stats(State(state): State<Arc<AppState>>) -> Response {
-    json_response(StatusCode::OK, state.stats.to_json().to_string())
+    json_response(StatusCode::OK, state.stats.snapshot().to_string())
 }

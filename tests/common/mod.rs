@@ -69,13 +69,18 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// A tansu broker process on a free port, with in-memory storage, killed on drop.
+/// A tansu broker process on a free port, with in-memory storage unless told otherwise,
+/// killed on drop.
 pub struct Tansu {
-    child: Child,
+    child: Option<Child>,
     /// `127.0.0.1:PORT`, for `bootstrap.servers`.
     pub bootstrap: String,
     /// Where the broker's output goes.
     pub log: PathBuf,
+    advertised_url: String,
+    storage: String,
+    /// The broker's working directory (where `sqlite://` storage keeps its file).
+    dir: Option<PathBuf>,
 }
 
 impl Tansu {
@@ -87,22 +92,58 @@ impl Tansu {
     /// Starts the broker telling clients to connect to `advertised` (a proxy in front of it)
     /// instead of its own address.
     pub fn start_advertising(advertised: Option<SocketAddr>) -> Tansu {
+        Tansu::start_with(advertised, "memory://tansu/", None)
+    }
+
+    /// Starts the broker keeping its records in a SQLite file in `dir`: they outlive a
+    /// [`Tansu::stop`] and [`Tansu::restart`].
+    pub fn start_persistent(dir: &std::path::Path) -> Tansu {
+        // tansu reads a `sqlite://` URL's path as relative to its working directory.
+        Tansu::start_with(None, "sqlite://tansu.db", Some(dir.to_owned()))
+    }
+
+    fn start_with(advertised: Option<SocketAddr>, storage: &str, dir: Option<PathBuf>) -> Tansu {
         let port = free_port();
         let url = format!("tcp://127.0.0.1:{port}");
-        let advertised_url = advertised.map_or_else(|| url.clone(), |a| format!("tcp://{a}"));
-        let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("tansu-{port}.log"));
-        let out = std::fs::File::create(&log).expect("log file");
+        let mut tansu = Tansu {
+            child: None,
+            bootstrap: format!("127.0.0.1:{port}"),
+            log: PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("tansu-{port}.log")),
+            advertised_url: advertised.map_or_else(|| url.clone(), |a| format!("tcp://{a}")),
+            storage: storage.to_owned(),
+            dir,
+        };
+        tansu.restart();
+        tansu
+    }
+
+    /// Kills the broker (its port refuses connections until [`Tansu::restart`]).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the broker again on the same port and storage; waits until it listens.
+    pub fn restart(&mut self) {
+        self.stop();
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
         let err = out.try_clone().expect("log file");
         let bin = std::env::var("TANSU_BIN").unwrap_or_else(|_| "tansu".to_owned());
-        let child = Command::new(&bin)
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &advertised_url,
-            ])
-            .args(["--storage-engine", "memory://tansu/"])
+        let url = format!("tcp://{}", self.bootstrap);
+        let mut command = Command::new(&bin);
+        if let Some(dir) = &self.dir {
+            command.current_dir(dir);
+        }
+        let child = command
+            .args(["broker", "--listener-url", &url])
+            .args(["--advertised-listener-url", &self.advertised_url])
+            .args(["--storage-engine", &self.storage])
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -110,29 +151,23 @@ impl Tansu {
             .unwrap_or_else(|e| {
                 panic!("cannot start `{bin}` ({e}); ./scripts/test.sh installs tansu 0.6.0")
             });
-        let tansu = Tansu {
-            child,
-            bootstrap: format!("127.0.0.1:{port}"),
-            log,
-        };
-        let addr: SocketAddr = tansu.bootstrap.parse().expect("address");
+        self.child = Some(child);
+        let addr: SocketAddr = self.bootstrap.parse().expect("address");
         let deadline = Instant::now() + Duration::from_secs(30);
         while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
             assert!(
                 Instant::now() < deadline,
                 "tansu did not listen on {addr} within 30 s; see {}",
-                tansu.log.display()
+                self.log.display()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        tansu
     }
 }
 
 impl Drop for Tansu {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 

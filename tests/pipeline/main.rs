@@ -353,40 +353,141 @@ pub fn truth_count(sim: &SimHandle) -> usize {
 
 /// Asserts the latest event of every key equals the truth, and no key is missing or extra.
 pub fn assert_matches_truth(sim: &SimHandle, events: &ByKey) {
-    for stream in STREAMS {
-        let truth = expected(sim, stream);
-        let got = events.get(stream).cloned().unwrap_or_default();
-        let missing: Vec<&String> = truth
-            .keys()
-            .filter(|k| !got.contains_key(*k))
-            .take(5)
-            .collect();
-        assert!(
-            missing.is_empty(),
-            "{stream}: {} of {} keys missing, e.g. {missing:?}",
-            truth.keys().filter(|k| !got.contains_key(*k)).count(),
-            truth.len()
-        );
-        let extra: Vec<&String> = got
-            .keys()
-            .filter(|k| !truth.contains_key(*k))
-            .take(5)
-            .collect();
-        assert!(
-            extra.is_empty(),
-            "{stream}: keys not in the truth: {extra:?}"
-        );
-        for (key, expected) in &truth {
-            let latest = got[key].last().unwrap();
-            assert_eq!(
-                &without_meta(latest),
-                expected,
-                "{stream} {key}: latest event differs from the truth"
-            );
-        }
+    if let Some(mismatch) = truth_mismatch(sim, events) {
+        panic!("{mismatch}");
     }
 }
 
+/// Returns how `events` differ from the truth (a key missing or extra, a latest event not the
+/// truth), or `None`.
+pub fn truth_mismatch(sim: &SimHandle, events: &ByKey) -> Option<String> {
+    for stream in STREAMS {
+        let truth = expected(sim, stream);
+        let got = events.get(stream).cloned().unwrap_or_default();
+        let missing: Vec<&String> = truth.keys().filter(|k| !got.contains_key(*k)).collect();
+        if !missing.is_empty() {
+            return Some(format!(
+                "{stream}: {} of {} keys missing, e.g. {:?}",
+                missing.len(),
+                truth.len(),
+                &missing[..missing.len().min(5)]
+            ));
+        }
+        let extra: Vec<&String> = got.keys().filter(|k| !truth.contains_key(*k)).collect();
+        if !extra.is_empty() {
+            return Some(format!(
+                "{stream}: keys not in the truth: {:?}",
+                &extra[..extra.len().min(5)]
+            ));
+        }
+        for (key, expected) in &truth {
+            let latest = got[key].last().unwrap();
+            if &without_meta(latest) != expected {
+                return Some(format!(
+                    "{stream} {key}: latest event differs from the truth:\n{:?}\n{expected:?}",
+                    without_meta(latest)
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// What [`assert_duplicates_share_ids_and_no_phantom_update`] counted.
+#[derive(Debug, Default)]
+pub struct Repeats {
+    /// Events read twice (the same `eventId`).
+    pub duplicates: usize,
+    /// `UPDATED` events that differ from the event before only in a volatile field
+    /// (`balanceUsd`): an open defect, counted rather than failed (see RELIABILITY.md).
+    pub volatile_only: usize,
+}
+
+/// Asserts every duplicate event has its twin's `eventId` and no `UPDATED` repeats the event
+/// before it (a phantom change); counts duplicates and volatile-only updates.
+pub fn assert_duplicates_share_ids_and_no_phantom_update(events: &ByKey) -> Repeats {
+    let mut repeats = Repeats::default();
+    for (stream, keys) in events {
+        for (key, versions) in keys {
+            // Versions in offset order; a re-emitted event repeats an earlier one whole.
+            let mut distinct: Vec<&Avro> = Vec::new();
+            let mut by_id: HashMap<String, &Avro> = HashMap::new();
+            for version in versions {
+                let id = meta_string(version, "eventId");
+                match by_id.get(&id) {
+                    Some(twin) => {
+                        assert_eq!(
+                            body(twin),
+                            body(version),
+                            "{stream} {key}: two events share eventId {id} but differ"
+                        );
+                        repeats.duplicates += 1;
+                    }
+                    None => {
+                        by_id.insert(id, version);
+                        distinct.push(version);
+                    }
+                }
+            }
+            for pair in distinct.windows(2) {
+                assert_ne!(
+                    body(pair[0]),
+                    body(pair[1]),
+                    "{stream} {key}: an event with a new eventId repeats the one before it (a phantom UPDATED, or a duplicate with another id)"
+                );
+                if without_meta(pair[0]) == without_meta(pair[1]) {
+                    eprintln!(
+                        "faults: {stream} {key}: UPDATED differing only in {:?}",
+                        differing(pair[0], pair[1])
+                    );
+                    repeats.volatile_only += 1;
+                }
+            }
+        }
+    }
+    repeats
+}
+
+/// The fields (with `meta`'s subfields) whose values differ between two events.
+fn differing(a: &Avro, b: &Avro) -> Vec<(String, Avro, Avro)> {
+    let fields = |r: &Avro| match r {
+        Avro::Record(fields) => fields.clone(),
+        _ => Vec::new(),
+    };
+    let (a, b) = (fields(a), fields(b));
+    let mut out = Vec::new();
+    for ((name, x), (_, y)) in a.iter().zip(b.iter()) {
+        if name == "meta" {
+            out.extend(differing(x, y));
+        } else if x != y {
+            out.push((name.clone(), x.clone(), y.clone()));
+        }
+    }
+    out
+}
+
+/// The truth records of every stream that ibstream cannot read (malformed): each must come
+/// out as a dead letter.
+pub fn malformed_truth(sim: &SimHandle) -> Vec<Json> {
+    fn unreadable<T: ibstream::crm::CrmRecord>(truth: Vec<Json>) -> Vec<Json> {
+        truth
+            .into_iter()
+            .filter(|j| read_record::<T>(j.clone(), Tz::UTC).is_err())
+            .collect()
+    }
+    let mut out = unreadable::<Lead>(sim.truth(Kind::Leads));
+    out.extend(unreadable::<Customer>(sim.truth(Kind::Customers)));
+    out.extend(unreadable::<Transaction>(
+        sim.truth(Kind::Transactions)
+            .into_iter()
+            .filter(|t| t["isFake"] == false)
+            .collect(),
+    ));
+    out.extend(unreadable::<Position>(sim.truth(Kind::Positions)));
+    out
+}
+
 mod completeness;
+mod faults;
 mod ops;
 mod scenarios;

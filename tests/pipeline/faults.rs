@@ -1,0 +1,620 @@
+//! The fault suite: each scenario tries to break `ibstream run` (the release binary, a real
+//! process) against tansu and the simulator, then checks every topic with [`final_check`]:
+//! the latest event of every key equals the truth, no key is missing, every duplicate has its
+//! twin's `eventId`, no phantom `UPDATED`, and every malformed record is a dead letter.
+//!
+//! Bounded here (the test command runs it); `FAULTS_LONG=1` (`scripts/faults.sh --long`) runs
+//! the long form (20 kills, bigger data). Figures go to stderr, prefixed `faults:`.
+
+use super::*;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+
+fn long() -> bool {
+    std::env::var_os("FAULTS_LONG").is_some()
+}
+
+/// One `ibstream run` process: its operations address and its log file.
+struct Process {
+    child: Child,
+    http: String,
+    log: PathBuf,
+}
+
+impl Process {
+    fn spawn(config: &Path, http: &str, log: PathBuf) -> Process {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ibstream"))
+            .args(["--config", config.to_str().unwrap(), "run"])
+            .env("IBSTREAM_HTTP__LISTEN", http)
+            .env("IBSTREAM_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Process {
+            child,
+            http: http.to_owned(),
+            log,
+        }
+    }
+
+    fn kill_9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Sends SIGTERM; returns the exit status and how long the process took to exit.
+    fn terminate(mut self) -> (ExitStatus, Duration) {
+        let asked = Instant::now();
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        let deadline = asked + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status, asked.elapsed());
+            }
+            if Instant::now() > deadline {
+                self.child.kill().unwrap();
+                panic!("ibstream run ignored SIGTERM for 30 s; see {:?}", self.log);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    async fn get(&self, path: &str) -> Option<(u16, Json)> {
+        let response = reqwest::Client::new()
+            .get(format!("http://{}{path}", self.http))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        let status = response.status().as_u16();
+        let body = response.bytes().await.ok()?;
+        Some((status, serde_json::from_slice(&body).ok()?))
+    }
+
+    /// Where the run is: `starting` (no `/status` yet or no poller), `backfill`, `steady`.
+    async fn phase(&self) -> &'static str {
+        let Some((_, status)) = self.get("/status").await else {
+            return "starting";
+        };
+        let pollers = status["pollers"].as_array().cloned().unwrap_or_default();
+        if pollers.is_empty() {
+            "starting"
+        } else if pollers
+            .iter()
+            .all(|p| p["backfillProgress"].as_f64() == Some(1.0))
+        {
+            "steady"
+        } else {
+            "backfill"
+        }
+    }
+
+    async fn wait_for_phase(&self, phase: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.phase().await != phase {
+            assert!(
+                Instant::now() < deadline,
+                "no {phase} within {timeout:?}; see {:?}; /status: {:?}",
+                self.log,
+                self.get("/status").await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A scenario's world: broker, simulator, topics, configuration.
+struct World {
+    bootstrap: String,
+    prefix: String,
+    config: PathBuf,
+    /// Holds the configuration file.
+    _dir: tempfile::TempDir,
+    schemas: Schemas,
+}
+
+impl World {
+    /// `crm` overrides `crm.` keys: lines of the `[crm]` table.
+    fn new(sim: &SimHandle, bootstrap: &str, name: &str, crm: &str) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = common::unique_topic(name);
+        let config = dir.path().join("ibstream.toml");
+        let toml = format!(
+            r#"
+[crm]
+base_url = "{url}"
+email = "ib@example.com"
+password = "ib-secret"
+api_key = "sim-api-key"
+domain = "sim.example.com"
+{crm}
+page_size = 200
+backoff_initial_ms = 50
+backoff_max_ms = 1000
+
+[topics]
+prefix = "{prefix}"
+
+[kafka]
+bootstrap_servers = "{bootstrap}"
+delivery = "at-least-once"
+instance_id = "{prefix}"
+replication_factor = 1
+batch_timeout_secs = 60
+
+[streams]
+start_date = "2024-01-01"
+max_window_records = 400
+
+[streams.leads]
+poll_interval_secs = 1
+[streams.customers]
+poll_interval_secs = 1
+[streams.transactions]
+poll_interval_secs = 1
+[streams.servers]
+poll_interval_secs = 1
+[streams.positions]
+poll_interval_secs = 1
+"#,
+            url = sim.base_url(),
+            crm = if crm.is_empty() {
+                "requests_per_second = 1000"
+            } else {
+                crm
+            },
+        );
+        std::fs::write(&config, toml).unwrap();
+        World {
+            bootstrap: bootstrap.to_owned(),
+            prefix,
+            config,
+            _dir: dir,
+            schemas: Schemas::load("com.ibstream").unwrap(),
+        }
+    }
+
+    fn spawn(&self, n: usize) -> Process {
+        let http = format!("127.0.0.1:{}", common::free_port());
+        let logs = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(&self.prefix);
+        std::fs::create_dir_all(&logs).unwrap();
+        Process::spawn(&self.config, &http, logs.join(format!("run-{n}.log")))
+    }
+
+    /// Reads every topic until the data topics equal the truth (or 300 s pass), then checks
+    /// duplicates, phantom updates and dead letters; returns the events read and the repeats.
+    async fn final_check(&self, sim: &SimHandle, exact_dead_letters: bool) -> (usize, Repeats) {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        let (records, events) = loop {
+            let records = consume(
+                &self.bootstrap,
+                &data_topics(&self.prefix),
+                truth_count(sim),
+                Duration::from_secs(2),
+            )
+            .await;
+            let events = group(&self.schemas, &self.prefix, &records);
+            match truth_mismatch(sim, &events) {
+                None => break (records, events),
+                Some(mismatch) => assert!(
+                    Instant::now() < deadline,
+                    "not the truth after 300 s: {mismatch}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        };
+        let repeats = assert_duplicates_share_ids_and_no_phantom_update(&events);
+        let malformed = malformed_truth(sim);
+        let letters = consume(
+            &self.bootstrap,
+            &[format!("{}.dlq", self.prefix)],
+            malformed.len(),
+            Duration::from_secs(2),
+        )
+        .await;
+        let raws: Vec<Json> = letters
+            .iter()
+            .map(|l| serde_json::from_slice::<Json>(&l.payload).unwrap()["raw"].clone())
+            .collect();
+        for record in &malformed {
+            assert!(
+                raws.contains(record),
+                "a malformed record has no dead letter: {record}"
+            );
+        }
+        if exact_dead_letters {
+            let distinct: HashSet<String> = raws.iter().map(Json::to_string).collect();
+            assert_eq!(
+                distinct.len(),
+                malformed.len(),
+                "one dead letter per malformed record"
+            );
+        }
+        (records.len(), repeats)
+    }
+}
+
+/// Lines of `log` after the first that contains `marker`.
+fn log_after(log: &Path, marker: &str) -> Vec<String> {
+    let file = std::fs::File::open(log).unwrap();
+    std::io::BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .skip_while(|line| !line.contains(marker))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_moments_loses_nothing() {
+    let kills = if long() { 20 } else { 6 };
+    let broker = common::Tansu::start();
+    let scale = if long() { 3 } else { 1 };
+    let sim = common::start_sim(|c| {
+        c.leads = 2_000 * scale;
+        c.customers = 800 * scale;
+        c.transactions = 4_000 * scale;
+        c.positions = 8_000 * scale;
+        c.servers = 2;
+        c.latency_ms = 5;
+        c.change_rate = 5.0;
+        c.malformed_rate = 0.01;
+    })
+    .await;
+    let world = World::new(&sim, &broker.bootstrap, "faults-kill", "");
+    let mut phases: HashMap<&str, usize> = HashMap::new();
+    for n in 0..kills {
+        let process = world.spawn(n);
+        // Early kills land in start-up and restore, later ones in the backfill and, once it
+        // is done, in steady state with the background changes.
+        let at = Duration::from_millis(fastrand::u64(50..3_000));
+        tokio::time::sleep(at).await;
+        let phase = process.phase().await;
+        *phases.entry(phase).or_default() += 1;
+        process.kill_9();
+    }
+    let process = world.spawn(kills);
+    process
+        .wait_for_phase("steady", Duration::from_secs(300))
+        .await;
+    sim.pause_changes(true);
+    let (records, duplicates) = world.final_check(&sim, false).await;
+    let (status, took) = process.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+    assert!(
+        phases.len() >= 2,
+        "the kills did not spread over the run's phases: {phases:?}"
+    );
+    eprintln!(
+        "faults: kill -9: {kills} kills ({phases:?}), {records} events read, {} keys, lost 0, {duplicates:?}, each with its twin's eventId, {} changes made",
+        truth_count(&sim),
+        sim.changes().len()
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_at_every_phase_exits_0_within_10_s_and_starts_nothing_after() {
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(|c| {
+        c.leads = 3_000;
+        c.customers = 1_000;
+        c.transactions = 5_000;
+        c.positions = 10_000;
+        c.servers = 3;
+        c.latency_ms = 20;
+    })
+    .await;
+    let world = World::new(&sim, &broker.bootstrap, "faults-term", "");
+    // At the first poll, mid-backfill, in steady state, and last during the restore (with
+    // the state of the runs before to read).
+    for (n, phase) in ["first poll", "backfill", "steady", "restore"]
+        .into_iter()
+        .enumerate()
+    {
+        let process = world.spawn(n);
+        let logged = |line: &str| {
+            std::fs::read_to_string(&process.log)
+                .unwrap()
+                .contains(line)
+        };
+        let wait_for_line = |line: &'static str| async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !logged(line) {
+                assert!(Instant::now() < deadline, "no {line:?} within 60 s");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        };
+        match phase {
+            "restore" => wait_for_line("operations server listening").await,
+            "first poll" => wait_for_line("polling positions of server").await,
+            "backfill" => {
+                process
+                    .wait_for_phase("backfill", Duration::from_secs(60))
+                    .await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            _ => {
+                process
+                    .wait_for_phase("steady", Duration::from_secs(300))
+                    .await
+            }
+        }
+        let restored = logged("state restored");
+        let log = process.log.clone();
+        let (status, took) = process.terminate();
+        assert!(
+            status.success(),
+            "SIGTERM at {phase}: {status:?}; see {log:?}"
+        );
+        assert!(
+            took < Duration::from_secs(10),
+            "SIGTERM at {phase}: {took:?}"
+        );
+        let after = log_after(&log, "shutdown requested");
+        assert!(!after.is_empty(), "SIGTERM at {phase}: not logged");
+        let started: Vec<&String> = after
+            .iter()
+            .filter(|l| l.contains("polling positions of server"))
+            .collect();
+        assert!(
+            started.is_empty(),
+            "SIGTERM at {phase}: a poller started after shutdown was requested: {started:?}"
+        );
+        eprintln!(
+            "faults: SIGTERM at {phase}: exit 0 in {took:?} (state restored before: {restored})"
+        );
+    }
+    let process = world.spawn(9);
+    process
+        .wait_for_phase("steady", Duration::from_secs(300))
+        .await;
+    world.final_check(&sim, true).await;
+    process.terminate();
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_killed_and_restarted_mid_backfill_is_waited_for() {
+    let broker = common::Tansu::start();
+    let mut sim = common::start_sim(|c| {
+        c.leads = 3_000;
+        c.customers = 1_000;
+        c.transactions = 5_000;
+        c.positions = 10_000;
+        c.servers = 2;
+        c.latency_ms = 20;
+    })
+    .await;
+    let world = World::new(&sim, &broker.bootstrap, "faults-crm", "");
+    let process = world.spawn(0);
+    process
+        .wait_for_phase("backfill", Duration::from_secs(60))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let restarted = tokio::spawn(sim.restart(Duration::from_secs(15)));
+    // Not ready while the CRM is down.
+    let deadline = Instant::now() + Duration::from_secs(14);
+    let mut not_ready = None;
+    while Instant::now() < deadline {
+        if let Some((503, body)) = process.get("/health/ready").await {
+            not_ready = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let not_ready = not_ready.expect("/health/ready stayed ready while the CRM was down");
+    assert!(
+        not_ready["reason"].as_str().unwrap().contains("CRM"),
+        "{not_ready}"
+    );
+    sim = restarted.await.unwrap().unwrap();
+    process
+        .wait_for_phase("steady", Duration::from_secs(300))
+        .await;
+    assert_eq!(process.get("/health/ready").await.unwrap().0, 200);
+    let (records, duplicates) = world.final_check(&sim, true).await;
+    let (status, _) = process.terminate();
+    assert!(status.success());
+    eprintln!(
+        "faults: CRM down 15 s mid-backfill: not ready meanwhile ({}), {records} events, lost 0, {duplicates:?}",
+        not_ready["reason"]
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_crm_at_its_worst_at_once() {
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(|c| {
+        c.leads = 1_500;
+        c.customers = 600;
+        c.transactions = 2_500;
+        c.positions = 4_000;
+        c.servers = 2;
+        c.fail_rate = 0.1;
+        c.max_rps = 40;
+        c.latency_ms = 50;
+        c.token_ttl_secs = 5;
+        c.shuffle_pages = true;
+        c.unstable_order = true;
+        c.change_rate = 20.0;
+        c.malformed_rate = 0.01;
+    })
+    .await;
+    // More requests per second than the CRM allows, so it answers 429s; retries enough for
+    // a CRM failing one call in ten.
+    let world = World::new(
+        &sim,
+        &broker.bootstrap,
+        "faults-worst",
+        "requests_per_second = 100\nmax_retries = 20",
+    );
+    let process = world.spawn(0);
+    process
+        .wait_for_phase("steady", Duration::from_secs(600))
+        .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    sim.pause_changes(true);
+    let (records, duplicates) = world.final_check(&sim, false).await;
+    let (status, _) = process.terminate();
+    assert!(status.success());
+    let stats = sim.stats().snapshot();
+    assert!(stats["failures"].as_u64().unwrap() > 0, "{stats}");
+    assert!(stats["rateLimited"].as_u64().unwrap() > 0, "{stats}");
+    assert!(stats["unauthorized"].as_u64().unwrap() > 0, "{stats}");
+    eprintln!(
+        "faults: CRM at its worst: {records} events, lost 0, {duplicates:?}, {} changes, CRM {stats}",
+        sim.changes().len()
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_403_mid_run_stops_one_stream_and_is_gone_after_a_restart() {
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(|c| {
+        c.leads = 1_500;
+        c.customers = 600;
+        c.transactions = 2_500;
+        c.positions = 4_000;
+        c.servers = 2;
+    })
+    .await;
+    let world = World::new(&sim, &broker.bootstrap, "faults-403", "");
+    let process = world.spawn(0);
+    process
+        .wait_for_phase("steady", Duration::from_secs(300))
+        .await;
+    sim.deny(Kind::Transactions, true);
+    // New records everywhere: the other streams go on, transactions cannot.
+    sim.mutate(60, None);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stopped = loop {
+        let (_, status) = process.get("/status").await.unwrap();
+        let transactions = status["pollers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["stream"] == "transactions")
+            .cloned()
+            .unwrap();
+        let error = transactions["lastError"]["message"].as_str().unwrap_or("");
+        if error.contains("HTTP 403") {
+            break error.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "transactions did not stop on 403: {transactions}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // The other streams went on: each completed a cycle after the 403 was seen.
+    let seen = chrono::Utc::now();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, status) = process.get("/status").await.unwrap();
+        let behind: Vec<String> = status["pollers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["stream"] != "transactions")
+            .filter(|p| {
+                p["lastSuccess"]
+                    .as_str()
+                    .is_none_or(|at| chrono::DateTime::parse_from_rfc3339(at).unwrap() < seen)
+            })
+            .map(|p| p["name"].to_string())
+            .collect();
+        if behind.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{behind:?} stopped with transactions"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let log = process.log.clone();
+    let (status, _) = process.terminate();
+    assert!(
+        !status.success(),
+        "a stopped stream is a failed run: {status:?}"
+    );
+    let printed = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        printed.contains("error: transactions stopped"),
+        "the exit names the stopped stream; see {log:?}"
+    );
+    sim.deny(Kind::Transactions, false);
+    let process = world.spawn(1);
+    process
+        .wait_for_phase("steady", Duration::from_secs(300))
+        .await;
+    let (records, duplicates) = world.final_check(&sim, true).await;
+    process.terminate();
+    eprintln!(
+        "faults: 403 mid-run: transactions stopped ({}), the rest went on; after a restart {records} events, lost 0, {duplicates:?}",
+        stopped
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_stopped_for_30_s_during_backfill_and_steady_state() {
+    let db = tempfile::tempdir().unwrap();
+    let mut broker = common::Tansu::start_persistent(db.path());
+    let sim = common::start_sim(|c| {
+        c.leads = 3_000;
+        c.customers = 1_000;
+        c.transactions = 5_000;
+        c.positions = 10_000;
+        c.servers = 2;
+        c.latency_ms = 20;
+    })
+    .await;
+    let world = World::new(&sim, &broker.bootstrap, "faults-broker", "");
+    let process = world.spawn(0);
+    let down = Duration::from_secs(30);
+    for phase in ["backfill", "steady"] {
+        process
+            .wait_for_phase(phase, Duration::from_secs(300))
+            .await;
+        if phase == "backfill" {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        } else {
+            sim.mutate(50, None);
+        }
+        broker.stop();
+        let stopped = Instant::now();
+        let mut not_ready = false;
+        while stopped.elapsed() < down {
+            if let Some((503, _)) = process.get("/health/ready").await {
+                not_ready = true;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        broker.restart();
+        // Batches wait for the broker up to kafka.batch_timeout_secs (60 here) before the
+        // producer counts as failing; a 30 s outage may pass without turning not ready.
+        eprintln!("faults: broker down {down:?} during {phase} (not ready meanwhile: {not_ready})");
+    }
+    process
+        .wait_for_phase("steady", Duration::from_secs(300))
+        .await;
+    let (records, duplicates) = world.final_check(&sim, true).await;
+    let (status, _) = process.terminate();
+    assert!(status.success(), "{status:?}");
+    eprintln!("faults: broker down twice: {records} events, lost 0, {duplicates:?}");
+    sim.shutdown().await;
+}
