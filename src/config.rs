@@ -1175,10 +1175,34 @@ const SECRET_ENV: [(&str, &str); 4] = [
     ("SCHEMA_REGISTRY__PASSWORD", "schema_registry.password"),
 ];
 
-/// The defaults that figment starts from: only sections, so a missing section is not an error.
+/// The defaults that figment starts from: sections, so a missing section is not an error,
+/// and each stream's own settings, so a file setting one key of `[streams.customers]` keeps
+/// the stream's other defaults (its volatile `balanceUsd`) rather than the generic ones.
 #[derive(Serialize, Default)]
 struct DefaultsOnly {
     crm: DefaultsCrm,
+    streams: DefaultsStreams,
+}
+
+#[derive(Serialize)]
+struct DefaultsStreams {
+    leads: StreamConfig,
+    customers: StreamConfig,
+    transactions: StreamConfig,
+    servers: StreamConfig,
+    positions: StreamConfig,
+}
+
+impl Default for DefaultsStreams {
+    fn default() -> Self {
+        DefaultsStreams {
+            leads: StreamConfig::mutable(),
+            customers: StreamConfig::customers(),
+            transactions: StreamConfig::append_only(),
+            servers: StreamConfig::servers(),
+            positions: StreamConfig::append_only(),
+        }
+    }
 }
 
 #[derive(Serialize, Default)]

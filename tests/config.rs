@@ -48,6 +48,34 @@ fn defaults_file_and_environment_layer() {
 }
 
 #[test]
+fn setting_one_key_of_a_stream_keeps_that_stream_s_other_defaults() {
+    Jail::expect_with(|jail| {
+        // Found by the fault suite: a file tuning `[streams.customers]` got the generic stream
+        // defaults for the keys it left out, so `balanceUsd` stopped being volatile and every
+        // balance move made an UPDATED event.
+        let toml = format!(
+            "{MINIMAL}\n[streams.customers]\npoll_interval_secs = 1\n[streams.servers]\nenabled = true\n"
+        );
+        jail.create_file("c.toml", &toml)?;
+        let config = Config::load(Some("c.toml".as_ref())).unwrap();
+        assert_eq!(config.streams.customers.poll_interval_secs, 1);
+        assert_eq!(config.streams.customers.volatile_fields, vec!["balanceUsd"]);
+        assert_eq!(config.streams.servers.poll_interval_secs, 300);
+        jail.set_env("IBSTREAM_STREAMS__CUSTOMERS__ENABLED", "true");
+        let config = Config::load(Some("c.toml".as_ref())).unwrap();
+        assert_eq!(config.streams.customers.volatile_fields, vec!["balanceUsd"]);
+        // Set explicitly, the list is what the user says, empty included.
+        jail.create_file(
+            "c.toml",
+            &format!("{MINIMAL}\n[streams.customers]\nvolatile_fields = []\n"),
+        )?;
+        let config = Config::load(Some("c.toml".as_ref())).unwrap();
+        assert!(config.streams.customers.volatile_fields.is_empty());
+        Ok(())
+    });
+}
+
+#[test]
 fn environment_alone_is_enough() {
     Jail::expect_with(|jail| {
         jail.set_env("IBSTREAM_CRM__BASE_URL", "http://crm.local");

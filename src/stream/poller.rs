@@ -33,7 +33,7 @@ use chrono::{NaiveDate, Utc};
 use chrono_tz::Tz;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, trace, warn};
 
 use super::change::{classify, event_id};
 use super::state::{key_in_scope, local_id, Cursor, EntityKey, FpEntry, FpMap, StateRecord};
@@ -837,6 +837,7 @@ impl<T: StreamRecord> Poller<T> {
                 }
                 continue;
             };
+            trace!(stream = self.stream, id, ?previous, fp, "change");
             let meta = EventMeta {
                 event_id: event_id(self.stream, &id, previous, fp),
                 op,

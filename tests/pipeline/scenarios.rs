@@ -222,9 +222,9 @@ async fn moving_pages_and_live_changes_converge_to_the_truth() {
             );
             for pair in versions.windows(2) {
                 assert_ne!(
-                    body(&pair[0]),
-                    body(&pair[1]),
-                    "{stream} {key}: a phantom UPDATED repeats the event before it"
+                    without_meta(&pair[0]),
+                    without_meta(&pair[1]),
+                    "{stream} {key}: a phantom UPDATED repeats the event before it (volatile fields aside)"
                 );
                 updated += 1;
             }
