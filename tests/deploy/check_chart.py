@@ -119,6 +119,25 @@ except Exception as error:  # helm_python raises HelmRenderError
     if "existingSecret" not in str(error):
         problems.append(f"the error without existingSecret does not name it: {error}")
 
+# A credential put in `config` by mistake is refused, naming the key, never the value: it
+# would land in the ConfigMap in plain text.
+SECRET = "chart-secret-Qx7-3391"
+for section, key in [("crm", "password"), ("crm", "api_key"), ("kafka", "sasl_password"),
+                     ("schema_registry", "password")]:
+    values = {"config": {section: {key: SECRET}}}
+    if section == "schema_registry":
+        values["config"][section]["url"] = "http://registry:8081"
+    try:
+        rendered = chart.render(values, name="ib", namespace="crm")
+        problems.append(f"config.{section}.{key} as a value rendered")
+        if any(SECRET in text for text in rendered.values()):
+            problems.append(f"config.{section}.{key}: the secret is in the rendered objects")
+    except Exception as error:
+        if f"config.{section}.{key}" not in str(error):
+            problems.append(f"the error of config.{section}.{key} does not name it: {error}")
+        if SECRET in str(error):
+            problems.append(f"the error of config.{section}.{key} shows the secret")
+
 # Helm's own linter, strict.
 for label, values in [("default", {}), ("everything", everything)]:
     result = lint(chart_dir, values, strict=True)

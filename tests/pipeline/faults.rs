@@ -650,3 +650,273 @@ async fn the_broker_stopped_for_30_s_during_backfill_and_steady_state() {
     eprintln!("faults: broker down twice: {records} events, lost 0, {duplicates} duplicates");
     sim.shutdown().await;
 }
+
+/// Runs `ibstream` with `args` and `env` to completion (or `timeout`); returns what it printed.
+fn printed(args: &[&str], env: &[(&str, String)], timeout: Duration) -> (Option<i32>, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ibstream"));
+    command.args(args).env("IBSTREAM_LOG", "trace");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let mut child = command
+        .stdout(out.reopen().unwrap())
+        .stderr(out.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + timeout;
+    let code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (code, std::fs::read_to_string(out.path()).unwrap())
+}
+
+/// Fails naming the secret and the place it was found in.
+fn assert_no_secret(place: &str, text: &str, secrets: &[&str]) {
+    for secret in secrets {
+        assert!(
+            !text.contains(secret),
+            "the secret {secret:?} appears in {place}:\n{}",
+            text.lines()
+                .filter(|l| l.contains(secret))
+                .take(3)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_in_anything_any_command_prints_serves_or_writes() {
+    const CRM_PASSWORD: &str = "crm-pw-Qx7-secret-4471";
+    const CRM_API_KEY: &str = "crm-key-Qx7-secret-9931";
+    const SASL_PASSWORD: &str = "sasl-pw-Qx7-secret-5512";
+    // The test registry accepts this password only.
+    const REGISTRY_PASSWORD: &str = "sr-pass";
+    let secrets = [CRM_PASSWORD, CRM_API_KEY, SASL_PASSWORD, REGISTRY_PASSWORD];
+    let (_broker, bootstrap) = broker();
+    let registry = common::start_registry().await;
+    let sim = common::start_sim(|c| {
+        c.leads = 800;
+        c.customers = 300;
+        c.transactions = 1_000;
+        c.positions = 1_500;
+        c.servers = 2;
+        c.malformed_rate = 0.02;
+        c.password = CRM_PASSWORD.to_owned();
+        c.api_key = CRM_API_KEY.to_owned();
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, secret: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, format!("{secret}\n")).unwrap();
+        path.display().to_string()
+    };
+    let (crm_password_file, api_key_file) = (
+        file("crm-password", CRM_PASSWORD),
+        file("crm-api-key", CRM_API_KEY),
+    );
+    let (sasl_file, registry_file) = (
+        file("sasl-password", SASL_PASSWORD),
+        file("registry-password", REGISTRY_PASSWORD),
+    );
+    let prefix = common::unique_topic("secrets");
+    let http = format!("127.0.0.1:{}", common::free_port());
+    // Two ways to give every secret: (a) CRM password and registry password from files, the
+    // API key and the SASL password from the environment; (b) the other way round.
+    let config = |way: char, sasl: bool| {
+        let (crm, registry_auth, env) = match way {
+            'a' => (
+                format!("password_file = \"{crm_password_file}\""),
+                format!("password_file = \"{registry_file}\""),
+                vec![
+                    ("IBSTREAM_CRM__API_KEY", CRM_API_KEY.to_owned()),
+                    ("IBSTREAM_KAFKA__SASL_PASSWORD", SASL_PASSWORD.to_owned()),
+                ],
+            ),
+            _ => (
+                format!("api_key_file = \"{api_key_file}\""),
+                format!("password = \"{REGISTRY_PASSWORD}\""),
+                vec![
+                    ("IBSTREAM_CRM__PASSWORD", CRM_PASSWORD.to_owned()),
+                    ("IBSTREAM_KAFKA__SASL_PASSWORD_FILE", sasl_file.clone()),
+                ],
+            ),
+        };
+        let security = if sasl {
+            "[kafka.security]\nprotocol = \"SASL_PLAINTEXT\"\nsasl_mechanism = \"PLAIN\"\nsasl_username = \"ibstream\"\n"
+        } else {
+            ""
+        };
+        let toml = format!(
+            r#"
+[crm]
+base_url = "{url}"
+email = "ib@example.com"
+domain = "sim.example.com"
+requests_per_second = 1000
+{crm}
+
+[schema_registry]
+url = "{registry_url}"
+username = "sr-user"
+{registry_auth}
+
+[topics]
+prefix = "{prefix}"
+
+[kafka]
+bootstrap_servers = "{bootstrap}"
+delivery = "at-least-once"
+instance_id = "{prefix}-{way}"
+replication_factor = 1
+batch_timeout_secs = 10
+{security}
+[http]
+listen = "{http}"
+
+[streams]
+start_date = "2024-01-01"
+
+[streams.leads]
+poll_interval_secs = 1
+"#,
+            url = sim.base_url(),
+            registry_url = registry.url,
+        );
+        let path = dir.path().join(format!("{way}-{sasl}.toml"));
+        std::fs::write(&path, toml).unwrap();
+        let mut env = env;
+        env.push(("IBSTREAM_CONFIG", path.display().to_string()));
+        env
+    };
+    // SASL against a broker without it: `run` could not start, so SASL goes to the commands
+    // that report failures (`check`) and to `check --config-only`; the secret is still read.
+    let mut sizes = Vec::new();
+    for way in ['a', 'b'] {
+        let env = config(way, true);
+        let (code, text) = printed(&["check", "--config-only"], &env, Duration::from_secs(30));
+        assert_eq!(code, Some(0), "check --config-only ({way}): {text}");
+        assert!(text.contains("[REDACTED]"), "{text}");
+        assert_no_secret(&format!("check --config-only ({way})"), &text, &secrets);
+        sizes.push(text.len());
+        let (_, text) = printed(&["check"], &env, Duration::from_secs(90));
+        assert!(text.contains("crm"), "check printed nothing useful: {text}");
+        assert_no_secret(&format!("check with SASL ({way})"), &text, &secrets);
+        sizes.push(text.len());
+    }
+    // `run` at TRACE, with dead letters, /metrics and /status read while it runs.
+    let env = config('a', false);
+    let log = dir.path().join("run.log");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ibstream"));
+    command.arg("run").env("IBSTREAM_LOG", "trace");
+    for (key, value) in &env {
+        command.env(key, value);
+    }
+    let out = std::fs::File::create(&log).unwrap();
+    let child = command
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let process = Process {
+        child,
+        http: http.clone(),
+        log: log.clone(),
+    };
+    process
+        .wait_for_phase("steady", Duration::from_secs(300))
+        .await;
+    // The CRM's session tokens are secrets too: the one used so far, and after a forced
+    // re-login (at TRACE) the next.
+    let mut tokens = sim.tokens();
+    let logins = sim
+        .stats()
+        .logins
+        .load(std::sync::atomic::Ordering::Relaxed);
+    sim.expire_tokens();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sim
+        .stats()
+        .logins
+        .load(std::sync::atomic::Ordering::Relaxed)
+        == logins
+    {
+        assert!(Instant::now() < deadline, "no re-login within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    tokens.extend(sim.tokens());
+    let metrics = reqwest::get(format!("http://{http}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let status = reqwest::get(format!("http://{http}/status"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (code, _) = process.terminate();
+    assert!(code.success());
+    let run_log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        run_log.contains("TRACE") || run_log.contains("\"level\":\"TRACE\""),
+        "the run did not log at TRACE"
+    );
+    assert!(metrics.contains("ibstream_events"), "{metrics}");
+    assert_no_secret("ibstream run's output at TRACE", &run_log, &secrets);
+    assert_no_secret("/metrics", &metrics, &secrets);
+    assert_no_secret("/status", &status, &secrets);
+    let malformed = malformed_truth(&sim).len();
+    assert!(malformed > 0);
+    let letters = consume(
+        &bootstrap,
+        &[format!("{prefix}.dlq")],
+        malformed,
+        Duration::from_secs(2),
+    )
+    .await;
+    let letters: String = letters
+        .iter()
+        .map(|l| String::from_utf8_lossy(&l.payload).into_owned())
+        .collect();
+    assert_no_secret("the dead-letter topic", &letters, &secrets);
+    assert!(tokens.len() >= 2, "{tokens:?}");
+    let token_refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    assert_no_secret(
+        "ibstream run's output at TRACE (tokens)",
+        &run_log,
+        &token_refs,
+    );
+    // `state show` of what the run wrote.
+    let (code, text) = printed(&["state", "show"], &env, Duration::from_secs(60));
+    assert_eq!(code, Some(0), "state show: {text}");
+    assert_no_secret("state show", &text, &secrets);
+    // `demo`: its own simulator and in-process Kafka; none of these secrets is its, and its
+    // simulator's password must not show either.
+    let (code, text) = printed(&["demo", "--for", "8"], &[], Duration::from_secs(120));
+    assert_eq!(code, Some(0), "demo: {text}");
+    assert_no_secret(
+        "demo at TRACE",
+        &text,
+        &[&secrets[..], &["ib-secret", "sim-api-key"]].concat(),
+    );
+    eprintln!(
+        "faults: secrets: none of 4 secrets (files and environment, both ways) in check --config-only, check (SASL), run at TRACE ({} bytes), /metrics, /status, {malformed} dead letters, state show, demo ({} bytes); outputs {sizes:?} bytes",
+        run_log.len(),
+        text.len()
+    );
+    sim.shutdown().await;
+}

@@ -57,6 +57,13 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "ibstream.configToml" -}}
 {{- $existing := required "existingSecret is required: the name of a Secret holding the CRM password and API key (the chart never takes credentials as values)" .Values.existingSecret -}}
 {{- $config := deepCopy .Values.config -}}
+{{- range $section, $keys := dict "crm" (list "password" "api_key") "kafka" (list "sasl_password") "schema_registry" (list "password") -}}
+{{- range $key := $keys -}}
+{{- if hasKey (default dict (get $config $section)) $key -}}
+{{- fail (printf "config.%s.%s: credentials never go in values (they would land in the ConfigMap); put them in the Secret named by existingSecret, under secretKeys" $section $key) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- $dir := include "ibstream.secretsDir" . -}}
 {{- $crm := default dict $config.crm -}}
 {{- $_ := set $crm "password_file" (printf "%s/%s" $dir .Values.secretKeys.crmPassword) -}}
