@@ -272,9 +272,16 @@ async fn restore_from(
         .expect("sink");
     let before = rss_bytes();
     let started = Instant::now();
-    let state = restore(&config.kafka, &topic, &sink.handle, Duration::from_secs(60))
-        .await
-        .expect("restore");
+    let state = restore(
+        &config.kafka,
+        &topic,
+        &sink.handle,
+        Duration::from_secs(60),
+        &tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .expect("restore")
+    .expect("not stopped");
     let elapsed = started.elapsed();
     let grown = rss_bytes().saturating_sub(before);
     let entities = state.entities();

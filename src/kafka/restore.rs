@@ -13,6 +13,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use super::sink::{Batch, OutRecord, SinkHandle};
@@ -186,7 +187,8 @@ pub async fn check_state_topic(config: &KafkaConfig, topic: &str) -> Result<(), 
     }
 }
 
-/// Reads the state topic to the barrier and returns the state before it.
+/// Reads the state topic to the barrier and returns the state before it; `None` when `stop`
+/// was cancelled meanwhile (a shutdown during a long restore does not wait for its end).
 ///
 /// The barrier goes through the sink, so in exactly-once mode it is the first transaction:
 /// a broker that cannot commit transactions fails here, before anything else is written.
@@ -195,7 +197,8 @@ pub async fn restore(
     state_topic: &str,
     sink: &SinkHandle,
     timeout: Duration,
-) -> Result<State, String> {
+    stop: &CancellationToken,
+) -> Result<Option<State>, String> {
     let nonce = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
     let barrier_key = format!("barrier/{}", config.instance_id);
     let barrier = Batch {
@@ -206,13 +209,25 @@ pub async fn restore(
             payload: Some(nonce.clone().into_bytes()),
         }],
     };
-    sink.commit(barrier).await.map_err(|e| match config.delivery {
+    let committed = tokio::select! {
+        committed = sink.commit(barrier) => committed,
+        _ = stop.cancelled() => return Ok(None),
+    };
+    committed.map_err(|e| match config.delivery {
         Delivery::ExactlyOnce => format!(
             "cannot commit a Kafka transaction ({e}); if the broker does not support transactions, set kafka.delivery = \"at-least-once\""
         ),
         Delivery::AtLeastOnce => format!("cannot write the start-up barrier to {state_topic}: {e}"),
     })?;
-    read_after_barrier(config, state_topic, barrier_key, nonce, timeout).await
+    read_after_barrier(
+        config,
+        state_topic,
+        barrier_key,
+        nonce,
+        timeout,
+        stop.clone(),
+    )
+    .await
 }
 
 /// Reads the state topic without a running instance's sink (for `ibstream state`): the
@@ -239,7 +254,16 @@ pub async fn read_state(
         )
         .await
         .map_err(|(e, _)| format!("cannot write to {state_topic}: {e}"))?;
-    read_after_barrier(config, state_topic, barrier_key, nonce, timeout).await
+    read_after_barrier(
+        config,
+        state_topic,
+        barrier_key,
+        nonce,
+        timeout,
+        CancellationToken::new(),
+    )
+    .await?
+    .ok_or_else(|| "the state read was stopped".to_owned())
 }
 
 async fn read_after_barrier(
@@ -248,7 +272,8 @@ async fn read_after_barrier(
     barrier_key: String,
     nonce: String,
     timeout: Duration,
-) -> Result<State, String> {
+    stop: CancellationToken,
+) -> Result<Option<State>, String> {
     let consumer: BaseConsumer = client_config(config)?
         .set("group.id", format!("{}-restore", config.instance_id))
         .set("enable.auto.commit", "false")
@@ -263,7 +288,7 @@ async fn read_after_barrier(
         .map_err(|e| format!("cannot create the state consumer: {e}"))?;
     let topic = state_topic.to_owned();
     tokio::task::spawn_blocking(move || {
-        read_to_barrier(&consumer, &topic, &barrier_key, &nonce, timeout)
+        read_to_barrier(&consumer, &topic, &barrier_key, &nonce, timeout, &stop)
     })
     .await
     .map_err(|e| e.to_string())?
@@ -275,7 +300,8 @@ fn read_to_barrier(
     barrier_key: &str,
     nonce: &str,
     timeout: Duration,
-) -> Result<State, String> {
+    stop: &CancellationToken,
+) -> Result<Option<State>, String> {
     let mut assignment = TopicPartitionList::new();
     assignment
         .add_partition_offset(topic, 0, Offset::Beginning)
@@ -288,6 +314,10 @@ fn read_to_barrier(
     let mut state = State::default();
     let mut records = 0u64;
     loop {
+        if stop.is_cancelled() {
+            info!(records, "state restore stopped: shutdown requested");
+            return Ok(None);
+        }
         if Instant::now() > deadline {
             return Err(format!("the start-up barrier did not come back from {topic} within {timeout:?} ({records} state records read)"));
         }
@@ -312,7 +342,7 @@ fn read_to_barrier(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "state restored"
             );
-            return Ok(state);
+            return Ok(Some(state));
         }
         state
             .apply(&key, message.payload())

@@ -139,9 +139,23 @@ pub async fn run_with(
 
     let restore_started = Instant::now();
     let restore_timeout = Duration::from_secs(config.kafka.batch_timeout_secs.max(30));
-    let mut state = restore(&config.kafka, &state_topic, &sink.handle, restore_timeout)
-        .await
-        .map_err(RunError::Startup)?;
+    let restored = restore(
+        &config.kafka,
+        &state_topic,
+        &sink.handle,
+        restore_timeout,
+        &cancel,
+    )
+    .await
+    .map_err(RunError::Startup)?;
+    let Some(mut state) = restored else {
+        // Shut down during the restore: nothing was polled, nothing is owed.
+        http_cancel.cancel();
+        return Ok(RunReport {
+            stopped: Vec::new(),
+            http,
+        });
+    };
     if state.records_before == 0 && !options.rebuild_state {
         let data: Vec<String> = topic_specs(&config, &enabled, &state_topic)
             .into_iter()

@@ -184,9 +184,15 @@ impl PositionsSupervisor {
                 }
             }
             tokio::select! {
+                // A shutdown wins over what it causes (the servers loop ending, tasks
+                // returning): it is not a failure of positions.
+                biased;
                 _ = cancel.cancelled() => break,
                 changed = tags.changed() => {
                     if changed.is_err() {
+                        if cancel.is_cancelled() {
+                            break;
+                        }
                         // The servers loop ended (it stopped with an error). Without a list
                         // there is nothing to poll; with one, keep what runs.
                         if running.is_empty() {

@@ -28,6 +28,25 @@ fn broker() -> (Option<common::Tansu>, String) {
     }
 }
 
+/// A simulator a backfill takes seconds to read, 20 ms per request.
+fn medium(c: &mut ibstream::sim::SimConfig, servers: usize) {
+    c.leads = 3_000;
+    c.customers = 1_000;
+    c.transactions = 5_000;
+    c.positions = 10_000;
+    c.servers = servers;
+    c.latency_ms = 20;
+}
+
+/// A small simulator, for scenarios that restart or wait for many cycles.
+fn small(c: &mut ibstream::sim::SimConfig) {
+    c.leads = 1_500;
+    c.customers = 600;
+    c.transactions = 2_500;
+    c.positions = 4_000;
+    c.servers = 2;
+}
+
 /// One `ibstream run` process: its operations address and its log file.
 struct Process {
     child: Child,
@@ -332,15 +351,7 @@ async fn kill_9_at_random_moments_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_at_every_phase_exits_0_within_10_s_and_starts_nothing_after() {
     let (_broker, bootstrap) = broker();
-    let sim = common::start_sim(|c| {
-        c.leads = 3_000;
-        c.customers = 1_000;
-        c.transactions = 5_000;
-        c.positions = 10_000;
-        c.servers = 3;
-        c.latency_ms = 20;
-    })
-    .await;
+    let sim = common::start_sim(|c| medium(c, 3)).await;
     let world = World::new(&sim, &bootstrap, "faults-term", "");
     // At the first poll, mid-backfill, in steady state, and last during the restore (with
     // the state of the runs before to read).
@@ -411,17 +422,45 @@ async fn sigterm_at_every_phase_exits_0_within_10_s_and_starts_nothing_after() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_restore_waits_for_kafka_exits_at_once() {
+    // Clients reach tansu through a gate that holds every write to the state topic: the
+    // start-up barrier never lands, so the restore waits (up to kafka.batch_timeout_secs, 60).
+    let gate_addr: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .unwrap();
+    let tansu = common::Tansu::start_advertising(Some(gate_addr));
+    let gate = common::KafkaGate::start(gate_addr, &tansu.bootstrap).await;
+    let sim = common::start_sim(small).await;
+    let world = World::new(&sim, &gate_addr.to_string(), "faults-restore", "");
+    gate.hold_produce_to(&format!("{}._ibstream_state", world.prefix));
+    let process = world.spawn(0);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !gate.held() {
+        assert!(Instant::now() < deadline, "no barrier write within 60 s");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let log = process.log.clone();
+    let (status, took) = process.terminate();
+    gate.open();
+    assert!(status.success(), "{status:?}; see {log:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "SIGTERM waited for the restore: {took:?}"
+    );
+    let printed = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !printed.contains("state restored"),
+        "the restore was not under way"
+    );
+    assert!(!printed.contains("polling"), "a poller started");
+    eprintln!("faults: SIGTERM while the restore waits for Kafka: exit 0 in {took:?}");
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_simulator_killed_and_restarted_mid_backfill_is_waited_for() {
     let (_broker, bootstrap) = broker();
-    let mut sim = common::start_sim(|c| {
-        c.leads = 3_000;
-        c.customers = 1_000;
-        c.transactions = 5_000;
-        c.positions = 10_000;
-        c.servers = 2;
-        c.latency_ms = 20;
-    })
-    .await;
+    let mut sim = common::start_sim(|c| medium(c, 2)).await;
     let world = World::new(&sim, &bootstrap, "faults-crm", "");
     let process = world.spawn(0);
     process
@@ -463,11 +502,7 @@ async fn the_simulator_killed_and_restarted_mid_backfill_is_waited_for() {
 async fn the_crm_at_its_worst_at_once() {
     let (_broker, bootstrap) = broker();
     let sim = common::start_sim(|c| {
-        c.leads = 1_500;
-        c.customers = 600;
-        c.transactions = 2_500;
-        c.positions = 4_000;
-        c.servers = 2;
+        small(c);
         c.fail_rate = 0.1;
         c.max_rps = 40;
         c.latency_ms = 50;
@@ -509,14 +544,7 @@ async fn the_crm_at_its_worst_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_403_mid_run_stops_one_stream_and_is_gone_after_a_restart() {
     let (_broker, bootstrap) = broker();
-    let sim = common::start_sim(|c| {
-        c.leads = 1_500;
-        c.customers = 600;
-        c.transactions = 2_500;
-        c.positions = 4_000;
-        c.servers = 2;
-    })
-    .await;
+    let sim = common::start_sim(small).await;
     let world = World::new(&sim, &bootstrap, "faults-403", "");
     let process = world.spawn(0);
     process
@@ -606,15 +634,7 @@ async fn the_broker_stopped_for_30_s_during_backfill_and_steady_state() {
     }
     let db = tempfile::tempdir().unwrap();
     let mut broker = common::Tansu::start_persistent(db.path());
-    let sim = common::start_sim(|c| {
-        c.leads = 3_000;
-        c.customers = 1_000;
-        c.transactions = 5_000;
-        c.positions = 10_000;
-        c.servers = 2;
-        c.latency_ms = 20;
-    })
-    .await;
+    let sim = common::start_sim(|c| medium(c, 2)).await;
     let world = World::new(&sim, &broker.bootstrap, "faults-broker", "");
     let process = world.spawn(0);
     let down = Duration::from_secs(30);
