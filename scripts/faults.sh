@@ -4,7 +4,7 @@
 # each scenario ends by checking every topic against the simulator's truth. Prints the
 # figures of each scenario (lines starting with "faults:").
 #
-#   scripts/faults.sh                 bounded form (what the test command runs; ~2 minutes)
+#   scripts/faults.sh                 bounded form (what the test command runs; ~4 minutes)
 #   scripts/faults.sh --long          20 kills and three times the data
 #   scripts/faults.sh --kafka H:P     against another broker, e.g. the docker-compose Kafka
 #                                     (localhost:9092); the broker-stop scenario is skipped
