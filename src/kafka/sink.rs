@@ -8,9 +8,10 @@
 //!   are visible to `read_committed` consumers, on abort neither (a failed transaction fails
 //!   every batch in it, each retried by its poller). A failed batch
 //!   is aborted and retried (bounded). A commit that fails with a retriable error (a timeout)
-//!   may have been applied, so the commit is retried, never aborted and sent again. A failed
-//!   abort, a fenced producer (another process took over the same `kafka.instance_id`) and a
-//!   fatal producer error are fatal.
+//!   may have been applied, so the commit is retried, never aborted and sent again. An abort
+//!   that times out is called again (bounded); an abort that still fails, a fenced producer
+//!   (another process took over the same `kafka.instance_id`) and a fatal producer error are
+//!   fatal.
 //! - `at-least-once`: the events are produced by an idempotent producer and acknowledged
 //!   first, then the state records. A crash in between leaves events without their state:
 //!   the batch is read and emitted again, with the same `eventId`s. A fatal error of the
@@ -536,7 +537,7 @@ fn exactly_once(
             Err(SinkError::Fatal(e)) => return Err(SinkError::Fatal(e)),
             Err(SinkError::Retriable(e)) => {
                 warn!(attempt, error = %e, "kafka transaction failed, aborting");
-                producer.abort_transaction(timeout).map_err(|abort| {
+                abort(producer, timeout).map_err(|abort| {
                     SinkError::Fatal(format!(
                         "cannot abort the failed transaction ({abort}) after: {e}"
                     ))
@@ -589,6 +590,22 @@ fn commit(producer: &KafkaProducer, timeout: Duration, stats: &SinkStats) -> Res
 
 /// Commit calls of one transaction before its outcome is given up as unknown (fatal).
 const COMMIT_ATTEMPTS: u32 = 5;
+
+/// Aborts the open transaction. An abort that times out (the broker away for a while) is
+/// called again, as librdkafka asks ("retry call to resume"), up to [`COMMIT_ATTEMPTS`]
+/// times; one that still fails leaves the producer unusable (fatal).
+fn abort(producer: &KafkaProducer, timeout: Duration) -> Result<(), KafkaError> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match producer.abort_transaction(timeout) {
+            Err(KafkaError::Transaction(e)) if e.is_retriable() && attempt < COMMIT_ATTEMPTS => {
+                warn!(attempt, error = %e, "kafka abort failed with a retriable error, aborting again");
+            }
+            outcome => return outcome,
+        }
+    }
+}
 
 fn produce_all(
     producer: &KafkaProducer,

@@ -319,8 +319,16 @@ async fn kill_9_at_random_moments_loses_nothing() {
     let mut phases: HashMap<&str, usize> = HashMap::new();
     for n in 0..kills {
         let process = world.spawn(n);
-        // Early kills land in start-up and restore, later ones in the backfill and, once it
-        // is done, in steady state with the background changes.
+        // Every other kill waits for the pollers first, so however slow the machine, kills
+        // land in start-up and restore, in the backfill and, once it is done, in steady state
+        // with the background changes.
+        if n % 2 == 1 {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while process.phase().await == "starting" {
+                assert!(Instant::now() < deadline, "no poller within 120 s");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         let at = Duration::from_millis(fastrand::u64(50..3_000));
         tokio::time::sleep(at).await;
         let phase = process.phase().await;
