@@ -693,10 +693,17 @@ enum Source<T: CrmRecord> {
     Direct(Pager<T>),
     Ahead {
         pages: tokio::sync::mpsc::Receiver<Result<Page<T>, CrmError>>,
-        /// Pages the caller asked for, and a wake-up for the task when it waits for one.
-        asked: Arc<(std::sync::atomic::AtomicU64, tokio::sync::Notify)>,
+        asked: Arc<Asked>,
         task: tokio::task::JoinHandle<()>,
     },
+}
+
+/// Pages the caller of a [`PageIter`] asked for, and a wake-up for its task when it waits
+/// for one.
+#[derive(Default)]
+struct Asked {
+    pages: std::sync::atomic::AtomicU64,
+    wake: tokio::sync::Notify,
 }
 
 impl<T: CrmRecord> Drop for PageIter<T> {
@@ -715,10 +722,7 @@ impl<T: CrmRecord> PageIter<T> {
             };
         }
         let (tx, pages) = tokio::sync::mpsc::channel(read_ahead as usize);
-        let asked = Arc::new((
-            std::sync::atomic::AtomicU64::new(0),
-            tokio::sync::Notify::new(),
-        ));
+        let asked = Arc::new(Asked::default());
         let task = tokio::spawn(read_ahead_task(pager, tx, asked.clone()));
         PageIter {
             source: Source::Ahead { pages, asked, task },
@@ -730,8 +734,8 @@ impl<T: CrmRecord> PageIter<T> {
         match &mut self.source {
             Source::Direct(pager) => pager.next().await,
             Source::Ahead { pages, asked, .. } => {
-                asked.0.fetch_add(1, Ordering::AcqRel);
-                asked.1.notify_one();
+                asked.pages.fetch_add(1, Ordering::AcqRel);
+                asked.wake.notify_one();
                 pages.recv().await
             }
         }
@@ -743,7 +747,7 @@ impl<T: CrmRecord> PageIter<T> {
             Source::Direct(_) => None,
             Source::Ahead { pages, asked, .. } => {
                 let page = pages.try_recv().ok()?;
-                asked.0.fetch_add(1, Ordering::AcqRel);
+                asked.pages.fetch_add(1, Ordering::AcqRel);
                 Some(page)
             }
         }
@@ -756,7 +760,7 @@ impl<T: CrmRecord> PageIter<T> {
 async fn read_ahead_task<T: CrmRecord>(
     mut pager: Pager<T>,
     tx: tokio::sync::mpsc::Sender<Result<Page<T>, CrmError>>,
-    asked: Arc<(std::sync::atomic::AtomicU64, tokio::sync::Notify)>,
+    asked: Arc<Asked>,
 ) {
     while let Some(page) = pager.next().await {
         let oversized = pager.fetched == 1
@@ -764,8 +768,8 @@ async fn read_ahead_task<T: CrmRecord>(
         if tx.send(page).await.is_err() {
             return;
         }
-        while oversized && asked.0.load(Ordering::Acquire) < 2 {
-            asked.1.notified().await;
+        while oversized && asked.pages.load(Ordering::Acquire) < 2 {
+            asked.wake.notified().await;
         }
     }
 }

@@ -47,7 +47,6 @@ pub async fn first_with_records(
     config: &KafkaConfig,
     topics: Vec<String>,
 ) -> Result<Option<String>, String> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
     let consumer: BaseConsumer = client_config(config)?
         .set("group.id", "ibstream-watermarks")
         .set("enable.auto.commit", "false")

@@ -190,9 +190,6 @@ impl PositionsSupervisor {
                 _ = cancel.cancelled() => break,
                 changed = tags.changed() => {
                     if changed.is_err() {
-                        if cancel.is_cancelled() {
-                            break;
-                        }
                         // The servers loop ended (it stopped with an error). Without a list
                         // there is nothing to poll; with one, keep what runs.
                         if running.is_empty() {

@@ -1,4 +1,4 @@
-//! The fault suite: each scenario tries to break `ibstream run` (the release binary, a real
+//! The fault suite: each scenario tries to break `ibstream run` (the binary, a real
 //! process) against tansu and the simulator, then checks every topic with [`final_check`]:
 //! the latest event of every key equals the truth, no key is missing, every duplicate has its
 //! twin's `eventId`, no phantom `UPDATED`, and every malformed record is a dead letter.
@@ -9,7 +9,7 @@
 use super::*;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 
 fn long() -> bool {
     std::env::var_os("FAULTS_LONG").is_some()
@@ -63,20 +63,24 @@ impl Drop for Process {
 }
 
 impl Process {
-    fn spawn(config: &Path, http: &str, log: PathBuf) -> Process {
+    /// Starts `ibstream` with `args` (a `run`) and `env` (after the log level, which
+    /// `FAULTS_LOG` sets, `info` by default), serving on `http`, everything it prints in `log`.
+    fn spawn(args: &[&str], env: &[(&str, String)], http: &str, log: PathBuf) -> Process {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_ibstream"))
-            .args(["--config", config.to_str().unwrap(), "run"])
-            .env("IBSTREAM_HTTP__LISTEN", http)
-            .env(
-                "IBSTREAM_LOG",
-                std::env::var("FAULTS_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdout(Stdio::null())
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ibstream"));
+        command.args(args).env("IBSTREAM_HTTP__LISTEN", http).env(
+            "IBSTREAM_LOG",
+            std::env::var("FAULTS_LOG").unwrap_or_else(|_| "info".into()),
+        );
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let child = command
+            .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
             .unwrap();
@@ -199,16 +203,7 @@ batch_timeout_secs = 60
 start_date = "2024-01-01"
 max_window_records = 400
 
-[streams.leads]
-poll_interval_secs = 1
-[streams.customers]
-poll_interval_secs = 1
-[streams.transactions]
-poll_interval_secs = 1
-[streams.servers]
-poll_interval_secs = 1
-[streams.positions]
-poll_interval_secs = 1
+{FAST_POLLS}
 "#,
             url = sim.base_url(),
             // FAULTS_DELIVERY=exactly-once needs a broker with transactions (--kafka).
@@ -233,7 +228,13 @@ poll_interval_secs = 1
         let http = format!("127.0.0.1:{}", common::free_port());
         let logs = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(&self.prefix);
         std::fs::create_dir_all(&logs).unwrap();
-        Process::spawn(&self.config, &http, logs.join(format!("run-{n}.log")))
+        let config = self.config.to_str().unwrap();
+        Process::spawn(
+            &["--config", config, "run"],
+            &[],
+            &http,
+            logs.join(format!("run-{n}.log")),
+        )
     }
 
     /// Reads every topic until the data topics equal the truth (or 300 s pass), then checks
@@ -843,24 +844,10 @@ poll_interval_secs = 1
         sizes.push(text.len());
     }
     // `run` at TRACE, with dead letters, /metrics and /status read while it runs.
-    let env = config('a', false);
+    let mut env = config('a', false);
+    env.push(("IBSTREAM_LOG", "trace".to_owned()));
     let log = dir.path().join("run.log");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ibstream"));
-    command.arg("run").env("IBSTREAM_LOG", "trace");
-    for (key, value) in &env {
-        command.env(key, value);
-    }
-    let out = std::fs::File::create(&log).unwrap();
-    let child = command
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
-    let process = Process {
-        child,
-        http: http.clone(),
-        log: log.clone(),
-    };
+    let process = Process::spawn(&["run"], &env, &http, log.clone());
     process
         .wait_for_phase("steady", Duration::from_secs(300))
         .await;

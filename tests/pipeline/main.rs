@@ -37,6 +37,14 @@ pub struct Consumed {
 
 pub const STREAMS: [&str; 5] = ["leads", "customers", "transactions", "servers", "positions"];
 
+/// The TOML tables that poll every stream each second, as [`config`] does, for the tests
+/// that run the binary with a file.
+pub const FAST_POLLS: &str = "[streams.leads]\npoll_interval_secs = 1\n\
+    [streams.customers]\npoll_interval_secs = 1\n\
+    [streams.transactions]\npoll_interval_secs = 1\n\
+    [streams.servers]\npoll_interval_secs = 1\n\
+    [streams.positions]\npoll_interval_secs = 1\n";
+
 pub fn config(sim: &SimHandle, broker: &common::Tansu, prefix: &str, instance: &str) -> Config {
     let mut config = Config::load(None).unwrap();
     config.crm = common::crm_config(sim);

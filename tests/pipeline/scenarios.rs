@@ -455,16 +455,7 @@ start_date = "2024-01-01"
 # Small, so windows are split in halves while the process is killed and restarted.
 max_window_records = 100
 
-[streams.leads]
-poll_interval_secs = 1
-[streams.customers]
-poll_interval_secs = 1
-[streams.transactions]
-poll_interval_secs = 1
-[streams.servers]
-poll_interval_secs = 1
-[streams.positions]
-poll_interval_secs = 1
+{FAST_POLLS}
 "#,
         url = sim.base_url(),
     );
@@ -667,42 +658,7 @@ async fn malformed_records_go_to_the_dead_letter_topic_once() {
     run.stop().await;
 
     // Every malformed truth record, once, in <prefix>.dlq; everything else in its topic.
-    let malformed: usize = [
-        Kind::Leads,
-        Kind::Customers,
-        Kind::Transactions,
-        Kind::Positions,
-    ]
-    .into_iter()
-    .map(|kind| {
-        let truth = sim.truth(kind);
-        let readable = match kind {
-            Kind::Leads => truth
-                .iter()
-                .filter(|j| read_record::<Lead>((*j).clone(), Tz::UTC).is_ok())
-                .count(),
-            Kind::Customers => truth
-                .iter()
-                .filter(|j| read_record::<Customer>((*j).clone(), Tz::UTC).is_ok())
-                .count(),
-            Kind::Transactions => truth
-                .iter()
-                .filter(|j| j["isFake"] == false)
-                .filter(|j| read_record::<Transaction>((*j).clone(), Tz::UTC).is_ok())
-                .count(),
-            _ => truth
-                .iter()
-                .filter(|j| read_record::<Position>((*j).clone(), Tz::UTC).is_ok())
-                .count(),
-        };
-        let total = if kind == Kind::Transactions {
-            truth.iter().filter(|j| j["isFake"] == false).count()
-        } else {
-            truth.len()
-        };
-        total - readable
-    })
-    .sum();
+    let malformed = malformed_truth(&sim).len();
     assert!(malformed > 50, "{malformed}");
     let letters = consume(
         &broker.bootstrap,
