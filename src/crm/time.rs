@@ -141,9 +141,11 @@ pub fn parse_epoch(text: &str) -> Result<Stamp, String> {
     let (scale, frac_digits) = match significant.len() {
         9 | 10 => (1000_i64, 3),
         12 | 13 => (1, 0),
-        n => return Err(format!(
+        n => {
+            return Err(format!(
             "epoch timestamp {text:?} has {n} digits: 9–10 digits are seconds, 12–13 milliseconds"
-        )),
+        ))
+        }
     };
     let whole: i64 = significant.parse().map_err(|_| invalid())?;
     let mut fraction = 0_i64;
