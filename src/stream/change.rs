@@ -635,8 +635,14 @@ mod tests {
                 );
             }
         }
-        // Every record the simulator serves, of every endpoint and both money styles.
-        for numeric_money in [false, true] {
+        // Every record the simulator serves, of every endpoint and both money styles, with
+        // sets in random orders, zero dates and epoch seconds.
+        let quirks = crate::sim::ValueQuirks {
+            shuffle_sets: true,
+            epoch_seconds: true,
+            zero_dates: true,
+        };
+        for (numeric_money, quirks) in [(false, Default::default()), (true, quirks)] {
             let data = crate::sim::SimData::generate(
                 &crate::sim::GenSpec {
                     seed: 11,
@@ -649,6 +655,7 @@ mod tests {
                     servers: 2,
                     numeric_money,
                     malformed_rate: 0.05,
+                    quirks,
                 },
                 chrono::Utc::now(),
             );
