@@ -4,7 +4,8 @@
 //! with the vendor's errors (401, 403, 400), faults on demand (`--fail-rate`, `--max-rps`,
 //! `--latency-ms`, `--token-ttl-secs`, `--shuffle-pages`, `--unstable-order`, `--malformed-rate`, `--deny`;
 //! paging quirks of other CRMs: `--page-cap`, `--omit-total`, `--ignore-page`,
-//! `--growing-total`), and a
+//! `--growing-total`; values as other CRMs write them: `--shuffle-sets`, `--epoch-seconds`,
+//! `--zero-dates`), and a
 //! ground truth (`GET /_sim/truth/{kind}`) that tests compare the Kafka topics with.
 //!
 //! Besides the API it serves:
@@ -13,7 +14,8 @@
 //! - `POST /_sim/mutate?count=N[&kind=K][&days=D]`: applies N changes now and returns them as
 //!   `[{"stream", "op", "key"}]` (K: lead, lead_edit, conversion, customer_edit, transaction,
 //!   late_transaction (dated D days ago, default 1), correction (of records dated about D
-//!   days ago), revert, null_date, reformat, position, server, server_remove,
+//!   days ago), revert, null_date, reformat, bloat, bloat_wide (a lead of 600,000 × "ж"),
+//!   misdated (a transaction shown 400 days off its day), position, server, server_remove,
 //!   server_restore);
 //! - `POST /_sim/expire-tokens`: revokes every issued token (the next data call gets a 401);
 //! - `GET /_sim/stats`: counters of requests, logins, injected faults, and position pages per

@@ -846,9 +846,9 @@ impl<T: StreamRecord> Poller<T> {
                 .get(&key)
                 .copied()
                 .or_else(|| self.fps.get(key).map(|e| e.fp));
-            let kept = kept_day(record.model.day(tz), window);
-            // A record without a usable date is kept as long as its window's records.
-            let day = kept.day.map_or(0, days_since_epoch);
+            // The day its fingerprint is kept by; a record without a usable date is kept as
+            // long as its window's records.
+            let kept = || kept_day(record.model.day(tz), window);
             let op = match compare(previous, fp, &record.raw, &self.volatile) {
                 Compared::Changed(op) => op,
                 Compared::Unchanged => {
@@ -859,6 +859,7 @@ impl<T: StreamRecord> Poller<T> {
                 }
                 Compared::Restamp => {
                     out.unchanged += 1;
+                    let day = kept().day.map_or(0, days_since_epoch);
                     let entry = FpEntry { fp, day };
                     out.remember
                         .push((key, entry, name_of(key, &id, self.stream)));
@@ -891,6 +892,8 @@ impl<T: StreamRecord> Poller<T> {
             });
             match encoded {
                 Ok(payload) => {
+                    let kept = kept();
+                    let day = kept.day.map_or(0, days_since_epoch);
                     if let Some(days) = kept.outside_by {
                         warn!(stream = self.stream, id, record_day = ?record.model.day(tz), ?window, days, "record dated far outside the window it was read from, its fingerprint kept by the window");
                         out.outside_window += 1;

@@ -131,10 +131,10 @@ async fn transactions_dated_in_epoch_seconds_or_far_outside_their_window_are_emi
     let run = start(sweeping(&sim, &broker, &prefix, 10));
     run.wait_cycles(&HashMap::new(), &STREAMS, 1, Duration::from_secs(300))
         .await;
-    // A new transaction today, and the newest one served dated 400 days before its day while
-    // it stays in its day's results.
-    let fresh = sim.mutate(1, Some(ChangeKind::Transaction));
+    // The newest transaction (already emitted) is served dated 400 days before its day while
+    // it stays in its day's results; and a new transaction arrives today.
     let misdated = sim.mutate(1, Some(ChangeKind::Misdated));
+    let fresh = sim.mutate(1, Some(ChangeKind::Transaction));
     assert_eq!(misdated.len(), 1);
     let before = run.cycles();
     run.wait_cycles(&before, &["transactions"], 5, Duration::from_secs(120))
