@@ -288,3 +288,76 @@ async fn records_too_large_in_wide_or_escaped_characters_make_dead_letters_that_
     );
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fingerprints_an_earlier_release_stored_make_no_update_after_the_upgrade() {
+    use ibstream::stream::change::{fingerprint, legacy};
+    use ibstream::stream::state::FpEntry;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(|c| recent(c, 10)).await;
+    let prefix = common::unique_topic("legacyfps");
+    let run = start(sweeping(&sim, &broker, &prefix, 10));
+    run.wait_cycles(&HashMap::new(), &STREAMS, 1, Duration::from_secs(300))
+        .await;
+    run.stop().await;
+    // The fingerprints an earlier release stored for every lead and customer (written the
+    // way releases before segments wrote them, `fp/<stream>/<id>`, which a restore applies
+    // in offset order over the segments): the canonical JSON with the sets as received.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .create()
+        .unwrap();
+    let state_topic = format!("{prefix}._ibstream_state");
+    let mut differing = 0;
+    for (stream, kind, id_field, volatile) in [
+        ("leads", Kind::Leads, "id", vec![]),
+        (
+            "customers",
+            Kind::Customers,
+            "customerId",
+            vec!["balanceUsd".to_owned()],
+        ),
+    ] {
+        for record in sim.truth(kind) {
+            let map = record.as_object().unwrap();
+            let old = legacy::fingerprint(map, &volatile, &mut Vec::new());
+            if old != fingerprint(map, &volatile, &mut Vec::new()) {
+                differing += 1;
+            }
+            let key = FpEntry::key(stream, &record[id_field].to_string());
+            let value = FpEntry { fp: old, day: 0 }.encode();
+            producer
+                .send(
+                    FutureRecord::to(&state_topic).key(&key).payload(&value),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    assert!(
+        differing > 100,
+        "only {differing} legacy fingerprints differ"
+    );
+    // The upgraded release reads every one of them again, unchanged: no UPDATED.
+    let run = start(sweeping(&sim, &broker, &prefix, 10));
+    run.wait_cycles(&HashMap::new(), &STREAMS, 1, Duration::from_secs(300))
+        .await;
+    wait_sweeps(&run, &["leads", "customers"], 2).await;
+    for stream in ["leads", "customers"] {
+        assert_eq!(
+            count(&run, stream, |s| &s.updated),
+            0,
+            "{stream}: UPDATED events"
+        );
+        assert_eq!(
+            count(&run, stream, |s| &s.created),
+            0,
+            "{stream}: CREATED events"
+        );
+        assert!(count(&run, stream, |s| &s.unchanged) > 0);
+    }
+    run.stop().await;
+    sim.shutdown().await;
+}
