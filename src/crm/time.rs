@@ -159,10 +159,11 @@ pub fn parse_epoch(text: &str) -> Result<Stamp, String> {
         .ok_or_else(invalid)
 }
 
-/// The first instant `timestamp-millis` readers represent: 0001-01-01T00:00:00Z.
-const FIRST_MILLIS: i64 = -62_135_596_800_000;
-/// The last: 9999-12-31T23:59:59.999Z.
-const LAST_MILLIS: i64 = 253_402_300_799_999;
+/// The first instant `timestamp-millis` readers represent: 0001-01-01T00:00:00Z, in epoch
+/// milliseconds.
+pub const FIRST_MILLIS: i64 = -62_135_596_800_000;
+/// The last: 9999-12-31T23:59:59.999Z, in epoch milliseconds.
+pub const LAST_MILLIS: i64 = 253_402_300_799_999;
 
 /// Returns the instant as a stamp, or "no date" when Avro readers cannot represent it.
 fn representable(t: DateTime<Utc>) -> Stamp {

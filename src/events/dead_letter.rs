@@ -6,8 +6,8 @@
 //!
 //! A dead letter always fits the producer's limit ([`DeadLetter::to_json_within`]): a record
 //! too large for Kafka must not make a dead letter too large for Kafka, or its stream would
-//! retry the same batch forever. When it would not fit, the error is cut to
-//! [`ERROR_MAX_BYTES`] and the raw record becomes its JSON text cut to what fits once
+//! retry the same batch forever. The error is cut to [`ERROR_MAX_BYTES`] (it may quote a
+//! huge value); when the letter would still not fit, the raw record becomes its JSON text cut to what fits once
 //! JSON-escaped (a quote or backslash takes 2 bytes, a control character up to 6), ending in
 //! `…(truncated)`, with `rawBytes` giving the size of the whole text.
 
@@ -25,7 +25,7 @@ pub struct DeadLetter {
     pub key: Option<String>,
     /// The raw record: its JSON when it was JSON, else its text.
     pub raw: Value,
-    /// Why the record was rejected.
+    /// Why the record was rejected (at most [`ERROR_MAX_BYTES`]).
     pub error: String,
     /// When the page holding the record was received (RFC 3339, UTC).
     pub fetched_at: String,
@@ -53,7 +53,8 @@ impl DeadLetter {
             stream: stream.to_owned(),
             key,
             raw: serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_owned())),
-            error: error.to_string(),
+            // An error may quote a huge value: it is cut here, so logs stay bounded too.
+            error: cut_to(&error.to_string(), ERROR_MAX_BYTES),
             fetched_at: fetched_at.to_rfc3339_opts(SecondsFormat::Millis, true),
             raw_bytes: None,
         }
@@ -77,7 +78,6 @@ impl DeadLetter {
             other => other.to_string(),
         };
         let mut cut = self.clone();
-        cut.error = cut_to(&self.error, ERROR_MAX_BYTES);
         cut.raw = Value::String(String::new());
         cut.raw_bytes = Some(raw_text.len());
         let mut budget = max_bytes
