@@ -718,6 +718,12 @@ fn the_direct_writer_equals_the_schema_checked_path_on_every_simulator_record() 
     let schemas = schemas();
     let mut encoder = Encoder::new(&schemas, Framing::SingleObject).unwrap();
     for numeric_money in [false, true] {
+        // The second pass also serves sets in random orders, zero dates and epoch seconds.
+        let quirks = ibstream::sim::ValueQuirks {
+            shuffle_sets: numeric_money,
+            epoch_seconds: numeric_money,
+            zero_dates: numeric_money,
+        };
         let data = SimData::generate(
             &GenSpec {
                 seed: 3,
@@ -730,6 +736,7 @@ fn the_direct_writer_equals_the_schema_checked_path_on_every_simulator_record() 
                 servers: 2,
                 numeric_money,
                 malformed_rate: 0.02,
+                quirks,
             },
             Utc::now(),
         );

@@ -3,9 +3,16 @@
 //! Every documented field is optional. Numbers may come as JSON numbers or strings; money and
 //! quantities are parsed exactly into [`Decimal`] (serde_json runs with `arbitrary_precision`,
 //! so a JSON number's digits never pass through `f64`). Empty strings count as missing for
-//! numbers, booleans and timestamps. Fields the model does not know are kept in `extra`
-//! (nested unknowns of `utmDetails` under `utmDetails.<name>`), so nothing the CRM sends is
-//! dropped. A field of the wrong shape fails only its record, with the field named.
+//! numbers and booleans. Fields the model does not know are kept in `extra` (nested unknowns
+//! of `utmDetails` under `utmDetails.<name>`), so nothing the CRM sends is dropped. A field of
+//! the wrong shape fails only its record, with the field named.
+//!
+//! A date field that holds "no date" (a blank string, a zero date such as `0000-00-00
+//! 00:00:00`, an instant Avro readers cannot represent; see [`super::time`]) is `None` and its
+//! raw value is kept in `extra` under the field's own name (`extra["ftdDate"] =
+//! "\"0000-00-00 00:00:00\""`): a known field never reaches `extra` otherwise, so the name
+//! cannot collide with a CRM field, and a consumer that finds the field null finds what the
+//! CRM wrote under the same name. [`CrmRecord::no_dates`] counts them.
 
 use std::collections::BTreeMap;
 use std::str::FromStr;
@@ -17,9 +24,10 @@ use serde_json::{Map, Value};
 
 use super::raw::Field;
 use super::raw::Fields;
-use super::time::{kind_of, parse_timestamp};
+use super::time::{kind_of, parse_timestamp, Stamp};
 
-/// Fields of a record that its model does not know, by name, as received.
+/// Fields of a record that its model does not know, by name, as received; and the raw values
+/// of date fields that held "no date", under the field's name (see the module's doc).
 pub type Extra = BTreeMap<String, Value>;
 
 /// The CRM endpoints ibstream reads.
@@ -96,7 +104,21 @@ pub trait CrmRecord: Sized + Send + 'static {
 
     /// Returns the entity id, if the record carries one.
     fn id(&self) -> Option<String>;
+
+    /// Returns how many of the record's date fields held "no date" (each `None` in the model,
+    /// its raw value in `extra` under the field's name).
+    fn no_dates(&self) -> usize {
+        0
+    }
 }
+
+/// Counts the date fields among `fields` whose raw "no date" value `extra` keeps.
+fn kept_dates(extra: &Extra, fields: &[&str]) -> usize {
+    fields.iter().filter(|f| extra.contains_key(**f)).count()
+}
+
+/// Date fields of leads and customers.
+const PERSON_DATES: [&str; 2] = ["registrationDate", "lastModifiedDate"];
 
 /// A tag category with the tags assigned from it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -312,8 +334,21 @@ fn decimal(key: &str, value: &Field<'_>) -> Result<Option<Decimal>, String> {
     lenient_decimal(value).map_err(|e| field_error(key, &e))
 }
 
-fn timestamp(key: &str, value: &Field<'_>, tz: Tz) -> Result<Option<DateTime<Utc>>, String> {
-    parse_timestamp(value, tz).map_err(|e| field_error(key, &e))
+/// Reads a date field; "no date" is `None` with the raw value kept in `extra` under `key`.
+fn timestamp(
+    key: &str,
+    value: &Field<'_>,
+    tz: Tz,
+    extra: &mut Extra,
+) -> Result<Option<DateTime<Utc>>, String> {
+    match parse_timestamp(value, tz).map_err(|e| field_error(key, &e))? {
+        Stamp::At(t) => Ok(Some(t)),
+        Stamp::Null => Ok(None),
+        Stamp::NoDate(_) => {
+            keep(extra, key, value);
+            Ok(None)
+        }
+    }
 }
 
 fn boolean(key: &str, value: &Field<'_>) -> Result<Option<bool>, String> {
@@ -348,8 +383,8 @@ impl Person {
             "status" => self.status = string(key, value)?,
             "affiliateId" => self.affiliate_id = string(key, value)?,
             "campaign" => self.campaign = string(key, value)?,
-            "registrationDate" => self.registration_date = timestamp(key, value, tz)?,
-            "lastModifiedDate" => self.last_modified_date = timestamp(key, value, tz)?,
+            "registrationDate" => self.registration_date = timestamp(key, value, tz, extra)?,
+            "lastModifiedDate" => self.last_modified_date = timestamp(key, value, tz, extra)?,
             "utmDetails" if !value.is_null() => {
                 self.utm_details = Some(utm_details(&value.to_value(), extra)?)
             }
@@ -524,7 +559,9 @@ fn tag_categories(value: &Value) -> Result<Vec<TagCategory>, String> {
 }
 
 /// Parses "User additional ID": `(login, server, type)` groups separated by `,` or `;`,
-/// with or without parentheses. Empty text is no accounts.
+/// with or without parentheses, or `login:server[:type]` groups separated by `,` or `;`
+/// (`123:Server1,456:Server2`). Empty text is no accounts. The accounts are a set: their order
+/// carries nothing (fingerprints ignore it).
 pub fn parse_accounts(text: &str) -> Result<Vec<TradingAccount>, String> {
     let text = text.trim();
     if text.is_empty() {
@@ -551,6 +588,11 @@ pub fn parse_accounts(text: &str) -> Result<Vec<TradingAccount>, String> {
             return Err(format!("unexpected text {tail:?} after accounts"));
         }
         groups
+    } else if text.contains(':') {
+        text.split([',', ';'])
+            .filter(|g| !g.trim().is_empty())
+            .map(|g| g.split(':').map(str::trim).collect())
+            .collect()
     } else if text.contains(';') {
         text.split(';')
             .filter(|g| !g.trim().is_empty())
@@ -611,6 +653,10 @@ impl CrmRecord for Lead {
     fn id(&self) -> Option<String> {
         self.id.map(|id| id.to_string())
     }
+
+    fn no_dates(&self) -> usize {
+        kept_dates(&self.extra, &PERSON_DATES)
+    }
 }
 
 impl CrmRecord for Customer {
@@ -623,14 +669,14 @@ impl CrmRecord for Customer {
                 "customerId" => c.customer_id = int(key, value)?,
                 "id" => c.id = int(key, value)?,
                 "leadId" => c.lead_id = int(key, value)?,
-                "conversionDate" => c.conversion_date = timestamp(key, value, tz)?,
+                "conversionDate" => c.conversion_date = timestamp(key, value, tz, &mut c.extra)?,
                 "userAdditionalId" => {
                     c.user_additional_id = string(key, value)?;
                     if let Some(text) = &c.user_additional_id {
                         c.accounts = parse_accounts(text).map_err(|e| field_error(key, &e))?;
                     }
                 }
-                "ftdDate" => c.ftd_date = timestamp(key, value, tz)?,
+                "ftdDate" => c.ftd_date = timestamp(key, value, tz, &mut c.extra)?,
                 "balanceUsd" => c.balance_usd = decimal(key, value)?,
                 k => {
                     if !c.person.read(k, value, tz, &mut c.extra)? {
@@ -644,6 +690,11 @@ impl CrmRecord for Customer {
 
     fn id(&self) -> Option<String> {
         self.customer_id.map(|id| id.to_string())
+    }
+
+    fn no_dates(&self) -> usize {
+        kept_dates(&self.extra, &PERSON_DATES)
+            + kept_dates(&self.extra, &["conversionDate", "ftdDate"])
     }
 }
 
@@ -660,7 +711,7 @@ impl CrmRecord for Transaction {
                 "amount" => t.amount = decimal(key, value)?,
                 "currency" => t.currency = string(key, value)?,
                 "amountUsd" => t.amount_usd = decimal(key, value)?,
-                "transactionDate" => t.transaction_date = timestamp(key, value, tz)?,
+                "transactionDate" => t.transaction_date = timestamp(key, value, tz, &mut t.extra)?,
                 "paymentMethod" => t.payment_method = string(key, value)?,
                 "tradingAccount" => t.trading_account = string(key, value)?,
                 "serverTag" => t.server_tag = string(key, value)?,
@@ -674,6 +725,10 @@ impl CrmRecord for Transaction {
 
     fn id(&self) -> Option<String> {
         self.id.map(|id| id.to_string())
+    }
+
+    fn no_dates(&self) -> usize {
+        kept_dates(&self.extra, &["transactionDate"])
     }
 }
 
@@ -715,8 +770,8 @@ impl CrmRecord for Position {
                 "volume" => p.volume = decimal(key, value)?,
                 "openPrice" => p.open_price = decimal(key, value)?,
                 "closePrice" => p.close_price = decimal(key, value)?,
-                "openTime" => p.open_time = timestamp(key, value, tz)?,
-                "closeTime" => p.close_time = timestamp(key, value, tz)?,
+                "openTime" => p.open_time = timestamp(key, value, tz, &mut p.extra)?,
+                "closeTime" => p.close_time = timestamp(key, value, tz, &mut p.extra)?,
                 "profit" => p.profit = decimal(key, value)?,
                 "commission" => p.commission = decimal(key, value)?,
                 "swap" => p.swap = decimal(key, value)?,
@@ -729,6 +784,10 @@ impl CrmRecord for Position {
 
     fn id(&self) -> Option<String> {
         self.position_id.map(|id| id.to_string())
+    }
+
+    fn no_dates(&self) -> usize {
+        kept_dates(&self.extra, &["openTime", "closeTime"])
     }
 }
 
@@ -901,6 +960,30 @@ mod tests {
             assert_eq!(parse_accounts(text).unwrap(), expected, "{text}");
         }
         assert_eq!(parse_accounts("").unwrap(), vec![]);
+        // `login:server[:type]` groups.
+        let colon = parse_accounts("12345:mt4-live-01:live, 88112 : mt5-live-02:live").unwrap();
+        assert_eq!(colon, expected);
+        assert_eq!(
+            parse_accounts("123:Server1,456:Server2;789:Server3").unwrap(),
+            vec![
+                TradingAccount {
+                    login: "123".into(),
+                    server: "Server1".into(),
+                    account_type: None
+                },
+                TradingAccount {
+                    login: "456".into(),
+                    server: "Server2".into(),
+                    account_type: None
+                },
+                TradingAccount {
+                    login: "789".into(),
+                    server: "Server3".into(),
+                    account_type: None
+                },
+            ]
+        );
+        assert!(parse_accounts("123:,456:Server2").is_err());
         assert!(parse_accounts("(12345, mt4").is_err());
         assert!(parse_accounts("12345, mt4").is_err());
         let c = Customer::from_json(
@@ -924,5 +1007,66 @@ mod tests {
                 tags: vec!["vip".into(), "webinar".into()]
             }]
         );
+    }
+
+    #[test]
+    fn no_date_fields_are_null_with_their_raw_value_in_extra() {
+        let c = Customer::from_json(
+            &obj(json!({"customerId": 5501, "ftdDate": "0000-00-00 00:00:00",
+                "conversionDate": "0000-00-00", "lastModifiedDate": "2026-11-00 09:00:00",
+                "registrationDate": "2019-03-14 09:21:44"})),
+            Tz::UTC,
+        )
+        .unwrap();
+        assert_eq!(c.ftd_date, None);
+        assert_eq!(c.conversion_date, None);
+        assert_eq!(c.person.last_modified_date, None);
+        assert!(c.person.registration_date.is_some());
+        assert_eq!(c.extra["ftdDate"], json!("0000-00-00 00:00:00"));
+        assert_eq!(c.extra["conversionDate"], json!("0000-00-00"));
+        assert_eq!(c.extra["lastModifiedDate"], json!("2026-11-00 09:00:00"));
+        assert_eq!(c.extra.len(), 3);
+        assert_eq!(c.no_dates(), 3);
+        // A blank date and the epoch zero are "no date" too; `null` is just null.
+        let t =
+            Transaction::from_json(&obj(json!({"id": 1, "transactionDate": ""})), Tz::UTC).unwrap();
+        assert_eq!((t.transaction_date, t.no_dates()), (None, 1));
+        assert_eq!(t.extra["transactionDate"], json!(""));
+        let p = Position::from_json(
+            &obj(json!({"positionId": 1, "openTime": 0, "closeTime": null})),
+            Tz::UTC,
+        )
+        .unwrap();
+        assert_eq!((p.open_time, p.close_time, p.no_dates()), (None, None, 1));
+        assert_eq!(p.extra["openTime"], json!(0));
+        // East of UTC, year 1 becomes year 0: not representable, so no date.
+        let lead = Lead::from_json(
+            &obj(json!({"id": 1, "registrationDate": "0001-01-01 00:00:00"})),
+            "Asia/Tokyo".parse().unwrap(),
+        )
+        .unwrap();
+        assert_eq!(lead.person.registration_date, None);
+        assert_eq!(lead.no_dates(), 1);
+        // A date that is no date at all still fails its record, naming the field.
+        let err = Customer::from_json(
+            &obj(json!({"customerId": 1, "ftdDate": "2019-02-30"})),
+            Tz::UTC,
+        )
+        .unwrap_err();
+        assert!(err.contains("`ftdDate`"), "{err}");
+    }
+
+    #[test]
+    fn epoch_seconds_are_seconds() {
+        let t = Transaction::from_json(
+            &obj(json!({"id": 1, "transactionDate": 1764500000})),
+            Tz::UTC,
+        )
+        .unwrap();
+        assert_eq!(
+            t.transaction_date.unwrap().to_rfc3339(),
+            "2025-11-30T10:53:20+00:00"
+        );
+        assert_eq!(t.no_dates(), 0);
     }
 }

@@ -21,6 +21,7 @@ use rust_decimal::{Decimal, RoundingStrategy};
 use super::schema::{EventType, Schemas};
 use crate::config::DecimalExcess;
 use crate::crm::models::{Extra, Person, TagCategory, TradingAccount, UtmDetails};
+use crate::crm::time::{FIRST_MILLIS, LAST_MILLIS};
 use crate::crm::{Customer, Lead, Position, Server, Transaction};
 
 /// Scale of every decimal in the event schemas.
@@ -40,6 +41,16 @@ pub enum EncodeError {
         value: String,
         /// Too many decimals, or too many integer digits.
         reason: &'static str,
+    },
+    /// An instant outside what `timestamp-millis` readers represent (0001-01-01T00:00:00Z …
+    /// 9999-12-31T23:59:59.999Z). Records read from the CRM never hold one (such a date is
+    /// "no date", see `crm::time`); this guards models built otherwise.
+    #[error("field `{field}`: {value} is outside 0001-01-01 … 9999-12-31 UTC")]
+    Timestamp {
+        /// The field.
+        field: &'static str,
+        /// The instant (RFC 3339).
+        value: String,
     },
     /// apache-avro refused the value (a bug: the schema and the encoder disagree).
     #[error("avro encoding failed: {0}")]
@@ -617,6 +628,23 @@ fn boolean(value: Option<bool>) -> Value {
     value.map_or_else(none, |v| some(Value::Boolean(v)))
 }
 
+/// Returns an optional instant for a `timestamp-millis` field, or an error if readers could
+/// not represent it.
+fn instant(
+    field: &'static str,
+    value: Option<DateTime<Utc>>,
+) -> Result<Option<DateTime<Utc>>, EncodeError> {
+    match value {
+        Some(t) if !(FIRST_MILLIS..=LAST_MILLIS).contains(&t.timestamp_millis()) => {
+            Err(EncodeError::Timestamp {
+                field,
+                value: t.to_rfc3339(),
+            })
+        }
+        other => Ok(other),
+    }
+}
+
 fn timestamp(value: Option<DateTime<Utc>>) -> Value {
     value.map_or_else(none, |t| some(Value::TimestampMillis(t.timestamp_millis())))
 }
@@ -732,7 +760,7 @@ fn account(a: &TradingAccount) -> Value {
     ])
 }
 
-fn person<O: FieldOut>(p: &Person, out: &mut O) {
+fn person<O: FieldOut>(p: &Person, out: &mut O) -> Result<(), EncodeError> {
     out.string("firstName", p.first_name.as_deref());
     out.string("lastName", p.last_name.as_deref());
     out.string("email", p.email.as_deref());
@@ -742,10 +770,17 @@ fn person<O: FieldOut>(p: &Person, out: &mut O) {
     out.string("status", p.status.as_deref());
     out.string("affiliateId", p.affiliate_id.as_deref());
     out.string("campaign", p.campaign.as_deref());
-    out.timestamp("registrationDate", p.registration_date);
-    out.timestamp("lastModifiedDate", p.last_modified_date);
+    out.timestamp(
+        "registrationDate",
+        instant("registrationDate", p.registration_date)?,
+    );
+    out.timestamp(
+        "lastModifiedDate",
+        instant("lastModifiedDate", p.last_modified_date)?,
+    );
     out.utm("utmDetails", p.utm_details.as_ref());
     out.tags("tags", p.tags.as_deref());
+    Ok(())
 }
 
 impl AvroEvent for Lead {
@@ -757,8 +792,7 @@ impl AvroEvent for Lead {
         _decimals: &mut Decimals,
     ) -> Result<(), EncodeError> {
         out.long("id", self.id);
-        person(&self.person, out);
-        Ok(())
+        person(&self.person, out)
     }
 
     fn extra(&self) -> &Extra {
@@ -773,11 +807,14 @@ impl AvroEvent for Customer {
         out.long("customerId", self.customer_id);
         out.long("id", self.id);
         out.long("leadId", self.lead_id);
-        person(&self.person, out);
-        out.timestamp("conversionDate", self.conversion_date);
+        person(&self.person, out)?;
+        out.timestamp(
+            "conversionDate",
+            instant("conversionDate", self.conversion_date)?,
+        );
         out.string("userAdditionalId", self.user_additional_id.as_deref());
         out.accounts("accounts", &self.accounts);
-        out.timestamp("ftdDate", self.ftd_date);
+        out.timestamp("ftdDate", instant("ftdDate", self.ftd_date)?);
         out.decimal(
             "balanceUsd",
             decimals.bytes("balanceUsd", self.balance_usd)?,
@@ -800,7 +837,10 @@ impl AvroEvent for Transaction {
         out.decimal("amount", decimals.bytes("amount", self.amount)?);
         out.string("currency", self.currency.as_deref());
         out.decimal("amountUsd", decimals.bytes("amountUsd", self.amount_usd)?);
-        out.timestamp("transactionDate", self.transaction_date);
+        out.timestamp(
+            "transactionDate",
+            instant("transactionDate", self.transaction_date)?,
+        );
         out.string("paymentMethod", self.payment_method.as_deref());
         out.string("tradingAccount", self.trading_account.as_deref());
         out.string("serverTag", self.server_tag.as_deref());
@@ -850,8 +890,8 @@ impl AvroEvent for Position {
             "closePrice",
             decimals.bytes("closePrice", self.close_price)?,
         );
-        out.timestamp("openTime", self.open_time);
-        out.timestamp("closeTime", self.close_time);
+        out.timestamp("openTime", instant("openTime", self.open_time)?);
+        out.timestamp("closeTime", instant("closeTime", self.close_time)?);
         out.decimal("profit", decimals.bytes("profit", self.profit)?);
         out.decimal("commission", decimals.bytes("commission", self.commission)?);
         out.decimal("swap", decimals.bytes("swap", self.swap)?);
@@ -1067,6 +1107,50 @@ mod tests {
                 .unwrap()
                 .to_vec()
         );
+    }
+
+    #[test]
+    fn instants_readers_cannot_represent_never_reach_a_timestamp_field() {
+        let meta = EventMeta {
+            event_id: String::new(),
+            op: Op::Created,
+            emitted_at: Utc::now(),
+            source: String::new(),
+            endpoint: String::new(),
+            window: None,
+            fetched_at: Utc::now(),
+            connector_version: String::new(),
+        };
+        let at = |millis: i64| DateTime::from_timestamp_millis(millis);
+        for (millis, ok) in [
+            (FIRST_MILLIS, true),
+            (LAST_MILLIS, true),
+            (FIRST_MILLIS - 1, false),
+            (LAST_MILLIS + 1, false),
+            (-70_000_000_000_000, false),
+        ] {
+            let t = Transaction {
+                transaction_date: at(millis),
+                ..Transaction::default()
+            };
+            let c = Customer {
+                ftd_date: at(millis),
+                ..Customer::default()
+            };
+            let mut lead = Lead::default();
+            lead.person.last_modified_date = at(millis);
+            for result in [
+                to_value(&t, &meta),
+                to_value(&c, &meta),
+                to_value(&lead, &meta),
+            ] {
+                match result {
+                    Ok(_) => assert!(ok, "{millis} encoded"),
+                    Err(EncodeError::Timestamp { .. }) => assert!(!ok, "{millis} refused"),
+                    Err(other) => panic!("{other}"),
+                }
+            }
+        }
     }
 
     #[test]

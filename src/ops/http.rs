@@ -146,6 +146,8 @@ pub fn status_json(registry: &Registry) -> Value {
                     "openWindowsGivenUp": get(&s.open_windows_given_up),
                     "reconcileSweeps": get(&s.reconcile_sweeps),
                     "decimalsRounded": get(&s.decimals_rounded),
+                    "placeholderDates": get(&s.no_dates),
+                    "outsideWindow": get(&s.outside_window),
                     "pages": get(&s.pages),
                     "cycles": get(&s.cycles),
                     "tracked": get(&s.tracked),

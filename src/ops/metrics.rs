@@ -66,7 +66,7 @@ impl Collector for Metrics {
                 })
                 .collect::<Vec<_>>()
         };
-        let stream_counters: [StreamMetric; 8] = [
+        let stream_counters: [StreamMetric; 10] = [
             (
                 "ibstream_records_fetched",
                 "Records read from the CRM.",
@@ -105,6 +105,16 @@ impl Collector for Metrics {
             ("ibstream_crm_pages", "Pages read from the CRM.", |s| {
                 &s.pages
             }),
+            (
+                "ibstream_placeholder_dates",
+                "Date fields emitted as null because they held no date (a zero date such as 0000-00-00, a blank, an instant outside 0001-9999), the raw value kept in extra.",
+                |s| &s.no_dates,
+            ),
+            (
+                "ibstream_records_outside_window",
+                "Records emitted whose own date lies more than 2 days outside the window they were read from (their fingerprint is kept by the window's day).",
+                |s| &s.outside_window,
+            ),
         ];
         for (name, help, pick) in stream_counters {
             family(

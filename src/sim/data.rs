@@ -145,12 +145,20 @@ struct TransactionWire<'a> {
     amount: Money,
     currency: &'static str,
     amount_usd: Money,
-    transaction_date: Option<String>,
+    transaction_date: Option<WireDate>,
     payment_method: &'static str,
     trading_account: Option<String>,
     server_tag: Option<&'a str>,
     product_id: String,
     is_fake: bool,
+}
+
+/// A date as the API serves it: local text, or epoch seconds with `--epoch-seconds`.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum WireDate {
+    Text(String),
+    Seconds(i64),
 }
 
 /// A closed position as the API serves it.
@@ -246,6 +254,17 @@ pub enum ChangeKind {
     /// The newest lead gets a `notes` field of 1.5 MB (its event is larger than Kafka's
     /// default `message.max.bytes`).
     Bloat,
+    /// The newest lead without notes gets a `notes` field of `count` × `text` (a record over
+    /// 1 MB in few characters: `'ж'` takes 2 bytes, `'€'` 3).
+    BloatWith {
+        /// The character repeated.
+        text: char,
+        /// How many times.
+        count: usize,
+    },
+    /// The newest transaction is served dated 400 days before its date, in its date's results
+    /// (a CRM whose filter and shown date differ).
+    Misdated,
     /// The newest transaction and position write their numbers another way (`12.50` becomes
     /// `1250e-2`; the same numbers; needs `--numeric-money` to be visible as numbers).
     Reformat,
@@ -274,6 +293,11 @@ impl ChangeKind {
             "null_date" => ChangeKind::NullDate,
             "reformat" => ChangeKind::Reformat,
             "bloat" => ChangeKind::Bloat,
+            "bloat_wide" => ChangeKind::BloatWith {
+                text: 'ж',
+                count: 600_000,
+            },
+            "misdated" => ChangeKind::Misdated,
             "position" => ChangeKind::Position,
             "server" => ChangeKind::Server,
             "server_remove" => ChangeKind::RemoveServer,
@@ -306,6 +330,22 @@ pub struct GenSpec {
     pub numeric_money: bool,
     /// Fraction of records served with an unreadable date or amount.
     pub malformed_rate: f64,
+    /// How values are written (sets' order, dates in other forms).
+    pub quirks: ValueQuirks,
+}
+
+/// Ways of writing values that real CRMs have and the reference shapes do not.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ValueQuirks {
+    /// Serve the tag categories, the tags of each category and the trading accounts of every
+    /// record in a fresh random order on every answer (they are sets); each chosen tag
+    /// category then holds two tags, so their order can vary.
+    pub shuffle_sets: bool,
+    /// Serve transactions' `transactionDate` as epoch seconds (a JSON number).
+    pub epoch_seconds: bool,
+    /// Write "no date" as a zero date: a customer without a first deposit has `"ftdDate":
+    /// "0000-00-00 00:00:00"` instead of `null`.
+    pub zero_dates: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -330,8 +370,10 @@ struct Lead {
     id: i64,
     person: Person,
     malformed: bool,
-    /// Size of a `notes` field of filler text (0: none).
+    /// Size of a `notes` field of filler text in characters (0: none).
     notes_bytes: usize,
+    /// The character `notes` repeats.
+    notes_char: char,
 }
 
 #[derive(Debug, Clone)]
@@ -361,7 +403,12 @@ struct Transaction {
     malformed: bool,
     date_hidden: bool,
     reformatted: bool,
+    /// Served dated [`MISDATED_DAYS`] before its date (it stays in its date's results).
+    misdated: bool,
 }
+
+/// How far before its date a `misdated` transaction is served.
+const MISDATED_DAYS: i64 = 400;
 
 #[derive(Debug, Clone)]
 struct Server {
@@ -408,6 +455,10 @@ pub struct SimData {
     numeric_money: bool,
     /// Corrections made, newest last: each record's kind, index and previous cents.
     corrections: Vec<Vec<(Kind, usize, i64)>>,
+    /// How values are written.
+    quirks: ValueQuirks,
+    /// Records rendered so far: seeds the order of sets with `shuffle_sets`.
+    renders: std::sync::atomic::AtomicU64,
     /// The records matching recent queries (modification instant, index), in index order:
     /// the pages of one window are cut from one scan, as a real CRM's index would serve
     /// them. Emptied by every change.
@@ -470,6 +521,8 @@ impl SimData {
             next_login: 100_000,
             numeric_money: spec.numeric_money,
             corrections: Vec::new(),
+            quirks: spec.quirks,
+            renders: std::sync::atomic::AtomicU64::new(spec.seed),
             matched: Default::default(),
         };
         for i in 0..spec.servers.max(1) {
@@ -494,6 +547,7 @@ impl SimData {
                 person,
                 malformed: malformed(&mut rng),
                 notes_bytes: 0,
+                notes_char: 'n',
             });
         }
         for i in 0..spec.customers {
@@ -558,6 +612,7 @@ impl SimData {
                 malformed: malformed(&mut rng),
                 date_hidden: false,
                 reformatted: false,
+                misdated: false,
             });
         }
         let closes = data.customer_times(&mut rng, spec.positions, start, now);
@@ -842,21 +897,44 @@ impl SimData {
         )
     }
 
+    /// Returns a random order for the sets of one answer's record (`shuffle_sets`), or
+    /// `None` to serve them in their own order.
+    fn set_order(&self) -> Option<fastrand::Rng> {
+        self.quirks.shuffle_sets.then(|| {
+            let n = self
+                .renders
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            fastrand::Rng::with_seed(n.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        })
+    }
+
     fn person_fields(&self, p: &Person, malformed: bool) -> serde_json::Map<String, Value> {
         let (country, language) = COUNTRIES[p.country as usize];
-        let tags: Vec<Value> = TAGS
+        let mut order = self.set_order();
+        let mut tags: Vec<Value> = TAGS
             .iter()
             .enumerate()
             .filter_map(|(ci, (category, names))| {
-                let chosen: Vec<&str> = p
+                let mut chosen: Vec<&str> = p
                     .tags
                     .iter()
                     .filter(|(c, _)| usize::from(*c) == ci)
-                    .map(|(_, t)| names[*t as usize])
+                    .flat_map(|(_, t)| {
+                        let second = order
+                            .is_some()
+                            .then(|| names[(*t as usize + 1) % names.len()]);
+                        std::iter::once(names[*t as usize]).chain(second)
+                    })
                     .collect();
+                if let Some(rng) = order.as_mut() {
+                    rng.shuffle(&mut chosen);
+                }
                 (!chosen.is_empty()).then(|| json!({"category": category, "tags": chosen}))
             })
             .collect();
+        if let Some(rng) = order.as_mut() {
+            rng.shuffle(&mut tags);
+        }
         let registration = if malformed {
             "31/02/2024 25:61".to_owned()
         } else {
@@ -893,27 +971,36 @@ impl SimData {
         let mut map = self.person_fields(&lead.person, lead.malformed);
         map.insert("id".to_owned(), json!(lead.id));
         if lead.notes_bytes > 0 {
-            map.insert("notes".to_owned(), json!("n".repeat(lead.notes_bytes)));
+            let notes: String = std::iter::repeat_n(lead.notes_char, lead.notes_bytes).collect();
+            map.insert("notes".to_owned(), json!(notes));
         }
         Value::Object(map)
     }
 
     fn render_customer(&self, c: &Customer) -> Value {
         let mut map = self.person_fields(&c.person, false);
-        let accounts: Vec<String> = c
+        let mut accounts: Vec<String> = c
             .accounts
             .iter()
             .map(|(login, server)| {
                 format!("({login}, {}, live)", self.servers[usize::from(*server)].id)
             })
             .collect();
+        if let Some(mut rng) = self.set_order() {
+            rng.shuffle(&mut accounts);
+        }
         map.insert("customerId".to_owned(), json!(c.customer_id));
         map.insert("leadId".to_owned(), json!(c.lead_id));
         map.insert("conversionDate".to_owned(), json!(self.time(c.converted)));
         map.insert("userAdditionalId".to_owned(), json!(accounts.join(", ")));
+        let no_date = if self.quirks.zero_dates {
+            json!("0000-00-00 00:00:00")
+        } else {
+            Value::Null
+        };
         map.insert(
             "ftdDate".to_owned(),
-            c.ftd.map_or(Value::Null, |t| json!(self.time(t))),
+            c.ftd.map_or(no_date, |t| json!(self.time(t))),
         );
         let balance = if c.malformed {
             "1.520,40".to_owned()
@@ -948,7 +1035,18 @@ impl SimData {
             },
             currency: if t.eur { "EUR" } else { "USD" },
             amount_usd: m(money(sign * usd_cents)),
-            transaction_date: (!t.date_hidden).then(|| self.time(t.date)),
+            transaction_date: (!t.date_hidden).then(|| {
+                let date = if t.misdated {
+                    t.date - MISDATED_DAYS * 86_400
+                } else {
+                    t.date
+                };
+                if self.quirks.epoch_seconds {
+                    WireDate::Seconds(date)
+                } else {
+                    WireDate::Text(self.time(date))
+                }
+            }),
             payment_method: PAYMENT_METHODS[t.method as usize],
             trading_account: t.account.map(|(login, _)| login.to_string()),
             server_tag: t
@@ -1051,6 +1149,7 @@ impl SimData {
                     person,
                     malformed,
                     notes_bytes: 0,
+                    notes_char: 'n',
                 });
                 changes.push(change("leads", "created", id.to_string()));
             }
@@ -1159,6 +1258,26 @@ impl SimData {
                     changes.push(change("leads", "updated", lead.id.to_string()));
                 }
             }
+            ChangeKind::BloatWith { text, count } => {
+                let bloated = self
+                    .leads
+                    .iter_mut()
+                    .rev()
+                    .find(|l| !l.malformed && l.notes_bytes == 0);
+                if let Some(lead) = bloated {
+                    lead.notes_bytes = count;
+                    lead.notes_char = text;
+                    lead.person.modified = now.max(lead.person.modified);
+                    changes.push(change("leads", "updated", lead.id.to_string()));
+                }
+            }
+            ChangeKind::Misdated => {
+                if let Some(i) = self.pick(Kind::Transactions, Some(now), &mut rng) {
+                    self.transactions[i].misdated = true;
+                    let id = self.transactions[i].id.to_string();
+                    changes.push(change("transactions", "updated", id));
+                }
+            }
             ChangeKind::NullDate => {
                 if let Some(i) = self.pick(Kind::Transactions, Some(now), &mut rng) {
                     self.transactions[i].date_hidden = true;
@@ -1247,7 +1366,9 @@ impl SimData {
                 .transactions
                 .iter()
                 .enumerate()
-                .filter(|(_, t)| !t.fake && !t.malformed && !t.date_hidden && !t.reformatted)
+                .filter(|(_, t)| {
+                    !t.fake && !t.malformed && !t.date_hidden && !t.reformatted && !t.misdated
+                })
                 .map(|(i, t)| (i, t.date))
                 .collect(),
             Kind::Positions => self
@@ -1309,6 +1430,7 @@ impl SimData {
             malformed: false,
             date_hidden: false,
             reformatted: false,
+            misdated: false,
         });
         changes.push(Change {
             stream: "transactions",
@@ -1424,6 +1546,7 @@ mod tests {
             servers: 3,
             malformed_rate: 0.0,
             numeric_money: false,
+            quirks: ValueQuirks::default(),
         }
     }
 

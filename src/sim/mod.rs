@@ -4,7 +4,8 @@
 //! with the vendor's errors (401, 403, 400), faults on demand (`--fail-rate`, `--max-rps`,
 //! `--latency-ms`, `--token-ttl-secs`, `--shuffle-pages`, `--unstable-order`, `--malformed-rate`, `--deny`;
 //! paging quirks of other CRMs: `--page-cap`, `--omit-total`, `--ignore-page`,
-//! `--growing-total`), and a
+//! `--growing-total`; values as other CRMs write them: `--shuffle-sets`, `--epoch-seconds`,
+//! `--zero-dates`), and a
 //! ground truth (`GET /_sim/truth/{kind}`) that tests compare the Kafka topics with.
 //!
 //! Besides the API it serves:
@@ -13,7 +14,8 @@
 //! - `POST /_sim/mutate?count=N[&kind=K][&days=D]`: applies N changes now and returns them as
 //!   `[{"stream", "op", "key"}]` (K: lead, lead_edit, conversion, customer_edit, transaction,
 //!   late_transaction (dated D days ago, default 1), correction (of records dated about D
-//!   days ago), revert, null_date, reformat, position, server, server_remove,
+//!   days ago), revert, null_date, reformat, bloat, bloat_wide (a lead of 600,000 × "ж"),
+//!   misdated (a transaction shown 400 days off its day), position, server, server_remove,
 //!   server_restore);
 //! - `POST /_sim/expire-tokens`: revokes every issued token (the next data call gets a 401);
 //! - `GET /_sim/stats`: counters of requests, logins, injected faults, and position pages per
@@ -29,7 +31,7 @@ use chrono::NaiveDate;
 use chrono_tz::Tz;
 use clap::Parser;
 
-pub use data::{Change, ChangeKind, DataQuery, GenSpec, Kind, PageOrder, SimData};
+pub use data::{Change, ChangeKind, DataQuery, GenSpec, Kind, PageOrder, SimData, ValueQuirks};
 pub use server::{SimHandle, SimStats};
 
 /// Options of the simulator (also its command line).
@@ -127,6 +129,16 @@ pub struct SimConfig {
     /// Fraction of records served with an unreadable date or amount.
     #[arg(long, default_value_t = 0.0)]
     pub malformed_rate: f64,
+    /// Serve tag categories, tags and trading accounts in a fresh random order on every
+    /// answer (each chosen tag category then holds two tags).
+    #[arg(long)]
+    pub shuffle_sets: bool,
+    /// Serve transactions' `transactionDate` as epoch seconds (a JSON number).
+    #[arg(long)]
+    pub epoch_seconds: bool,
+    /// Write a customer's missing first deposit as `"ftdDate": "0000-00-00 00:00:00"`.
+    #[arg(long)]
+    pub zero_dates: bool,
     /// Endpoints answered with 403 (module off), comma-separated: leads, customers,
     /// transactions, servers, positions.
     #[arg(long, value_delimiter = ',')]
@@ -182,6 +194,11 @@ impl SimConfig {
             servers: self.servers,
             malformed_rate: self.malformed_rate,
             numeric_money: self.numeric_money,
+            quirks: ValueQuirks {
+                shuffle_sets: self.shuffle_sets,
+                epoch_seconds: self.epoch_seconds,
+                zero_dates: self.zero_dates,
+            },
         }
     }
 }
@@ -201,6 +218,7 @@ pub fn sample_leads_page(count: usize, tz: Tz) -> Vec<u8> {
         servers: 1,
         malformed_rate: 0.0,
         numeric_money: false,
+        quirks: ValueQuirks::default(),
     };
     let now = chrono::DateTime::from_timestamp(1_780_315_200, 0).unwrap_or_default();
     let records = SimData::generate(&spec, now).truth(Kind::Leads);

@@ -5,24 +5,88 @@
 //! normalized – `1`, `1.0`, `1.00`, `1e0` and `10e-1` are all written `1`, so a CRM that changes
 //! how it writes a number makes no change; strings stay strings (`"1.0"` is not `1`).
 //! Top-level fields the stream lists as volatile are left out, so a change of them alone is no
-//! change. The `eventId` of a change is a hash of (stream, entity id, previous fingerprint,
+//! change.
+//!
+//! Arrays that are sets are written in one order (DESIGN.md, "Change detection"): the tag
+//! categories of `tags` and the tags of each category are sorted by their canonical JSON, and
+//! the trading accounts of `userAdditionalId` (a string, see
+//! [`crate::crm::models::parse_accounts`]) are written as the sorted array of their
+//! `[login, server, type]` (an unreadable list stays the string it is). A CRM serving the same
+//! tags or accounts in another order makes no change; duplicates still count (a multiset).
+//! Releases before this wrote those fields in the order received: [`legacy`] computes their
+//! fingerprints, and [`compare`] takes a stored fingerprint equal to the legacy one of the
+//! record read as unchanged, so an upgrade re-emits nothing. The `eventId` of a change is a hash of (stream, entity id, previous fingerprint,
 //! fingerprint): a retry of the same change gets the same id, whatever the delivery mode, and a
 //! record that changes back (A → B → A) gets a new id for its second A.
 
 use std::borrow::Cow;
 use std::io::Write;
 
+use chrono::NaiveDate;
 use serde_json::{Map, Value};
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
+use crate::crm::models::parse_accounts;
 use crate::crm::raw::{Field, Fields};
 use crate::events::Op;
 
 /// Seed of record fingerprints; changing it would re-emit every entity.
 const FINGERPRINT_SEED: u64 = 0x1b57_2ea3_0000_0001;
 
+/// Whether set-valued fields are written in one order (this release) or as received (the
+/// releases before, see [`legacy`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sets {
+    Sorted,
+    AsReceived,
+}
+
 /// Returns the fingerprint of a record, leaving out `volatile` top-level fields.
 pub fn fingerprint(record: &Map<String, Value>, volatile: &[String], buffer: &mut Vec<u8>) -> u64 {
+    fingerprint_map(record, volatile, buffer, Sets::Sorted)
+}
+
+/// Returns the fingerprint of a record read by [`crate::crm::raw`]: the same bytes hashed as
+/// [`fingerprint`] hashes for the same record as a `Value` map.
+pub fn fingerprint_fields(fields: &Fields<'_>, volatile: &[String], buffer: &mut Vec<u8>) -> u64 {
+    fingerprint_of_fields(fields, volatile, buffer, Sets::Sorted)
+}
+
+/// The fingerprints of releases before set-valued fields were compared without their order.
+///
+/// Kept because fingerprints are persisted: a state topic written by such a release holds
+/// them, and an entity that has not changed since must not become `UPDATED` once after the
+/// upgrade. [`compare`] accepts a match with these as unchanged (and the new form is stored
+/// in its place). Never change what they compute.
+pub mod legacy {
+    use super::*;
+
+    /// Returns the fingerprint an earlier release computed for a record as a `Value` map.
+    pub fn fingerprint(
+        record: &Map<String, Value>,
+        volatile: &[String],
+        buffer: &mut Vec<u8>,
+    ) -> u64 {
+        fingerprint_map(record, volatile, buffer, Sets::AsReceived)
+    }
+
+    /// Returns the fingerprint an earlier release computed for a record read by
+    /// [`crate::crm::raw`] (equal to [`fingerprint`] of the same record).
+    pub fn fingerprint_fields(
+        fields: &Fields<'_>,
+        volatile: &[String],
+        buffer: &mut Vec<u8>,
+    ) -> u64 {
+        fingerprint_of_fields(fields, volatile, buffer, Sets::AsReceived)
+    }
+}
+
+fn fingerprint_map(
+    record: &Map<String, Value>,
+    volatile: &[String],
+    buffer: &mut Vec<u8>,
+    sets: Sets,
+) -> u64 {
     buffer.clear();
     buffer.push(b'{');
     let mut first = true;
@@ -36,15 +100,22 @@ pub fn fingerprint(record: &Map<String, Value>, volatile: &[String], buffer: &mu
         first = false;
         write_string(buffer, key);
         buffer.push(b':');
-        write_canonical(buffer, value);
+        match (sets, key.as_str(), value) {
+            (Sets::Sorted, SET_FIELD_ACCOUNTS, Value::String(text)) => write_accounts(buffer, text),
+            (Sets::Sorted, SET_FIELD_TAGS, _) => write_tags(buffer, value),
+            _ => write_canonical(buffer, value),
+        }
     }
     buffer.push(b'}');
     xxh3_64_with_seed(buffer, FINGERPRINT_SEED)
 }
 
-/// Returns the fingerprint of a record read by [`crate::crm::raw`]: the same bytes hashed as
-/// [`fingerprint`] hashes for the same record as a `Value` map.
-pub fn fingerprint_fields(fields: &Fields<'_>, volatile: &[String], buffer: &mut Vec<u8>) -> u64 {
+fn fingerprint_of_fields(
+    fields: &Fields<'_>,
+    volatile: &[String],
+    buffer: &mut Vec<u8>,
+    sets: Sets,
+) -> u64 {
     buffer.clear();
     buffer.push(b'{');
     let mut first = true;
@@ -58,23 +129,118 @@ pub fn fingerprint_fields(fields: &Fields<'_>, volatile: &[String], buffer: &mut
         first = false;
         write_plain_or_escaped(buffer, key);
         buffer.push(b':');
-        match value {
-            Field::Null => buffer.extend_from_slice(b"null"),
-            Field::Bool(b) => buffer.extend_from_slice(if *b { b"true" } else { b"false" }),
-            Field::Number(text) => canonical_number(text, buffer),
-            Field::String(Cow::Borrowed(text)) => {
+        match (sets, key, value) {
+            (Sets::Sorted, SET_FIELD_ACCOUNTS, Field::String(text)) => write_accounts(buffer, text),
+            (Sets::Sorted, SET_FIELD_TAGS, Field::Nested(_)) => {
+                write_tags(buffer, &value.to_value())
+            }
+            (_, _, Field::Null) => buffer.extend_from_slice(b"null"),
+            (_, _, Field::Bool(b)) => buffer.extend_from_slice(if *b { b"true" } else { b"false" }),
+            (_, _, Field::Number(text)) => canonical_number(text, buffer),
+            (_, _, Field::String(Cow::Borrowed(text))) => {
                 // Read without escapes: JSON allows no quote, backslash or control character
                 // unescaped, so its text is what serde_json would write.
                 buffer.push(b'"');
                 buffer.extend_from_slice(text.as_bytes());
                 buffer.push(b'"');
             }
-            Field::String(Cow::Owned(text)) => write_string(buffer, text),
-            Field::Nested(_) => write_canonical(buffer, &value.to_value()),
+            (_, _, Field::String(Cow::Owned(text))) => write_string(buffer, text),
+            (_, _, Field::Nested(_)) => write_canonical(buffer, &value.to_value()),
         }
     }
     buffer.push(b'}');
     xxh3_64_with_seed(buffer, FINGERPRINT_SEED)
+}
+
+/// The top-level field holding tag categories (a set of categories, each a set of tags).
+const SET_FIELD_TAGS: &str = "tags";
+/// The top-level field holding a customer's trading accounts as text (a set of accounts).
+const SET_FIELD_ACCOUNTS: &str = "userAdditionalId";
+
+/// Writes `tags` in one order: the elements (categories, or tag names of a flat list) sorted
+/// by their canonical JSON, each category's `tags` member sorted likewise. A value that is no
+/// array is written as it is.
+fn write_tags(buffer: &mut Vec<u8>, value: &Value) {
+    let Value::Array(items) = value else {
+        write_canonical(buffer, value);
+        return;
+    };
+    write_sorted(buffer, items, |out, item| match item {
+        Value::Object(map) => {
+            out.push(b'{');
+            for (i, (key, member)) in map.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_string(out, key);
+                out.push(b':');
+                match (key.as_str(), member) {
+                    ("tags", Value::Array(tags)) => write_sorted(out, tags, write_canonical),
+                    _ => write_canonical(out, member),
+                }
+            }
+            out.push(b'}');
+        }
+        other => write_canonical(out, other),
+    });
+}
+
+/// Writes `items` as a JSON array in the byte order of their encodings by `write`.
+fn write_sorted(buffer: &mut Vec<u8>, items: &[Value], write: impl Fn(&mut Vec<u8>, &Value)) {
+    let mut encoded: Vec<Vec<u8>> = items
+        .iter()
+        .map(|item| {
+            let mut out = Vec::new();
+            write(&mut out, item);
+            out
+        })
+        .collect();
+    encoded.sort_unstable();
+    buffer.push(b'[');
+    for (i, item) in encoded.iter().enumerate() {
+        if i > 0 {
+            buffer.push(b',');
+        }
+        buffer.extend_from_slice(item);
+    }
+    buffer.push(b']');
+}
+
+/// Writes a trading-account list as the sorted array of its `[login, server, type]`; text
+/// that is no account list is written as the string it is.
+fn write_accounts(buffer: &mut Vec<u8>, text: &str) {
+    let Ok(accounts) = parse_accounts(text) else {
+        write_string(buffer, text);
+        return;
+    };
+    let mut triples: Vec<(&str, &str, Option<&str>)> = accounts
+        .iter()
+        .map(|a| {
+            (
+                a.login.as_str(),
+                a.server.as_str(),
+                a.account_type.as_deref(),
+            )
+        })
+        .collect();
+    triples.sort_unstable();
+    buffer.push(b'[');
+    for (i, (login, server, kind)) in triples.into_iter().enumerate() {
+        if i > 0 {
+            buffer.push(b',');
+        }
+        buffer.push(b'[');
+        write_string(buffer, login);
+        buffer.push(b',');
+        write_string(buffer, server);
+        buffer.push(b',');
+        match kind {
+            Some(kind) => write_string(buffer, kind),
+            None => buffer.extend_from_slice(b"null"),
+        }
+        buffer.push(b']');
+    }
+    buffer.push(b']');
 }
 
 /// Writes a key that came from JSON text: as is when it needs no escape.
@@ -216,6 +382,87 @@ pub fn event_id(stream: &str, id: &str, previous: Option<u64>, fingerprint: u64)
     format!("{:016x}", xxh3_64(&bytes))
 }
 
+/// What a record read now is, against the fingerprint stored for its entity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compared {
+    /// New or changed: emit it.
+    Changed(Op),
+    /// Unchanged: drop it.
+    Unchanged,
+    /// Unchanged, but the stored fingerprint is the one an earlier release computed
+    /// ([`legacy`]): drop it and store the fingerprint of this release in its place.
+    Restamp,
+}
+
+/// Compares a record (fingerprint `fp`, JSON text `raw` as received) with the fingerprint
+/// stored for its entity (`None`: never emitted). The legacy fingerprint is computed only when
+/// the two differ, so an unchanged record costs nothing more.
+pub fn compare(previous: Option<u64>, fp: u64, raw: &str, volatile: &[String]) -> Compared {
+    match classify(previous, fp) {
+        None => Compared::Unchanged,
+        Some(Op::Updated) if previous == legacy_of(raw, volatile) => Compared::Restamp,
+        Some(op) => Compared::Changed(op),
+    }
+}
+
+/// Returns the legacy fingerprint of a record's JSON text, if it is an object.
+fn legacy_of(raw: &str, volatile: &[String]) -> Option<u64> {
+    let fields = Fields::parse(raw).ok()?;
+    Some(legacy::fingerprint_fields(
+        &fields,
+        volatile,
+        &mut Vec::new(),
+    ))
+}
+
+/// Days a record's own day may lie outside the window it was read from before it is flagged:
+/// a CRM filtering its days in another zone than the one configured puts records near
+/// midnight a day out, which is no fault of the record.
+pub const OUTSIDE_WINDOW_DAYS: i64 = 2;
+
+/// The day an append-only fingerprint is kept by (pruned once the re-read horizon passes it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeptDay {
+    /// The day; `None` without a record day or a window (unwindowed, mutable streams).
+    pub day: Option<NaiveDate>,
+    /// How many days the record's own day lies outside its window, when more than
+    /// [`OUTSIDE_WINDOW_DAYS`] (a date in other units, a wrong year, a placeholder that is a
+    /// real instant): the record is flagged.
+    pub outside_by: Option<i64>,
+}
+
+/// Returns the day a record's fingerprint is kept by: its own day (`record_day`) when it lies
+/// in `window` (the days it was read from, inclusive), else the window's last day.
+///
+/// The CRM returned the record for a query of `window`'s days, so its day in the CRM lies in
+/// it, whatever the record's date says; re-reads that can return it again are of windows
+/// holding that day, so keeping its fingerprint by the window's last day keeps it as long as
+/// any re-read may return it. Kept by its own day, a record dated years off (epoch seconds read
+/// as milliseconds: 1970) would be pruned at once and re-emitted as `CREATED` at every re-read.
+pub fn kept_day(record_day: Option<NaiveDate>, window: Option<(NaiveDate, NaiveDate)>) -> KeptDay {
+    let Some((from, to)) = window else {
+        return KeptDay {
+            day: record_day,
+            outside_by: None,
+        };
+    };
+    let outside = match record_day {
+        Some(day) if day < from => (from - day).num_days(),
+        Some(day) if day > to => (day - to).num_days(),
+        Some(day) => {
+            return KeptDay {
+                day: Some(day),
+                outside_by: None,
+            }
+        }
+        None => 0,
+    };
+    KeptDay {
+        day: Some(to),
+        outside_by: (outside > OUTSIDE_WINDOW_DAYS).then_some(outside),
+    }
+}
+
 /// Compares a record's fingerprint with the one last emitted for its entity (`None`: never
 /// emitted); `None` means unchanged.
 pub fn classify(previous: Option<u64>, fp: u64) -> Option<Op> {
@@ -248,6 +495,119 @@ mod tests {
         (from_fields, fingerprint(&map, volatile, &mut buf))
     }
 
+    /// [`both`] for the legacy fingerprints.
+    fn both_legacy(text: &str, volatile: &[String]) -> (u64, u64) {
+        let mut buf = Vec::new();
+        let fields = Fields::parse(text).unwrap();
+        let from_fields = legacy::fingerprint_fields(&fields, volatile, &mut buf);
+        let map = obj(serde_json::from_str(text).unwrap());
+        (from_fields, legacy::fingerprint(&map, volatile, &mut buf))
+    }
+
+    /// The fingerprint the pipeline computes for a record's text.
+    fn fp(text: &str) -> u64 {
+        fingerprint_fields(&Fields::parse(text).unwrap(), &[], &mut Vec::new())
+    }
+
+    /// The fingerprint a release before set-valued fields computed for a record's text.
+    fn legacy_fp(text: &str) -> u64 {
+        legacy::fingerprint_fields(&Fields::parse(text).unwrap(), &[], &mut Vec::new())
+    }
+
+    const LEAD: &str = r#"{"id": 7, "tags": [{"category": "Marketing", "tags": ["webinar", "vip"]}, {"category": "Sales", "tags": ["hot"]}], "userAdditionalId": "(12345, mt4-live-01, live), (88112, mt5-live-02, live)"}"#;
+
+    #[test]
+    fn the_order_of_tags_categories_and_accounts_makes_no_change() {
+        let same = [
+            // Tags of a category reordered.
+            r#"{"id": 7, "tags": [{"category": "Marketing", "tags": ["vip", "webinar"]}, {"category": "Sales", "tags": ["hot"]}], "userAdditionalId": "(12345, mt4-live-01, live), (88112, mt5-live-02, live)"}"#,
+            // Categories reordered, members written in another key order.
+            r#"{"id": 7, "tags": [{"tags": ["hot"], "category": "Sales"}, {"category": "Marketing", "tags": ["webinar", "vip"]}], "userAdditionalId": "(12345, mt4-live-01, live), (88112, mt5-live-02, live)"}"#,
+            // Accounts reversed, and written another way.
+            r#"{"id": 7, "tags": [{"category": "Marketing", "tags": ["webinar", "vip"]}, {"category": "Sales", "tags": ["hot"]}], "userAdditionalId": "(88112, mt5-live-02, live); (12345, mt4-live-01, live)"}"#,
+            r#"{"id": 7, "tags": [{"category": "Sales", "tags": ["hot"]}, {"category": "Marketing", "tags": ["vip", "webinar"]}], "userAdditionalId": "88112:mt5-live-02:live, 12345:mt4-live-01:live"}"#,
+        ];
+        for text in same {
+            assert_eq!(fp(text), fp(LEAD), "{text}");
+        }
+        // Flat tag lists are sets too.
+        assert_eq!(
+            fp(r#"{"id": 1, "tags": ["vip", "webinar"]}"#),
+            fp(r#"{"id": 1, "tags": ["webinar", "vip"]}"#)
+        );
+        // The order of other arrays still counts.
+        assert_ne!(
+            fp(r#"{"id": 1, "notes": ["a", "b"]}"#),
+            fp(r#"{"id": 1, "notes": ["b", "a"]}"#)
+        );
+    }
+
+    #[test]
+    fn a_real_change_of_a_tag_or_an_account_is_a_change() {
+        for changed in [
+            // A tag replaced, added, moved to another category; a category renamed.
+            r#"{"id": 7, "tags": [{"category": "Marketing", "tags": ["webinar", "vip2"]}, {"category": "Sales", "tags": ["hot"]}], "userAdditionalId": "(12345, mt4-live-01, live), (88112, mt5-live-02, live)"}"#,
+            r#"{"id": 7, "tags": [{"category": "Marketing", "tags": ["webinar", "vip", "new"]}, {"category": "Sales", "tags": ["hot"]}], "userAdditionalId": "(12345, mt4-live-01, live), (88112, mt5-live-02, live)"}"#,
+            r#"{"id": 7, "tags": [{"category": "Marketing", "tags": ["webinar"]}, {"category": "Sales", "tags": ["hot", "vip"]}], "userAdditionalId": "(12345, mt4-live-01, live), (88112, mt5-live-02, live)"}"#,
+            r#"{"id": 7, "tags": [{"category": "Marketing2", "tags": ["webinar", "vip"]}, {"category": "Sales", "tags": ["hot"]}], "userAdditionalId": "(12345, mt4-live-01, live), (88112, mt5-live-02, live)"}"#,
+            // A duplicate tag (sets compare as multisets).
+            r#"{"id": 7, "tags": [{"category": "Marketing", "tags": ["webinar", "vip", "vip"]}, {"category": "Sales", "tags": ["hot"]}], "userAdditionalId": "(12345, mt4-live-01, live), (88112, mt5-live-02, live)"}"#,
+            // An account added, removed, moved to another server, of another type.
+            r#"{"id": 7, "tags": [{"category": "Marketing", "tags": ["webinar", "vip"]}, {"category": "Sales", "tags": ["hot"]}], "userAdditionalId": "(12345, mt4-live-01, live), (88112, mt5-live-02, live), (9, mt4-live-01, live)"}"#,
+            r#"{"id": 7, "tags": [{"category": "Marketing", "tags": ["webinar", "vip"]}, {"category": "Sales", "tags": ["hot"]}], "userAdditionalId": "(12345, mt4-live-01, live)"}"#,
+            r#"{"id": 7, "tags": [{"category": "Marketing", "tags": ["webinar", "vip"]}, {"category": "Sales", "tags": ["hot"]}], "userAdditionalId": "(12345, mt5-live-02, live), (88112, mt5-live-02, live)"}"#,
+            r#"{"id": 7, "tags": [{"category": "Marketing", "tags": ["webinar", "vip"]}, {"category": "Sales", "tags": ["hot"]}], "userAdditionalId": "(12345, mt4-live-01, demo), (88112, mt5-live-02, live)"}"#,
+        ] {
+            assert_ne!(fp(changed), fp(LEAD), "{changed}");
+            // Against a state an earlier release wrote, and one this release wrote.
+            for stored in [legacy_fp(LEAD), fp(LEAD)] {
+                assert_eq!(
+                    compare(Some(stored), fp(changed), changed, &[]),
+                    Compared::Changed(Op::Updated),
+                    "{changed}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fingerprints_an_earlier_release_stored_match_the_unchanged_record() {
+        // An earlier release hashed the fields as received; this one sorts the sets.
+        let old = legacy_fp(LEAD);
+        assert_eq!(
+            old,
+            xxh3_64_with_seed(
+                br#"{"id":7,"tags":[{"category":"Marketing","tags":["webinar","vip"]},{"category":"Sales","tags":["hot"]}],"userAdditionalId":"(12345, mt4-live-01, live), (88112, mt5-live-02, live)"}"#,
+                FINGERPRINT_SEED
+            ),
+            "the legacy fingerprint must stay what earlier releases stored"
+        );
+        assert_ne!(old, fp(LEAD));
+        // The same record read after the upgrade: unchanged, its new fingerprint stored.
+        assert_eq!(compare(Some(old), fp(LEAD), LEAD, &[]), Compared::Restamp);
+        assert_eq!(
+            compare(Some(fp(LEAD)), fp(LEAD), LEAD, &[]),
+            Compared::Unchanged
+        );
+        assert_eq!(
+            compare(None, fp(LEAD), LEAD, &[]),
+            Compared::Changed(Op::Created)
+        );
+        // Volatile fields are left out of the legacy form as well.
+        let volatile = vec!["balanceUsd".to_owned()];
+        let with_balance = r#"{"customerId": 1, "balanceUsd": "5.00", "userAdditionalId": "(2, b, live), (1, a, live)"}"#;
+        let fields = Fields::parse(with_balance).unwrap();
+        let stored = legacy::fingerprint_fields(&fields, &volatile, &mut Vec::new());
+        let now = fingerprint_fields(&fields, &volatile, &mut Vec::new());
+        assert_eq!(
+            compare(Some(stored), now, with_balance, &volatile),
+            Compared::Restamp
+        );
+        // Records without set-valued fields fingerprint as they always did.
+        let plain = r#"{"id": 3, "amount": "1.50"}"#;
+        assert_eq!(fp(plain), legacy_fp(plain));
+    }
+
     #[test]
     fn fingerprints_from_fields_equal_those_from_values() {
         let volatile = vec!["balanceUsd".to_owned(), "b".to_owned()];
@@ -259,14 +619,30 @@ mod tests {
             r#"{"nested": [{"b": 1, "a": "x\ny"}, [], {}], "empty": "", "slash": "a/b\/c"}"#,
             r#"{"balanceUsd": "12.3", "id": "7", "utmDetails": {"utmSource": null}}"#,
             r#"{}"#,
+            r#"{"tags": [{"category": "B", "tags": ["z", "a\u00e9"]}, {"name": "A", "tags": [2, 1.0]}]}"#,
+            r#"{"tags": ["vip", "webinar", "vip"], "userAdditionalId": "(2, s2, live), (1, s1, live)"}"#,
+            r#"{"tags": null, "userAdditionalId": "(unbalanced"}"#,
+            r#"{"tags": {"x": [2, 1]}, "userAdditionalId": 7}"#,
+            r#"{"tags": "vip", "userAdditionalId": "1:a,2:b"}"#,
         ] {
             for volatile in [&[][..], &volatile[..]] {
                 let (from_fields, from_value) = both(text, volatile);
                 assert_eq!(from_fields, from_value, "{text} without {volatile:?}");
+                let (from_fields, from_value) = both_legacy(text, volatile);
+                assert_eq!(
+                    from_fields, from_value,
+                    "legacy: {text} without {volatile:?}"
+                );
             }
         }
-        // Every record the simulator serves, of every endpoint and both money styles.
-        for numeric_money in [false, true] {
+        // Every record the simulator serves, of every endpoint and both money styles, with
+        // sets in random orders, zero dates and epoch seconds.
+        let quirks = crate::sim::ValueQuirks {
+            shuffle_sets: true,
+            epoch_seconds: true,
+            zero_dates: true,
+        };
+        for (numeric_money, quirks) in [(false, Default::default()), (true, quirks)] {
             let data = crate::sim::SimData::generate(
                 &crate::sim::GenSpec {
                     seed: 11,
@@ -279,6 +655,7 @@ mod tests {
                     servers: 2,
                     numeric_money,
                     malformed_rate: 0.05,
+                    quirks,
                 },
                 chrono::Utc::now(),
             );
@@ -295,6 +672,8 @@ mod tests {
                     let text = String::from_utf8(text).unwrap();
                     let (from_fields, from_value) = both(&text, &volatile);
                     assert_eq!(from_fields, from_value, "{text}");
+                    let (from_fields, from_value) = both_legacy(&text, &volatile);
+                    assert_eq!(from_fields, from_value, "legacy: {text}");
                 }
             }
         }
@@ -347,6 +726,43 @@ mod tests {
         assert_ne!(
             fingerprint(&a, &[], &mut buf),
             fingerprint(&b, &[], &mut buf)
+        );
+    }
+
+    #[test]
+    fn fingerprints_are_kept_by_the_window_s_day_unless_the_record_s_lies_in_it() {
+        let d = |s: &str| NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap();
+        let window = Some((d("2026-11-01"), d("2026-11-03")));
+        let kept = |day: Option<&str>| kept_day(day.map(d), window);
+        // Inside: its own day.
+        assert_eq!(kept(Some("2026-11-02")).day, Some(d("2026-11-02")));
+        assert_eq!(kept(Some("2026-11-01")).outside_by, None);
+        // Outside, near (a zone's midnight): the window's last day, not flagged.
+        for near in ["2026-10-30", "2026-10-31", "2026-11-04", "2026-11-05"] {
+            assert_eq!(
+                kept(Some(near)),
+                KeptDay {
+                    day: Some(d("2026-11-03")),
+                    outside_by: None
+                },
+                "{near}"
+            );
+        }
+        // Far outside: the window's last day, flagged with the distance.
+        assert_eq!(
+            kept(Some("1970-01-21")),
+            KeptDay {
+                day: Some(d("2026-11-03")),
+                outside_by: Some((d("2026-11-01") - d("1970-01-21")).num_days())
+            }
+        );
+        assert_eq!(kept(Some("2026-11-06")).outside_by, Some(3));
+        assert_eq!(kept(Some("2026-10-29")).outside_by, Some(3));
+        // No date: the window's last day; no window: its own day.
+        assert_eq!(kept(None).day, Some(d("2026-11-03")));
+        assert_eq!(
+            kept_day(Some(d("1970-01-01")), None).day,
+            Some(d("1970-01-01"))
         );
     }
 

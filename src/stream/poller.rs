@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, trace, warn};
 
-use super::change::{classify, event_id};
+use super::change::{compare, event_id, kept_day, Compared};
 use super::state::{key_in_scope, local_id, Cursor, EntityKey, FpEntry, FpMap, StateRecord};
 use super::window::{advance, cycle_start, halves, last_closed_day, today, windows};
 use crate::crm::{
@@ -97,6 +97,11 @@ pub struct StreamStats {
     pub reconcile_sweeps: AtomicU64,
     /// Money and volume values rounded to 8 decimals (binary floating-point noise).
     pub decimals_rounded: AtomicU64,
+    /// Date fields emitted as `null` because they held "no date" (a zero date, a blank, an
+    /// instant Avro cannot represent), their raw value in `extra`.
+    pub no_dates: AtomicU64,
+    /// Records emitted whose own day lies far outside the window they were read from.
+    pub outside_window: AtomicU64,
 }
 
 /// What pollers share: the CRM client, the sink, and the settings of the run.
@@ -208,6 +213,8 @@ struct PageBatch {
     dead: u64,
     rounded: u64,
     fetched: u64,
+    no_dates: u64,
+    outside_window: u64,
 }
 
 /// Reads windows of one cursor page by page: the cycle drives it to the end, the sweep one
@@ -769,6 +776,12 @@ impl<T: StreamRecord> Poller<T> {
         self.stats
             .fetched
             .fetch_add(built.fetched, Ordering::Relaxed);
+        self.stats
+            .no_dates
+            .fetch_add(built.no_dates, Ordering::Relaxed);
+        self.stats
+            .outside_window
+            .fetch_add(built.outside_window, Ordering::Relaxed);
         Ok(())
     }
 
@@ -794,6 +807,8 @@ impl<T: StreamRecord> Poller<T> {
             dead: 0,
             rounded: 0,
             fetched: records.len() as u64,
+            no_dates: 0,
+            outside_window: 0,
         };
         let rounded_before = self.encoder.rounded();
         let mut pending: HashMap<EntityKey, u64> = HashMap::new();
@@ -831,11 +846,26 @@ impl<T: StreamRecord> Poller<T> {
                 .get(&key)
                 .copied()
                 .or_else(|| self.fps.get(key).map(|e| e.fp));
-            let Some(op) = classify(previous, fp) else {
-                if !pending.contains_key(&key) {
-                    out.unchanged += 1;
+            // The day its fingerprint is kept by; a record without a usable date is kept as
+            // long as its window's records.
+            let kept = || kept_day(record.model.day(tz), window);
+            let op = match compare(previous, fp, &record.raw, &self.volatile) {
+                Compared::Changed(op) => op,
+                Compared::Unchanged => {
+                    if !pending.contains_key(&key) {
+                        out.unchanged += 1;
+                    }
+                    continue;
                 }
-                continue;
+                Compared::Restamp => {
+                    out.unchanged += 1;
+                    let day = kept().day.map_or(0, days_since_epoch);
+                    let entry = FpEntry { fp, day };
+                    out.remember
+                        .push((key, entry, name_of(key, &id, self.stream)));
+                    pending.insert(key, fp);
+                    continue;
+                }
             };
             trace!(stream = self.stream, id, ?previous, fp, "change");
             let meta = EventMeta {
@@ -862,12 +892,13 @@ impl<T: StreamRecord> Poller<T> {
             });
             match encoded {
                 Ok(payload) => {
-                    // A record without a usable date is kept as long as its window's records.
-                    let day = record
-                        .model
-                        .day(tz)
-                        .or(window.map(|(_, to)| to))
-                        .map_or(0, days_since_epoch);
+                    let kept = kept();
+                    let day = kept.day.map_or(0, days_since_epoch);
+                    if let Some(days) = kept.outside_by {
+                        warn!(stream = self.stream, id, record_day = ?record.model.day(tz), ?window, days, "record dated far outside the window it was read from, its fingerprint kept by the window");
+                        out.outside_window += 1;
+                    }
+                    out.no_dates += record.model.no_dates() as u64;
                     let entry = FpEntry { fp, day };
                     out.batch.events.push(OutRecord {
                         topic: topic.clone(),
@@ -914,20 +945,16 @@ impl<T: StreamRecord> Poller<T> {
         if self.fps.get(dlq_key).is_some() || out.remember.iter().any(|(k, ..)| *k == dlq_key) {
             return;
         }
-        // A record too large for an event must not make a dead letter too large for Kafka.
-        let limit = self.shared.max_event_bytes / 2;
-        let raw = match raw.char_indices().nth(limit) {
-            Some((cut, _)) => format!("{}…(truncated)", &raw[..cut]),
-            None => raw.to_owned(),
-        };
-        let letter = DeadLetter::new(self.stream, key.clone(), &raw, error, fetched_at);
+        let letter = DeadLetter::new(self.stream, key.clone(), raw, error, fetched_at);
         warn!(stream = self.stream, key = key.as_deref().unwrap_or("-"), error = %letter.error, "record sent to the dead-letter topic");
         let day = window.map_or(0, |(_, to)| days_since_epoch(to));
         let entry = FpEntry { fp: hash, day };
+        let key = key.unwrap_or_else(|| self.stream.to_owned());
         out.batch.events.push(OutRecord {
             topic: self.shared.dlq_topic(),
-            key: key.unwrap_or_else(|| self.stream.to_owned()).into_bytes(),
-            payload: Some(letter.to_json()),
+            // A record too large for an event must not make a dead letter too large for Kafka.
+            payload: Some(letter.to_json_within(self.shared.max_event_bytes, key.len())),
+            key: key.into_bytes(),
         });
         out.remember
             .push((dlq_key, entry, name_of(dlq_key, &id, self.stream)));

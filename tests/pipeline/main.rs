@@ -483,3 +483,4 @@ mod completeness;
 mod faults;
 mod ops;
 mod scenarios;
+mod values;
