@@ -24,6 +24,22 @@
 //!   (`barrier/<instance_id>/tools`: the barrier of `ibstream state`).
 //! - `alive/<instance_id>`: a running instance's heartbeat, JSON `{"v":1,"at":RFC 3339}`,
 //!   written every 30 s; `ibstream state reset` refuses while it is fresh.
+//! - `started/<instance_id>`: a run was allowed to start on this state topic, JSON
+//!   `{"v":1,"at":RFC 3339,"rebuild":bool}`; written before the run emits anything, never
+//!   tombstoned. See [`Started`].
+//!
+//! ## A lost state
+//!
+//! `run` refuses to start when the state topic holds no progress ([`State::holds_progress`]:
+//! no cursor, no fingerprint, no `started/` marker) while a data topic already holds
+//! records: the state was lost, and starting would emit everything again. The rule reads
+//! content, never record counts: barriers (of refused starts and of `ibstream state`),
+//! heartbeats and the `check/` records of earlier releases are no progress, so a refused
+//! start refuses again on every restart (an orchestrator restarting the pod included) until
+//! `run --rebuild-state` writes its marker. A first start (empty data topics) writes the
+//! marker before its first event, so a crash before its first cursor save is not taken for
+//! a lost state at the next start; after `--rebuild-state`, restarts without the flag go on
+//! with the rebuild (its marker, then its cursors and fingerprints).
 //!
 //! Values carry a format version so later releases can read what earlier ones wrote; an
 //! unknown version is an error at start-up, never silently ignored.
@@ -772,6 +788,52 @@ impl Heartbeat {
     }
 }
 
+/// The marker of a run that was allowed to start (`started/<instance_id>`): the state topic
+/// has been written by a run, so an empty-looking state is not a lost one. Written before
+/// the run emits any event; rewritten at every start (compaction keeps the latest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Started {
+    /// When the run started.
+    pub at: DateTime<Utc>,
+    /// Whether it was a `run --rebuild-state`.
+    pub rebuild: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StartedValue {
+    v: u8,
+    at: DateTime<Utc>,
+    #[serde(default)]
+    rebuild: bool,
+}
+
+impl Started {
+    /// Returns the state key of an instance's start marker.
+    pub fn key(instance_id: &str) -> String {
+        format!("started/{instance_id}")
+    }
+
+    /// Encodes the marker as a state value.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(&StartedValue {
+            v: STATE_VERSION,
+            at: self.at,
+            rebuild: self.rebuild,
+        })
+        .unwrap_or_default()
+    }
+
+    /// Decodes a state value.
+    pub fn decode(bytes: &[u8]) -> Result<Started, String> {
+        let value: StartedValue =
+            serde_json::from_slice(bytes).map_err(|e| format!("unreadable start marker: {e}"))?;
+        Ok(Started {
+            at: value.at,
+            rebuild: value.rebuild,
+        })
+    }
+}
+
 /// Everything restored from the state topic, by scope.
 #[derive(Debug, Default)]
 pub struct State {
@@ -781,8 +843,10 @@ pub struct State {
     pub heartbeats: HashMap<String, Heartbeat>,
     /// Fingerprints by scope (`leads`, …, `positions/<tag>`).
     pub fingerprints: HashMap<String, FpMap>,
+    /// Start markers by instance id (see [`Started`]).
+    pub started: HashMap<String, Started>,
     /// Records the state topic held before this process's start-up barrier (0: an empty or
-    /// new state topic).
+    /// new state topic). Not a sign of progress: see [`State::holds_progress`].
     pub records_before: u64,
     scratch: String,
 }
@@ -799,6 +863,20 @@ impl State {
                 }
                 _ => {
                     self.heartbeats.remove(instance);
+                }
+            }
+        } else if let Some(instance) = key.strip_prefix("started/") {
+            // Any value marks the topic as started: even one this build cannot read.
+            match value {
+                Some(bytes) => {
+                    let marker = Started::decode(bytes).unwrap_or(Started {
+                        at: DateTime::<Utc>::UNIX_EPOCH,
+                        rebuild: false,
+                    });
+                    self.started.insert(instance.to_owned(), marker);
+                }
+                None => {
+                    self.started.remove(instance);
                 }
             }
         } else if let Some(scope) = key.strip_prefix("cursor/") {
@@ -880,6 +958,13 @@ impl State {
             map.finish_restore();
         }
         self.fingerprints.retain(|_, map| !map.is_blank());
+    }
+
+    /// Returns whether the state shows that runs made progress on this topic: a cursor, a
+    /// fingerprint (or a scope's segment numbering), or a start marker. Barriers, heartbeats
+    /// and unknown keys are no progress (a refused start or `ibstream state` writes them).
+    pub fn holds_progress(&self) -> bool {
+        !self.cursors.is_empty() || !self.fingerprints.is_empty() || !self.started.is_empty()
     }
 
     /// Returns the number of remembered entities.
@@ -1004,6 +1089,36 @@ mod tests {
         state.apply("fp/leads/100", None).unwrap();
         assert_eq!(state.entities(), 1);
         assert!(state.apply("fp/leads/100", Some(b"\x09")).is_err());
+    }
+
+    #[test]
+    fn only_progress_counts_as_a_state_never_barriers_or_heartbeats() {
+        let mut state = State::default();
+        let beat = Heartbeat { at: Utc::now() };
+        state.apply("barrier/i", Some(b"n1")).unwrap();
+        state.apply("barrier/i/tools", Some(b"n2")).unwrap();
+        state.apply("check/i", Some(b"2026-01-01")).unwrap();
+        state.apply("alive/i", Some(&beat.encode())).unwrap();
+        state.finish();
+        assert!(!state.holds_progress(), "what refused starts and tools write");
+        let marker = Started {
+            at: beat.at,
+            rebuild: true,
+        };
+        assert_eq!(Started::decode(&marker.encode()).unwrap(), marker);
+        state.apply("started/i", Some(&marker.encode())).unwrap();
+        assert!(state.holds_progress());
+        let mut cursor_only = State::default();
+        cursor_only
+            .apply("cursor/transactions", Some(&Cursor::default().encode()))
+            .unwrap();
+        assert!(cursor_only.holds_progress());
+        let mut fps_only = State::default();
+        fps_only
+            .apply("fps/3/leads", Some(&[SEGMENT_VERSION]))
+            .unwrap();
+        fps_only.finish();
+        assert!(fps_only.holds_progress(), "an emptied scope still numbers on");
     }
 
     #[test]
