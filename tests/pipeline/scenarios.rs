@@ -333,7 +333,7 @@ async fn exactly_once_on_a_broker_without_transactions_is_a_clear_startup_error(
     let mut cfg = config(&sim, &broker, &common::unique_topic("eo"), "eo-tansu");
     cfg.kafka.delivery = Delivery::ExactlyOnce;
     cfg.kafka.batch_timeout_secs = 10;
-    let run = start(cfg);
+    let run = start(cfg.clone());
     let result = tokio::time::timeout(Duration::from_secs(60), run.task)
         .await
         .unwrap()
@@ -342,6 +342,13 @@ async fn exactly_once_on_a_broker_without_transactions_is_a_clear_startup_error(
         Err(RunError::Startup(message)) => assert!(message.contains("at-least-once"), "{message}"),
         other => panic!("{other:?}"),
     }
+    // Doing what the message says works: the refused start left no open transaction on the
+    // state topic, so an at-least-once run restores it and runs.
+    cfg.kafka.delivery = Delivery::AtLeastOnce;
+    let run = start(cfg);
+    run.wait_cycles(&HashMap::new(), &STREAMS, 1, Duration::from_secs(120))
+        .await;
+    run.stop().await;
     sim.shutdown().await;
 }
 
