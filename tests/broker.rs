@@ -247,7 +247,9 @@ async fn state_topic_with_a_record(broker: &common::Tansu, topic: &str) {
     };
     producer
         .send(
-            FutureRecord::to(topic).key("alive/x").payload(&beat.encode()),
+            FutureRecord::to(topic)
+                .key("alive/x")
+                .payload(&beat.encode()),
             Duration::from_secs(10),
         )
         .await

@@ -212,9 +212,8 @@ pub async fn probe_transactions(
     timeout: Duration,
 ) -> Result<(), rdkafka::error::KafkaError> {
     use rdkafka::producer::{BaseProducer, Producer};
-    let client = client_config(config).map_err(|e| {
-        rdkafka::error::KafkaError::ClientCreation(format!("kafka settings: {e}"))
-    })?;
+    let client = client_config(config)
+        .map_err(|e| rdkafka::error::KafkaError::ClientCreation(format!("kafka settings: {e}")))?;
     let (topic, id) = (topic.to_owned(), transactional_id.to_owned());
     tokio::task::spawn_blocking(move || {
         let producer: BaseProducer = client

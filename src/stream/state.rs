@@ -298,8 +298,8 @@ impl SegmentCounter {
 
     /// Decodes a state value.
     pub fn decode(bytes: &[u8]) -> Result<SegmentCounter, String> {
-        let value: SegmentCounterValue = serde_json::from_slice(bytes)
-            .map_err(|e| format!("unreadable segment bound: {e}"))?;
+        let value: SegmentCounterValue =
+            serde_json::from_slice(bytes).map_err(|e| format!("unreadable segment bound: {e}"))?;
         if value.v != STATE_VERSION {
             return Err(format!(
                 "segment bound format version {} is not supported (this build reads {STATE_VERSION})",
@@ -1100,7 +1100,10 @@ mod tests {
         state.apply("check/i", Some(b"2026-01-01")).unwrap();
         state.apply("alive/i", Some(&beat.encode())).unwrap();
         state.finish();
-        assert!(!state.holds_progress(), "what refused starts and tools write");
+        assert!(
+            !state.holds_progress(),
+            "what refused starts and tools write"
+        );
         let marker = Started {
             at: beat.at,
             rebuild: true,
@@ -1118,7 +1121,10 @@ mod tests {
             .apply("fps/3/leads", Some(&[SEGMENT_VERSION]))
             .unwrap();
         fps_only.finish();
-        assert!(fps_only.holds_progress(), "an emptied scope still numbers on");
+        assert!(
+            fps_only.holds_progress(),
+            "an emptied scope still numbers on"
+        );
     }
 
     #[test]
@@ -1203,7 +1209,10 @@ mod tests {
                             1 => compacted_keeping_tombstones(&log),
                             _ => compacted(&log),
                         };
-                        map = replay(&log).fingerprints.remove("leads").unwrap_or_default();
+                        map = replay(&log)
+                            .fingerprints
+                            .remove("leads")
+                            .unwrap_or_default();
                         continue;
                     }
                     // The scope empties: every entity pruned at once, as an idle append-only

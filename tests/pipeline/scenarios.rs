@@ -511,7 +511,10 @@ start_date = "2024-01-01"
     )
     .await
     .len();
-    assert_eq!(last, rebuilt, "a restart after the rebuild emits nothing again");
+    assert_eq!(
+        last, rebuilt,
+        "a restart after the rebuild emits nothing again"
+    );
     sim.shutdown().await;
 }
 
