@@ -491,7 +491,7 @@ impl FpMap {
             .next_segment
             .saturating_add(order.len().div_ceil(SEGMENT_MAX) as u32);
         if needed > self.reserved {
-            let bound = needed.saturating_add(SEGMENT_RESERVE).min(LEGACY);
+            let bound = needed.saturating_add(SEGMENT_RESERVE);
             records.push((
                 SegmentCounter::key(scope),
                 Some(SegmentCounter { next: bound }.encode()),
