@@ -5,7 +5,9 @@
 //! Then Kafka: the brokers, every topic `run` uses (present with its partitions, or to be
 //! created), the state topic's settings, transactions in exactly-once mode (with a
 //! transactional id of its own, `<instance_id>-check`: the instance's id would fence a running
-//! instance), and the Schema Registry when one is configured.
+//! instance; a transaction that writes no record to any topic, see
+//! `kafka::probe_transactions`, so a broker that cannot end it never blocks the state topic),
+//! and the Schema Registry when one is configured.
 
 use std::fmt;
 
@@ -242,31 +244,15 @@ pub async fn kafka(config: &Config) -> Vec<CheckLine> {
                 .to_owned(),
         ),
         Delivery::ExactlyOnce => {
-            let mut client = client_config();
-            client.set("transactional.id", format!("{}-check", kafka.instance_id));
+            // A transaction that writes no record to any topic of ibstream: a broker that
+            // cannot end it leaves nothing a reader of the state topic waits for.
             let timeout = std::time::Duration::from_secs(kafka.batch_timeout_secs.min(30));
-            let key = format!("check/{}", kafka.instance_id);
-            let topic = state_topic.clone();
-            // One record in a committed transaction (an empty one never reaches the broker):
-            // a key family the restore ignores, compacted to one record.
-            let result = tokio::task::spawn_blocking(move || {
-                use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-                let producer: BaseProducer = client.create()?;
-                producer.init_transactions(timeout)?;
-                producer.begin_transaction()?;
-                let now = Utc::now().to_rfc3339();
-                producer
-                    .send(BaseRecord::to(&topic).key(&key).payload(&now))
-                    .map_err(|(e, _)| e)?;
-                producer.commit_transaction(timeout)
-            })
-            .await;
-            match result {
-                Ok(Ok(())) => Outcome::Ok { total: None },
-                Ok(Err(e)) => Outcome::Error(format!(
+            let id = format!("{}-check", kafka.instance_id);
+            match crate::kafka::probe_transactions(kafka, &state_topic, &id, timeout).await {
+                Ok(()) => Outcome::Ok { total: None },
+                Err(e) => Outcome::Error(format!(
                     "{e}; if the broker has no transactions, set kafka.delivery = \"at-least-once\""
                 )),
-                Err(e) => Outcome::Error(e.to_string()),
             }
         }
     };

@@ -58,7 +58,7 @@ fn time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-/// Returns the state as JSON: cursors, fingerprints per scope, heartbeats.
+/// Returns the state as JSON: cursors, fingerprints per scope, heartbeats, start markers.
 pub fn show_json(state: &State, now: DateTime<Utc>) -> Value {
     let mut scopes: Vec<&String> = state.cursors.keys().collect();
     scopes.sort();
@@ -93,8 +93,19 @@ pub fn show_json(state: &State, now: DateTime<Utc>) -> Value {
             )
         })
         .collect();
+    let started: serde_json::Map<String, Value> = state
+        .started
+        .iter()
+        .map(|(id, marker)| {
+            (
+                id.clone(),
+                json!({"at": time(marker.at), "rebuild": marker.rebuild}),
+            )
+        })
+        .collect();
     json!({
         "cursors": cursors,
+        "started": started,
         "fingerprints": fingerprints.into_iter().map(|(k, n)| (k.clone(), json!(n))).collect::<serde_json::Map<_, _>>(),
         "heartbeats": heartbeats,
     })
@@ -140,6 +151,17 @@ pub fn show_text(state: &State, instance_id: &str, now: DateTime<Utc>) -> String
             (now - beat.at).num_seconds()
         )),
         None => out.push_str(&format!("\ninstance {instance_id}: no heartbeat\n")),
+    }
+    if let Some(marker) = state.started.get(instance_id) {
+        out.push_str(&format!(
+            "instance {instance_id}: last started {}{}\n",
+            time(marker.at),
+            if marker.rebuild {
+                " (--rebuild-state)"
+            } else {
+                ""
+            }
+        ));
     }
     out
 }

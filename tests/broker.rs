@@ -234,3 +234,94 @@ async fn kafka_over_tls_with_a_private_ca() {
     let lines = ibstream::check::kafka(&config).await;
     assert!(!lines[0].is_ok(), "{lines:?}");
 }
+
+/// A state topic with one record, as `run` makes it.
+async fn state_topic_with_a_record(broker: &common::Tansu, topic: &str) {
+    create(broker, topic, 1, "compact").await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .create()
+        .expect("producer");
+    let beat = ibstream::stream::state::Heartbeat {
+        at: chrono::Utc::now(),
+    };
+    producer
+        .send(
+            FutureRecord::to(topic)
+                .key("alive/x")
+                .payload(&beat.encode()),
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("delivered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_in_exactly_once_mode_leaves_the_state_topic_readable() {
+    let broker = common::Tansu::start();
+    let mut config = ibstream::config::Config::load(None).unwrap();
+    config.kafka.bootstrap_servers = broker.bootstrap.clone();
+    config.kafka.batch_timeout_secs = 10;
+    config.topics.prefix = common::unique_topic("chk-eo");
+    let state_topic = config.kafka.state_topic(&config.topics);
+    state_topic_with_a_record(&broker, &state_topic).await;
+    // exactly-once (the default) on a broker without transactions.
+    let lines = ibstream::check::kafka(&config).await;
+    let transactions = lines
+        .iter()
+        .find(|l| l.what == "kafka transactions")
+        .unwrap_or_else(|| panic!("{lines:?}"));
+    assert!(!transactions.is_ok(), "{transactions}");
+    // The state topic is still read to its end, as `state show` and `run` read it.
+    let started = std::time::Instant::now();
+    let state = ibstream::kafka::read_state(&config.kafka, &state_topic, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("the state topic was left unreadable: {e}"));
+    assert_eq!(state.heartbeats.len(), 1);
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_facing_an_open_transaction_fails_in_time_naming_topic_offset_and_fix() {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let broker = common::Tansu::start();
+    let topic = common::unique_topic("state-open-txn");
+    state_topic_with_a_record(&broker, &topic).await;
+    // Another producer begins a transaction on the state topic and never ends it.
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .set("transactional.id", common::unique_topic("never-commits"))
+        .create()
+        .expect("producer");
+    let open = tokio::task::spawn_blocking(move || {
+        producer.init_transactions(Duration::from_secs(10))?;
+        producer.begin_transaction()?;
+        producer
+            .send(BaseRecord::to(&topic).key("check/x").payload("open"))
+            .map_err(|(e, _)| e)?;
+        producer.flush(Duration::from_secs(10))?;
+        Ok::<_, rdkafka::error::KafkaError>((producer, topic))
+    })
+    .await
+    .unwrap();
+    let (producer, topic) = open.expect("tansu takes a transaction's records");
+    let config = ibstream::config::KafkaConfig {
+        bootstrap_servers: broker.bootstrap.clone(),
+        ..Default::default()
+    };
+    let timeout = Duration::from_secs(5);
+    let started = std::time::Instant::now();
+    let err = ibstream::kafka::read_state(&config, &topic, timeout)
+        .await
+        .expect_err("a restore cannot pass an open transaction");
+    assert!(
+        started.elapsed() < timeout * 3,
+        "failed after {:?}",
+        started.elapsed()
+    );
+    assert!(err.contains(&topic), "{err}");
+    assert!(err.contains("offset 1"), "{err}");
+    assert!(err.contains("open transaction"), "{err}");
+    assert!(err.contains("kafka-transactions.sh"), "{err}");
+    drop(producer);
+}

@@ -2,8 +2,12 @@
 //!
 //! Limits of the mock, said plainly: its read_committed consumers also see records of aborted
 //! transactions, so these tests check that batches commit in transactions, that a failing
-//! batch is aborted and retried until it commits, and that a second producer with the same
-//! instance id fences the first – not that aborted records stay invisible.
+//! batch is aborted and retried until it commits, and that a fenced producer stops – not that
+//! aborted records stay invisible. What a topic read back can prove here: a reported batch's
+//! records are there (nothing lost); a committed batch is there once (no later transaction
+//! sends it again); an attempt's records come whole and in order. The mock does not fence by epoch either (a
+//! second producer with the same transactional id bumps it, but the first's requests are not
+//! checked), so fencing is shown by the broker's answer, injected.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -64,6 +68,39 @@ fn read_committed(bootstrap: &str, topic: &str, expected: usize) -> Vec<String> 
     keys
 }
 
+/// Reads every record of partition 0 of `topic` (read_committed) up to its end (the high
+/// watermark, which the mock reports at once); returns the keys.
+fn read_to_end(bootstrap: &str, topic: &str) -> Vec<String> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "check")
+        .set("isolation.level", "read_committed")
+        .create()
+        .unwrap();
+    let (_, high) = consumer
+        .fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let mut keys = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            keys.push(String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned());
+        }
+        let at = consumer.position().unwrap();
+        if matches!(at.elements()[0].offset(), Offset::Offset(o) if o >= high) {
+            return keys;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{topic} not read to offset {high} within 20 s: {keys:?}"
+        );
+    }
+}
+
 fn cluster() -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
     let mock = MockCluster::new(1).unwrap();
     mock.create_topic("crm.leads", 1, 1).unwrap();
@@ -110,11 +147,24 @@ async fn a_failing_batch_is_aborted_and_retried() {
         "the failed transaction was aborted"
     );
     assert_eq!(sink.handle.stats().batches.load(Ordering::Relaxed), 2);
-    let keys = read_committed(&mock.bootstrap_servers(), "crm.leads", 3);
-    assert!(
-        keys.ends_with(&["second-0".to_owned(), "second-1".to_owned()]),
-        "{keys:?}"
+    // The failed attempts' records are in the mock's log too (it shows aborted records), so
+    // the copies of "second" cannot be told apart; what shows: the committed "first" is
+    // never sent again, every attempt's records come whole and in order, the last attempt
+    // (the committed one) ends the log, and the state records follow the same rule.
+    let keys = read_to_end(&mock.bootstrap_servers(), "crm.leads");
+    let count = |keys: &[String], key: &str| keys.iter().filter(|k| *k == key).count();
+    assert_eq!(count(&keys, "first-0"), 1, "{keys:?}");
+    assert_eq!(keys[0], "first-0", "{keys:?}");
+    let copies = count(&keys, "second-0");
+    assert!(copies >= 1, "{keys:?}");
+    assert_eq!(
+        keys[1..],
+        ["second-0", "second-1"].repeat(copies)[..],
+        "each attempt writes the whole batch once, in order"
     );
+    let state = read_to_end(&mock.bootstrap_servers(), "crm._ibstream_state");
+    assert_eq!(count(&state, "cursor/first"), 1, "{state:?}");
+    assert_eq!(state.last().map(String::as_str), Some("cursor/second"));
     drop(sink.handle);
     sink.task.await.unwrap().unwrap();
 }
@@ -141,7 +191,7 @@ async fn a_second_process_with_the_same_instance_id_fences_the_first() {
         }
         other => panic!("the fenced producer went on: {other:?}"),
     }
-    // The fenced sink has stopped; the new one works.
+    // The fenced sink has stopped: it refuses what comes after, without writing it.
     assert!(matches!(
         first.handle.commit(batch(1, "again")).await,
         Err(SinkError::Fatal(_))
@@ -149,6 +199,26 @@ async fn a_second_process_with_the_same_instance_id_fences_the_first() {
     second.handle.commit(batch(1, "two")).await.unwrap();
     drop(second.handle);
     second.task.await.unwrap().unwrap();
+    // A fenced batch is never sent again (one injected error: a retry would have gone
+    // through and shown a second copy), and nothing after it is sent at all. Its state record
+    // may be in the mock's log (sent in another request of the transaction the fenced
+    // producer never ends); a real broker never shows it to read_committed readers.
+    let keys = read_to_end(&mock.bootstrap_servers(), "crm.leads");
+    let count = |keys: &[String], key: &str| keys.iter().filter(|k| *k == key).count();
+    assert_eq!(count(&keys, "one-0"), 1, "{keys:?}");
+    assert_eq!(count(&keys, "two-0"), 1, "{keys:?}");
+    assert!(
+        count(&keys, "zombie-0") <= 1,
+        "the fenced batch was sent again: {keys:?}"
+    );
+    assert_eq!(
+        count(&keys, "again-0"),
+        0,
+        "a fenced sink went on: {keys:?}"
+    );
+    let state = read_to_end(&mock.bootstrap_servers(), "crm._ibstream_state");
+    assert!(count(&state, "cursor/zombie") <= 1, "{state:?}");
+    assert_eq!(count(&state, "cursor/again"), 0, "{state:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,6 +405,27 @@ async fn the_broker_down_mid_transaction_fails_or_commits_the_batch_once() {
         );
     }
     eprintln!("broker down mid-transaction: {outcomes:?}");
+    // Read back: every batch reported committed is in the topics, whole, events and state
+    // (nothing lost), and the log ends with the last committed attempt. The mock's
+    // read_committed consumers also show records of aborted transactions, so the copies of
+    // a batch sent again cannot be told from duplicates: no-duplicates needs a real broker.
+    let keys = read_to_end(&mock.bootstrap_servers(), "crm.leads");
+    for key in ["first-0", "second-0", "second-1", "third-0", "third-1"] {
+        assert!(keys.iter().any(|k| k == key), "{key} lost: {keys:?}");
+    }
+    assert_eq!(
+        keys.iter().filter(|k| *k == "first-0").count(),
+        1,
+        "{keys:?}"
+    );
+    assert!(
+        keys.ends_with(&["third-0".to_owned(), "third-1".to_owned()]),
+        "{keys:?}"
+    );
+    let state = read_to_end(&mock.bootstrap_servers(), "crm._ibstream_state");
+    for key in ["cursor/first", "cursor/second", "cursor/third"] {
+        assert!(state.iter().any(|k| k == key), "{key} lost: {state:?}");
+    }
     drop(sink.handle);
     sink.task.await.unwrap().unwrap();
 }

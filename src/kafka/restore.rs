@@ -4,6 +4,18 @@
 //! with a barrier, not with watermarks (some Kafka-protocol brokers report them late): a
 //! record `barrier/<instance_id>` with a fresh nonce is written, and the topic is consumed
 //! (`read_committed`) until that record comes back. Everything before it is the state.
+//!
+//! Whether the state shows progress, or was lost, is decided on its content by `run` (see
+//! "A lost state" in `stream::state`): the barriers written here never count.
+//!
+//! Nothing here may leave the state topic unreadable. A `read_committed` reader stops at the
+//! first record of a transaction that is still open, so a transactional record that is never
+//! committed nor aborted (on a broker that cannot end transactions, tansu for one) blocks every
+//! later restore. Hence, in exactly-once mode, transactions are probed first with
+//! [`probe_transactions`], which writes no record to any topic of ibstream; only then does the
+//! barrier go through the instance's transactional producer. And a restore that cannot pass an
+//! offset within its timeout fails naming the topic, the offset, the likely cause (a
+//! transaction another producer left open) and the fix.
 
 use std::time::{Duration, Instant};
 
@@ -186,11 +198,56 @@ pub async fn check_state_topic(config: &KafkaConfig, topic: &str) -> Result<(), 
     }
 }
 
+/// Checks that the broker can run transactions to their end, without writing a record to any
+/// topic: a transaction (its own `transactional_id`, never the instance's, which would fence
+/// a running instance) holding only the offset 0 of `topic`'s partition 0 for the consumer
+/// group `transactional_id` (written to the broker's `__consumer_offsets`, nowhere else), then
+/// committed. Every failure aborts the transaction (best effort); an open transaction left by
+/// a failed probe holds no record a reader of ibstream's topics waits for. Errors are
+/// rdkafka's, e.g. "EndTxnRequest (KIP-98) not supported by broker" on tansu.
+pub async fn probe_transactions(
+    config: &KafkaConfig,
+    topic: &str,
+    transactional_id: &str,
+    timeout: Duration,
+) -> Result<(), rdkafka::error::KafkaError> {
+    use rdkafka::producer::{BaseProducer, Producer};
+    let client = client_config(config)
+        .map_err(|e| rdkafka::error::KafkaError::ClientCreation(format!("kafka settings: {e}")))?;
+    let (topic, id) = (topic.to_owned(), transactional_id.to_owned());
+    tokio::task::spawn_blocking(move || {
+        let producer: BaseProducer = client
+            .clone()
+            .set("transactional.id", &id)
+            .set("transaction.timeout.ms", "60000")
+            .create()?;
+        let consumer: BaseConsumer = client.clone().set("group.id", &id).create()?;
+        let group = consumer.group_metadata().ok_or_else(|| {
+            rdkafka::error::KafkaError::ClientCreation("no consumer group metadata".to_owned())
+        })?;
+        producer.init_transactions(timeout)?;
+        producer.begin_transaction()?;
+        let mut offsets = TopicPartitionList::new();
+        offsets.add_partition_offset(&topic, 0, Offset::Offset(0))?;
+        let done = producer
+            .send_offsets_to_transaction(&offsets, &group, timeout)
+            .and_then(|()| producer.commit_transaction(timeout));
+        if done.is_err() {
+            let _ = producer.abort_transaction(timeout);
+        }
+        done
+    })
+    .await
+    // A probe task that panicked or was cancelled proved nothing.
+    .unwrap_or(Err(rdkafka::error::KafkaError::Canceled))
+}
+
 /// Reads the state topic to the barrier and returns the state before it; `None` when `stop`
 /// was cancelled meanwhile (a shutdown during a long restore does not wait for its end).
 ///
-/// The barrier goes through the sink, so in exactly-once mode it is the first transaction:
-/// a broker that cannot commit transactions fails here, before anything else is written.
+/// In exactly-once mode transactions are probed first ([`probe_transactions`]): a broker that
+/// cannot end them fails here, before a transactional record reaches the state topic. Then the
+/// barrier goes through the sink, the instance's first transaction.
 pub async fn restore(
     config: &KafkaConfig,
     state_topic: &str,
@@ -208,6 +265,26 @@ pub async fn restore(
             payload: Some(nonce.clone().into_bytes()),
         }],
     };
+    if config.delivery == Delivery::ExactlyOnce {
+        let probe_id = format!("{}-probe", config.instance_id);
+        let probe = tokio::select! {
+            probe = probe_transactions(config, state_topic, &probe_id, timeout) => probe,
+            _ = stop.cancelled() => return Ok(None),
+        };
+        match probe {
+            Ok(()) => {}
+            // The group of the probe is not the instance's: a principal allowed its
+            // transactional id but no such group still gets the barrier's own test.
+            Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::GroupAuthorizationFailed) => {
+                tracing::warn!(error = %e, group = %probe_id, "transactions probe not allowed on its consumer group; the start-up barrier tests transactions instead");
+            }
+            Err(e) => {
+                return Err(format!(
+                    "the broker cannot run Kafka transactions ({e}); if it does not support them, set kafka.delivery = \"at-least-once\" (nothing was written to {state_topic})"
+                ))
+            }
+        }
+    }
     let committed = tokio::select! {
         committed = sink.commit(barrier) => committed,
         _ = stop.cancelled() => return Ok(None),
@@ -273,7 +350,9 @@ async fn read_after_barrier(
     timeout: Duration,
     stop: CancellationToken,
 ) -> Result<Option<State>, String> {
-    let consumer: BaseConsumer = client_config(config)?
+    let plain = client_config(config)?;
+    let consumer: BaseConsumer = plain
+        .clone()
         .set("group.id", format!("{}-restore", config.instance_id))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
@@ -288,9 +367,68 @@ async fn read_after_barrier(
     let topic = state_topic.to_owned();
     tokio::task::spawn_blocking(move || {
         read_to_barrier(&consumer, &topic, &barrier_key, &nonce, timeout, &stop)
+            .map_err(|stuck| stuck.explain(&consumer, &plain, &topic, timeout))
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+/// Why a read of the state topic ended before its barrier.
+enum ReadError {
+    /// No record came for the whole timeout: the read stands at an offset it cannot pass.
+    Stuck {
+        /// State records read before.
+        records: u64,
+        /// The offset after the last record read, if any was.
+        next: Option<i64>,
+    },
+    /// Anything else, as its message.
+    Failed(String),
+}
+
+impl From<String> for ReadError {
+    fn from(message: String) -> Self {
+        ReadError::Failed(message)
+    }
+}
+
+impl ReadError {
+    /// The message: for a stuck read, the topic, the offset, the likely cause and the fix.
+    fn explain(
+        self,
+        consumer: &BaseConsumer,
+        plain: &ClientConfig,
+        topic: &str,
+        timeout: Duration,
+    ) -> String {
+        let (records, next) = match self {
+            ReadError::Failed(message) => return message,
+            ReadError::Stuck { records, next } => (records, next),
+        };
+        let query = Duration::from_secs(5);
+        // Where the read stands: after the last record, or the topic's first offset.
+        let at = next.or_else(|| consumer.fetch_watermarks(topic, 0, query).ok().map(|w| w.0));
+        // The end as a read_uncommitted reader sees it: records written but not committed.
+        let written_end = plain
+            .clone()
+            .set("group.id", "ibstream-watermarks")
+            .create::<BaseConsumer>()
+            .ok()
+            .and_then(|c| c.fetch_watermarks(topic, 0, query).ok())
+            .map(|w| w.1);
+        let at_text = at.map_or_else(|| "its first offset".to_owned(), |o| format!("offset {o}"));
+        let pending = match (at, written_end) {
+            (Some(at), Some(end)) if end > at => format!(
+                "; offsets {at} to {} are written but not committed",
+                end - 1
+            ),
+            _ => String::new(),
+        };
+        let start = at.map_or_else(|| "<offset>".to_owned(), |o| o.to_string());
+        format!(
+            "cannot read the state topic {topic} past {at_text} within {timeout:?} ({records} state records read, the start-up barrier not reached){pending}. Likely cause: an open transaction of another producer on {topic} (a transactional.id that began a transaction and neither committed nor aborted it: a process killed mid-transaction, an `ibstream check` of an earlier release, or a broker that cannot end transactions); read_committed readers stop at its first record until it ends. Fix: wait for the broker to abort it (the producer's transaction.timeout.ms), or find and abort it with Kafka's tool: `kafka-transactions.sh --bootstrap-server <brokers> find-hanging --topic {topic}`, then `kafka-transactions.sh --bootstrap-server <brokers> abort --topic {topic} --partition 0 --start-offset {start}`. A broker without transaction support never ends it: only a new state topic (and `ibstream run --rebuild-state`) gets past it"
+        )
+    }
 }
 
 fn read_to_barrier(
@@ -300,25 +438,26 @@ fn read_to_barrier(
     nonce: &str,
     timeout: Duration,
     stop: &CancellationToken,
-) -> Result<Option<State>, String> {
+) -> Result<Option<State>, ReadError> {
     let mut assignment = TopicPartitionList::new();
     assignment
         .add_partition_offset(topic, 0, Offset::Beginning)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ReadError::Failed(e.to_string()))?;
     consumer
         .assign(&assignment)
-        .map_err(|e| format!("cannot read {topic}: {e}"))?;
+        .map_err(|e| ReadError::Failed(format!("cannot read {topic}: {e}")))?;
     let started = Instant::now();
     let mut deadline = started + timeout;
     let mut state = State::default();
     let mut records = 0u64;
+    let mut next = None;
     loop {
         if stop.is_cancelled() {
             info!(records, "state restore stopped: shutdown requested");
             return Ok(None);
         }
         if Instant::now() > deadline {
-            return Err(format!("the start-up barrier did not come back from {topic} within {timeout:?} ({records} state records read)"));
+            return Err(ReadError::Stuck { records, next });
         }
         let Some(message) = consumer.poll(Duration::from_millis(200)) else {
             continue;
@@ -327,6 +466,7 @@ fn read_to_barrier(
         // Progress extends the deadline: a large state is not a stuck barrier.
         deadline = Instant::now() + timeout;
         records += 1;
+        next = Some(message.offset() + 1);
         let key = message
             .key()
             .map(String::from_utf8_lossy)

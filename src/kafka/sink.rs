@@ -580,7 +580,7 @@ fn commit(producer: &KafkaProducer, timeout: Duration, stats: &SinkStats) -> Res
             }
             Err(KafkaError::Transaction(e)) if e.is_retriable() && !e.txn_requires_abort() => {
                 return Err(SinkError::Fatal(format!(
-                    "the transaction's commit is still unknown after {attempt} attempts ({e}); restarting resolves it"
+                    "the transaction's commit is still unknown after {attempt} attempts ({e}); a restart with the same kafka.instance_id resolves it (the broker commits or aborts what this producer left open when the next one starts), and read_committed readers of the topics wait at it until then"
                 )))
             }
             Err(e) => return Err(classify(e)),

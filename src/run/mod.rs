@@ -28,7 +28,7 @@ use crate::events::{framing_for, Schemas};
 use crate::kafka::{check_state_topic, ensure_topics, restore, Batch, OutRecord, TopicSpec};
 use crate::ops::Registry;
 use crate::stream::poller::{log_stats, Exit, Shared};
-use crate::stream::state::{Cursor, State};
+use crate::stream::state::{Cursor, Started, State};
 use crate::stream::window::today;
 
 pub use crate::ops::Stats;
@@ -156,7 +156,8 @@ pub async fn run_with(
             http,
         });
     };
-    if state.records_before == 0 && !options.rebuild_state {
+    // Decided on content, not on record counts: see "A lost state" in `stream::state`.
+    if !state.holds_progress() && !options.rebuild_state {
         let data: Vec<String> = topic_specs(&config, &enabled, &state_topic)
             .into_iter()
             .map(|t| t.name)
@@ -167,7 +168,7 @@ pub async fn run_with(
             .map_err(RunError::Startup)?
         {
             return Err(RunError::Startup(format!(
-                "the state topic {state_topic} is empty, but {topic} already holds records: the state was lost (the topic deleted or renamed), and starting would read and emit every record again. Restore the state topic, or run `ibstream run --rebuild-state` to backfill again on purpose"
+                "the state topic {state_topic} holds no progress (no cursor, fingerprint or start marker), but {topic} already holds records: the state was lost (the topic deleted, renamed or pointed elsewhere), and starting would read and emit every record again. Every start refuses until told otherwise: restore the state topic, or run `ibstream run --rebuild-state` once to backfill again on purpose (later starts go on from there without the flag)"
             )));
         }
     }
@@ -189,7 +190,14 @@ pub async fn run_with(
         ops: ops.clone(),
     });
     drop(sink.handle);
-    let first_day = persist_first_day(&shared, &enabled, &mut state).await?;
+    let first_day = persist_first_day(
+        &shared,
+        &enabled,
+        &mut state,
+        &config.kafka.instance_id,
+        options.rebuild_state,
+    )
+    .await?;
     let mut tasks: JoinSet<(String, Exit)> = JoinSet::new();
     pollers::start(
         &mut tasks, &shared, &schemas, &framing, state, first_day, &cancel,
@@ -315,13 +323,25 @@ fn topic_specs(config: &Config, enabled: &[&'static str], state_topic: &str) -> 
 
 /// A changed-records cursor starts the day of the first start: everything older is read by
 /// the backfill of new records. Persisted at once, so a restart days later keeps that day.
+/// The same batch holds the start marker (`started/<instance_id>`), committed before any
+/// poller emits: a crash before the first cursor save is not taken for a lost state, and a
+/// `--rebuild-state` holds for the restarts after it.
 async fn persist_first_day(
     shared: &Shared,
     enabled: &[&'static str],
     state: &mut State,
+    instance_id: &str,
+    rebuild: bool,
 ) -> Result<chrono::NaiveDate, RunError> {
-    let first_day = today(Utc::now(), shared.tz);
+    let now = Utc::now();
+    let first_day = today(now, shared.tz);
     let mut batch = Batch::default();
+    let marker = Started { at: now, rebuild };
+    batch.state.push(OutRecord {
+        topic: shared.state_topic.clone(),
+        key: Started::key(instance_id).into_bytes(),
+        payload: Some(marker.encode()),
+    });
     for stream in ["leads", "customers"] {
         let scope = format!("{stream}/lastModified");
         if enabled.contains(&stream) && !state.cursors.contains_key(&scope) {

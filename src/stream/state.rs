@@ -11,7 +11,11 @@
 //!   append-only streams). Value: version `2`, then per entity `0` + id (u64 LE) or `1` + name
 //!   length (u16 LE) + name (ids kept as a hash in memory), fingerprint (u64 LE), day
 //!   (i32 LE). An entity's entry is the one in its newest segment; a segment none of whose
-//!   entries is the latest any more is tombstoned. See [`FpMap`].
+//!   entries is the latest any more is tombstoned. See [`FpMap`]. Segment numbers are
+//!   never reused over the topic's life (an emptied scope included).
+//! - `segments/<scope>`: the numbering bound of a scope's segments, JSON `{"v":1,"next":N}`:
+//!   every segment number the scope used is below `N`; written ahead of the segments it
+//!   covers, never tombstoned. See [`SegmentCounter`].
 //! - `fp/<stream>/<id>` (written by releases before segments, still read): the fingerprint of
 //!   one entity, 13 bytes: version `1`, fingerprint (u64 LE), day (i32 LE). A tombstone
 //!   forgets it unless a segment holds it; such entries move into segments when they change
@@ -20,6 +24,22 @@
 //!   (`barrier/<instance_id>/tools`: the barrier of `ibstream state`).
 //! - `alive/<instance_id>`: a running instance's heartbeat, JSON `{"v":1,"at":RFC 3339}`,
 //!   written every 30 s; `ibstream state reset` refuses while it is fresh.
+//! - `started/<instance_id>`: a run was allowed to start on this state topic, JSON
+//!   `{"v":1,"at":RFC 3339,"rebuild":bool}`; written before the run emits anything, never
+//!   tombstoned. See [`Started`].
+//!
+//! ## A lost state
+//!
+//! `run` refuses to start when the state topic holds no progress ([`State::holds_progress`]:
+//! no cursor, no fingerprint, no `started/` marker) while a data topic already holds
+//! records: the state was lost, and starting would emit everything again. The rule reads
+//! content, never record counts: barriers (of refused starts and of `ibstream state`),
+//! heartbeats and the `check/` records of earlier releases are no progress, so a refused
+//! start refuses again on every restart (an orchestrator restarting the pod included) until
+//! `run --rebuild-state` writes its marker. A first start (empty data topics) writes the
+//! marker before its first event, so a crash before its first cursor save is not taken for
+//! a lost state at the next start; after `--rebuild-state`, restarts without the flag go on
+//! with the rebuild (its marker, then its cursors and fingerprints).
 //!
 //! Values carry a format version so later releases can read what earlier ones wrote; an
 //! unknown version is an error at start-up, never silently ignored.
@@ -230,6 +250,66 @@ pub const SEGMENT_MAX: usize = 5_000;
 /// Format version of segment values.
 const SEGMENT_VERSION: u8 = 2;
 
+/// Segment numbers a bound record reserves ahead, so it is written once per this many
+/// segments of a scope, not with every batch.
+pub const SEGMENT_RESERVE: u32 = 256;
+
+/// The numbering bound of a scope's segments, record `segments/<scope>`: every segment
+/// number the scope ever used is below `next`.
+///
+/// Segment numbers are unique over the state topic's whole life: a number is never written
+/// twice, so no old value or tombstone of `fps/<n>/<scope>` still in the log can be taken for
+/// a newer segment's (a restore would bring back entities forgotten long ago, and count the
+/// newer segment's live entries short, then tombstone it while it still holds some). The
+/// next number is the highest of: one above every segment seen (values and tombstones) and
+/// this bound. The bound is written ahead of the segments it covers (first in their batch;
+/// one transaction, or one idempotent producer and partition, so never visible after them),
+/// is never tombstoned (`state reset --resnapshot` keeps it) and compaction keeps its latest
+/// value: it only grows, even after the scope emptied or compaction removed every record of
+/// its older segments. A state topic of a release before the bound has none until its first
+/// segment write: numbers seen in the log are not reused, and only a number whose every
+/// record compaction removed could be, which nothing can mistake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentCounter {
+    /// Above every segment number used.
+    pub next: u32,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SegmentCounterValue {
+    v: u8,
+    next: u32,
+}
+
+impl SegmentCounter {
+    /// Returns the state key of a scope's bound.
+    pub fn key(scope: &str) -> String {
+        format!("segments/{scope}")
+    }
+
+    /// Encodes the bound as a state value, JSON `{"v":1,"next":N}`.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(&SegmentCounterValue {
+            v: STATE_VERSION,
+            next: self.next,
+        })
+        .unwrap_or_default()
+    }
+
+    /// Decodes a state value.
+    pub fn decode(bytes: &[u8]) -> Result<SegmentCounter, String> {
+        let value: SegmentCounterValue =
+            serde_json::from_slice(bytes).map_err(|e| format!("unreadable segment bound: {e}"))?;
+        if value.v != STATE_VERSION {
+            return Err(format!(
+                "segment bound format version {} is not supported (this build reads {STATE_VERSION})",
+                value.v
+            ));
+        }
+        Ok(SegmentCounter { next: value.next })
+    }
+}
+
 /// What the map keeps per entity: the entry and the segment record that holds it.
 #[derive(Debug, Clone, Copy)]
 #[repr(C, packed(4))]
@@ -264,8 +344,12 @@ pub struct FpMap {
     map: HashMap<EntityKey, Slot, BuildHasherDefault<IdHasher>>,
     names: HashMap<EntityKey, Box<str>, BuildHasherDefault<IdHasher>>,
     segments: HashMap<u32, SegmentCount, BuildHasherDefault<IdHasher>>,
-    /// The next segment number (above every number seen, tombstoned ones included).
+    /// The next segment number (above every number seen, tombstoned ones included, and at
+    /// least `reserved`).
     next_segment: u32,
+    /// The persisted bound (`segments/<scope>`): every number this scope ever used is below
+    /// it. See [`SegmentCounter`].
+    reserved: u32,
     /// Segments tombstoned during a restore (entities still pointing to them were pruned).
     dead: std::collections::HashSet<u32>,
     /// Entities still in per-entity records.
@@ -279,6 +363,7 @@ pub struct FpPlan {
     writes: Vec<(EntityKey, FpEntry, u32, Option<Box<str>>)>,
     removes: Vec<EntityKey>,
     segments: Vec<(u32, u32)>,
+    reserved: Option<u32>,
 }
 
 /// Returns the per-entity key (`fp/<stream>/<id>`) an earlier release wrote for the id `id`
@@ -401,6 +486,18 @@ impl FpMap {
         order.sort_unstable();
         let mut records = Vec::new();
         let mut plan = FpPlan::default();
+        // The bound goes first: a segment number is never visible without a bound above it.
+        let needed = self
+            .next_segment
+            .saturating_add(order.len().div_ceil(SEGMENT_MAX) as u32);
+        if needed > self.reserved {
+            let bound = needed.saturating_add(SEGMENT_RESERVE);
+            records.push((
+                SegmentCounter::key(scope),
+                Some(SegmentCounter { next: bound }.encode()),
+            ));
+            plan.reserved = Some(bound);
+        }
         for chunk in order.chunks(SEGMENT_MAX) {
             let segment = self.next_segment;
             self.next_segment += 1;
@@ -460,6 +557,9 @@ impl FpMap {
 
     /// Applies a plan whose records were committed.
     pub fn apply(&mut self, plan: FpPlan) {
+        if let Some(bound) = plan.reserved {
+            self.reserved = self.reserved.max(bound);
+        }
         for (segment, written) in plan.segments {
             self.segments
                 .insert(segment, SegmentCount { written, live: 0 });
@@ -526,6 +626,18 @@ impl FpMap {
             }
         }
         keys
+    }
+
+    /// Restore: the scope's numbering bound (`segments/<scope>`).
+    fn restore_counter(&mut self, counter: SegmentCounter) {
+        self.reserved = self.reserved.max(counter.next);
+        self.next_segment = self.next_segment.max(counter.next);
+    }
+
+    /// Returns whether the map holds nothing to remember, numbering included (a scope that
+    /// emptied keeps its map: its next segment number must stay above every one it used).
+    fn is_blank(&self) -> bool {
+        self.map.is_empty() && self.next_segment == 0
     }
 
     /// Restore: a segment record (`None`: its tombstone).
@@ -676,6 +788,52 @@ impl Heartbeat {
     }
 }
 
+/// The marker of a run that was allowed to start (`started/<instance_id>`): the state topic
+/// has been written by a run, so an empty-looking state is not a lost one. Written before
+/// the run emits any event; rewritten at every start (compaction keeps the latest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Started {
+    /// When the run started.
+    pub at: DateTime<Utc>,
+    /// Whether it was a `run --rebuild-state`.
+    pub rebuild: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct StartedValue {
+    v: u8,
+    at: DateTime<Utc>,
+    #[serde(default)]
+    rebuild: bool,
+}
+
+impl Started {
+    /// Returns the state key of an instance's start marker.
+    pub fn key(instance_id: &str) -> String {
+        format!("started/{instance_id}")
+    }
+
+    /// Encodes the marker as a state value.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(&StartedValue {
+            v: STATE_VERSION,
+            at: self.at,
+            rebuild: self.rebuild,
+        })
+        .unwrap_or_default()
+    }
+
+    /// Decodes a state value.
+    pub fn decode(bytes: &[u8]) -> Result<Started, String> {
+        let value: StartedValue =
+            serde_json::from_slice(bytes).map_err(|e| format!("unreadable start marker: {e}"))?;
+        Ok(Started {
+            at: value.at,
+            rebuild: value.rebuild,
+        })
+    }
+}
+
 /// Everything restored from the state topic, by scope.
 #[derive(Debug, Default)]
 pub struct State {
@@ -685,8 +843,10 @@ pub struct State {
     pub heartbeats: HashMap<String, Heartbeat>,
     /// Fingerprints by scope (`leads`, …, `positions/<tag>`).
     pub fingerprints: HashMap<String, FpMap>,
+    /// Start markers by instance id (see [`Started`]).
+    pub started: HashMap<String, Started>,
     /// Records the state topic held before this process's start-up barrier (0: an empty or
-    /// new state topic).
+    /// new state topic). Not a sign of progress: see [`State::holds_progress`].
     pub records_before: u64,
     scratch: String,
 }
@@ -705,6 +865,20 @@ impl State {
                     self.heartbeats.remove(instance);
                 }
             }
+        } else if let Some(instance) = key.strip_prefix("started/") {
+            // Any value marks the topic as started: even one this build cannot read.
+            match value {
+                Some(bytes) => {
+                    let marker = Started::decode(bytes).unwrap_or(Started {
+                        at: DateTime::<Utc>::UNIX_EPOCH,
+                        rebuild: false,
+                    });
+                    self.started.insert(instance.to_owned(), marker);
+                }
+                None => {
+                    self.started.remove(instance);
+                }
+            }
         } else if let Some(scope) = key.strip_prefix("cursor/") {
             match value {
                 Some(bytes) => {
@@ -716,6 +890,17 @@ impl State {
                 None => {
                     self.cursors.remove(scope);
                 }
+            }
+        } else if let Some(scope) = key.strip_prefix("segments/") {
+            // A bound is never tombstoned; an unreadable one stops the restore, as a
+            // segment does (numbers could be reused otherwise).
+            if let Some(bytes) = value {
+                let counter = SegmentCounter::decode(bytes).map_err(|e| format!("{key}: {e}"))?;
+                let map = match self.fingerprints.get_mut(scope) {
+                    Some(map) => map,
+                    None => self.fingerprints.entry(scope.to_owned()).or_default(),
+                };
+                map.restore_counter(counter);
             }
         } else if let Some(rest) = key.strip_prefix("fps/") {
             let parsed = rest
@@ -772,7 +957,14 @@ impl State {
         for map in self.fingerprints.values_mut() {
             map.finish_restore();
         }
-        self.fingerprints.retain(|_, map| !map.is_empty());
+        self.fingerprints.retain(|_, map| !map.is_blank());
+    }
+
+    /// Returns whether the state shows that runs made progress on this topic: a cursor, a
+    /// fingerprint (or a scope's segment numbering), or a start marker. Barriers, heartbeats
+    /// and unknown keys are no progress (a refused start or `ibstream state` writes them).
+    pub fn holds_progress(&self) -> bool {
+        !self.cursors.is_empty() || !self.fingerprints.is_empty() || !self.started.is_empty()
     }
 
     /// Returns the number of remembered entities.
@@ -900,6 +1092,42 @@ mod tests {
     }
 
     #[test]
+    fn only_progress_counts_as_a_state_never_barriers_or_heartbeats() {
+        let mut state = State::default();
+        let beat = Heartbeat { at: Utc::now() };
+        state.apply("barrier/i", Some(b"n1")).unwrap();
+        state.apply("barrier/i/tools", Some(b"n2")).unwrap();
+        state.apply("check/i", Some(b"2026-01-01")).unwrap();
+        state.apply("alive/i", Some(&beat.encode())).unwrap();
+        state.finish();
+        assert!(
+            !state.holds_progress(),
+            "what refused starts and tools write"
+        );
+        let marker = Started {
+            at: beat.at,
+            rebuild: true,
+        };
+        assert_eq!(Started::decode(&marker.encode()).unwrap(), marker);
+        state.apply("started/i", Some(&marker.encode())).unwrap();
+        assert!(state.holds_progress());
+        let mut cursor_only = State::default();
+        cursor_only
+            .apply("cursor/transactions", Some(&Cursor::default().encode()))
+            .unwrap();
+        assert!(cursor_only.holds_progress());
+        let mut fps_only = State::default();
+        fps_only
+            .apply("fps/3/leads", Some(&[SEGMENT_VERSION]))
+            .unwrap();
+        fps_only.finish();
+        assert!(
+            fps_only.holds_progress(),
+            "an emptied scope still numbers on"
+        );
+    }
+
+    #[test]
     fn pruning_returns_what_it_forgot() {
         let mut map = FpMap::default();
         for (id, day) in [
@@ -937,13 +1165,24 @@ mod tests {
 
     /// What compaction leaves of a log: the last record of each key, tombstones gone.
     fn compacted(log: &[(String, Option<Vec<u8>>)]) -> Vec<(String, Option<Vec<u8>>)> {
+        compacted_keeping_tombstones(log)
+            .into_iter()
+            .filter(|(_, value)| value.is_some())
+            .collect()
+    }
+
+    /// What a compaction within `delete.retention.ms` leaves: the last record of each key,
+    /// tombstones still there.
+    fn compacted_keeping_tombstones(
+        log: &[(String, Option<Vec<u8>>)],
+    ) -> Vec<(String, Option<Vec<u8>>)> {
         let mut last: HashMap<&str, usize> = HashMap::new();
         for (i, (key, _)) in log.iter().enumerate() {
             last.insert(key, i);
         }
         log.iter()
             .enumerate()
-            .filter(|(i, (key, value))| last[key.as_str()] == *i && value.is_some())
+            .filter(|(i, (key, _))| last[key.as_str()] == *i)
             .map(|(_, r)| r.clone())
             .collect()
     }
@@ -960,8 +1199,30 @@ mod tests {
             }
             let mut map = replay(&log).fingerprints.remove("leads").unwrap();
             let mut pruned = std::collections::HashSet::new();
-            for step in 0..60 {
-                let (records, plan) = match rng.u8(..10) {
+            for step in 0..80 {
+                let (records, plan) = match rng.u8(..13) {
+                    // A restart: the poller goes on with what a restore gives it, from the
+                    // log as it is or after the broker compacted it (numbering included).
+                    10 => {
+                        log = match rng.u8(..3) {
+                            0 => log,
+                            1 => compacted_keeping_tombstones(&log),
+                            _ => compacted(&log),
+                        };
+                        map = replay(&log)
+                            .fingerprints
+                            .remove("leads")
+                            .unwrap_or_default();
+                        continue;
+                    }
+                    // The scope empties: every entity pruned at once, as an idle append-only
+                    // scope is, or dropped as `state reset --resnapshot` does.
+                    // Every segment is tombstoned then: no entity may come back.
+                    11 => {
+                        let keys: Vec<EntityKey> = map.map.keys().copied().collect();
+                        pruned.clear();
+                        map.plan_remove("leads", &keys)
+                    }
                     0 => {
                         let keys: Vec<EntityKey> = map
                             .stale_before(rng.i32(0..40))
@@ -1000,7 +1261,11 @@ mod tests {
                 };
                 log.extend(records);
                 map.apply(plan);
-                for restored in [replay(&log), replay(&compacted(&log))] {
+                for restored in [
+                    replay(&log),
+                    replay(&compacted_keeping_tombstones(&log)),
+                    replay(&compacted(&log)),
+                ] {
                     let got = restored
                         .fingerprints
                         .get("leads")
@@ -1028,7 +1293,10 @@ mod tests {
                 }
             }
             // Segments, not entities, make the state: far fewer records than entries.
-            let live_records = compacted(&log).len();
+            let live_records = compacted(&log)
+                .iter()
+                .filter(|(key, _)| !key.starts_with("segments/"))
+                .count();
             assert!(
                 live_records <= map.len(),
                 "{live_records} records for {} entities",
@@ -1043,14 +1311,23 @@ mod tests {
         let changes: Vec<_> = (0..1_000u64)
             .map(|id| (EntityKey(id), FpEntry { fp: id, day: 3 }, None))
             .collect();
-        let (records, plan) = map.plan_write("positions/mt4-live-01", &changes);
-        assert_eq!(records.len(), 1);
-        assert_eq!(records[0].0, "fps/0/positions/mt4-live-01");
-        assert_eq!(records[0].1.as_ref().unwrap().len(), 1 + 1_000 * 21);
+        let (first, plan) = map.plan_write("positions/mt4-live-01", &changes);
+        // The numbering bound first (once per SEGMENT_RESERVE segments), then the segment.
+        assert_eq!(first.len(), 2);
+        assert_eq!(first[0].0, "segments/positions/mt4-live-01");
+        assert_eq!(
+            SegmentCounter::decode(first[0].1.as_ref().unwrap()).unwrap(),
+            SegmentCounter {
+                next: 1 + SEGMENT_RESERVE
+            }
+        );
+        assert_eq!(first[1].0, "fps/0/positions/mt4-live-01");
+        assert_eq!(first[1].1.as_ref().unwrap().len(), 1 + 1_000 * 21);
         map.apply(plan);
         // The same entities again: a new segment, and the old one tombstoned.
         let (records, plan) = map.plan_write("positions/mt4-live-01", &changes);
         assert_eq!(records.len(), 2);
+        assert_eq!(records[0].0, "fps/1/positions/mt4-live-01");
         assert_eq!(records[1], ("fps/0/positions/mt4-live-01".to_owned(), None));
         map.apply(plan);
         assert_eq!(map.segments(), 1);

@@ -333,7 +333,7 @@ async fn exactly_once_on_a_broker_without_transactions_is_a_clear_startup_error(
     let mut cfg = config(&sim, &broker, &common::unique_topic("eo"), "eo-tansu");
     cfg.kafka.delivery = Delivery::ExactlyOnce;
     cfg.kafka.batch_timeout_secs = 10;
-    let run = start(cfg);
+    let run = start(cfg.clone());
     let result = tokio::time::timeout(Duration::from_secs(60), run.task)
         .await
         .unwrap()
@@ -342,11 +342,18 @@ async fn exactly_once_on_a_broker_without_transactions_is_a_clear_startup_error(
         Err(RunError::Startup(message)) => assert!(message.contains("at-least-once"), "{message}"),
         other => panic!("{other:?}"),
     }
+    // Doing what the message says works: the refused start left no open transaction on the
+    // state topic, so an at-least-once run restores it and runs.
+    cfg.kafka.delivery = Delivery::AtLeastOnce;
+    let run = start(cfg);
+    run.wait_cycles(&HashMap::new(), &STREAMS, 1, Duration::from_secs(120))
+        .await;
+    run.stop().await;
     sim.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_lost_state_topic_stops_start_up_unless_a_rebuild_is_asked_for() {
+async fn a_lost_state_topic_stops_every_start_until_a_rebuild_is_asked_for() {
     let broker = common::Tansu::start();
     let sim = common::start_sim(small).await;
     let prefix = common::unique_topic("lost");
@@ -363,21 +370,89 @@ async fn a_lost_state_topic_stops_start_up_unless_a_rebuild_is_asked_for() {
     .await
     .len();
 
-    // The same data topics with an empty state topic: the state was lost.
-    let mut lost = config(&sim, &broker, &prefix, "lost-1");
-    lost.kafka.state_topic = Some(format!("{prefix}.state-after-loss"));
-    let run = start(lost.clone());
-    match tokio::time::timeout(Duration::from_secs(60), run.task)
-        .await
-        .unwrap()
-        .unwrap()
-    {
-        Err(RunError::Startup(message)) => {
-            assert!(message.contains("--rebuild-state"), "{message}");
-            assert!(message.contains("state-after-loss"), "{message}");
-        }
-        other => panic!("started on a lost state: {other:?}"),
-    }
+    // The same data topics with a new, empty state topic: the state was lost. The binary is
+    // started as an orchestrator restarts a pod: every start refuses, whatever the refused
+    // starts before it (barriers) or `state show` (its barrier) wrote to the state topic.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ibstream.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[crm]
+base_url = "{url}"
+email = "ib@example.com"
+password = "ib-secret"
+api_key = "sim-api-key"
+domain = "sim.example.com"
+requests_per_second = 1000
+
+[topics]
+prefix = "{prefix}"
+
+[kafka]
+bootstrap_servers = "{bootstrap}"
+delivery = "at-least-once"
+instance_id = "lost-1"
+replication_factor = 1
+batch_timeout_secs = 30
+state_topic = "{prefix}.state-after-loss"
+
+[http]
+listen = "127.0.0.1:0"
+
+[streams]
+start_date = "2024-01-01"
+
+{FAST_POLLS}
+"#,
+            url = sim.base_url(),
+            bootstrap = broker.bootstrap,
+        ),
+    )
+    .unwrap();
+    let ibstream = |args: &'static [&'static str]| {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ibstream"));
+            command
+                .arg("--config")
+                .arg(&path)
+                .args(args)
+                .env("IBSTREAM_LOG", "warn")
+                .stdin(std::process::Stdio::null());
+            let mut child = command
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            // A start that is not refused would run until stopped: bounded here.
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!("`ibstream {}` did not end within 90 s", args.join(" "));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            child.wait_with_output().unwrap()
+        })
+    };
+    let refused = |output: std::process::Output, attempt: &str| {
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        assert_eq!(output.status.code(), Some(1), "{attempt}: {stderr}");
+        assert!(stderr.contains("--rebuild-state"), "{attempt}: {stderr}");
+        assert!(stderr.contains("state-after-loss"), "{attempt}: {stderr}");
+    };
+    refused(ibstream(&["run"]).await.unwrap(), "first start");
+    refused(ibstream(&["run"]).await.unwrap(), "second start");
+    let shown = ibstream(&["state", "show"]).await.unwrap();
+    assert!(
+        shown.status.success(),
+        "{}",
+        String::from_utf8_lossy(&shown.stderr)
+    );
+    refused(ibstream(&["run"]).await.unwrap(), "start after state show");
     let after = consume(
         &broker.bootstrap,
         &data_topics(&prefix),
@@ -386,9 +461,10 @@ async fn a_lost_state_topic_stops_start_up_unless_a_rebuild_is_asked_for() {
     )
     .await
     .len();
-    assert_eq!(after, emitted, "nothing may be emitted before the refusal");
+    assert_eq!(after, emitted, "nothing may be emitted by a refused start");
 
-    // Asked for on purpose, the rebuild runs (and emits everything again).
+    // Asked for on purpose, the rebuild runs (and emits everything again)…
+    let lost = ibstream::config::Config::load(Some(&path)).unwrap();
     let stats: ibstream::run::Stats = STREAMS
         .into_iter()
         .map(|s| (s, Default::default()))
@@ -398,25 +474,47 @@ async fn a_lost_state_topic_stops_start_up_unless_a_rebuild_is_asked_for() {
         rebuild_state: true,
         ..Default::default()
     };
-    let task = tokio::spawn({
-        let (cancel, stats) = (cancel.clone(), stats.clone());
-        async move { ibstream::run::run_with(lost, cancel, stats, &options).await }
-    });
-    let again = consume(
+    let rebuild = Running {
+        cancel: cancel.clone(),
+        stats: stats.clone(),
+        task: tokio::spawn({
+            let lost = lost.clone();
+            async move { ibstream::run::run_with(lost, cancel, stats, &options).await }
+        }),
+    };
+    rebuild
+        .wait_cycles(&HashMap::new(), &STREAMS, 1, Duration::from_secs(300))
+        .await;
+    rebuild.stop().await;
+    let rebuilt = consume(
         &broker.bootstrap,
         &data_topics(&prefix),
         emitted * 2,
         Duration::from_secs(2),
     )
-    .await;
-    assert!(
-        again.len() >= emitted * 2,
-        "{} of {}",
-        again.len(),
-        emitted * 2
+    .await
+    .len();
+    assert_eq!(rebuilt, emitted * 2, "the rebuild emits every record once");
+
+    // …and the restarts after it, without the flag, go on from its state: not refused, and
+    // nothing is emitted a third time.
+    let restarted = start(lost);
+    restarted
+        .wait_cycles(&HashMap::new(), &STREAMS, 1, Duration::from_secs(300))
+        .await;
+    restarted.stop().await;
+    let last = consume(
+        &broker.bootstrap,
+        &data_topics(&prefix),
+        rebuilt,
+        Duration::from_secs(2),
+    )
+    .await
+    .len();
+    assert_eq!(
+        last, rebuilt,
+        "a restart after the rebuild emits nothing again"
     );
-    cancel.cancel();
-    task.await.unwrap().unwrap();
     sim.shutdown().await;
 }
 
