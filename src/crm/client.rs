@@ -137,6 +137,8 @@ struct Inner {
     backoff_initial: Duration,
     backoff_max: Duration,
     limiter: DefaultDirectRateLimiter,
+    /// Until when every CRM call of the process waits (a 429's `Retry-After`).
+    paused_until: std::sync::Mutex<Option<tokio::time::Instant>>,
     token: Mutex<TokenState>,
     stats: Arc<CrmStats>,
 }
@@ -216,6 +218,7 @@ impl CrmClient {
                 backoff_initial: Duration::from_millis(config.backoff_initial_ms),
                 backoff_max: Duration::from_millis(config.backoff_max_ms),
                 limiter: RateLimiter::direct(Quota::per_second(rps)),
+                paused_until: std::sync::Mutex::new(None),
                 token: Mutex::new(TokenState::default()),
                 stats: Arc::default(),
             }),
@@ -335,7 +338,7 @@ impl CrmClient {
         let url = self.endpoint_url(endpoint);
         let mut relogged = false;
         loop {
-            let (token, generation) = self.token().await?;
+            let (token, generation, fresh) = self.token().await?;
             let result = self
                 .send(
                     endpoint.path_segment(),
@@ -363,6 +366,17 @@ impl CrmClient {
                         ),
                     })
                 }
+                Err(Failure::Forbidden(message)) if !relogged && !fresh => {
+                    // Some CRMs answer an expired token with 403, not 401: only a 403 to a
+                    // token just issued means a missing permission or module.
+                    info!(
+                        endpoint = endpoint.path_segment(),
+                        "crm answered 403 to a cached token, logging in again before taking it as a missing permission"
+                    );
+                    debug!(message = %message, "crm 403 answer");
+                    self.drop_token(generation).await;
+                    relogged = true;
+                }
                 Err(Failure::Forbidden(message)) => {
                     return Err(CrmError::Forbidden {
                         endpoint: endpoint.path_segment().to_owned(),
@@ -376,12 +390,13 @@ impl CrmClient {
         }
     }
 
-    async fn token(&self) -> Result<(SecretString, u64), CrmError> {
+    /// Returns the token, its generation and whether this call just logged in for it.
+    async fn token(&self) -> Result<(SecretString, u64, bool), CrmError> {
         // Held across the login call: concurrent streams wait for one login instead of
         // each logging in.
         let mut state = self.inner.token.lock().await;
         if let Some(token) = &state.token {
-            return Ok((token.clone(), state.generation));
+            return Ok((token.clone(), state.generation, false));
         }
         let token = match self.login_call().await {
             Ok(token) => token,
@@ -394,7 +409,7 @@ impl CrmClient {
         state.generation += 1;
         state.token = Some(token.clone());
         info!(generation = state.generation, "crm login succeeded");
-        Ok((token, state.generation))
+        Ok((token, state.generation, true))
     }
 
     async fn drop_token(&self, generation: u64) {
@@ -452,7 +467,10 @@ impl CrmClient {
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
+            self.wait_while_paused().await;
             inner.limiter.until_ready().await;
+            // A 429 seen by another call while this one waited for the limiter.
+            self.wait_while_paused().await;
             let mut request = inner
                 .http
                 .request(method.clone(), url)
@@ -481,12 +499,21 @@ impl CrmClient {
                 Ok(response) => {
                     let status = response.status();
                     let retry_after = parse_retry_after(response.headers());
+                    let html = is_html(response.headers());
+                    let encoding = response
+                        .headers()
+                        .get(reqwest::header::CONTENT_ENCODING)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
                     let body = crate::net::read_body(
                         response,
                         inner.max_response_bytes,
                         "crm.max_response_bytes",
                     )
-                    .await;
+                    .await
+                    .map(|bytes| {
+                        super::page::clean_body(bytes, encoding.as_deref(), inner.max_response_bytes)
+                    });
                     match body {
                         Err(crate::net::BodyError::Read(e)) => Retry::Transient(format!(
                             "reading the answer failed: {}",
@@ -498,7 +525,21 @@ impl CrmClient {
                                 message: e.to_string(),
                             }))
                         }
-                        Ok(bytes) => match classify(status, &bytes) {
+                        Ok(Err(super::page::BodyError::TooLarge(message))) => {
+                            return Err(Failure::Error(CrmError::Unusable {
+                                url: display_url,
+                                message: format!("{message} (crm.max_response_bytes)"),
+                            }))
+                        }
+                        Ok(Err(super::page::BodyError::Garbled(message))) => {
+                            Retry::Transient(format!("unreadable answer: {message}"))
+                        }
+                        Ok(Ok(bytes)) => match classify(status, &bytes) {
+                            Class::Ok if html => Retry::Transient(format!(
+                                "HTTP {} with an HTML page instead of JSON (a proxy's or a maintenance page?): {}",
+                                status.as_u16(),
+                                snippet(&bytes)
+                            )),
                             Class::Ok => match decode(&bytes) {
                                 Ok(value) => return Ok(value),
                                 Err(reason) => {
@@ -520,8 +561,12 @@ impl CrmClient {
                     }
                 }
             };
-            if matches!(outcome, Retry::RateLimited(_)) {
+            if let Retry::RateLimited(retry_after) = &outcome {
                 inner.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                // The CRM limits the process, not this call: every call waits.
+                let pause = retry_after
+                    .unwrap_or_else(|| backoff(attempt, inner.backoff_initial, inner.backoff_max));
+                self.pause(pause);
             }
             if attempt > inner.max_retries {
                 return Err(Failure::Error(match outcome {
@@ -559,6 +604,37 @@ impl CrmClient {
                 ),
             }
             tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Makes every call of the process wait `pause` from now (a longer pause already set
+    /// stands).
+    fn pause(&self, pause: Duration) {
+        let until = tokio::time::Instant::now() + pause;
+        let mut paused = self
+            .inner
+            .paused_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if paused.is_none_or(|current| current < until) {
+            *paused = Some(until);
+        }
+    }
+
+    /// Waits until the process-wide pause of a 429 has passed.
+    async fn wait_while_paused(&self) {
+        loop {
+            let until = *self
+                .inner
+                .paused_until
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match until {
+                Some(until) if until > tokio::time::Instant::now() => {
+                    tokio::time::sleep_until(until).await;
+                }
+                _ => return,
+            }
         }
     }
 
@@ -614,6 +690,19 @@ fn classify(status: StatusCode, body: &[u8]) -> Class {
     }
 }
 
+/// Returns whether an answer says it is an HTML page (`text/html`, `application/xhtml+xml`):
+/// never the CRM's JSON, whatever its status.
+fn is_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            let mime = v.split(';').next().unwrap_or("").trim();
+            mime.eq_ignore_ascii_case("text/html")
+                || mime.eq_ignore_ascii_case("application/xhtml+xml")
+        })
+}
+
 /// Returns the start of an answer body for error messages, on one line.
 fn snippet(body: &[u8]) -> String {
     const MAX: usize = 200;
@@ -663,11 +752,32 @@ fn describe_reqwest_error(error: &reqwest::Error) -> String {
     text
 }
 
-/// Parses `Retry-After` given in seconds (the HTTP-date form falls back to backoff).
+/// The longest `Retry-After` waited: a CRM asking for more (a daily quota spent) is asked
+/// again after an hour.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// Parses `Retry-After` in both RFC 9110 forms (section 10.2.3): delay-seconds (`120`;
+/// fractions accepted) or an HTTP-date (IMF-fixdate `Mon, 30 Nov 2026 19:02:00 GMT`, and the
+/// obsolete RFC 850 and asctime forms). A date in the past is no wait; any wait is capped at
+/// [`MAX_RETRY_AFTER`]. `None` when absent or unreadable (the caller backs off instead).
 fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    let secs: f64 = value.parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
+    retry_after_at(value, std::time::SystemTime::now())
+}
+
+/// The wait a `Retry-After` value asks for when received at `now`.
+fn retry_after_at(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let wait = match value.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => {
+            Duration::from_secs_f64(secs.min(MAX_RETRY_AFTER.as_secs_f64()))
+        }
+        Ok(_) => return None,
+        Err(_) => {
+            let at = httpdate::parse_http_date(value).ok()?;
+            at.duration_since(now).unwrap_or(Duration::ZERO)
+        }
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 /// Exponential backoff with full jitter: uniform in `0..=min(max, initial * 2^(attempt-1))`.
@@ -903,11 +1013,39 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(RETRY_AFTER, HeaderValue::from_static("2"));
         assert_eq!(parse_retry_after(&headers), Some(Duration::from_secs(2)));
-        headers.insert(
-            RETRY_AFTER,
-            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
-        );
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("oops"));
         assert_eq!(parse_retry_after(&headers), None);
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("-3"));
+        assert_eq!(parse_retry_after(&headers), None);
+    }
+
+    #[test]
+    fn retry_after_dates_parse_in_every_form() {
+        let now = httpdate::parse_http_date("Mon, 30 Nov 2026 19:00:00 GMT").unwrap();
+        for value in [
+            "Mon, 30 Nov 2026 19:02:00 GMT",
+            // The obsolete forms RFC 9110 asks recipients to accept.
+            "Monday, 30-Nov-26 19:02:00 GMT",
+            "Mon Nov 30 19:02:00 2026",
+        ] {
+            assert_eq!(
+                retry_after_at(value, now),
+                Some(Duration::from_secs(120)),
+                "{value}"
+            );
+        }
+        // A date in the past: no wait.
+        assert_eq!(
+            retry_after_at("Wed, 21 Oct 2015 07:28:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        // Absurd waits are capped.
+        assert_eq!(
+            retry_after_at("Fri, 31 Dec 9999 23:59:59 GMT", now),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(retry_after_at("86400", now), Some(MAX_RETRY_AFTER));
+        assert_eq!(retry_after_at("1.5", now), Some(Duration::from_millis(1500)));
     }
 
     #[test]
