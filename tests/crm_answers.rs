@@ -59,10 +59,19 @@ fn truth_ids(sim: &SimHandle, kind: Kind, field: &str) -> HashSet<String> {
         .collect()
 }
 
-fn as_set(ids: &[String]) -> HashSet<String> {
-    let set: HashSet<String> = ids.iter().cloned().collect();
-    assert_eq!(set.len(), ids.len(), "no record twice");
-    set
+/// Asserts that `read` holds each of `expected` once and nothing else.
+fn assert_same(read: &[String], expected: &HashSet<String>, what: &str) {
+    let set: HashSet<String> = read.iter().cloned().collect();
+    assert_eq!(set.len(), read.len(), "{what}: no record twice");
+    let missing: Vec<_> = expected.difference(&set).take(5).collect();
+    let extra: Vec<_> = set.difference(expected).take(5).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "{what}: {} of {} missing (e.g. {missing:?}), {} extra (e.g. {extra:?})",
+        expected.difference(&set).count(),
+        expected.len(),
+        set.difference(expected).count()
+    );
 }
 
 #[tokio::test]
@@ -87,18 +96,18 @@ async fn a_200_carrying_an_error_is_retried_and_every_record_arrives() {
             .await
             .unwrap_or_else(|e| panic!("{shape:?}: {e}"));
         assert!(errors.is_empty());
-        assert_eq!(
-            as_set(&leads),
-            truth_ids(&sim, Kind::Leads, "id"),
-            "{shape:?}: every lead"
+        assert_same(
+            &leads,
+            &truth_ids(&sim, Kind::Leads, "id"),
+            &format!("{shape:?}: leads"),
         );
         let (transactions, _) = read_all::<Transaction>(&crm, query(DateFilter::Transaction))
             .await
             .unwrap();
-        assert_eq!(
-            as_set(&transactions),
-            truth_ids(&sim, Kind::Transactions, "id"),
-            "{shape:?}: every transaction"
+        assert_same(
+            &transactions,
+            &truth_ids(&sim, Kind::Transactions, "id"),
+            &format!("{shape:?}: transactions"),
         );
         let servers = crm.servers(&[]).await.unwrap();
         assert_eq!(servers.len(), sim.truth(Kind::Servers).len(), "{shape:?}");
@@ -400,7 +409,11 @@ async fn bodies_compressed_or_with_a_byte_order_mark_are_read() {
             .await
             .unwrap_or_else(|e| panic!("{quirks:?}: {e}"));
         assert!(errors.is_empty(), "{quirks:?}");
-        assert_eq!(as_set(&leads), truth_ids(&sim, Kind::Leads, "id"), "{quirks:?}");
+        assert_same(
+            &leads,
+            &truth_ids(&sim, Kind::Leads, "id"),
+            &format!("{quirks:?}"),
+        );
         let servers = crm.servers(&[]).await.unwrap();
         assert!(!servers.is_empty() && servers.iter().all(Result::is_ok));
         sim.shutdown().await;
@@ -436,7 +449,7 @@ async fn a_record_with_a_byte_that_is_not_utf8_fails_alone() {
     for id in &bad_leads {
         expected.remove(id);
     }
-    assert_eq!(as_set(&leads), expected, "every other lead arrives");
+    assert_same(&leads, &expected, "every other lead");
     let failed: HashSet<String> = errors
         .iter()
         .map(|e| {
