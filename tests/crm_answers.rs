@@ -113,7 +113,11 @@ async fn a_200_carrying_an_error_is_retried_and_every_record_arrives() {
         assert_eq!(servers.len(), sim.truth(Kind::Servers).len(), "{shape:?}");
         assert!(servers.iter().all(Result::is_ok), "{shape:?}");
         // 7 lead pages, 2 transaction pages and the servers, each answered once with the error.
-        assert_eq!(sim.stats().errors_200.load(Ordering::Relaxed), 10, "{shape:?}");
+        assert_eq!(
+            sim.stats().errors_200.load(Ordering::Relaxed),
+            10,
+            "{shape:?}"
+        );
         assert_eq!(crm.stats().retries.load(Ordering::Relaxed), 10, "{shape:?}");
         sim.shutdown().await;
     }
@@ -277,7 +281,11 @@ async fn a_real_missing_permission_is_forbidden_after_exactly_one_login_again() 
         ),
         "{err:?}"
     );
-    assert_eq!(sim.stats().logins.load(Ordering::Relaxed), 2, "one login again");
+    assert_eq!(
+        sim.stats().logins.load(Ordering::Relaxed),
+        2,
+        "one login again"
+    );
     assert_eq!(sim.stats().forbidden.load(Ordering::Relaxed), 2);
     // The other endpoints go on with the new token.
     crm.page::<Lead>(&query(DateFilter::Registration), 1)
@@ -381,8 +389,7 @@ async fn a_429_with_delay_seconds_pauses_every_caller() {
 #[tokio::test]
 async fn a_429_with_a_date_in_the_past_is_no_wait() {
     let (arrivals, _) =
-        pause_seen_by_another_caller(|now| ("Wed, 21 Oct 2015 07:28:00 GMT".to_owned(), now))
-            .await;
+        pause_seen_by_another_caller(|now| ("Wed, 21 Oct 2015 07:28:00 GMT".to_owned(), now)).await;
     let waited = arrivals[2].duration_since(arrivals[0]).unwrap_or_default();
     assert!(waited < Duration::from_millis(900), "{waited:?}");
 }
@@ -472,6 +479,10 @@ async fn a_record_with_a_byte_that_is_not_utf8_fails_alone() {
         transactions.len() + errors.len(),
         truth_ids(&sim, Kind::Transactions, "id").len()
     );
-    assert!(errors[0].reason.contains("`paymentMethod`"), "{}", errors[0].reason);
+    assert!(
+        errors[0].reason.contains("`paymentMethod`"),
+        "{}",
+        errors[0].reason
+    );
     sim.shutdown().await;
 }

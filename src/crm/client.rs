@@ -1,16 +1,40 @@
 //! The HTTP client of the CRM: login and token reuse, retries, rate limit, paging.
 //!
 //! One [`CrmClient`] serves every stream of a process (it is a cheap `Clone`): they share the
-//! token, so the CRM sees one login, and the rate limiter, so `crm.requests_per_second` bounds
-//! the process as a whole.
+//! token, so the CRM sees one login; the rate limiter, so `crm.requests_per_second` bounds
+//! the process as a whole; and the pause of a 429, so a CRM that asks to wait is left alone by
+//! every stream, not only by the call it answered.
 //!
 //! Failure handling, per call:
 //! - 401 on a data call: log in again once (only one task logs in; the others reuse its
 //!   token) and repeat the call; a second 401 is [`CrmError::Auth`].
-//! - 429, 5xx, 408, timeouts, connection errors, unreadable answers: retried up to
-//!   `crm.max_retries` times with exponential backoff and full jitter; a `Retry-After` is
-//!   honoured (waited at least). Then [`CrmError::RateLimited`] / [`CrmError::Transient`].
-//! - 403, 400 and other 4xx: not retried ([`CrmError::Forbidden`], [`CrmError::BadRequest`]).
+//! - 403 on a data call made with a cached token: some CRMs answer an expired token with 403
+//!   (`{"message": "Token expired"}`), so it is handled as a 401 first: log in again once
+//!   (shared as above) and repeat the call. Only a 403 to a token just issued (by this call's
+//!   login, or after its one re-login) is [`CrmError::Forbidden`]: a missing "IB Reports"
+//!   permission or a module that is off. No retries beyond that one login.
+//! - 429: every call of the process waits until the pause ends, then this call is retried.
+//!   The pause is `Retry-After` in either RFC 9110 form (delay-seconds, or an HTTP-date in the
+//!   IMF-fixdate, RFC 850 or asctime form; a date in the past is no pause), capped at
+//!   [`MAX_RETRY_AFTER`] (one hour: a CRM asking for more is asked again then), or the
+//!   backoff below without the header. After `crm.max_retries` retries,
+//!   [`CrmError::RateLimited`].
+//! - 5xx, 408, timeouts, connection errors, unreadable answers: retried up to
+//!   `crm.max_retries` times with exponential backoff and full jitter, then
+//!   [`CrmError::Transient`]. Unreadable answers include an HTTP 2xx that is not the data:
+//!   an envelope reporting an error (`"success": false` or `"false"`, `"status": "error"` or
+//!   an HTTP error code, a non-empty `error` / `errors` member, … see
+//!   [`super::page::envelope_error`]), an HTML page (`Content-Type: text/html`), a body that
+//!   is not JSON or that cannot be decompressed. Such an answer is never an empty page, so no
+//!   window completes on it.
+//! - 403 on login, 400 and other 4xx: not retried ([`CrmError::Auth`],
+//!   [`CrmError::BadRequest`]).
+//!
+//! Bodies are read as real CRMs send them ([`super::page::clean_body`]): gzip is decoded
+//! whether `Content-Encoding` says so or only the magic bytes do (ibstream never asks for
+//! compression), deflate when labelled, within `crm.max_response_bytes` decompressed; a UTF-8
+//! byte-order mark is skipped. A record holding bytes that are not UTF-8 fails alone (a
+//! [`RecordError`], so a dead letter): the page's other records arrive.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::Ordering;
@@ -512,7 +536,11 @@ impl CrmClient {
                     )
                     .await
                     .map(|bytes| {
-                        super::page::clean_body(bytes, encoding.as_deref(), inner.max_response_bytes)
+                        super::page::clean_body(
+                            bytes,
+                            encoding.as_deref(),
+                            inner.max_response_bytes,
+                        )
                     });
                     match body {
                         Err(crate::net::BodyError::Read(e)) => Retry::Transient(format!(
@@ -1045,7 +1073,10 @@ mod tests {
             Some(MAX_RETRY_AFTER)
         );
         assert_eq!(retry_after_at("86400", now), Some(MAX_RETRY_AFTER));
-        assert_eq!(retry_after_at("1.5", now), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            retry_after_at("1.5", now),
+            Some(Duration::from_millis(1500))
+        );
     }
 
     #[test]

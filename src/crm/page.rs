@@ -89,11 +89,7 @@ const BOM: &[u8] = b"\xEF\xBB\xBF";
 /// deflate (`Content-Encoding: deflate`), at most `limit` bytes decompressed; then drops a
 /// leading byte-order mark. An encoding ibstream cannot read (`br`, `zstd`) on a body that is
 /// not plain JSON is [`BodyError::Garbled`].
-pub fn clean_body(
-    body: Vec<u8>,
-    encoding: Option<&str>,
-    limit: u64,
-) -> Result<Vec<u8>, BodyError> {
+pub fn clean_body(body: Vec<u8>, encoding: Option<&str>, limit: u64) -> Result<Vec<u8>, BodyError> {
     use std::io::Read;
     let encoding = encoding.map(|e| e.trim().to_ascii_lowercase());
     let inflate = |reader: &mut dyn Read, what: &str| -> Result<Vec<u8>, BodyError> {
@@ -117,7 +113,9 @@ pub fn clean_body(
                 match inflate(&mut flate2::read::ZlibDecoder::new(&body[..]), "deflate") {
                     Ok(out) => out,
                     // Servers disagree on deflate: zlib-wrapped (the RFC) or raw.
-                    Err(_) => inflate(&mut flate2::read::DeflateDecoder::new(&body[..]), "deflate")?,
+                    Err(_) => {
+                        inflate(&mut flate2::read::DeflateDecoder::new(&body[..]), "deflate")?
+                    }
                 }
             }
             Some(other)
@@ -201,7 +199,10 @@ fn parse_non_utf8_page<T: CrmRecord>(
             .iter()
             .take(8)
             .map(|r| {
-                let hex: Vec<String> = body[(*r).clone()].iter().map(|b| format!("{b:02X}")).collect();
+                let hex: Vec<String> = body[(*r).clone()]
+                    .iter()
+                    .map(|b| format!("{b:02X}"))
+                    .collect();
                 format!("0x{} at byte {}", hex.join(""), r.start - start)
             })
             .collect();
@@ -438,13 +439,14 @@ pub fn envelope_error(key: &str, value: &Field<'_>, raw: &str) -> Option<String>
     } else if is("status") {
         word(value).is_some_and(|w| {
             matches!(w.as_str(), "error" | "fail" | "failed" | "failure" | "ko")
-                || w.parse::<u16>().is_ok_and(|code| (400..=599).contains(&code))
+                || w.parse::<u16>()
+                    .is_ok_and(|code| (400..=599).contains(&code))
         })
     } else if is("error") || is("errors") || is("errorMessage") {
         match value {
             Field::Null | Field::Bool(false) => false,
             Field::String(s) => !s.trim().is_empty(),
-            Field::Number(n) => n.parse::<f64>().map_or(true, |n| n != 0.0),
+            Field::Number(n) => n.parse::<f64>() != Ok(0.0),
             Field::Nested(raw) => {
                 let inner: String = raw.get().chars().filter(|c| !c.is_whitespace()).collect();
                 inner != "[]" && inner != "{}"
@@ -789,8 +791,7 @@ mod tests {
             r#"{"hasErrors": true, "data": []}"#,
             r#"{"error": true, "data": []}"#,
         ] {
-            let err = parse_page::<Lead>(body.as_bytes(), 1, 1000, Tz::UTC, &[])
-                .expect_err(body);
+            let err = parse_page::<Lead>(body.as_bytes(), 1, 1000, Tz::UTC, &[]).expect_err(body);
             assert!(err.contains("reports an error"), "{body}: {err}");
         }
         let err = parse_page::<Lead>(
@@ -909,7 +910,9 @@ mod tests {
     fn a_record_with_bytes_that_are_not_utf8_fails_alone() {
         let mut body = br#"{"total": 4, "message": "caf"#.to_vec();
         body.push(0xE9); // not a record: ignored
-        body.extend_from_slice(br#"", "data": [{"id": 1, "firstName": "Ann"}, {"id": 2, "firstName": "Ren"#);
+        body.extend_from_slice(
+            br#"", "data": [{"id": 1, "firstName": "Ann"}, {"id": 2, "firstName": "Ren"#,
+        );
         body.push(0xE9); // Latin-1 é
         body.extend_from_slice(br#"e", "lastName": "D"#);
         body.extend_from_slice(&[0xC3, 0x28]); // a broken two-byte sequence
@@ -939,7 +942,16 @@ mod tests {
         let err = page.records[3].as_ref().unwrap_err();
         assert!(err.reason.contains("0xFF"), "{}", err.reason);
         // Valid UTF-8 (ö) is no error; a clean record keeps its exact text.
-        assert_eq!(page.records[2].as_ref().unwrap().model.person.first_name.as_deref(), Some("Zoë"));
+        assert_eq!(
+            page.records[2]
+                .as_ref()
+                .unwrap()
+                .model
+                .person
+                .first_name
+                .as_deref(),
+            Some("Zoë")
+        );
         // A bad byte outside any string breaks the JSON: the answer is garbled.
         let mut broken = br#"{"total": 1, "data": [{"id": 1"#.to_vec();
         broken.push(0xE9);
@@ -951,12 +963,18 @@ mod tests {
         bare.extend_from_slice(br#""}]"#);
         let page = parse_page::<Lead>(&bare, 1, 1000, Tz::UTC, &[]).unwrap();
         assert!(page.records[0].is_ok());
-        assert!(page.records[1].as_ref().unwrap_err().reason.contains("`email`"));
+        assert!(page.records[1]
+            .as_ref()
+            .unwrap_err()
+            .reason
+            .contains("`email`"));
     }
 
     #[test]
     fn a_server_with_bytes_that_are_not_utf8_fails_alone() {
-        let mut body = br#"{"mt4": [{"id": "mt4-live-01", "name": "MT4 Live"}, {"id": "mt4-x", "name": "Caf"#.to_vec();
+        let mut body =
+            br#"{"mt4": [{"id": "mt4-live-01", "name": "MT4 Live"}, {"id": "mt4-x", "name": "Caf"#
+                .to_vec();
         body.push(0xE9);
         body.extend_from_slice(br#""}]}"#);
         let servers = parse_servers::<Server>(&body, Tz::UTC, &[]).unwrap();

@@ -193,7 +193,9 @@ impl SimHandle {
 
     /// Returns when each API call arrived since [`SimHandle::record_arrivals`].
     pub fn arrivals(&self) -> Vec<std::time::SystemTime> {
-        lock(&self.state.quirks.arrivals).clone().unwrap_or_default()
+        lock(&self.state.quirks.arrivals)
+            .clone()
+            .unwrap_or_default()
     }
 
     /// Answers the next `n` API calls with HTTP 500.
@@ -432,8 +434,7 @@ fn api_ok(state: &AppState, content_type: &'static str, body: Vec<u8>) -> Respon
     let gzip = quirks.contains(&BodyQuirk::Gzip);
     if gzip || quirks.contains(&BodyQuirk::GzipUnlabelled) {
         use std::io::Write;
-        let mut encoder =
-            flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         // Writing into a Vec cannot fail.
         let _ = encoder.write_all(&body);
         body = encoder.finish().unwrap_or_default();
@@ -449,7 +450,11 @@ fn api_ok(state: &AppState, content_type: &'static str, body: Vec<u8>) -> Respon
 }
 
 /// The body of `--error-200` if this data query has not had it yet.
-fn error_200(state: &AppState, endpoint: &str, params: &HashMap<String, String>) -> Option<Response> {
+fn error_200(
+    state: &AppState,
+    endpoint: &str,
+    params: &HashMap<String, String>,
+) -> Option<Response> {
     let shape = state.config.error_200?;
     let mut query: Vec<_> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
     query.sort();
@@ -714,11 +719,7 @@ async fn data_call(
     }
 }
 
-fn page(
-    state: &AppState,
-    kind: Kind,
-    params: &HashMap<String, String>,
-) -> Result<Vec<u8>, String> {
+fn page(state: &AppState, kind: Kind, params: &HashMap<String, String>) -> Result<Vec<u8>, String> {
     let number = |name: &str, default: u32| -> Result<u32, String> {
         match params.get(name) {
             None => Ok(default),
