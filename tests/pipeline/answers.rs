@@ -85,7 +85,14 @@ async fn crm_answers_as_real_crms_write_them_lose_no_record() {
     assert_eq!(letters.len(), bad.len(), "re-reads add no dead letter");
 
     // Every other record is in its topic as the truth has it.
-    let events = read_events(&broker, &sim, &schemas, &prefix).await;
+    let records = consume(
+        &broker.bootstrap,
+        &data_topics(&prefix),
+        truth_count(&sim) - bad.len(),
+        Duration::from_secs(2),
+    )
+    .await;
+    let events = group(&schemas, &prefix, &records);
     for stream in STREAMS {
         let mut truth = expected(&sim, stream);
         truth.retain(|key, _| !bad.contains(&(stream.to_owned(), key.clone())));
@@ -101,7 +108,12 @@ async fn crm_answers_as_real_crms_write_them_lose_no_record() {
             &extra[..extra.len().min(5)]
         );
         for (key, expected) in &truth {
-            assert_eq!(&body(got[key].last().unwrap()), expected, "{stream} {key}");
+            // A customer's balance moves without an event, by design (as truth_mismatch).
+            let latest: Vec<_> = body(got[key].last().unwrap())
+                .into_iter()
+                .filter(|(name, _)| name != "balanceUsd")
+                .collect();
+            assert_eq!(&latest, expected, "{stream} {key}");
         }
     }
     sim.shutdown().await;
