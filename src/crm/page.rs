@@ -194,7 +194,7 @@ fn parse_non_utf8_page<T: CrmRecord>(
         if inside.is_empty() {
             continue;
         }
-        let field = field_at(item.get(), inside[0].start - start);
+        let field = field_at(item.get(), inside[0].start.saturating_sub(start));
         let bytes: Vec<String> = inside
             .iter()
             .take(8)
@@ -203,7 +203,11 @@ fn parse_non_utf8_page<T: CrmRecord>(
                     .iter()
                     .map(|b| format!("{b:02X}"))
                     .collect();
-                format!("0x{} at byte {}", hex.join(""), r.start - start)
+                format!(
+                    "0x{} at byte {}",
+                    hex.join(""),
+                    r.start.saturating_sub(start)
+                )
             })
             .collect();
         let more = if inside.len() > 8 { ", …" } else { "" };
@@ -981,5 +985,54 @@ mod tests {
         assert_eq!(servers.len(), 2);
         assert!(servers[0].is_ok());
         assert!(servers[1].as_ref().unwrap_err().reason.contains("UTF-8"));
+    }
+
+    proptest::proptest! {
+        /// Bytes that are not UTF-8, put into the text of random records: exactly those
+        /// records fail, every other one reads, nothing panics.
+        #[test]
+        fn bad_bytes_fail_exactly_their_records(
+            hits in proptest::collection::vec((0usize..20, 0x80u8..=0xFF), 0..6),
+        ) {
+            let mut body = br#"{"total": 20, "data": ["#.to_vec();
+            let mut expected_bad = std::collections::BTreeSet::new();
+            for id in 0..20usize {
+                if id > 0 {
+                    body.push(b',');
+                }
+                body.extend_from_slice(format!(r#"{{"id": {id}, "firstName": "N"#).as_bytes());
+                for (_, byte) in hits.iter().filter(|(at, _)| *at == id) {
+                    // A lone byte 0x80..=0xFF followed by ASCII is never UTF-8.
+                    body.push(*byte);
+                    body.push(b'-');
+                    expected_bad.insert(id as i64);
+                }
+                body.extend_from_slice(br#"x"}"#);
+            }
+            body.extend_from_slice(b"]}");
+            let page = parse_page::<Lead>(&body, 1, 1000, Tz::UTC, &[]).unwrap();
+            proptest::prop_assert_eq!(page.records.len(), 20);
+            let bad: std::collections::BTreeSet<i64> = page
+                .records
+                .iter()
+                .filter_map(|r| r.as_ref().err())
+                .map(|e| serde_json::from_str::<Value>(&e.raw).unwrap()["id"].as_i64().unwrap())
+                .collect();
+            proptest::prop_assert_eq!(bad, expected_bad);
+        }
+
+        #[test]
+        fn any_body_cleans_to_a_result(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+            gzip_magic in proptest::prelude::any::<bool>(),
+        ) {
+            let mut body = bytes;
+            if gzip_magic {
+                body.splice(0..0, [0x1f, 0x8b]);
+            }
+            for encoding in [None, Some("gzip"), Some("deflate"), Some("br")] {
+                let _ = clean_body(body.clone(), encoding, 1 << 16);
+            }
+        }
     }
 }
