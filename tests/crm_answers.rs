@@ -119,6 +119,11 @@ async fn a_200_carrying_an_error_is_retried_and_every_record_arrives() {
             "{shape:?}"
         );
         assert_eq!(crm.stats().retries.load(Ordering::Relaxed), 10, "{shape:?}");
+        assert_eq!(
+            crm.stats().error_answers.load(Ordering::Relaxed),
+            10,
+            "{shape:?}"
+        );
         sim.shutdown().await;
     }
 }

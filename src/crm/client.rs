@@ -536,11 +536,16 @@ impl CrmClient {
                     )
                     .await
                     .map(|bytes| {
-                        super::page::clean_body(
-                            bytes,
-                            encoding.as_deref(),
-                            inner.max_response_bytes,
-                        )
+                        let limit = inner.max_response_bytes;
+                        if status.is_success() {
+                            super::page::clean_body(bytes, encoding.as_deref(), limit)
+                        } else {
+                            // An error answer only feeds a message: as received if need be.
+                            Ok(
+                                super::page::clean_body(bytes.clone(), encoding.as_deref(), limit)
+                                    .unwrap_or(bytes),
+                            )
+                        }
                     });
                     match body {
                         Err(crate::net::BodyError::Read(e)) => Retry::Transient(format!(
@@ -560,17 +565,22 @@ impl CrmClient {
                             }))
                         }
                         Ok(Err(super::page::BodyError::Garbled(message))) => {
+                            inner.stats.error_answers.fetch_add(1, Ordering::Relaxed);
                             Retry::Transient(format!("unreadable answer: {message}"))
                         }
                         Ok(Ok(bytes)) => match classify(status, &bytes) {
-                            Class::Ok if html => Retry::Transient(format!(
-                                "HTTP {} with an HTML page instead of JSON (a proxy's or a maintenance page?): {}",
-                                status.as_u16(),
-                                snippet(&bytes)
-                            )),
+                            Class::Ok if html => {
+                                inner.stats.error_answers.fetch_add(1, Ordering::Relaxed);
+                                Retry::Transient(format!(
+                                    "HTTP {} with an HTML page instead of JSON (a proxy's or a maintenance page?): {}",
+                                    status.as_u16(),
+                                    snippet(&bytes)
+                                ))
+                            }
                             Class::Ok => match decode(&bytes) {
                                 Ok(value) => return Ok(value),
                                 Err(reason) => {
+                                    inner.stats.error_answers.fetch_add(1, Ordering::Relaxed);
                                     Retry::Transient(format!("unusable answer: {reason}"))
                                 }
                             },
