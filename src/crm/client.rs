@@ -33,8 +33,10 @@
 //! Bodies are read as real CRMs send them ([`super::page::clean_body`]): gzip is decoded
 //! whether `Content-Encoding` says so or only the magic bytes do (ibstream never asks for
 //! compression), deflate when labelled, within `crm.max_response_bytes` decompressed; a UTF-8
-//! byte-order mark is skipped. A record holding bytes that are not UTF-8 fails alone (a
-//! [`RecordError`], so a dead letter): the page's other records arrive.
+//! byte-order mark is skipped; a body declared Latin-1 or Windows-1252 (`charset=` of
+//! `Content-Type`) that is not UTF-8 is decoded as Windows-1252. A record still holding bytes
+//! that are not UTF-8 fails alone (a [`RecordError`], so a dead letter): the page's other
+//! records arrive.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::Ordering;
@@ -524,6 +526,11 @@ impl CrmClient {
                     let status = response.status();
                     let retry_after = parse_retry_after(response.headers());
                     let html = is_html(response.headers());
+                    let content_type = response
+                        .headers()
+                        .get(CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
                     let encoding = response
                         .headers()
                         .get(reqwest::header::CONTENT_ENCODING)
@@ -538,7 +545,9 @@ impl CrmClient {
                     .map(|bytes| {
                         let limit = inner.max_response_bytes;
                         if status.is_success() {
-                            super::page::clean_body(bytes, encoding.as_deref(), limit)
+                            super::page::clean_body(bytes, encoding.as_deref(), limit).map(|body| {
+                                super::page::decode_declared_charset(body, content_type.as_deref())
+                            })
                         } else {
                             // An error answer only feeds a message: as received if need be.
                             Ok(

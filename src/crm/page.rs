@@ -9,7 +9,8 @@
 //! its fingerprint while its fields are at hand.
 //!
 //! Bodies are taken as real CRMs send them ([`clean_body`]): gzip-compressed though not asked
-//! (with or without `Content-Encoding`), after a UTF-8 byte-order mark. A record holding bytes
+//! (with or without `Content-Encoding`), after a UTF-8 byte-order mark, or in the Latin-1 their
+//! `Content-Type` declares ([`decode_declared_charset`]). A record holding bytes
 //! that are not UTF-8 (a Latin-1 name) is a [`RecordError`] of its own, its text kept with the
 //! bad bytes replaced by U+FFFD and listed in hex in the reason; the page's other records are
 //! read as usual (the check costs nothing on a clean page: it runs only after the fast parse
@@ -134,6 +135,61 @@ pub fn clean_body(body: Vec<u8>, encoding: Option<&str>, limit: u64) -> Result<V
         body.drain(..BOM.len());
     }
     Ok(body)
+}
+
+/// Decodes a body its `Content-Type` declares as Latin-1 or Windows-1252 (`charset=
+/// iso-8859-1`, `latin1`, `windows-1252`, `cp1252`) into UTF-8, when it is not UTF-8 already
+/// (servers often label UTF-8 as Latin-1). Any other body is returned as it is; its records
+/// holding bytes that are not UTF-8 then fail alone in [`parse_page`].
+pub fn decode_declared_charset(body: Vec<u8>, content_type: Option<&str>) -> Vec<u8> {
+    let Some(charset) = content_type.and_then(|ct| {
+        ct.split(';')
+            .skip(1)
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("charset"))
+            .map(|(_, v)| v.trim().trim_matches('"').to_ascii_lowercase())
+    }) else {
+        return body;
+    };
+    // WHATWG's encoding standard reads every one of these labels as Windows-1252.
+    if !matches!(
+        charset.as_str(),
+        "iso-8859-1"
+            | "iso8859-1"
+            | "latin1"
+            | "latin-1"
+            | "l1"
+            | "windows-1252"
+            | "cp1252"
+            | "x-cp1252"
+    ) {
+        return body;
+    }
+    if body.is_ascii() || std::str::from_utf8(&body).is_ok() {
+        return body;
+    }
+    // A body holding UTF-8 characters too is UTF-8 with a few bad bytes, whatever the label:
+    // decoding it as Windows-1252 would garble every other name; its bad records fail alone.
+    let mut clean = body.clone();
+    for range in invalid_utf8_ranges(&body) {
+        clean[range].fill(b'?');
+    }
+    if !clean.is_ascii() {
+        return body;
+    }
+    // Windows-1252's characters in 0x80..=0x9F (its five undefined ones stay C1 controls).
+    const CP1252: [char; 32] = [
+        '€', '\u{81}', '‚', 'ƒ', '„', '…', '†', '‡', 'ˆ', '‰', 'Š', '‹', 'Œ', '\u{8D}', 'Ž',
+        '\u{8F}', '\u{90}', '‘', '’', '“', '”', '•', '–', '—', '˜', '™', 'š', '›', 'œ', '\u{9D}',
+        'ž', 'Ÿ',
+    ];
+    body.iter()
+        .map(|&b| match b {
+            0x80..=0x9F => CP1252[usize::from(b - 0x80)],
+            _ => char::from(b),
+        })
+        .collect::<String>()
+        .into_bytes()
 }
 
 /// Whether a body starts like JSON or text (after a byte-order mark and whitespace).
@@ -985,6 +1041,45 @@ mod tests {
         assert_eq!(servers.len(), 2);
         assert!(servers[0].is_ok());
         assert!(servers[1].as_ref().unwrap_err().reason.contains("UTF-8"));
+    }
+
+    #[test]
+    fn a_body_declared_latin1_is_decoded() {
+        let mut body = br#"{"total": 1, "data": [{"id": 1, "firstName": "Ren"#.to_vec();
+        body.push(0xE9);
+        body.extend_from_slice(br#"e", "lastName": "O"#);
+        body.push(0x92); // Windows-1252's right single quote
+        body.extend_from_slice(br#"Neil"}]}"#);
+        for content_type in [
+            "application/json; charset=ISO-8859-1",
+            "application/json;charset=\"windows-1252\"",
+            "text/json; Charset=latin1",
+        ] {
+            let decoded = decode_declared_charset(body.clone(), Some(content_type));
+            let page = parse_page::<Lead>(&decoded, 1, 1000, Tz::UTC, &[]).unwrap();
+            let lead = &page.records[0].as_ref().unwrap().model.person;
+            assert_eq!(lead.first_name.as_deref(), Some("Renée"), "{content_type}");
+            assert_eq!(lead.last_name.as_deref(), Some("O’Neil"), "{content_type}");
+        }
+        // A UTF-8 body with one Latin-1 byte, whatever its label: as it is (the one record
+        // fails alone, the others keep their UTF-8 names).
+        let mut mixed = body.clone();
+        mixed.extend_from_slice("Zoë".as_bytes());
+        assert_eq!(
+            decode_declared_charset(mixed.clone(), Some("application/json; charset=latin1")),
+            mixed
+        );
+        // Not declared, or declared but UTF-8 already: as it is.
+        assert_eq!(
+            decode_declared_charset(body.clone(), Some("application/json")),
+            body
+        );
+        assert_eq!(decode_declared_charset(body.clone(), None), body);
+        let utf8 = "{\"data\": [{\"firstName\": \"Zoë\"}]}".as_bytes().to_vec();
+        assert_eq!(
+            decode_declared_charset(utf8.clone(), Some("application/json; charset=iso-8859-1")),
+            utf8
+        );
     }
 
     proptest::proptest! {
