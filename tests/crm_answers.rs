@@ -327,11 +327,23 @@ async fn a_real_missing_permission_is_forbidden_after_exactly_one_login_again() 
 async fn pause_seen_by_another_caller(
     retry_after: impl Fn(SystemTime) -> (String, SystemTime),
 ) -> (Vec<SystemTime>, SystemTime) {
+    pause_after(429, retry_after).await
+}
+
+/// As [`pause_seen_by_another_caller`], the first answer of status `status` (429 or 503).
+async fn pause_after(
+    status: u16,
+    retry_after: impl Fn(SystemTime) -> (String, SystemTime),
+) -> (Vec<SystemTime>, SystemTime) {
     let sim = start_sim(|_| {}).await;
     let crm = client(&sim, |c| c.backoff_initial_ms = 1);
     crm.login().await.unwrap();
     let (value, until) = retry_after(SystemTime::now());
-    sim.rate_limit_next(1, &value);
+    if status == 429 {
+        sim.rate_limit_next(1, &value);
+    } else {
+        sim.unavailable_next(1, &value);
+    }
     sim.record_arrivals(true);
     let first = tokio::spawn({
         let crm = crm.clone();
@@ -343,7 +355,11 @@ async fn pause_seen_by_another_caller(
     });
     // The 429 has been received by the first caller.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while crm.stats().rate_limited.load(Ordering::Relaxed) == 0 {
+    while sim.stats().rate_limited.load(Ordering::Relaxed)
+        + sim.stats().failures.load(Ordering::Relaxed)
+        == 0
+        || crm.stats().retries.load(Ordering::Relaxed) == 0
+    {
         assert!(Instant::now() < deadline, "no 429 received");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
@@ -385,6 +401,15 @@ async fn a_429_with_an_http_date_pauses_every_caller_until_that_date() {
 #[tokio::test]
 async fn a_429_with_delay_seconds_pauses_every_caller() {
     let (arrivals, _) = pause_seen_by_another_caller(|now| ("2".to_owned(), now)).await;
+    for arrival in &arrivals[1..] {
+        let waited = arrival.duration_since(arrivals[0]).unwrap_or_default();
+        assert!(waited >= Duration::from_secs(2), "{waited:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_503_with_retry_after_pauses_every_caller_too() {
+    let (arrivals, _) = pause_after(503, |now| ("2".to_owned(), now)).await;
     for arrival in &arrivals[1..] {
         let waited = arrival.duration_since(arrivals[0]).unwrap_or_default();
         assert!(waited >= Duration::from_secs(2), "{waited:?}");

@@ -18,7 +18,8 @@
 //!   IMF-fixdate, RFC 850 or asctime form; a date in the past is no pause), capped at
 //!   [`MAX_RETRY_AFTER`] (one hour: a CRM asking for more is asked again then), or the
 //!   backoff below without the header. After `crm.max_retries` retries,
-//!   [`CrmError::RateLimited`].
+//!   [`CrmError::RateLimited`]. A 503 with `Retry-After` pauses the process the same way
+//!   (and is retried as a 5xx).
 //! - 5xx, 408, timeouts, connection errors, unreadable answers: retried up to
 //!   `crm.max_retries` times with exponential backoff and full jitter, then
 //!   [`CrmError::Transient`]. Unreadable answers include an HTTP 2xx that is not the data:
@@ -603,17 +604,23 @@ impl CrmClient {
                                 }))
                             }
                             Class::RateLimited => Retry::RateLimited(retry_after),
-                            Class::Transient(m) => Retry::Transient(m),
+                            Class::Transient(m) => {
+                                // A 503 with Retry-After: the CRM is down for everyone that long.
+                                if let (503, Some(after)) = (status.as_u16(), retry_after) {
+                                    self.pause(after);
+                                }
+                                Retry::Transient(m)
+                            }
                         },
                     }
                 }
             };
             if let Retry::RateLimited(retry_after) = &outcome {
-                inner.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
                 // The CRM limits the process, not this call: every call waits.
                 let pause = retry_after
                     .unwrap_or_else(|| backoff(attempt, inner.backoff_initial, inner.backoff_max));
                 self.pause(pause);
+                inner.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
             }
             if attempt > inner.max_retries {
                 return Err(Failure::Error(match outcome {

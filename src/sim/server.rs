@@ -101,8 +101,8 @@ struct Quirks {
     error_200_seen: Mutex<std::collections::HashSet<String>>,
     /// `(kind, key)` of the records served with a Latin-1 byte.
     latin1: Mutex<std::collections::HashSet<(Kind, String)>>,
-    /// Calls still to answer with 429 and this `Retry-After`.
-    rate_limit_next: Mutex<Option<(u32, String)>>,
+    /// Calls still to answer with this status (429 or 503) and this `Retry-After`.
+    rate_limit_next: Mutex<Option<(u32, StatusCode, String)>>,
     /// When each API call arrived, while recorded.
     arrivals: Mutex<Option<Vec<std::time::SystemTime>>>,
 }
@@ -183,7 +183,14 @@ impl SimHandle {
     /// Answers the next `n` API calls with HTTP 429 and `Retry-After: <retry_after>` (either
     /// RFC 9110 form, sent as given).
     pub fn rate_limit_next(&self, n: u32, retry_after: &str) {
-        *lock(&self.state.quirks.rate_limit_next) = Some((n, retry_after.to_owned()));
+        *lock(&self.state.quirks.rate_limit_next) =
+            Some((n, StatusCode::TOO_MANY_REQUESTS, retry_after.to_owned()));
+    }
+
+    /// Answers the next `n` API calls with HTTP 503 and `Retry-After: <retry_after>`.
+    pub fn unavailable_next(&self, n: u32, retry_after: &str) {
+        *lock(&self.state.quirks.rate_limit_next) =
+            Some((n, StatusCode::SERVICE_UNAVAILABLE, retry_after.to_owned()));
     }
 
     /// Starts recording when each API call arrives (`false`: stops and forgets).
@@ -524,15 +531,15 @@ async fn faults(state: &AppState) -> Option<Response> {
     }
     let retry_after = {
         let mut next = lock(&state.quirks.rate_limit_next);
-        let value = next.as_ref().map(|(_, v)| v.clone());
+        let value = next.as_ref().map(|(_, status, v)| (*status, v.clone()));
         match next.as_mut() {
-            Some((n, _)) if *n > 1 => *n -= 1,
+            Some((n, _, _)) if *n > 1 => *n -= 1,
             _ => *next = None,
         }
         value
     };
-    if let Some(value) = retry_after {
-        let mut response = error(state, StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
+    if let Some((status, value)) = retry_after {
+        let mut response = error(state, status, "rate limit exceeded or unavailable");
         if let Ok(value) = axum::http::HeaderValue::from_str(&value) {
             response.headers_mut().insert("retry-after", value);
         }
