@@ -458,12 +458,15 @@ fn parse_count(value: &Field<'_>) -> Result<u64, String> {
 }
 
 /// Keys of an envelope's members that tell success or failure (compared ignoring case).
-const STATUS_KEYS: [&str; 10] = [
+const STATUS_KEYS: [&str; 13] = [
     "success",
     "isSuccess",
     "succeeded",
     "ok",
     "status",
+    "statusCode",
+    "status_code",
+    "code",
     "error",
     "errors",
     "errorMessage",
@@ -480,9 +483,10 @@ fn is_status_key(key: &str) -> bool {
 /// common CRM and REST APIs):
 /// - `success` / `isSuccess` / `succeeded` / `ok` false: `false`, `"false"`, `0`, `"0"`, `"no"`;
 /// - `status` an error word (`error`, `fail`, `failed`, `failure`, `ko`) or an HTTP error
-///   code (400 and up, as a number or text);
+///   code (400 to 599, as a number or text); `statusCode` / `status_code` / `code` an HTTP
+///   error code;
 /// - `error` / `errors` / `errorMessage` present and not empty (`null`, `false`, `""`, `[]`,
-///   `{}` and `0` mean no error);
+///   `{}`, `0` and the words `0`, `false`, `none`, `null`, `ok` mean no error);
 /// - `hasErrors` true.
 ///
 /// Keys are compared ignoring case (`Success`, `Errors` of .NET APIs).
@@ -502,10 +506,15 @@ pub fn envelope_error(key: &str, value: &Field<'_>, raw: &str) -> Option<String>
                 || w.parse::<u16>()
                     .is_ok_and(|code| (400..=599).contains(&code))
         })
+    } else if is("statusCode") || is("status_code") || is("code") {
+        word(value).is_some_and(|w| w.parse::<u16>().is_ok_and(|c| (400..=599).contains(&c)))
     } else if is("error") || is("errors") || is("errorMessage") {
         match value {
             Field::Null | Field::Bool(false) => false,
-            Field::String(s) => !s.trim().is_empty(),
+            Field::String(s) => !matches!(
+                s.trim().to_ascii_lowercase().as_str(),
+                "" | "0" | "false" | "none" | "null" | "ok"
+            ),
             Field::Number(n) => n.parse::<f64>() != Ok(0.0),
             Field::Nested(raw) => {
                 let inner: String = raw.get().chars().filter(|c| !c.is_whitespace()).collect();
@@ -850,6 +859,8 @@ mod tests {
             r#"{"errorMessage": "try later", "data": []}"#,
             r#"{"hasErrors": true, "data": []}"#,
             r#"{"error": true, "data": []}"#,
+            r#"{"statusCode": 500, "message": "Internal", "data": []}"#,
+            r#"{"code": "503", "data": []}"#,
         ] {
             let err = parse_page::<Lead>(body.as_bytes(), 1, 1000, Tz::UTC, &[]).expect_err(body);
             assert!(err.contains("reports an error"), "{body}: {err}");
@@ -877,6 +888,9 @@ mod tests {
             r#"{"error": "", "errors": {}, "errorMessage": null, "data": []}"#,
             r#"{"error": false, "hasErrors": false, "data": []}"#,
             r#"{"message": "OK", "data": []}"#,
+            r#"{"error": "0", "errors": "none", "errorMessage": "false", "data": []}"#,
+            r#"{"code": 0, "statusCode": 200, "data": []}"#,
+            r#"{"code": "OK", "data": []}"#,
         ] {
             let page = parse_page::<Lead>(body.as_bytes(), 1, 1000, Tz::UTC, &[]);
             assert!(page.is_ok(), "{body}: {:?}", page.err());
