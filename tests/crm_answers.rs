@@ -379,8 +379,8 @@ async fn pause_after(
 #[tokio::test]
 async fn a_429_with_an_http_date_pauses_every_caller_until_that_date() {
     let (arrivals, until) = pause_seen_by_another_caller(|now| {
-        // Whole seconds: the date is 1 to 2 s away.
-        let at = now + Duration::from_secs(2);
+        // Whole seconds: the date is 2 to 3 s away.
+        let at = now + Duration::from_secs(3);
         let text = httpdate::fmt_http_date(at);
         let until = httpdate::parse_http_date(&text).unwrap();
         (text, until)
