@@ -516,3 +516,37 @@ async fn a_record_with_a_byte_that_is_not_utf8_fails_alone() {
     );
     sim.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_login_answered_200_with_an_error_says_what_the_crm_said() {
+    let app = axum::Router::new().route(
+        "/api/v1/auth/login",
+        axum::routing::post(|| async {
+            axum::Json(serde_json::json!({
+                "success": false,
+                "message": "Invalid credentials",
+                "accessToken": "not-a-token-to-show"
+            }))
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut config = common::crm_config_for_url();
+    config.base_url = format!("http://{addr}");
+    config.max_retries = 1;
+    let crm = CrmClient::build(&config).unwrap();
+    let err = crm.login().await.unwrap_err();
+    match &err {
+        CrmError::Transient { message, .. } => {
+            assert!(
+                message.contains("Invalid credentials") && message.contains("success: false"),
+                "{message}"
+            );
+            assert!(!message.contains("not-a-token-to-show"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(crm.stats().error_answers.load(Ordering::Relaxed), 2);
+    server.abort();
+}

@@ -459,7 +459,14 @@ impl CrmClient {
                 .map_err(|e| format!("login answer is not JSON: {e}"))?;
             match value.get("token").and_then(|t| t.as_str()) {
                 Some(token) if !token.is_empty() => Ok(SecretString::from(token.to_owned())),
-                _ => Err("login answer has no token".to_owned()),
+                // Only the error members and the message are shown: the rest may hold a
+                // token under another name.
+                _ => Err(
+                    match value.as_object().and_then(super::page::object_error) {
+                        Some(reason) => format!("login answer has no token: {reason}"),
+                        None => "login answer has no token".to_owned(),
+                    },
+                ),
             }
         };
         match self

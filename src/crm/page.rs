@@ -531,6 +531,24 @@ pub fn envelope_error(key: &str, value: &Field<'_>, raw: &str) -> Option<String>
     failed.then(|| format!("{key}: {}", clip(raw)))
 }
 
+/// Returns the reason when a JSON object answer reports an error in its members (as
+/// [`envelope_error`] tells), naming them and its `message`.
+pub fn object_error(map: &serde_json::Map<String, Value>) -> Option<String> {
+    let message = map
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("message"))
+        .map(|(_, v)| v.as_str().map_or_else(|| v.to_string(), str::to_owned));
+    map.iter()
+        .filter(|(k, _)| is_status_key(k))
+        .find_map(|(key, value)| {
+            let text = value.to_string();
+            let raw = serde_json::from_str::<&RawValue>(&text).ok()?;
+            let field = Field::from_raw(raw).ok()?;
+            let error = envelope_error(key, &field, &text)?;
+            Some(error_reason(&error, message.as_deref()))
+        })
+}
+
 /// The reason of an answer that reports an error.
 fn error_reason(error: &str, message: Option<&str>) -> String {
     match message {
@@ -717,21 +735,8 @@ pub fn parse_servers<T: CrmRecord>(
     match value {
         Value::Array(items) => out.extend(items.into_iter().map(read)),
         Value::Object(mut map) => {
-            let message = map
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case("message"))
-                .map(|(_, v)| v.as_str().map_or_else(|| v.to_string(), str::to_owned));
-            for (key, value) in map.iter().filter(|(k, _)| is_status_key(k)) {
-                let text = value.to_string();
-                let Ok(raw) = serde_json::from_str::<&RawValue>(&text) else {
-                    continue;
-                };
-                let Ok(field) = Field::from_raw(raw) else {
-                    continue;
-                };
-                if let Some(error) = envelope_error(key, &field, &text) {
-                    return Err(error_reason(&error, message.as_deref()));
-                }
+            if let Some(reason) = object_error(&map) {
+                return Err(reason);
             }
             if let Some(Value::Array(items)) = DATA_KEYS.iter().find_map(|k| map.remove(*k)) {
                 out.extend(items.into_iter().map(read));
