@@ -1,16 +1,43 @@
 //! The HTTP client of the CRM: login and token reuse, retries, rate limit, paging.
 //!
 //! One [`CrmClient`] serves every stream of a process (it is a cheap `Clone`): they share the
-//! token, so the CRM sees one login, and the rate limiter, so `crm.requests_per_second` bounds
-//! the process as a whole.
+//! token, so the CRM sees one login; the rate limiter, so `crm.requests_per_second` bounds
+//! the process as a whole; and the pause of a 429, so a CRM that asks to wait is left alone by
+//! every stream, not only by the call it answered.
 //!
 //! Failure handling, per call:
 //! - 401 on a data call: log in again once (only one task logs in; the others reuse its
 //!   token) and repeat the call; a second 401 is [`CrmError::Auth`].
-//! - 429, 5xx, 408, timeouts, connection errors, unreadable answers: retried up to
-//!   `crm.max_retries` times with exponential backoff and full jitter; a `Retry-After` is
-//!   honoured (waited at least). Then [`CrmError::RateLimited`] / [`CrmError::Transient`].
-//! - 403, 400 and other 4xx: not retried ([`CrmError::Forbidden`], [`CrmError::BadRequest`]).
+//! - 403 on a data call made with a cached token: some CRMs answer an expired token with 403
+//!   (`{"message": "Token expired"}`), so it is handled as a 401 first: log in again once
+//!   (shared as above) and repeat the call. Only a 403 to a token just issued (by this call's
+//!   login, or after its one re-login) is [`CrmError::Forbidden`]: a missing "IB Reports"
+//!   permission or a module that is off. No retries beyond that one login.
+//! - 429: every call of the process waits until the pause ends, then this call is retried.
+//!   The pause is `Retry-After` in either RFC 9110 form (delay-seconds, or an HTTP-date in the
+//!   IMF-fixdate, RFC 850 or asctime form; a date in the past is no pause), capped at
+//!   [`MAX_RETRY_AFTER`] (one hour: a CRM asking for more is asked again then), or the
+//!   backoff below without the header. After `crm.max_retries` retries,
+//!   [`CrmError::RateLimited`]. A 503 with `Retry-After` pauses the process the same way
+//!   (and is retried as a 5xx).
+//! - 5xx, 408, timeouts, connection errors, unreadable answers: retried up to
+//!   `crm.max_retries` times with exponential backoff and full jitter, then
+//!   [`CrmError::Transient`]. Unreadable answers include an HTTP 2xx that is not the data:
+//!   an envelope reporting an error (`"success": false` or `"false"`, `"status": "error"` or
+//!   an HTTP error code, a non-empty `error` / `errors` member, … see
+//!   [`super::page::envelope_error`]), an HTML page (`Content-Type: text/html`), a body that
+//!   is not JSON or that cannot be decompressed. Such an answer is never an empty page, so no
+//!   window completes on it.
+//! - 403 on login, 400 and other 4xx: not retried ([`CrmError::Auth`],
+//!   [`CrmError::BadRequest`]).
+//!
+//! Bodies are read as real CRMs send them ([`super::page::clean_body`]): gzip is decoded
+//! whether `Content-Encoding` says so or only the magic bytes do (ibstream never asks for
+//! compression), deflate when labelled, within `crm.max_response_bytes` decompressed; a UTF-8
+//! byte-order mark is skipped; a body declared Latin-1 or Windows-1252 (`charset=` of
+//! `Content-Type`) that is not UTF-8 is decoded as Windows-1252. A record still holding bytes
+//! that are not UTF-8 fails alone (a [`RecordError`], so a dead letter): the page's other
+//! records arrive.
 
 use std::num::NonZeroU32;
 use std::sync::atomic::Ordering;
@@ -137,6 +164,8 @@ struct Inner {
     backoff_initial: Duration,
     backoff_max: Duration,
     limiter: DefaultDirectRateLimiter,
+    /// Until when every CRM call of the process waits (a 429's `Retry-After`).
+    paused_until: std::sync::Mutex<Option<tokio::time::Instant>>,
     token: Mutex<TokenState>,
     stats: Arc<CrmStats>,
 }
@@ -216,6 +245,7 @@ impl CrmClient {
                 backoff_initial: Duration::from_millis(config.backoff_initial_ms),
                 backoff_max: Duration::from_millis(config.backoff_max_ms),
                 limiter: RateLimiter::direct(Quota::per_second(rps)),
+                paused_until: std::sync::Mutex::new(None),
                 token: Mutex::new(TokenState::default()),
                 stats: Arc::default(),
             }),
@@ -335,7 +365,7 @@ impl CrmClient {
         let url = self.endpoint_url(endpoint);
         let mut relogged = false;
         loop {
-            let (token, generation) = self.token().await?;
+            let (token, generation, fresh) = self.token().await?;
             let result = self
                 .send(
                     endpoint.path_segment(),
@@ -363,6 +393,17 @@ impl CrmClient {
                         ),
                     })
                 }
+                Err(Failure::Forbidden(message)) if !relogged && !fresh => {
+                    // Some CRMs answer an expired token with 403, not 401: only a 403 to a
+                    // token just issued means a missing permission or module.
+                    info!(
+                        endpoint = endpoint.path_segment(),
+                        "crm answered 403 to a cached token, logging in again before taking it as a missing permission"
+                    );
+                    debug!(message = %message, "crm 403 answer");
+                    self.drop_token(generation).await;
+                    relogged = true;
+                }
                 Err(Failure::Forbidden(message)) => {
                     return Err(CrmError::Forbidden {
                         endpoint: endpoint.path_segment().to_owned(),
@@ -376,12 +417,13 @@ impl CrmClient {
         }
     }
 
-    async fn token(&self) -> Result<(SecretString, u64), CrmError> {
+    /// Returns the token, its generation and whether this call just logged in for it.
+    async fn token(&self) -> Result<(SecretString, u64, bool), CrmError> {
         // Held across the login call: concurrent streams wait for one login instead of
         // each logging in.
         let mut state = self.inner.token.lock().await;
         if let Some(token) = &state.token {
-            return Ok((token.clone(), state.generation));
+            return Ok((token.clone(), state.generation, false));
         }
         let token = match self.login_call().await {
             Ok(token) => token,
@@ -394,7 +436,7 @@ impl CrmClient {
         state.generation += 1;
         state.token = Some(token.clone());
         info!(generation = state.generation, "crm login succeeded");
-        Ok((token, state.generation))
+        Ok((token, state.generation, true))
     }
 
     async fn drop_token(&self, generation: u64) {
@@ -417,7 +459,14 @@ impl CrmClient {
                 .map_err(|e| format!("login answer is not JSON: {e}"))?;
             match value.get("token").and_then(|t| t.as_str()) {
                 Some(token) if !token.is_empty() => Ok(SecretString::from(token.to_owned())),
-                _ => Err("login answer has no token".to_owned()),
+                // Only the error members and the message are shown: the rest may hold a
+                // token under another name.
+                _ => Err(
+                    match value.as_object().and_then(super::page::object_error) {
+                        Some(reason) => format!("login answer has no token: {reason}"),
+                        None => "login answer has no token".to_owned(),
+                    },
+                ),
             }
         };
         match self
@@ -452,7 +501,10 @@ impl CrmClient {
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
+            self.wait_while_paused().await;
             inner.limiter.until_ready().await;
+            // A 429 seen by another call while this one waited for the limiter.
+            self.wait_while_paused().await;
             let mut request = inner
                 .http
                 .request(method.clone(), url)
@@ -481,12 +533,37 @@ impl CrmClient {
                 Ok(response) => {
                     let status = response.status();
                     let retry_after = parse_retry_after(response.headers());
+                    let html = is_html(response.headers());
+                    let content_type = response
+                        .headers()
+                        .get(CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    let encoding = response
+                        .headers()
+                        .get(reqwest::header::CONTENT_ENCODING)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
                     let body = crate::net::read_body(
                         response,
                         inner.max_response_bytes,
                         "crm.max_response_bytes",
                     )
-                    .await;
+                    .await
+                    .map(|bytes| {
+                        let limit = inner.max_response_bytes;
+                        if status.is_success() {
+                            super::page::clean_body(bytes, encoding.as_deref(), limit).map(|body| {
+                                super::page::decode_declared_charset(body, content_type.as_deref())
+                            })
+                        } else {
+                            // An error answer only feeds a message: as received if need be.
+                            Ok(
+                                super::page::clean_body(bytes.clone(), encoding.as_deref(), limit)
+                                    .unwrap_or(bytes),
+                            )
+                        }
+                    });
                     match body {
                         Err(crate::net::BodyError::Read(e)) => Retry::Transient(format!(
                             "reading the answer failed: {}",
@@ -498,10 +575,29 @@ impl CrmClient {
                                 message: e.to_string(),
                             }))
                         }
-                        Ok(bytes) => match classify(status, &bytes) {
+                        Ok(Err(super::page::BodyError::TooLarge(message))) => {
+                            return Err(Failure::Error(CrmError::Unusable {
+                                url: display_url,
+                                message: format!("{message} (crm.max_response_bytes)"),
+                            }))
+                        }
+                        Ok(Err(super::page::BodyError::Garbled(message))) => {
+                            inner.stats.error_answers.fetch_add(1, Ordering::Relaxed);
+                            Retry::Transient(format!("unreadable answer: {message}"))
+                        }
+                        Ok(Ok(bytes)) => match classify(status, &bytes) {
+                            Class::Ok if html => {
+                                inner.stats.error_answers.fetch_add(1, Ordering::Relaxed);
+                                Retry::Transient(format!(
+                                    "HTTP {} with an HTML page instead of JSON (a proxy's or a maintenance page?): {}",
+                                    status.as_u16(),
+                                    snippet(&bytes)
+                                ))
+                            }
                             Class::Ok => match decode(&bytes) {
                                 Ok(value) => return Ok(value),
                                 Err(reason) => {
+                                    inner.stats.error_answers.fetch_add(1, Ordering::Relaxed);
                                     Retry::Transient(format!("unusable answer: {reason}"))
                                 }
                             },
@@ -515,12 +611,22 @@ impl CrmClient {
                                 }))
                             }
                             Class::RateLimited => Retry::RateLimited(retry_after),
-                            Class::Transient(m) => Retry::Transient(m),
+                            Class::Transient(m) => {
+                                // A 503 with Retry-After: the CRM is down for everyone that long.
+                                if let (503, Some(after)) = (status.as_u16(), retry_after) {
+                                    self.pause(after);
+                                }
+                                Retry::Transient(m)
+                            }
                         },
                     }
                 }
             };
-            if matches!(outcome, Retry::RateLimited(_)) {
+            if let Retry::RateLimited(retry_after) = &outcome {
+                // The CRM limits the process, not this call: every call waits.
+                let pause = retry_after
+                    .unwrap_or_else(|| backoff(attempt, inner.backoff_initial, inner.backoff_max));
+                self.pause(pause);
                 inner.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
             }
             if attempt > inner.max_retries {
@@ -559,6 +665,37 @@ impl CrmClient {
                 ),
             }
             tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// Makes every call of the process wait `pause` from now (a longer pause already set
+    /// stands).
+    fn pause(&self, pause: Duration) {
+        let until = tokio::time::Instant::now() + pause;
+        let mut paused = self
+            .inner
+            .paused_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if paused.is_none_or(|current| current < until) {
+            *paused = Some(until);
+        }
+    }
+
+    /// Waits until the process-wide pause of a 429 has passed.
+    async fn wait_while_paused(&self) {
+        loop {
+            let until = *self
+                .inner
+                .paused_until
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match until {
+                Some(until) if until > tokio::time::Instant::now() => {
+                    tokio::time::sleep_until(until).await;
+                }
+                _ => return,
+            }
         }
     }
 
@@ -614,6 +751,19 @@ fn classify(status: StatusCode, body: &[u8]) -> Class {
     }
 }
 
+/// Returns whether an answer says it is an HTML page (`text/html`, `application/xhtml+xml`):
+/// never the CRM's JSON, whatever its status.
+fn is_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            let mime = v.split(';').next().unwrap_or("").trim();
+            mime.eq_ignore_ascii_case("text/html")
+                || mime.eq_ignore_ascii_case("application/xhtml+xml")
+        })
+}
+
 /// Returns the start of an answer body for error messages, on one line.
 fn snippet(body: &[u8]) -> String {
     const MAX: usize = 200;
@@ -663,11 +813,32 @@ fn describe_reqwest_error(error: &reqwest::Error) -> String {
     text
 }
 
-/// Parses `Retry-After` given in seconds (the HTTP-date form falls back to backoff).
+/// The longest `Retry-After` waited: a CRM asking for more (a daily quota spent) is asked
+/// again after an hour.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// Parses `Retry-After` in both RFC 9110 forms (section 10.2.3): delay-seconds (`120`;
+/// fractions accepted) or an HTTP-date (IMF-fixdate `Mon, 30 Nov 2026 19:02:00 GMT`, and the
+/// obsolete RFC 850 and asctime forms). A date in the past is no wait; any wait is capped at
+/// [`MAX_RETRY_AFTER`]. `None` when absent or unreadable (the caller backs off instead).
 fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    let secs: f64 = value.parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
+    retry_after_at(value, std::time::SystemTime::now())
+}
+
+/// The wait a `Retry-After` value asks for when received at `now`.
+fn retry_after_at(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let wait = match value.parse::<f64>() {
+        Ok(secs) if secs.is_finite() && secs >= 0.0 => {
+            Duration::from_secs_f64(secs.min(MAX_RETRY_AFTER.as_secs_f64()))
+        }
+        Ok(_) => return None,
+        Err(_) => {
+            let at = httpdate::parse_http_date(value).ok()?;
+            at.duration_since(now).unwrap_or(Duration::ZERO)
+        }
+    };
+    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 /// Exponential backoff with full jitter: uniform in `0..=min(max, initial * 2^(attempt-1))`.
@@ -903,11 +1074,42 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(RETRY_AFTER, HeaderValue::from_static("2"));
         assert_eq!(parse_retry_after(&headers), Some(Duration::from_secs(2)));
-        headers.insert(
-            RETRY_AFTER,
-            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
-        );
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("oops"));
         assert_eq!(parse_retry_after(&headers), None);
+        headers.insert(RETRY_AFTER, HeaderValue::from_static("-3"));
+        assert_eq!(parse_retry_after(&headers), None);
+    }
+
+    #[test]
+    fn retry_after_dates_parse_in_every_form() {
+        let now = httpdate::parse_http_date("Mon, 30 Nov 2026 19:00:00 GMT").unwrap();
+        for value in [
+            "Mon, 30 Nov 2026 19:02:00 GMT",
+            // The obsolete forms RFC 9110 asks recipients to accept.
+            "Monday, 30-Nov-26 19:02:00 GMT",
+            "Mon Nov 30 19:02:00 2026",
+        ] {
+            assert_eq!(
+                retry_after_at(value, now),
+                Some(Duration::from_secs(120)),
+                "{value}"
+            );
+        }
+        // A date in the past: no wait.
+        assert_eq!(
+            retry_after_at("Wed, 21 Oct 2015 07:28:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        // Absurd waits are capped.
+        assert_eq!(
+            retry_after_at("Fri, 31 Dec 9999 23:59:59 GMT", now),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(retry_after_at("86400", now), Some(MAX_RETRY_AFTER));
+        assert_eq!(
+            retry_after_at("1.5", now),
+            Some(Duration::from_millis(1500))
+        );
     }
 
     #[test]

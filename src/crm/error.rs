@@ -14,8 +14,9 @@ pub enum CrmError {
         /// What the CRM answered and what to check.
         reason: String,
     },
-    /// HTTP 403 on a data call: the role lacks "IB Reports" or the endpoint's module is off.
-    /// Fatal for that stream only.
+    /// HTTP 403 on a data call made with a token just issued (a 403 to a cached token first
+    /// logs in again once, as some CRMs answer an expired token with 403): the role lacks
+    /// "IB Reports" or the endpoint's module is off. Fatal for that stream only.
     #[error("crm denied {endpoint} (HTTP 403): {}; CRM says: {message}", kind.hint(module))]
     Forbidden {
         /// Endpoint path segment (`leads`, `positions`, …).
@@ -38,7 +39,8 @@ pub enum CrmError {
         /// The CRM's message (truncated).
         message: String,
     },
-    /// Still HTTP 429 after every retry.
+    /// Still HTTP 429 after every retry (each waited for its `Retry-After`, at most
+    /// [`crate::crm::client::MAX_RETRY_AFTER`], with every other call of the process).
     #[error("crm rate limit still exceeded at {url} after {attempts} attempts")]
     RateLimited {
         /// The URL called.
@@ -49,7 +51,10 @@ pub enum CrmError {
         retry_after: Option<Duration>,
     },
     /// 5xx, timeout, connection failure or garbled answer, still failing after every retry.
-    /// The cycle fails; the next cycle tries again.
+    /// Garbled includes a 2xx that is not the data: an envelope reporting an error
+    /// (`"success": false`, `"status": "error"`, an `errors` member, …), an HTML page, a body
+    /// that is not JSON or cannot be decompressed. The cycle fails (no window completes); the
+    /// next cycle tries again.
     #[error("crm request {url} failed after {attempts} attempts: {message}")]
     Transient {
         /// The URL called.

@@ -234,6 +234,11 @@ impl Collector for Metrics {
                 "Logins to the CRM.",
                 get(&crm.logins),
             ),
+            (
+                "ibstream_crm_error_answers",
+                "CRM answers with a 2xx status that were not data (an error in the envelope, an HTML page, an unreadable body); each is retried.",
+                get(&crm.error_answers),
+            ),
         ];
         if let Some(sink) = registry.sink() {
             plain.extend([

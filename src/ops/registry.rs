@@ -45,6 +45,9 @@ pub struct CrmStats {
     pub rate_limited: AtomicU64,
     /// Logins made.
     pub logins: AtomicU64,
+    /// Answers with a 2xx status that were not data: an error in the envelope, an HTML
+    /// page, a body that is not JSON or cannot be decompressed (each retried).
+    pub error_answers: AtomicU64,
     /// Whether the last call (after its retries) succeeded.
     healthy: AtomicBool,
     /// Why the last call failed, if it did.
@@ -59,6 +62,7 @@ impl Default for CrmStats {
             retries: AtomicU64::new(0),
             rate_limited: AtomicU64::new(0),
             logins: AtomicU64::new(0),
+            error_answers: AtomicU64::new(0),
             healthy: AtomicBool::new(false),
             last_error: Mutex::default(),
         }

@@ -5,7 +5,8 @@
 //! `--latency-ms`, `--token-ttl-secs`, `--shuffle-pages`, `--unstable-order`, `--malformed-rate`, `--deny`;
 //! paging quirks of other CRMs: `--page-cap`, `--omit-total`, `--ignore-page`,
 //! `--growing-total`; values as other CRMs write them: `--shuffle-sets`, `--epoch-seconds`,
-//! `--zero-dates`), and a
+//! `--zero-dates`; answers as other CRMs write them: `--error-200`,
+//! `--expired-token-status`, `--latin1-records`, `--body-quirks`), and a
 //! ground truth (`GET /_sim/truth/{kind}`) that tests compare the Kafka topics with.
 //!
 //! Besides the API it serves:
@@ -146,12 +147,92 @@ pub struct SimConfig {
     /// Answer every data call with 403 (the role lacks the "IB Reports" permission).
     #[arg(long)]
     pub no_ib_reports: bool,
+    /// Answer the first call of every distinct data query (endpoint and parameters, page
+    /// included) with HTTP 200 carrying an error in this shape, then normally (a CRM whose
+    /// errors come with status 200).
+    #[arg(long, value_enum)]
+    pub error_200: Option<Error200>,
+    /// Status of a data call made with an expired or revoked token: 401 (the vendor's) or 403
+    /// (`{"message": "Token expired"}`, as some CRMs answer).
+    #[arg(long, default_value_t = 401)]
+    pub expired_token_status: u16,
+    /// Serve a record's text with a byte that is not UTF-8 (Latin-1 `é`, 0xE9) in its name
+    /// (leads, customers), payment method (transactions) or symbol (positions): records whose
+    /// key is listed, as `kind:key` (e.g. `leads:17`); changeable while running.
+    #[arg(long, value_delimiter = ',')]
+    pub latin1_records: Vec<String>,
+    /// How answers' bodies are sent: `bom` (a UTF-8 byte-order mark first), `gzip`
+    /// (compressed, `Content-Encoding: gzip`), `gzip-unlabelled` (compressed, no header);
+    /// comma-separated, for every 200 answer of the API.
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub body_quirks: Vec<BodyQuirk>,
     /// Serve HTTPS with this PEM certificate (chain), with `--tls-key`.
     #[arg(long)]
     pub tls_cert: Option<std::path::PathBuf>,
     /// The PKCS#8 PEM private key of `--tls-cert`.
     #[arg(long)]
     pub tls_key: Option<std::path::PathBuf>,
+}
+
+/// Shapes of an error answered with HTTP 200 (`--error-200`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Error200 {
+    /// `{"success": false, "message": "Service temporarily unavailable", "data": []}`.
+    SuccessFalse,
+    /// `{"success": "false", "message": "…", "data": [], "total": 0}`.
+    SuccessString,
+    /// `{"status": "error", "message": "…", "data": [], "total": 0}`.
+    StatusError,
+    /// `{"error": {"code": 503, "message": "…"}, "total": 0}`.
+    ErrorObject,
+    /// `{"errors": [{"message": "…"}], "data": []}`.
+    ErrorsArray,
+    /// An HTML maintenance page, `Content-Type: text/html`.
+    Html,
+}
+
+impl Error200 {
+    /// Returns the answer's content type and body.
+    pub fn body(self) -> (&'static str, &'static str) {
+        const JSON: &str = "application/json";
+        match self {
+            Error200::SuccessFalse => (
+                JSON,
+                r#"{"success": false, "message": "Service temporarily unavailable", "data": []}"#,
+            ),
+            Error200::SuccessString => (
+                JSON,
+                r#"{"success": "false", "message": "Service temporarily unavailable", "data": [], "total": 0}"#,
+            ),
+            Error200::StatusError => (
+                JSON,
+                r#"{"status": "error", "message": "database timeout", "data": [], "total": 0}"#,
+            ),
+            Error200::ErrorObject => (
+                JSON,
+                r#"{"error": {"code": 503, "message": "upstream unavailable"}, "total": 0}"#,
+            ),
+            Error200::ErrorsArray => (
+                JSON,
+                r#"{"errors": [{"message": "shard 2 failed"}], "data": []}"#,
+            ),
+            Error200::Html => (
+                "text/html; charset=utf-8",
+                "<!DOCTYPE html><html><body><h1>Down for maintenance</h1></body></html>",
+            ),
+        }
+    }
+}
+
+/// How answer bodies are sent (`--body-quirks`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BodyQuirk {
+    /// A UTF-8 byte-order mark before the JSON.
+    Bom,
+    /// gzip-compressed with `Content-Encoding: gzip`, though the client did not ask.
+    Gzip,
+    /// gzip-compressed without a `Content-Encoding` header.
+    GzipUnlabelled,
 }
 
 impl Default for SimConfig {
@@ -171,6 +252,10 @@ impl SimConfig {
                 return Err(format!("{flag} must be between 0 and 1"));
             }
         }
+        if !matches!(self.expired_token_status, 401 | 403) {
+            return Err("--expired-token-status must be 401 or 403".to_owned());
+        }
+        self.latin1_keys()?;
         if !(self.change_rate >= 0.0 && self.change_rate.is_finite()) {
             return Err("--change-rate must be 0 or more".to_owned());
         }
@@ -178,6 +263,21 @@ impl SimConfig {
             .iter()
             .map(|name| {
                 Kind::parse(name.trim()).ok_or_else(|| format!("--deny: unknown endpoint {name:?}"))
+            })
+            .collect()
+    }
+
+    /// Returns the records of `--latin1-records` as `(kind, key)`.
+    fn latin1_keys(&self) -> Result<std::collections::HashSet<(Kind, String)>, String> {
+        self.latin1_records
+            .iter()
+            .map(|entry| {
+                let (kind, key) = entry.trim().split_once(':').ok_or_else(|| {
+                    format!("--latin1-records: {entry:?} is not kind:key (e.g. leads:17)")
+                })?;
+                let kind = Kind::parse(kind)
+                    .ok_or_else(|| format!("--latin1-records: unknown kind {kind:?}"))?;
+                Ok((kind, key.to_owned()))
             })
             .collect()
     }

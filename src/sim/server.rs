@@ -41,6 +41,10 @@ pub struct SimStats {
     pub pages: AtomicU64,
     /// Position pages served, by server tag.
     pub position_pages: Mutex<HashMap<String, u64>>,
+    /// Answers 200 carrying an error injected (`--error-200`).
+    pub errors_200: AtomicU64,
+    /// Records served with a byte that is not UTF-8 (`--latin1-records`).
+    pub latin1_records: AtomicU64,
 }
 
 impl SimStats {
@@ -62,6 +66,8 @@ impl SimStats {
             "badRequests": get(&self.bad_requests),
             "pages": get(&self.pages),
             "positionPages": *lock(&self.position_pages),
+            "errors200": get(&self.errors_200),
+            "latin1Records": get(&self.latin1_records),
         })
     }
 }
@@ -83,6 +89,22 @@ struct AppState {
     empty_servers: std::sync::atomic::AtomicU32,
     /// Every change applied so far, in order (tests compare events with them).
     changes: Mutex<Vec<super::Change>>,
+    /// Answer quirks of other CRMs (`--error-200`, `--latin1-records`, 429 with a given
+    /// `Retry-After`, arrival times).
+    quirks: Quirks,
+}
+
+/// The state of the fault modes that answer as other CRMs do.
+#[derive(Default)]
+struct Quirks {
+    /// Data queries already answered with `--error-200`.
+    error_200_seen: Mutex<std::collections::HashSet<String>>,
+    /// `(kind, key)` of the records served with a Latin-1 byte.
+    latin1: Mutex<std::collections::HashSet<(Kind, String)>>,
+    /// Calls still to answer with this status (429 or 503) and this `Retry-After`.
+    rate_limit_next: Mutex<Option<(u32, StatusCode, String)>>,
+    /// When each API call arrived, while recorded.
+    arrivals: Mutex<Option<Vec<std::time::SystemTime>>>,
 }
 
 impl AppState {
@@ -145,6 +167,42 @@ impl SimHandle {
     /// so a test can compare with a truth that stands still.
     pub fn pause_changes(&self, paused: bool) {
         self.state.paused.store(paused, Ordering::Relaxed);
+    }
+
+    /// Serves the record of `kind` keyed `key` (`id`, `customerId` or `positionId`) with a
+    /// byte that is not UTF-8 in its text (`false`: as UTF-8 again).
+    pub fn latin1_record(&self, kind: Kind, key: &str, on: bool) {
+        let mut keys = lock(&self.state.quirks.latin1);
+        if on {
+            keys.insert((kind, key.to_owned()));
+        } else {
+            keys.remove(&(kind, key.to_owned()));
+        }
+    }
+
+    /// Answers the next `n` API calls with HTTP 429 and `Retry-After: <retry_after>` (either
+    /// RFC 9110 form, sent as given).
+    pub fn rate_limit_next(&self, n: u32, retry_after: &str) {
+        *lock(&self.state.quirks.rate_limit_next) =
+            Some((n, StatusCode::TOO_MANY_REQUESTS, retry_after.to_owned()));
+    }
+
+    /// Answers the next `n` API calls with HTTP 503 and `Retry-After: <retry_after>`.
+    pub fn unavailable_next(&self, n: u32, retry_after: &str) {
+        *lock(&self.state.quirks.rate_limit_next) =
+            Some((n, StatusCode::SERVICE_UNAVAILABLE, retry_after.to_owned()));
+    }
+
+    /// Starts recording when each API call arrives (`false`: stops and forgets).
+    pub fn record_arrivals(&self, on: bool) {
+        *lock(&self.state.quirks.arrivals) = on.then(Vec::new);
+    }
+
+    /// Returns when each API call arrived since [`SimHandle::record_arrivals`].
+    pub fn arrivals(&self) -> Vec<std::time::SystemTime> {
+        lock(&self.state.quirks.arrivals)
+            .clone()
+            .unwrap_or_default()
     }
 
     /// Answers the next `n` API calls with HTTP 500.
@@ -237,6 +295,10 @@ pub(super) async fn start(config: Arc<SimConfig>) -> Result<SimHandle, String> {
         failing_tags: Mutex::new(HashMap::new()),
         empty_servers: std::sync::atomic::AtomicU32::new(0),
         changes: Mutex::new(Vec::new()),
+        quirks: Quirks {
+            latin1: Mutex::new(config.latin1_keys()?),
+            ..Quirks::default()
+        },
         config: config.clone(),
     });
     serve(state, config.listen).await
@@ -368,6 +430,83 @@ fn json_response(status: StatusCode, body: String) -> Response {
     (status, [("content-type", "application/json")], body).into_response()
 }
 
+/// A 200 answer of the API, its body sent as `--body-quirks` say.
+fn api_ok(state: &AppState, content_type: &'static str, body: Vec<u8>) -> Response {
+    use super::BodyQuirk;
+    let quirks = &state.config.body_quirks;
+    let mut body = body;
+    if quirks.contains(&BodyQuirk::Bom) {
+        body.splice(0..0, [0xEF, 0xBB, 0xBF]);
+    }
+    let gzip = quirks.contains(&BodyQuirk::Gzip);
+    if gzip || quirks.contains(&BodyQuirk::GzipUnlabelled) {
+        use std::io::Write;
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        // Writing into a Vec cannot fail.
+        let _ = encoder.write_all(&body);
+        body = encoder.finish().unwrap_or_default();
+    }
+    let mut response = (StatusCode::OK, [("content-type", content_type)], body).into_response();
+    if gzip {
+        response.headers_mut().insert(
+            "content-encoding",
+            axum::http::HeaderValue::from_static("gzip"),
+        );
+    }
+    response
+}
+
+/// The body of `--error-200` if this data query has not had it yet.
+fn error_200(
+    state: &AppState,
+    endpoint: &str,
+    params: &HashMap<String, String>,
+) -> Option<Response> {
+    let shape = state.config.error_200?;
+    let mut query: Vec<_> = params.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    query.sort();
+    let key = format!("{endpoint}?{}", query.join("&"));
+    if !lock(&state.quirks.error_200_seen).insert(key) {
+        return None;
+    }
+    state.stats.errors_200.fetch_add(1, Ordering::Relaxed);
+    let (content_type, body) = shape.body();
+    Some((StatusCode::OK, [("content-type", content_type)], body).into_response())
+}
+
+/// Writes a Latin-1 `é` (0xE9, not UTF-8) at the start of a text field of the record just
+/// written at `out[start..]`, if its key is listed in `--latin1-records`.
+fn latin1_record(state: &AppState, kind: Kind, out: &mut Vec<u8>, start: usize) {
+    let (key_field, text_field) = match kind {
+        Kind::Leads => ("\"id\":", "\"firstName\":\""),
+        Kind::Customers => ("\"customerId\":", "\"firstName\":\""),
+        Kind::Transactions => ("\"id\":", "\"paymentMethod\":\""),
+        Kind::Positions => ("\"positionId\":", "\"symbol\":\""),
+        Kind::Servers => return,
+    };
+    let find = |hay: &[u8], needle: &str| {
+        hay.windows(needle.len())
+            .position(|w| w == needle.as_bytes())
+            .map(|at| at + needle.len())
+    };
+    let record = &out[start..];
+    let Some(at) = find(record, key_field) else {
+        return;
+    };
+    let key: String = record[at..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit() || **b == b'-')
+        .map(|b| *b as char)
+        .collect();
+    if !lock(&state.quirks.latin1).contains(&(kind, key)) {
+        return;
+    }
+    if let Some(at) = find(record, text_field) {
+        out.insert(start + at, 0xE9);
+        state.stats.latin1_records.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 fn error(state: &AppState, status: StatusCode, message: &str) -> Response {
     let counter = match status {
         StatusCode::UNAUTHORIZED => &state.stats.unauthorized,
@@ -387,6 +526,25 @@ fn error(state: &AppState, status: StatusCode, message: &str) -> Response {
 /// Latency, rate limit and injected failures, common to every API call.
 async fn faults(state: &AppState) -> Option<Response> {
     state.stats.requests.fetch_add(1, Ordering::Relaxed);
+    if let Some(arrivals) = lock(&state.quirks.arrivals).as_mut() {
+        arrivals.push(std::time::SystemTime::now());
+    }
+    let retry_after = {
+        let mut next = lock(&state.quirks.rate_limit_next);
+        let value = next.as_ref().map(|(_, status, v)| (*status, v.clone()));
+        match next.as_mut() {
+            Some((n, _, _)) if *n > 1 => *n -= 1,
+            _ => *next = None,
+        }
+        value
+    };
+    if let Some((status, value)) = retry_after {
+        let mut response = error(state, status, "rate limit exceeded or unavailable");
+        if let Ok(value) = axum::http::HeaderValue::from_str(&value) {
+            response.headers_mut().insert("retry-after", value);
+        }
+        return Some(response);
+    }
     if state.config.latency_ms > 0 {
         tokio::time::sleep(Duration::from_millis(state.config.latency_ms)).await;
     }
@@ -462,7 +620,11 @@ async fn login(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Byt
     };
     lock(&state.tokens).insert(token.clone(), Instant::now());
     state.stats.logins.fetch_add(1, Ordering::Relaxed);
-    json_response(StatusCode::OK, json!({ "token": token }).to_string())
+    api_ok(
+        &state,
+        "application/json",
+        json!({ "token": token }).to_string().into_bytes(),
+    )
 }
 
 fn token_ok(state: &AppState, headers: &HeaderMap) -> bool {
@@ -500,6 +662,9 @@ async fn data_call(
         );
     }
     if !token_ok(&state, &headers) {
+        if state.config.expired_token_status == 403 {
+            return error(&state, StatusCode::FORBIDDEN, "Token expired");
+        }
         return error(
             &state,
             StatusCode::UNAUTHORIZED,
@@ -525,6 +690,9 @@ async fn data_call(
             &format!("the {module} module is not enabled"),
         );
     }
+    if let Some(response) = error_200(&state, &endpoint, &params) {
+        return response;
+    }
     if kind == Kind::Servers {
         let empty = state
             .empty_servers
@@ -535,7 +703,7 @@ async fn data_call(
         } else {
             read(&state.data).render_servers().to_string()
         };
-        return json_response(StatusCode::OK, body);
+        return api_ok(&state, "application/json", body.into_bytes());
     }
     if let (Kind::Positions, Some(tag)) = (kind, params.get("serverTag")) {
         let status = lock(&state.failing_tags).get(tag).copied();
@@ -552,13 +720,13 @@ async fn data_call(
                     .entry(tag.clone())
                     .or_default() += 1;
             }
-            json_response(StatusCode::OK, body)
+            api_ok(&state, "application/json", body)
         }
         Err(message) => error(&state, StatusCode::BAD_REQUEST, &message),
     }
 }
 
-fn page(state: &AppState, kind: Kind, params: &HashMap<String, String>) -> Result<String, String> {
+fn page(state: &AppState, kind: Kind, params: &HashMap<String, String>) -> Result<Vec<u8>, String> {
     let number = |name: &str, default: u32| -> Result<u32, String> {
         match params.get(name) {
             None => Ok(default),
@@ -684,10 +852,12 @@ fn page(state: &AppState, kind: Kind, params: &HashMap<String, String>) -> Resul
         if n > 0 {
             out.push(b',');
         }
+        let start = out.len();
         data.write_record(kind, index, &mut out);
+        latin1_record(state, kind, &mut out, start);
     }
     out.extend_from_slice(b"]}");
-    Ok(String::from_utf8(out).unwrap_or_default())
+    Ok(out)
 }
 
 async fn truth(State(state): State<Arc<AppState>>, Path(kind): Path<String>) -> Response {

@@ -479,6 +479,7 @@ pub fn malformed_truth(sim: &SimHandle) -> Vec<Json> {
     out
 }
 
+mod answers;
 mod completeness;
 mod faults;
 mod ops;
