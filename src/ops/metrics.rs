@@ -66,7 +66,7 @@ impl Collector for Metrics {
                 })
                 .collect::<Vec<_>>()
         };
-        let stream_counters: [StreamMetric; 8] = [
+        let stream_counters: [StreamMetric; 10] = [
             (
                 "ibstream_records_fetched",
                 "Records read from the CRM.",
@@ -105,6 +105,16 @@ impl Collector for Metrics {
             ("ibstream_crm_pages", "Pages read from the CRM.", |s| {
                 &s.pages
             }),
+            (
+                "ibstream_windows_too_deep",
+                "Reads of a single day cut short by the CRM refusing a deep page (the day is kept open).",
+                |s| &s.windows_too_deep,
+            ),
+            (
+                "ibstream_stale_records_skipped",
+                "Records skipped because a newer read of the same entity was applied after their page was requested.",
+                |s| &s.stale_skipped,
+            ),
         ];
         for (name, help, pick) in stream_counters {
             family(

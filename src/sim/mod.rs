@@ -4,7 +4,7 @@
 //! with the vendor's errors (401, 403, 400), faults on demand (`--fail-rate`, `--max-rps`,
 //! `--latency-ms`, `--token-ttl-secs`, `--shuffle-pages`, `--unstable-order`, `--malformed-rate`, `--deny`;
 //! paging quirks of other CRMs: `--page-cap`, `--omit-total`, `--ignore-page`,
-//! `--growing-total`), and a
+//! `--growing-total`, `--max-page-offset`), and a
 //! ground truth (`GET /_sim/truth/{kind}`) that tests compare the Kafka topics with.
 //!
 //! Besides the API it serves:
@@ -109,6 +109,13 @@ pub struct SimConfig {
     /// Leave `total` out of paged answers.
     #[arg(long)]
     pub omit_total: bool,
+    /// Answer every page that starts at this many records or more (`(page - 1) * pageSize`)
+    /// with `--deep-page-status`, on every try (a CRM refusing deep pages); 0 = no limit.
+    #[arg(long, default_value_t = 0)]
+    pub max_page_offset: u64,
+    /// The status of a refused deep page: 500, or 400 with a message naming the limit.
+    #[arg(long, default_value_t = 500)]
+    pub deep_page_status: u16,
     /// Ignore `page`: every request gets the first page.
     #[arg(long)]
     pub ignore_page: bool,
@@ -158,6 +165,9 @@ impl SimConfig {
             if !(0.0..=1.0).contains(&rate) {
                 return Err(format!("{flag} must be between 0 and 1"));
             }
+        }
+        if !(400..600).contains(&self.deep_page_status) {
+            return Err("--deep-page-status must be a 4xx or 5xx status".to_owned());
         }
         if !(self.change_rate >= 0.0 && self.change_rate.is_finite()) {
             return Err("--change-rate must be 0 or more".to_owned());

@@ -97,6 +97,12 @@ pub struct StreamStats {
     pub reconcile_sweeps: AtomicU64,
     /// Money and volume values rounded to 8 decimals (binary floating-point noise).
     pub decimals_rounded: AtomicU64,
+    /// Records skipped because their page was requested before a newer read of the same
+    /// entity was applied (a paused sweep's page): applying them would move it backwards.
+    pub stale_skipped: AtomicU64,
+    /// Single days kept open because the CRM refused a page past the first of their read
+    /// (a CRM that serves no page beyond a fixed offset), counted at every read of the day.
+    pub windows_too_deep: AtomicU64,
 }
 
 /// What pollers share: the CRM client, the sink, and the settings of the run.
@@ -195,6 +201,17 @@ pub struct Poller<T: StreamRecord> {
     day_unions: HashMap<(String, NaiveDate), HashSet<EntityKey>>,
     /// Up to when each cursor has read everything (see [`crate::ops::CursorStatus`]).
     read_through: HashMap<String, chrono::DateTime<Utc>>,
+    /// The reads applied while a sweep was paused (it may hold pages requested before them):
+    /// entity → the read sequence ([`crate::crm::page::next_read_seq`]) of its latest read.
+    /// Filled only while a sweep is paused, emptied when the sweep's pages are all newer than
+    /// every entry (or the sweep ends), so it holds the entities the cycles read during one
+    /// sweep, never the whole scope.
+    newer_reads: HashMap<EntityKey, u64>,
+    /// The largest sequence in `newer_reads`.
+    newer_max: u64,
+    /// Why open days are open when not for records missing by the total (by scope and day),
+    /// for `/status`: a CRM refusing the day's deep pages.
+    open_reasons: HashMap<(String, NaiveDate), String>,
 }
 
 /// A page turned into a batch, with the fingerprints to remember once it is committed
@@ -231,10 +248,48 @@ struct Reading<T: CrmRecord> {
     union: HashSet<EntityKey>,
     /// The largest `total` of the current read.
     total: u64,
+    /// Whether a page of the current read reported a `total`.
+    has_total: bool,
+    /// Pages of the current read, and whether its first page was short (fewer records than
+    /// asked for).
+    pass_pages: u32,
+    short_first_page: bool,
+    /// The union's size when the current read started.
+    pass_start: usize,
+    /// Reads of the window finished before the current one.
+    passes: u32,
+    /// Drift re-reads (of `max_drift_rereads`).
     rereads: u32,
     first_page: bool,
     /// Ids the union started with (a day read before).
     first_union: usize,
+}
+
+impl<T: CrmRecord> Reading<T> {
+    /// Returns whether the window is shown complete by its reads so far: the union reaches
+    /// the CRM's `total`; without a total, the read was one short page (one request answers
+    /// from one instant, so nothing can move between pages), or a read after an earlier one
+    /// of the same window found no id the union did not hold (the records served twice
+    /// over are all known).
+    fn complete(&self) -> bool {
+        if self.has_total {
+            return self.union.len() as u64 >= self.total;
+        }
+        let earlier_read = self.passes > 0 || self.first_union > 0;
+        (self.pass_pages <= 1 && self.short_first_page && !earlier_read)
+            || (earlier_read && self.union.len() == self.pass_start)
+    }
+
+    /// Starts another read of the window.
+    fn next_pass(&mut self, pages: PageIter<T>) {
+        self.pages = pages;
+        self.total = 0;
+        self.has_total = false;
+        self.pass_pages = 0;
+        self.short_first_page = false;
+        self.pass_start = self.union.len();
+        self.passes += 1;
+    }
 }
 
 impl<T: CrmRecord> WindowReader<T> {
@@ -293,6 +348,9 @@ impl<T: StreamRecord> Poller<T> {
             halt: CancellationToken::new(),
             day_unions: HashMap::new(),
             read_through: HashMap::new(),
+            newer_reads: HashMap::new(),
+            newer_max: 0,
+            open_reasons: HashMap::new(),
         };
         poller
             .shared
@@ -318,6 +376,12 @@ impl<T: StreamRecord> Poller<T> {
             cursor: self.cursor(&spec.scope),
             initial: spec.initial,
             read_through: self.read_through.get(&spec.scope).copied(),
+            open_reasons: self
+                .open_reasons
+                .iter()
+                .filter(|((scope, _), _)| *scope == spec.scope)
+                .map(|((_, day), reason)| (*day, reason.clone()))
+                .collect(),
         };
         self.shared.ops.cursor(&self.name(), &spec.scope, status);
     }
@@ -419,6 +483,9 @@ impl<T: StreamRecord> Poller<T> {
                 self.sweep = Some(sweep);
                 continue;
             }
+            // No page of the sweep is held any more: nothing can be older than a read.
+            self.newer_reads = HashMap::new();
+            self.newer_max = 0;
             let mut cursor = self.cursor(&sweep.spec.scope);
             let now = Utc::now();
             for (day, missing) in sweep.reader.short {
@@ -487,10 +554,12 @@ impl<T: StreamRecord> Poller<T> {
             }
             let Some(&(_, missing)) = reader.short.first() else {
                 info!(stream = self.stream, scope = %spec.scope, day = %window.day, "open window complete");
+                self.open_reasons.remove(&(spec.scope.clone(), window.day));
                 continue;
             };
             if Utc::now() - window.since > retention {
                 self.day_unions.remove(&(spec.scope.clone(), window.day));
+                self.open_reasons.remove(&(spec.scope.clone(), window.day));
                 error!(stream = self.stream, scope = %spec.scope, day = %window.day, missing, since = %window.since, "open window given up: its total never matched the records served");
                 self.stats
                     .open_windows_given_up
@@ -653,8 +722,13 @@ impl<T: StreamRecord> Poller<T> {
                     .client
                     .pages::<T>(self.query(reader.filter, from, to)),
                 first_union: union.len(),
+                pass_start: union.len(),
                 union,
                 total: 0,
+                has_total: false,
+                pass_pages: 0,
+                short_first_page: false,
+                passes: 0,
                 rereads: 0,
                 first_page: true,
             });
@@ -662,9 +736,22 @@ impl<T: StreamRecord> Poller<T> {
         };
         let (from, to) = (reading.from, reading.to);
         if let Some(page) = reading.pages.next().await {
-            let page = page?;
+            let page = match page {
+                Ok(page) => page,
+                Err(e) if reading.pass_pages > 0 && refuses_deep_pages(&e) => {
+                    self.refused_deep_page(reader, &e);
+                    return Ok(true);
+                }
+                Err(e) => return Err(e.into()),
+            };
             self.stats.pages.fetch_add(1, Ordering::Relaxed);
             reading.total = reading.total.max(page.total.unwrap_or(0));
+            let mut reads = Vec::new();
+            reading.has_total |= page.total.is_some();
+            reading.pass_pages += 1;
+            if reading.pass_pages == 1 {
+                reading.short_first_page = page.records.len() < page.page_size as usize;
+            }
             if std::mem::take(&mut reading.first_page) && reading.total > streams.max_window_records
             {
                 if let Some((left, right)) = halves(from, to) {
@@ -677,14 +764,22 @@ impl<T: StreamRecord> Poller<T> {
             }
             // Pages already read ahead go into the same batch: when Kafka is slower than the
             // CRM, batches grow instead of the pages waiting.
-            let mut records = page.records;
+            let mut records =
+                self.drop_stale(page.sent, page.records, &mut reading.union, &mut reads);
             let mut failed = None;
             while records.len() < MAX_BATCH_RECORDS {
                 match reading.pages.ready() {
                     Some(Ok(page)) => {
                         self.stats.pages.fetch_add(1, Ordering::Relaxed);
                         reading.total = reading.total.max(page.total.unwrap_or(0));
-                        records.extend(page.records);
+                        reading.has_total |= page.total.is_some();
+                        reading.pass_pages += 1;
+                        records.extend(self.drop_stale(
+                            page.sent,
+                            page.records,
+                            &mut reading.union,
+                            &mut reads,
+                        ));
                     }
                     Some(Err(e)) => {
                         failed = Some(e);
@@ -695,14 +790,28 @@ impl<T: StreamRecord> Poller<T> {
             }
             let built = self.build_batch(records, Some((from, to)), &mut reading.union);
             self.commit(built).await?;
-            if let Some(e) = failed {
-                return Err(e.into());
+            for (key, sent) in reads {
+                let latest = self.newer_reads.entry(key).or_insert(sent);
+                *latest = (*latest).max(sent);
+                self.newer_max = self.newer_max.max(sent);
+            }
+            match failed {
+                // A page after one of this read failed.
+                Some(e) if refuses_deep_pages(&e) => self.refused_deep_page(reader, &e),
+                Some(e) => return Err(e.into()),
+                None => {}
             }
             return Ok(true);
         }
-        // The read is over: complete when the union of the window's reads reaches its total.
+        // The read is over: complete when the union of the window's reads reaches its total
+        // (without a total: see `Reading::complete`).
         let (distinct, total) = (reading.union.len() as u64, reading.total);
-        if distinct >= total {
+        // Records short: by the total, or (without one) the ids only the last read found.
+        let missing = match reading.has_total {
+            true => total.saturating_sub(distinct),
+            false => (reading.union.len() - reading.pass_start).max(1) as u64,
+        };
+        if reading.complete() {
             if let Some(done) = reader.current.take() {
                 if from == to && (done.rereads > 0 || done.first_union > 0) {
                     // A day that was hard to read: the next cycle's re-read starts from here.
@@ -712,14 +821,27 @@ impl<T: StreamRecord> Poller<T> {
             }
             return Ok(true);
         }
-        if reading.rereads < streams.max_drift_rereads {
-            reading.rereads += 1;
-            self.stats.drift_rereads.fetch_add(1, Ordering::Relaxed);
-            warn!(stream = self.stream, %from, %to, distinct, total, "records moved between pages, reading the window again");
-            reading.pages = shared
+        // Without a total, the first read of a window of more than one page is read once more
+        // to show it complete: that read is not a drift re-read.
+        let first_without_total =
+            !reading.has_total && reading.passes == 0 && reading.first_union == 0;
+        if first_without_total || reading.rereads < streams.max_drift_rereads {
+            let pages = shared
                 .client
                 .pages::<T>(self.query(reader.filter, from, to));
-            reading.total = 0;
+            if first_without_total {
+                debug!(stream = self.stream, %from, %to, distinct, "the crm reports no total, reading the window again to show it complete");
+                // The confirming read does not use up a drift re-read.
+                reading.next_pass(pages);
+                return Ok(true);
+            }
+            reading.next_pass(pages);
+            reading.rereads += 1;
+            self.stats.drift_rereads.fetch_add(1, Ordering::Relaxed);
+            match reading.has_total {
+                true => warn!(stream = self.stream, %from, %to, distinct, total, "records moved between pages, reading the window again"),
+                false => warn!(stream = self.stream, %from, %to, distinct, new = missing, "a read without a total found records the one before missed, reading the window again"),
+            }
             return Ok(true);
         }
         let Some(reading) = reader.current.take() else {
@@ -727,18 +849,99 @@ impl<T: StreamRecord> Poller<T> {
         };
         match halves(from, to) {
             Some((left, right)) => {
-                warn!(stream = self.stream, %from, %to, distinct, total, "records still missing after re-reads, reading the window in halves");
+                warn!(stream = self.stream, %from, %to, distinct, missing, "records still missing after re-reads, reading the window in halves");
                 reader.stack.push(right);
                 reader.stack.push(left);
             }
             None => {
-                warn!(stream = self.stream, day = %from, missing = total - distinct, "day read with records missing, keeping it open");
+                warn!(stream = self.stream, day = %from, missing, "day read with records missing, keeping it open");
                 self.day_unions
                     .insert((reader.scope.clone(), from), reading.union);
-                reader.short.push((from, total - distinct));
+                reader.short.push((from, missing));
             }
         }
         Ok(true)
+    }
+
+    /// Handles the failure of a page past the first of a read as a CRM refusing pages this
+    /// deep (it answers 400 or 5xx from a fixed offset on, on every try): a window is read
+    /// in halves; a single day is kept open (retried every cycle), counted and named. A CRM
+    /// that is down fails the halves' first pages instead, and the cycle fails as before.
+    fn refused_deep_page(&mut self, reader: &mut WindowReader<T>, error: &CrmError) {
+        let Some(reading) = reader.current.take() else {
+            return;
+        };
+        let (from, to) = (reading.from, reading.to);
+        let read = reading.union.len() as u64;
+        match halves(from, to) {
+            Some((left, right)) => {
+                warn!(stream = self.stream, %from, %to, read, %error, "the crm refused a page past the first of the window, reading it in halves");
+                reader.stack.push(right);
+                reader.stack.push(left);
+            }
+            None => {
+                let missing = match reading.has_total {
+                    true => reading.total.saturating_sub(read).max(1),
+                    false => 1,
+                };
+                warn!(stream = self.stream, scope = %reader.scope, day = %from, read, missing, %error, "the crm refuses pages this deep and the day holds more records than it serves before them; keeping the day open");
+                self.stats.windows_too_deep.fetch_add(1, Ordering::Relaxed);
+                self.open_reasons.insert(
+                    (reader.scope.clone(), from),
+                    format!("the CRM refuses pages past record {read} of this day ({error}); lower crm.page_size does not help, ask the vendor to raise the limit"),
+                );
+                self.day_unions
+                    .insert((reader.scope.clone(), from), reading.union);
+                reader.short.push((from, missing));
+            }
+        }
+    }
+
+    /// Returns the records of a page requested at read sequence `sent`, without those of
+    /// entities read again by a request sent later and already applied (they would move the
+    /// entity backwards: a paused sweep's page, read before a cycle read the entity's new
+    /// version). Skipped records still count toward the window's distinct ids. While a sweep
+    /// is paused (this is a cycle's read), the entities read are added to `reads`, to remember
+    /// once committed.
+    fn drop_stale(
+        &mut self,
+        sent: u64,
+        records: Vec<Result<Record<T>, RecordError>>,
+        union: &mut HashSet<EntityKey>,
+        reads: &mut Vec<(EntityKey, u64)>,
+    ) -> Vec<Result<Record<T>, RecordError>> {
+        let sweep_paused = self.sweep.is_some();
+        if !sweep_paused && sent > self.newer_max && !self.newer_reads.is_empty() {
+            // The sweep's pages are now all newer than every read remembered.
+            self.newer_reads = HashMap::new();
+            self.newer_max = 0;
+        }
+        if !sweep_paused && self.newer_reads.is_empty() {
+            return records;
+        }
+        let mut kept = Vec::with_capacity(records.len());
+        for record in records {
+            let key = match &record {
+                Ok(r) => r
+                    .model
+                    .id()
+                    .map(|id| key_in_scope(self.stream, &self.qualified(&id))),
+                Err(_) => None,
+            };
+            if let Some(key) = key {
+                if self.newer_reads.get(&key).is_some_and(|&newer| newer > sent) {
+                    union.insert(key);
+                    self.stats.stale_skipped.fetch_add(1, Ordering::Relaxed);
+                    debug!(stream = self.stream, sent, "record read before a newer read of it, skipped");
+                    continue;
+                }
+                if sweep_paused {
+                    reads.push((key, sent));
+                }
+            }
+            kept.push(record);
+        }
+        kept
     }
 
     /// Commits a page batch, then remembers its fingerprints.
@@ -953,6 +1156,15 @@ const COMPACTION_LIMIT: usize = 50_000;
 
 /// Most records one batch gathers from pages already read ahead.
 const MAX_BATCH_RECORDS: usize = 8_000;
+
+/// Returns whether a failed page past the first of a read may be a CRM refusing pages that
+/// deep: a 400 (the request is valid at a smaller offset) or a failure that lasted every retry.
+fn refuses_deep_pages(error: &CrmError) -> bool {
+    matches!(
+        error,
+        CrmError::BadRequest { .. } | CrmError::Transient { .. }
+    )
+}
 
 /// Returns the id to keep beside a hashed entity key (its id within the scope), so the
 /// entity can be pruned; `None` for keys that hold their id.
