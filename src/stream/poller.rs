@@ -15,11 +15,34 @@
 //! `open_window_retention_days`. The watermark moves on meanwhile: one bad day never stalls
 //! the stream. Append-only fingerprints of open days are kept until the day is closed.
 //!
+//! Without a `total` (a CRM that reports none), completeness is shown by reading: a window
+//! whose read is one page shorter than asked for is complete (one request answers from one
+//! instant: nothing can move between pages, and this keeps the steady state at one request);
+//! any other window is read again, and is complete when a read finds no id the earlier reads
+//! had not (each such read beyond the second counts as a drift re-read; then halves and open
+//! windows as for a short total, `missing` counting the ids only the last read found).
+//!
+//! A page past the first of a read that fails (400, or a failure through every retry) is taken
+//! as a CRM refusing pages that deep: the window is read in halves; a single day still too
+//! deep is kept open (its records before the limit are emitted), counted
+//! (`windows_too_deep`), named in a warning and in `/status` with its reason, and retried every
+//! cycle while the other windows and later days go on. A CRM that is down fails the halves'
+//! first pages too, and the cycle fails as before.
+//!
 //! Between cycles a *reconciliation sweep* re-reads the last `reconcile_days` of every cursor
 //! every `reconcile_interval_secs`, a page at a time, yielding to the next cycle after the
 //! page in hand (late and corrected records; unchanged ones are dropped by their
 //! fingerprints). When it finishes, the cursor records the time, so a restart does not sweep
 //! at once.
+//!
+//! A paused sweep keeps pages read ahead, requested before the cycles that run meanwhile. No
+//! page moves an entity backwards: every page carries the read sequence taken when its
+//! request was sent, the poller remembers (only while a sweep is paused, and only for the
+//! entities the cycles read meanwhile) the sequence of each entity's latest applied read, and
+//! a record from an older page is skipped (counted toward its window, not emitted). The map
+//! is dropped once the sweep's pages are all newer than its entries. Fingerprints of the days
+//! a sweep still reads, holds or found short are never pruned, even when midnight moved the
+//! sweep horizon past them since it started.
 //!
 //! A crash between two batches loses nothing: the cursor has not moved past the window, so it
 //! is read again, and what was already committed is recognised by its fingerprint.
@@ -212,7 +235,12 @@ pub struct Poller<T: StreamRecord> {
     /// Why open days are open when not for records missing by the total (by scope and day),
     /// for `/status`: a CRM refusing the day's deep pages.
     open_reasons: HashMap<(String, NaiveDate), String>,
+    /// The clock of days, sweeps and open windows (tests move it across midnight).
+    clock: Clock,
 }
+
+/// A source of the current instant.
+pub type Clock = Arc<dyn Fn() -> chrono::DateTime<Utc> + Send + Sync>;
 
 /// A page turned into a batch, with the fingerprints to remember once it is committed
 /// (hashed ids with their names, so they can be pruned).
@@ -305,6 +333,16 @@ impl<T: CrmRecord> WindowReader<T> {
     }
 }
 
+impl<T: CrmRecord> WindowReader<T> {
+    /// Returns the first day the reader still reads, holds pages of, or found short.
+    fn first_day(&self) -> Option<NaiveDate> {
+        let current = self.current.as_ref().map(|r| r.from);
+        let stacked = self.stack.iter().map(|(from, _)| *from);
+        let short = self.short.iter().map(|(day, _)| *day);
+        current.into_iter().chain(stacked).chain(short).min()
+    }
+}
+
 /// A reconciliation sweep in progress: one cursor's last `reconcile_days`.
 struct Sweep<T: CrmRecord> {
     spec: CursorSpec,
@@ -351,6 +389,7 @@ impl<T: StreamRecord> Poller<T> {
             newer_reads: HashMap::new(),
             newer_max: 0,
             open_reasons: HashMap::new(),
+            clock: Arc::new(Utc::now),
         };
         poller
             .shared
@@ -394,6 +433,17 @@ impl<T: StreamRecord> Poller<T> {
         self
     }
 
+    /// Sets the clock the poller reads days, sweeps and open windows by (the system clock
+    /// unless set; events' timestamps always use the system clock).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    fn now(&self) -> chrono::DateTime<Utc> {
+        (self.clock)()
+    }
+
     /// Gives back the poller's fingerprints and cursors (when it stops but may resume).
     pub fn into_state(self) -> (FpMap, HashMap<String, Cursor>) {
         self.stats
@@ -411,7 +461,7 @@ impl<T: StreamRecord> Poller<T> {
     pub async fn cycle(&mut self) -> Result<(), PollError> {
         let shared = self.shared.clone();
         let streams = &shared.streams;
-        let now = Utc::now();
+        let now = self.now();
         let today = today(now, shared.tz);
         let closed = last_closed_day(
             now,
@@ -443,11 +493,11 @@ impl<T: StreamRecord> Poller<T> {
                 }
                 let mut next = advance(&cursor, to, today, closed);
                 for (day, missing) in reader.short {
-                    next.open_day(day, missing, Utc::now());
+                    next.open_day(day, missing, self.now());
                 }
                 if next.next.is_none() && next.swept.is_none() {
                     // The backfill read everything: it counts as the first sweep.
-                    next.swept = Some(Utc::now());
+                    next.swept = Some(self.now());
                 }
                 let read_through = match next.next {
                     // Everything that existed when this cycle started has been read.
@@ -487,7 +537,7 @@ impl<T: StreamRecord> Poller<T> {
             self.newer_reads = HashMap::new();
             self.newer_max = 0;
             let mut cursor = self.cursor(&sweep.spec.scope);
-            let now = Utc::now();
+            let now = self.now();
             for (day, missing) in sweep.reader.short {
                 cursor.open_day(day, missing, now);
             }
@@ -505,7 +555,7 @@ impl<T: StreamRecord> Poller<T> {
         if streams.reconcile_days == 0 {
             return None;
         }
-        let now = Utc::now();
+        let now = self.now();
         let interval = chrono::Duration::seconds(streams.reconcile_interval_secs as i64);
         let today = today(now, self.shared.tz);
         self.cursors.iter().find_map(|spec| {
@@ -557,7 +607,7 @@ impl<T: StreamRecord> Poller<T> {
                 self.open_reasons.remove(&(spec.scope.clone(), window.day));
                 continue;
             };
-            if Utc::now() - window.since > retention {
+            if self.now() - window.since > retention {
                 self.day_unions.remove(&(spec.scope.clone(), window.day));
                 self.open_reasons.remove(&(spec.scope.clone(), window.day));
                 error!(stream = self.stream, scope = %spec.scope, day = %window.day, missing, since = %window.since, "open window given up: its total never matched the records served");
@@ -640,7 +690,7 @@ impl<T: StreamRecord> Poller<T> {
         let watermark = cursor.watermark?;
         let mut horizon = watermark + chrono::Duration::days(1 - i64::from(streams.lookback_days));
         if streams.reconcile_days > 0 {
-            let today = today(Utc::now(), self.shared.tz);
+            let today = today(self.now(), self.shared.tz);
             horizon =
                 horizon.min(today - chrono::Duration::days(i64::from(streams.reconcile_days)));
         }
@@ -650,7 +700,16 @@ impl<T: StreamRecord> Poller<T> {
             .chain(std::iter::once(cursor))
             .flat_map(|c| c.open.iter().map(|w| w.day))
             .min();
-        Some(open.map_or(horizon, |day| horizon.min(day)))
+        // A sweep in progress still reads (or holds pages of, or will open) days the clock
+        // may have left behind since it started (midnight passed): their fingerprints stay,
+        // or it would emit their records as new.
+        let swept = self.sweep.as_ref().and_then(|s| s.reader.first_day());
+        Some(
+            [open, swept]
+                .into_iter()
+                .flatten()
+                .fold(horizon, NaiveDate::min),
+        )
     }
 
     /// The scope of this poller's fingerprints: the stream, or `positions/<tag>`.

@@ -488,6 +488,17 @@ async fn an_event_larger_than_kafka_accepts_becomes_a_dead_letter_and_the_stream
     sim.shutdown().await;
 }
 
+/// A cursor read up to 20 days ago whose sweep is due (its last one long ago): the first
+/// cycle reads from its lookback, then a sweep starts and, done, is not due again for the
+/// configured interval.
+fn sweep_due() -> Cursor {
+    Cursor {
+        watermark: Some(chrono::Utc::now().date_naive() - chrono::Duration::days(20)),
+        swept: Some(chrono::DateTime::UNIX_EPOCH),
+        ..Cursor::default()
+    }
+}
+
 /// A transactions poller driven by hand (cycles and sweep slices called by the test, not a
 /// loop), on a real sink: the order of reads is the test's.
 async fn hand_poller(
@@ -495,6 +506,7 @@ async fn hand_poller(
     broker: &common::Tansu,
     prefix: &str,
     tweak: impl FnOnce(&mut Config),
+    cursor: Cursor,
 ) -> (
     ibstream::stream::poller::Poller<Transaction>,
     Arc<StreamStats>,
@@ -553,7 +565,7 @@ async fn hand_poller(
         true,
         Vec::new(),
         Default::default(),
-        HashMap::new(),
+        [("transactions".to_owned(), cursor)].into_iter().collect(),
         shared,
         encoder,
         stats["transactions"].clone(),
@@ -579,8 +591,7 @@ async fn a_paused_sweep_never_replays_a_page_older_than_a_later_read() {
         // The cycles read every day the sweep reads.
         cfg.streams.lookback_days = 15;
         cfg.streams.reconcile_days = 15;
-        cfg.streams.reconcile_interval_secs = 0;
-    })
+    }, sweep_due())
     .await;
     poller.cycle().await.unwrap();
     // A slice of the sweep: a few pages applied, more read ahead and held.
@@ -819,4 +830,68 @@ async fn deep_pages_answered_500_keep_the_day_open_and_the_stream_going() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deep_pages_answered_400_keep_the_day_open_and_the_stream_going() {
     deep_pages_refused_with(400).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn midnight_during_a_sweep_never_prunes_the_days_it_still_reads() {
+    use std::sync::atomic::AtomicI64;
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(|c| {
+        c.transactions = 600;
+        sim_days_ago(c, 14);
+        c.latency_ms = 20;
+    })
+    .await;
+    let prefix = common::unique_topic("midnight");
+    let (poller, stats) = hand_poller(&sim, &broker, &prefix, |cfg| {
+        cfg.streams.start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(14);
+        cfg.crm.page_size = 10;
+        cfg.streams.reconcile_days = 10;
+    }, sweep_due())
+    .await;
+    // The poller's clock: the system clock plus an offset the test moves.
+    let offset = Arc::new(AtomicI64::new(0));
+    let clock_offset = offset.clone();
+    let mut poller = poller.with_clock(Arc::new(move || {
+        chrono::Utc::now() + chrono::Duration::seconds(clock_offset.load(Ordering::Relaxed))
+    }));
+    poller.cycle().await.unwrap();
+    // The sweep starts at today - 10 and stops after a few pages of its first days.
+    poller
+        .background(tokio::time::Instant::now() + Duration::from_millis(200))
+        .await
+        .unwrap();
+    assert_eq!(stats.reconcile_sweeps.load(Ordering::Relaxed), 0);
+    // Midnight passes: the sweep horizon moves a day on while the sweep still reads its
+    // first day. A cycle saves its cursor (and prunes) meanwhile.
+    offset.store(86_400, Ordering::Relaxed);
+    poller.cycle().await.unwrap();
+    poller
+        .background(tokio::time::Instant::now() + Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert!(stats.reconcile_sweeps.load(Ordering::Relaxed) >= 1);
+    let schemas = Schemas::load("com.ibstream").unwrap();
+    let records = consume(
+        &broker.bootstrap,
+        &[format!("{prefix}.transactions")],
+        1,
+        Duration::from_secs(2),
+    )
+    .await;
+    let events = group(&schemas, &prefix, &records);
+    // Nothing changed: one event per transaction.
+    let twice: Vec<&String> = events["transactions"]
+        .iter()
+        .filter(|(_, v)| v.len() > 1)
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "{} transactions emitted again as new after midnight, e.g. {:?}",
+        twice.len(),
+        &twice[..twice.len().min(5)]
+    );
+    assert_eq!(events["transactions"].len(), expected(&sim, "transactions").len());
+    sim.shutdown().await;
 }
