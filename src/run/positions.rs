@@ -85,7 +85,10 @@ const SERVERS_ENDED: &str =
 /// cursor and fingerprints are kept in case it comes back) after it was absent from two
 /// consecutive good lists. A tag whose positions call fails for good (400, 404) stops alone
 /// and the others go on; it is tried again once it left the list and came back. A 403 or an
-/// authentication failure concerns every tag alike and stops positions.
+/// authentication failure concerns every tag alike and stops positions. When the servers
+/// list itself stops (its loop ended with an error), the running tags go on and are still
+/// watched: positions end with the first fatal or denied tag, or when the last tag stopped
+/// (no tag can start again without the list).
 pub struct PositionsSupervisor {
     shared: Arc<Shared>,
     schemas: Schemas,
@@ -138,7 +141,8 @@ impl PositionsSupervisor {
         }
     }
 
-    /// Follows the servers list until cancelled (or positions are denied).
+    /// Follows the servers list until cancelled, positions are denied, or no tag runs after
+    /// the servers list stopped.
     pub async fn run(
         mut self,
         mut tags: watch::Receiver<Option<ServerList>>,

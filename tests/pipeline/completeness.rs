@@ -599,6 +599,13 @@ async fn a_paused_sweep_never_replays_a_page_older_than_a_later_read() {
         .background(tokio::time::Instant::now() + Duration::from_millis(300))
         .await
         .unwrap();
+    assert_eq!(stats.reconcile_sweeps.load(Ordering::Relaxed), 0);
+    // The read-ahead fills up: 4 pages served (as of now) and held, not applied.
+    let held = || sim.stats().pages.load(Ordering::Relaxed) - stats.pages.load(Ordering::Relaxed);
+    wait_until("the sweep's read-ahead full", Duration::from_secs(30), || {
+        held() >= 4
+    })
+    .await;
     // Every transaction changes (each correction changes one), then a cycle reads them all
     // at their new versions while the sweep still holds its pages of the old ones.
     for days in 0..=12 {
@@ -839,16 +846,24 @@ async fn midnight_during_a_sweep_never_prunes_the_days_it_still_reads() {
     let sim = common::start_sim(|c| {
         c.transactions = 600;
         sim_days_ago(c, 14);
-        c.latency_ms = 20;
+        c.latency_ms = 50;
     })
     .await;
     let prefix = common::unique_topic("midnight");
     let (poller, stats) = hand_poller(&sim, &broker, &prefix, |cfg| {
         cfg.streams.start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(14);
         cfg.crm.page_size = 10;
-        cfg.streams.reconcile_days = 10;
+        cfg.streams.reconcile_days = 2;
     }, sweep_due())
     .await;
+    // The sweep's first day, the one midnight leaves behind, holds transactions.
+    let first = (chrono::Utc::now().date_naive() - chrono::Duration::days(2)).to_string();
+    let on_first = sim
+        .truth(Kind::Transactions)
+        .iter()
+        .filter(|t| t["transactionDate"].as_str().is_some_and(|d| d.starts_with(&first)))
+        .count();
+    assert!(on_first >= 25, "only {on_first} transactions on {first}");
     // The poller's clock: the system clock plus an offset the test moves.
     let offset = Arc::new(AtomicI64::new(0));
     let clock_offset = offset.clone();
@@ -856,11 +871,14 @@ async fn midnight_during_a_sweep_never_prunes_the_days_it_still_reads() {
         chrono::Utc::now() + chrono::Duration::seconds(clock_offset.load(Ordering::Relaxed))
     }));
     poller.cycle().await.unwrap();
-    // The sweep starts at today - 10 and stops after a few pages of its first days.
+    // The sweep starts at today - 2 and yields after its first page.
     poller
-        .background(tokio::time::Instant::now() + Duration::from_millis(200))
+        .background(tokio::time::Instant::now() + Duration::from_millis(30))
         .await
         .unwrap();
+    // It started: its read-ahead holds pages.
+    let held = || sim.stats().pages.load(Ordering::Relaxed) - stats.pages.load(Ordering::Relaxed);
+    wait_until("the sweep's read-ahead", Duration::from_secs(30), || held() >= 1).await;
     assert_eq!(stats.reconcile_sweeps.load(Ordering::Relaxed), 0);
     // Midnight passes: the sweep horizon moves a day on while the sweep still reads its
     // first day. A cycle saves its cursor (and prunes) meanwhile.
