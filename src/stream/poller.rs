@@ -898,8 +898,12 @@ impl<T: StreamRecord> Poller<T> {
             reading.rereads += 1;
             self.stats.drift_rereads.fetch_add(1, Ordering::Relaxed);
             match reading.has_total {
-                true => warn!(stream = self.stream, %from, %to, distinct, total, "records moved between pages, reading the window again"),
-                false => warn!(stream = self.stream, %from, %to, distinct, new = missing, "a read without a total found records the one before missed, reading the window again"),
+                true => {
+                    warn!(stream = self.stream, %from, %to, distinct, total, "records moved between pages, reading the window again")
+                }
+                false => {
+                    warn!(stream = self.stream, %from, %to, distinct, new = missing, "a read without a total found records the one before missed, reading the window again")
+                }
             }
             return Ok(true);
         }
@@ -988,10 +992,17 @@ impl<T: StreamRecord> Poller<T> {
                 Err(_) => None,
             };
             if let Some(key) = key {
-                if self.newer_reads.get(&key).is_some_and(|&newer| newer > sent) {
+                if self
+                    .newer_reads
+                    .get(&key)
+                    .is_some_and(|&newer| newer > sent)
+                {
                     union.insert(key);
                     self.stats.stale_skipped.fetch_add(1, Ordering::Relaxed);
-                    debug!(stream = self.stream, sent, "record read before a newer read of it, skipped");
+                    debug!(
+                        stream = self.stream,
+                        sent, "record read before a newer read of it, skipped"
+                    );
                     continue;
                 }
                 if sweep_paused {

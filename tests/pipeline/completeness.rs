@@ -584,14 +584,20 @@ async fn a_paused_sweep_never_replays_a_page_older_than_a_later_read() {
     })
     .await;
     let prefix = common::unique_topic("stalesweep");
-    let (mut poller, stats) = hand_poller(&sim, &broker, &prefix, |cfg| {
-        cfg.streams.start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(12);
-        cfg.crm.page_size = 10;
-        cfg.crm.read_ahead_pages = 4;
-        // The cycles read every day the sweep reads.
-        cfg.streams.lookback_days = 15;
-        cfg.streams.reconcile_days = 15;
-    }, sweep_due())
+    let (mut poller, stats) = hand_poller(
+        &sim,
+        &broker,
+        &prefix,
+        |cfg| {
+            cfg.streams.start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(12);
+            cfg.crm.page_size = 10;
+            cfg.crm.read_ahead_pages = 4;
+            // The cycles read every day the sweep reads.
+            cfg.streams.lookback_days = 15;
+            cfg.streams.reconcile_days = 15;
+        },
+        sweep_due(),
+    )
     .await;
     poller.cycle().await.unwrap();
     // A slice of the sweep: a few pages applied, more read ahead and held.
@@ -602,9 +608,11 @@ async fn a_paused_sweep_never_replays_a_page_older_than_a_later_read() {
     assert_eq!(stats.reconcile_sweeps.load(Ordering::Relaxed), 0);
     // The read-ahead fills up: 4 pages served (as of now) and held, not applied.
     let held = || sim.stats().pages.load(Ordering::Relaxed) - stats.pages.load(Ordering::Relaxed);
-    wait_until("the sweep's read-ahead full", Duration::from_secs(30), || {
-        held() >= 4
-    })
+    wait_until(
+        "the sweep's read-ahead full",
+        Duration::from_secs(30),
+        || held() >= 4,
+    )
     .await;
     // Every transaction changes (each correction changes one), then a cycle reads them all
     // at their new versions while the sweep still holds its pages of the old ones.
@@ -694,7 +702,10 @@ async fn without_totals_windows_are_read_until_a_read_finds_nothing_new_or_stay_
     };
     // While every read brings records the one before did not have, a window cannot be
     // shown complete: it stays open (never passed silently).
-    wait_until("an open window", Duration::from_secs(300), || open(&run) > 0).await;
+    wait_until("an open window", Duration::from_secs(300), || {
+        open(&run) > 0
+    })
+    .await;
     // The CRM stands still (its order stays random): reads converge, every window closes.
     sim.pause_changes(true);
     let paused = run.cycles();
@@ -725,6 +736,8 @@ async fn deep_pages_refused_with(status: u16) {
         sim_days_ago(c, 30);
         // About 80 transactions a day: some days deeper than the limit, some not.
         c.transactions = 2_400;
+        // Positions per server and day well within the limit.
+        c.positions = 300;
         c.max_page_offset = MAX_OFFSET as u64;
         c.deep_page_status = status;
     })
@@ -806,7 +819,11 @@ async fn deep_pages_refused_with(status: u16) {
     .await;
     let events = group(&schemas, &prefix, &records);
     for stream in ["leads", "customers", "positions", "servers"] {
-        assert_eq!(events[stream].len(), expected(&sim, stream).len(), "{stream}");
+        assert_eq!(
+            events[stream].len(),
+            expected(&sim, stream).len(),
+            "{stream}"
+        );
     }
     let got = &events["transactions"];
     let truth = expected(&sim, "transactions");
@@ -814,7 +831,9 @@ async fn deep_pages_refused_with(status: u16) {
         if t["isFake"] != false {
             continue;
         }
-        let day: chrono::NaiveDate = t["transactionDate"].as_str().unwrap()[..10].parse().unwrap();
+        let day: chrono::NaiveDate = t["transactionDate"].as_str().unwrap()[..10]
+            .parse()
+            .unwrap();
         let key = match &t["id"] {
             Json::String(id) => id.clone(),
             id => id.to_string(),
@@ -824,8 +843,12 @@ async fn deep_pages_refused_with(status: u16) {
             assert_eq!(&without_meta(got[&key].last().unwrap()), &truth[&key]);
         }
     }
-    let read_of_deep = got.len() - (truth.len() - deep.iter().map(|d| per_day[&d.to_string()]).sum::<usize>());
-    assert!(read_of_deep >= deep.len() * MAX_OFFSET, "{read_of_deep} records of the deep days");
+    let read_of_deep =
+        got.len() - (truth.len() - deep.iter().map(|d| per_day[&d.to_string()]).sum::<usize>());
+    assert!(
+        read_of_deep >= deep.len() * MAX_OFFSET,
+        "{read_of_deep} records of the deep days"
+    );
     sim.shutdown().await;
 }
 
@@ -850,18 +873,28 @@ async fn midnight_during_a_sweep_never_prunes_the_days_it_still_reads() {
     })
     .await;
     let prefix = common::unique_topic("midnight");
-    let (poller, stats) = hand_poller(&sim, &broker, &prefix, |cfg| {
-        cfg.streams.start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(14);
-        cfg.crm.page_size = 10;
-        cfg.streams.reconcile_days = 2;
-    }, sweep_due())
+    let (poller, stats) = hand_poller(
+        &sim,
+        &broker,
+        &prefix,
+        |cfg| {
+            cfg.streams.start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(14);
+            cfg.crm.page_size = 10;
+            cfg.streams.reconcile_days = 2;
+        },
+        sweep_due(),
+    )
     .await;
     // The sweep's first day, the one midnight leaves behind, holds transactions.
     let first = (chrono::Utc::now().date_naive() - chrono::Duration::days(2)).to_string();
     let on_first = sim
         .truth(Kind::Transactions)
         .iter()
-        .filter(|t| t["transactionDate"].as_str().is_some_and(|d| d.starts_with(&first)))
+        .filter(|t| {
+            t["transactionDate"]
+                .as_str()
+                .is_some_and(|d| d.starts_with(&first))
+        })
         .count();
     assert!(on_first >= 25, "only {on_first} transactions on {first}");
     // The poller's clock: the system clock plus an offset the test moves.
@@ -878,7 +911,10 @@ async fn midnight_during_a_sweep_never_prunes_the_days_it_still_reads() {
         .unwrap();
     // It started: its read-ahead holds pages.
     let held = || sim.stats().pages.load(Ordering::Relaxed) - stats.pages.load(Ordering::Relaxed);
-    wait_until("the sweep's read-ahead", Duration::from_secs(30), || held() >= 1).await;
+    wait_until("the sweep's read-ahead", Duration::from_secs(30), || {
+        held() >= 1
+    })
+    .await;
     assert_eq!(stats.reconcile_sweeps.load(Ordering::Relaxed), 0);
     // Midnight passes: the sweep horizon moves a day on while the sweep still reads its
     // first day. A cycle saves its cursor (and prunes) meanwhile.
@@ -910,6 +946,9 @@ async fn midnight_during_a_sweep_never_prunes_the_days_it_still_reads() {
         twice.len(),
         &twice[..twice.len().min(5)]
     );
-    assert_eq!(events["transactions"].len(), expected(&sim, "transactions").len());
+    assert_eq!(
+        events["transactions"].len(),
+        expected(&sim, "transactions").len()
+    );
     sim.shutdown().await;
 }

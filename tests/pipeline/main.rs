@@ -491,7 +491,16 @@ pub fn event_ids_never_come_back(ids: &[String]) -> Result<(), String> {
 #[test]
 fn event_ids_that_come_back_are_caught_and_redeliveries_pass() {
     let ids = |s: &str| -> Vec<String> { s.split(',').map(str::to_owned).collect() };
-    for ok in ["X", "X,X", "X,Y", "X,X,Y,Y", "X,Y,X,Y", "X,Y,Z,Y,Z", "X,Y,X,Y,Z", "X,Y,Y,X,Y,Z"] {
+    for ok in [
+        "X",
+        "X,X",
+        "X,Y",
+        "X,X,Y,Y",
+        "X,Y,X,Y",
+        "X,Y,Z,Y,Z",
+        "X,Y,X,Y,Z",
+        "X,Y,Y,X,Y,Z",
+    ] {
         assert_eq!(event_ids_never_come_back(&ids(ok)), Ok(()), "{ok}");
     }
     for bad in ["X,Y,X", "X,Y,Z,Y", "X,Y,X,Z", "X,Y,Z,X,Z", "X,Y,X,Y,X"] {
