@@ -885,6 +885,7 @@ impl<T: StreamRecord> Poller<T> {
         let first_without_total =
             !reading.has_total && reading.passes == 0 && reading.first_union == 0;
         if first_without_total || reading.rereads < streams.max_drift_rereads {
+            let had_total = reading.has_total;
             let pages = shared
                 .client
                 .pages::<T>(self.query(reader.filter, from, to));
@@ -897,7 +898,7 @@ impl<T: StreamRecord> Poller<T> {
             reading.next_pass(pages);
             reading.rereads += 1;
             self.stats.drift_rereads.fetch_add(1, Ordering::Relaxed);
-            match reading.has_total {
+            match had_total {
                 true => {
                     warn!(stream = self.stream, %from, %to, distinct, total, "records moved between pages, reading the window again")
                 }

@@ -234,6 +234,8 @@ async fn moving_pages_and_live_changes_converge_to_the_truth() {
         updated > 0,
         "no record changed: the scenario did not happen"
     );
+    // No eventId comes back after another (a stale page replayed, then mended).
+    assert_duplicates_share_ids_and_no_phantom_update(&events);
     sim.shutdown().await;
 }
 
