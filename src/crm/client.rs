@@ -990,8 +990,9 @@ impl<T: CrmRecord> Pager<T> {
             }));
         }
         let page_number = self.next_page;
+        let sent = super::page::next_read_seq();
         let page = match self.client.page::<T>(&self.query, page_number).await {
-            Ok(page) => page,
+            Ok(page) => Page { sent, ..page },
             Err(e) => {
                 self.done = true;
                 return Some(Err(e));

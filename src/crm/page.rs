@@ -67,6 +67,18 @@ pub struct Page<T> {
     pub total: Option<u64>,
     /// The records of the page, each read or failed on its own.
     pub records: Vec<Result<Record<T>, RecordError>>,
+    /// The read sequence number taken when its request was first sent ([`next_read_seq`]; 0
+    /// for a page not read by a pager): a page with a smaller number may show older versions
+    /// than one with a larger number.
+    pub sent: u64,
+}
+
+/// Returns a number larger than every one returned before in this process: the order in which
+/// page requests were sent, so a page held back (read ahead, or by a paused sweep) is known
+/// to be older than a later read of the same records.
+pub fn next_read_seq() -> u64 {
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Names the CRM may give the record array and the total (CRM_API.md, "Tolerance").
@@ -400,6 +412,7 @@ fn parse_utf8_page<T: CrmRecord>(
         page_size,
         total,
         records,
+        sent: 0,
     })
 }
 

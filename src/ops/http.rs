@@ -110,6 +110,7 @@ pub fn status_json(registry: &Registry) -> Value {
                             "day": w.day,
                             "since": time(w.since),
                             "missing": w.missing,
+                            "reason": c.open_reasons.get(&w.day).map_or("records missing after re-reads", String::as_str),
                         })).collect::<Vec<_>>(),
                     })
                 })

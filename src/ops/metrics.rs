@@ -66,7 +66,7 @@ impl Collector for Metrics {
                 })
                 .collect::<Vec<_>>()
         };
-        let stream_counters: [StreamMetric; 10] = [
+        let stream_counters: [StreamMetric; 12] = [
             (
                 "ibstream_records_fetched",
                 "Records read from the CRM.",
@@ -114,6 +114,16 @@ impl Collector for Metrics {
                 "ibstream_records_outside_window",
                 "Records emitted whose own date lies more than 2 days outside the window they were read from (their fingerprint is kept by the window's day).",
                 |s| &s.outside_window,
+            ),
+            (
+                "ibstream_windows_too_deep",
+                "Reads of a single day cut short by the CRM refusing a deep page (the day is kept open).",
+                |s| &s.windows_too_deep,
+            ),
+            (
+                "ibstream_stale_records_skipped",
+                "Records skipped because a newer read of the same entity was applied after their page was requested.",
+                |s| &s.stale_skipped,
             ),
         ];
         for (name, help, pick) in stream_counters {

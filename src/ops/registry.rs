@@ -119,6 +119,9 @@ pub struct CursorStatus {
     /// Everything before this instant has been read (the end of the last day read during a
     /// backfill; the start of the last complete cycle in steady state).
     pub read_through: Option<DateTime<Utc>>,
+    /// Why open days are open, for those open for another reason than records missing by
+    /// the CRM's total (a CRM refusing their deep pages).
+    pub open_reasons: std::collections::HashMap<NaiveDate, String>,
 }
 
 /// What one poller (a stream, or one server tag of positions) did last.
@@ -338,6 +341,7 @@ mod tests {
                 cursor: cursor(Some("2024-01-11")),
                 initial: d("2024-01-01"),
                 read_through: Some(now - chrono::Duration::seconds(300)),
+                open_reasons: Default::default(),
             },
         );
         status.cursors.insert(
@@ -346,6 +350,7 @@ mod tests {
                 cursor: cursor(None),
                 initial: d("2024-01-01"),
                 read_through: Some(now - chrono::Duration::seconds(20)),
+                open_reasons: Default::default(),
             },
         );
         // 10 of 20 days read by one cursor, 20 of 20 by the other.

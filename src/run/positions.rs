@@ -75,13 +75,20 @@ impl Pollable for ServersLoop {
 /// answer of the servers list does not stop every tag.
 const ABSENT_LISTS_BEFORE_STOP: u32 = 2;
 
+/// Why positions stop when the servers list is gone and no tag runs.
+const SERVERS_ENDED: &str =
+    "positions need the servers list, and reading it stopped (see the servers stream)";
+
 /// Runs one positions poller per live server tag, following the servers list.
 ///
 /// A tag starts when it is listed; it stops (gently: the batch in hand is finished, and its
 /// cursor and fingerprints are kept in case it comes back) after it was absent from two
 /// consecutive good lists. A tag whose positions call fails for good (400, 404) stops alone
 /// and the others go on; it is tried again once it left the list and came back. A 403 or an
-/// authentication failure concerns every tag alike and stops positions.
+/// authentication failure concerns every tag alike and stops positions. When the servers
+/// list itself stops (its loop ended with an error), the running tags go on and are still
+/// watched: positions end with the first fatal or denied tag, or when the last tag stopped
+/// (no tag can start again without the list).
 pub struct PositionsSupervisor {
     shared: Arc<Shared>,
     schemas: Schemas,
@@ -134,7 +141,8 @@ impl PositionsSupervisor {
         }
     }
 
-    /// Follows the servers list until cancelled (or positions are denied).
+    /// Follows the servers list until cancelled, positions are denied, or no tag runs after
+    /// the servers list stopped.
     pub async fn run(
         mut self,
         mut tags: watch::Receiver<Option<ServerList>>,
@@ -145,6 +153,9 @@ impl PositionsSupervisor {
         let mut failed: HashMap<String, String> = HashMap::new();
         let mut tasks: JoinSet<(String, Exit, Poller<Position>)> = JoinSet::new();
         let mut seen_seq = None;
+        // Set when the servers loop ended: the tags that run go on (and are still watched, so
+        // a tag's fatal or denied exit ends positions), but no tag can start any more.
+        let mut servers_ended = false;
         loop {
             let list = tags.borrow_and_update().clone();
             if let Some(list) = list.filter(|l| seen_seq != Some(l.seq)) {
@@ -188,15 +199,16 @@ impl PositionsSupervisor {
                 // returning): it is not a failure of positions.
                 biased;
                 _ = cancel.cancelled() => break,
-                changed = tags.changed() => {
+                changed = tags.changed(), if !servers_ended => {
                     if changed.is_err() {
                         // The servers loop ended (it stopped with an error). Without a list
-                        // there is nothing to poll; with one, keep what runs.
+                        // there is nothing to poll; with one, keep what runs, and keep
+                        // watching it.
                         if running.is_empty() {
-                            return Exit::Stopped("positions need the servers list, and reading it stopped (see the servers stream)".to_owned());
+                            return Exit::Stopped(SERVERS_ENDED.to_owned());
                         }
-                        cancel.cancelled().await;
-                        break;
+                        warn!("the servers list stopped; the running server tags go on, none starts");
+                        servers_ended = true;
                     }
                 }
                 Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
@@ -217,9 +229,13 @@ impl PositionsSupervisor {
                         Exit::Stopped(reason) => {
                             error!(server_tag = %tag, reason = %reason, "positions of this server stopped; the other servers go on");
                             failed.insert(tag.clone(), reason);
-                            self.keep(tag, poller);
+                            self.keep(tag.clone(), poller);
                         }
-                        Exit::Cancelled => self.keep(tag, poller),
+                        Exit::Cancelled => self.keep(tag.clone(), poller),
+                    }
+                    if servers_ended && running.is_empty() {
+                        // Nothing runs and nothing can start again without the list.
+                        return Exit::Stopped(failed.remove(&tag).unwrap_or_else(|| SERVERS_ENDED.to_owned()));
                     }
                 }
             }

@@ -4,7 +4,7 @@
 //! with the vendor's errors (401, 403, 400), faults on demand (`--fail-rate`, `--max-rps`,
 //! `--latency-ms`, `--token-ttl-secs`, `--shuffle-pages`, `--unstable-order`, `--malformed-rate`, `--deny`;
 //! paging quirks of other CRMs: `--page-cap`, `--omit-total`, `--ignore-page`,
-//! `--growing-total`; values as other CRMs write them: `--shuffle-sets`, `--epoch-seconds`,
+//! `--growing-total`, `--max-page-offset`, `--deep-page-status`; values as other CRMs write them: `--shuffle-sets`, `--epoch-seconds`,
 //! `--zero-dates`; answers as other CRMs write them: `--error-200`,
 //! `--expired-token-status`, `--latin1-records`, `--body-quirks`), and a
 //! ground truth (`GET /_sim/truth/{kind}`) that tests compare the Kafka topics with.
@@ -112,6 +112,13 @@ pub struct SimConfig {
     /// Leave `total` out of paged answers.
     #[arg(long)]
     pub omit_total: bool,
+    /// Answer every page that starts at this many records or more (`(page - 1) * pageSize`)
+    /// with `--deep-page-status`, on every try (a CRM refusing deep pages); 0 = no limit.
+    #[arg(long, default_value_t = 0)]
+    pub max_page_offset: u64,
+    /// The status of a refused deep page: 500, or 400 with a message naming the limit.
+    #[arg(long, default_value_t = 500)]
+    pub deep_page_status: u16,
     /// Ignore `page`: every request gets the first page.
     #[arg(long)]
     pub ignore_page: bool,
@@ -256,6 +263,9 @@ impl SimConfig {
             return Err("--expired-token-status must be 401 or 403".to_owned());
         }
         self.latin1_keys()?;
+        if !(400..600).contains(&self.deep_page_status) {
+            return Err("--deep-page-status must be a 4xx or 5xx status".to_owned());
+        }
         if !(self.change_rate >= 0.0 && self.change_rate.is_finite()) {
             return Err("--change-rate must be 0 or more".to_owned());
         }

@@ -712,6 +712,9 @@ async fn data_call(
             return error(&state, status, &format!("server {tag} not found"));
         }
     }
+    if let Some(refused) = refuse_deep_page(&state, kind, &params) {
+        return refused;
+    }
     match page(&state, kind, &params) {
         Ok(body) => {
             state.stats.pages.fetch_add(1, Ordering::Relaxed);
@@ -724,6 +727,48 @@ async fn data_call(
         }
         Err(message) => error(&state, StatusCode::BAD_REQUEST, &message),
     }
+}
+
+/// Answers a page starting past `--max-page-offset` records with `--deep-page-status` (the
+/// page and size as asked; malformed ones are left to [`page`] to refuse).
+fn refuse_deep_page(
+    state: &AppState,
+    kind: Kind,
+    params: &HashMap<String, String>,
+) -> Option<Response> {
+    let config = &state.config;
+    if config.max_page_offset == 0 || kind == Kind::Servers {
+        return None;
+    }
+    let number = |name: &str, default: u64| match params.get(name) {
+        None => Some(default),
+        Some(v) => v.parse::<u64>().ok(),
+    };
+    let page = number("page", 1)?;
+    let size = match (number("pageSize", 1000)?, u64::from(config.page_cap)) {
+        (size, 0) => size,
+        (size, cap) => size.min(cap),
+    };
+    let offset = page.saturating_sub(1).saturating_mul(size);
+    if config.ignore_page || offset < config.max_page_offset {
+        return None;
+    }
+    Some(match StatusCode::from_u16(config.deep_page_status) {
+        Ok(StatusCode::BAD_REQUEST) => error(
+            state,
+            StatusCode::BAD_REQUEST,
+            &format!(
+                "Result window is too large, page * pageSize must be less than or equal to {}",
+                config.max_page_offset
+            ),
+        ),
+        Ok(status) => error(state, status, "internal server error"),
+        Err(_) => error(
+            state,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal server error",
+        ),
+    })
 }
 
 fn page(state: &AppState, kind: Kind, params: &HashMap<String, String>) -> Result<Vec<u8>, String> {

@@ -15,11 +15,34 @@
 //! `open_window_retention_days`. The watermark moves on meanwhile: one bad day never stalls
 //! the stream. Append-only fingerprints of open days are kept until the day is closed.
 //!
+//! Without a `total` (a CRM that reports none), completeness is shown by reading: a window
+//! whose read is one page shorter than asked for is complete (one request answers from one
+//! instant: nothing can move between pages, and this keeps the steady state at one request);
+//! any other window is read again, and is complete when a read finds no id the earlier reads
+//! had not (each such read beyond the second counts as a drift re-read; then halves and open
+//! windows as for a short total, `missing` counting the ids only the last read found).
+//!
+//! A page past the first of a read that fails (400, or a failure through every retry) is taken
+//! as a CRM refusing pages that deep: the window is read in halves; a single day still too
+//! deep is kept open (its records before the limit are emitted), counted
+//! (`windows_too_deep`), named in a warning and in `/status` with its reason, and retried every
+//! cycle while the other windows and later days go on. A CRM that is down fails the halves'
+//! first pages too, and the cycle fails as before.
+//!
 //! Between cycles a *reconciliation sweep* re-reads the last `reconcile_days` of every cursor
 //! every `reconcile_interval_secs`, a page at a time, yielding to the next cycle after the
 //! page in hand (late and corrected records; unchanged ones are dropped by their
 //! fingerprints). When it finishes, the cursor records the time, so a restart does not sweep
 //! at once.
+//!
+//! A paused sweep keeps pages read ahead, requested before the cycles that run meanwhile. No
+//! page moves an entity backwards: every page carries the read sequence taken when its
+//! request was sent, the poller remembers (only while a sweep is paused, and only for the
+//! entities the cycles read meanwhile) the sequence of each entity's latest applied read, and
+//! a record from an older page is skipped (counted toward its window, not emitted). The map
+//! is dropped once the sweep's pages are all newer than its entries. Fingerprints of the days
+//! a sweep still reads, holds or found short are never pruned, even when midnight moved the
+//! sweep horizon past them since it started.
 //!
 //! A crash between two batches loses nothing: the cursor has not moved past the window, so it
 //! is read again, and what was already committed is recognised by its fingerprint.
@@ -102,6 +125,12 @@ pub struct StreamStats {
     pub no_dates: AtomicU64,
     /// Records emitted whose own day lies far outside the window they were read from.
     pub outside_window: AtomicU64,
+    /// Records skipped because their page was requested before a newer read of the same
+    /// entity was applied (a paused sweep's page): applying them would move it backwards.
+    pub stale_skipped: AtomicU64,
+    /// Single days kept open because the CRM refused a page past the first of their read
+    /// (a CRM that serves no page beyond a fixed offset), counted at every read of the day.
+    pub windows_too_deep: AtomicU64,
 }
 
 /// What pollers share: the CRM client, the sink, and the settings of the run.
@@ -200,7 +229,23 @@ pub struct Poller<T: StreamRecord> {
     day_unions: HashMap<(String, NaiveDate), HashSet<EntityKey>>,
     /// Up to when each cursor has read everything (see [`crate::ops::CursorStatus`]).
     read_through: HashMap<String, chrono::DateTime<Utc>>,
+    /// The reads applied while a sweep was paused (it may hold pages requested before them):
+    /// entity → the read sequence ([`crate::crm::page::next_read_seq`]) of its latest read.
+    /// Filled only while a sweep is paused, emptied when the sweep's pages are all newer than
+    /// every entry (or the sweep ends), so it holds the entities the cycles read during one
+    /// sweep, never the whole scope.
+    newer_reads: HashMap<EntityKey, u64>,
+    /// The largest sequence in `newer_reads`.
+    newer_max: u64,
+    /// Why open days are open when not for records missing by the total (by scope and day),
+    /// for `/status`: a CRM refusing the day's deep pages.
+    open_reasons: HashMap<(String, NaiveDate), String>,
+    /// The clock of days, sweeps and open windows (tests move it across midnight).
+    clock: Clock,
 }
+
+/// A source of the current instant.
+pub type Clock = Arc<dyn Fn() -> chrono::DateTime<Utc> + Send + Sync>;
 
 /// A page turned into a batch, with the fingerprints to remember once it is committed
 /// (hashed ids with their names, so they can be pruned).
@@ -238,10 +283,48 @@ struct Reading<T: CrmRecord> {
     union: HashSet<EntityKey>,
     /// The largest `total` of the current read.
     total: u64,
+    /// Whether a page of the current read reported a `total`.
+    has_total: bool,
+    /// Pages of the current read, and whether its first page was short (fewer records than
+    /// asked for).
+    pass_pages: u32,
+    short_first_page: bool,
+    /// The union's size when the current read started.
+    pass_start: usize,
+    /// Reads of the window finished before the current one.
+    passes: u32,
+    /// Drift re-reads (of `max_drift_rereads`).
     rereads: u32,
     first_page: bool,
     /// Ids the union started with (a day read before).
     first_union: usize,
+}
+
+impl<T: CrmRecord> Reading<T> {
+    /// Returns whether the window is shown complete by its reads so far: the union reaches
+    /// the CRM's `total`; without a total, the read was one short page (one request answers
+    /// from one instant, so nothing can move between pages), or a read after an earlier one
+    /// of the same window found no id the union did not hold (the records served twice
+    /// over are all known).
+    fn complete(&self) -> bool {
+        if self.has_total {
+            return self.union.len() as u64 >= self.total;
+        }
+        let earlier_read = self.passes > 0 || self.first_union > 0;
+        (self.pass_pages <= 1 && self.short_first_page && !earlier_read)
+            || (earlier_read && self.union.len() == self.pass_start)
+    }
+
+    /// Starts another read of the window.
+    fn next_pass(&mut self, pages: PageIter<T>) {
+        self.pages = pages;
+        self.total = 0;
+        self.has_total = false;
+        self.pass_pages = 0;
+        self.short_first_page = false;
+        self.pass_start = self.union.len();
+        self.passes += 1;
+    }
 }
 
 impl<T: CrmRecord> WindowReader<T> {
@@ -254,6 +337,16 @@ impl<T: CrmRecord> WindowReader<T> {
             current: None,
             short: Vec::new(),
         }
+    }
+}
+
+impl<T: CrmRecord> WindowReader<T> {
+    /// Returns the first day the reader still reads, holds pages of, or found short.
+    fn first_day(&self) -> Option<NaiveDate> {
+        let current = self.current.as_ref().map(|r| r.from);
+        let stacked = self.stack.iter().map(|(from, _)| *from);
+        let short = self.short.iter().map(|(day, _)| *day);
+        current.into_iter().chain(stacked).chain(short).min()
     }
 }
 
@@ -300,6 +393,10 @@ impl<T: StreamRecord> Poller<T> {
             halt: CancellationToken::new(),
             day_unions: HashMap::new(),
             read_through: HashMap::new(),
+            newer_reads: HashMap::new(),
+            newer_max: 0,
+            open_reasons: HashMap::new(),
+            clock: Arc::new(Utc::now),
         };
         poller
             .shared
@@ -325,6 +422,12 @@ impl<T: StreamRecord> Poller<T> {
             cursor: self.cursor(&spec.scope),
             initial: spec.initial,
             read_through: self.read_through.get(&spec.scope).copied(),
+            open_reasons: self
+                .open_reasons
+                .iter()
+                .filter(|((scope, _), _)| *scope == spec.scope)
+                .map(|((_, day), reason)| (*day, reason.clone()))
+                .collect(),
         };
         self.shared.ops.cursor(&self.name(), &spec.scope, status);
     }
@@ -335,6 +438,17 @@ impl<T: StreamRecord> Poller<T> {
     pub fn with_halt(mut self, halt: CancellationToken) -> Self {
         self.halt = halt;
         self
+    }
+
+    /// Sets the clock the poller reads days, sweeps and open windows by (the system clock
+    /// unless set; events' timestamps always use the system clock).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    fn now(&self) -> chrono::DateTime<Utc> {
+        (self.clock)()
     }
 
     /// Gives back the poller's fingerprints and cursors (when it stops but may resume).
@@ -354,7 +468,7 @@ impl<T: StreamRecord> Poller<T> {
     pub async fn cycle(&mut self) -> Result<(), PollError> {
         let shared = self.shared.clone();
         let streams = &shared.streams;
-        let now = Utc::now();
+        let now = self.now();
         let today = today(now, shared.tz);
         let closed = last_closed_day(
             now,
@@ -386,11 +500,11 @@ impl<T: StreamRecord> Poller<T> {
                 }
                 let mut next = advance(&cursor, to, today, closed);
                 for (day, missing) in reader.short {
-                    next.open_day(day, missing, Utc::now());
+                    next.open_day(day, missing, self.now());
                 }
                 if next.next.is_none() && next.swept.is_none() {
                     // The backfill read everything: it counts as the first sweep.
-                    next.swept = Some(Utc::now());
+                    next.swept = Some(self.now());
                 }
                 let read_through = match next.next {
                     // Everything that existed when this cycle started has been read.
@@ -426,8 +540,11 @@ impl<T: StreamRecord> Poller<T> {
                 self.sweep = Some(sweep);
                 continue;
             }
+            // No page of the sweep is held any more: nothing can be older than a read.
+            self.newer_reads = HashMap::new();
+            self.newer_max = 0;
             let mut cursor = self.cursor(&sweep.spec.scope);
-            let now = Utc::now();
+            let now = self.now();
             for (day, missing) in sweep.reader.short {
                 cursor.open_day(day, missing, now);
             }
@@ -445,7 +562,7 @@ impl<T: StreamRecord> Poller<T> {
         if streams.reconcile_days == 0 {
             return None;
         }
-        let now = Utc::now();
+        let now = self.now();
         let interval = chrono::Duration::seconds(streams.reconcile_interval_secs as i64);
         let today = today(now, self.shared.tz);
         self.cursors.iter().find_map(|spec| {
@@ -494,10 +611,12 @@ impl<T: StreamRecord> Poller<T> {
             }
             let Some(&(_, missing)) = reader.short.first() else {
                 info!(stream = self.stream, scope = %spec.scope, day = %window.day, "open window complete");
+                self.open_reasons.remove(&(spec.scope.clone(), window.day));
                 continue;
             };
-            if Utc::now() - window.since > retention {
+            if self.now() - window.since > retention {
                 self.day_unions.remove(&(spec.scope.clone(), window.day));
+                self.open_reasons.remove(&(spec.scope.clone(), window.day));
                 error!(stream = self.stream, scope = %spec.scope, day = %window.day, missing, since = %window.since, "open window given up: its total never matched the records served");
                 self.stats
                     .open_windows_given_up
@@ -578,7 +697,7 @@ impl<T: StreamRecord> Poller<T> {
         let watermark = cursor.watermark?;
         let mut horizon = watermark + chrono::Duration::days(1 - i64::from(streams.lookback_days));
         if streams.reconcile_days > 0 {
-            let today = today(Utc::now(), self.shared.tz);
+            let today = today(self.now(), self.shared.tz);
             horizon =
                 horizon.min(today - chrono::Duration::days(i64::from(streams.reconcile_days)));
         }
@@ -588,7 +707,16 @@ impl<T: StreamRecord> Poller<T> {
             .chain(std::iter::once(cursor))
             .flat_map(|c| c.open.iter().map(|w| w.day))
             .min();
-        Some(open.map_or(horizon, |day| horizon.min(day)))
+        // A sweep in progress still reads (or holds pages of, or will open) days the clock
+        // may have left behind since it started (midnight passed): their fingerprints stay,
+        // or it would emit their records as new.
+        let swept = self.sweep.as_ref().and_then(|s| s.reader.first_day());
+        Some(
+            [open, swept]
+                .into_iter()
+                .flatten()
+                .fold(horizon, NaiveDate::min),
+        )
     }
 
     /// The scope of this poller's fingerprints: the stream, or `positions/<tag>`.
@@ -660,8 +788,13 @@ impl<T: StreamRecord> Poller<T> {
                     .client
                     .pages::<T>(self.query(reader.filter, from, to)),
                 first_union: union.len(),
+                pass_start: union.len(),
                 union,
                 total: 0,
+                has_total: false,
+                pass_pages: 0,
+                short_first_page: false,
+                passes: 0,
                 rereads: 0,
                 first_page: true,
             });
@@ -669,9 +802,22 @@ impl<T: StreamRecord> Poller<T> {
         };
         let (from, to) = (reading.from, reading.to);
         if let Some(page) = reading.pages.next().await {
-            let page = page?;
+            let page = match page {
+                Ok(page) => page,
+                Err(e) if reading.pass_pages > 0 && refuses_deep_pages(&e) => {
+                    self.refused_deep_page(reader, &e);
+                    return Ok(true);
+                }
+                Err(e) => return Err(e.into()),
+            };
             self.stats.pages.fetch_add(1, Ordering::Relaxed);
             reading.total = reading.total.max(page.total.unwrap_or(0));
+            let mut reads = Vec::new();
+            reading.has_total |= page.total.is_some();
+            reading.pass_pages += 1;
+            if reading.pass_pages == 1 {
+                reading.short_first_page = page.records.len() < page.page_size as usize;
+            }
             if std::mem::take(&mut reading.first_page) && reading.total > streams.max_window_records
             {
                 if let Some((left, right)) = halves(from, to) {
@@ -684,14 +830,22 @@ impl<T: StreamRecord> Poller<T> {
             }
             // Pages already read ahead go into the same batch: when Kafka is slower than the
             // CRM, batches grow instead of the pages waiting.
-            let mut records = page.records;
+            let mut records =
+                self.drop_stale(page.sent, page.records, &mut reading.union, &mut reads);
             let mut failed = None;
             while records.len() < MAX_BATCH_RECORDS {
                 match reading.pages.ready() {
                     Some(Ok(page)) => {
                         self.stats.pages.fetch_add(1, Ordering::Relaxed);
                         reading.total = reading.total.max(page.total.unwrap_or(0));
-                        records.extend(page.records);
+                        reading.has_total |= page.total.is_some();
+                        reading.pass_pages += 1;
+                        records.extend(self.drop_stale(
+                            page.sent,
+                            page.records,
+                            &mut reading.union,
+                            &mut reads,
+                        ));
                     }
                     Some(Err(e)) => {
                         failed = Some(e);
@@ -702,14 +856,28 @@ impl<T: StreamRecord> Poller<T> {
             }
             let built = self.build_batch(records, Some((from, to)), &mut reading.union);
             self.commit(built).await?;
-            if let Some(e) = failed {
-                return Err(e.into());
+            for (key, sent) in reads {
+                let latest = self.newer_reads.entry(key).or_insert(sent);
+                *latest = (*latest).max(sent);
+                self.newer_max = self.newer_max.max(sent);
+            }
+            match failed {
+                // A page after one of this read failed.
+                Some(e) if refuses_deep_pages(&e) => self.refused_deep_page(reader, &e),
+                Some(e) => return Err(e.into()),
+                None => {}
             }
             return Ok(true);
         }
-        // The read is over: complete when the union of the window's reads reaches its total.
+        // The read is over: complete when the union of the window's reads reaches its total
+        // (without a total: see `Reading::complete`).
         let (distinct, total) = (reading.union.len() as u64, reading.total);
-        if distinct >= total {
+        // Records short: by the total, or (without one) the ids only the last read found.
+        let missing = match reading.has_total {
+            true => total.saturating_sub(distinct),
+            false => (reading.union.len() - reading.pass_start).max(1) as u64,
+        };
+        if reading.complete() {
             if let Some(done) = reader.current.take() {
                 if from == to && (done.rereads > 0 || done.first_union > 0) {
                     // A day that was hard to read: the next cycle's re-read starts from here.
@@ -719,14 +887,32 @@ impl<T: StreamRecord> Poller<T> {
             }
             return Ok(true);
         }
-        if reading.rereads < streams.max_drift_rereads {
-            reading.rereads += 1;
-            self.stats.drift_rereads.fetch_add(1, Ordering::Relaxed);
-            warn!(stream = self.stream, %from, %to, distinct, total, "records moved between pages, reading the window again");
-            reading.pages = shared
+        // Without a total, the first read of a window of more than one page is read once more
+        // to show it complete: that read is not a drift re-read.
+        let first_without_total =
+            !reading.has_total && reading.passes == 0 && reading.first_union == 0;
+        if first_without_total || reading.rereads < streams.max_drift_rereads {
+            let had_total = reading.has_total;
+            let pages = shared
                 .client
                 .pages::<T>(self.query(reader.filter, from, to));
-            reading.total = 0;
+            if first_without_total {
+                debug!(stream = self.stream, %from, %to, distinct, "the crm reports no total, reading the window again to show it complete");
+                // The confirming read does not use up a drift re-read.
+                reading.next_pass(pages);
+                return Ok(true);
+            }
+            reading.next_pass(pages);
+            reading.rereads += 1;
+            self.stats.drift_rereads.fetch_add(1, Ordering::Relaxed);
+            match had_total {
+                true => {
+                    warn!(stream = self.stream, %from, %to, distinct, total, "records moved between pages, reading the window again")
+                }
+                false => {
+                    warn!(stream = self.stream, %from, %to, distinct, new = missing, "a read without a total found records the one before missed, reading the window again")
+                }
+            }
             return Ok(true);
         }
         let Some(reading) = reader.current.take() else {
@@ -734,18 +920,106 @@ impl<T: StreamRecord> Poller<T> {
         };
         match halves(from, to) {
             Some((left, right)) => {
-                warn!(stream = self.stream, %from, %to, distinct, total, "records still missing after re-reads, reading the window in halves");
+                warn!(stream = self.stream, %from, %to, distinct, missing, "records still missing after re-reads, reading the window in halves");
                 reader.stack.push(right);
                 reader.stack.push(left);
             }
             None => {
-                warn!(stream = self.stream, day = %from, missing = total - distinct, "day read with records missing, keeping it open");
+                warn!(stream = self.stream, day = %from, missing, "day read with records missing, keeping it open");
                 self.day_unions
                     .insert((reader.scope.clone(), from), reading.union);
-                reader.short.push((from, total - distinct));
+                reader.short.push((from, missing));
             }
         }
         Ok(true)
+    }
+
+    /// Handles the failure of a page past the first of a read as a CRM refusing pages this
+    /// deep (it answers 400 or 5xx from a fixed offset on, on every try): a window is read
+    /// in halves; a single day is kept open (retried every cycle), counted and named. A CRM
+    /// that is down fails the halves' first pages instead, and the cycle fails as before.
+    fn refused_deep_page(&mut self, reader: &mut WindowReader<T>, error: &CrmError) {
+        let Some(reading) = reader.current.take() else {
+            return;
+        };
+        let (from, to) = (reading.from, reading.to);
+        let read = reading.union.len() as u64;
+        match halves(from, to) {
+            Some((left, right)) => {
+                warn!(stream = self.stream, %from, %to, read, %error, "the crm refused a page past the first of the window, reading it in halves");
+                reader.stack.push(right);
+                reader.stack.push(left);
+            }
+            None => {
+                let missing = match reading.has_total {
+                    true => reading.total.saturating_sub(read).max(1),
+                    false => 1,
+                };
+                warn!(stream = self.stream, scope = %reader.scope, day = %from, read, missing, %error, "the crm refuses pages this deep and the day holds more records than it serves before them; keeping the day open");
+                self.stats.windows_too_deep.fetch_add(1, Ordering::Relaxed);
+                self.open_reasons.insert(
+                    (reader.scope.clone(), from),
+                    format!("the CRM refuses pages past record {read} of this day ({error}); lower crm.page_size does not help, ask the vendor to raise the limit"),
+                );
+                self.day_unions
+                    .insert((reader.scope.clone(), from), reading.union);
+                reader.short.push((from, missing));
+            }
+        }
+    }
+
+    /// Returns the records of a page requested at read sequence `sent`, without those of
+    /// entities read again by a request sent later and already applied (they would move the
+    /// entity backwards: a paused sweep's page, read before a cycle read the entity's new
+    /// version). Skipped records still count toward the window's distinct ids. While a sweep
+    /// is paused (this is a cycle's read), the entities read are added to `reads`, to remember
+    /// once committed.
+    fn drop_stale(
+        &mut self,
+        sent: u64,
+        records: Vec<Result<Record<T>, RecordError>>,
+        union: &mut HashSet<EntityKey>,
+        reads: &mut Vec<(EntityKey, u64)>,
+    ) -> Vec<Result<Record<T>, RecordError>> {
+        let sweep_paused = self.sweep.is_some();
+        if !sweep_paused && sent > self.newer_max && !self.newer_reads.is_empty() {
+            // The sweep's pages are now all newer than every read remembered.
+            self.newer_reads = HashMap::new();
+            self.newer_max = 0;
+        }
+        if !sweep_paused && self.newer_reads.is_empty() {
+            return records;
+        }
+        let mut kept = Vec::with_capacity(records.len());
+        for record in records {
+            let key = match &record {
+                Ok(r) => r
+                    .model
+                    .id()
+                    .map(|id| key_in_scope(self.stream, &self.qualified(&id))),
+                Err(_) => None,
+            };
+            if let Some(key) = key {
+                if self
+                    .newer_reads
+                    .get(&key)
+                    .is_some_and(|&newer| newer > sent)
+                {
+                    union.insert(key);
+                    self.stats.stale_skipped.fetch_add(1, Ordering::Relaxed);
+                    debug!(
+                        stream = self.stream,
+                        sent, "record read before a newer read of it, skipped"
+                    );
+                    continue;
+                }
+                if sweep_paused {
+                    reads.push((key, sent));
+                }
+            }
+            kept.push(record);
+        }
+        kept
     }
 
     /// Commits a page batch, then remembers its fingerprints.
@@ -980,6 +1254,15 @@ const COMPACTION_LIMIT: usize = 50_000;
 
 /// Most records one batch gathers from pages already read ahead.
 const MAX_BATCH_RECORDS: usize = 8_000;
+
+/// Returns whether a failed page past the first of a read may be a CRM refusing pages that
+/// deep: a 400 (the request is valid at a smaller offset) or a failure that lasted every retry.
+fn refuses_deep_pages(error: &CrmError) -> bool {
+    matches!(
+        error,
+        CrmError::BadRequest { .. } | CrmError::Transient { .. }
+    )
+}
 
 /// Returns the id to keep beside a hashed entity key (its id within the scope), so the
 /// entity can be pruned; `None` for keys that hold their id.

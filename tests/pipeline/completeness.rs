@@ -487,3 +487,468 @@ async fn an_event_larger_than_kafka_accepts_becomes_a_dead_letter_and_the_stream
     }
     sim.shutdown().await;
 }
+
+/// A cursor read up to 20 days ago whose sweep is due (its last one long ago): the first
+/// cycle reads from its lookback, then a sweep starts and, done, is not due again for the
+/// configured interval.
+fn sweep_due() -> Cursor {
+    Cursor {
+        watermark: Some(chrono::Utc::now().date_naive() - chrono::Duration::days(20)),
+        swept: Some(chrono::DateTime::UNIX_EPOCH),
+        ..Cursor::default()
+    }
+}
+
+/// A transactions poller driven by hand (cycles and sweep slices called by the test, not a
+/// loop), on a real sink: the order of reads is the test's.
+async fn hand_poller(
+    sim: &SimHandle,
+    broker: &common::Tansu,
+    prefix: &str,
+    tweak: impl FnOnce(&mut Config),
+    cursor: Cursor,
+) -> (
+    ibstream::stream::poller::Poller<Transaction>,
+    Arc<StreamStats>,
+) {
+    use ibstream::kafka::TopicSpec;
+    use ibstream::stream::poller::{CursorSpec, Poller, Shared};
+    let mut cfg = config(sim, broker, prefix, &format!("{prefix}-hand"));
+    tweak(&mut cfg);
+    let topics: Vec<TopicSpec> = ["transactions", "dlq", "_ibstream_state"]
+        .iter()
+        .map(|t| TopicSpec {
+            name: format!("{prefix}.{t}"),
+            partitions: 1,
+            replication: 1,
+            configs: Vec::new(),
+        })
+        .collect();
+    ibstream::kafka::ensure_topics(&cfg.kafka, &topics)
+        .await
+        .unwrap();
+    let sink = ibstream::kafka::sink::start(&cfg.kafka).await.unwrap();
+    let client = ibstream::crm::CrmClient::build(&cfg.crm).unwrap();
+    let stats: ibstream::ops::Stats = [("transactions", Arc::default())].into_iter().collect();
+    let ops = Arc::new(ibstream::ops::Registry::new(
+        "hand",
+        Delivery::AtLeastOnce,
+        client.tz(),
+        Duration::from_secs(30),
+        stats.clone(),
+        client.stats(),
+    ));
+    let shared = Arc::new(Shared {
+        tz: client.tz(),
+        client,
+        sink: sink.handle,
+        source: cfg.crm.domain.clone(),
+        api_prefix: "/api/v1/ib".to_owned(),
+        topic_prefix: prefix.to_owned(),
+        state_topic: format!("{prefix}._ibstream_state"),
+        streams: cfg.streams.clone(),
+        decimal_excess: cfg.events.decimal_excess,
+        max_event_bytes: cfg.kafka.max_message_bytes(),
+        ops,
+    });
+    let schemas = Schemas::load("com.ibstream").unwrap();
+    let encoder =
+        ibstream::events::Encoder::new(&schemas, ibstream::events::Framing::SingleObject).unwrap();
+    let poller = Poller::new(
+        "transactions",
+        None,
+        vec![CursorSpec {
+            scope: "transactions".to_owned(),
+            filter: ibstream::crm::DateFilter::Transaction,
+            initial: cfg.streams.start_date,
+        }],
+        true,
+        Vec::new(),
+        Default::default(),
+        [("transactions".to_owned(), cursor)].into_iter().collect(),
+        shared,
+        encoder,
+        stats["transactions"].clone(),
+    );
+    (poller, stats["transactions"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_sweep_never_replays_a_page_older_than_a_later_read() {
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(|c| {
+        c.transactions = 400;
+        sim_days_ago(c, 12);
+        // Slow pages: the sweep's slice ends with pages read ahead and not yet applied.
+        c.latency_ms = 40;
+    })
+    .await;
+    let prefix = common::unique_topic("stalesweep");
+    let (mut poller, stats) = hand_poller(
+        &sim,
+        &broker,
+        &prefix,
+        |cfg| {
+            cfg.streams.start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(12);
+            cfg.crm.page_size = 10;
+            cfg.crm.read_ahead_pages = 4;
+            // The cycles read every day the sweep reads.
+            cfg.streams.lookback_days = 15;
+            cfg.streams.reconcile_days = 15;
+        },
+        sweep_due(),
+    )
+    .await;
+    poller.cycle().await.unwrap();
+    // A slice of the sweep: a few pages applied, more read ahead and held.
+    poller
+        .background(tokio::time::Instant::now() + Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(stats.reconcile_sweeps.load(Ordering::Relaxed), 0);
+    // The read-ahead fills up: 4 pages served (as of now) and held, not applied.
+    let held = || sim.stats().pages.load(Ordering::Relaxed) - stats.pages.load(Ordering::Relaxed);
+    wait_until(
+        "the sweep's read-ahead full",
+        Duration::from_secs(30),
+        || held() >= 4,
+    )
+    .await;
+    // Every transaction changes (each correction changes one), then a cycle reads them all
+    // at their new versions while the sweep still holds its pages of the old ones.
+    for days in 0..=12 {
+        for _ in 0..40 {
+            sim.mutate(1, Some(ChangeKind::Correction { days: Some(days) }));
+        }
+    }
+    poller.cycle().await.unwrap();
+    // The sweep goes on to its end with the pages it holds.
+    poller
+        .background(tokio::time::Instant::now() + Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert!(
+        stats.reconcile_sweeps.load(Ordering::Relaxed) >= 1,
+        "the sweep did not finish"
+    );
+    let schemas = Schemas::load("com.ibstream").unwrap();
+    let records = consume(
+        &broker.bootstrap,
+        &[format!("{prefix}.transactions")],
+        1,
+        Duration::from_secs(2),
+    )
+    .await;
+    let events = group(&schemas, &prefix, &records);
+    // Right after the sweep, before any cycle mends it: every latest value is the truth.
+    let truth = expected(&sim, "transactions");
+    let stale: Vec<&String> = truth
+        .iter()
+        .filter(|(key, want)| {
+            events["transactions"]
+                .get(*key)
+                .is_none_or(|v| &without_meta(v.last().unwrap()) != *want)
+        })
+        .map(|(key, _)| key)
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "{} transactions left on an older version by the sweep, e.g. {:?}",
+        stale.len(),
+        &stale[..stale.len().min(5)]
+    );
+    // One more cycle: no key's event ids go X, Y, X.
+    poller.cycle().await.unwrap();
+    let records = consume(
+        &broker.bootstrap,
+        &[format!("{prefix}.transactions")],
+        records.len(),
+        Duration::from_secs(2),
+    )
+    .await;
+    let events = group(&schemas, &prefix, &records);
+    assert_duplicates_share_ids_and_no_phantom_update(&events);
+    eprintln!(
+        "stale records skipped: {}",
+        stats.stale_skipped.load(Ordering::Relaxed)
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_totals_windows_are_read_until_a_read_finds_nothing_new_or_stay_open() {
+    let broker = common::Tansu::start();
+    // No `total` in any answer; pages from a fresh random order on every request, and
+    // changes (new records too) between page calls.
+    let sim = common::start_sim(|c| {
+        tiny(c);
+        sim_days_ago(c, 30);
+        c.omit_total = true;
+        c.unstable_order = true;
+        c.shuffle_pages = true;
+    })
+    .await;
+    let prefix = common::unique_topic("nototal");
+    let schemas = Schemas::load("com.ibstream").unwrap();
+    let mut cfg = config(&sim, &broker, &prefix, "nototal-1");
+    cfg.streams.start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(30);
+    cfg.crm.page_size = 25;
+    let run = start(cfg);
+    let open = |run: &Running| -> u64 {
+        run.stats
+            .values()
+            .map(|s| s.open_windows.load(Ordering::Relaxed))
+            .sum()
+    };
+    // While every read brings records the one before did not have, a window cannot be
+    // shown complete: it stays open (never passed silently).
+    wait_until("an open window", Duration::from_secs(300), || {
+        open(&run) > 0
+    })
+    .await;
+    // The CRM stands still (its order stays random): reads converge, every window closes.
+    sim.pause_changes(true);
+    let paused = run.cycles();
+    run.wait_cycles(&paused, &STREAMS, 2, Duration::from_secs(300))
+        .await;
+    wait_until("every open window closed", Duration::from_secs(300), || {
+        open(&run) == 0
+    })
+    .await;
+    let after = run.cycles();
+    run.wait_cycles(&after, &STREAMS, 1, Duration::from_secs(300))
+        .await;
+    run.stop().await;
+    let events = read_events(&broker, &sim, &schemas, &prefix).await;
+    assert_matches_truth(&sim, &events);
+    assert_duplicates_share_ids_and_no_phantom_update(&events);
+    sim.shutdown().await;
+}
+
+/// A CRM that refuses every page starting at record 75 or later with `status`: windows are
+/// read in halves, a day of more than 75 records is kept open with its reason (metric,
+/// `/status`) and the stream goes on; every record of the other days arrives.
+async fn deep_pages_refused_with(status: u16) {
+    let broker = common::Tansu::start();
+    const MAX_OFFSET: usize = 75;
+    let sim = common::start_sim(|c| {
+        tiny(c);
+        sim_days_ago(c, 30);
+        // About 80 transactions a day: some days deeper than the limit, some not.
+        c.transactions = 2_400;
+        // Positions per server and day well within the limit.
+        c.positions = 300;
+        c.max_page_offset = MAX_OFFSET as u64;
+        c.deep_page_status = status;
+    })
+    .await;
+    let prefix = common::unique_topic("deep");
+    let schemas = Schemas::load("com.ibstream").unwrap();
+    let mut cfg = config(&sim, &broker, &prefix, "deep-1");
+    cfg.streams.start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(30);
+    cfg.crm.page_size = 25;
+    cfg.crm.max_retries = 1;
+    let http_port = common::free_port();
+    cfg.http.listen = format!("127.0.0.1:{http_port}");
+    // The days the CRM cannot serve whole (it serves no fake transactions).
+    let mut per_day: HashMap<String, usize> = HashMap::new();
+    for t in sim.truth(Kind::Transactions) {
+        if t["isFake"] == false {
+            let day = t["transactionDate"].as_str().unwrap()[..10].to_owned();
+            *per_day.entry(day).or_default() += 1;
+        }
+    }
+    let mut deep: Vec<chrono::NaiveDate> = per_day
+        .iter()
+        .filter(|(_, n)| **n > MAX_OFFSET)
+        .map(|(day, _)| day.parse().unwrap())
+        .collect();
+    deep.sort();
+    assert!(
+        !deep.is_empty() && deep.len() < per_day.len(),
+        "the data has no day deeper than the limit, or only such days: {per_day:?}"
+    );
+    let run = start(cfg);
+    run.wait_cycles(&HashMap::new(), &STREAMS, 2, Duration::from_secs(300))
+        .await;
+    assert!(counter(&run, "transactions", |s| &s.windows_too_deep) >= deep.len() as u64);
+    assert_eq!(
+        counter(&run, "transactions", |s| &s.open_windows),
+        deep.len() as u64
+    );
+    let status: Json = serde_json::from_str(
+        &reqwest::get(format!("http://127.0.0.1:{http_port}/status"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let open: Vec<&Json> = status["pollers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["name"] == "transactions")
+        .flat_map(|p| p["cursors"][0]["openWindows"].as_array().unwrap())
+        .collect();
+    let open_days: Vec<chrono::NaiveDate> = open
+        .iter()
+        .map(|w| w["day"].as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(open_days, deep, "{status:#}");
+    for window in &open {
+        let reason = window["reason"].as_str().unwrap();
+        assert!(reason.contains("refuses pages past record"), "{reason}");
+    }
+    run.stop().await;
+    let state = state_values(&broker, &prefix).await;
+    let cursor = Cursor::decode(state["cursor/transactions"].as_ref().unwrap()).unwrap();
+    assert!(
+        cursor.watermark.unwrap() >= chrono::Utc::now().date_naive() - chrono::Duration::days(2),
+        "the cursor went on past the open days: {cursor:?}"
+    );
+    // Every other stream whole; every transaction of a day within the limit arrived, and the
+    // first records of the deep days.
+    let records = consume(
+        &broker.bootstrap,
+        &data_topics(&prefix),
+        1,
+        Duration::from_secs(2),
+    )
+    .await;
+    let events = group(&schemas, &prefix, &records);
+    for stream in ["leads", "customers", "positions", "servers"] {
+        assert_eq!(
+            events[stream].len(),
+            expected(&sim, stream).len(),
+            "{stream}"
+        );
+    }
+    let got = &events["transactions"];
+    let truth = expected(&sim, "transactions");
+    for t in sim.truth(Kind::Transactions) {
+        if t["isFake"] != false {
+            continue;
+        }
+        let day: chrono::NaiveDate = t["transactionDate"].as_str().unwrap()[..10]
+            .parse()
+            .unwrap();
+        let key = match &t["id"] {
+            Json::String(id) => id.clone(),
+            id => id.to_string(),
+        };
+        if !deep.contains(&day) {
+            assert!(got.contains_key(&key), "transaction {key} of {day} missing");
+            assert_eq!(&without_meta(got[&key].last().unwrap()), &truth[&key]);
+        }
+    }
+    let read_of_deep =
+        got.len() - (truth.len() - deep.iter().map(|d| per_day[&d.to_string()]).sum::<usize>());
+    assert!(
+        read_of_deep >= deep.len() * MAX_OFFSET,
+        "{read_of_deep} records of the deep days"
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_pages_answered_500_keep_the_day_open_and_the_stream_going() {
+    deep_pages_refused_with(500).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deep_pages_answered_400_keep_the_day_open_and_the_stream_going() {
+    deep_pages_refused_with(400).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn midnight_during_a_sweep_never_prunes_the_days_it_still_reads() {
+    use std::sync::atomic::AtomicI64;
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(|c| {
+        c.transactions = 600;
+        sim_days_ago(c, 14);
+        c.latency_ms = 50;
+    })
+    .await;
+    let prefix = common::unique_topic("midnight");
+    let (poller, stats) = hand_poller(
+        &sim,
+        &broker,
+        &prefix,
+        |cfg| {
+            cfg.streams.start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(14);
+            cfg.crm.page_size = 10;
+            cfg.streams.reconcile_days = 2;
+        },
+        sweep_due(),
+    )
+    .await;
+    // The sweep's first day, the one midnight leaves behind, holds transactions.
+    let first = (chrono::Utc::now().date_naive() - chrono::Duration::days(2)).to_string();
+    let on_first = sim
+        .truth(Kind::Transactions)
+        .iter()
+        .filter(|t| {
+            t["transactionDate"]
+                .as_str()
+                .is_some_and(|d| d.starts_with(&first))
+        })
+        .count();
+    assert!(on_first >= 25, "only {on_first} transactions on {first}");
+    // The poller's clock: the system clock plus an offset the test moves.
+    let offset = Arc::new(AtomicI64::new(0));
+    let clock_offset = offset.clone();
+    let mut poller = poller.with_clock(Arc::new(move || {
+        chrono::Utc::now() + chrono::Duration::seconds(clock_offset.load(Ordering::Relaxed))
+    }));
+    poller.cycle().await.unwrap();
+    // The sweep starts at today - 2 and yields after its first page.
+    poller
+        .background(tokio::time::Instant::now() + Duration::from_millis(30))
+        .await
+        .unwrap();
+    // It started: its read-ahead holds pages.
+    let held = || sim.stats().pages.load(Ordering::Relaxed) - stats.pages.load(Ordering::Relaxed);
+    wait_until("the sweep's read-ahead", Duration::from_secs(30), || {
+        held() >= 1
+    })
+    .await;
+    assert_eq!(stats.reconcile_sweeps.load(Ordering::Relaxed), 0);
+    // Midnight passes: the sweep horizon moves a day on while the sweep still reads its
+    // first day. A cycle saves its cursor (and prunes) meanwhile.
+    offset.store(86_400, Ordering::Relaxed);
+    poller.cycle().await.unwrap();
+    poller
+        .background(tokio::time::Instant::now() + Duration::from_secs(120))
+        .await
+        .unwrap();
+    assert!(stats.reconcile_sweeps.load(Ordering::Relaxed) >= 1);
+    let schemas = Schemas::load("com.ibstream").unwrap();
+    let records = consume(
+        &broker.bootstrap,
+        &[format!("{prefix}.transactions")],
+        1,
+        Duration::from_secs(2),
+    )
+    .await;
+    let events = group(&schemas, &prefix, &records);
+    // Nothing changed: one event per transaction.
+    let twice: Vec<&String> = events["transactions"]
+        .iter()
+        .filter(|(_, v)| v.len() > 1)
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        twice.is_empty(),
+        "{} transactions emitted again as new after midnight, e.g. {:?}",
+        twice.len(),
+        &twice[..twice.len().min(5)]
+    );
+    assert_eq!(
+        events["transactions"].len(),
+        expected(&sim, "transactions").len()
+    );
+    sim.shutdown().await;
+}

@@ -232,7 +232,7 @@ pub fn meta_string(record: &Avro, name: &str) -> String {
 
 /// The fields of an event but `meta` and the volatile `balanceUsd` (a customer's balance moves
 /// with every transaction without making an event, by design).
-fn without_meta(record: &Avro) -> Vec<(String, Avro)> {
+pub fn without_meta(record: &Avro) -> Vec<(String, Avro)> {
     match record {
         Avro::Record(fields) => fields
             .iter()
@@ -427,6 +427,10 @@ pub fn assert_duplicates_share_ids_and_no_phantom_update(events: &ByKey) -> usiz
                     }
                 }
             }
+            let ids: Vec<String> = versions.iter().map(|v| meta_string(v, "eventId")).collect();
+            if let Err(e) = event_ids_never_come_back(&ids) {
+                panic!("{stream} {key}: {e} (event ids in offset order: {ids:?})");
+            }
             for pair in distinct.windows(2) {
                 assert_ne!(
                     without_meta(pair[0]),
@@ -438,6 +442,70 @@ pub fn assert_duplicates_share_ids_and_no_phantom_update(events: &ByKey) -> usiz
         }
     }
     duplicates
+}
+
+/// Checks a key's event ids (in offset order) for an id that comes back after another one:
+/// X, Y, X leaves the topic on the stale X, and a consumer that drops ids it has seen stays
+/// on Y while the topic says X (or, as a sweep replaying a stale page did, on a stale value
+/// while the topic ends on the truth). Allowed: a redelivered event right after itself (X, X),
+/// and a batch sent again whole (X, Y, X, Y: the replay goes on to the newest id before any
+/// new id or the end), as at-least-once delivery does.
+pub fn event_ids_never_come_back(ids: &[String]) -> Result<(), String> {
+    // The distinct ids in the order they first came.
+    let mut firsts: Vec<&String> = Vec::new();
+    // Inside a replay: the index in `firsts` of the id expected next.
+    let mut replay: Option<usize> = None;
+    let mut previous: Option<&String> = None;
+    for id in ids {
+        if previous == Some(id) {
+            continue;
+        }
+        previous = Some(id);
+        if let Some(next) = replay {
+            if firsts.get(next) != Some(&id) {
+                return Err(format!(
+                    "eventId {id} came where a replay of the earlier events expected {:?}",
+                    firsts.get(next)
+                ));
+            }
+            replay = (next + 1 < firsts.len()).then_some(next + 1);
+            continue;
+        }
+        match firsts.iter().position(|f| *f == id) {
+            None => firsts.push(id),
+            // Outside a replay the id before is the newest, skipped above: `at + 1` exists.
+            Some(at) => replay = Some(at + 1),
+        }
+    }
+    match replay {
+        None => Ok(()),
+        Some(next) => Err(format!(
+            "eventId {} came back after {} and the topic ends on it (expected the replay to go on with {})",
+            firsts[next - 1],
+            firsts[firsts.len() - 1],
+            firsts[next]
+        )),
+    }
+}
+
+#[test]
+fn event_ids_that_come_back_are_caught_and_redeliveries_pass() {
+    let ids = |s: &str| -> Vec<String> { s.split(',').map(str::to_owned).collect() };
+    for ok in [
+        "X",
+        "X,X",
+        "X,Y",
+        "X,X,Y,Y",
+        "X,Y,X,Y",
+        "X,Y,Z,Y,Z",
+        "X,Y,X,Y,Z",
+        "X,Y,Y,X,Y,Z",
+    ] {
+        assert_eq!(event_ids_never_come_back(&ids(ok)), Ok(()), "{ok}");
+    }
+    for bad in ["X,Y,X", "X,Y,Z,Y", "X,Y,X,Z", "X,Y,Z,X,Z", "X,Y,X,Y,X"] {
+        assert!(event_ids_never_come_back(&ids(bad)).is_err(), "{bad}");
+    }
 }
 
 /// The fields (with `meta`'s subfields) whose values differ between two events.

@@ -234,6 +234,8 @@ async fn moving_pages_and_live_changes_converge_to_the_truth() {
         updated > 0,
         "no record changed: the scenario did not happen"
     );
+    // No eventId comes back after another (a stale page replayed, then mended).
+    assert_duplicates_share_ids_and_no_phantom_update(&events);
     sim.shutdown().await;
 }
 
@@ -886,6 +888,63 @@ async fn forbidden_servers_stop_positions_with_a_reason() {
         .unwrap()
         .1;
     assert!(positions.contains("servers list"), "{positions}");
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn positions_denied_after_the_servers_list_ended_stop_the_run() {
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(small).await;
+    let mut cfg = config(
+        &sim,
+        &broker,
+        &common::unique_topic("lasttags"),
+        "lasttags-1",
+    );
+    for stream in [
+        &mut cfg.streams.leads,
+        &mut cfg.streams.customers,
+        &mut cfg.streams.transactions,
+    ] {
+        stream.enabled = false;
+    }
+    let run = start(cfg);
+    run.wait_cycles(
+        &HashMap::new(),
+        &["servers", "positions"],
+        1,
+        Duration::from_secs(300),
+    )
+    .await;
+    // The servers list ends (403) while the tags run; then the tags are denied too.
+    sim.deny(Kind::Servers, true);
+    let forbidden = || sim.stats().forbidden.load(Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while forbidden() == 0 {
+        assert!(Instant::now() < deadline, "no 403 within 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The tags go on for three cycles (1 s each) in which a live servers loop would have
+    // called again: no new 403 means it ended.
+    let denied = forbidden();
+    run.wait_cycles(&run.cycles(), &["positions"], 6, Duration::from_secs(60))
+        .await;
+    assert_eq!(forbidden(), denied, "the servers loop still calls");
+    sim.deny(Kind::Positions, true);
+    // Nothing runs any more: `run` ends by itself, reporting both (a non-zero exit).
+    let report = tokio::time::timeout(Duration::from_secs(60), run.task)
+        .await
+        .expect("run ends by itself once servers and positions are denied")
+        .unwrap()
+        .expect("run ends without a fatal error");
+    let mut stopped: Vec<&str> = report.stopped.iter().map(|(s, _)| s.as_str()).collect();
+    stopped.sort();
+    assert_eq!(
+        stopped,
+        vec!["positions", "servers"],
+        "{:?}",
+        report.stopped
+    );
     sim.shutdown().await;
 }
 
