@@ -58,6 +58,12 @@ pub fn fingerprint_fields(fields: &Fields<'_>, volatile: &[String], buffer: &mut
 /// them, and an entity that has not changed since must not become `UPDATED` once after the
 /// upgrade. [`compare`] accepts a match with these as unchanged (and the new form is stored
 /// in its place). Never change what they compute.
+///
+/// What this cannot avoid: a CRM that already served a set in varying order before the
+/// upgrade left its last order in the stored fingerprint. An entity whose first read after the
+/// upgrade comes in another order than that matches neither form and becomes one `UPDATED`
+/// (then never again for order alone); telling it from a real change would need the old text,
+/// which is not stored.
 pub mod legacy {
     use super::*;
 
@@ -436,9 +442,13 @@ pub struct KeptDay {
 ///
 /// The CRM returned the record for a query of `window`'s days, so its day in the CRM lies in
 /// it, whatever the record's date says; re-reads that can return it again are of windows
-/// holding that day, so keeping its fingerprint by the window's last day keeps it as long as
-/// any re-read may return it. Kept by its own day, a record dated years off (epoch seconds read
-/// as milliseconds: 1970) would be pruned at once and re-emitted as `CREATED` at every re-read.
+/// holding that day. A record dated outside the window is kept by the window's last day: kept
+/// by its own day, a record dated years off (epoch seconds read as milliseconds: 1970) would be
+/// pruned at once and re-emitted as `CREATED` at every re-read. A record dated inside the
+/// window is kept by its own day in the configured zone, which may be a day before the day
+/// the CRM files it under (a CRM whose day ends at another hour than `crm.timezone`'s: 23:30
+/// UTC on D-1 is D for a CRM in UTC+2); [`prune_before`] keeps a day's margin for that, so
+/// the kept day alone does not guarantee the fingerprint outlives every re-read.
 pub fn kept_day(record_day: Option<NaiveDate>, window: Option<(NaiveDate, NaiveDate)>) -> KeptDay {
     let Some((from, to)) = window else {
         return KeptDay {
@@ -461,6 +471,19 @@ pub fn kept_day(record_day: Option<NaiveDate>, window: Option<(NaiveDate, NaiveD
         day: Some(to),
         outside_by: (outside > OUTSIDE_WINDOW_DAYS).then_some(outside),
     }
+}
+
+/// Days of margin pruning keeps below the re-read horizon: a record's own day in
+/// `crm.timezone` may be a day before the day the CRM files it under (its day boundary in
+/// another zone, at most 26 hours apart), and a re-read of the CRM's day must still find its
+/// fingerprint (or emit it as `CREATED` again).
+pub const PRUNE_MARGIN_DAYS: i64 = 1;
+
+/// Returns the day before which append-only fingerprints are pruned when `horizon` is the
+/// first day any re-read may still return (fingerprints kept by a day `>= horizon - 1` stay;
+/// see [`PRUNE_MARGIN_DAYS`]).
+pub fn prune_before(horizon: NaiveDate) -> NaiveDate {
+    horizon - chrono::Duration::days(PRUNE_MARGIN_DAYS)
 }
 
 /// Compares a record's fingerprint with the one last emitted for its entity (`None`: never
@@ -764,6 +787,24 @@ mod tests {
             kept_day(Some(d("1970-01-01")), None).day,
             Some(d("1970-01-01"))
         );
+    }
+
+    #[test]
+    fn a_fingerprint_kept_by_its_own_day_outlives_the_horizon_of_the_crm_s_next_day() {
+        let d = |s: &str| NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap();
+        // Configured zone UTC, CRM in UTC+2: a record of 2026-11-01 23:30 UTC is the CRM's
+        // 2026-11-02. Read in the window 11-01..11-02, it is kept by its own day, 11-01.
+        let kept = kept_day(
+            Some(d("2026-11-01")),
+            Some((d("2026-11-01"), d("2026-11-02"))),
+        );
+        assert_eq!(kept.day, Some(d("2026-11-01")));
+        // Pruning with the horizon at 11-02 (the sweep reads 11-02..today, which returns it
+        // again) must keep it, or it is emitted as CREATED a second time.
+        let pruned = |horizon: &str| kept.day.is_some_and(|day| day < prune_before(d(horizon)));
+        assert!(!pruned("2026-11-02"));
+        // A day later no re-read can return it: pruned.
+        assert!(pruned("2026-11-03"));
     }
 
     #[test]

@@ -58,7 +58,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, trace, warn};
 
-use super::change::{compare, event_id, kept_day, Compared};
+use super::change::{compare, event_id, kept_day, prune_before, Compared};
 use super::state::{key_in_scope, local_id, Cursor, EntityKey, FpEntry, FpMap, StateRecord};
 use super::window::{advance, cycle_start, halves, last_closed_day, today, windows};
 use crate::crm::{
@@ -647,7 +647,7 @@ impl<T: StreamRecord> Poller<T> {
             if let Some(horizon) = self.horizon(&cursor) {
                 let pruned: Vec<EntityKey> = self
                     .fps
-                    .stale_before(days_since_epoch(horizon))
+                    .stale_before(days_since_epoch(prune_before(horizon)))
                     .into_iter()
                     .map(|(key, _)| key)
                     .collect();
