@@ -92,6 +92,9 @@ pub trait CrmRecord: Sized + Send + 'static {
     /// The endpoint that serves this record.
     const ENDPOINT: Endpoint;
 
+    /// The record's date fields (read by [`super::time::parse_timestamp`]).
+    const DATE_FIELDS: &'static [&'static str] = &[];
+
     /// Reads the model from a record's fields; the error names the field at fault.
     fn from_fields(fields: &Fields<'_>, tz: Tz) -> Result<Self, String>;
 
@@ -669,6 +672,7 @@ fn split_parts(group: &str) -> Vec<&str> {
 
 impl CrmRecord for Lead {
     const ENDPOINT: Endpoint = Endpoint::Leads;
+    const DATE_FIELDS: &'static [&'static str] = &PERSON_DATES;
 
     fn from_fields(map: &Fields<'_>, tz: Tz) -> Result<Self, String> {
         let mut lead = Lead::default();
@@ -696,6 +700,12 @@ impl CrmRecord for Lead {
 
 impl CrmRecord for Customer {
     const ENDPOINT: Endpoint = Endpoint::Customers;
+    const DATE_FIELDS: &'static [&'static str] = &[
+        "registrationDate",
+        "lastModifiedDate",
+        "conversionDate",
+        "ftdDate",
+    ];
 
     fn from_fields(map: &Fields<'_>, tz: Tz) -> Result<Self, String> {
         let mut c = Customer::default();
@@ -743,6 +753,7 @@ impl CrmRecord for Customer {
 
 impl CrmRecord for Transaction {
     const ENDPOINT: Endpoint = Endpoint::Transactions;
+    const DATE_FIELDS: &'static [&'static str] = &["transactionDate"];
 
     fn from_fields(map: &Fields<'_>, tz: Tz) -> Result<Self, String> {
         let mut t = Transaction::default();
@@ -799,6 +810,7 @@ impl CrmRecord for Server {
 
 impl CrmRecord for Position {
     const ENDPOINT: Endpoint = Endpoint::Positions;
+    const DATE_FIELDS: &'static [&'static str] = &["openTime", "closeTime"];
 
     fn from_fields(map: &Fields<'_>, tz: Tz) -> Result<Self, String> {
         let mut p = Position::default();

@@ -15,7 +15,11 @@
 //! tags or accounts in another order makes no change; duplicates still count (a multiset).
 //! Releases before this wrote those fields in the order received: [`legacy`] computes their
 //! fingerprints, and [`compare`] takes a stored fingerprint equal to the legacy one of the
-//! record read as unchanged, so an upgrade re-emits nothing. The `eventId` of a change is a hash of (stream, entity id, previous fingerprint,
+//! record read as unchanged, so an upgrade re-emits nothing – except for a record holding a
+//! value those releases emitted wrong (a date they misread, see
+//! [`crate::crm::time::read_differently_than_before`]): its fingerprint is marked
+//! ([`Reading::Changed`]), so it differs from the stored one even without sets, and it is
+//! `UPDATED` once with the corrected value and a new `eventId`. The `eventId` of a change is a hash of (stream, entity id, previous fingerprint,
 //! fingerprint): a retry of the same change gets the same id, whatever the delivery mode, and a
 //! record that changes back (A → B → A) gets a new id for its second A.
 
@@ -41,15 +45,63 @@ enum Sets {
     AsReceived,
 }
 
+/// Whether a record holds a value this release reads differently from releases before issue
+/// 15 (see [`crate::crm::time::read_differently_than_before`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    /// Every value reads as it did: the fingerprint is the canonical JSON's.
+    AsBefore,
+    /// A value reads differently (a date the earlier release misread): the canonical JSON is
+    /// followed by [`READER_MARK`] before hashing, so the fingerprint differs from the one an
+    /// earlier release stored for the same text, and [`compare`] takes no legacy match for it.
+    Changed,
+}
+
+/// What follows the canonical JSON of a record read with [`Reading::Changed`] (a NUL, which
+/// canonical JSON never holds unescaped, then the version of the reading). Never change it:
+/// that would re-emit every such record.
+const READER_MARK: &[u8] = b"\0reader:2";
+
 /// Returns the fingerprint of a record, leaving out `volatile` top-level fields.
 pub fn fingerprint(record: &Map<String, Value>, volatile: &[String], buffer: &mut Vec<u8>) -> u64 {
-    fingerprint_map(record, volatile, buffer, Sets::Sorted)
+    fingerprint_read(record, volatile, Reading::AsBefore, buffer)
+}
+
+/// Returns the fingerprint of a record read as `reading` says.
+pub fn fingerprint_read(
+    record: &Map<String, Value>,
+    volatile: &[String],
+    reading: Reading,
+    buffer: &mut Vec<u8>,
+) -> u64 {
+    fingerprint_map(record, volatile, buffer, Sets::Sorted);
+    finish(buffer, reading)
 }
 
 /// Returns the fingerprint of a record read by [`crate::crm::raw`]: the same bytes hashed as
 /// [`fingerprint`] hashes for the same record as a `Value` map.
 pub fn fingerprint_fields(fields: &Fields<'_>, volatile: &[String], buffer: &mut Vec<u8>) -> u64 {
-    fingerprint_of_fields(fields, volatile, buffer, Sets::Sorted)
+    fingerprint_fields_read(fields, volatile, Reading::AsBefore, buffer)
+}
+
+/// Returns the fingerprint of a record read by [`crate::crm::raw`] as `reading` says (the
+/// same as [`fingerprint_read`] of the same record as a `Value` map).
+pub fn fingerprint_fields_read(
+    fields: &Fields<'_>,
+    volatile: &[String],
+    reading: Reading,
+    buffer: &mut Vec<u8>,
+) -> u64 {
+    fingerprint_of_fields(fields, volatile, buffer, Sets::Sorted);
+    finish(buffer, reading)
+}
+
+/// Hashes the canonical JSON in `buffer`, marked when the record reads differently.
+fn finish(buffer: &mut Vec<u8>, reading: Reading) -> u64 {
+    if reading == Reading::Changed {
+        buffer.extend_from_slice(READER_MARK);
+    }
+    xxh3_64_with_seed(buffer, FINGERPRINT_SEED)
 }
 
 /// The fingerprints of releases before set-valued fields were compared without their order.
@@ -73,7 +125,8 @@ pub mod legacy {
         volatile: &[String],
         buffer: &mut Vec<u8>,
     ) -> u64 {
-        fingerprint_map(record, volatile, buffer, Sets::AsReceived)
+        fingerprint_map(record, volatile, buffer, Sets::AsReceived);
+        xxh3_64_with_seed(buffer, FINGERPRINT_SEED)
     }
 
     /// Returns the fingerprint an earlier release computed for a record read by
@@ -83,16 +136,18 @@ pub mod legacy {
         volatile: &[String],
         buffer: &mut Vec<u8>,
     ) -> u64 {
-        fingerprint_of_fields(fields, volatile, buffer, Sets::AsReceived)
+        fingerprint_of_fields(fields, volatile, buffer, Sets::AsReceived);
+        xxh3_64_with_seed(buffer, FINGERPRINT_SEED)
     }
 }
 
+/// Writes a record's canonical JSON into `buffer`.
 fn fingerprint_map(
     record: &Map<String, Value>,
     volatile: &[String],
     buffer: &mut Vec<u8>,
     sets: Sets,
-) -> u64 {
+) {
     buffer.clear();
     buffer.push(b'{');
     let mut first = true;
@@ -113,15 +168,15 @@ fn fingerprint_map(
         }
     }
     buffer.push(b'}');
-    xxh3_64_with_seed(buffer, FINGERPRINT_SEED)
 }
 
+/// Writes the canonical JSON of a record read by [`crate::crm::raw`] into `buffer`.
 fn fingerprint_of_fields(
     fields: &Fields<'_>,
     volatile: &[String],
     buffer: &mut Vec<u8>,
     sets: Sets,
-) -> u64 {
+) {
     buffer.clear();
     buffer.push(b'{');
     let mut first = true;
@@ -155,7 +210,6 @@ fn fingerprint_of_fields(
         }
     }
     buffer.push(b'}');
-    xxh3_64_with_seed(buffer, FINGERPRINT_SEED)
 }
 
 /// The top-level field holding tag categories (a set of categories, each a set of tags).
@@ -403,22 +457,30 @@ pub enum Compared {
 /// Compares a record (fingerprint `fp`, JSON text `raw` as received) with the fingerprint
 /// stored for its entity (`None`: never emitted). The legacy fingerprint is computed only when
 /// the two differ, so an unchanged record costs nothing more.
+///
+/// A legacy match is unchanged only for a record whose fingerprint is unmarked
+/// ([`Reading::AsBefore`]): one marked holds a value the earlier release emitted wrong (a date
+/// it misread), so it is `UPDATED` with the corrected value, once, its `eventId` from the
+/// legacy fingerprint to the marked one.
 pub fn compare(previous: Option<u64>, fp: u64, raw: &str, volatile: &[String]) -> Compared {
     match classify(previous, fp) {
         None => Compared::Unchanged,
-        Some(Op::Updated) if previous == legacy_of(raw, volatile) => Compared::Restamp,
+        Some(Op::Updated) if previous.is_some_and(|p| legacy_match(p, fp, raw, volatile)) => {
+            Compared::Restamp
+        }
         Some(op) => Compared::Changed(op),
     }
 }
 
-/// Returns the legacy fingerprint of a record's JSON text, if it is an object.
-fn legacy_of(raw: &str, volatile: &[String]) -> Option<u64> {
-    let fields = Fields::parse(raw).ok()?;
-    Some(legacy::fingerprint_fields(
-        &fields,
-        volatile,
-        &mut Vec::new(),
-    ))
+/// Returns whether `previous` is the legacy fingerprint of a record's JSON text (an object)
+/// and `fp` its unmarked fingerprint (every value read as before).
+fn legacy_match(previous: u64, fp: u64, raw: &str, volatile: &[String]) -> bool {
+    let Ok(fields) = Fields::parse(raw) else {
+        return false;
+    };
+    let mut buffer = Vec::new();
+    previous == legacy::fingerprint_fields(&fields, volatile, &mut buffer)
+        && fp == fingerprint_fields(&fields, volatile, &mut buffer)
 }
 
 /// Days a record's own day may lie outside the window it was read from before it is flagged:
@@ -632,6 +694,76 @@ mod tests {
     }
 
     #[test]
+    fn a_date_the_earlier_release_misread_is_corrected_once_after_the_upgrade() {
+        use crate::crm::models::{Customer, Transaction};
+        use crate::crm::page::read_text;
+        let tz = chrono_tz::Tz::UTC;
+        let volatile = vec!["balanceUsd".to_owned()];
+        // The earlier release read 1764500000 as milliseconds (1970-01-21), emitted that and
+        // stored the fingerprint of this text.
+        let text = r#"{"customerId": 5501, "ftdDate": 1764500000, "balanceUsd": "3.00", "tags": [{"category": "b", "tags": ["y", "x"]}]}"#;
+        let fields = Fields::parse(text).unwrap();
+        let stored = legacy::fingerprint_fields(&fields, &volatile, &mut Vec::new());
+        let created_before = event_id("customers", "5501", None, stored);
+        let record = read_text::<Customer>(text, tz, &volatile, &mut Vec::new()).unwrap();
+        assert_eq!(
+            record.model.ftd_date.unwrap().to_rfc3339(),
+            "2025-11-30T10:53:20+00:00"
+        );
+        // One UPDATED, from the stored fingerprint, with an id the old release never used.
+        assert_eq!(
+            compare(Some(stored), record.fp, text, &volatile),
+            Compared::Changed(Op::Updated)
+        );
+        let updated = event_id("customers", "5501", Some(stored), record.fp);
+        assert_ne!(updated, created_before);
+        // Then stored: unchanged at every later read.
+        assert_eq!(
+            compare(Some(record.fp), record.fp, text, &volatile),
+            Compared::Unchanged
+        );
+        // Without sets the fingerprint would otherwise be the stored one (no event at all).
+        let plain = r#"{"customerId": 5502, "ftdDate": "1764500000"}"#;
+        let stored = legacy_fp(plain);
+        let record = read_text::<Customer>(plain, tz, &[], &mut Vec::new()).unwrap();
+        assert_eq!(
+            compare(Some(stored), record.fp, plain, &[]),
+            Compared::Changed(Op::Updated)
+        );
+        // A transaction pruned and read again is CREATED with another id than the 1970 one.
+        let tx = r#"{"id": 77, "transactionDate": 1764500000, "amount": "10.00"}"#;
+        let record = read_text::<Transaction>(tx, tz, &[], &mut Vec::new()).unwrap();
+        assert_eq!(
+            compare(None, record.fp, tx, &[]),
+            Compared::Changed(Op::Created)
+        );
+        assert_ne!(
+            event_id("transactions", "77", None, record.fp),
+            event_id("transactions", "77", None, legacy_fp(tx))
+        );
+        // Records read as before: no event, restamped only when their sets are reordered.
+        let same = r#"{"customerId": 5503, "ftdDate": 1764500000123, "registrationDate": "2025-11-30 10:53:20", "tags": [{"category": "b", "tags": ["y", "x"]}]}"#;
+        let record = read_text::<Customer>(same, tz, &[], &mut Vec::new()).unwrap();
+        assert_eq!(
+            compare(Some(legacy_fp(same)), record.fp, same, &[]),
+            Compared::Restamp
+        );
+        let same = r#"{"customerId": 5504, "ftdDate": 1764500000123, "status": "Active"}"#;
+        let record = read_text::<Customer>(same, tz, &[], &mut Vec::new()).unwrap();
+        assert_eq!(
+            compare(Some(legacy_fp(same)), record.fp, same, &[]),
+            Compared::Unchanged
+        );
+        // A volatile date field is no part of the fingerprint: not marked.
+        let vol = vec!["ftdDate".to_owned()];
+        let record = read_text::<Customer>(plain, tz, &vol, &mut Vec::new()).unwrap();
+        assert_eq!(
+            record.fp,
+            fingerprint_fields(&Fields::parse(plain).unwrap(), &vol, &mut Vec::new())
+        );
+    }
+
+    #[test]
     fn fingerprints_from_fields_equal_those_from_values() {
         let volatile = vec!["balanceUsd".to_owned(), "b".to_owned()];
         for text in [
@@ -656,6 +788,16 @@ mod tests {
                     from_fields, from_value,
                     "legacy: {text} without {volatile:?}"
                 );
+                let mut buf = Vec::new();
+                let fields = Fields::parse(text).unwrap();
+                let map = obj(serde_json::from_str(text).unwrap());
+                let marked = fingerprint_fields_read(&fields, volatile, Reading::Changed, &mut buf);
+                assert_eq!(
+                    marked,
+                    fingerprint_read(&map, volatile, Reading::Changed, &mut buf),
+                    "marked: {text} without {volatile:?}"
+                );
+                assert_ne!(marked, from_fields, "marked: {text}");
             }
         }
         // Every record the simulator serves, of every endpoint and both money styles, with
