@@ -427,7 +427,10 @@ async fn dates_an_earlier_release_misread_are_corrected_once_after_the_upgrade()
     assert_eq!(updated, events["transactions"].len() as u64);
     let truth = sim.truth(Kind::Transactions);
     for (key, versions) in &events["transactions"] {
-        let record = truth.iter().find(|t| t["id"].to_string() == *key).unwrap();
+        let record = truth
+            .iter()
+            .find(|t| t["id"].as_i64() == key.parse().ok())
+            .unwrap();
         // The first run's CREATED, then exactly one UPDATED after the upgrade.
         assert_eq!(ops(versions), ["CREATED", "UPDATED"], "transaction {key}");
         let updated = &versions[1];
