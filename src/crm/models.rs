@@ -92,6 +92,9 @@ pub trait CrmRecord: Sized + Send + 'static {
     /// The endpoint that serves this record.
     const ENDPOINT: Endpoint;
 
+    /// The record's date fields (read by [`super::time::parse_timestamp`]).
+    const DATE_FIELDS: &'static [&'static str] = &[];
+
     /// Reads the model from a record's fields; the error names the field at fault.
     fn from_fields(fields: &Fields<'_>, tz: Tz) -> Result<Self, String>;
 
@@ -109,6 +112,12 @@ pub trait CrmRecord: Sized + Send + 'static {
     /// its raw value in `extra` under the field's name).
     fn no_dates(&self) -> usize {
         0
+    }
+
+    /// Returns the reason the record's trading-account list (customers' `userAdditionalId`)
+    /// could not be read, if it could not: the text is kept, the accounts are empty.
+    fn unreadable_accounts(&self) -> Option<String> {
+        None
     }
 }
 
@@ -201,7 +210,8 @@ pub struct Customer {
     pub conversion_date: Option<DateTime<Utc>>,
     /// The raw "User additional ID" string.
     pub user_additional_id: Option<String>,
-    /// Live trading accounts parsed from `user_additional_id`.
+    /// Live trading accounts parsed from `user_additional_id`; empty when that is no readable
+    /// account list (see [`CrmRecord::unreadable_accounts`]).
     pub accounts: Vec<TradingAccount>,
     /// First deposit time.
     pub ftd_date: Option<DateTime<Utc>>,
@@ -562,12 +572,27 @@ fn tag_categories(value: &Value) -> Result<Vec<TagCategory>, String> {
 /// with or without parentheses, or `login:server[:type]` groups separated by `,` or `;`
 /// (`123:Server1,456:Server2`). Empty text is no accounts. The accounts are a set: their order
 /// carries nothing (fingerprints ignore it).
+///
+/// The `(login, server, type)` readings come first, as in releases before the colon form: a
+/// server or type may hold a colon (`12345, mt4.broker.com:443, live`), and text they read is
+/// read as they read it, so no list read before reads differently now (its fingerprint and
+/// event stay what they were). The colon form is taken only when they fail and every group
+/// splits into 2–3 colon parts with a login and a server.
 pub fn parse_accounts(text: &str) -> Result<Vec<TradingAccount>, String> {
     let text = text.trim();
     if text.is_empty() {
         return Ok(Vec::new());
     }
-    let groups: Vec<Vec<&str>> = if text.contains('(') {
+    match triple_groups(text).and_then(accounts_of) {
+        Ok(accounts) => Ok(accounts),
+        Err(e) => colon_groups(text).map_or(Err(e), accounts_of),
+    }
+}
+
+/// Splits text into `(login, server, type)` groups: parenthesized, `;`-separated, or a flat
+/// comma list of triples.
+fn triple_groups(text: &str) -> Result<Vec<Vec<&str>>, String> {
+    Ok(if text.contains('(') {
         let mut groups = Vec::new();
         let mut rest = text;
         while let Some(open) = rest.find('(') {
@@ -588,11 +613,6 @@ pub fn parse_accounts(text: &str) -> Result<Vec<TradingAccount>, String> {
             return Err(format!("unexpected text {tail:?} after accounts"));
         }
         groups
-    } else if text.contains(':') {
-        text.split([',', ';'])
-            .filter(|g| !g.trim().is_empty())
-            .map(|g| g.split(':').map(str::trim).collect())
-            .collect()
     } else if text.contains(';') {
         text.split(';')
             .filter(|g| !g.trim().is_empty())
@@ -607,7 +627,25 @@ pub fn parse_accounts(text: &str) -> Result<Vec<TradingAccount>, String> {
             ));
         }
         parts.chunks(3).map(<[&str]>::to_vec).collect()
+    })
+}
+
+/// Splits text into `login:server[:type]` groups separated by `,` or `;`, if every group is
+/// one (2–3 colon parts, login and server not blank).
+fn colon_groups(text: &str) -> Option<Vec<Vec<&str>>> {
+    let groups: Vec<Vec<&str>> = text
+        .split([',', ';'])
+        .filter(|g| !g.trim().is_empty())
+        .map(|g| g.split(':').map(str::trim).collect())
+        .collect();
+    let clean = |parts: &Vec<&str>| {
+        (2..=3).contains(&parts.len()) && !parts[0].is_empty() && !parts[1].is_empty()
     };
+    (text.contains(':') && groups.iter().all(clean)).then_some(groups)
+}
+
+/// Reads `(login, server[, type])` groups as accounts.
+fn accounts_of(groups: Vec<Vec<&str>>) -> Result<Vec<TradingAccount>, String> {
     groups
         .into_iter()
         .map(|parts| match parts.as_slice() {
@@ -634,6 +672,7 @@ fn split_parts(group: &str) -> Vec<&str> {
 
 impl CrmRecord for Lead {
     const ENDPOINT: Endpoint = Endpoint::Leads;
+    const DATE_FIELDS: &'static [&'static str] = &PERSON_DATES;
 
     fn from_fields(map: &Fields<'_>, tz: Tz) -> Result<Self, String> {
         let mut lead = Lead::default();
@@ -661,6 +700,12 @@ impl CrmRecord for Lead {
 
 impl CrmRecord for Customer {
     const ENDPOINT: Endpoint = Endpoint::Customers;
+    const DATE_FIELDS: &'static [&'static str] = &[
+        "registrationDate",
+        "lastModifiedDate",
+        "conversionDate",
+        "ftdDate",
+    ];
 
     fn from_fields(map: &Fields<'_>, tz: Tz) -> Result<Self, String> {
         let mut c = Customer::default();
@@ -672,9 +717,13 @@ impl CrmRecord for Customer {
                 "conversionDate" => c.conversion_date = timestamp(key, value, tz, &mut c.extra)?,
                 "userAdditionalId" => {
                     c.user_additional_id = string(key, value)?;
-                    if let Some(text) = &c.user_additional_id {
-                        c.accounts = parse_accounts(text).map_err(|e| field_error(key, &e))?;
-                    }
+                    // An unreadable list leaves `accounts` empty, the text kept as it is
+                    // (counted and warned about by the poller: `unreadable_accounts`).
+                    c.accounts = c
+                        .user_additional_id
+                        .as_deref()
+                        .and_then(|text| parse_accounts(text).ok())
+                        .unwrap_or_default();
                 }
                 "ftdDate" => c.ftd_date = timestamp(key, value, tz, &mut c.extra)?,
                 "balanceUsd" => c.balance_usd = decimal(key, value)?,
@@ -696,10 +745,15 @@ impl CrmRecord for Customer {
         kept_dates(&self.extra, &PERSON_DATES)
             + kept_dates(&self.extra, &["conversionDate", "ftdDate"])
     }
+
+    fn unreadable_accounts(&self) -> Option<String> {
+        parse_accounts(self.user_additional_id.as_deref()?).err()
+    }
 }
 
 impl CrmRecord for Transaction {
     const ENDPOINT: Endpoint = Endpoint::Transactions;
+    const DATE_FIELDS: &'static [&'static str] = &["transactionDate"];
 
     fn from_fields(map: &Fields<'_>, tz: Tz) -> Result<Self, String> {
         let mut t = Transaction::default();
@@ -756,6 +810,7 @@ impl CrmRecord for Server {
 
 impl CrmRecord for Position {
     const ENDPOINT: Endpoint = Endpoint::Positions;
+    const DATE_FIELDS: &'static [&'static str] = &["openTime", "closeTime"];
 
     fn from_fields(map: &Fields<'_>, tz: Tz) -> Result<Self, String> {
         let mut p = Position::default();
@@ -995,6 +1050,58 @@ mod tests {
         assert_eq!(c.lead_id, Some(100231));
         assert_eq!(c.accounts.len(), 1);
         assert_eq!(c.balance_usd.unwrap().to_string(), "1520.40");
+    }
+
+    #[test]
+    fn account_lists_with_a_colon_read_as_before_the_colon_form() {
+        let acct = |login: &str, server: &str, kind: &str| TradingAccount {
+            login: login.into(),
+            server: server.into(),
+            account_type: Some(kind.into()),
+        };
+        // A colon inside a server or type: the (login, server, type) readings, as before.
+        assert_eq!(
+            parse_accounts("12345, mt4.broker.com:443, live").unwrap(),
+            vec![acct("12345", "mt4.broker.com:443", "live")]
+        );
+        assert_eq!(
+            parse_accounts("12345, Live:Pro, real; 88112, mt5-live-02, live").unwrap(),
+            vec![
+                acct("12345", "Live:Pro", "real"),
+                acct("88112", "mt5-live-02", "live")
+            ]
+        );
+        assert_eq!(
+            parse_accounts("(12345, a:b, live), (7, c, d:e)").unwrap(),
+            vec![acct("12345", "a:b", "live"), acct("7", "c", "d:e")]
+        );
+        // Text no reading accepts: an error naming the first reading's complaint.
+        assert!(parse_accounts("12345, mt4:443").is_err());
+        assert!(parse_accounts("1:2:3:4").is_err());
+    }
+
+    #[test]
+    fn an_unreadable_account_list_leaves_the_customer_readable() {
+        for text in ["12345, mt4", "(12345, mt4", "12345:, 7", "1:2:3:4; 5"] {
+            let c = Customer::from_json(
+                &obj(json!({"customerId": 5501, "userAdditionalId": text,
+                    "ftdDate": "2026-11-02 10:00:00"})),
+                Tz::UTC,
+            )
+            .unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            assert_eq!(c.user_additional_id.as_deref(), Some(text));
+            assert!(c.accounts.is_empty(), "{text:?}");
+            assert!(c.ftd_date.is_some());
+            assert!(c.unreadable_accounts().is_some(), "{text:?}");
+        }
+        let c = Customer::from_json(
+            &obj(json!({"customerId": 1, "userAdditionalId": "(12345, mt4-live-01, live)"})),
+            Tz::UTC,
+        )
+        .unwrap();
+        assert_eq!(c.unreadable_accounts(), None);
+        let c = Customer::from_json(&obj(json!({"customerId": 1})), Tz::UTC).unwrap();
+        assert_eq!(c.unreadable_accounts(), None);
     }
 
     #[test]

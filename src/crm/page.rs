@@ -25,8 +25,8 @@ use serde_json::Value;
 
 use super::models::CrmRecord;
 use super::raw::{Field, Fields};
-use super::time::kind_of;
-use crate::stream::change::fingerprint_fields;
+use super::time::{kind_of, read_differently_than_before};
+use crate::stream::change::{fingerprint_fields_read, Reading};
 
 /// One record as read (`model`), its fingerprint and its JSON text as received.
 #[derive(Debug, Clone)]
@@ -439,13 +439,33 @@ pub fn read_text<T: CrmRecord>(
     match T::from_fields(&fields, tz) {
         Ok(model) => Ok(Record {
             model,
-            fp: fingerprint_fields(&fields, volatile, buffer),
+            fp: fingerprint_fields_read(
+                &fields,
+                volatile,
+                reading::<T>(&fields, tz, volatile),
+                buffer,
+            ),
             raw: text.into(),
         }),
         Err(reason) => Err(RecordError {
             reason,
             raw: normalize(text),
         }),
+    }
+}
+
+/// Returns whether a record holds a date (of its model's [`CrmRecord::DATE_FIELDS`], not
+/// volatile) that releases before issue 15 read differently: its fingerprint is marked.
+fn reading<T: CrmRecord>(fields: &Fields<'_>, tz: Tz, volatile: &[String]) -> Reading {
+    let changed = fields.iter().any(|(key, value)| {
+        T::DATE_FIELDS.contains(&key)
+            && !volatile.iter().any(|v| v == key)
+            && read_differently_than_before(value, tz)
+    });
+    if changed {
+        Reading::Changed
+    } else {
+        Reading::AsBefore
     }
 }
 

@@ -76,6 +76,70 @@ pub fn parse_timestamp(value: &Field<'_>, tz: Tz) -> Result<Stamp, String> {
     }
 }
 
+/// Returns whether this release emits another value for a date field than releases before
+/// issue 15 emitted for it – which read every epoch integer as milliseconds (`1764500000` was
+/// 1970-01-21, now 2025-11-30), emitted the epoch `0` as 1970-01-01 and an instant outside
+/// 0001…9999 UTC (`0001-01-01 00:00:00` east of UTC: year 0; `0000-01-01`) as it was, all
+/// now null. A value either release fails on is no such change (its record was a dead letter,
+/// or is one now); a blank was null and is null.
+///
+/// Such a record's fingerprint is marked ([`crate::stream::change::Reading::Changed`]), so
+/// the fingerprint an earlier release stored for it no longer matches and the corrected value
+/// is emitted once, with a new `eventId`.
+pub fn read_differently_than_before(value: &Field<'_>, tz: Tz) -> bool {
+    // Text this release reads as an instant is read as before (the same parser): only epoch
+    // integers and values read as "no date" can differ.
+    let candidate = match value {
+        Field::Number(_) => true,
+        Field::String(s) => {
+            let s = s.trim();
+            let digits = s.strip_prefix(['-', '+']).unwrap_or(s);
+            digits.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+                || is_zero_date(s)
+                || s.starts_with("0001-")
+                || s.starts_with("9999-")
+        }
+        _ => false,
+    };
+    if !candidate {
+        return false;
+    }
+    let Ok(now) = parse_timestamp(value, tz) else {
+        return false;
+    };
+    match read_as_before(value, tz) {
+        None => false,
+        Some(before) => before != now.instant(),
+    }
+}
+
+/// Reads a date field as releases before issue 15 did; `None` where they failed the record.
+fn read_as_before(value: &Field<'_>, tz: Tz) -> Option<Option<DateTime<Utc>>> {
+    let millis = |text: &str| {
+        let t = DateTime::from_timestamp_millis(text.parse::<i64>().ok()?)?;
+        // They kept only instants a day inside chrono's limits.
+        t.checked_add_signed(Duration::days(1))?;
+        t.checked_sub_signed(Duration::days(1))?;
+        Some(Some(t))
+    };
+    match value {
+        Field::Null => Some(None),
+        Field::Number(n) => millis(n),
+        Field::String(text) => {
+            let s = text.trim();
+            let unsigned = s.strip_prefix('-').unwrap_or(s);
+            if s.is_empty() {
+                Some(None)
+            } else if !unsigned.is_empty() && unsigned.bytes().all(|b| b.is_ascii_digit()) {
+                millis(s)
+            } else {
+                parse_text(s, tz).ok().map(Some)
+            }
+        }
+        _ => None,
+    }
+}
+
 /// Parses a timestamp string (see the module's doc).
 pub fn parse_timestamp_str(text: &str, tz: Tz) -> Result<Stamp, String> {
     let s = text.trim();
@@ -337,6 +401,50 @@ mod tests {
             parse_timestamp(&json!("2019-03-14"), tz).unwrap(),
             Some(utc("2019-03-13T22:00:00Z"))
         );
+    }
+
+    #[test]
+    fn values_read_differently_than_before_are_told() {
+        let differs = |v: Value, tz: &str| {
+            let text = v.to_string();
+            let raw: &serde_json::value::RawValue = serde_json::from_str(&text).unwrap();
+            read_differently_than_before(&Field::from_raw(raw).unwrap(), tz.parse().unwrap())
+        };
+        // Emitted wrong before: epoch seconds as milliseconds (any spelling of 9–10 digits),
+        // the epoch 0 and instants outside 0001…9999 (now null).
+        for v in [
+            json!(1764500000),
+            json!("1764500000"),
+            json!(" 01764500000 "),
+            json!(999999999),
+            json!(-1000000000),
+            json!(0),
+            json!("0"),
+            json!("0000-01-01 00:00:00"),
+        ] {
+            assert!(differs(v.clone(), "UTC"), "{v}");
+        }
+        assert!(differs(json!("0001-01-01 00:00:00"), "Asia/Tokyo"));
+        assert!(differs(json!("9999-12-31 23:00:00"), "America/New_York"));
+        // Read as before: milliseconds, text, null, a blank (null both times), and what
+        // either release fails on (a dead letter).
+        for v in [
+            json!(1764500000123_i64),
+            json!("1764500000123"),
+            json!("2025-11-30 10:53:20"),
+            json!("2025-11-30T10:53:20+02:00"),
+            json!("0001-01-01 00:00:00"),
+            json!("9999-12-31 23:00:00"),
+            json!(null),
+            json!(""),
+            json!("0000-00-00 00:00:00"),
+            json!(17645000001_i64),
+            json!(1764500000.5),
+            json!("yesterday"),
+        ] {
+            assert!(!differs(v.clone(), "UTC"), "{v}");
+        }
+        assert!(!differs(json!("0001-01-01 00:00:00"), "America/New_York"));
     }
 
     #[test]

@@ -149,6 +149,7 @@ pub fn status_json(registry: &Registry) -> Value {
                     "decimalsRounded": get(&s.decimals_rounded),
                     "placeholderDates": get(&s.no_dates),
                     "outsideWindow": get(&s.outside_window),
+                    "unreadableAccounts": get(&s.unreadable_accounts),
                     "pages": get(&s.pages),
                     "cycles": get(&s.cycles),
                     "tracked": get(&s.tracked),

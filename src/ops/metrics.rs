@@ -66,7 +66,7 @@ impl Collector for Metrics {
                 })
                 .collect::<Vec<_>>()
         };
-        let stream_counters: [StreamMetric; 12] = [
+        let stream_counters: [StreamMetric; 13] = [
             (
                 "ibstream_records_fetched",
                 "Records read from the CRM.",
@@ -109,6 +109,11 @@ impl Collector for Metrics {
                 "ibstream_placeholder_dates",
                 "Date fields emitted as null because they held no date (a zero date such as 0000-00-00, a blank, an instant outside 0001-9999), the raw value kept in extra.",
                 |s| &s.no_dates,
+            ),
+            (
+                "ibstream_unreadable_accounts",
+                "Customers emitted whose trading-account list (userAdditionalId) could not be read: accounts empty, the text kept in userAdditionalId.",
+                |s| &s.unreadable_accounts,
             ),
             (
                 "ibstream_records_outside_window",

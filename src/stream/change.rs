@@ -15,7 +15,11 @@
 //! tags or accounts in another order makes no change; duplicates still count (a multiset).
 //! Releases before this wrote those fields in the order received: [`legacy`] computes their
 //! fingerprints, and [`compare`] takes a stored fingerprint equal to the legacy one of the
-//! record read as unchanged, so an upgrade re-emits nothing. The `eventId` of a change is a hash of (stream, entity id, previous fingerprint,
+//! record read as unchanged, so an upgrade re-emits nothing – except for a record holding a
+//! value those releases emitted wrong (a date they misread, see
+//! [`crate::crm::time::read_differently_than_before`]): its fingerprint is marked
+//! ([`Reading::Changed`]), so it differs from the stored one even without sets, and it is
+//! `UPDATED` once with the corrected value and a new `eventId`. The `eventId` of a change is a hash of (stream, entity id, previous fingerprint,
 //! fingerprint): a retry of the same change gets the same id, whatever the delivery mode, and a
 //! record that changes back (A → B → A) gets a new id for its second A.
 
@@ -41,15 +45,63 @@ enum Sets {
     AsReceived,
 }
 
+/// Whether a record holds a value this release reads differently from releases before issue
+/// 15 (see [`crate::crm::time::read_differently_than_before`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reading {
+    /// Every value reads as it did: the fingerprint is the canonical JSON's.
+    AsBefore,
+    /// A value reads differently (a date the earlier release misread): the canonical JSON is
+    /// followed by [`READER_MARK`] before hashing, so the fingerprint differs from the one an
+    /// earlier release stored for the same text, and [`compare`] takes no legacy match for it.
+    Changed,
+}
+
+/// What follows the canonical JSON of a record read with [`Reading::Changed`] (a NUL, which
+/// canonical JSON never holds unescaped, then the version of the reading). Never change it:
+/// that would re-emit every such record.
+const READER_MARK: &[u8] = b"\0reader:2";
+
 /// Returns the fingerprint of a record, leaving out `volatile` top-level fields.
 pub fn fingerprint(record: &Map<String, Value>, volatile: &[String], buffer: &mut Vec<u8>) -> u64 {
-    fingerprint_map(record, volatile, buffer, Sets::Sorted)
+    fingerprint_read(record, volatile, Reading::AsBefore, buffer)
+}
+
+/// Returns the fingerprint of a record read as `reading` says.
+pub fn fingerprint_read(
+    record: &Map<String, Value>,
+    volatile: &[String],
+    reading: Reading,
+    buffer: &mut Vec<u8>,
+) -> u64 {
+    fingerprint_map(record, volatile, buffer, Sets::Sorted);
+    finish(buffer, reading)
 }
 
 /// Returns the fingerprint of a record read by [`crate::crm::raw`]: the same bytes hashed as
 /// [`fingerprint`] hashes for the same record as a `Value` map.
 pub fn fingerprint_fields(fields: &Fields<'_>, volatile: &[String], buffer: &mut Vec<u8>) -> u64 {
-    fingerprint_of_fields(fields, volatile, buffer, Sets::Sorted)
+    fingerprint_fields_read(fields, volatile, Reading::AsBefore, buffer)
+}
+
+/// Returns the fingerprint of a record read by [`crate::crm::raw`] as `reading` says (the
+/// same as [`fingerprint_read`] of the same record as a `Value` map).
+pub fn fingerprint_fields_read(
+    fields: &Fields<'_>,
+    volatile: &[String],
+    reading: Reading,
+    buffer: &mut Vec<u8>,
+) -> u64 {
+    fingerprint_of_fields(fields, volatile, buffer, Sets::Sorted);
+    finish(buffer, reading)
+}
+
+/// Hashes the canonical JSON in `buffer`, marked when the record reads differently.
+fn finish(buffer: &mut Vec<u8>, reading: Reading) -> u64 {
+    if reading == Reading::Changed {
+        buffer.extend_from_slice(READER_MARK);
+    }
+    xxh3_64_with_seed(buffer, FINGERPRINT_SEED)
 }
 
 /// The fingerprints of releases before set-valued fields were compared without their order.
@@ -58,6 +110,12 @@ pub fn fingerprint_fields(fields: &Fields<'_>, volatile: &[String], buffer: &mut
 /// them, and an entity that has not changed since must not become `UPDATED` once after the
 /// upgrade. [`compare`] accepts a match with these as unchanged (and the new form is stored
 /// in its place). Never change what they compute.
+///
+/// What this cannot avoid: a CRM that already served a set in varying order before the
+/// upgrade left its last order in the stored fingerprint. An entity whose first read after the
+/// upgrade comes in another order than that matches neither form and becomes one `UPDATED`
+/// (then never again for order alone); telling it from a real change would need the old text,
+/// which is not stored.
 pub mod legacy {
     use super::*;
 
@@ -67,7 +125,8 @@ pub mod legacy {
         volatile: &[String],
         buffer: &mut Vec<u8>,
     ) -> u64 {
-        fingerprint_map(record, volatile, buffer, Sets::AsReceived)
+        fingerprint_map(record, volatile, buffer, Sets::AsReceived);
+        xxh3_64_with_seed(buffer, FINGERPRINT_SEED)
     }
 
     /// Returns the fingerprint an earlier release computed for a record read by
@@ -77,16 +136,18 @@ pub mod legacy {
         volatile: &[String],
         buffer: &mut Vec<u8>,
     ) -> u64 {
-        fingerprint_of_fields(fields, volatile, buffer, Sets::AsReceived)
+        fingerprint_of_fields(fields, volatile, buffer, Sets::AsReceived);
+        xxh3_64_with_seed(buffer, FINGERPRINT_SEED)
     }
 }
 
+/// Writes a record's canonical JSON into `buffer`.
 fn fingerprint_map(
     record: &Map<String, Value>,
     volatile: &[String],
     buffer: &mut Vec<u8>,
     sets: Sets,
-) -> u64 {
+) {
     buffer.clear();
     buffer.push(b'{');
     let mut first = true;
@@ -107,15 +168,15 @@ fn fingerprint_map(
         }
     }
     buffer.push(b'}');
-    xxh3_64_with_seed(buffer, FINGERPRINT_SEED)
 }
 
+/// Writes the canonical JSON of a record read by [`crate::crm::raw`] into `buffer`.
 fn fingerprint_of_fields(
     fields: &Fields<'_>,
     volatile: &[String],
     buffer: &mut Vec<u8>,
     sets: Sets,
-) -> u64 {
+) {
     buffer.clear();
     buffer.push(b'{');
     let mut first = true;
@@ -149,7 +210,6 @@ fn fingerprint_of_fields(
         }
     }
     buffer.push(b'}');
-    xxh3_64_with_seed(buffer, FINGERPRINT_SEED)
 }
 
 /// The top-level field holding tag categories (a set of categories, each a set of tags).
@@ -397,22 +457,30 @@ pub enum Compared {
 /// Compares a record (fingerprint `fp`, JSON text `raw` as received) with the fingerprint
 /// stored for its entity (`None`: never emitted). The legacy fingerprint is computed only when
 /// the two differ, so an unchanged record costs nothing more.
+///
+/// A legacy match is unchanged only for a record whose fingerprint is unmarked
+/// ([`Reading::AsBefore`]): one marked holds a value the earlier release emitted wrong (a date
+/// it misread), so it is `UPDATED` with the corrected value, once, its `eventId` from the
+/// legacy fingerprint to the marked one.
 pub fn compare(previous: Option<u64>, fp: u64, raw: &str, volatile: &[String]) -> Compared {
     match classify(previous, fp) {
         None => Compared::Unchanged,
-        Some(Op::Updated) if previous == legacy_of(raw, volatile) => Compared::Restamp,
+        Some(Op::Updated) if previous.is_some_and(|p| legacy_match(p, fp, raw, volatile)) => {
+            Compared::Restamp
+        }
         Some(op) => Compared::Changed(op),
     }
 }
 
-/// Returns the legacy fingerprint of a record's JSON text, if it is an object.
-fn legacy_of(raw: &str, volatile: &[String]) -> Option<u64> {
-    let fields = Fields::parse(raw).ok()?;
-    Some(legacy::fingerprint_fields(
-        &fields,
-        volatile,
-        &mut Vec::new(),
-    ))
+/// Returns whether `previous` is the legacy fingerprint of a record's JSON text (an object)
+/// and `fp` its unmarked fingerprint (every value read as before).
+fn legacy_match(previous: u64, fp: u64, raw: &str, volatile: &[String]) -> bool {
+    let Ok(fields) = Fields::parse(raw) else {
+        return false;
+    };
+    let mut buffer = Vec::new();
+    previous == legacy::fingerprint_fields(&fields, volatile, &mut buffer)
+        && fp == fingerprint_fields(&fields, volatile, &mut buffer)
 }
 
 /// Days a record's own day may lie outside the window it was read from before it is flagged:
@@ -436,9 +504,13 @@ pub struct KeptDay {
 ///
 /// The CRM returned the record for a query of `window`'s days, so its day in the CRM lies in
 /// it, whatever the record's date says; re-reads that can return it again are of windows
-/// holding that day, so keeping its fingerprint by the window's last day keeps it as long as
-/// any re-read may return it. Kept by its own day, a record dated years off (epoch seconds read
-/// as milliseconds: 1970) would be pruned at once and re-emitted as `CREATED` at every re-read.
+/// holding that day. A record dated outside the window is kept by the window's last day: kept
+/// by its own day, a record dated years off (epoch seconds read as milliseconds: 1970) would be
+/// pruned at once and re-emitted as `CREATED` at every re-read. A record dated inside the
+/// window is kept by its own day in the configured zone, which may be a day before the day
+/// the CRM files it under (a CRM whose day ends at another hour than `crm.timezone`'s: 23:30
+/// UTC on D-1 is D for a CRM in UTC+2); [`prune_before`] keeps a day's margin for that, so
+/// the kept day alone does not guarantee the fingerprint outlives every re-read.
 pub fn kept_day(record_day: Option<NaiveDate>, window: Option<(NaiveDate, NaiveDate)>) -> KeptDay {
     let Some((from, to)) = window else {
         return KeptDay {
@@ -461,6 +533,19 @@ pub fn kept_day(record_day: Option<NaiveDate>, window: Option<(NaiveDate, NaiveD
         day: Some(to),
         outside_by: (outside > OUTSIDE_WINDOW_DAYS).then_some(outside),
     }
+}
+
+/// Days of margin pruning keeps below the re-read horizon: a record's own day in
+/// `crm.timezone` may be a day before the day the CRM files it under (its day boundary in
+/// another zone, at most 26 hours apart), and a re-read of the CRM's day must still find its
+/// fingerprint (or emit it as `CREATED` again).
+pub const PRUNE_MARGIN_DAYS: i64 = 1;
+
+/// Returns the day before which append-only fingerprints are pruned when `horizon` is the
+/// first day any re-read may still return (fingerprints kept by a day `>= horizon - 1` stay;
+/// see [`PRUNE_MARGIN_DAYS`]).
+pub fn prune_before(horizon: NaiveDate) -> NaiveDate {
+    horizon - chrono::Duration::days(PRUNE_MARGIN_DAYS)
 }
 
 /// Compares a record's fingerprint with the one last emitted for its entity (`None`: never
@@ -609,6 +694,76 @@ mod tests {
     }
 
     #[test]
+    fn a_date_the_earlier_release_misread_is_corrected_once_after_the_upgrade() {
+        use crate::crm::models::{Customer, Transaction};
+        use crate::crm::page::read_text;
+        let tz = chrono_tz::Tz::UTC;
+        let volatile = vec!["balanceUsd".to_owned()];
+        // The earlier release read 1764500000 as milliseconds (1970-01-21), emitted that and
+        // stored the fingerprint of this text.
+        let text = r#"{"customerId": 5501, "ftdDate": 1764500000, "balanceUsd": "3.00", "tags": [{"category": "b", "tags": ["y", "x"]}]}"#;
+        let fields = Fields::parse(text).unwrap();
+        let stored = legacy::fingerprint_fields(&fields, &volatile, &mut Vec::new());
+        let created_before = event_id("customers", "5501", None, stored);
+        let record = read_text::<Customer>(text, tz, &volatile, &mut Vec::new()).unwrap();
+        assert_eq!(
+            record.model.ftd_date.unwrap().to_rfc3339(),
+            "2025-11-30T10:53:20+00:00"
+        );
+        // One UPDATED, from the stored fingerprint, with an id the old release never used.
+        assert_eq!(
+            compare(Some(stored), record.fp, text, &volatile),
+            Compared::Changed(Op::Updated)
+        );
+        let updated = event_id("customers", "5501", Some(stored), record.fp);
+        assert_ne!(updated, created_before);
+        // Then stored: unchanged at every later read.
+        assert_eq!(
+            compare(Some(record.fp), record.fp, text, &volatile),
+            Compared::Unchanged
+        );
+        // Without sets the fingerprint would otherwise be the stored one (no event at all).
+        let plain = r#"{"customerId": 5502, "ftdDate": "1764500000"}"#;
+        let stored = legacy_fp(plain);
+        let record = read_text::<Customer>(plain, tz, &[], &mut Vec::new()).unwrap();
+        assert_eq!(
+            compare(Some(stored), record.fp, plain, &[]),
+            Compared::Changed(Op::Updated)
+        );
+        // A transaction pruned and read again is CREATED with another id than the 1970 one.
+        let tx = r#"{"id": 77, "transactionDate": 1764500000, "amount": "10.00"}"#;
+        let record = read_text::<Transaction>(tx, tz, &[], &mut Vec::new()).unwrap();
+        assert_eq!(
+            compare(None, record.fp, tx, &[]),
+            Compared::Changed(Op::Created)
+        );
+        assert_ne!(
+            event_id("transactions", "77", None, record.fp),
+            event_id("transactions", "77", None, legacy_fp(tx))
+        );
+        // Records read as before: no event, restamped only when their sets are reordered.
+        let same = r#"{"customerId": 5503, "ftdDate": 1764500000123, "registrationDate": "2025-11-30 10:53:20", "tags": [{"category": "b", "tags": ["y", "x"]}]}"#;
+        let record = read_text::<Customer>(same, tz, &[], &mut Vec::new()).unwrap();
+        assert_eq!(
+            compare(Some(legacy_fp(same)), record.fp, same, &[]),
+            Compared::Restamp
+        );
+        let same = r#"{"customerId": 5504, "ftdDate": 1764500000123, "status": "Active"}"#;
+        let record = read_text::<Customer>(same, tz, &[], &mut Vec::new()).unwrap();
+        assert_eq!(
+            compare(Some(legacy_fp(same)), record.fp, same, &[]),
+            Compared::Unchanged
+        );
+        // A volatile date field is no part of the fingerprint: not marked.
+        let vol = vec!["ftdDate".to_owned()];
+        let record = read_text::<Customer>(plain, tz, &vol, &mut Vec::new()).unwrap();
+        assert_eq!(
+            record.fp,
+            fingerprint_fields(&Fields::parse(plain).unwrap(), &vol, &mut Vec::new())
+        );
+    }
+
+    #[test]
     fn fingerprints_from_fields_equal_those_from_values() {
         let volatile = vec!["balanceUsd".to_owned(), "b".to_owned()];
         for text in [
@@ -633,6 +788,16 @@ mod tests {
                     from_fields, from_value,
                     "legacy: {text} without {volatile:?}"
                 );
+                let mut buf = Vec::new();
+                let fields = Fields::parse(text).unwrap();
+                let map = obj(serde_json::from_str(text).unwrap());
+                let marked = fingerprint_fields_read(&fields, volatile, Reading::Changed, &mut buf);
+                assert_eq!(
+                    marked,
+                    fingerprint_read(&map, volatile, Reading::Changed, &mut buf),
+                    "marked: {text} without {volatile:?}"
+                );
+                assert_ne!(marked, from_fields, "marked: {text}");
             }
         }
         // Every record the simulator serves, of every endpoint and both money styles, with
@@ -764,6 +929,24 @@ mod tests {
             kept_day(Some(d("1970-01-01")), None).day,
             Some(d("1970-01-01"))
         );
+    }
+
+    #[test]
+    fn a_fingerprint_kept_by_its_own_day_outlives_the_horizon_of_the_crm_s_next_day() {
+        let d = |s: &str| NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap();
+        // Configured zone UTC, CRM in UTC+2: a record of 2026-11-01 23:30 UTC is the CRM's
+        // 2026-11-02. Read in the window 11-01..11-02, it is kept by its own day, 11-01.
+        let kept = kept_day(
+            Some(d("2026-11-01")),
+            Some((d("2026-11-01"), d("2026-11-02"))),
+        );
+        assert_eq!(kept.day, Some(d("2026-11-01")));
+        // Pruning with the horizon at 11-02 (the sweep reads 11-02..today, which returns it
+        // again) must keep it, or it is emitted as CREATED a second time.
+        let pruned = |horizon: &str| kept.day.is_some_and(|day| day < prune_before(d(horizon)));
+        assert!(!pruned("2026-11-02"));
+        // A day later no re-read can return it: pruned.
+        assert!(pruned("2026-11-03"));
     }
 
     #[test]

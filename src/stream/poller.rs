@@ -58,7 +58,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, trace, warn};
 
-use super::change::{compare, event_id, kept_day, Compared};
+use super::change::{compare, event_id, kept_day, prune_before, Compared};
 use super::state::{key_in_scope, local_id, Cursor, EntityKey, FpEntry, FpMap, StateRecord};
 use super::window::{advance, cycle_start, halves, last_closed_day, today, windows};
 use crate::crm::{
@@ -125,6 +125,9 @@ pub struct StreamStats {
     pub no_dates: AtomicU64,
     /// Records emitted whose own day lies far outside the window they were read from.
     pub outside_window: AtomicU64,
+    /// Customers emitted whose trading-account list could not be read (accounts empty, the
+    /// text kept).
+    pub unreadable_accounts: AtomicU64,
     /// Records skipped because their page was requested before a newer read of the same
     /// entity was applied (a paused sweep's page): applying them would move it backwards.
     pub stale_skipped: AtomicU64,
@@ -260,6 +263,7 @@ struct PageBatch {
     fetched: u64,
     no_dates: u64,
     outside_window: u64,
+    unreadable_accounts: u64,
 }
 
 /// Reads windows of one cursor page by page: the cycle drives it to the end, the sweep one
@@ -647,7 +651,7 @@ impl<T: StreamRecord> Poller<T> {
             if let Some(horizon) = self.horizon(&cursor) {
                 let pruned: Vec<EntityKey> = self
                     .fps
-                    .stale_before(days_since_epoch(horizon))
+                    .stale_before(days_since_epoch(prune_before(horizon)))
                     .into_iter()
                     .map(|(key, _)| key)
                     .collect();
@@ -1056,6 +1060,9 @@ impl<T: StreamRecord> Poller<T> {
         self.stats
             .outside_window
             .fetch_add(built.outside_window, Ordering::Relaxed);
+        self.stats
+            .unreadable_accounts
+            .fetch_add(built.unreadable_accounts, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1083,6 +1090,7 @@ impl<T: StreamRecord> Poller<T> {
             fetched: records.len() as u64,
             no_dates: 0,
             outside_window: 0,
+            unreadable_accounts: 0,
         };
         let rounded_before = self.encoder.rounded();
         let mut pending: HashMap<EntityKey, u64> = HashMap::new();
@@ -1173,6 +1181,10 @@ impl<T: StreamRecord> Poller<T> {
                         out.outside_window += 1;
                     }
                     out.no_dates += record.model.no_dates() as u64;
+                    if let Some(error) = record.model.unreadable_accounts() {
+                        warn!(stream = self.stream, id, %error, "trading-account list unreadable, emitted with no accounts and its text kept");
+                        out.unreadable_accounts += 1;
+                    }
                     let entry = FpEntry { fp, day };
                     out.batch.events.push(OutRecord {
                         topic: topic.clone(),

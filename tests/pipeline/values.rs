@@ -361,3 +361,90 @@ async fn fingerprints_an_earlier_release_stored_make_no_update_after_the_upgrade
     run.stop().await;
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dates_an_earlier_release_misread_are_corrected_once_after_the_upgrade() {
+    use ibstream::stream::change::{event_id, legacy};
+    use ibstream::stream::poller::days_since_epoch;
+    use ibstream::stream::state::FpEntry;
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(|c| {
+        recent(c, 10);
+        c.epoch_seconds = true;
+    })
+    .await;
+    let prefix = common::unique_topic("misread");
+    let schemas = Schemas::load("com.ibstream").unwrap();
+    let run = start(sweeping(&sim, &broker, &prefix, 10));
+    run.wait_cycles(&HashMap::new(), &STREAMS, 1, Duration::from_secs(300))
+        .await;
+    run.stop().await;
+    // The state an earlier release left: the fingerprint of each transaction's text (its
+    // epoch-seconds date read, and emitted, as milliseconds of January 1970), kept by today
+    // so no prune drops it; and of each lead, whose values read as they did.
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .create()
+        .unwrap();
+    let state_topic = format!("{prefix}._ibstream_state");
+    let today = days_since_epoch(chrono::Utc::now().date_naive());
+    let mut old_ids = HashMap::new();
+    for (stream, kind) in [("transactions", Kind::Transactions), ("leads", Kind::Leads)] {
+        for record in sim.truth(kind) {
+            let map = record.as_object().unwrap();
+            let old = legacy::fingerprint(map, &[], &mut Vec::new());
+            let id = record["id"].to_string();
+            if stream == "transactions" {
+                old_ids.insert(id.clone(), event_id(stream, &id, None, old));
+            }
+            let key = FpEntry::key(stream, &id);
+            let value = FpEntry {
+                fp: old,
+                day: today,
+            }
+            .encode();
+            producer
+                .send(
+                    FutureRecord::to(&state_topic).key(&key).payload(&value),
+                    Duration::from_secs(10),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let run = start(sweeping(&sim, &broker, &prefix, 10));
+    run.wait_cycles(&HashMap::new(), &STREAMS, 1, Duration::from_secs(300))
+        .await;
+    wait_sweeps(&run, &["leads", "transactions"], 2).await;
+    assert_eq!(count(&run, "leads", |s| &s.updated), 0);
+    assert_eq!(count(&run, "leads", |s| &s.created), 0);
+    let updated = count(&run, "transactions", |s| &s.updated);
+    assert_eq!(count(&run, "transactions", |s| &s.created), 0);
+    run.stop().await;
+    let events = read_events(&broker, &sim, &schemas, &prefix).await;
+    assert!(events["transactions"].len() > 500);
+    assert_eq!(updated, events["transactions"].len() as u64);
+    let truth = sim.truth(Kind::Transactions);
+    for (key, versions) in &events["transactions"] {
+        let record = truth
+            .iter()
+            .find(|t| t["id"].as_i64() == key.parse().ok())
+            .unwrap();
+        // The first run's CREATED, then exactly one UPDATED after the upgrade.
+        assert_eq!(ops(versions), ["CREATED", "UPDATED"], "transaction {key}");
+        let updated = &versions[1];
+        let seconds = record["transactionDate"].as_i64().unwrap();
+        assert_eq!(
+            field(updated, "transactionDate"),
+            &Avro::Union(1, Box::new(Avro::TimestampMillis(seconds * 1000))),
+            "transaction {key}"
+        );
+        assert_ne!(
+            meta_string(updated, "eventId"),
+            old_ids[key],
+            "transaction {key}: the id of the wrong 1970 event"
+        );
+    }
+    sim.shutdown().await;
+}
