@@ -25,9 +25,14 @@
 //!   [`CrmError::Transient`]. Unreadable answers include an HTTP 2xx that is not the data:
 //!   an envelope reporting an error (`"success": false` or `"false"`, `"status": "error"` or
 //!   an HTTP error code, a non-empty `error` / `errors` member, … see
-//!   [`super::page::envelope_error`]), an HTML page (`Content-Type: text/html`), a body that
-//!   is not JSON or that cannot be decompressed. Such an answer is never an empty page, so no
-//!   window completes on it.
+//!   [`super::page::envelope_error`]), an HTML page (labelled `text/html` and not starting
+//!   like JSON: many servers label their JSON `text/html`, PHP's default, and it is read), a
+//!   body that is not JSON or that cannot be decompressed. Such an answer is never an empty
+//!   page, so no window completes on it.
+//! - A login answer is never quoted in an error, log or stat (it may hold a token under any
+//!   name): only its scalar status and message members are (`login_summary`), with every
+//!   value found under a credential-like key cut out. Other answers are quoted by their
+//!   first 200 bytes.
 //! - 403 on login, 400 and other 4xx: not retried ([`CrmError::Auth`],
 //!   [`CrmError::BadRequest`]).
 //!
@@ -459,18 +464,27 @@ impl CrmClient {
                 .map_err(|e| format!("login answer is not JSON: {e}"))?;
             match value.get("token").and_then(|t| t.as_str()) {
                 Some(token) if !token.is_empty() => Ok(SecretString::from(token.to_owned())),
-                // Only the error members and the message are shown: the rest may hold a
-                // token under another name.
-                _ => Err(
-                    match value.as_object().and_then(super::page::object_error) {
-                        Some(reason) => format!("login answer has no token: {reason}"),
-                        None => "login answer has no token".to_owned(),
-                    },
-                ),
+                // Only the scalar status and message members are shown, token-like values
+                // cut out of them: the rest may hold a token under another name.
+                _ => {
+                    let reports_error = value
+                        .as_object()
+                        .and_then(super::page::object_error)
+                        .is_some();
+                    Err(match (reports_error, login_summary(&value)) {
+                        (true, Some(summary)) => format!(
+                            "login answer has no token: the answer reports an error though its HTTP status is a success ({summary})"
+                        ),
+                        (false, Some(summary)) => {
+                            format!("login answer has no token ({summary})")
+                        }
+                        (_, None) => "login answer has no token".to_owned(),
+                    })
+                }
             }
         };
         match self
-            .send("login", Method::POST, &url, &[], Some(body), None, &decode)
+            .send(LOGIN, Method::POST, &url, &[], Some(body), None, &decode)
             .await
         {
             Ok(token) => Ok(token),
@@ -498,6 +512,8 @@ impl CrmClient {
     ) -> Result<R, Failure> {
         let inner = &self.inner;
         let display_url = display_url(url, params);
+        // A login answer may hold credentials anywhere: its body is never quoted.
+        let secret = endpoint == LOGIN;
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
@@ -585,13 +601,19 @@ impl CrmClient {
                             inner.stats.error_answers.fetch_add(1, Ordering::Relaxed);
                             Retry::Transient(format!("unreadable answer: {message}"))
                         }
-                        Ok(Ok(bytes)) => match classify(status, &bytes) {
-                            Class::Ok if html => {
+                        Ok(Ok(bytes)) => match classify(status, &bytes, secret) {
+                            // Many servers label their JSON `text/html` (PHP's default): the
+                            // label alone does not make a page.
+                            Class::Ok if html && !starts_like_json(&bytes) => {
                                 inner.stats.error_answers.fetch_add(1, Ordering::Relaxed);
                                 Retry::Transient(format!(
-                                    "HTTP {} with an HTML page instead of JSON (a proxy's or a maintenance page?): {}",
+                                    "HTTP {} with an HTML page instead of JSON (a proxy's or a maintenance page?){}",
                                     status.as_u16(),
-                                    snippet(&bytes)
+                                    if secret {
+                                        String::new()
+                                    } else {
+                                        format!(": {}", snippet(&bytes))
+                                    }
                                 ))
                             }
                             Class::Ok => match decode(&bytes) {
@@ -739,8 +761,24 @@ enum Class {
     Transient(String),
 }
 
-fn classify(status: StatusCode, body: &[u8]) -> Class {
-    let message = || snippet(body);
+/// The `endpoint` label of the login call.
+const LOGIN: &str = "login";
+
+/// Sorts an answer by its status; `secret` (a login answer) quotes none of its body, only
+/// [`login_summary`].
+fn classify(status: StatusCode, body: &[u8], secret: bool) -> Class {
+    let message = || {
+        if secret {
+            serde_json::from_slice(body)
+                .ok()
+                .and_then(|value| login_summary(&value))
+                .unwrap_or_else(|| {
+                    "its body is not shown: a login answer may hold credentials".to_owned()
+                })
+        } else {
+            snippet(body)
+        }
+    };
     match status.as_u16() {
         200..=299 => Class::Ok,
         401 => Class::Unauthorized(message()),
@@ -762,6 +800,101 @@ fn is_html(headers: &HeaderMap) -> bool {
             mime.eq_ignore_ascii_case("text/html")
                 || mime.eq_ignore_ascii_case("application/xhtml+xml")
         })
+}
+
+/// Returns whether a body starts like JSON (`{` or `[` after whitespace and a byte-order
+/// mark): such a body is read as JSON whatever its `Content-Type` says.
+fn starts_like_json(body: &[u8]) -> bool {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    body.iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| matches!(b, b'{' | b'['))
+}
+
+/// Members of a login answer that may be quoted in an error (compared ignoring case), when
+/// their value is a string, number or boolean; of an `error` object, its own members of
+/// these names.
+const LOGIN_SHOWN: [&str; 10] = [
+    "success",
+    "status",
+    "statusCode",
+    "code",
+    "error",
+    "errorCode",
+    "errorMessage",
+    "error_description",
+    "message",
+    "detail",
+];
+
+/// Parts of key names under which a login answer may hold a credential (compared in lower
+/// case): their string values are cut out of anything shown.
+const SECRET_KEY_PARTS: [&str; 10] = [
+    "token", "secret", "password", "passwd", "session", "jwt", "bearer", "cookie", "key", "auth",
+];
+
+/// What a login answer says, for errors: its [`LOGIN_SHOWN`] members as `key: value`
+/// (at most 200 characters each), every value found under a credential-like key
+/// ([`SECRET_KEY_PARTS`]) replaced by `[redacted]`. `None` when it says nothing of these.
+fn login_summary(value: &serde_json::Value) -> Option<String> {
+    use serde_json::Value;
+    fn secrets(value: &Value, under_secret: bool, out: &mut Vec<String>) {
+        match value {
+            Value::String(s) if under_secret && s.len() >= 8 => out.push(s.clone()),
+            Value::Number(n) if under_secret && n.to_string().len() >= 8 => out.push(n.to_string()),
+            Value::Array(items) => items
+                .iter()
+                .for_each(|item| secrets(item, under_secret, out)),
+            Value::Object(map) => map.iter().for_each(|(k, v)| {
+                let k = k.to_ascii_lowercase();
+                let secret = under_secret || SECRET_KEY_PARTS.iter().any(|p| k.contains(p));
+                secrets(v, secret, out);
+            }),
+            _ => {}
+        }
+    }
+    fn shown(map: &serde_json::Map<String, Value>, prefix: &str, out: &mut Vec<String>) {
+        for (key, value) in map {
+            if !LOGIN_SHOWN.iter().any(|k| k.eq_ignore_ascii_case(key)) {
+                continue;
+            }
+            match value {
+                Value::String(s) => out.push(format!("{prefix}{key}: {s}")),
+                Value::Number(_) | Value::Bool(_) => out.push(format!("{prefix}{key}: {value}")),
+                Value::Object(inner) if prefix.is_empty() => shown(inner, &format!("{key}."), out),
+                _ => {}
+            }
+        }
+    }
+    let map = value.as_object()?;
+    let mut parts = Vec::new();
+    shown(map, "", &mut parts);
+    if parts.is_empty() {
+        return None;
+    }
+    let mut cut = Vec::new();
+    secrets(value, false, &mut cut);
+    // Longest first, so a secret holding another is cut whole.
+    cut.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let text = parts
+        .into_iter()
+        .map(|part| {
+            let part = cut.iter().fold(part, |part, secret| {
+                part.replace(secret.as_str(), "[redacted]")
+            });
+            let mut line: String = part
+                .chars()
+                .take(200)
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            if part.chars().nth(200).is_some() {
+                line.push('…');
+            }
+            line
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    Some(text)
 }
 
 /// Returns the start of an answer body for error messages, on one line.
