@@ -740,3 +740,55 @@ async fn a_login_answer_never_shows_a_token_planted_in_it() {
         server.abort();
     }
 }
+
+#[tokio::test]
+async fn a_403_after_a_long_wait_on_a_token_this_call_fetched_logs_in_again() {
+    let sim = start_sim(|c| {
+        c.token_ttl_secs = 2;
+        c.expired_token_status = 403;
+    })
+    .await;
+    let crm = client(&sim, |_| {});
+    // The call logs in, then its data request meets a 429: the token it fetched expires
+    // while it waits out the pause.
+    let pause = ibstream::crm::client::JUST_ISSUED + Duration::from_secs(1);
+    assert!(
+        pause > Duration::from_secs(2),
+        "longer than the token's life"
+    );
+    sim.rate_limit_data_next(1, &pause.as_secs().to_string());
+    let page = crm
+        .page::<Lead>(&query(DateFilter::Registration), 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(page.records.len(), 50);
+    assert_eq!(sim.stats().rate_limited.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        sim.stats().forbidden.load(Ordering::Relaxed),
+        1,
+        "the expired token met 403"
+    );
+    assert_eq!(
+        sim.stats().logins.load(Ordering::Relaxed),
+        2,
+        "one login again"
+    );
+    // A real denial still ends, after one login again at most.
+    sim.deny(Kind::Transactions, true);
+    let err = crm
+        .page::<Transaction>(&query(DateFilter::Transaction), 1)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CrmError::Forbidden {
+                kind: ForbiddenKind::ModuleOff,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(sim.stats().logins.load(Ordering::Relaxed) <= 3);
+    sim.shutdown().await;
+}

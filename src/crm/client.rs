@@ -8,11 +8,13 @@
 //! Failure handling, per call:
 //! - 401 on a data call: log in again once (only one task logs in; the others reuse its
 //!   token) and repeat the call; a second 401 is [`CrmError::Auth`].
-//! - 403 on a data call made with a cached token: some CRMs answer an expired token with 403
-//!   (`{"message": "Token expired"}`), so it is handled as a 401 first: log in again once
-//!   (shared as above) and repeat the call. Only a 403 to a token just issued (by this call's
-//!   login, or after its one re-login) is [`CrmError::Forbidden`]: a missing "IB Reports"
-//!   permission or a module that is off. No retries beyond that one login.
+//! - 403 on a data call: some CRMs answer an expired token with 403 (`{"message": "Token
+//!   expired"}`), so unless the token was issued by this call's own login at most
+//!   [`JUST_ISSUED`] (3 s) before the attempt was sent, it is handled as a 401 first: log in
+//!   again once (shared as above) and repeat the call. A token fetched by this call that aged
+//!   while the call waited out a 429 pause or a backoff counts as old. Only a 403 to a token
+//!   just issued, or after the call's one re-login, is [`CrmError::Forbidden`]: a missing
+//!   "IB Reports" permission or a module that is off. No retries beyond that one login.
 //! - 429: every call of the process waits until the pause ends, then this call is retried.
 //!   The pause is `Retry-After` in either RFC 9110 form (delay-seconds, or an HTTP-date in the
 //!   IMF-fixdate, RFC 850 or asctime form; a date in the past is no pause), capped at
@@ -178,9 +180,31 @@ struct Inner {
 #[derive(Default)]
 struct TokenState {
     token: Option<SecretString>,
+    /// When the token was issued (its login answered).
+    issued: Option<std::time::Instant>,
     /// Bumped at every login, so a task that saw a 401 only drops the token it used.
     generation: u64,
 }
+
+/// The token a call uses.
+struct Held {
+    token: SecretString,
+    /// Its generation ([`TokenState::generation`]).
+    generation: u64,
+    /// When it was issued.
+    issued: std::time::Instant,
+    /// Whether this call logged in for it.
+    own: bool,
+}
+
+/// How recent a token must be, when the attempt answered 403 was sent, for that 403 to mean
+/// a missing permission or module: at most this long after its login answered (3 s: the
+/// time a call takes from its login to its request, the rate limiter's wait included). A
+/// 403 to an older token may be an expired token (some CRMs answer one with 403, and a call
+/// may wait out a 429 pause of up to [`MAX_RETRY_AFTER`] or a long backoff after its login),
+/// so the call logs in again once. Tokens live minutes to hours: a denial taken for an
+/// expired token costs one login more, never a loop.
+pub const JUST_ISSUED: Duration = Duration::from_secs(3);
 
 impl std::fmt::Debug for CrmClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -269,7 +293,7 @@ impl CrmClient {
 
     /// Logs in now if no token is held (the token is otherwise fetched lazily).
     pub async fn login(&self) -> Result<(), CrmError> {
-        self.token().await.map(|_| ())
+        self.token().await.map(drop)
     }
 
     /// Returns the servers list, each server read on its own (`volatile` fields left out of
@@ -370,7 +394,8 @@ impl CrmClient {
         let url = self.endpoint_url(endpoint);
         let mut relogged = false;
         loop {
-            let (token, generation, fresh) = self.token().await?;
+            let held = self.token().await?;
+            let (token, generation) = (&held.token, held.generation);
             let result = self
                 .send(
                     endpoint.path_segment(),
@@ -378,7 +403,7 @@ impl CrmClient {
                     &url,
                     params,
                     None,
-                    Some(&token),
+                    Some(token),
                     decode,
                 )
                 .await;
@@ -398,18 +423,25 @@ impl CrmClient {
                         ),
                     })
                 }
-                Err(Failure::Forbidden(message)) if !relogged && !fresh => {
+                Err(Failure::Forbidden { message, sent })
+                    if !relogged
+                        && !(held.own
+                            && sent.saturating_duration_since(held.issued) <= JUST_ISSUED) =>
+                {
                     // Some CRMs answer an expired token with 403, not 401: only a 403 to a
-                    // token just issued means a missing permission or module.
+                    // token this call just logged in for means a missing permission or
+                    // module. Another call's token, or one that aged while this call waited
+                    // (a 429 pause, a backoff), may have expired.
                     info!(
                         endpoint = endpoint.path_segment(),
-                        "crm answered 403 to a cached token, logging in again before taking it as a missing permission"
+                        token_age_ms = sent.saturating_duration_since(held.issued).as_millis() as u64,
+                        "crm answered 403 to a token that may have expired, logging in again before taking it as a missing permission"
                     );
                     debug!(message = %message, "crm 403 answer");
                     self.drop_token(generation).await;
                     relogged = true;
                 }
-                Err(Failure::Forbidden(message)) => {
+                Err(Failure::Forbidden { message, .. }) => {
                     return Err(CrmError::Forbidden {
                         endpoint: endpoint.path_segment().to_owned(),
                         module: endpoint.module(),
@@ -422,13 +454,18 @@ impl CrmClient {
         }
     }
 
-    /// Returns the token, its generation and whether this call just logged in for it.
-    async fn token(&self) -> Result<(SecretString, u64, bool), CrmError> {
+    /// Returns the token, logging in first if none is held.
+    async fn token(&self) -> Result<Held, CrmError> {
         // Held across the login call: concurrent streams wait for one login instead of
         // each logging in.
         let mut state = self.inner.token.lock().await;
-        if let Some(token) = &state.token {
-            return Ok((token.clone(), state.generation, false));
+        if let (Some(token), Some(issued)) = (&state.token, state.issued) {
+            return Ok(Held {
+                token: token.clone(),
+                generation: state.generation,
+                issued,
+                own: false,
+            });
         }
         let token = match self.login_call().await {
             Ok(token) => token,
@@ -438,10 +475,17 @@ impl CrmClient {
             }
         };
         self.inner.stats.logins.fetch_add(1, Ordering::Relaxed);
+        let issued = std::time::Instant::now();
         state.generation += 1;
         state.token = Some(token.clone());
+        state.issued = Some(issued);
         info!(generation = state.generation, "crm login succeeded");
-        Ok((token, state.generation, true))
+        Ok(Held {
+            token,
+            generation: state.generation,
+            issued,
+            own: true,
+        })
     }
 
     async fn drop_token(&self, generation: u64) {
@@ -488,7 +532,7 @@ impl CrmClient {
             .await
         {
             Ok(token) => Ok(token),
-            Err(Failure::Unauthorized(message) | Failure::Forbidden(message)) => Err(CrmError::Auth {
+            Err(Failure::Unauthorized(message) | Failure::Forbidden { message, .. }) => Err(CrmError::Auth {
                 url,
                 reason: format!(
                     "login rejected ({message}); check crm.email and crm.password, that the user verified its email, that its role has \"IB Reports\", and that the API key (crm.api_key, crm.domain) has not expired"
@@ -624,7 +668,9 @@ impl CrmClient {
                                 }
                             },
                             Class::Unauthorized(m) => return Err(Failure::Unauthorized(m)),
-                            Class::Forbidden(m) => return Err(Failure::Forbidden(m)),
+                            Class::Forbidden(message) => {
+                                return Err(Failure::Forbidden { message, sent })
+                            }
                             Class::Fatal(m) => {
                                 return Err(Failure::Error(CrmError::BadRequest {
                                     url: display_url,
@@ -743,7 +789,11 @@ impl CrmClient {
 /// How one request failed, before retries are decided on.
 enum Failure {
     Unauthorized(String),
-    Forbidden(String),
+    /// A 403, and when the attempt answered so was sent.
+    Forbidden {
+        message: String,
+        sent: std::time::Instant,
+    },
     Error(CrmError),
 }
 
