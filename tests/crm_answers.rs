@@ -417,11 +417,43 @@ async fn a_503_with_retry_after_pauses_every_caller_too() {
 }
 
 #[tokio::test]
-async fn a_429_with_a_date_in_the_past_is_no_wait() {
-    let (arrivals, _) =
-        pause_seen_by_another_caller(|now| ("Wed, 21 Oct 2015 07:28:00 GMT".to_owned(), now)).await;
-    let waited = arrivals[2].duration_since(arrivals[0]).unwrap_or_default();
-    assert!(waited < Duration::from_millis(900), "{waited:?}");
+async fn a_429_with_a_date_in_the_past_or_zero_backs_off_exponentially() {
+    let initial = Duration::from_millis(200);
+    for value in [
+        "Wed, 21 Oct 2015 07:28:00 GMT".to_owned(),
+        // Now, to the second: not in the future.
+        httpdate::fmt_http_date(SystemTime::now()),
+        "0".to_owned(),
+    ] {
+        let sim = start_sim(|_| {}).await;
+        let crm = client(&sim, |c| {
+            c.backoff_initial_ms = initial.as_millis() as u64;
+            c.backoff_max_ms = 10_000;
+            c.max_retries = 3;
+        });
+        crm.login().await.unwrap();
+        sim.rate_limit_next(3, &value);
+        sim.record_arrivals(true);
+        let page = crm
+            .page::<Lead>(&query(DateFilter::Registration), 1)
+            .await
+            .unwrap_or_else(|e| panic!("{value}: {e}"));
+        assert_eq!(page.records.len(), 50);
+        let arrivals = sim.arrivals();
+        assert_eq!(arrivals.len(), 4, "{value}: three 429s and the call");
+        // Each retry waits at least the exponential step: 200, 400, 800 ms (5 ms for the
+        // clock readings).
+        for (retry, pair) in arrivals.windows(2).enumerate() {
+            let waited = pair[1].duration_since(pair[0]).unwrap_or_default();
+            let step = initial * (1 << retry);
+            assert!(
+                waited + Duration::from_millis(5) >= step,
+                "{value}: retry {} after {waited:?}, not {step:?}",
+                retry + 1
+            );
+        }
+        sim.shutdown().await;
+    }
 }
 
 #[tokio::test]

@@ -17,9 +17,11 @@
 //!   "IB Reports" permission or a module that is off. No retries beyond that one login.
 //! - 429: every call of the process waits until the pause ends, then this call is retried.
 //!   The pause is `Retry-After` in either RFC 9110 form (delay-seconds, or an HTTP-date in the
-//!   IMF-fixdate, RFC 850 or asctime form; a date in the past is no pause), capped at
-//!   [`MAX_RETRY_AFTER`] (one hour: a CRM asking for more is asked again then), or the
-//!   backoff below without the header. After `crm.max_retries` retries,
+//!   IMF-fixdate, RFC 850 or asctime form), capped at [`MAX_RETRY_AFTER`] (one hour: a CRM
+//!   asking for more is asked again then). Without a wait in the header (none, unreadable,
+//!   `0`, a date now or in the past) the pause is the exponential step of the backoff below
+//!   without its jitter (`backoff_initial_ms * 2^(retry-1)`, at most `backoff_max_ms`): a
+//!   CRM that limits is never retried in a burst. After `crm.max_retries` retries,
 //!   [`CrmError::RateLimited`]. A 503 with `Retry-After` pauses the process the same way
 //!   (and is retried as a 5xx).
 //! - 5xx, 408, timeouts, connection errors, unreadable answers: retried up to
@@ -195,6 +197,13 @@ struct Held {
     issued: std::time::Instant,
     /// Whether this call logged in for it.
     own: bool,
+}
+
+impl Held {
+    /// Whether this call logged in for the token at most [`JUST_ISSUED`] before `sent`.
+    fn just_issued(&self, sent: std::time::Instant) -> bool {
+        self.own && sent.saturating_duration_since(self.issued) <= JUST_ISSUED
+    }
 }
 
 /// How recent a token must be, when the attempt answered 403 was sent, for that 403 to mean
@@ -424,9 +433,7 @@ impl CrmClient {
                     })
                 }
                 Err(Failure::Forbidden { message, sent })
-                    if !relogged
-                        && !(held.own
-                            && sent.saturating_duration_since(held.issued) <= JUST_ISSUED) =>
+                    if !relogged && !held.just_issued(sent) =>
                 {
                     // Some CRMs answer an expired token with 403, not 401: only a 403 to a
                     // token this call just logged in for means a missing permission or
@@ -690,10 +697,21 @@ impl CrmClient {
                     }
                 }
             };
-            if let Retry::RateLimited(retry_after) = &outcome {
+            // The wait of a 429: its Retry-After when that asks for one; without one (absent,
+            // unreadable, 0 or a date not in the future) at least the exponential step, so a
+            // CRM that limits is never retried in a burst.
+            let rate_limit_wait = match &outcome {
+                Retry::RateLimited(retry_after) => Some(
+                    retry_after
+                        .filter(|after| !after.is_zero())
+                        .unwrap_or_else(|| {
+                            backoff_step(attempt, inner.backoff_initial, inner.backoff_max)
+                        }),
+                ),
+                Retry::Transient(_) => None,
+            };
+            if let Some(pause) = rate_limit_wait {
                 // The CRM limits the process, not this call: every call waits.
-                let pause = retry_after
-                    .unwrap_or_else(|| backoff(attempt, inner.backoff_initial, inner.backoff_max));
                 self.pause(pause);
                 inner.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
             }
@@ -712,9 +730,9 @@ impl CrmClient {
                 }));
             }
             inner.stats.retries.fetch_add(1, Ordering::Relaxed);
-            let delay = match &outcome {
-                Retry::RateLimited(Some(after)) => *after + jitter(inner.backoff_initial),
-                _ => backoff(attempt, inner.backoff_initial, inner.backoff_max),
+            let delay = match rate_limit_wait {
+                Some(wait) => wait + jitter(inner.backoff_initial),
+                None => backoff(attempt, inner.backoff_initial, inner.backoff_max),
             };
             match &outcome {
                 Retry::RateLimited(retry_after) => warn!(
@@ -1002,8 +1020,9 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// Parses `Retry-After` in both RFC 9110 forms (section 10.2.3): delay-seconds (`120`;
 /// fractions accepted) or an HTTP-date (IMF-fixdate `Mon, 30 Nov 2026 19:02:00 GMT`, and the
-/// obsolete RFC 850 and asctime forms). A date in the past is no wait; any wait is capped at
-/// [`MAX_RETRY_AFTER`]. `None` when absent or unreadable (the caller backs off instead).
+/// obsolete RFC 850 and asctime forms). A date in the past is a wait of zero (the caller
+/// then backs off as without the header); any wait is capped at [`MAX_RETRY_AFTER`]. `None`
+/// when absent or unreadable (the caller backs off instead).
 fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
     retry_after_at(value, std::time::SystemTime::now())
@@ -1024,10 +1043,16 @@ fn retry_after_at(value: &str, now: std::time::SystemTime) -> Option<Duration> {
     Some(wait.min(MAX_RETRY_AFTER))
 }
 
-/// Exponential backoff with full jitter: uniform in `0..=min(max, initial * 2^(attempt-1))`.
+/// Exponential backoff with full jitter: uniform in `0..=`[`backoff_step`].
 fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
-    let exp = initial.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
-    jitter(exp.min(max))
+    jitter(backoff_step(attempt, initial, max))
+}
+
+/// The exponential step of retry `attempt` (1-based): `min(max, initial * 2^(attempt-1))`.
+fn backoff_step(attempt: u32, initial: Duration, max: Duration) -> Duration {
+    initial
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
+        .min(max)
 }
 
 fn jitter(bound: Duration) -> Duration {
@@ -1279,7 +1304,7 @@ mod tests {
                 "{value}"
             );
         }
-        // A date in the past: no wait.
+        // A date in the past: a wait of zero (the caller backs off instead).
         assert_eq!(
             retry_after_at("Wed, 21 Oct 2015 07:28:00 GMT", now),
             Some(Duration::ZERO)
