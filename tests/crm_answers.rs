@@ -417,11 +417,43 @@ async fn a_503_with_retry_after_pauses_every_caller_too() {
 }
 
 #[tokio::test]
-async fn a_429_with_a_date_in_the_past_is_no_wait() {
-    let (arrivals, _) =
-        pause_seen_by_another_caller(|now| ("Wed, 21 Oct 2015 07:28:00 GMT".to_owned(), now)).await;
-    let waited = arrivals[2].duration_since(arrivals[0]).unwrap_or_default();
-    assert!(waited < Duration::from_millis(900), "{waited:?}");
+async fn a_429_with_a_date_in_the_past_or_zero_backs_off_exponentially() {
+    let initial = Duration::from_millis(200);
+    for value in [
+        "Wed, 21 Oct 2015 07:28:00 GMT".to_owned(),
+        // Now, to the second: not in the future.
+        httpdate::fmt_http_date(SystemTime::now()),
+        "0".to_owned(),
+    ] {
+        let sim = start_sim(|_| {}).await;
+        let crm = client(&sim, |c| {
+            c.backoff_initial_ms = initial.as_millis() as u64;
+            c.backoff_max_ms = 10_000;
+            c.max_retries = 3;
+        });
+        crm.login().await.unwrap();
+        sim.rate_limit_next(3, &value);
+        sim.record_arrivals(true);
+        let page = crm
+            .page::<Lead>(&query(DateFilter::Registration), 1)
+            .await
+            .unwrap_or_else(|e| panic!("{value}: {e}"));
+        assert_eq!(page.records.len(), 50);
+        let arrivals = sim.arrivals();
+        assert_eq!(arrivals.len(), 4, "{value}: three 429s and the call");
+        // Each retry waits at least the exponential step: 200, 400, 800 ms (5 ms for the
+        // clock readings).
+        for (retry, pair) in arrivals.windows(2).enumerate() {
+            let waited = pair[1].duration_since(pair[0]).unwrap_or_default();
+            let step = initial * (1 << retry);
+            assert!(
+                waited + Duration::from_millis(5) >= step,
+                "{value}: retry {} after {waited:?}, not {step:?}",
+                retry + 1
+            );
+        }
+        sim.shutdown().await;
+    }
 }
 
 #[tokio::test]
@@ -549,4 +581,246 @@ async fn a_login_answered_200_with_an_error_says_what_the_crm_said() {
     }
     assert_eq!(crm.stats().error_answers.load(Ordering::Relaxed), 2);
     server.abort();
+}
+
+/// A CRM of one login answer and one answer to every data call, each `(status,
+/// content type, body)`; returns a client of it (no retries) and the server task.
+async fn fake_crm(
+    login: (u16, &'static str, String),
+    data: (u16, &'static str, String),
+) -> (CrmClient, tokio::task::JoinHandle<()>) {
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    let answer = |(status, content_type, body): (u16, &'static str, String)| {
+        move || async move {
+            (
+                StatusCode::from_u16(status).unwrap(),
+                [("content-type", content_type)],
+                body,
+            )
+                .into_response()
+        }
+    };
+    let app = axum::Router::new()
+        .route("/api/v1/auth/login", axum::routing::post(answer(login)))
+        .route(
+            "/api/v1/{integration}/{endpoint}",
+            axum::routing::get(answer(data)),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let mut config = common::crm_config_for_url();
+    config.base_url = format!("http://{addr}");
+    config.max_retries = 0;
+    (CrmClient::build(&config).unwrap(), server)
+}
+
+#[tokio::test]
+async fn json_labelled_text_html_is_read_for_login_and_data() {
+    let page = r#"{"total": 2, "data": [{"id": 1}, {"id": 2}]}"#;
+    for content_type in [
+        "text/html; charset=UTF-8",
+        "text/html",
+        "application/xhtml+xml",
+    ] {
+        for body in [page.to_owned(), format!("\u{FEFF}\n  {page}")] {
+            let (crm, server) = fake_crm(
+                (
+                    200,
+                    content_type,
+                    r#"{"token": "tok-abcdef123456"}"#.to_owned(),
+                ),
+                (200, content_type, body.clone()),
+            )
+            .await;
+            crm.login()
+                .await
+                .unwrap_or_else(|e| panic!("{content_type} {body:?}: {e}"));
+            let read = crm
+                .page::<Lead>(&query(DateFilter::Registration), 1)
+                .await
+                .unwrap_or_else(|e| panic!("{content_type} {body:?}: {e}"));
+            assert_eq!(read.records.len(), 2);
+            assert_eq!(read.total, Some(2));
+            assert_eq!(crm.stats().error_answers.load(Ordering::Relaxed), 0);
+            server.abort();
+        }
+    }
+    // A real HTML page is still a failed call, never a page.
+    let (crm, server) = fake_crm(
+        (
+            200,
+            "text/html",
+            r#"{"token": "tok-abcdef123456"}"#.to_owned(),
+        ),
+        (
+            200,
+            "text/html",
+            "<html><body>Maintenance</body></html>".to_owned(),
+        ),
+    )
+    .await;
+    let err = crm
+        .page::<Lead>(&query(DateFilter::Registration), 1)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, CrmError::Transient { message, .. } if message.contains("HTML")),
+        "{err:?}"
+    );
+    server.abort();
+}
+
+#[tokio::test]
+async fn a_login_answer_never_shows_a_token_planted_in_it() {
+    const SECRET: &str = "SECRET-TOKEN-abc123";
+    let json = "application/json";
+    let html = "text/html; charset=UTF-8";
+    for (status, content_type, body, shown) in [
+        (
+            200,
+            html,
+            format!(r#"<html><body>{{"token":"{SECRET}"}}</body></html>"#),
+            "HTML",
+        ),
+        (200, html, format!(r#"<p>token={SECRET}</p>"#), "HTML"),
+        (
+            200,
+            json,
+            format!(
+                r#"{{"success": false, "message": "Invalid credentials", "accessToken": "{SECRET}"}}"#
+            ),
+            "Invalid credentials",
+        ),
+        (
+            200,
+            html,
+            format!(r#"{{"error": {{"code": 401, "message": "Bad login", "token": "{SECRET}"}}}}"#),
+            "Bad login",
+        ),
+        (
+            200,
+            json,
+            format!(
+                r#"{{"status": "error", "message": "session {SECRET} ended", "session": "{SECRET}"}}"#
+            ),
+            "session [redacted] ended",
+        ),
+        (
+            200,
+            json,
+            format!(r#"{{"data": {{"accessToken": "{SECRET}"}}}}"#),
+            "no token",
+        ),
+        (
+            200,
+            json,
+            format!(r#"{{"token": null, "error": "{SECRET}", "sessionToken": "{SECRET}"}}"#),
+            "no token",
+        ),
+        (
+            200,
+            json,
+            format!(r#"{{"token": {{"value": "{SECRET}"}}}}"#),
+            "no token",
+        ),
+        (200, json, format!(r#"["{SECRET}"]"#), "no token"),
+        (200, json, format!(r#"{{"token": "{SECRET}""#), "not JSON"),
+        (
+            401,
+            json,
+            format!(r#"{{"message": "invalid password", "token": "{SECRET}"}}"#),
+            "invalid password",
+        ),
+        (401, "text/plain", SECRET.to_owned(), "login rejected"),
+        (
+            403,
+            html,
+            format!("<html>{SECRET}</html>"),
+            "login rejected",
+        ),
+        (500, html, format!("<html>{SECRET}</html>"), "HTTP 500"),
+        (
+            500,
+            json,
+            format!(r#"{{"message": "down", "jwt": "{SECRET}"}}"#),
+            "down",
+        ),
+        (
+            400,
+            json,
+            format!(r#"{{"message": "bad {SECRET}", "apiKey": "{SECRET}"}}"#),
+            "bad [redacted]",
+        ),
+        (422, "text/plain", SECRET.to_owned(), "HTTP 422"),
+    ] {
+        let (crm, server) = fake_crm(
+            (status, content_type, body.clone()),
+            (200, json, "{}".to_owned()),
+        )
+        .await;
+        let err = crm.login().await.unwrap_err();
+        let health = crm.stats().health().unwrap_err();
+        for text in [err.to_string(), format!("{err:?}"), health] {
+            assert!(!text.contains(SECRET), "{status} {body}: {text}");
+            assert!(!text.contains("abc123"), "{status} {body}: {text}");
+        }
+        assert!(err.to_string().contains(shown), "{status} {body}: {err}");
+        server.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_403_after_a_long_wait_on_a_token_this_call_fetched_logs_in_again() {
+    let sim = start_sim(|c| {
+        c.token_ttl_secs = 2;
+        c.expired_token_status = 403;
+    })
+    .await;
+    let crm = client(&sim, |_| {});
+    // The call logs in, then its data request meets a 429: the token it fetched expires
+    // while it waits out the pause.
+    let pause = ibstream::crm::client::JUST_ISSUED + Duration::from_secs(1);
+    assert!(
+        pause > Duration::from_secs(2),
+        "longer than the token's life"
+    );
+    sim.rate_limit_data_next(1, &pause.as_secs().to_string());
+    let page = crm
+        .page::<Lead>(&query(DateFilter::Registration), 1)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(page.records.len(), 50);
+    assert_eq!(sim.stats().rate_limited.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        sim.stats().forbidden.load(Ordering::Relaxed),
+        1,
+        "the expired token met 403"
+    );
+    assert_eq!(
+        sim.stats().logins.load(Ordering::Relaxed),
+        2,
+        "one login again"
+    );
+    // A real denial still ends, after one login again at most.
+    sim.deny(Kind::Transactions, true);
+    let err = crm
+        .page::<Transaction>(&query(DateFilter::Transaction), 1)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CrmError::Forbidden {
+                kind: ForbiddenKind::ModuleOff,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(sim.stats().logins.load(Ordering::Relaxed) <= 3);
+    sim.shutdown().await;
 }

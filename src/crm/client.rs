@@ -8,16 +8,20 @@
 //! Failure handling, per call:
 //! - 401 on a data call: log in again once (only one task logs in; the others reuse its
 //!   token) and repeat the call; a second 401 is [`CrmError::Auth`].
-//! - 403 on a data call made with a cached token: some CRMs answer an expired token with 403
-//!   (`{"message": "Token expired"}`), so it is handled as a 401 first: log in again once
-//!   (shared as above) and repeat the call. Only a 403 to a token just issued (by this call's
-//!   login, or after its one re-login) is [`CrmError::Forbidden`]: a missing "IB Reports"
-//!   permission or a module that is off. No retries beyond that one login.
+//! - 403 on a data call: some CRMs answer an expired token with 403 (`{"message": "Token
+//!   expired"}`), so unless the token was issued by this call's own login at most
+//!   [`JUST_ISSUED`] (3 s) before the attempt was sent, it is handled as a 401 first: log in
+//!   again once (shared as above) and repeat the call. A token fetched by this call that aged
+//!   while the call waited out a 429 pause or a backoff counts as old. Only a 403 to a token
+//!   just issued, or after the call's one re-login, is [`CrmError::Forbidden`]: a missing
+//!   "IB Reports" permission or a module that is off. No retries beyond that one login.
 //! - 429: every call of the process waits until the pause ends, then this call is retried.
 //!   The pause is `Retry-After` in either RFC 9110 form (delay-seconds, or an HTTP-date in the
-//!   IMF-fixdate, RFC 850 or asctime form; a date in the past is no pause), capped at
-//!   [`MAX_RETRY_AFTER`] (one hour: a CRM asking for more is asked again then), or the
-//!   backoff below without the header. After `crm.max_retries` retries,
+//!   IMF-fixdate, RFC 850 or asctime form), capped at [`MAX_RETRY_AFTER`] (one hour: a CRM
+//!   asking for more is asked again then). Without a wait in the header (none, unreadable,
+//!   `0`, a date now or in the past) the pause is the exponential step of the backoff below
+//!   without its jitter (`backoff_initial_ms * 2^(retry-1)`, at most `backoff_max_ms`): a
+//!   CRM that limits is never retried in a burst. After `crm.max_retries` retries,
 //!   [`CrmError::RateLimited`]. A 503 with `Retry-After` pauses the process the same way
 //!   (and is retried as a 5xx).
 //! - 5xx, 408, timeouts, connection errors, unreadable answers: retried up to
@@ -25,9 +29,14 @@
 //!   [`CrmError::Transient`]. Unreadable answers include an HTTP 2xx that is not the data:
 //!   an envelope reporting an error (`"success": false` or `"false"`, `"status": "error"` or
 //!   an HTTP error code, a non-empty `error` / `errors` member, … see
-//!   [`super::page::envelope_error`]), an HTML page (`Content-Type: text/html`), a body that
-//!   is not JSON or that cannot be decompressed. Such an answer is never an empty page, so no
-//!   window completes on it.
+//!   [`super::page::envelope_error`]), an HTML page (labelled `text/html` and not starting
+//!   like JSON: many servers label their JSON `text/html`, PHP's default, and it is read), a
+//!   body that is not JSON or that cannot be decompressed. Such an answer is never an empty
+//!   page, so no window completes on it.
+//! - A login answer is never quoted in an error, log or stat (it may hold a token under any
+//!   name): only its scalar status and message members are (`login_summary`), with every
+//!   value found under a credential-like key cut out. Other answers are quoted by their
+//!   first 200 bytes.
 //! - 403 on login, 400 and other 4xx: not retried ([`CrmError::Auth`],
 //!   [`CrmError::BadRequest`]).
 //!
@@ -173,9 +182,38 @@ struct Inner {
 #[derive(Default)]
 struct TokenState {
     token: Option<SecretString>,
+    /// When the token was issued (its login answered).
+    issued: Option<std::time::Instant>,
     /// Bumped at every login, so a task that saw a 401 only drops the token it used.
     generation: u64,
 }
+
+/// The token a call uses.
+struct Held {
+    token: SecretString,
+    /// Its generation ([`TokenState::generation`]).
+    generation: u64,
+    /// When it was issued.
+    issued: std::time::Instant,
+    /// Whether this call logged in for it.
+    own: bool,
+}
+
+impl Held {
+    /// Whether this call logged in for the token at most [`JUST_ISSUED`] before `sent`.
+    fn just_issued(&self, sent: std::time::Instant) -> bool {
+        self.own && sent.saturating_duration_since(self.issued) <= JUST_ISSUED
+    }
+}
+
+/// How recent a token must be, when the attempt answered 403 was sent, for that 403 to mean
+/// a missing permission or module: at most this long after its login answered (3 s: the
+/// time a call takes from its login to its request, the rate limiter's wait included). A
+/// 403 to an older token may be an expired token (some CRMs answer one with 403, and a call
+/// may wait out a 429 pause of up to [`MAX_RETRY_AFTER`] or a long backoff after its login),
+/// so the call logs in again once. Tokens live minutes to hours: a denial taken for an
+/// expired token costs one login more, never a loop.
+pub const JUST_ISSUED: Duration = Duration::from_secs(3);
 
 impl std::fmt::Debug for CrmClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -264,7 +302,7 @@ impl CrmClient {
 
     /// Logs in now if no token is held (the token is otherwise fetched lazily).
     pub async fn login(&self) -> Result<(), CrmError> {
-        self.token().await.map(|_| ())
+        self.token().await.map(drop)
     }
 
     /// Returns the servers list, each server read on its own (`volatile` fields left out of
@@ -365,7 +403,8 @@ impl CrmClient {
         let url = self.endpoint_url(endpoint);
         let mut relogged = false;
         loop {
-            let (token, generation, fresh) = self.token().await?;
+            let held = self.token().await?;
+            let (token, generation) = (&held.token, held.generation);
             let result = self
                 .send(
                     endpoint.path_segment(),
@@ -373,7 +412,7 @@ impl CrmClient {
                     &url,
                     params,
                     None,
-                    Some(&token),
+                    Some(token),
                     decode,
                 )
                 .await;
@@ -393,18 +432,23 @@ impl CrmClient {
                         ),
                     })
                 }
-                Err(Failure::Forbidden(message)) if !relogged && !fresh => {
+                Err(Failure::Forbidden { message, sent })
+                    if !relogged && !held.just_issued(sent) =>
+                {
                     // Some CRMs answer an expired token with 403, not 401: only a 403 to a
-                    // token just issued means a missing permission or module.
+                    // token this call just logged in for means a missing permission or
+                    // module. Another call's token, or one that aged while this call waited
+                    // (a 429 pause, a backoff), may have expired.
                     info!(
                         endpoint = endpoint.path_segment(),
-                        "crm answered 403 to a cached token, logging in again before taking it as a missing permission"
+                        token_age_ms = sent.saturating_duration_since(held.issued).as_millis() as u64,
+                        "crm answered 403 to a token that may have expired, logging in again before taking it as a missing permission"
                     );
                     debug!(message = %message, "crm 403 answer");
                     self.drop_token(generation).await;
                     relogged = true;
                 }
-                Err(Failure::Forbidden(message)) => {
+                Err(Failure::Forbidden { message, .. }) => {
                     return Err(CrmError::Forbidden {
                         endpoint: endpoint.path_segment().to_owned(),
                         module: endpoint.module(),
@@ -417,13 +461,18 @@ impl CrmClient {
         }
     }
 
-    /// Returns the token, its generation and whether this call just logged in for it.
-    async fn token(&self) -> Result<(SecretString, u64, bool), CrmError> {
+    /// Returns the token, logging in first if none is held.
+    async fn token(&self) -> Result<Held, CrmError> {
         // Held across the login call: concurrent streams wait for one login instead of
         // each logging in.
         let mut state = self.inner.token.lock().await;
-        if let Some(token) = &state.token {
-            return Ok((token.clone(), state.generation, false));
+        if let (Some(token), Some(issued)) = (&state.token, state.issued) {
+            return Ok(Held {
+                token: token.clone(),
+                generation: state.generation,
+                issued,
+                own: false,
+            });
         }
         let token = match self.login_call().await {
             Ok(token) => token,
@@ -433,10 +482,17 @@ impl CrmClient {
             }
         };
         self.inner.stats.logins.fetch_add(1, Ordering::Relaxed);
+        let issued = std::time::Instant::now();
         state.generation += 1;
         state.token = Some(token.clone());
+        state.issued = Some(issued);
         info!(generation = state.generation, "crm login succeeded");
-        Ok((token, state.generation, true))
+        Ok(Held {
+            token,
+            generation: state.generation,
+            issued,
+            own: true,
+        })
     }
 
     async fn drop_token(&self, generation: u64) {
@@ -459,22 +515,31 @@ impl CrmClient {
                 .map_err(|e| format!("login answer is not JSON: {e}"))?;
             match value.get("token").and_then(|t| t.as_str()) {
                 Some(token) if !token.is_empty() => Ok(SecretString::from(token.to_owned())),
-                // Only the error members and the message are shown: the rest may hold a
-                // token under another name.
-                _ => Err(
-                    match value.as_object().and_then(super::page::object_error) {
-                        Some(reason) => format!("login answer has no token: {reason}"),
-                        None => "login answer has no token".to_owned(),
-                    },
-                ),
+                // Only the scalar status and message members are shown, token-like values
+                // cut out of them: the rest may hold a token under another name.
+                _ => {
+                    let reports_error = value
+                        .as_object()
+                        .and_then(super::page::object_error)
+                        .is_some();
+                    Err(match (reports_error, login_summary(&value)) {
+                        (true, Some(summary)) => format!(
+                            "login answer has no token: the answer reports an error though its HTTP status is a success ({summary})"
+                        ),
+                        (false, Some(summary)) => {
+                            format!("login answer has no token ({summary})")
+                        }
+                        (_, None) => "login answer has no token".to_owned(),
+                    })
+                }
             }
         };
         match self
-            .send("login", Method::POST, &url, &[], Some(body), None, &decode)
+            .send(LOGIN, Method::POST, &url, &[], Some(body), None, &decode)
             .await
         {
             Ok(token) => Ok(token),
-            Err(Failure::Unauthorized(message) | Failure::Forbidden(message)) => Err(CrmError::Auth {
+            Err(Failure::Unauthorized(message) | Failure::Forbidden { message, .. }) => Err(CrmError::Auth {
                 url,
                 reason: format!(
                     "login rejected ({message}); check crm.email and crm.password, that the user verified its email, that its role has \"IB Reports\", and that the API key (crm.api_key, crm.domain) has not expired"
@@ -498,6 +563,8 @@ impl CrmClient {
     ) -> Result<R, Failure> {
         let inner = &self.inner;
         let display_url = display_url(url, params);
+        // A login answer may hold credentials anywhere: its body is never quoted.
+        let secret = endpoint == LOGIN;
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
@@ -585,13 +652,19 @@ impl CrmClient {
                             inner.stats.error_answers.fetch_add(1, Ordering::Relaxed);
                             Retry::Transient(format!("unreadable answer: {message}"))
                         }
-                        Ok(Ok(bytes)) => match classify(status, &bytes) {
-                            Class::Ok if html => {
+                        Ok(Ok(bytes)) => match classify(status, &bytes, secret) {
+                            // Many servers label their JSON `text/html` (PHP's default): the
+                            // label alone does not make a page.
+                            Class::Ok if html && !starts_like_json(&bytes) => {
                                 inner.stats.error_answers.fetch_add(1, Ordering::Relaxed);
                                 Retry::Transient(format!(
-                                    "HTTP {} with an HTML page instead of JSON (a proxy's or a maintenance page?): {}",
+                                    "HTTP {} with an HTML page instead of JSON (a proxy's or a maintenance page?){}",
                                     status.as_u16(),
-                                    snippet(&bytes)
+                                    if secret {
+                                        String::new()
+                                    } else {
+                                        format!(": {}", snippet(&bytes))
+                                    }
                                 ))
                             }
                             Class::Ok => match decode(&bytes) {
@@ -602,7 +675,9 @@ impl CrmClient {
                                 }
                             },
                             Class::Unauthorized(m) => return Err(Failure::Unauthorized(m)),
-                            Class::Forbidden(m) => return Err(Failure::Forbidden(m)),
+                            Class::Forbidden(message) => {
+                                return Err(Failure::Forbidden { message, sent })
+                            }
                             Class::Fatal(m) => {
                                 return Err(Failure::Error(CrmError::BadRequest {
                                     url: display_url,
@@ -622,10 +697,21 @@ impl CrmClient {
                     }
                 }
             };
-            if let Retry::RateLimited(retry_after) = &outcome {
+            // The wait of a 429: its Retry-After when that asks for one; without one (absent,
+            // unreadable, 0 or a date not in the future) at least the exponential step, so a
+            // CRM that limits is never retried in a burst.
+            let rate_limit_wait = match &outcome {
+                Retry::RateLimited(retry_after) => Some(
+                    retry_after
+                        .filter(|after| !after.is_zero())
+                        .unwrap_or_else(|| {
+                            backoff_step(attempt, inner.backoff_initial, inner.backoff_max)
+                        }),
+                ),
+                Retry::Transient(_) => None,
+            };
+            if let Some(pause) = rate_limit_wait {
                 // The CRM limits the process, not this call: every call waits.
-                let pause = retry_after
-                    .unwrap_or_else(|| backoff(attempt, inner.backoff_initial, inner.backoff_max));
                 self.pause(pause);
                 inner.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
             }
@@ -644,9 +730,9 @@ impl CrmClient {
                 }));
             }
             inner.stats.retries.fetch_add(1, Ordering::Relaxed);
-            let delay = match &outcome {
-                Retry::RateLimited(Some(after)) => *after + jitter(inner.backoff_initial),
-                _ => backoff(attempt, inner.backoff_initial, inner.backoff_max),
+            let delay = match rate_limit_wait {
+                Some(wait) => wait + jitter(inner.backoff_initial),
+                None => backoff(attempt, inner.backoff_initial, inner.backoff_max),
             };
             match &outcome {
                 Retry::RateLimited(retry_after) => warn!(
@@ -721,7 +807,11 @@ impl CrmClient {
 /// How one request failed, before retries are decided on.
 enum Failure {
     Unauthorized(String),
-    Forbidden(String),
+    /// A 403, and when the attempt answered so was sent.
+    Forbidden {
+        message: String,
+        sent: std::time::Instant,
+    },
     Error(CrmError),
 }
 
@@ -739,8 +829,24 @@ enum Class {
     Transient(String),
 }
 
-fn classify(status: StatusCode, body: &[u8]) -> Class {
-    let message = || snippet(body);
+/// The `endpoint` label of the login call.
+const LOGIN: &str = "login";
+
+/// Sorts an answer by its status; `secret` (a login answer) quotes none of its body, only
+/// [`login_summary`].
+fn classify(status: StatusCode, body: &[u8], secret: bool) -> Class {
+    let message = || {
+        if secret {
+            serde_json::from_slice(body)
+                .ok()
+                .and_then(|value| login_summary(&value))
+                .unwrap_or_else(|| {
+                    "its body is not shown: a login answer may hold credentials".to_owned()
+                })
+        } else {
+            snippet(body)
+        }
+    };
     match status.as_u16() {
         200..=299 => Class::Ok,
         401 => Class::Unauthorized(message()),
@@ -762,6 +868,101 @@ fn is_html(headers: &HeaderMap) -> bool {
             mime.eq_ignore_ascii_case("text/html")
                 || mime.eq_ignore_ascii_case("application/xhtml+xml")
         })
+}
+
+/// Returns whether a body starts like JSON (`{` or `[` after whitespace and a byte-order
+/// mark): such a body is read as JSON whatever its `Content-Type` says.
+fn starts_like_json(body: &[u8]) -> bool {
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
+    body.iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| matches!(b, b'{' | b'['))
+}
+
+/// Members of a login answer that may be quoted in an error (compared ignoring case), when
+/// their value is a string, number or boolean; of an `error` object, its own members of
+/// these names.
+const LOGIN_SHOWN: [&str; 10] = [
+    "success",
+    "status",
+    "statusCode",
+    "code",
+    "error",
+    "errorCode",
+    "errorMessage",
+    "error_description",
+    "message",
+    "detail",
+];
+
+/// Parts of key names under which a login answer may hold a credential (compared in lower
+/// case): their string values are cut out of anything shown.
+const SECRET_KEY_PARTS: [&str; 10] = [
+    "token", "secret", "password", "passwd", "session", "jwt", "bearer", "cookie", "key", "auth",
+];
+
+/// What a login answer says, for errors: its [`LOGIN_SHOWN`] members as `key: value`
+/// (at most 200 characters each), every value found under a credential-like key
+/// ([`SECRET_KEY_PARTS`]) replaced by `[redacted]`. `None` when it says nothing of these.
+fn login_summary(value: &serde_json::Value) -> Option<String> {
+    use serde_json::Value;
+    fn secrets(value: &Value, under_secret: bool, out: &mut Vec<String>) {
+        match value {
+            Value::String(s) if under_secret && s.len() >= 8 => out.push(s.clone()),
+            Value::Number(n) if under_secret && n.to_string().len() >= 8 => out.push(n.to_string()),
+            Value::Array(items) => items
+                .iter()
+                .for_each(|item| secrets(item, under_secret, out)),
+            Value::Object(map) => map.iter().for_each(|(k, v)| {
+                let k = k.to_ascii_lowercase();
+                let secret = under_secret || SECRET_KEY_PARTS.iter().any(|p| k.contains(p));
+                secrets(v, secret, out);
+            }),
+            _ => {}
+        }
+    }
+    fn shown(map: &serde_json::Map<String, Value>, prefix: &str, out: &mut Vec<String>) {
+        for (key, value) in map {
+            if !LOGIN_SHOWN.iter().any(|k| k.eq_ignore_ascii_case(key)) {
+                continue;
+            }
+            match value {
+                Value::String(s) => out.push(format!("{prefix}{key}: {s}")),
+                Value::Number(_) | Value::Bool(_) => out.push(format!("{prefix}{key}: {value}")),
+                Value::Object(inner) if prefix.is_empty() => shown(inner, &format!("{key}."), out),
+                _ => {}
+            }
+        }
+    }
+    let map = value.as_object()?;
+    let mut parts = Vec::new();
+    shown(map, "", &mut parts);
+    if parts.is_empty() {
+        return None;
+    }
+    let mut cut = Vec::new();
+    secrets(value, false, &mut cut);
+    // Longest first, so a secret holding another is cut whole.
+    cut.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    let text = parts
+        .into_iter()
+        .map(|part| {
+            let part = cut.iter().fold(part, |part, secret| {
+                part.replace(secret.as_str(), "[redacted]")
+            });
+            let mut line: String = part
+                .chars()
+                .take(200)
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            if part.chars().nth(200).is_some() {
+                line.push('…');
+            }
+            line
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    Some(text)
 }
 
 /// Returns the start of an answer body for error messages, on one line.
@@ -819,8 +1020,9 @@ pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// Parses `Retry-After` in both RFC 9110 forms (section 10.2.3): delay-seconds (`120`;
 /// fractions accepted) or an HTTP-date (IMF-fixdate `Mon, 30 Nov 2026 19:02:00 GMT`, and the
-/// obsolete RFC 850 and asctime forms). A date in the past is no wait; any wait is capped at
-/// [`MAX_RETRY_AFTER`]. `None` when absent or unreadable (the caller backs off instead).
+/// obsolete RFC 850 and asctime forms). A date in the past is a wait of zero (the caller
+/// then backs off as without the header); any wait is capped at [`MAX_RETRY_AFTER`]. `None`
+/// when absent or unreadable (the caller backs off instead).
 fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
     retry_after_at(value, std::time::SystemTime::now())
@@ -841,10 +1043,16 @@ fn retry_after_at(value: &str, now: std::time::SystemTime) -> Option<Duration> {
     Some(wait.min(MAX_RETRY_AFTER))
 }
 
-/// Exponential backoff with full jitter: uniform in `0..=min(max, initial * 2^(attempt-1))`.
+/// Exponential backoff with full jitter: uniform in `0..=`[`backoff_step`].
 fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
-    let exp = initial.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
-    jitter(exp.min(max))
+    jitter(backoff_step(attempt, initial, max))
+}
+
+/// The exponential step of retry `attempt` (1-based): `min(max, initial * 2^(attempt-1))`.
+fn backoff_step(attempt: u32, initial: Duration, max: Duration) -> Duration {
+    initial
+        .saturating_mul(1u32 << attempt.saturating_sub(1).min(20))
+        .min(max)
 }
 
 fn jitter(bound: Duration) -> Duration {
@@ -1096,7 +1304,7 @@ mod tests {
                 "{value}"
             );
         }
-        // A date in the past: no wait.
+        // A date in the past: a wait of zero (the caller backs off instead).
         assert_eq!(
             retry_after_at("Wed, 21 Oct 2015 07:28:00 GMT", now),
             Some(Duration::ZERO)

@@ -14,9 +14,11 @@ pub enum CrmError {
         /// What the CRM answered and what to check.
         reason: String,
     },
-    /// HTTP 403 on a data call made with a token just issued (a 403 to a cached token first
-    /// logs in again once, as some CRMs answer an expired token with 403): the role lacks
-    /// "IB Reports" or the endpoint's module is off. Fatal for that stream only.
+    /// HTTP 403 on a data call made with a token just issued (by the call's own login at most
+    /// [`crate::crm::client::JUST_ISSUED`] before the attempt) or after the call's one login
+    /// again (a 403 to an older token first logs in again once, as some CRMs answer an expired
+    /// token with 403): the role lacks "IB Reports" or the endpoint's module is off. Fatal for
+    /// that stream only.
     #[error("crm denied {endpoint} (HTTP 403): {}; CRM says: {message}", kind.hint(module))]
     Forbidden {
         /// Endpoint path segment (`leads`, `positions`, …).

@@ -371,9 +371,6 @@ fn parse_utf8_page<T: CrmRecord>(
         ),
         Some(b'{') => {
             let envelope: Envelope = serde_json::from_slice(body).map_err(not_json)?;
-            if let Some(error) = envelope.error {
-                return Err(error_reason(&error, envelope.message.as_deref()));
-            }
             let items = envelope
                 .data
                 .into_iter()
@@ -390,6 +387,17 @@ fn parse_utf8_page<T: CrmRecord>(
                 .find_map(|t| t.as_ref().filter(|v| !v.is_null()))
                 .map(parse_count)
                 .transpose()?;
+            if let Some(error) = &envelope.error {
+                // A "not found" status beside an explicit total of 0, no records and a
+                // message saying so is how some APIs (Laravel's) answer an empty result.
+                let no_records = envelope.only_not_found
+                    && total == Some(0)
+                    && items.as_ref().is_none_or(Vec::is_empty)
+                    && envelope.message.as_deref().is_some_and(says_no_records);
+                if !no_records {
+                    return Err(error_reason(error, envelope.message.as_deref()));
+                }
+            }
             match items {
                 Some(items) => (items, total),
                 // An empty result may come without the array at all, but only with a total of 0.
@@ -491,7 +499,8 @@ fn parse_count(value: &Field<'_>) -> Result<u64, String> {
 }
 
 /// Keys of an envelope's members that tell success or failure (compared ignoring case).
-const STATUS_KEYS: [&str; 13] = [
+/// `result` tells it too when it is not the record array (see [`envelope_error`]).
+const STATUS_KEYS: [&str; 22] = [
     "success",
     "isSuccess",
     "succeeded",
@@ -503,24 +512,132 @@ const STATUS_KEYS: [&str; 13] = [
     "error",
     "errors",
     "errorMessage",
+    "error_message",
+    "errorCode",
+    "error_code",
     "hasErrors",
+    "has_errors",
+    "hasError",
+    "has_error",
+    "isError",
+    "is_error",
+    "failed",
     "message",
 ];
+
+/// Words that mean "no error" where an error or a status is expected (lower case).
+const NO_ERROR_WORDS: [&str; 10] = [
+    "",
+    "0",
+    "false",
+    "no",
+    "none",
+    "null",
+    "ok",
+    "success",
+    "succeeded",
+    "true",
+];
+
+/// Words of a `status` or `result` that mean the call failed (lower case).
+const ERROR_WORDS: [&str; 8] = [
+    "error",
+    "errored",
+    "fail",
+    "failed",
+    "failure",
+    "ko",
+    "false",
+    "exception",
+];
+
+/// Keys of a code that tells success (0, 2xx) or failure (compared ignoring case).
+const CODE_KEYS: [&str; 6] = [
+    "code",
+    "status",
+    "statusCode",
+    "status_code",
+    "errorCode",
+    "error_code",
+];
+
+/// Returns whether a message says the query found nothing ("No records found", "no data",
+/// "No results found.").
+fn says_no_records(message: &str) -> bool {
+    let lower = message.to_ascii_lowercase();
+    [
+        "no record",
+        "no data",
+        "no result",
+        "no item",
+        "no entr",
+        "no match",
+        "nothing found",
+        "records not found",
+        "record not found",
+        "data not found",
+    ]
+    .iter()
+    .any(|words| lower.contains(words))
+}
 
 fn is_status_key(key: &str) -> bool {
     STATUS_KEYS.iter().any(|k| k.eq_ignore_ascii_case(key))
 }
 
+/// Returns whether a code says success: 0, a 2xx, or a success word (`ok`, `success`, …).
+fn code_says_success(word: &str) -> bool {
+    match word.parse::<f64>() {
+        Ok(code) => code == 0.0 || (200.0..300.0).contains(&code),
+        Err(_) => matches!(word, "ok" | "success" | "succeeded" | "true"),
+    }
+}
+
+/// Returns whether an `error` / `errors` object says there is no error after all
+/// (`{"code": 0, "message": "OK"}`, `{"status": 200}`, `{"message": "Success"}`, `{}`): a
+/// code member of 0, a 2xx or a success word, or, without one, a message that is a success
+/// word.
+fn object_says_no_error(text: &str) -> bool {
+    let Ok(Value::Object(map)) = serde_json::from_str::<Value>(text) else {
+        return false;
+    };
+    let word = |v: &Value| match v {
+        Value::String(s) => Some(s.trim().to_ascii_lowercase()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    };
+    let code = map
+        .iter()
+        .find(|(k, _)| CODE_KEYS.iter().any(|c| c.eq_ignore_ascii_case(k)))
+        .map(|(_, v)| v);
+    match code {
+        Some(code) => word(code).is_some_and(|w| code_says_success(&w)),
+        None => map
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("message"))
+            .map_or(map.is_empty(), |(_, v)| {
+                word(v).is_some_and(|w| matches!(w.as_str(), "ok" | "success" | "succeeded"))
+            }),
+    }
+}
+
 /// Returns `key: value` when an envelope member reports that the call failed, as REST APIs
-/// write it beside HTTP 200 (the source of the rule: issue 15, item 6, and the shapes of
-/// common CRM and REST APIs):
+/// write it beside HTTP 200 (the source of the rule: issue 15, item 6 and its review, and the
+/// shapes of common CRM and REST APIs: PHP/Laravel, .NET, JSON-RPC-like):
 /// - `success` / `isSuccess` / `succeeded` / `ok` false: `false`, `"false"`, `0`, `"0"`, `"no"`;
-/// - `status` an error word (`error`, `fail`, `failed`, `failure`, `ko`) or an HTTP error
-///   code (400 to 599, as a number or text); `statusCode` / `status_code` / `code` an HTTP
-///   error code;
-/// - `error` / `errors` / `errorMessage` present and not empty (`null`, `false`, `""`, `[]`,
-///   `{}`, `0` and the words `0`, `false`, `none`, `null`, `ok` mean no error);
-/// - `hasErrors` true.
+/// - `status` or `result` (when `result` is not the record array) false or an error word
+///   (`false`, `error`, `fail`, `failed`, `failure`, `ko`, `exception`, as a boolean or
+///   text), or (`status` only) an HTTP error code (400 to 599, as a number or text);
+///   `statusCode` / `status_code` / `code` an HTTP error code;
+/// - `errorCode` / `error_code` set to anything but `null`, `false`, `""`, 0, a 2xx or a
+///   success word;
+/// - `error` / `errors` / `errorMessage` / `error_message` present and not empty (`null`,
+///   `false`, `""`, `[]`, `{}`, 0, a 2xx code, the words `0`, `false`, `no`, `none`, `null`,
+///   `ok`, `success`, `succeeded`, `true`, and an object whose code is 0, a 2xx or a success
+///   word, or without a code whose message is `OK` / `Success`, mean no error);
+/// - `isError` / `is_error` / `hasError` / `has_error` / `hasErrors` / `has_errors` /
+///   `failed` true (`true`, `"true"`, `1`, `"yes"`).
 ///
 /// Keys are compared ignoring case (`Success`, `Errors` of .NET APIs).
 pub fn envelope_error(key: &str, value: &Field<'_>, raw: &str) -> Option<String> {
@@ -535,33 +652,58 @@ pub fn envelope_error(key: &str, value: &Field<'_>, raw: &str) -> Option<String>
         word(value).is_some_and(|w| matches!(w.as_str(), "false" | "0" | "no"))
     } else if is("status") {
         word(value).is_some_and(|w| {
-            matches!(w.as_str(), "error" | "fail" | "failed" | "failure" | "ko")
+            ERROR_WORDS.contains(&w.as_str())
                 || w.parse::<u16>()
                     .is_ok_and(|code| (400..=599).contains(&code))
         })
+    } else if is("result") {
+        word(value).is_some_and(|w| ERROR_WORDS.contains(&w.as_str()))
     } else if is("statusCode") || is("status_code") || is("code") {
         word(value).is_some_and(|w| w.parse::<u16>().is_ok_and(|c| (400..=599).contains(&c)))
-    } else if is("error") || is("errors") || is("errorMessage") {
+    } else if is("errorCode") || is("error_code") {
         match value {
             Field::Null | Field::Bool(false) => false,
-            Field::String(s) => !matches!(
-                s.trim().to_ascii_lowercase().as_str(),
-                "" | "0" | "false" | "none" | "null" | "ok"
-            ),
-            Field::Number(n) => n.parse::<f64>() != Ok(0.0),
+            Field::Nested(_) => false,
+            _ => word(value).is_some_and(|w| !w.is_empty() && !code_says_success(&w)),
+        }
+    } else if is("error") || is("errors") || is("errorMessage") || is("error_message") {
+        match value {
+            Field::Null | Field::Bool(false) => false,
+            Field::String(s) => {
+                let w = s.trim().to_ascii_lowercase();
+                !NO_ERROR_WORDS.contains(&w.as_str()) && !code_says_success(&w)
+            }
+            Field::Number(n) => !code_says_success(n),
             Field::Nested(raw) => {
                 let inner: String = raw.get().chars().filter(|c| !c.is_whitespace()).collect();
-                inner != "[]" && inner != "{}"
+                inner != "[]" && inner != "{}" && !object_says_no_error(raw.get())
             }
             Field::Bool(true) => true,
         }
-    } else if is("hasErrors") {
-        matches!(value, Field::Bool(true))
-            || word(value).is_some_and(|w| matches!(w.as_str(), "true" | "1"))
+    } else if is("hasErrors")
+        || is("has_errors")
+        || is("hasError")
+        || is("has_error")
+        || is("isError")
+        || is("is_error")
+        || is("failed")
+    {
+        word(value).is_some_and(|w| matches!(w.as_str(), "true" | "1" | "yes"))
     } else {
         false
     };
     failed.then(|| format!("{key}: {}", clip(raw)))
+}
+
+/// Returns whether an envelope member that failed ([`envelope_error`]) is a "not found" code
+/// (404), which with an explicit total of 0 and no records is an empty result.
+fn is_not_found(key: &str, value: &Field<'_>) -> bool {
+    let code = match value {
+        Field::Number(n) => n,
+        Field::String(s) => s.trim(),
+        _ => return false,
+    };
+    CODE_KEYS.iter().any(|k| k.eq_ignore_ascii_case(key)) && code == "404"
 }
 
 /// Returns the reason when a JSON object answer reports an error in its members (as
@@ -572,7 +714,7 @@ pub fn object_error(map: &serde_json::Map<String, Value>) -> Option<String> {
         .find(|(k, _)| k.eq_ignore_ascii_case("message"))
         .map(|(_, v)| v.as_str().map_or_else(|| v.to_string(), str::to_owned));
     map.iter()
-        .filter(|(k, _)| is_status_key(k))
+        .filter(|(k, v)| is_status_key(k) || (k.eq_ignore_ascii_case("result") && !v.is_array()))
         .find_map(|(key, value)| {
             let text = value.to_string();
             let raw = serde_json::from_str::<&RawValue>(&text).ok()?;
@@ -622,6 +764,8 @@ struct Envelope<'a> {
     totals: [Option<Field<'a>>; 3],
     /// The first member that reports an error, as `key: value`.
     error: Option<String>,
+    /// Whether every member that reports an error is a 404 code ([`is_not_found`]).
+    only_not_found: bool,
     /// The `message` member's text, if any (for the error's reason).
     message: Option<String>,
 }
@@ -650,10 +794,28 @@ impl<'de> Deserialize<'de> for Envelope<'de> {
                     data: Default::default(),
                     totals: Default::default(),
                     error: None,
+                    only_not_found: true,
                     message: None,
                 };
+                let mut failed = |key: &str, field: &Field<'_>, raw: &RawValue| {
+                    if let Some(error) = envelope_error(key, field, raw.get()) {
+                        envelope.only_not_found &= is_not_found(key, field);
+                        envelope.error.get_or_insert(error);
+                    }
+                };
                 while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-                    if let Some(i) = DATA_KEYS.iter().position(|k| *k == key) {
+                    if key.eq_ignore_ascii_case("result") {
+                        // The record array, or (`"result": "error"`) a status.
+                        let raw: &'de RawValue = map.next_value()?;
+                        let field = Field::from_raw(raw).map_err(serde::de::Error::custom)?;
+                        failed(&key, &field, raw);
+                        // A boolean or a word is a status, never a record array.
+                        let status = matches!(field, Field::Bool(_) | Field::String(_));
+                        if key == "result" && !status {
+                            envelope.data[3] = serde_json::from_str(raw.get())
+                                .map_err(serde::de::Error::custom)?;
+                        }
+                    } else if let Some(i) = DATA_KEYS.iter().position(|k| *k == key) {
                         envelope.data[i] = map.next_value()?;
                     } else if let Some(i) = TOTAL_KEYS.iter().position(|k| *k == key) {
                         let raw: &'de RawValue = map.next_value()?;
@@ -664,8 +826,8 @@ impl<'de> Deserialize<'de> for Envelope<'de> {
                         let field = Field::from_raw(raw).map_err(serde::de::Error::custom)?;
                         if key.eq_ignore_ascii_case("message") {
                             envelope.message = Some(text_of(&field, raw));
-                        } else if envelope.error.is_none() {
-                            envelope.error = envelope_error(&key, &field, raw.get());
+                        } else {
+                            failed(&key, &field, raw);
                         }
                     } else {
                         map.next_value::<IgnoredAny>()?;
@@ -899,6 +1061,37 @@ mod tests {
             r#"{"error": true, "data": []}"#,
             r#"{"statusCode": 500, "message": "Internal", "data": []}"#,
             r#"{"code": "503", "data": []}"#,
+            // PHP/Laravel, .NET and JSON-RPC-like shapes (the review of issue 15, item 6).
+            r#"{"status": false, "data": []}"#,
+            r#"{"status": "false", "data": [], "total": 0}"#,
+            r#"{"Status": "FALSE", "total": 0}"#,
+            r#"{"status": "exception", "data": []}"#,
+            r#"{"isError": true, "data": []}"#,
+            r#"{"is_error": "1", "data": []}"#,
+            r#"{"hasError": true, "data": []}"#,
+            r#"{"has_error": "yes", "data": []}"#,
+            r#"{"has_errors": 1, "data": []}"#,
+            r#"{"failed": true, "data": []}"#,
+            r#"{"errorCode": 503, "data": []}"#,
+            r#"{"error_code": "E_DB_DOWN", "data": [], "total": 0}"#,
+            r#"{"ErrorCode": "500", "data": []}"#,
+            r#"{"error_message": "try later", "data": []}"#,
+            r#"{"result": "error", "data": []}"#,
+            r#"{"data": [], "result": "fail", "message": "db down"}"#,
+            r#"{"result": "Failed", "records": [], "total": 0}"#,
+            r#"{"result": false, "data": []}"#,
+            r#"{"Result": "error", "data": []}"#,
+            r#"{"error": {"code": 500, "message": "OK"}, "data": []}"#,
+            r#"{"error": {"message": "db down"}, "data": []}"#,
+            r#"{"error": 503, "data": []}"#,
+            // A "not found" that is not an empty result: no total, data, another error, or
+            // a message that is not "no records".
+            r#"{"status": 404, "data": []}"#,
+            r#"{"status": 404, "message": "No records found", "data": []}"#,
+            r#"{"status": 404, "message": "Route not found", "data": [], "total": 0}"#,
+            r#"{"status": 404, "message": "No records found", "data": [{"id": 1}], "total": 0}"#,
+            r#"{"status": 404, "success": false, "message": "No records found", "data": [], "total": 0}"#,
+            r#"{"status": 404, "message": "No records found", "data": [], "total": 3}"#,
         ] {
             let err = parse_page::<Lead>(body.as_bytes(), 1, 1000, Tz::UTC, &[]).expect_err(body);
             assert!(err.contains("reports an error"), "{body}: {err}");
@@ -929,10 +1122,39 @@ mod tests {
             r#"{"error": "0", "errors": "none", "errorMessage": "false", "data": []}"#,
             r#"{"code": 0, "statusCode": 200, "data": []}"#,
             r#"{"code": "OK", "data": []}"#,
+            // Success said in the shapes of the review of issue 15, item 6.
+            r#"{"error": {"code": 0, "message": "OK"}, "data": []}"#,
+            r#"{"error": {"code": "200", "message": "fine"}, "data": []}"#,
+            r#"{"errors": {"status": 204}, "data": []}"#,
+            r#"{"error": {"message": "Success"}, "data": []}"#,
+            r#"{"error": "Success", "data": []}"#,
+            r#"{"error": "succeeded", "errorMessage": "OK", "error_message": "", "data": []}"#,
+            r#"{"error": 0, "errors": 200, "data": []}"#,
+            r#"{"status": true, "data": []}"#,
+            r#"{"status": "true", "data": []}"#,
+            r#"{"status": "SUCCESS", "data": []}"#,
+            r#"{"isError": false, "hasError": 0, "is_error": "false", "has_errors": "0", "data": []}"#,
+            r#"{"failed": 0, "data": []}"#,
+            r#"{"errorCode": 0, "error_code": "", "data": []}"#,
+            r#"{"errorCode": null, "data": []}"#,
+            r#"{"errorCode": "200", "data": []}"#,
+            r#"{"errorCode": "OK", "data": []}"#,
+            r#"{"result": "ok", "data": []}"#,
+            r#"{"result": "success", "records": []}"#,
+            r#"{"result": true, "data": []}"#,
+            r#"{"result": "SUCCESS", "total": 0}"#,
+            // "No records" as a 404 beside an explicit total of 0: an empty result.
+            r#"{"status": 404, "message": "No records found", "data": [], "total": 0}"#,
+            r#"{"statusCode": "404", "message": "no data", "total": 0}"#,
+            r#"{"code": 404, "message": "No results found.", "items": [], "totalCount": "0"}"#,
         ] {
             let page = parse_page::<Lead>(body.as_bytes(), 1, 1000, Tz::UTC, &[]);
             assert!(page.is_ok(), "{body}: {:?}", page.err());
         }
+        // `result` is still the record array when it is one.
+        let page =
+            parse_page::<Lead>(br#"{"result": [{"id": 7}]}"#, 1, 1000, Tz::UTC, &[]).unwrap();
+        assert_eq!(page.records.len(), 1);
     }
 
     #[test]
@@ -941,6 +1163,10 @@ mod tests {
             r#"{"success": false, "message": "Service temporarily unavailable", "data": []}"#,
             r#"{"status": "error", "mt4": []}"#,
             r#"{"errors": ["x"]}"#,
+            r#"{"status": false, "mt4": []}"#,
+            r#"{"isError": true}"#,
+            r#"{"result": "error", "mt4": []}"#,
+            r#"{"errorCode": 503}"#,
         ] {
             let err = parse_servers::<Server>(body.as_bytes(), Tz::UTC, &[]).expect_err(body);
             assert!(err.contains("reports an error"), "{body}: {err}");
@@ -952,7 +1178,14 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("Service temporarily unavailable"), "{err}");
-        assert!(parse_servers::<Server>(br#"{"success": true, "mt4": []}"#, Tz::UTC, &[]).is_ok());
+        for body in [
+            r#"{"success": true, "mt4": []}"#,
+            r#"{"error": {"code": 0, "message": "OK"}, "mt4": []}"#,
+            r#"{"error": "Success", "result": "ok", "mt4": []}"#,
+        ] {
+            let servers = parse_servers::<Server>(body.as_bytes(), Tz::UTC, &[]);
+            assert!(servers.is_ok(), "{body}: {:?}", servers.err());
+        }
     }
 
     fn gzip(body: &[u8]) -> Vec<u8> {

@@ -103,6 +103,8 @@ struct Quirks {
     latin1: Mutex<std::collections::HashSet<(Kind, String)>>,
     /// Calls still to answer with this status (429 or 503) and this `Retry-After`.
     rate_limit_next: Mutex<Option<(u32, StatusCode, String)>>,
+    /// Data calls (not logins) still to answer with 429 and this `Retry-After`.
+    rate_limit_data_next: Mutex<Option<(u32, String)>>,
     /// When each API call arrived, while recorded.
     arrivals: Mutex<Option<Vec<std::time::SystemTime>>>,
 }
@@ -185,6 +187,12 @@ impl SimHandle {
     pub fn rate_limit_next(&self, n: u32, retry_after: &str) {
         *lock(&self.state.quirks.rate_limit_next) =
             Some((n, StatusCode::TOO_MANY_REQUESTS, retry_after.to_owned()));
+    }
+
+    /// Answers the next `n` data calls (logins pass) with HTTP 429 and `Retry-After:
+    /// <retry_after>`.
+    pub fn rate_limit_data_next(&self, n: u32, retry_after: &str) {
+        *lock(&self.state.quirks.rate_limit_data_next) = Some((n, retry_after.to_owned()));
     }
 
     /// Answers the next `n` API calls with HTTP 503 and `Retry-After: <retry_after>`.
@@ -648,6 +656,22 @@ async fn data_call(
     headers: HeaderMap,
 ) -> Response {
     if let Some(response) = faults(&state).await {
+        return response;
+    }
+    let data_429 = {
+        let mut next = lock(&state.quirks.rate_limit_data_next);
+        let value = next.as_ref().map(|(_, v)| v.clone());
+        match next.as_mut() {
+            Some((n, _)) if *n > 1 => *n -= 1,
+            _ => *next = None,
+        }
+        value
+    };
+    if let Some(value) = data_429 {
+        let mut response = error(&state, StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
+        if let Ok(value) = axum::http::HeaderValue::from_str(&value) {
+            response.headers_mut().insert("retry-after", value);
+        }
         return response;
     }
     let kind = match Kind::parse(&endpoint) {
