@@ -6,7 +6,8 @@
 //! created), the state topic's settings, transactions in exactly-once mode (with a
 //! transactional id of its own, `<instance_id>-check`: the instance's id would fence a running
 //! instance; a transaction that writes no record to any topic, see
-//! `kafka::probe_transactions`, so a broker that cannot end it never blocks the state topic),
+//! `kafka::probe_transactions`, so a broker that cannot end it never blocks the state topic;
+//! a probe denied by an ACL is a warning naming the ACL, never advice to drop exactly-once),
 //! and the Schema Registry when one is configured.
 
 use std::fmt;
@@ -34,6 +35,9 @@ pub enum Outcome {
     /// Not a failure, but worth saying (a topic `run` will create, a check that does not
     /// apply).
     Note(String),
+    /// Not a failure of what `run` needs, but something `check` could not test and why
+    /// (an ACL the check's own probe lacks).
+    Warning(String),
     /// Any other failure.
     Error(String),
 }
@@ -55,15 +59,19 @@ impl fmt::Display for CheckLine {
             Outcome::PermissionMissing(m) => write!(f, "{:<28} permission missing: {m}", self.what),
             Outcome::ModuleOff(m) => write!(f, "{:<28} module off: {m}", self.what),
             Outcome::Note(m) => write!(f, "{:<28} ok: {m}", self.what),
+            Outcome::Warning(m) => write!(f, "{:<28} warning: {m}", self.what),
             Outcome::Error(m) => write!(f, "{:<28} error: {m}", self.what),
         }
     }
 }
 
 impl CheckLine {
-    /// Returns whether the call worked.
+    /// Returns whether the call worked, or nothing `run` needs failed (a warning).
     pub fn is_ok(&self) -> bool {
-        matches!(self.outcome, Outcome::Ok { .. } | Outcome::Note(_))
+        matches!(
+            self.outcome,
+            Outcome::Ok { .. } | Outcome::Note(_) | Outcome::Warning(_)
+        )
     }
 
     fn new(what: impl Into<String>, outcome: Outcome) -> Self {
@@ -250,9 +258,17 @@ pub async fn kafka(config: &Config) -> Vec<CheckLine> {
             let id = format!("{}-check", kafka.instance_id);
             match crate::kafka::probe_transactions(kafka, &state_topic, &id, timeout).await {
                 Ok(()) => Outcome::Ok { total: None },
-                Err(e) => Outcome::Error(format!(
-                    "{e}; if the broker has no transactions, set kafka.delivery = \"at-least-once\""
-                )),
+                // Denied, the probe proves nothing either way: never advice to give up
+                // exactly-once. `run` tests transactions with its start-up barrier then.
+                Err(e) => match crate::kafka::probe_denied(e.rdkafka_error_code(), &id, &state_topic) {
+                    Some(acl) => Outcome::Warning(format!(
+                        "not tested: the principal lacks {acl} ({e}); grant it to have `check` test transactions (`run` does not need it: it tests them with its start-up barrier under the transactional id {})",
+                        kafka.instance_id
+                    )),
+                    None => Outcome::Error(format!(
+                        "{e}; if the broker has no transactions, set kafka.delivery = \"at-least-once\""
+                    )),
+                },
             }
         }
     };

@@ -429,3 +429,73 @@ async fn the_broker_down_mid_transaction_fails_or_commits_the_batch_once() {
     drop(sink.handle);
     sink.task.await.unwrap().unwrap();
 }
+
+/// A principal allowed only the instance's own transactional id (an ACL on the literal
+/// `kafka.instance_id`): the probe's id, `<instance_id>-probe`, is denied, and so is its
+/// group. `run` starts anyway, the start-up barrier testing transactions as before the
+/// probe existed; the warning names the ACL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_denied_by_an_acl_falls_back_to_the_barrier() {
+    for (api, error) in [
+        (
+            RDKafkaApiKey::InitProducerId,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+        ),
+        (
+            RDKafkaApiKey::TxnOffsetCommit,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED,
+        ),
+    ] {
+        let mock = cluster();
+        let config = kafka(&mock.bootstrap_servers(), "eo-acl");
+        let sink = sink::start(&config).await.unwrap();
+        // The instance's producer is initialised: the next such request is the probe's.
+        mock.request_errors(api, &[error]);
+        let state = ibstream::kafka::restore(
+            &config,
+            "crm._ibstream_state",
+            &sink.handle,
+            Duration::from_secs(10),
+            &tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{error:?} on {api:?} refused the start: {e}"))
+        .expect("not stopped");
+        assert!(!state.holds_progress());
+        // The barrier went through the instance's transactional producer.
+        let keys = read_to_end(&mock.bootstrap_servers(), "crm._ibstream_state");
+        assert_eq!(keys, vec!["barrier/eo-acl"], "{error:?}");
+        drop(sink.handle);
+        sink.task.await.unwrap().unwrap();
+    }
+}
+
+/// `check` with the same ACLs: a warning naming the ACL its probe lacks, never advice to
+/// give up exactly-once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_denied_its_probe_by_an_acl_names_the_acl_and_never_advises_at_least_once() {
+    let mock = cluster();
+    let full = ibstream::config::Config {
+        kafka: kafka(&mock.bootstrap_servers(), "eo-check-acl"),
+        ..ibstream::config::Config::load(None).unwrap()
+    };
+    mock.request_errors(
+        RDKafkaApiKey::InitProducerId,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TRANSACTIONAL_ID_AUTHORIZATION_FAILED],
+    );
+    let lines = ibstream::check::kafka(&full).await;
+    let transactions = lines
+        .iter()
+        .find(|l| l.what == "kafka transactions")
+        .unwrap();
+    let text = transactions.to_string();
+    assert!(
+        matches!(transactions.outcome, ibstream::check::Outcome::Warning(_)),
+        "{text}"
+    );
+    assert!(
+        text.contains("transactional id eo-check-acl-check"),
+        "{text}"
+    );
+    assert!(!text.contains("at-least-once"), "{text}");
+}

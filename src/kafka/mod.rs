@@ -5,7 +5,7 @@ pub mod restore;
 pub mod sink;
 
 pub use restore::{
-    check_state_topic, ensure_topics, first_with_records, probe_transactions, read_state, restore,
-    TopicSpec,
+    check_state_topic, ensure_topics, first_with_records, probe_denied, probe_transactions,
+    read_state, restore, TopicSpec,
 };
 pub use sink::{Batch, OutRecord, Sink, SinkError, SinkHandle};

@@ -202,9 +202,12 @@ pub async fn check_state_topic(config: &KafkaConfig, topic: &str) -> Result<(), 
 /// topic: a transaction (its own `transactional_id`, never the instance's, which would fence
 /// a running instance) holding only the offset 0 of `topic`'s partition 0 for the consumer
 /// group `transactional_id` (written to the broker's `__consumer_offsets`, nowhere else), then
-/// committed. Every failure aborts the transaction (best effort); an open transaction left by
-/// a failed probe holds no record a reader of ibstream's topics waits for. Errors are
-/// rdkafka's, e.g. "EndTxnRequest (KIP-98) not supported by broker" on tansu.
+/// committed. Its `transaction.timeout.ms` is the sink's (`kafka.batch_timeout_secs`), so a
+/// broker whose `transaction.max.timeout.ms` accepts the sink accepts the probe. Every failure
+/// aborts the transaction (best effort); an open transaction left by a failed probe holds no
+/// record a reader of ibstream's topics waits for. Errors are rdkafka's, e.g. "EndTxnRequest
+/// (KIP-98) not supported by broker" on tansu; [`probe_denied`] tells an ACL the probe lacks
+/// from a broker without transactions.
 pub async fn probe_transactions(
     config: &KafkaConfig,
     topic: &str,
@@ -214,13 +217,10 @@ pub async fn probe_transactions(
     use rdkafka::producer::{BaseProducer, Producer};
     let client = client_config(config)
         .map_err(|e| rdkafka::error::KafkaError::ClientCreation(format!("kafka settings: {e}")))?;
+    let producer_config = probe_producer_config(&client, config, transactional_id);
     let (topic, id) = (topic.to_owned(), transactional_id.to_owned());
     tokio::task::spawn_blocking(move || {
-        let producer: BaseProducer = client
-            .clone()
-            .set("transactional.id", &id)
-            .set("transaction.timeout.ms", "60000")
-            .create()?;
+        let producer: BaseProducer = producer_config.create()?;
         let consumer: BaseConsumer = client.clone().set("group.id", &id).create()?;
         let group = consumer.group_metadata().ok_or_else(|| {
             rdkafka::error::KafkaError::ClientCreation("no consumer group metadata".to_owned())
@@ -242,12 +242,63 @@ pub async fn probe_transactions(
     .unwrap_or(Err(rdkafka::error::KafkaError::Canceled))
 }
 
+/// The probe's producer settings: the client's, its own transactional id, and the sink's
+/// transaction timeout.
+fn probe_producer_config(
+    client: &ClientConfig,
+    config: &KafkaConfig,
+    transactional_id: &str,
+) -> ClientConfig {
+    let mut producer = client.clone();
+    producer.set("transactional.id", transactional_id).set(
+        "transaction.timeout.ms",
+        (config.batch_timeout_secs * 1000).to_string(),
+    );
+    producer
+}
+
+/// Returns the ACL the transactions probe lacks when its failure (`code`, rdkafka's error
+/// code) is an authorization error, `None` otherwise (the broker cannot run transactions, or
+/// the probe failed for another reason). The probe needs ACLs of its own beyond what the
+/// instance needs: WRITE on the transactional id `transactional_id` (the instance's is
+/// `kafka.instance_id`), READ on the consumer group `transactional_id`, READ on `topic` (its
+/// offset is committed in the transaction). A denied probe says nothing about transactions:
+/// `run` then tests them with its start-up barrier, and `check` warns naming the ACL. Source
+/// of the ACLs per request: Kafka's authorization docs (InitProducerId, AddOffsetsToTxn,
+/// TxnOffsetCommit).
+pub fn probe_denied(
+    code: Option<RDKafkaErrorCode>,
+    transactional_id: &str,
+    topic: &str,
+) -> Option<String> {
+    let acl = match code? {
+        RDKafkaErrorCode::TransactionalIdAuthorizationFailed => {
+            format!("WRITE on the transactional id {transactional_id}")
+        }
+        RDKafkaErrorCode::GroupAuthorizationFailed => {
+            format!("READ on the consumer group {transactional_id}")
+        }
+        RDKafkaErrorCode::TopicAuthorizationFailed => format!("READ on the topic {topic}"),
+        RDKafkaErrorCode::ClusterAuthorizationFailed => {
+            "IDEMPOTENT_WRITE on the cluster".to_owned()
+        }
+        RDKafkaErrorCode::DelegationTokenAuthorizationFailed => {
+            "the ACLs of its delegation token".to_owned()
+        }
+        _ => return None,
+    };
+    Some(acl)
+}
+
 /// Reads the state topic to the barrier and returns the state before it; `None` when `stop`
 /// was cancelled meanwhile (a shutdown during a long restore does not wait for its end).
 ///
-/// In exactly-once mode transactions are probed first ([`probe_transactions`]): a broker that
-/// cannot end them fails here, before a transactional record reaches the state topic. Then the
-/// barrier goes through the sink, the instance's first transaction.
+/// In exactly-once mode transactions are probed first ([`probe_transactions`], transactional
+/// id and group `<instance_id>-probe`): a broker that cannot end them fails here, before a
+/// transactional record reaches the state topic. A probe denied by an ACL ([`probe_denied`])
+/// is a warning naming the ACL, not a refusal: the principal may be allowed only the
+/// instance's own transactional id. Then the barrier goes through the sink, the instance's
+/// first transaction (the test of transactions when the probe was denied).
 pub async fn restore(
     config: &KafkaConfig,
     state_topic: &str,
@@ -273,16 +324,22 @@ pub async fn restore(
         };
         match probe {
             Ok(()) => {}
-            // The group of the probe is not the instance's: a principal allowed its
-            // transactional id but no such group still gets the barrier's own test.
-            Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::GroupAuthorizationFailed) => {
-                tracing::warn!(error = %e, group = %probe_id, "transactions probe not allowed on its consumer group; the start-up barrier tests transactions instead");
-            }
-            Err(e) => {
-                return Err(format!(
-                    "the broker cannot run Kafka transactions ({e}); if it does not support them, set kafka.delivery = \"at-least-once\" (nothing was written to {state_topic})"
-                ))
-            }
+            // The probe's transactional id and group are not the instance's: a principal
+            // allowed only what the instance itself uses (an ACL on the literal instance id)
+            // still starts, the barrier testing transactions as before the probe existed.
+            Err(e) => match probe_denied(e.rdkafka_error_code(), &probe_id, state_topic) {
+                Some(acl) => tracing::warn!(
+                    error = %e,
+                    transactional_id = %probe_id,
+                    missing_acl = %acl,
+                    "transactions probe not authorized (grant {acl} to let it run); the start-up barrier tests transactions instead"
+                ),
+                None => {
+                    return Err(format!(
+                        "the broker cannot run Kafka transactions ({e}); if it does not support them, set kafka.delivery = \"at-least-once\" (nothing was written to {state_topic})"
+                    ))
+                }
+            },
         }
     }
     let committed = tokio::select! {
@@ -486,5 +543,55 @@ fn read_to_barrier(
         state
             .apply(&key, message.payload())
             .map_err(|e| format!("state topic {topic}: {e}"))?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_probe_denied_by_an_acl_names_it_and_is_never_taken_for_a_broker_without_transactions() {
+        let denied = |code| probe_denied(Some(code), "i-probe", "crm._ibstream_state");
+        let acl = denied(RDKafkaErrorCode::TransactionalIdAuthorizationFailed).unwrap();
+        assert!(
+            acl.contains("WRITE") && acl.contains("transactional id i-probe"),
+            "{acl}"
+        );
+        let acl = denied(RDKafkaErrorCode::GroupAuthorizationFailed).unwrap();
+        assert!(
+            acl.contains("READ") && acl.contains("consumer group i-probe"),
+            "{acl}"
+        );
+        let acl = denied(RDKafkaErrorCode::TopicAuthorizationFailed).unwrap();
+        assert!(acl.contains("crm._ibstream_state"), "{acl}");
+        assert!(denied(RDKafkaErrorCode::ClusterAuthorizationFailed).is_some());
+        // What a broker without transactions (or a broken one) answers stays a refusal.
+        for code in [
+            RDKafkaErrorCode::UnsupportedVersion,
+            RDKafkaErrorCode::UnsupportedFeature,
+            RDKafkaErrorCode::InvalidTransactionTimeout,
+            RDKafkaErrorCode::CoordinatorNotAvailable,
+        ] {
+            assert_eq!(denied(code), None, "{code:?}");
+        }
+        assert_eq!(probe_denied(None, "i-probe", "t"), None);
+    }
+
+    #[test]
+    fn the_probe_asks_the_transaction_timeout_the_sink_asks() {
+        let config = KafkaConfig {
+            delivery: Delivery::ExactlyOnce,
+            batch_timeout_secs: 20,
+            ..KafkaConfig::default()
+        };
+        let probe = probe_producer_config(&client_config(&config).unwrap(), &config, "i-probe");
+        let sink = super::super::sink::producer_config(&config).unwrap();
+        assert_eq!(probe.get("transaction.timeout.ms"), Some("20000"));
+        assert_eq!(
+            probe.get("transaction.timeout.ms"),
+            sink.get("transaction.timeout.ms")
+        );
+        assert_eq!(probe.get("transactional.id"), Some("i-probe"));
     }
 }

@@ -156,21 +156,10 @@ pub async fn run_with(
             http,
         });
     };
-    // Decided on content, not on record counts: see "A lost state" in `stream::state`.
-    if !state.holds_progress() && !options.rebuild_state {
-        let data: Vec<String> = topic_specs(&config, &enabled, &state_topic)
-            .into_iter()
-            .map(|t| t.name)
-            .filter(|name| *name != state_topic)
-            .collect();
-        if let Some(topic) = crate::kafka::first_with_records(&config.kafka, data)
-            .await
-            .map_err(RunError::Startup)?
-        {
-            return Err(RunError::Startup(format!(
-                "the state topic {state_topic} holds no progress (no cursor, fingerprint or start marker), but {topic} already holds records: the state was lost (the topic deleted, renamed or pointed elsewhere), and starting would read and emit every record again. Every start refuses until told otherwise: restore the state topic, or run `ibstream run --rebuild-state` once to backfill again on purpose (later starts go on from there without the flag)"
-            )));
-        }
+    // Decided on content, per stream, not on record counts: see "A lost state" in
+    // `stream::state`.
+    if !options.rebuild_state {
+        refuse_a_lost_state(&config, &enabled, &state, &state_topic).await?;
     }
     ops.restored(restore_started.elapsed());
     if let Some(hook) = AFTER_RESTORE.get() {
@@ -226,6 +215,47 @@ pub async fn run_with(
         Some(reason) => Err(RunError::Fatal(reason)),
         None => Ok(report),
     }
+}
+
+/// Refuses to start when the state of an enabled stream was lost: its data topic holds
+/// records while the state holds no progress of it for this instance
+/// ([`State::holds_progress_of`]); the dead-letter topic, shared by every stream, when the
+/// state holds no progress at all. The error names the stream, its topic, the state topic
+/// and the flag.
+async fn refuse_a_lost_state(
+    config: &Config,
+    enabled: &[&'static str],
+    state: &State,
+    state_topic: &str,
+) -> Result<(), RunError> {
+    let instance_id = &config.kafka.instance_id;
+    let mut unproven: Vec<(&str, String)> = enabled
+        .iter()
+        .filter(|stream| !state.holds_progress_of(stream, instance_id))
+        .map(|stream| (*stream, config.topics.data_topic(stream)))
+        .collect();
+    if !state.holds_progress() {
+        unproven.push(("dlq", config.topics.dead_letter_topic()));
+    }
+    if unproven.is_empty() {
+        return Ok(());
+    }
+    let topics = unproven.iter().map(|(_, topic)| topic.clone()).collect();
+    let Some(topic) = crate::kafka::first_with_records(&config.kafka, topics)
+        .await
+        .map_err(RunError::Startup)?
+    else {
+        return Ok(());
+    };
+    let what = match unproven.iter().find(|(_, t)| *t == topic) {
+        Some(("dlq", _)) | None => "no progress of any stream (no cursor, fingerprint or start marker)".to_owned(),
+        Some((stream, _)) => format!(
+            "no progress of the stream {stream} (no cursor or fingerprint of its scopes, no start marker of the instance {instance_id} listing it; another instance's progress on other streams does not count)"
+        ),
+    };
+    Err(RunError::Startup(format!(
+        "the state topic {state_topic} holds {what}, but {topic} already holds records: the state was lost (the topic deleted, renamed or pointed elsewhere), and starting would read and emit every record again. Every start refuses until told otherwise: restore the state topic, or run `ibstream run --rebuild-state` once to backfill again on purpose (later starts go on from there without the flag)"
+    )))
 }
 
 /// How often a running instance writes its heartbeat (`alive/<instance_id>`).
@@ -323,8 +353,8 @@ fn topic_specs(config: &Config, enabled: &[&'static str], state_topic: &str) -> 
 
 /// A changed-records cursor starts the day of the first start: everything older is read by
 /// the backfill of new records. Persisted at once, so a restart days later keeps that day.
-/// The same batch holds the start marker (`started/<instance_id>`), committed before any
-/// poller emits: a crash before the first cursor save is not taken for a lost state, and a
+/// The same batch holds the start marker (`started/<instance_id>`, listing the streams it
+/// covers), committed before any poller emits: a crash before the first cursor save is not taken for a lost state, and a
 /// `--rebuild-state` holds for the restarts after it.
 async fn persist_first_day(
     shared: &Shared,
@@ -336,7 +366,26 @@ async fn persist_first_day(
     let now = Utc::now();
     let first_day = today(now, shared.tz);
     let mut batch = Batch::default();
-    let marker = Started { at: now, rebuild };
+    // The streams of this start and of the instance's earlier starts: a stream disabled
+    // for a while stays covered (a crash before its first cursor save is not a lost state).
+    let mut streams: Vec<String> = enabled.iter().map(|s| (*s).to_owned()).collect();
+    if let Some(earlier) = state
+        .started
+        .get(instance_id)
+        .and_then(|m| m.streams.as_ref())
+    {
+        streams.extend(
+            earlier
+                .iter()
+                .filter(|s| !enabled.contains(&s.as_str()))
+                .cloned(),
+        );
+    }
+    let marker = Started {
+        at: now,
+        rebuild,
+        streams: Some(streams),
+    };
     batch.state.push(OutRecord {
         topic: shared.state_topic.clone(),
         key: Started::key(instance_id).into_bytes(),

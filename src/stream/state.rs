@@ -25,15 +25,21 @@
 //! - `alive/<instance_id>`: a running instance's heartbeat, JSON `{"v":1,"at":RFC 3339}`,
 //!   written every 30 s; `ibstream state reset` refuses while it is fresh.
 //! - `started/<instance_id>`: a run was allowed to start on this state topic, JSON
-//!   `{"v":1,"at":RFC 3339,"rebuild":bool}`; written before the run emits anything, never
-//!   tombstoned. See [`Started`].
+//!   `{"v":1,"at":RFC 3339,"rebuild":bool,"streams":["leads",…]}` (`streams`: the streams
+//!   the instance was started with, at this start and before; a marker without it covers
+//!   every stream); written before the run emits anything, never tombstoned. See [`Started`].
 //!
 //! ## A lost state
 //!
-//! `run` refuses to start when the state topic holds no progress ([`State::holds_progress`]:
-//! no cursor, no fingerprint, no `started/` marker) while a data topic already holds
-//! records: the state was lost, and starting would emit everything again. The rule reads
-//! content, never record counts: barriers (of refused starts and of `ibstream state`),
+//! `run` refuses to start when, for an enabled stream whose data topic already holds
+//! records, the state topic holds no progress of that stream ([`State::holds_progress_of`]:
+//! no cursor or fingerprint of its scopes, no `started/<instance_id>` marker of this
+//! instance listing it): the state was lost, and starting would emit everything again. It
+//! is decided per stream because instances that split the streams may share a state topic:
+//! another instance's progress on its streams never lets this one start on a lost state of
+//! its own (a marker of an earlier release, without a list of streams, covers every stream
+//! of its instance). The dead-letter topic, shared by every stream, is covered by any
+//! progress ([`State::holds_progress`]). The rule reads content, never record counts: barriers (of refused starts and of `ibstream state`),
 //! heartbeats and the `check/` records of earlier releases are no progress, so a refused
 //! start refuses again on every restart (an orchestrator restarting the pod included) until
 //! `run --rebuild-state` writes its marker. A first start (empty data topics) writes the
@@ -789,14 +795,19 @@ impl Heartbeat {
 }
 
 /// The marker of a run that was allowed to start (`started/<instance_id>`): the state topic
-/// has been written by a run, so an empty-looking state is not a lost one. Written before
-/// the run emits any event; rewritten at every start (compaction keeps the latest).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// has been written by a run of that instance for the streams it lists, so an empty-looking
+/// state is not a lost one for them. Written before the run emits any event; rewritten at
+/// every start (compaction keeps the latest).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Started {
     /// When the run started.
     pub at: DateTime<Utc>,
     /// Whether it was a `run --rebuild-state`.
     pub rebuild: bool,
+    /// The streams the instance was started with (at this start and the starts before it);
+    /// `None` in a marker of a release that did not list them, taken as covering every
+    /// stream.
+    pub streams: Option<Vec<String>>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -805,6 +816,8 @@ struct StartedValue {
     at: DateTime<Utc>,
     #[serde(default)]
     rebuild: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    streams: Option<Vec<String>>,
 }
 
 impl Started {
@@ -819,6 +832,7 @@ impl Started {
             v: STATE_VERSION,
             at: self.at,
             rebuild: self.rebuild,
+            streams: self.streams.clone(),
         })
         .unwrap_or_default()
     }
@@ -830,7 +844,15 @@ impl Started {
         Ok(Started {
             at: value.at,
             rebuild: value.rebuild,
+            streams: value.streams,
         })
+    }
+
+    /// Returns whether the marker covers `stream` (a marker without a list covers every one).
+    pub fn covers(&self, stream: &str) -> bool {
+        self.streams
+            .as_ref()
+            .is_none_or(|streams| streams.iter().any(|s| s == stream))
     }
 }
 
@@ -872,6 +894,7 @@ impl State {
                     let marker = Started::decode(bytes).unwrap_or(Started {
                         at: DateTime::<Utc>::UNIX_EPOCH,
                         rebuild: false,
+                        streams: None,
                     });
                     self.started.insert(instance.to_owned(), marker);
                 }
@@ -961,10 +984,31 @@ impl State {
     }
 
     /// Returns whether the state shows that runs made progress on this topic: a cursor, a
-    /// fingerprint (or a scope's segment numbering), or a start marker. Barriers, heartbeats
-    /// and unknown keys are no progress (a refused start or `ibstream state` writes them).
+    /// fingerprint (or a scope's segment numbering), or a start marker, of any stream and
+    /// any instance. Barriers, heartbeats and unknown keys are no progress (a refused start
+    /// or `ibstream state` writes them). A state topic may be shared by instances that split
+    /// the streams: whether one stream's state was lost is [`State::holds_progress_of`].
     pub fn holds_progress(&self) -> bool {
         !self.cursors.is_empty() || !self.fingerprints.is_empty() || !self.started.is_empty()
+    }
+
+    /// Returns whether the state shows progress of `stream` for the instance `instance_id`:
+    /// a cursor or fingerprints (a segment numbering included) of one of the stream's scopes
+    /// (`<stream>` or `<stream>/…`: only the instance running a stream writes them), or the
+    /// start marker of `instance_id` covering the stream. Another instance's marker, or its
+    /// progress on other streams, says nothing of this stream: see "A lost state".
+    pub fn holds_progress_of(&self, stream: &str, instance_id: &str) -> bool {
+        let of_stream = |scope: &String| {
+            scope
+                .strip_prefix(stream)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        };
+        self.cursors.keys().any(of_stream)
+            || self.fingerprints.keys().any(of_stream)
+            || self
+                .started
+                .get(instance_id)
+                .is_some_and(|marker| marker.covers(stream))
     }
 
     /// Returns the number of remembered entities.
@@ -1107,6 +1151,7 @@ mod tests {
         let marker = Started {
             at: beat.at,
             rebuild: true,
+            streams: Some(vec!["leads".to_owned()]),
         };
         assert_eq!(Started::decode(&marker.encode()).unwrap(), marker);
         state.apply("started/i", Some(&marker.encode())).unwrap();
@@ -1125,6 +1170,75 @@ mod tests {
             fps_only.holds_progress(),
             "an emptied scope still numbers on"
         );
+    }
+
+    #[test]
+    fn a_shared_state_topic_proves_progress_per_stream_and_instance() {
+        let now = Utc::now();
+        let marker = |streams: Option<&[&str]>| {
+            Started {
+                at: now,
+                rebuild: false,
+                streams: streams.map(|s| s.iter().map(|s| (*s).to_owned()).collect()),
+            }
+            .encode()
+        };
+        // Instance a runs leads on the shared topic; b's own state was lost.
+        let mut state = State::default();
+        state
+            .apply(
+                "cursor/leads/registration",
+                Some(&Cursor::default().encode()),
+            )
+            .unwrap();
+        state
+            .apply("fps/0/leads", Some(&[SEGMENT_VERSION]))
+            .unwrap();
+        state
+            .apply("started/a", Some(&marker(Some(&["leads"]))))
+            .unwrap();
+        state.finish();
+        assert!(state.holds_progress(), "the dead-letter topic's rule");
+        assert!(state.holds_progress_of("leads", "a"));
+        assert!(state.holds_progress_of("leads", "b"), "a handed leads over");
+        assert!(!state.holds_progress_of("transactions", "b"));
+        assert!(!state.holds_progress_of("transactions", "a"), "not listed");
+        // Only scopes of the stream itself count (`leads` is no prefix of `leadsX`).
+        state
+            .apply("cursor/leadsX", Some(&Cursor::default().encode()))
+            .unwrap();
+        assert!(!state.holds_progress_of("leadsX/registration", "b"));
+        assert!(!state.holds_progress_of("lead", "b"));
+        // Another instance's marker without a list (an earlier release) covers only its own.
+        state.apply("started/a", Some(&marker(None))).unwrap();
+        assert!(state.holds_progress_of("transactions", "a"));
+        assert!(!state.holds_progress_of("transactions", "b"));
+        // b's own marker covers the streams it lists, an earlier release's every stream.
+        state
+            .apply("started/b", Some(&marker(Some(&["transactions"]))))
+            .unwrap();
+        assert!(state.holds_progress_of("transactions", "b"));
+        assert!(!state.holds_progress_of("positions", "b"));
+        state.apply("started/b", Some(&marker(None))).unwrap();
+        assert!(state.holds_progress_of("positions", "b"));
+        // A stream's own cursor or fingerprints, whoever wrote them.
+        let mut positions = State::default();
+        positions
+            .apply(
+                "cursor/positions/mt4-live-01",
+                Some(&Cursor::default().encode()),
+            )
+            .unwrap();
+        positions
+            .apply(
+                "segments/servers",
+                Some(&SegmentCounter { next: 1 }.encode()),
+            )
+            .unwrap();
+        positions.finish();
+        assert!(positions.holds_progress_of("positions", "b"));
+        assert!(positions.holds_progress_of("servers", "b"));
+        assert!(!positions.holds_progress_of("transactions", "b"));
     }
 
     #[test]

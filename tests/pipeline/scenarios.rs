@@ -520,6 +520,91 @@ start_date = "2024-01-01"
     sim.shutdown().await;
 }
 
+/// Instances that split the streams share a state topic (one process per group of streams,
+/// each with its own `instance_id`). B's own state was lost (B ran transactions with a
+/// state topic of its own, then was pointed at the shared one): A's progress on leads says
+/// nothing of B's transactions, and B's start is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_state_of_one_instance_on_a_shared_state_topic_refuses_its_start() {
+    let broker = common::Tansu::start();
+    let sim = common::start_sim(small).await;
+    let prefix = common::unique_topic("shared");
+    let only = |instance: &str, stream: &str, state_topic: &str| {
+        let mut cfg = config(&sim, &broker, &prefix, instance);
+        let streams = &mut cfg.streams;
+        for (name, settings) in [
+            ("leads", &mut streams.leads),
+            ("customers", &mut streams.customers),
+            ("transactions", &mut streams.transactions),
+            ("servers", &mut streams.servers),
+            ("positions", &mut streams.positions),
+        ] {
+            settings.enabled = name == stream;
+        }
+        cfg.kafka.state_topic = Some(format!("{prefix}.{state_topic}"));
+        cfg
+    };
+    let b = start(only("shared-b", "transactions", "state-b"));
+    b.wait_cycles(
+        &HashMap::new(),
+        &["transactions"],
+        1,
+        Duration::from_secs(300),
+    )
+    .await;
+    b.stop().await;
+    let a = start(only("shared-a", "leads", "state-shared"));
+    a.wait_cycles(&HashMap::new(), &["leads"], 1, Duration::from_secs(300))
+        .await;
+    a.stop().await;
+    let transactions_topic = format!("{prefix}.transactions");
+    let emitted = consume(
+        &broker.bootstrap,
+        std::slice::from_ref(&transactions_topic),
+        1,
+        Duration::from_secs(2),
+    )
+    .await
+    .len();
+    assert!(emitted > 0, "B emitted no transaction");
+
+    // B pointed at the shared state topic: refused, naming its stream, topic and the flag.
+    let b = start(only("shared-b", "transactions", "state-shared"));
+    let cancel = b.cancel.clone();
+    let outcome = tokio::time::timeout(Duration::from_secs(90), b.task).await;
+    cancel.cancel();
+    match outcome {
+        Ok(Ok(Err(RunError::Startup(message)))) => {
+            for part in [
+                "stream transactions",
+                transactions_topic.as_str(),
+                "state-shared",
+                "--rebuild-state",
+            ] {
+                assert!(message.contains(part), "{part}: {message}");
+            }
+        }
+        Ok(other) => panic!("B's start on a lost state was not refused: {other:?}"),
+        Err(_) => panic!("B started on a lost state (still running after 90 s)"),
+    }
+    let after = consume(
+        &broker.bootstrap,
+        std::slice::from_ref(&transactions_topic),
+        emitted,
+        Duration::from_secs(2),
+    )
+    .await
+    .len();
+    assert_eq!(after, emitted, "nothing may be emitted by a refused start");
+
+    // A's own progress still lets A start on the shared topic.
+    let a = start(only("shared-a", "leads", "state-shared"));
+    a.wait_cycles(&HashMap::new(), &["leads"], 1, Duration::from_secs(300))
+        .await;
+    a.stop().await;
+    sim.shutdown().await;
+}
+
 fn write_config(
     dir: &std::path::Path,
     sim: &SimHandle,
