@@ -165,7 +165,7 @@ pub struct SimConfig {
     pub expired_token_status: u16,
     /// Serve a record's text with a byte that is not UTF-8 (Latin-1 `é`, 0xE9) in its name
     /// (leads, customers), payment method (transactions) or symbol (positions): records whose
-    /// key is listed, as `kind:key` (e.g. `leads:17`); changeable while running.
+    /// key is listed, as `kind:key` (e.g. `leads:100017`; lead ids start at 100000, transaction ids at 9000000); changeable while running.
     #[arg(long, value_delimiter = ',')]
     pub latin1_records: Vec<String>,
     /// How answers' bodies are sent: `bom` (a UTF-8 byte-order mark first), `gzip`
@@ -283,7 +283,7 @@ impl SimConfig {
             .iter()
             .map(|entry| {
                 let (kind, key) = entry.trim().split_once(':').ok_or_else(|| {
-                    format!("--latin1-records: {entry:?} is not kind:key (e.g. leads:17)")
+                    format!("--latin1-records: {entry:?} is not kind:key (e.g. leads:100017)")
                 })?;
                 let kind = Kind::parse(kind)
                     .ok_or_else(|| format!("--latin1-records: unknown kind {kind:?}"))?;
