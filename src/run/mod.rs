@@ -160,6 +160,8 @@ pub async fn run_with(
     // `stream::state`.
     if !options.rebuild_state {
         refuse_a_lost_state(&config, &enabled, &state, &state_topic).await?;
+    } else {
+        warn!(state_topic = %state_topic, "state rebuild asked for (--rebuild-state): streams without a cursor backfill from their start date and emit every record again, each under the eventId of its first emission while unchanged");
     }
     ops.restored(restore_started.elapsed());
     if let Some(hook) = AFTER_RESTORE.get() {
