@@ -17,10 +17,15 @@
 //!
 //! Without a `total` (a CRM that reports none), completeness is shown by reading: a window
 //! whose read is one page shorter than asked for is complete (one request answers from one
-//! instant: nothing can move between pages, and this keeps the steady state at one request);
+//! instant: nothing can move between pages); the pager makes it so only after the next page
+//! came back empty or the same (a CRM capping the page size serves short pages of a longer
+//! result), so the steady state costs two requests a window instead of one;
 //! any other window is read again, and is complete when a read finds no id the earlier reads
 //! had not (each such read beyond the second counts as a drift re-read; then halves and open
-//! windows as for a short total, `missing` counting the ids only the last read found).
+//! windows as for a short total, `missing` counting the ids only the last read found). A CRM
+//! ignoring `page` (a full page of ids all read before) cannot show a window of more than one
+//! page whole: it is read in halves, and a single day still denser than a page is kept open
+//! with that reason in `/status`, never passed as complete.
 //!
 //! A page past the first of a read that fails (400, or a failure through every retry) is taken
 //! as a CRM refusing pages that deep: the window is read in halves; a single day still too
@@ -303,7 +308,8 @@ struct Reading<T: CrmRecord> {
 impl<T: CrmRecord> Reading<T> {
     /// Returns whether the window is shown complete by its reads so far: the union reaches
     /// the CRM's `total`; without a total, the read was one short page (one request answers
-    /// from one instant, so nothing can move between pages), or a read after an earlier one
+    /// from one instant, so nothing can move between pages; the pager passes a read of one
+    /// short page only after the next page came back empty or the same), or a read after an earlier one
     /// of the same window found no id the union did not hold (the records served twice
     /// over are all known).
     fn complete(&self) -> bool {
@@ -808,6 +814,10 @@ impl<T: StreamRecord> Poller<T> {
                     self.refused_deep_page(reader, &e);
                     return Ok(true);
                 }
+                Err(CrmError::Paging { reason, .. }) if reading.pass_pages > 0 => {
+                    self.unreadable(reader, &reason);
+                    return Ok(true);
+                }
                 Err(e) => return Err(e.into()),
             };
             self.stats.pages.fetch_add(1, Ordering::Relaxed);
@@ -864,6 +874,7 @@ impl<T: StreamRecord> Poller<T> {
             match failed {
                 // A page after one of this read failed.
                 Some(e) if refuses_deep_pages(&e) => self.refused_deep_page(reader, &e),
+                Some(CrmError::Paging { reason, .. }) => self.unreadable(reader, &reason),
                 Some(e) => return Err(e.into()),
                 None => {}
             }
@@ -961,6 +972,37 @@ impl<T: StreamRecord> Poller<T> {
                     (reader.scope.clone(), from),
                     format!("the CRM refuses pages past record {read} of this day ({error}); lower crm.page_size does not help, ask the vendor to raise the limit"),
                 );
+                self.day_unions
+                    .insert((reader.scope.clone(), from), reading.union);
+                reader.short.push((from, missing));
+            }
+        }
+    }
+
+    /// Handles a read whose pages cannot show the window whole ([`CrmError::Paging`] past
+    /// the first page: a CRM ignoring `page`, or pages that never end): a window is read in
+    /// halves; a single day is kept open with `reason` (in `/status`), retried every cycle,
+    /// never passed as complete. Its records read so far are emitted.
+    fn unreadable(&mut self, reader: &mut WindowReader<T>, reason: &str) {
+        let Some(reading) = reader.current.take() else {
+            return;
+        };
+        let (from, to) = (reading.from, reading.to);
+        let read = reading.union.len() as u64;
+        match halves(from, to) {
+            Some((left, right)) => {
+                warn!(stream = self.stream, %from, %to, read, reason, "the crm's pages cannot show the window whole, reading it in halves");
+                reader.stack.push(right);
+                reader.stack.push(left);
+            }
+            None => {
+                let missing = match reading.has_total {
+                    true => reading.total.saturating_sub(read).max(1),
+                    false => 1,
+                };
+                warn!(stream = self.stream, scope = %reader.scope, day = %from, read, reason, "the crm's pages cannot show the day whole; keeping the day open");
+                self.open_reasons
+                    .insert((reader.scope.clone(), from), reason.to_owned());
                 self.day_unions
                     .insert((reader.scope.clone(), from), reading.union);
                 reader.short.push((from, missing));
