@@ -43,8 +43,9 @@
 //! A paused sweep keeps pages read ahead, requested before the cycles that run meanwhile. No
 //! page moves an entity backwards: every page carries the read sequence taken when its
 //! request was sent, the poller remembers (only while a sweep is paused, and only for the
-//! entities the cycles read meanwhile) the sequence of each entity's latest applied read, and
-//! a record from an older page is skipped (counted toward its window, not emitted). The map
+//! entities the cycles read meanwhile) a sequence taken after the answer of each entity's
+//! latest applied read arrived (so retries and waits of that request cannot make it look
+//! older than a sweep page sent meanwhile), and a record from a page sent before it is skipped (counted toward its window, not emitted). The map
 //! is dropped once the sweep's pages are all newer than its entries. Fingerprints of the days
 //! a sweep still reads, holds or found short are never pruned, even when midnight moved the
 //! sweep horizon past them since it started.
@@ -1014,8 +1015,8 @@ impl<T: StreamRecord> Poller<T> {
     /// entities read again by a request sent later and already applied (they would move the
     /// entity backwards: a paused sweep's page, read before a cycle read the entity's new
     /// version). Skipped records still count toward the window's distinct ids. While a sweep
-    /// is paused (this is a cycle's read), the entities read are added to `reads`, to remember
-    /// once committed.
+    /// is paused (this is a cycle's read), the entities read are added to `reads` with a read
+    /// sequence taken after the answer arrived, to remember once committed.
     fn drop_stale(
         &mut self,
         sent: u64,
@@ -1032,6 +1033,11 @@ impl<T: StreamRecord> Poller<T> {
         if !sweep_paused && self.newer_reads.is_empty() {
             return records;
         }
+        // The cycle's reads are remembered by a number taken now, after their answer arrived
+        // (`sent` was taken before the rate limiter, the pauses and every retry): a sweep page
+        // sent while this request was still being retried is older than `received`, and
+        // skipped (the record is read again later).
+        let received = crate::crm::page::next_read_seq();
         let mut kept = Vec::with_capacity(records.len());
         for record in records {
             let key = match &record {
@@ -1056,7 +1062,7 @@ impl<T: StreamRecord> Poller<T> {
                     continue;
                 }
                 if sweep_paused {
-                    reads.push((key, sent));
+                    reads.push((key, received));
                 }
             }
             kept.push(record);
