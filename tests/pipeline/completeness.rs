@@ -988,19 +988,22 @@ fn raw_truth(sim: &SimHandle, stream: &str) -> HashMap<String, String> {
         Json::String(id) => id.clone(),
         id => id.to_string(),
     };
-    let (kind, key): (Kind, Box<dyn Fn(&Json) -> String>) = match stream {
-        "leads" => (Kind::Leads, Box::new(move |j| id(&j["id"]))),
-        "customers" => (Kind::Customers, Box::new(move |j| id(&j["customerId"]))),
-        "transactions" => (Kind::Transactions, Box::new(move |j| id(&j["id"]))),
-        "servers" => (Kind::Servers, Box::new(move |j| id(&j["id"]))),
-        _ => (
-            Kind::Positions,
-            Box::new(move |j| format!("{}:{}", id(&j["serverTag"]), id(&j["positionId"]))),
-        ),
+    let (kind, field) = match stream {
+        "leads" => (Kind::Leads, "id"),
+        "customers" => (Kind::Customers, "customerId"),
+        "transactions" => (Kind::Transactions, "id"),
+        "servers" => (Kind::Servers, "id"),
+        _ => (Kind::Positions, "positionId"),
     };
     sim.truth(kind)
         .iter()
-        .map(|j| (key(j), j.to_string()))
+        .map(|j| {
+            let key = match kind {
+                Kind::Positions => format!("{}:{}", id(&j["serverTag"]), id(&j[field])),
+                _ => id(&j[field]),
+            };
+            (key, j.to_string())
+        })
         .collect()
 }
 
