@@ -454,18 +454,21 @@ async fn answers_without_total_are_paged_until_a_short_page() {
 }
 
 #[tokio::test]
-async fn a_crm_ignoring_page_without_total_stops_at_the_first_page_without_new_ids() {
+async fn a_crm_ignoring_page_without_total_fails_the_read_at_the_first_full_page_without_new_ids() {
     let sim = start_sim(|c| {
         c.leads = 2345;
         c.omit_total = true;
         c.ignore_page = true;
     })
     .await;
-    // Every page is the first one, always full: the second brings no new id, and paging stops
-    // there instead of running forever. (The pipeline then finds the window short.)
-    let (ids, sizes) = read_all(&client(&sim, |_| {})).await.unwrap();
-    assert_eq!(sizes, vec![1000, 1000]);
-    assert_eq!(ids.iter().collect::<HashSet<_>>().len(), 1000);
+    // Every page is the first one, always full: the second brings no new id. Paging stops
+    // there instead of running forever, and says the window cannot be read whole (the
+    // pipeline keeps it open) rather than ending as if it were.
+    let err = read_all(&client(&sim, |_| {})).await.unwrap_err();
+    assert!(
+        matches!(&err, CrmError::Paging { reason, .. } if reason.contains("ignores the `page` parameter")),
+        "{err:?}"
+    );
     sim.shutdown().await;
 }
 

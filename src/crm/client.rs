@@ -344,6 +344,7 @@ impl CrmClient {
             max_pages: None,
             fetched: 0,
             ids: std::collections::HashSet::new(),
+            short_first: false,
             done: false,
             _model: std::marker::PhantomData,
         };
@@ -1160,7 +1161,12 @@ async fn read_ahead_task<T: CrmRecord>(
 ///   capping the page size) switches to the length the CRM actually serves, so no record is
 ///   skipped. Empty pages before the last are passed on: records may have moved between pages.
 /// - Without a `total`: goes on while pages are full and bring ids not seen before; stops at
-///   the first short or empty page, or a page with no new id (a CRM ignoring `page`).
+///   an empty page, or a short page after a full one. A short first page is the end only
+///   when the next page, asked at the length the first one served, is empty or repeats it
+///   (neither is passed on: the read is that one page); new ids there mean a CRM capping the
+///   page size, paged on by the length it serves. This costs every window that fits in one
+///   page one more request. A full page of ids all seen before (a CRM ignoring `page`) is
+///   [`CrmError::Paging`]: the window cannot be read whole.
 /// - Bounded either way: at most `ceil(first total / pageSize)` pages plus a quarter (at least
 ///   2) more, or `max_records / pageSize + 1` without a total; past it, [`CrmError::Paging`].
 struct Pager<T: CrmRecord> {
@@ -1172,6 +1178,8 @@ struct Pager<T: CrmRecord> {
     fetched: u64,
     /// Hashes of the ids seen (only while the CRM reports no total).
     ids: std::collections::HashSet<u64>,
+    /// Whether the first page was shorter than asked while the CRM reports no total.
+    short_first: bool,
     done: bool,
     _model: std::marker::PhantomData<fn() -> T>,
 }
@@ -1228,9 +1236,6 @@ impl<T: CrmRecord> Pager<T> {
                 }
             }
             None => {
-                if self.max_pages.is_none() {
-                    self.max_pages = Some(self.query.max_records / asked + 1);
-                }
                 let mut new_ids = 0;
                 for record in &page.records {
                     let id = match record {
@@ -1244,8 +1249,40 @@ impl<T: CrmRecord> Pager<T> {
                         new_ids += 1;
                     }
                 }
-                if served < asked || new_ids == 0 {
+                if served == 0 {
+                    // The end. An empty page after a short first one is not passed on: the
+                    // read is that one short page, shown whole by this request.
+                    self.done = true;
+                    return (page_number == 1 || !self.short_first).then_some(Ok(page));
+                }
+                if page_number == 1 && served < asked {
+                    // Short, but a CRM capping the page size serves short pages of a longer
+                    // result: the next page, of the length served, tells (empty: the end).
+                    self.short_first = true;
+                    self.query.page_size = Some(served as u32);
+                } else if new_ids == 0 && self.short_first && page_number == 2 {
+                    // The short first page again (a CRM ignoring `page`): it held the whole
+                    // result. Not passed on, as for an empty page.
+                    self.done = true;
+                    return None;
+                } else if new_ids == 0 && served >= asked {
+                    // A full page of ids all read before: the CRM ignores `page` (or pages
+                    // are one record long and records moved); this read cannot show the
+                    // window whole.
+                    self.done = true;
+                    let url = self.client.endpoint_url(T::ENDPOINT);
+                    return Some(Err(CrmError::Paging {
+                        url: display_url(&url, &self.query.params(1, self.page_size())),
+                        reason: format!(
+                            "page {page_number} served only records of the pages before it though they were full: the CRM ignores the `page` parameter, so no more than one page of {asked} records of a window can be read"
+                        ),
+                    }));
+                } else if served < asked || new_ids == 0 {
+                    // Short after full pages (or after the capped size was found): the end.
                     self.last_page = Some(u64::from(page_number));
+                }
+                if self.max_pages.is_none() {
+                    self.max_pages = Some(self.query.max_records / u64::from(self.page_size()) + 1);
                 }
             }
         }

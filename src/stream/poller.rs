@@ -17,10 +17,15 @@
 //!
 //! Without a `total` (a CRM that reports none), completeness is shown by reading: a window
 //! whose read is one page shorter than asked for is complete (one request answers from one
-//! instant: nothing can move between pages, and this keeps the steady state at one request);
+//! instant: nothing can move between pages); the pager makes it so only after the next page
+//! came back empty or the same (a CRM capping the page size serves short pages of a longer
+//! result), so the steady state costs two requests a window instead of one;
 //! any other window is read again, and is complete when a read finds no id the earlier reads
 //! had not (each such read beyond the second counts as a drift re-read; then halves and open
-//! windows as for a short total, `missing` counting the ids only the last read found).
+//! windows as for a short total, `missing` counting the ids only the last read found). A CRM
+//! ignoring `page` (a full page of ids all read before) cannot show a window of more than one
+//! page whole: it is read in halves, and a single day still denser than a page is kept open
+//! with that reason in `/status`, never passed as complete.
 //!
 //! A page past the first of a read that fails (400, or a failure through every retry) is taken
 //! as a CRM refusing pages that deep: the window is read in halves; a single day still too
@@ -38,8 +43,9 @@
 //! A paused sweep keeps pages read ahead, requested before the cycles that run meanwhile. No
 //! page moves an entity backwards: every page carries the read sequence taken when its
 //! request was sent, the poller remembers (only while a sweep is paused, and only for the
-//! entities the cycles read meanwhile) the sequence of each entity's latest applied read, and
-//! a record from an older page is skipped (counted toward its window, not emitted). The map
+//! entities the cycles read meanwhile) a sequence taken after the answer of each entity's
+//! latest applied read arrived (so retries and waits of that request cannot make it look
+//! older than a sweep page sent meanwhile), and a record from a page sent before it is skipped (counted toward its window, not emitted). The map
 //! is dropped once the sweep's pages are all newer than its entries. Fingerprints of the days
 //! a sweep still reads, holds or found short are never pruned, even when midnight moved the
 //! sweep horizon past them since it started.
@@ -307,7 +313,8 @@ struct Reading<T: CrmRecord> {
 impl<T: CrmRecord> Reading<T> {
     /// Returns whether the window is shown complete by its reads so far: the union reaches
     /// the CRM's `total`; without a total, the read was one short page (one request answers
-    /// from one instant, so nothing can move between pages), or a read after an earlier one
+    /// from one instant, so nothing can move between pages; the pager passes a read of one
+    /// short page only after the next page came back empty or the same), or a read after an earlier one
     /// of the same window found no id the union did not hold (the records served twice
     /// over are all known).
     fn complete(&self) -> bool {
@@ -812,6 +819,10 @@ impl<T: StreamRecord> Poller<T> {
                     self.refused_deep_page(reader, &e);
                     return Ok(true);
                 }
+                Err(CrmError::Paging { reason, .. }) if reading.pass_pages > 0 => {
+                    self.unreadable(reader, &reason);
+                    return Ok(true);
+                }
                 Err(e) => return Err(e.into()),
             };
             self.stats.pages.fetch_add(1, Ordering::Relaxed);
@@ -868,6 +879,7 @@ impl<T: StreamRecord> Poller<T> {
             match failed {
                 // A page after one of this read failed.
                 Some(e) if refuses_deep_pages(&e) => self.refused_deep_page(reader, &e),
+                Some(CrmError::Paging { reason, .. }) => self.unreadable(reader, &reason),
                 Some(e) => return Err(e.into()),
                 None => {}
             }
@@ -972,12 +984,43 @@ impl<T: StreamRecord> Poller<T> {
         }
     }
 
+    /// Handles a read whose pages cannot show the window whole ([`CrmError::Paging`] past
+    /// the first page: a CRM ignoring `page`, or pages that never end): a window is read in
+    /// halves; a single day is kept open with `reason` (in `/status`), retried every cycle,
+    /// never passed as complete. Its records read so far are emitted.
+    fn unreadable(&mut self, reader: &mut WindowReader<T>, reason: &str) {
+        let Some(reading) = reader.current.take() else {
+            return;
+        };
+        let (from, to) = (reading.from, reading.to);
+        let read = reading.union.len() as u64;
+        match halves(from, to) {
+            Some((left, right)) => {
+                warn!(stream = self.stream, %from, %to, read, reason, "the crm's pages cannot show the window whole, reading it in halves");
+                reader.stack.push(right);
+                reader.stack.push(left);
+            }
+            None => {
+                let missing = match reading.has_total {
+                    true => reading.total.saturating_sub(read).max(1),
+                    false => 1,
+                };
+                warn!(stream = self.stream, scope = %reader.scope, day = %from, read, reason, "the crm's pages cannot show the day whole; keeping the day open");
+                self.open_reasons
+                    .insert((reader.scope.clone(), from), reason.to_owned());
+                self.day_unions
+                    .insert((reader.scope.clone(), from), reading.union);
+                reader.short.push((from, missing));
+            }
+        }
+    }
+
     /// Returns the records of a page requested at read sequence `sent`, without those of
     /// entities read again by a request sent later and already applied (they would move the
     /// entity backwards: a paused sweep's page, read before a cycle read the entity's new
     /// version). Skipped records still count toward the window's distinct ids. While a sweep
-    /// is paused (this is a cycle's read), the entities read are added to `reads`, to remember
-    /// once committed.
+    /// is paused (this is a cycle's read), the entities read are added to `reads` with a read
+    /// sequence taken after the answer arrived, to remember once committed.
     fn drop_stale(
         &mut self,
         sent: u64,
@@ -994,6 +1037,11 @@ impl<T: StreamRecord> Poller<T> {
         if !sweep_paused && self.newer_reads.is_empty() {
             return records;
         }
+        // The cycle's reads are remembered by a number taken now, after their answer arrived
+        // (`sent` was taken before the rate limiter, the pauses and every retry): a sweep page
+        // sent while this request was still being retried is older than `received`, and
+        // skipped (the record is read again later).
+        let received = crate::crm::page::next_read_seq();
         let mut kept = Vec::with_capacity(records.len());
         for record in records {
             let key = match &record {
@@ -1018,7 +1066,7 @@ impl<T: StreamRecord> Poller<T> {
                     continue;
                 }
                 if sweep_paused {
-                    reads.push((key, sent));
+                    reads.push((key, received));
                 }
             }
             kept.push(record);
@@ -1226,7 +1274,13 @@ impl<T: StreamRecord> Poller<T> {
         let id = self.qualified(&format!("dlq-{hash:016x}"));
         let dlq_key = key_in_scope(self.stream, &id);
         if let Some(seen) = seen {
-            seen.insert(dlq_key);
+            // Counted by its id when the raw record shows one: a record that changes between
+            // the window's reads must not count twice (two texts, two hashes).
+            let counted = match raw_id(T::ENDPOINT, raw) {
+                Some(id) => key_in_scope(self.stream, &self.qualified(&id)),
+                None => dlq_key,
+            };
+            seen.insert(counted);
         }
         if self.fps.get(dlq_key).is_some() || out.remember.iter().any(|(k, ..)| *k == dlq_key) {
             return;
@@ -1258,6 +1312,26 @@ impl<T: StreamRecord> Poller<T> {
         self.stats.pages.fetch_add(1, Ordering::Relaxed);
         self.stats.cycles.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// Returns the id of a record that could not be read from its raw JSON text (its endpoint's
+/// id field, a string or an integer), or `None` when the text or the id is unreadable.
+fn raw_id(endpoint: crate::crm::Endpoint, raw: &str) -> Option<String> {
+    use crate::crm::Endpoint;
+    let field = match endpoint {
+        Endpoint::Customers => "customerId",
+        Endpoint::Positions => "positionId",
+        Endpoint::Leads | Endpoint::Transactions | Endpoint::Servers => "id",
+    };
+    let value: serde_json::Value = serde_json::from_str(raw).ok()?;
+    match value.get(field)? {
+        serde_json::Value::String(id) if !id.trim().is_empty() => Some(id.trim().to_owned()),
+        serde_json::Value::Number(n) => n
+            .as_i64()
+            .map(|id| id.to_string())
+            .or_else(|| n.as_u64().map(|id| id.to_string())),
+        _ => None,
     }
 }
 
@@ -1414,4 +1488,38 @@ pub fn log_stats(stream: &str, stats: &StreamStats) {
         pages = get(&stats.pages),
         "stream progress"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crm::Endpoint;
+
+    #[test]
+    fn a_dead_letter_is_counted_by_the_id_its_raw_text_shows() {
+        // The same record read twice, changed in between (two texts, two hashes): one id.
+        let first = r#"{"amount":"1,5","id":9000123,"note":"caf\u00e9"}"#;
+        let second = r#"{"amount":"2,5","id":9000123,"note":"caf\u00c3\u00a9"}"#;
+        assert_ne!(first, second);
+        assert_eq!(
+            raw_id(Endpoint::Transactions, first).as_deref(),
+            Some("9000123")
+        );
+        assert_eq!(
+            raw_id(Endpoint::Transactions, second).as_deref(),
+            Some("9000123")
+        );
+        assert_eq!(
+            raw_id(Endpoint::Customers, r#"{"customerId":" 55 ","id":1}"#).as_deref(),
+            Some("55")
+        );
+        assert_eq!(
+            raw_id(Endpoint::Positions, r#"{"positionId":"77000001"}"#).as_deref(),
+            Some("77000001")
+        );
+        // No readable id: counted by the hash of its text, as before.
+        assert_eq!(raw_id(Endpoint::Leads, r#"{"id":null}"#), None);
+        assert_eq!(raw_id(Endpoint::Leads, r#"{"id":1.5}"#), None);
+        assert_eq!(raw_id(Endpoint::Leads, "not json"), None);
+    }
 }

@@ -952,3 +952,139 @@ async fn midnight_during_a_sweep_never_prunes_the_days_it_still_reads() {
     );
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_totals_a_crm_capping_the_page_size_still_gives_every_record() {
+    let broker = common::Tansu::start();
+    // No `total`, and at most 10 records a page whatever `pageSize` asks (25): a short first
+    // page is not the end of the window.
+    let sim = common::start_sim(|c| {
+        tiny(c);
+        sim_days_ago(c, 30);
+        c.omit_total = true;
+        c.page_cap = 10;
+    })
+    .await;
+    let prefix = common::unique_topic("nototal-cap");
+    let schemas = Schemas::load("com.ibstream").unwrap();
+    let mut cfg = config(&sim, &broker, &prefix, "nototal-cap-1");
+    cfg.streams.start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(30);
+    cfg.crm.page_size = 25;
+    let run = start(cfg);
+    run.wait_cycles(&HashMap::new(), &STREAMS, 2, Duration::from_secs(300))
+        .await;
+    for stream in STREAMS {
+        assert_eq!(counter(&run, stream, |s| &s.open_windows), 0, "{stream}");
+    }
+    run.stop().await;
+    let events = read_events(&broker, &sim, &schemas, &prefix).await;
+    assert_matches_truth(&sim, &events);
+    sim.shutdown().await;
+}
+
+/// The simulator's records of `stream` as JSON text, by event key.
+fn raw_truth(sim: &SimHandle, stream: &str) -> HashMap<String, String> {
+    let id = |v: &Json| match v {
+        Json::String(id) => id.clone(),
+        id => id.to_string(),
+    };
+    let (kind, field) = match stream {
+        "leads" => (Kind::Leads, "id"),
+        "customers" => (Kind::Customers, "customerId"),
+        "transactions" => (Kind::Transactions, "id"),
+        "servers" => (Kind::Servers, "id"),
+        _ => (Kind::Positions, "positionId"),
+    };
+    sim.truth(kind)
+        .iter()
+        .map(|j| {
+            let key = match kind {
+                Kind::Positions => format!("{}:{}", id(&j["serverTag"]), id(&j[field])),
+                _ => id(&j[field]),
+            };
+            (key, j.to_string())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_totals_a_crm_ignoring_page_keeps_dense_days_open_and_loses_no_other_record() {
+    let broker = common::Tansu::start();
+    // No `total`, and every page is page 1: a window longer than a page (25) cannot be read
+    // whole. About 50 transactions a day: those days stay open with their reason; every
+    // record of a window that fits in one page arrives.
+    let sim = common::start_sim(|c| {
+        tiny(c);
+        sim_days_ago(c, 30);
+        c.omit_total = true;
+        c.ignore_page = true;
+    })
+    .await;
+    let prefix = common::unique_topic("nototal-nopage");
+    let schemas = Schemas::load("com.ibstream").unwrap();
+    let mut cfg = config(&sim, &broker, &prefix, "nototal-nopage-1");
+    cfg.streams.start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(30);
+    cfg.crm.page_size = 25;
+    let http_port = common::free_port();
+    cfg.http.listen = format!("127.0.0.1:{http_port}");
+    let run = start(cfg);
+    run.wait_cycles(&HashMap::new(), &STREAMS, 2, Duration::from_secs(300))
+        .await;
+    let status: Json = serde_json::from_str(
+        &reqwest::get(format!("http://127.0.0.1:{http_port}/status"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    run.stop().await;
+    let mut open_days: HashMap<String, Vec<String>> = HashMap::new();
+    for poller in status["pollers"].as_array().unwrap() {
+        // Positions' pollers are named by stream and server tag.
+        let name = poller["name"].as_str().unwrap();
+        let stream = STREAMS
+            .iter()
+            .find(|s| name.starts_with(**s))
+            .unwrap()
+            .to_string();
+        for cursor in poller["cursors"].as_array().unwrap() {
+            for window in cursor["openWindows"].as_array().unwrap() {
+                let reason = window["reason"].as_str().unwrap_or_default();
+                assert!(reason.contains("ignores the `page` parameter"), "{reason}");
+                let day = window["day"].as_str().unwrap().to_owned();
+                open_days.entry(stream.clone()).or_default().push(day);
+            }
+        }
+    }
+    assert!(
+        open_days.contains_key("transactions"),
+        "no transaction day kept open: {status:#}"
+    );
+    let records = consume(
+        &broker.bootstrap,
+        &data_topics(&prefix),
+        1,
+        Duration::from_secs(2),
+    )
+    .await;
+    let events = group(&schemas, &prefix, &records);
+    let mut lost = Vec::new();
+    for stream in STREAMS {
+        let truth = expected(&sim, stream);
+        let raw = raw_truth(&sim, stream);
+        let got = events.get(stream).cloned().unwrap_or_default();
+        let open = open_days.get(stream).cloned().unwrap_or_default();
+        for (key, value) in &truth {
+            match got.get(key) {
+                Some(events) => assert_eq!(&without_meta(events.last().unwrap()), value),
+                // Missing: only a record of a day kept open may be.
+                None if open.iter().any(|day| raw[key].contains(day.as_str())) => {}
+                None => lost.push(format!("{stream} {key}")),
+            }
+        }
+    }
+    assert!(lost.is_empty(), "records lost silently: {lost:?}");
+    sim.shutdown().await;
+}
