@@ -1273,11 +1273,14 @@ impl<T: StreamRecord> Poller<T> {
         let hash = xxhash_rust::xxh3::xxh3_64(raw.as_bytes());
         let id = self.qualified(&format!("dlq-{hash:016x}"));
         let dlq_key = key_in_scope(self.stream, &id);
+        // The entity's key when the raw record shows its id, though the record could not be
+        // read: the dead letter is keyed like the entity's events, so it can be reconciled.
+        let key = key.or_else(|| raw_id(T::ENDPOINT, raw).map(|id| self.qualified(&id)));
         if let Some(seen) = seen {
             // Counted by its id when the raw record shows one: a record that changes between
             // the window's reads must not count twice (two texts, two hashes).
-            let counted = match raw_id(T::ENDPOINT, raw) {
-                Some(id) => key_in_scope(self.stream, &self.qualified(&id)),
+            let counted = match &key {
+                Some(key) => key_in_scope(self.stream, key),
                 None => dlq_key,
             };
             seen.insert(counted);

@@ -76,6 +76,10 @@ async fn crm_answers_as_real_crms_write_them_lose_no_record() {
         );
         let text = value["raw"].to_string();
         assert!(text.contains('\u{FFFD}'), "{value}");
+        // Keyed like the entity's events (its id is readable though a name is not).
+        let id = value["raw"]["id"].to_string();
+        assert_eq!(letter.key, id, "{value}");
+        assert_eq!(value["key"].as_str(), Some(id.as_str()), "{value}");
         lettered.insert((
             value["stream"].as_str().unwrap().to_owned(),
             value["raw"]["id"].to_string(),
