@@ -955,32 +955,10 @@ impl<T: StreamRecord> Poller<T> {
     /// in halves; a single day is kept open (retried every cycle), counted and named. A CRM
     /// that is down fails the halves' first pages instead, and the cycle fails as before.
     fn refused_deep_page(&mut self, reader: &mut WindowReader<T>, error: &CrmError) {
-        let Some(reading) = reader.current.take() else {
-            return;
-        };
-        let (from, to) = (reading.from, reading.to);
-        let read = reading.union.len() as u64;
-        match halves(from, to) {
-            Some((left, right)) => {
-                warn!(stream = self.stream, %from, %to, read, %error, "the crm refused a page past the first of the window, reading it in halves");
-                reader.stack.push(right);
-                reader.stack.push(left);
-            }
-            None => {
-                let missing = match reading.has_total {
-                    true => reading.total.saturating_sub(read).max(1),
-                    false => 1,
-                };
-                warn!(stream = self.stream, scope = %reader.scope, day = %from, read, missing, %error, "the crm refuses pages this deep and the day holds more records than it serves before them; keeping the day open");
-                self.stats.windows_too_deep.fetch_add(1, Ordering::Relaxed);
-                self.open_reasons.insert(
-                    (reader.scope.clone(), from),
-                    format!("the CRM refuses pages past record {read} of this day ({error}); lower crm.page_size does not help, ask the vendor to raise the limit"),
-                );
-                self.day_unions
-                    .insert((reader.scope.clone(), from), reading.union);
-                reader.short.push((from, missing));
-            }
+        let read = reader.current.as_ref().map_or(0, |r| r.union.len());
+        let reason = format!("the CRM refuses pages past record {read} of this day ({error}); lower crm.page_size does not help, ask the vendor to raise the limit");
+        if self.split_or_keep_open(reader, &reason) {
+            self.stats.windows_too_deep.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -989,8 +967,15 @@ impl<T: StreamRecord> Poller<T> {
     /// halves; a single day is kept open with `reason` (in `/status`), retried every cycle,
     /// never passed as complete. Its records read so far are emitted.
     fn unreadable(&mut self, reader: &mut WindowReader<T>, reason: &str) {
+        self.split_or_keep_open(reader, reason);
+    }
+
+    /// Ends the current read of `reader` unfinished: a window of several days is read again
+    /// in halves; a single day is kept open with `reason` (shown in `/status`), its union kept
+    /// for the retries. Returns whether a day was kept open.
+    fn split_or_keep_open(&mut self, reader: &mut WindowReader<T>, reason: &str) -> bool {
         let Some(reading) = reader.current.take() else {
-            return;
+            return false;
         };
         let (from, to) = (reading.from, reading.to);
         let read = reading.union.len() as u64;
@@ -999,18 +984,20 @@ impl<T: StreamRecord> Poller<T> {
                 warn!(stream = self.stream, %from, %to, read, reason, "the crm's pages cannot show the window whole, reading it in halves");
                 reader.stack.push(right);
                 reader.stack.push(left);
+                false
             }
             None => {
                 let missing = match reading.has_total {
                     true => reading.total.saturating_sub(read).max(1),
                     false => 1,
                 };
-                warn!(stream = self.stream, scope = %reader.scope, day = %from, read, reason, "the crm's pages cannot show the day whole; keeping the day open");
+                warn!(stream = self.stream, scope = %reader.scope, day = %from, read, missing, reason, "the crm's pages cannot show the day whole; keeping the day open");
                 self.open_reasons
                     .insert((reader.scope.clone(), from), reason.to_owned());
                 self.day_unions
                     .insert((reader.scope.clone(), from), reading.union);
                 reader.short.push((from, missing));
+                true
             }
         }
     }
