@@ -1512,4 +1512,134 @@ mod tests {
         assert_eq!(raw_id(Endpoint::Leads, r#"{"id":1.5}"#), None);
         assert_eq!(raw_id(Endpoint::Leads, "not json"), None);
     }
+
+    /// A transactions poller on a CRM and a broker that are never called (drop_stale reads
+    /// neither).
+    async fn idle_poller() -> Poller<crate::crm::Transaction> {
+        let crm = crate::config::CrmConfig {
+            base_url: "http://127.0.0.1:9".to_owned(),
+            email: "test@example.com".to_owned(),
+            password: Some("p".to_owned().into()),
+            api_key: Some("k".to_owned().into()),
+            domain: "crm.example.com".to_owned(),
+            ..Default::default()
+        };
+        let client = CrmClient::build(&crm).expect("a CRM client");
+        let kafka = crate::config::KafkaConfig {
+            bootstrap_servers: "127.0.0.1:9".to_owned(),
+            delivery: crate::config::Delivery::AtLeastOnce,
+            ..Default::default()
+        };
+        let sink = crate::kafka::sink::start(&kafka).await.expect("a sink");
+        let stats: crate::ops::Stats = [("transactions", Arc::default())].into_iter().collect();
+        let ops = Arc::new(crate::ops::Registry::new(
+            "unit",
+            crate::config::Delivery::AtLeastOnce,
+            client.tz(),
+            Duration::from_secs(30),
+            stats.clone(),
+            client.stats(),
+        ));
+        let shared = Arc::new(Shared {
+            tz: client.tz(),
+            client,
+            sink: sink.handle,
+            source: crm.domain.clone(),
+            api_prefix: "/api/v1/ib".to_owned(),
+            topic_prefix: "unit".to_owned(),
+            state_topic: "unit._ibstream_state".to_owned(),
+            streams: crate::config::StreamsConfig::default(),
+            decimal_excess: Default::default(),
+            max_event_bytes: 1 << 20,
+            ops,
+        });
+        let schemas = crate::events::Schemas::load("com.ibstream").expect("the schemas");
+        let encoder =
+            Encoder::new(&schemas, crate::events::Framing::SingleObject).expect("an encoder");
+        Poller::new(
+            "transactions",
+            None,
+            vec![CursorSpec {
+                scope: "transactions".to_owned(),
+                filter: crate::crm::DateFilter::Transaction,
+                initial: NaiveDate::from_ymd_opt(2026, 1, 1).expect("a date"),
+            }],
+            false,
+            Vec::new(),
+            FpMap::default(),
+            HashMap::new(),
+            shared,
+            encoder,
+            Arc::default(),
+        )
+    }
+
+    fn transaction(id: i64, amount: &str) -> Result<Record<crate::crm::Transaction>, RecordError> {
+        let raw = format!(r#"{{"id":{id},"amount":"{amount}"}}"#);
+        Ok(Record {
+            model: crate::crm::Transaction {
+                id: Some(id),
+                amount: Some(amount.parse().expect("a decimal")),
+                ..Default::default()
+            },
+            fp: amount.len() as u64,
+            raw: raw.into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_sweep_page_sent_while_a_cycle_request_was_retried_is_stale_once_its_answer_applied()
+    {
+        let mut poller = idle_poller().await;
+        let spec = poller.cursors[0].clone();
+        // A sweep is paused, holding pages read ahead.
+        poller.sweep = Some(Sweep {
+            reader: WindowReader::new(&spec, Vec::new()),
+            spec,
+        });
+        // The cycle's request takes its sequence, gets a 5xx and backs off ...
+        let cycle_sent = crate::crm::page::next_read_seq();
+        // ... meanwhile the sweep's read-ahead sends a page and gets entity 7 at version A ...
+        let sweep_sent = crate::crm::page::next_read_seq();
+        assert!(sweep_sent > cycle_sent);
+        // ... entity 7 changes to B; the cycle's retry reads B, applied while the sweep is
+        // paused (what `step` does with a cycle's page: drop_stale, commit, remember reads).
+        let mut union = HashSet::new();
+        let mut reads = Vec::new();
+        let kept = poller.drop_stale(
+            cycle_sent,
+            vec![transaction(7, "2.5")],
+            &mut union,
+            &mut reads,
+        );
+        assert_eq!(kept.len(), 1, "the cycle's read is applied");
+        for (key, seq) in reads {
+            let latest = poller.newer_reads.entry(key).or_insert(seq);
+            *latest = (*latest).max(seq);
+            poller.newer_max = poller.newer_max.max(seq);
+        }
+        // The sweep resumes (taken out of `self.sweep` while it steps) with its held page:
+        // entity 7 at version A must not be applied after B.
+        let sweep = poller.sweep.take();
+        let mut union = HashSet::new();
+        let mut reads = Vec::new();
+        let kept = poller.drop_stale(
+            sweep_sent,
+            vec![transaction(7, "1.5")],
+            &mut union,
+            &mut reads,
+        );
+        poller.sweep = sweep;
+        assert!(
+            kept.is_empty(),
+            "a sweep page sent (seq {sweep_sent}) before the cycle's answer arrived was applied \
+             after it (the cycle's request was sent at seq {cycle_sent}): the entity moves back"
+        );
+        assert_eq!(
+            union.len(),
+            1,
+            "the skipped record still counts toward its window"
+        );
+        assert_eq!(poller.stats.stale_skipped.load(Ordering::Relaxed), 1);
+    }
 }
