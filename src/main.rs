@@ -381,8 +381,9 @@ async fn run(config: Config, rebuild_state: bool) -> ExitCode {
     let on_signal = cancel.clone();
     tokio::spawn(async move {
         ibstream::sim::shutdown_signal().await;
-        tracing::info!("shutdown requested");
+        // Cancelled before it is said: whatever logs after this line saw the cancellation.
         on_signal.cancel();
+        tracing::info!("shutdown requested");
     });
     let stats = ["leads", "customers", "transactions", "servers", "positions"]
         .into_iter()

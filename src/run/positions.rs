@@ -282,6 +282,11 @@ impl PositionsSupervisor {
             self.stats.clone(),
         )
         .with_halt(halt.clone());
+        if cancel.is_cancelled() {
+            // Shut down while the poller was being built: it is kept, not started.
+            self.keep(tag.to_owned(), poller);
+            return Ok(halt);
+        }
         info!(server_tag = %tag, "polling positions of server");
         let name = format!("positions[{tag}]");
         let tag = tag.to_owned();
