@@ -26,6 +26,31 @@ fn counter(
 }
 
 /// Waits until `check` holds (polling), or fails after `timeout`.
+/// The configuration of a test reading the simulator's last 30 days (`sim_days_ago(c, 30)`)
+/// in pages of 25 records, so a day spans several pages.
+fn month_in_small_pages(
+    sim: &SimHandle,
+    broker: &common::Tansu,
+    prefix: &str,
+    instance: &str,
+) -> Config {
+    let mut cfg = config(sim, broker, prefix, instance);
+    cfg.streams.start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(30);
+    cfg.crm.page_size = 25;
+    cfg
+}
+
+/// The `/status` document of a run listening on `127.0.0.1:<port>`.
+async fn status_of(port: u16) -> Json {
+    let body = reqwest::get(format!("http://127.0.0.1:{port}/status"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    serde_json::from_str(&body).unwrap()
+}
+
 async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !check() {
@@ -690,9 +715,7 @@ async fn without_totals_windows_are_read_until_a_read_finds_nothing_new_or_stay_
     .await;
     let prefix = common::unique_topic("nototal");
     let schemas = Schemas::load("com.ibstream").unwrap();
-    let mut cfg = config(&sim, &broker, &prefix, "nototal-1");
-    cfg.streams.start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(30);
-    cfg.crm.page_size = 25;
+    let cfg = month_in_small_pages(&sim, &broker, &prefix, "nototal-1");
     let run = start(cfg);
     let open = |run: &Running| -> u64 {
         run.stats
@@ -744,9 +767,7 @@ async fn deep_pages_refused_with(status: u16) {
     .await;
     let prefix = common::unique_topic("deep");
     let schemas = Schemas::load("com.ibstream").unwrap();
-    let mut cfg = config(&sim, &broker, &prefix, "deep-1");
-    cfg.streams.start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(30);
-    cfg.crm.page_size = 25;
+    let mut cfg = month_in_small_pages(&sim, &broker, &prefix, "deep-1");
     cfg.crm.max_retries = 1;
     let http_port = common::free_port();
     cfg.http.listen = format!("127.0.0.1:{http_port}");
@@ -776,15 +797,7 @@ async fn deep_pages_refused_with(status: u16) {
         counter(&run, "transactions", |s| &s.open_windows),
         deep.len() as u64
     );
-    let status: Json = serde_json::from_str(
-        &reqwest::get(format!("http://127.0.0.1:{http_port}/status"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let status: Json = status_of(http_port).await;
     let open: Vec<&Json> = status["pollers"]
         .as_array()
         .unwrap()
@@ -967,9 +980,7 @@ async fn without_totals_a_crm_capping_the_page_size_still_gives_every_record() {
     .await;
     let prefix = common::unique_topic("nototal-cap");
     let schemas = Schemas::load("com.ibstream").unwrap();
-    let mut cfg = config(&sim, &broker, &prefix, "nototal-cap-1");
-    cfg.streams.start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(30);
-    cfg.crm.page_size = 25;
+    let cfg = month_in_small_pages(&sim, &broker, &prefix, "nototal-cap-1");
     let run = start(cfg);
     run.wait_cycles(&HashMap::new(), &STREAMS, 2, Duration::from_secs(300))
         .await;
@@ -1022,23 +1033,13 @@ async fn without_totals_a_crm_ignoring_page_keeps_dense_days_open_and_loses_no_o
     .await;
     let prefix = common::unique_topic("nototal-nopage");
     let schemas = Schemas::load("com.ibstream").unwrap();
-    let mut cfg = config(&sim, &broker, &prefix, "nototal-nopage-1");
-    cfg.streams.start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(30);
-    cfg.crm.page_size = 25;
+    let mut cfg = month_in_small_pages(&sim, &broker, &prefix, "nototal-nopage-1");
     let http_port = common::free_port();
     cfg.http.listen = format!("127.0.0.1:{http_port}");
     let run = start(cfg);
     run.wait_cycles(&HashMap::new(), &STREAMS, 2, Duration::from_secs(300))
         .await;
-    let status: Json = serde_json::from_str(
-        &reqwest::get(format!("http://127.0.0.1:{http_port}/status"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap(),
-    )
-    .unwrap();
+    let status: Json = status_of(http_port).await;
     run.stop().await;
     let mut open_days: HashMap<String, Vec<String>> = HashMap::new();
     for poller in status["pollers"].as_array().unwrap() {
