@@ -874,10 +874,7 @@ fn is_html(headers: &HeaderMap) -> bool {
 /// Returns whether a body starts like JSON (`{` or `[` after whitespace and a byte-order
 /// mark): such a body is read as JSON whatever its `Content-Type` says.
 fn starts_like_json(body: &[u8]) -> bool {
-    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
-    body.iter()
-        .find(|b| !b.is_ascii_whitespace())
-        .is_some_and(|b| matches!(b, b'{' | b'['))
+    super::page::first_significant_byte(body).is_some_and(|b| matches!(b, b'{' | b'['))
 }
 
 /// Members of a login answer that may be quoted in an error (compared ignoring case), when

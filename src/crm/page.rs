@@ -204,12 +204,16 @@ pub fn decode_declared_charset(body: Vec<u8>, content_type: Option<&str>) -> Vec
         .into_bytes()
 }
 
+/// Returns a body's first byte after a byte-order mark and ASCII whitespace (`None` for a
+/// blank body): what tells JSON, HTML and compressed bytes apart.
+pub(super) fn first_significant_byte(body: &[u8]) -> Option<u8> {
+    let body = body.strip_prefix(BOM).unwrap_or(body);
+    body.iter().copied().find(|b| !b.is_ascii_whitespace())
+}
+
 /// Whether a body starts like JSON or text (after a byte-order mark and whitespace).
 fn looks_like_text(body: &[u8]) -> bool {
-    let body = body.strip_prefix(BOM).unwrap_or(body);
-    body.iter()
-        .find(|b| !b.is_ascii_whitespace())
-        .is_none_or(|b| matches!(b, b'{' | b'[' | b'<' | b'"'))
+    first_significant_byte(body).is_none_or(|b| matches!(b, b'{' | b'[' | b'<' | b'"'))
 }
 
 /// Parses a paged answer; `volatile` fields are left out of the fingerprints. `Err` means the
