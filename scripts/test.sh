@@ -1,12 +1,37 @@
 #!/usr/bin/env bash
 # Installs what the tests need, then runs the whole test suite. CI runs this (.ci/run).
 #
-# Needs: a Rust toolchain (cargo), gcc/make for librdkafka, libssl-dev, python3 with venv.
-# Installs: tansu 0.6.0 (a Kafka-protocol broker) into ~/.cargo/bin, and the tests' Python
-# tools (below) into a virtual environment of its own under target/ (Debian's system pip
-# refuses installs, PEP 668).
+# Needs: a Rust toolchain (cargo), gcc/make, python3 with venv, Java 17 and Maven.
+# Installs: what the build lacks of libssl-dev and pkg-config (with apt-get, as root), Apache
+# Kafka (the broker of tests/kafka/pom.xml, from Maven Central) into target/kafka/libs, tansu
+# 0.6.0 (a second Kafka-protocol broker with quirks of its own) into ~/.cargo/bin, and the
+# tests' Python tools (below) into a virtual environment of its own under target/ (Debian's
+# system pip refuses installs, PEP 668).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# rdkafka's `ssl` feature builds against OpenSSL, found by pkg-config.
+missing=""
+for package in libssl-dev pkg-config; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing="$missing $package"
+done
+if [ -n "$missing" ]; then
+  echo "==> installing$missing"
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  $SUDO apt-get update -qq
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing
+fi
+
+# Apache Kafka, the version tests/kafka/pom.xml pins (docker-compose.yml runs the same).
+KAFKA_VERSION=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' tests/kafka/pom.xml)
+if [ ! -f "target/kafka/libs/kafka_2.13-$KAFKA_VERSION.jar" ]; then
+  echo "==> fetching Apache Kafka $KAFKA_VERSION with Maven into target/kafka/libs"
+  rm -rf target/kafka/libs
+  mvn -q -B -f tests/kafka/pom.xml dependency:copy-dependencies \
+    -DoutputDirectory="$PWD/target/kafka/libs"
+fi
+echo "==> Apache Kafka $KAFKA_VERSION ($(java -version 2>&1 | head -1))"
 
 TANSU_VERSION=0.6.0
 export PATH="$HOME/.cargo/bin:$PATH"

@@ -1,6 +1,10 @@
-//! Test fixtures shared by the integration tests: the simulator in-process and a tansu broker
-//! process, each on a free port.
+//! Test fixtures shared by the integration tests: the simulator in-process, and a tansu or an
+//! Apache Kafka broker process ([`kafka`]), each on free ports.
 #![allow(dead_code)]
+
+pub mod kafka;
+#[allow(unused_imports)]
+pub use kafka::{ApacheKafka, KafkaSetup};
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};

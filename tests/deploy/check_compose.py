@@ -3,9 +3,14 @@ Specification's JSON schema (vendored in tests/data), and what the project promi
 Prints one JSON line: the ibstream service's config file (host path) and environment, for the
 Rust test to pass to `ibstream check --config-only`. Exits non-zero with the reasons otherwise.
 
+The Kafka service must run the Apache Kafka version the tests run (tests/kafka/pom.xml) with
+the single-node settings the tests' brokers start with (tests/kafka/single-node.properties).
+
 usage: check_compose.py COMPOSE_FILE SCHEMA_FILE"""
 
 import json
+import os
+import re
 import sys
 
 import jsonschema
@@ -42,14 +47,22 @@ kafka = services["kafka"]
 if not kafka["image"].startswith("apache/kafka:"):
     problems.append("kafka: not Apache Kafka's official image")
 env = {k: str(v) for k, v in kafka["environment"].items()}
-for key, want in {
-    "KAFKA_PROCESS_ROLES": "broker,controller",
-    "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1",
-    "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "1",
-    "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "1",
-}.items():
+tests_kafka = os.path.join(os.path.dirname(os.path.abspath(compose_path)), "tests", "kafka")
+with open(os.path.join(tests_kafka, "pom.xml")) as f:
+    version = re.search(r"<kafka.version>([^<]+)</kafka.version>", f.read()).group(1).strip()
+if kafka["image"] != f"apache/kafka:{version}":
+    problems.append(f"kafka: image {kafka['image']!r}, the tests run apache/kafka:{version} (tests/kafka/pom.xml)")
+# The image maps KAFKA_A_B to the broker setting a.b.
+single_node = {"KAFKA_PROCESS_ROLES": "broker,controller"}
+with open(os.path.join(tests_kafka, "single-node.properties")) as f:
+    for line in f:
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            single_node["KAFKA_" + key.strip().upper().replace(".", "_")] = value.strip()
+for key, want in single_node.items():
     if env.get(key) != want:
-        problems.append(f"kafka: {key} is {env.get(key)!r}, transactions on one node need {want!r}")
+        problems.append(f"kafka: {key} is {env.get(key)!r}, tests/kafka/single-node.properties has {want!r}")
 for key in ["KAFKA_NODE_ID", "KAFKA_LISTENERS", "KAFKA_CONTROLLER_QUORUM_VOTERS", "CLUSTER_ID"]:
     if key not in env:
         problems.append(f"kafka: {key} missing")
