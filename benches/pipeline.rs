@@ -1,11 +1,12 @@
 //! Pipeline figures, measured in one run (`cargo bench --bench pipeline`):
 //!
-//! 1. end-to-end backfill from the simulator into tansu (memory storage, at-least-once):
+//! 1. end-to-end backfill from the simulator into the broker (at-least-once):
 //!    records per second (target ≥ 50k/s on the 2-core development machine);
 //! 2. restoring 1M fingerprints from the state topic (target ≤ 5 s);
 //! 3. resident memory per tracked entity at 1M entities (target ≤ 100 bytes).
 //!
-//! Needs the `tansu` binary (./scripts/test.sh installs it). Run by `cargo test
+//! Needs the `tansu` binary, or with `BENCH_BROKER=apache` Apache Kafka in target/kafka/libs
+//! (./scripts/test.sh installs both). Run by `cargo test
 //! --all-targets` (without `--bench`), it does the same at a small scale, as a smoke test.
 
 #[path = "../tests/common/mod.rs"]
@@ -81,9 +82,26 @@ fn main() {
         .expect("runtime");
     runtime.block_on(async {
         memory(&scale);
-        let broker = common::Tansu::start();
-        backfill(&broker, &scale).await;
-        restore_bench(&broker, &scale).await;
+        // BENCH_BROKER=apache: Apache Kafka (target/kafka/libs) instead of tansu.
+        let (_tansu, _apache, bootstrap) = match std::env::var("BENCH_BROKER").as_deref() {
+            Ok("apache") => {
+                let broker = common::ApacheKafka::start();
+                let bootstrap = broker.bootstrap.clone();
+                (None, Some(broker), bootstrap)
+            }
+            Ok("tansu") | Err(_) => {
+                let broker = common::Tansu::start();
+                let bootstrap = broker.bootstrap.clone();
+                (Some(broker), None, bootstrap)
+            }
+            Ok(other) => panic!("BENCH_BROKER is {other:?}; tansu or apache"),
+        };
+        println!(
+            "broker: {}",
+            std::env::var("BENCH_BROKER").unwrap_or_else(|_| "tansu".into())
+        );
+        backfill(&bootstrap, &scale).await;
+        restore_bench(&bootstrap, &scale).await;
     });
 }
 
@@ -112,7 +130,7 @@ fn memory(scale: &Scale) {
     );
 }
 
-async fn backfill(broker: &common::Tansu, scale: &Scale) {
+async fn backfill(bootstrap: &str, scale: &Scale) {
     let sim = common::start_sim(|c| {
         c.leads = scale.leads;
         c.customers = scale.customers;
@@ -123,7 +141,7 @@ async fn backfill(broker: &common::Tansu, scale: &Scale) {
     .await;
     let mut config = Config::load(None).expect("config");
     config.crm = common::crm_config(&sim);
-    config.kafka.bootstrap_servers = broker.bootstrap.clone();
+    config.kafka.bootstrap_servers = bootstrap.to_owned();
     config.kafka.delivery = Delivery::AtLeastOnce;
     config.kafka.replication_factor = 1;
     config.topics.prefix = common::unique_topic("bench");
@@ -164,7 +182,7 @@ async fn backfill(broker: &common::Tansu, scale: &Scale) {
     task.await.expect("task").expect("run");
     let requests = sim.stats().requests.load(Ordering::Relaxed);
     println!(
-        "backfill: {records} records in {:.2} s = {:.0} records/s end to end (simulator → tansu, at-least-once, {requests} CRM requests; target >= 50000/s)",
+        "backfill: {records} records in {:.2} s = {:.0} records/s end to end (simulator → broker, at-least-once, {requests} CRM requests; target >= 50000/s)",
         elapsed.as_secs_f64(),
         records as f64 / elapsed.as_secs_f64()
     );
@@ -174,7 +192,7 @@ async fn backfill(broker: &common::Tansu, scale: &Scale) {
 /// Restores `scale.fingerprints` fingerprints from a state topic, written as `ibstream run`
 /// writes them (segments of a page, 1,000 entities each), then as releases before segments
 /// wrote them (one record per entity), and prints both.
-async fn restore_bench(broker: &common::Tansu, scale: &Scale) {
+async fn restore_bench(bootstrap: &str, scale: &Scale) {
     let n = scale.fingerprints as u64;
     let mut map = FpMap::default();
     let mut segments = Vec::new();
@@ -189,22 +207,22 @@ async fn restore_bench(broker: &common::Tansu, scale: &Scale) {
         map.apply(plan);
         segments.extend(records.into_iter().map(|(k, v)| (k, v.expect("a segment"))));
     }
-    restore_from(broker, scale, "segments", segments).await;
+    restore_from(bootstrap, scale, "segments", segments).await;
     let per_entity = (0..n).map(|i| {
         let key = FpEntry::key("transactions", &(9_000_000 + i).to_string());
         (key, FpEntry { fp: i, day: 19_000 }.encode())
     });
-    restore_from(broker, scale, "per-entity records", per_entity.collect()).await;
+    restore_from(bootstrap, scale, "per-entity records", per_entity.collect()).await;
 }
 
 async fn restore_from(
-    broker: &common::Tansu,
+    bootstrap: &str,
     scale: &Scale,
     format: &str,
     records: Vec<(String, Vec<u8>)>,
 ) {
     let mut config = Config::load(None).expect("config");
-    config.kafka.bootstrap_servers = broker.bootstrap.clone();
+    config.kafka.bootstrap_servers = bootstrap.to_owned();
     config.kafka.delivery = Delivery::AtLeastOnce;
     config.kafka.instance_id = "restore-bench".to_owned();
     let topic = common::unique_topic("state");
@@ -220,7 +238,7 @@ async fn restore_from(
     .await
     .expect("state topic");
     let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &broker.bootstrap)
+        .set("bootstrap.servers", bootstrap)
         .set("linger.ms", "20")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "1000000")
@@ -249,7 +267,7 @@ async fn restore_from(
         use rdkafka::consumer::{BaseConsumer, Consumer};
         use rdkafka::{Offset, TopicPartitionList};
         let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &broker.bootstrap)
+            .set("bootstrap.servers", bootstrap)
             .set("group.id", "raw")
             .create()
             .expect("consumer");

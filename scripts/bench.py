@@ -1,8 +1,9 @@
 """The end-to-end benchmark of `ibstream run` (see scripts/bench.sh, which builds the binary
 and calls this).
 
-Starts the simulator (fixed seed, no background changes) and tansu (memory storage), runs
-`ibstream run` (at-least-once) until every stream's backfill is complete – read from /status,
+Starts the simulator (fixed seed, no background changes) and a broker – tansu (memory storage)
+by default, or Apache Kafka (the version of tests/kafka/pom.xml, one KRaft node, its log on
+disk) – runs `ibstream run` (at-least-once unless told) until every stream's backfill is complete – read from /status,
 never a sleep – and reports records/s, the connector's CPU microseconds per record (user+sys of
 the ibstream process alone, from /proc), its peak RSS, the CRM requests and the bytes produced.
 
@@ -11,11 +12,16 @@ without ibstream) on the same simulator and broker, checks both emitted the same
 events per stream, and prints the ratio.
 
 usage: bench.py BINARY BASELINE_PYTHON [--smoke] [--scale F] [--no-baseline]
+                [--broker tansu|apache] [--delivery at-least-once|exactly-once]
 
 --scale F: F times the full workload (0.1 for the 10 % scaling figure);
 --no-baseline: ibstream alone (for profiling and quick comparisons of ibstream builds);
+--broker apache: Apache Kafka from target/kafka/libs (./scripts/test.sh fetches it) with the
+  single-node settings of tests/kafka/single-node.properties;
+--delivery exactly-once: ibstream with Kafka transactions (needs --broker apache);
 environment BENCH_PERF=FILE: `perf record -g` of the connector during the backfill into FILE."""
 
+import base64
 import json
 import os
 import socket
@@ -30,6 +36,18 @@ BASELINE_PYTHON = sys.argv[2]
 SMOKE = "--smoke" in sys.argv
 SCALE = float(sys.argv[sys.argv.index("--scale") + 1]) if "--scale" in sys.argv else 1.0
 BASELINE = "--no-baseline" not in sys.argv
+
+
+def option(name, default, allowed):
+    value = sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
+    if value not in allowed:
+        sys.exit(f"bench: {name} is {value!r}; one of {', '.join(allowed)}")
+    return value
+
+
+BROKER = option("--broker", "tansu", ("tansu", "apache"))
+DELIVERY = option("--delivery", "at-least-once", ("at-least-once", "exactly-once"))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = (
     {"leads": 2000, "customers": 800, "transactions": 5000, "positions": 10000, "servers": 2}
     if SMOKE
@@ -90,6 +108,44 @@ def figures(records, seconds, cpu, rss):
     }
 
 
+def start_apache_kafka(work, port):
+    """Formats a KRaft storage folder under `work` and starts one broker+controller node on
+    `port` (its controller on a second free port); returns the process once it serves."""
+    with open(os.path.join(ROOT, "tests/kafka/pom.xml")) as f:
+        version = f.read().split("<kafka.version>")[1].split("<")[0].strip()
+    libs = os.path.join(ROOT, "target/kafka/libs")
+    if not os.path.exists(os.path.join(libs, f"kafka_2.13-{version}.jar")):
+        sys.exit(f"bench: no Apache Kafka {version} in {libs}; ./scripts/test.sh fetches it")
+    controller = free_port()
+    with open(os.path.join(ROOT, "tests/kafka/single-node.properties")) as f:
+        single_node = f.read()
+    properties = os.path.join(work, "server.properties")
+    with open(properties, "w") as f:
+        f.write(f"""process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{controller}
+controller.listener.names=CONTROLLER
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs={work}/kafka-logs
+""" + single_node)
+    java = ["java", "-cp", os.path.join(libs, "*"),
+            f"-Dlog4j2.configurationFile={ROOT}/tests/kafka/log4j2.properties"]
+    cluster = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+    subprocess.run(java + ["kafka.tools.StorageTool", "format", "--cluster-id", cluster, "--config", properties],
+                   check=True, stdout=subprocess.DEVNULL)
+    log = open(os.path.join(work, "kafka.log"), "w")
+    kafka = subprocess.Popen(java[:1] + ["-Xms1g", "-Xmx1g"] + java[1:] + ["kafka.Kafka", properties],
+                             stdout=log, stderr=subprocess.STDOUT)
+
+    def serving():
+        with open(os.path.join(work, "kafka.log")) as f:
+            return "Kafka Server started" in f.read()
+    wait_for("Apache Kafka", serving, 120)
+    return kafka
+
+
 def main():
     work = tempfile.mkdtemp(prefix="ibstream-bench-")
     sim_port, kafka_port, http_port = free_port(), free_port(), free_port()
@@ -102,14 +158,18 @@ def main():
             stdout=subprocess.DEVNULL,
         )
         processes.append(sim)
-        kafka = subprocess.Popen(
-            ["tansu", "broker", "--listener-url", f"tcp://127.0.0.1:{kafka_port}",
-             "--advertised-listener-url", f"tcp://127.0.0.1:{kafka_port}", "--storage-engine", "memory://tansu/"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        if BROKER == "apache":
+            kafka = start_apache_kafka(work, kafka_port)
+        else:
+            kafka = subprocess.Popen(
+                ["tansu", "broker", "--listener-url", f"tcp://127.0.0.1:{kafka_port}",
+                 "--advertised-listener-url", f"tcp://127.0.0.1:{kafka_port}", "--storage-engine", "memory://tansu/"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
         processes.append(kafka)
         wait_for("the simulator", lambda: get_json(f"http://127.0.0.1:{sim_port}/_sim/stats"), 300)
-        print(f"simulator ready in {time.monotonic() - started:.1f} s ({SIZES})", flush=True)
+        print(f"simulator ready in {time.monotonic() - started:.1f} s ({SIZES}; broker {BROKER}, {DELIVERY})",
+              flush=True)
         config = os.path.join(work, "ibstream.toml")
         with open(config, "w") as f:
             f.write(f"""
@@ -123,7 +183,7 @@ requests_per_second = 1000
 
 [kafka]
 bootstrap_servers = "127.0.0.1:{kafka_port}"
-delivery = "at-least-once"
+delivery = "{DELIVERY}"
 instance_id = "bench"
 replication_factor = 1
 
@@ -206,7 +266,7 @@ start_date = "2024-01-01"
             return
 
         # The same workload through the baseline, on the same simulator and broker.
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        root = ROOT
         baseline_started = time.monotonic()
         baseline = subprocess.Popen(
             [BASELINE_PYTHON, os.path.join(root, "benches/baseline/poller.py"),
