@@ -135,7 +135,12 @@ impl Run {
         let status = self.status().await.expect("/status answers");
         STREAMS
             .iter()
-            .map(|s| (s.to_string(), status["counts"][s]["cycles"].as_u64().unwrap()))
+            .map(|s| {
+                (
+                    s.to_string(),
+                    status["counts"][s]["cycles"].as_u64().unwrap(),
+                )
+            })
             .collect()
     }
 
@@ -198,13 +203,7 @@ enum Framing<'a> {
 }
 
 /// Starts `ibstream run` (exactly-once, [`PARTITIONS`] partitions per data topic) on `sim`.
-fn spawn_run(
-    sim: &SimHandle,
-    bootstrap: &str,
-    prefix: &str,
-    framing: &Framing,
-    dir: &Path,
-) -> Run {
+fn spawn_run(sim: &SimHandle, bootstrap: &str, prefix: &str, framing: &Framing, dir: &Path) -> Run {
     let registry = match framing {
         Framing::SingleObject => String::new(),
         Framing::Confluent(registry) => format!(
@@ -374,11 +373,9 @@ fn from_java(value: &Json) -> Json {
                 .unwrap_or_else(|e| panic!("Java's instant {text:?}: {e}"));
             json!({"millis": at.timestamp_millis()})
         }
-        Json::Object(map) => Json::Object(
-            map.iter()
-                .map(|(k, v)| (k.clone(), from_java(v)))
-                .collect(),
-        ),
+        Json::Object(map) => {
+            Json::Object(map.iter().map(|(k, v)| (k.clone(), from_java(v))).collect())
+        }
         Json::Array(items) => Json::Array(items.iter().map(from_java).collect()),
         other => other.clone(),
     }
@@ -403,9 +400,11 @@ fn java_read(bootstrap: &str, prefix: &str, framing: &Framing) -> JavaRead {
         .arg(prefix);
     match framing {
         Framing::SingleObject => command.arg("single-object"),
-        Framing::Confluent(registry) => command
-            .arg("confluent")
-            .args([&registry.url, "sr-user", "sr-pass"]),
+        Framing::Confluent(registry) => {
+            command
+                .arg("confluent")
+                .args([&registry.url, "sr-user", "sr-pass"])
+        }
     };
     let output = command.output().expect("java runs");
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -439,12 +438,19 @@ fn java_read(bootstrap: &str, prefix: &str, framing: &Framing) -> JavaRead {
             other => panic!("unknown line kind {other}"),
         }
     }
-    assert!(read.summary.is_object(), "no summary line; stderr: {stderr}");
+    assert!(
+        read.summary.is_object(),
+        "no summary line; stderr: {stderr}"
+    );
     read
 }
 
 /// Compares what Java read with the truth; returns (keys compared, fields compared).
-fn compare(sim: &SimHandle, read: &JavaRead, updated: &HashSet<(String, String)>) -> (usize, usize) {
+fn compare(
+    sim: &SimHandle,
+    read: &JavaRead,
+    updated: &HashSet<(String, String)>,
+) -> (usize, usize) {
     let mut keys = 0;
     let mut fields = 0;
     for stream in STREAMS {
@@ -459,7 +465,10 @@ fn compare(sim: &SimHandle, read: &JavaRead, updated: &HashSet<(String, String)>
             &missing[..missing.len().min(5)]
         );
         let extra: Vec<&String> = got.keys().filter(|k| !truth.contains_key(*k)).collect();
-        assert!(extra.is_empty(), "{stream}: keys not in the truth: {extra:?}");
+        assert!(
+            extra.is_empty(),
+            "{stream}: keys not in the truth: {extra:?}"
+        );
         let mut partitions = HashSet::new();
         for (key, want) in &truth {
             let (partition, value) = &got[key];
@@ -500,7 +509,10 @@ fn compare(sim: &SimHandle, read: &JavaRead, updated: &HashSet<(String, String)>
 }
 
 /// One run: simulator → `ibstream run` (exactly-once) → Apache Kafka → the JVM consumer.
-async fn jvm_consumer_reads_the_truth(framing: Framing<'_>, tweak: impl FnOnce(&mut ibstream::sim::SimConfig)) {
+async fn jvm_consumer_reads_the_truth(
+    framing: Framing<'_>,
+    tweak: impl FnOnce(&mut ibstream::sim::SimConfig),
+) {
     decimal_scale_of_schemas();
     let started = Instant::now();
     // The Java program is there before anything starts.
@@ -565,14 +577,30 @@ async fn jvm_consumer_reads_the_truth(framing: Framing<'_>, tweak: impl FnOnce(&
         read.misplaced[0]
     );
     let mut records = 0;
+    let mut per_topic = Vec::new();
     for stream in STREAMS {
         let topic = &read.summary["topics"][format!("{prefix}.{stream}")];
         assert_eq!(topic["partitions"], json!(PARTITIONS), "{topic}");
-        records += topic["records"].as_u64().unwrap();
+        let read_here = topic["records"].as_u64().unwrap();
+        // Transactions' commit markers take offsets that read_committed does not return: the
+        // topic was written in transactions and read to its last stable offset.
+        let ends: u64 = topic["endOffsets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o.as_u64().unwrap())
+            .sum();
+        assert!(
+            ends > read_here,
+            "{stream}: no transaction markers: {topic}"
+        );
+        records += read_here;
+        per_topic.push(format!("{stream} {read_here}"));
     }
     let (keys, fields) = compare(&sim, &read, &updated);
     eprintln!(
-        "jvm_consumer: {records} records read by Java, {keys} keys and {fields} fields equal to the truth, {} updated keys; backfill {:.1} s, streamed {:.1} s, Java read {:.1} s, total {:.1} s",
+        "jvm_consumer: {records} records read by Java ({}), {keys} keys and {fields} fields equal to the truth, {} updated keys; backfill {:.1} s, streamed {:.1} s, Java read {:.1} s, total {:.1} s",
+        per_topic.join(", "),
         updated.len(),
         backfilled.as_secs_f64(),
         streamed.as_secs_f64(),
