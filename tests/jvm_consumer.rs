@@ -130,32 +130,39 @@ impl Run {
         }
     }
 
-    /// Each stream's completed cycles (`/status` counts; positions count one per server tag).
-    async fn cycles(&self) -> HashMap<String, u64> {
-        let status = self.status().await.expect("/status answers");
-        STREAMS
-            .iter()
-            .map(|s| {
-                (
-                    s.to_string(),
-                    status["counts"][s]["cycles"].as_u64().unwrap(),
-                )
-            })
-            .collect()
-    }
-
-    /// Waits until each stream completed `more[stream]` cycles after `from`.
-    async fn wait_cycles(&mut self, from: &HashMap<String, u64>, more: &HashMap<&str, u64>) {
+    /// Waits until every cursor of every poller has read through `since`: everything that
+    /// existed then has been read and committed (`/status`'s `readThrough`, the start of the
+    /// last cycle that read up to today, set once that cycle's cursor is committed).
+    async fn wait_read_through(&mut self, since: chrono::DateTime<chrono::Utc>) {
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let now = self.cycles().await;
-            if STREAMS.iter().all(|s| now[*s] >= from[*s] + more[s]) {
+            let status = self.status().await.expect("/status answers");
+            let pollers = status["pollers"].as_array().cloned().unwrap_or_default();
+            let behind: Vec<String> = pollers
+                .iter()
+                .flat_map(|p| {
+                    let name = p["name"].as_str().unwrap_or_default().to_owned();
+                    p["cursors"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|c| {
+                            c["readThrough"]
+                                .as_str()
+                                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                                .is_none_or(|t| t <= since)
+                        })
+                        .map(move |c| format!("{name} {}", c["scope"]))
+                })
+                .collect();
+            if !pollers.is_empty() && behind.is_empty() {
                 return;
             }
             self.assert_alive();
             assert!(
                 Instant::now() < deadline,
-                "cycles did not complete within 120 s: {now:?} from {from:?}"
+                "not read through {since} within 120 s: {behind:?}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -550,14 +557,7 @@ async fn jvm_consumer_reads_the_truth(
             }
         }
     }
-    let from = run.cycles().await;
-    // Two cycles of each stream (of each server tag for positions) after the changes: one
-    // started after them and completed.
-    let more: HashMap<&str, u64> = STREAMS
-        .iter()
-        .map(|s| (*s, if *s == "positions" { 4 } else { 2 }))
-        .collect();
-    run.wait_cycles(&from, &more).await;
+    run.wait_read_through(chrono::Utc::now()).await;
     run.terminate();
     let streamed = started.elapsed();
 
@@ -578,6 +578,7 @@ async fn jvm_consumer_reads_the_truth(
     );
     let mut records = 0;
     let mut per_topic = Vec::new();
+    let mut java_topics_ms = 0;
     for stream in STREAMS {
         let topic = &read.summary["topics"][format!("{prefix}.{stream}")];
         assert_eq!(topic["partitions"], json!(PARTITIONS), "{topic}");
@@ -594,12 +595,19 @@ async fn jvm_consumer_reads_the_truth(
             ends > read_here,
             "{stream}: no transaction markers: {topic}"
         );
+        // Exactly-once: no record repeats an earlier one's key and eventId.
+        assert_eq!(
+            topic["duplicates"],
+            json!(0),
+            "{stream}: duplicates: {topic}"
+        );
+        java_topics_ms += topic["readMillis"].as_u64().unwrap();
         records += read_here;
         per_topic.push(format!("{stream} {read_here}"));
     }
     let (keys, fields) = compare(&sim, &read, &updated);
     eprintln!(
-        "jvm_consumer: {records} records read by Java ({}), {keys} keys and {fields} fields equal to the truth, {} updated keys; backfill {:.1} s, streamed {:.1} s, Java read {:.1} s, total {:.1} s",
+        "jvm_consumer: {records} records read by Java ({}), {keys} keys and {fields} fields equal to the truth, {} updated keys; backfill {:.1} s, streamed {:.1} s, Java read {:.1} s ({java_topics_ms} ms of it reading topics), total {:.1} s",
         per_topic.join(", "),
         updated.len(),
         backfilled.as_secs_f64(),

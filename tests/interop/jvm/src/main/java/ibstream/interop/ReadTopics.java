@@ -22,10 +22,12 @@ import java.util.ArrayList;
 import java.util.Base64;
 import java.util.Collection;
 import java.util.HashMap;
+import java.util.HashSet;
 import java.util.LinkedHashMap;
 import java.util.List;
 import java.util.Map;
 import java.util.Properties;
+import java.util.Set;
 import java.util.TreeMap;
 import org.apache.avro.Conversions;
 import org.apache.avro.Schema;
@@ -71,7 +73,9 @@ import org.apache.kafka.common.utils.Utils;
  * last record), {@code {"kind":"misplaced","topic","key","partition","expected"}} per record in
  * another partition than Java's, {@code {"kind":"undecodable","topic","partition","offset",
  * "error"}} per value Avro Java cannot read, and a last {@code {"kind":"summary","topics":{…}}}
- * with per topic its partitions, records read and end offsets. In values, decimals are
+ * with per topic its partitions, records read, distinct keys, misplaced and undecodable records,
+ * duplicates (records whose key and {@code meta.eventId} came before), end offsets and the
+ * milliseconds its read took. In values, decimals are
  * {@code {"decimal": BigDecimal.toPlainString()}} (the schema's scale, exact), timestamps
  * {@code {"instant": Instant.toString()}}, dates {@code {"date": "YYYY-MM-DD"}}, enums their
  * symbol, maps objects, arrays lists. Exits 1 on a fatal error (a topic that is missing, an end
@@ -196,6 +200,10 @@ public final class ReadTopics {
     long records = 0;
     long misplaced = 0;
     long undecodable = 0;
+    // Records whose (key, eventId) came before: exactly-once means none.
+    long duplicates = 0;
+    Set<String> seen = new HashSet<>();
+    long started = System.nanoTime();
     long deadline = System.nanoTime() + Duration.ofSeconds(120).toNanos();
     while (!reachedEnd(consumer, assigned, end)) {
       if (System.nanoTime() > deadline) {
@@ -243,6 +251,9 @@ public final class ReadTopics {
           out.println(JSON.writeValueAsString(line));
           continue;
         }
+        if (!seen.add(key + "\u0000" + value.path("meta").path("eventId").asText())) {
+          duplicates++;
+        }
         ObjectNode line = NODES.objectNode();
         line.put("kind", "latest");
         line.put("topic", topic);
@@ -262,6 +273,8 @@ public final class ReadTopics {
     counts.put("keys", latest.size());
     counts.put("misplaced", misplaced);
     counts.put("undecodable", undecodable);
+    counts.put("duplicates", duplicates);
+    counts.put("readMillis", (System.nanoTime() - started) / 1_000_000);
     ArrayNode ends = counts.putArray("endOffsets");
     for (TopicPartition tp : assigned) {
       ends.add(end.get(tp));
