@@ -38,6 +38,7 @@ echo "==> Apache Kafka $KAFKA_VERSION ($(java -version 2>&1 | head -1))"
 JVM_CONSUMER=target/interop-jvm/interop-jvm.jar
 if [ ! -f "$JVM_CONSUMER" ] || [ -n "$(find tests/interop/jvm -newer "$JVM_CONSUMER" -type f | head -1)" ]; then
   echo "==> building the JVM consumer (tests/interop/jvm) with Maven into target/interop-jvm"
+  rm -rf target/interop-jvm # no jar of an older pom left in lib/
   mvn -q -B -f tests/interop/jvm/pom.xml package
 fi
 
