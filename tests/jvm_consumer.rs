@@ -623,7 +623,7 @@ async fn a_jvm_consumer_reads_single_object_events_as_the_truth() {
 }
 
 /// With a registry: Confluent framing, the writer's schema fetched by id. The CRM writes money
-/// as JSON numbers here (binary-float noise included, rounded by ibstream to 8 decimals).
+/// as JSON numbers here (`12.5`, not `"12.50"`): the same decimals must come out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jvm_consumer_reads_confluent_framed_events_as_the_truth() {
     let registry = common::start_registry().await;
