@@ -328,6 +328,67 @@ fn expected(sim: &SimHandle, stream: &str) -> HashMap<String, Json> {
     }
 }
 
+/// The truth records of `stream` as the simulator serves them, by key (not read by ibstream).
+fn raw_truth(sim: &SimHandle, stream: &str) -> HashMap<String, Json> {
+    fn text(v: &Json) -> String {
+        v.as_str().map_or_else(|| v.to_string(), str::to_owned)
+    }
+    let (kind, key): (Kind, fn(&Json) -> String) = match stream {
+        "leads" => (Kind::Leads, |r| text(&r["id"])),
+        "customers" => (Kind::Customers, |r| text(&r["customerId"])),
+        "transactions" => (Kind::Transactions, |r| text(&r["id"])),
+        "servers" => (Kind::Servers, |r| text(&r["id"])),
+        "positions" => (Kind::Positions, |r| {
+            format!("{}:{}", text(&r["serverTag"]), text(&r["positionId"]))
+        }),
+        _ => unreachable!(),
+    };
+    sim.truth(kind).into_iter().map(|r| (key(&r), r)).collect()
+}
+
+/// Checks Java's top-level decimals and timestamps against the raw truth record, independently
+/// of ibstream's reading of it: a decimal equals the CRM's text (a string or a JSON number) by
+/// value, a timestamp is the CRM's `YYYY-MM-DD HH:MM:SS` (the simulator's UTC) as an instant.
+/// Returns the values checked.
+fn check_against_raw(
+    stream: &str,
+    key: &str,
+    java: &serde_json::Map<String, Json>,
+    raw: &Json,
+) -> usize {
+    use std::str::FromStr;
+    let mut checked = 0;
+    for (name, value) in java {
+        let crm = &raw[name.as_str()];
+        if let Some(decimal) = value.get("decimal").and_then(Json::as_str) {
+            let text = crm.as_str().map_or_else(|| crm.to_string(), str::to_owned);
+            let want = rust_decimal::Decimal::from_str(&text)
+                .or_else(|_| rust_decimal::Decimal::from_scientific(&text))
+                .unwrap_or_else(|e| panic!("{stream} {key}: the CRM's {name} {crm}: {e}"));
+            let got = rust_decimal::Decimal::from_str(decimal).unwrap();
+            assert_eq!(
+                got, want,
+                "{stream} {key}: {name}: Java {decimal}, the CRM {crm}"
+            );
+            checked += 1;
+        } else if let Some(millis) = value.get("millis").and_then(Json::as_i64) {
+            let text = crm
+                .as_str()
+                .unwrap_or_else(|| panic!("{stream} {key}: {name} {crm}"));
+            let want = chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S")
+                .unwrap_or_else(|e| panic!("{stream} {key}: the CRM's {name} {text:?}: {e}"))
+                .and_utc()
+                .timestamp_millis();
+            assert_eq!(
+                millis, want,
+                "{stream} {key}: {name}: Java {millis} ms, the CRM {text}"
+            );
+            checked += 1;
+        }
+    }
+    checked
+}
+
 /// The decimal `unscaled × 10^-SCALE` as `BigDecimal.toPlainString()` writes it.
 fn plain_decimal(unscaled: i128) -> String {
     let digits = unscaled.unsigned_abs().to_string();
@@ -452,16 +513,19 @@ fn java_read(bootstrap: &str, prefix: &str, framing: &Framing) -> JavaRead {
     read
 }
 
-/// Compares what Java read with the truth; returns (keys compared, fields compared).
+/// Compares what Java read with the truth; returns the keys and fields compared and the
+/// decimals and timestamps also checked against the raw truth.
 fn compare(
     sim: &SimHandle,
     read: &JavaRead,
     updated: &HashSet<(String, String)>,
-) -> (usize, usize) {
+) -> (usize, usize, usize) {
     let mut keys = 0;
     let mut fields = 0;
+    let mut raw_values = 0;
     for stream in STREAMS {
         let truth = expected(sim, stream);
+        let raw = raw_truth(sim, stream);
         let got = read.latest.get(stream).cloned().unwrap_or_default();
         let missing: Vec<&String> = truth.keys().filter(|k| !got.contains_key(*k)).collect();
         assert!(
@@ -492,6 +556,7 @@ fn compare(
                 );
                 fields += 1;
             }
+            raw_values += check_against_raw(stream, key, &body, &raw[key]);
             // meta as Avro Java decodes it: an enum symbol, an id, instants.
             let op = if updated.contains(&(stream.to_owned(), key.clone())) {
                 "UPDATED"
@@ -512,7 +577,7 @@ fn compare(
             );
         }
     }
-    (keys, fields)
+    (keys, fields, raw_values)
 }
 
 /// One run: simulator → `ibstream run` (exactly-once) → Apache Kafka → the JVM consumer.
@@ -605,9 +670,9 @@ async fn jvm_consumer_reads_the_truth(
         records += read_here;
         per_topic.push(format!("{stream} {read_here}"));
     }
-    let (keys, fields) = compare(&sim, &read, &updated);
+    let (keys, fields, raw_values) = compare(&sim, &read, &updated);
     eprintln!(
-        "jvm_consumer: {records} records read by Java ({}), {keys} keys and {fields} fields equal to the truth, {} updated keys; backfill {:.1} s, streamed {:.1} s, Java read {:.1} s ({java_topics_ms} ms of it reading topics), total {:.1} s",
+        "jvm_consumer: {records} records read by Java ({}), {keys} keys and {fields} fields equal to the truth ({raw_values} decimals and timestamps also to the CRM's raw text), {} updated keys; backfill {:.1} s, streamed {:.1} s, Java read {:.1} s ({java_topics_ms} ms of it reading topics), total {:.1} s",
         per_topic.join(", "),
         updated.len(),
         backfilled.as_secs_f64(),
