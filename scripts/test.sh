@@ -33,6 +33,15 @@ if [ ! -f "target/kafka/libs/kafka_2.13-$KAFKA_VERSION.jar" ]; then
 fi
 echo "==> Apache Kafka $KAFKA_VERSION ($(java -version 2>&1 | head -1))"
 
+# The JVM consumer of tests/jvm_consumer.rs (kafka-clients + Avro Java), built into
+# target/interop-jvm when its sources changed.
+JVM_CONSUMER=target/interop-jvm/interop-jvm.jar
+if [ ! -f "$JVM_CONSUMER" ] || [ -n "$(find tests/interop/jvm -newer "$JVM_CONSUMER" -type f | head -1)" ]; then
+  echo "==> building the JVM consumer (tests/interop/jvm) with Maven into target/interop-jvm"
+  rm -rf target/interop-jvm # no jar of an older pom left in lib/
+  mvn -q -B -f tests/interop/jvm/pom.xml package
+fi
+
 TANSU_VERSION=0.6.0
 export PATH="$HOME/.cargo/bin:$PATH"
 

@@ -181,7 +181,8 @@ pub fn unique_topic(prefix: &str) -> String {
 }
 
 /// A minimal Confluent Schema Registry (no registry server can run here): the register and
-/// lookup calls ibstream makes, with basic auth, in-process on a free port.
+/// lookup calls ibstream makes and the fetch by id consumers make, with basic auth,
+/// in-process on a free port.
 pub struct TestRegistry {
     /// Base URL.
     pub url: String,
@@ -274,6 +275,24 @@ pub async fn start_registry() -> TestRegistry {
             ),
         }
     }
+    // GET /schemas/ids/{id}: the schema a Confluent-framed value names, as consumers fetch it.
+    async fn by_id(
+        State(st): State<St>,
+        AxPath(id): AxPath<u32>,
+        headers: HeaderMap,
+    ) -> (StatusCode, String) {
+        if !authorized(&headers) {
+            return (StatusCode::UNAUTHORIZED, "{}".into());
+        }
+        let subjects = st.subjects.lock().unwrap();
+        match subjects.values().flatten().find(|(_, i)| *i == id) {
+            Some((schema, _)) => (StatusCode::OK, json!({ "schema": schema }).to_string()),
+            None => (
+                StatusCode::NOT_FOUND,
+                r#"{"error_code":40403,"message":"Schema not found"}"#.into(),
+            ),
+        }
+    }
     let st = St {
         subjects: Arc::default(),
         registrations: Arc::default(),
@@ -282,6 +301,7 @@ pub async fn start_registry() -> TestRegistry {
     let app = axum::Router::new()
         .route("/subjects/{subject}/versions", post(register))
         .route("/subjects/{subject}", post(lookup))
+        .route("/schemas/ids/{id}", axum::routing::get(by_id))
         .with_state(st.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
