@@ -430,6 +430,9 @@ async fn produce_async(
 /// Classifies a failed delivery; the producer's own fatal error, when it has one, wins.
 fn delivery_error(producer: &KafkaProducer, error: KafkaError) -> SinkError {
     match producer.client().fatal_error() {
+        // librdkafka raises a fenced producer as its fatal error: a restart would fence the
+        // other process in turn, so it is named, never "restart to go on".
+        Some((code, reason)) if is_fenced(code) => SinkError::Fatal(fenced(&reason)),
         Some((code, reason)) => SinkError::Fatal(format!(
             "the Kafka producer hit a fatal error ({code:?}: {reason}); restart to go on"
         )),
@@ -628,19 +631,26 @@ fn produce_all(
     Ok(())
 }
 
+/// Whether `code` says a producer with the same `transactional.id` and a newer epoch exists.
+fn is_fenced(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::Fenced
+            | RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::InvalidProducerEpoch
+    )
+}
+
+/// The message of a fenced producer; `detail` is librdkafka's.
+fn fenced(detail: &str) -> String {
+    format!(
+        "another ibstream process with the same kafka.instance_id took over (producer fenced: {detail})"
+    )
+}
+
 fn classify(error: KafkaError) -> SinkError {
-    let fenced = matches!(
-        error.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::Fenced
-                | RDKafkaErrorCode::ProducerFenced
-                | RDKafkaErrorCode::InvalidProducerEpoch
-        )
-    );
-    if fenced {
-        return SinkError::Fatal(format!(
-            "another ibstream process with the same kafka.instance_id took over (producer fenced: {error})"
-        ));
+    if error.rdkafka_error_code().is_some_and(is_fenced) {
+        return SinkError::Fatal(fenced(&error.to_string()));
     }
     match &error {
         KafkaError::Transaction(e) if e.is_fatal() => SinkError::Fatal(error.to_string()),
