@@ -576,3 +576,138 @@ async fn backfill_then_500_changes_every_change_exactly_once() {
     );
     sim.shutdown().await;
 }
+
+/// Waits until `process` has pollers (its backfill started).
+async fn wait_for_pollers(process: &mut Process, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = process.status().await {
+            if status["pollers"].as_array().is_some_and(|p| !p.is_empty()) {
+                return;
+            }
+        }
+        if let Some(status) = process.exited() {
+            panic!("ibstream exited ({status}); see {:?}", process.log);
+        }
+        assert!(Instant::now() < deadline, "no poller within {timeout:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The last line of `log` that starts with `error:`: what the process said when it stopped.
+fn last_error(log: &str) -> String {
+    log.lines()
+        .rev()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line in:\n{log}"))
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_run_with_the_same_instance_id_fences_the_first() {
+    let started = Instant::now();
+    let broker = ApacheKafka::start();
+    let sim = common::start_sim(|c| small(c, 10)).await;
+    let world = Eos::new(&sim, &broker.bootstrap, "eos-fence", "");
+    let mut first = world.spawn("run", 0);
+    wait_for_pollers(&mut first, Duration::from_secs(120)).await;
+    // Mid-backfill: the first commits transactions all the time.
+    let mut second = world.spawn("run", 1);
+    let (status, log) = first.exit(Duration::from_secs(120)).await;
+    let fenced_after = started.elapsed();
+    let said = last_error(&log);
+    assert!(!status.success(), "the fenced run exited 0");
+    assert!(
+        said.contains("another ibstream process with the same kafka.instance_id took over"),
+        "the fenced run does not say another process took over:\n{said}"
+    );
+    second.wait_steady(Duration::from_secs(180)).await;
+    let events = world.wait_for_truth(&sim, Duration::from_secs(60)).await;
+    let total = assert_exactly_once(&sim, &events, "after fencing");
+    assert!(
+        second.exited().is_none(),
+        "the second run exited; see {:?}",
+        second.log
+    );
+    let status2 = second.terminate().await;
+    assert!(status2.success(), "{status2:?}");
+    let uncommitted = world.read("read_uncommitted").await.len();
+    eprintln!(
+        "eos: fencing: the first run exited {:?} at {fenced_after:?} saying {said:?}; {total} events, 0 duplicates, read_uncommitted {uncommitted}; {:?}",
+        status.code(),
+        started.elapsed()
+    );
+    sim.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_paused_past_the_transaction_timeout_is_not_called_a_takeover() {
+    let started = Instant::now();
+    // The coordinator looks for expired transactions every second (default: 10 s).
+    let mut broker = ApacheKafka::start_with(common::KafkaSetup {
+        properties: vec![(
+            "transaction.abort.timed.out.transaction.cleanup.interval.ms".into(),
+            "1000".into(),
+        )],
+        ..Default::default()
+    });
+    let sim = common::start_sim(|c| small(c, 10)).await;
+    // transaction.timeout.ms = kafka.batch_timeout_secs × 1000 = 5 s.
+    let world = Eos::new(
+        &sim,
+        &broker.bootstrap,
+        "eos-pause",
+        "batch_timeout_secs = 5",
+    );
+    let mut run = world.spawn("run", 0);
+    wait_for_pollers(&mut run, Duration::from_secs(120)).await;
+    // Mid-backfill, then paused twice the transaction timeout.
+    broker.pause();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    broker.resume();
+    let resumed = Instant::now();
+    // It recovers (reaches steady state) or exits.
+    let outcome = loop {
+        if let Some(status) = run.exited() {
+            let log = std::fs::read_to_string(&run.log).unwrap();
+            break Some((status, last_error(&log)));
+        }
+        if run.steady().await {
+            break None;
+        }
+        assert!(
+            resumed.elapsed() < Duration::from_secs(180),
+            "neither steady nor exited 180 s after the resume; see {:?}",
+            run.log
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let _ = &mut broker;
+    let said = match &outcome {
+        None => "recovered".to_owned(),
+        Some((status, said)) => {
+            assert_eq!(status.code(), Some(1), "{said}");
+            assert!(
+                !said.contains("took over"),
+                "a broker outage called a takeover: {said}"
+            );
+            assert!(
+                said.contains("transaction timeout") || said.contains("timed out"),
+                "the exit names neither a transaction timeout nor an outage: {said}"
+            );
+            run = world.spawn("run", 1);
+            run.wait_steady(Duration::from_secs(180)).await;
+            format!("exit {:?}: {said}", status.code())
+        }
+    };
+    let events = world.wait_for_truth(&sim, Duration::from_secs(60)).await;
+    let total = assert_exactly_once(&sim, &events, "after the pause");
+    let status = run.terminate().await;
+    assert!(status.success(), "{status:?}");
+    let uncommitted = world.read("read_uncommitted").await.len();
+    eprintln!(
+        "eos: broker paused 10 s (transaction timeout 5 s): {said}; {total} events, 0 duplicates, read_uncommitted {uncommitted}; {:?}",
+        started.elapsed()
+    );
+    sim.shutdown().await;
+}
