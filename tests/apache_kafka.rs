@@ -640,6 +640,102 @@ async fn a_second_run_with_the_same_instance_id_fences_the_first() {
     sim.shutdown().await;
 }
 
+/// Watches the topics of a scenario for an open transaction: a partition whose high
+/// watermark (what `read_uncommitted` readers reach) is above its last stable offset (the
+/// high watermark a `read_committed` client is told: librdkafka asks ListOffsets with its
+/// `isolation.level`), i.e. records of a transaction neither committed nor aborted yet.
+struct Watermarks {
+    committed: BaseConsumer,
+    uncommitted: BaseConsumer,
+    partitions: Vec<(String, i32)>,
+}
+
+impl Watermarks {
+    /// Watches the data topics and the state topic of `world` (3 partitions each but the
+    /// state topic's 1, once they exist).
+    fn new(world: &Eos) -> Watermarks {
+        let client = |isolation: &str| -> BaseConsumer {
+            ClientConfig::new()
+                .set("bootstrap.servers", &world.bootstrap)
+                .set("group.id", common::unique_topic("eos-watch"))
+                .set("isolation.level", isolation)
+                .create()
+                .unwrap()
+        };
+        let mut partitions: Vec<(String, i32)> = world
+            .data_topics()
+            .into_iter()
+            .flat_map(|t| (0..3).map(move |p| (t.clone(), p)))
+            .collect();
+        partitions.push((format!("{}._ibstream_state", world.prefix), 0));
+        Watermarks {
+            committed: client("read_committed"),
+            uncommitted: client("read_uncommitted"),
+            partitions,
+        }
+    }
+
+    /// The partitions with records of an open transaction, as (topic, partition, last stable
+    /// offset, high watermark).
+    fn open(&self) -> Vec<(String, i32, i64, i64)> {
+        let timeout = Duration::from_secs(5);
+        self.partitions
+            .iter()
+            .filter_map(|(topic, partition)| {
+                let (_, stable) = self
+                    .committed
+                    .fetch_watermarks(topic, *partition, timeout)
+                    .ok()?;
+                let (_, high) = self
+                    .uncommitted
+                    .fetch_watermarks(topic, *partition, timeout)
+                    .ok()?;
+                (high > stable).then(|| (topic.clone(), *partition, stable, high))
+            })
+            .collect()
+    }
+
+    /// Waits (up to `timeout`) until a transaction is open; returns what [`Watermarks::open`]
+    /// saw.
+    fn wait_open(&self, timeout: Duration) -> Vec<(String, i32, i64, i64)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let open = self.open();
+            if !open.is_empty() {
+                return open;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no open transaction within {timeout:?}"
+            );
+        }
+    }
+}
+
+/// Runs one empty transaction on a fresh broker (waiting up to 60 s): the first
+/// `InitProducerId` waits for the broker to create and load `__transaction_state`, which
+/// takes longer than a short `kafka.batch_timeout_secs`. Returns how long it took.
+async fn warm_transactions(bootstrap: &str) -> Duration {
+    use rdkafka::producer::{BaseProducer, Producer};
+    let bootstrap = bootstrap.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &bootstrap)
+            .set("transactional.id", common::unique_topic("warm"))
+            .create()
+            .unwrap();
+        producer.init_transactions(Duration::from_secs(60)).unwrap();
+        producer.begin_transaction().unwrap();
+        producer
+            .commit_transaction(Duration::from_secs(60))
+            .unwrap();
+        started.elapsed()
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_paused_past_the_transaction_timeout_is_not_called_a_takeover() {
     let started = Instant::now();
@@ -651,6 +747,8 @@ async fn a_broker_paused_past_the_transaction_timeout_is_not_called_a_takeover()
         )],
         ..Default::default()
     });
+    let warm = warm_transactions(&broker.bootstrap).await;
+    eprintln!("eos: the broker's first transaction took {warm:?}");
     let sim = common::start_sim(|c| small(c, 10)).await;
     // transaction.timeout.ms = kafka.batch_timeout_secs × 1000 = 5 s.
     let world = Eos::new(
@@ -661,7 +759,9 @@ async fn a_broker_paused_past_the_transaction_timeout_is_not_called_a_takeover()
     );
     let mut run = world.spawn("run", 0);
     wait_for_pollers(&mut run, Duration::from_secs(120)).await;
-    // Mid-backfill, then paused twice the transaction timeout.
+    // Mid-backfill, while a transaction is open, paused twice the transaction timeout.
+    let watch = Watermarks::new(&world);
+    let open = watch.wait_open(Duration::from_secs(60));
     broker.pause();
     tokio::time::sleep(Duration::from_secs(10)).await;
     broker.resume();
@@ -706,7 +806,7 @@ async fn a_broker_paused_past_the_transaction_timeout_is_not_called_a_takeover()
     assert!(status.success(), "{status:?}");
     let uncommitted = world.read("read_uncommitted").await.len();
     eprintln!(
-        "eos: broker paused 10 s (transaction timeout 5 s): {said}; {total} events, 0 duplicates, read_uncommitted {uncommitted}; {:?}",
+        "eos: broker paused 10 s (transaction timeout 5 s) with a transaction open ({open:?}): {said}; {total} events, 0 duplicates, read_uncommitted {uncommitted}; {:?}",
         started.elapsed()
     );
     sim.shutdown().await;
