@@ -811,3 +811,96 @@ async fn a_broker_paused_past_the_transaction_timeout_is_not_called_a_takeover()
     );
     sim.shutdown().await;
 }
+
+/// Starts `ibstream run` and then `ibstream check` against a single node whose transaction
+/// state log wants `properties`; returns what each printed last and how long each took.
+async fn start_up_on_a_wrong_transaction_log(
+    properties: &[(&str, &str)],
+) -> (
+    (ExitStatus, String, Duration),
+    (ExitStatus, String, Duration),
+) {
+    let broker = ApacheKafka::start_with(common::KafkaSetup {
+        properties: properties
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect(),
+        ..Default::default()
+    });
+    let sim = common::start_sim(|c| small(c, 0)).await;
+    let world = Eos::new(&sim, &broker.bootstrap, "eos-txlog", "");
+    let started = Instant::now();
+    let mut run = world.spawn("run", 0);
+    let (status, log) = run.exit(Duration::from_secs(120)).await;
+    let run = (status, last_error(&log), started.elapsed());
+    let started = Instant::now();
+    let mut check = world.spawn("check", 0);
+    let (status, log) = check.exit(Duration::from_secs(120)).await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("kafka transactions"))
+        .unwrap_or_else(|| panic!("no transactions line in:\n{log}"))
+        .to_owned();
+    sim.shutdown().await;
+    (run, (status, line, started.elapsed()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_log_wanting_3_replicas_on_one_node_is_named_at_start_up() {
+    let ((run, said, took), (check, line, check_took)) =
+        start_up_on_a_wrong_transaction_log(&[("transaction.state.log.replication.factor", "3")])
+            .await;
+    eprintln!(
+        "eos: replication factor 3: run exited {:?} after {took:?}: {said}",
+        run.code()
+    );
+    eprintln!(
+        "eos: replication factor 3: check exited {:?} after {check_took:?}: {line}",
+        check.code()
+    );
+    assert!(!run.success());
+    assert!(
+        said.contains("transaction.state.log.replication.factor=3"),
+        "{said}"
+    );
+    // Without the settings read, init_transactions waited kafka.batch_timeout_secs (60 s).
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    assert!(!check.success());
+    assert!(
+        line.contains("transaction.state.log.replication.factor=3"),
+        "{line}"
+    );
+    assert!(check_took < Duration::from_secs(30), "{check_took:?}");
+}
+
+/// `transaction.state.log.min.isr` 2 on one node looks like the same mistake, yet Apache Kafka
+/// 4.1 runs transactions with it: ibstream must not refuse it (nor `check` flag it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_log_min_isr_of_2_on_one_node_is_not_refused() {
+    let started = Instant::now();
+    let broker = ApacheKafka::start_with(common::KafkaSetup {
+        properties: vec![("transaction.state.log.min.isr".into(), "2".into())],
+        ..Default::default()
+    });
+    let sim = common::start_sim(|c| small(c, 0)).await;
+    let world = Eos::new(&sim, &broker.bootstrap, "eos-minisr", "");
+    let mut run = world.spawn("run", 0);
+    run.wait_steady(Duration::from_secs(180)).await;
+    let events = world.wait_for_truth(&sim, Duration::from_secs(60)).await;
+    let total = assert_exactly_once(&sim, &events, "min.isr 2");
+    assert!(run.terminate().await.success());
+    let mut check = world.spawn("check", 0);
+    let (status, log) = check.exit(Duration::from_secs(60)).await;
+    let line = log
+        .lines()
+        .find(|l| l.contains("kafka transactions"))
+        .unwrap_or_else(|| panic!("no transactions line in:\n{log}"))
+        .to_owned();
+    assert!(!line.contains("error"), "{line}");
+    eprintln!(
+        "eos: min.isr 2 on one node: run streamed {total} events, check exited {:?}: {line}; {:?}",
+        status.code(),
+        started.elapsed()
+    );
+    sim.shutdown().await;
+}

@@ -252,15 +252,23 @@ pub async fn start(config: &KafkaConfig) -> Result<Sink, SinkStartError> {
         })?);
     let timeout = Duration::from_secs(config.batch_timeout_secs);
     if delivery == Delivery::ExactlyOnce {
+        // A transaction log the cluster cannot host would make init_transactions wait its
+        // whole timeout, then say only that it timed out.
+        if let Some(problem) = super::restore::transaction_log_problem(config, false).await {
+            return Err(SinkStartError::Kafka(problem));
+        }
         let p = producer.clone();
-        tokio::task::spawn_blocking(move || p.init_transactions(timeout))
+        let initialised = tokio::task::spawn_blocking(move || p.init_transactions(timeout))
             .await
-            .map_err(|e| SinkStartError::Kafka(e.to_string()))?
-            .map_err(|e| {
-                SinkStartError::Kafka(format!(
-                    "cannot start Kafka transactions ({e}); if the broker does not support transactions, set kafka.delivery = \"at-least-once\""
-                ))
-            })?;
+            .map_err(|e| SinkStartError::Kafka(e.to_string()))?;
+        if let Err(e) = initialised {
+            if let Some(problem) = super::restore::transaction_log_problem(config, true).await {
+                return Err(SinkStartError::Kafka(format!("{problem} ({e})")));
+            }
+            return Err(SinkStartError::Kafka(format!(
+                "cannot start Kafka transactions ({e}); if the broker does not support transactions, set kafka.delivery = \"at-least-once\""
+            )));
+        }
         info!(instance_id = %config.instance_id, "kafka transactions initialised");
     }
     let (tx, rx) = mpsc::channel::<Request>(16);
