@@ -904,3 +904,66 @@ async fn a_transaction_log_min_isr_of_2_on_one_node_is_not_refused() {
     );
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_killed_with_a_transaction_open_loses_nothing_and_duplicates_nothing() {
+    let started = Instant::now();
+    let mut broker = ApacheKafka::start();
+    let sim = common::start_sim(|c| small(c, 10)).await;
+    let world = Eos::new(&sim, &broker.bootstrap, "eos-brokerkill", "");
+    let mut run = world.spawn("run", 0);
+    wait_for_pollers(&mut run, Duration::from_secs(120)).await;
+    // Mid-backfill, the moment records of a transaction are in the log and not committed.
+    let watch = Watermarks::new(&world);
+    let open = watch.wait_open(Duration::from_secs(60));
+    broker.kill();
+    broker.restart();
+    // What the restarted broker read back from its log: the transaction still open, unless
+    // the producer finished it first.
+    let open_after = watch.open();
+    // It recovers (reaches steady state) or exits, and is started again.
+    let restarted_at = Instant::now();
+    let outcome = loop {
+        if let Some(status) = run.exited() {
+            let log = std::fs::read_to_string(&run.log).unwrap();
+            break Some((status, last_error(&log)));
+        }
+        if run.steady().await {
+            break None;
+        }
+        assert!(
+            restarted_at.elapsed() < Duration::from_secs(240),
+            "neither steady nor exited 240 s after the broker's restart; see {:?}",
+            run.log
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let said = match &outcome {
+        None => format!("recovered in {:?}", restarted_at.elapsed()),
+        Some((status, said)) => {
+            assert_eq!(status.code(), Some(1), "{said}");
+            assert!(
+                !said.contains("took over"),
+                "a broker restart called a takeover: {said}"
+            );
+            run = world.spawn("run", 1);
+            run.wait_steady(Duration::from_secs(180)).await;
+            format!("exit {:?} ({said}), started again", status.code())
+        }
+    };
+    let events = world.wait_for_truth(&sim, Duration::from_secs(60)).await;
+    let total = assert_exactly_once(&sim, &events, "after the broker's restart");
+    let status = run.terminate().await;
+    assert!(status.success(), "{status:?}");
+    let uncommitted = world.read("read_uncommitted").await.len();
+    eprintln!(
+        "eos: broker SIGKILLed with a transaction open ({open:?}; after its restart: {after}): {said}; {total} events, 0 duplicates, read_uncommitted {uncommitted}; {:?}",
+        started.elapsed(),
+        after = if open_after.is_empty() {
+            "none open".to_owned()
+        } else {
+            format!("{open_after:?}")
+        }
+    );
+    sim.shutdown().await;
+}
