@@ -967,3 +967,26 @@ async fn the_broker_killed_with_a_transaction_open_loses_nothing_and_duplicates_
     );
     sim.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_broker_starts_with_a_1_s_batch_timeout() {
+    // The broker's first transaction creates and loads its transaction log, which takes
+    // longer than 1 s: start-up must wait for it, not fail.
+    let broker = ApacheKafka::start();
+    let sim = common::start_sim(|c| small(c, 0)).await;
+    let world = Eos::new(
+        &sim,
+        &broker.bootstrap,
+        "eos-fresh",
+        "batch_timeout_secs = 1",
+    );
+    let started = Instant::now();
+    let mut run = world.spawn("run", 0);
+    wait_for_pollers(&mut run, Duration::from_secs(120)).await;
+    let took = started.elapsed();
+    let log = std::fs::read_to_string(&run.log).unwrap();
+    let retries = log.matches("kafka transactions not ready yet").count();
+    assert!(run.terminate().await.success());
+    eprintln!("eos: fresh broker, 1 s batch timeout: pollers after {took:?}, {retries} init_transactions retried");
+    sim.shutdown().await;
+}

@@ -258,7 +258,7 @@ pub async fn start(config: &KafkaConfig) -> Result<Sink, SinkStartError> {
             return Err(SinkStartError::Kafka(problem));
         }
         let p = producer.clone();
-        let initialised = tokio::task::spawn_blocking(move || p.init_transactions(timeout))
+        let initialised = tokio::task::spawn_blocking(move || init_transactions(&p, timeout))
             .await
             .map_err(|e| SinkStartError::Kafka(e.to_string()))?;
         if let Err(e) = initialised {
@@ -285,6 +285,28 @@ pub async fn start(config: &KafkaConfig) -> Result<Sink, SinkStartError> {
         handle: SinkHandle { tx, stats },
         task,
     })
+}
+
+/// How long start-up waits for transactions at least, whatever `kafka.batch_timeout_secs`:
+/// a fresh Apache Kafka creates and loads its transaction log (`__transaction_state`, 50
+/// partitions) on the first `InitProducerId`, which took 2-6 s on a 2-core machine.
+const INIT_TRANSACTIONS_MIN: Duration = Duration::from_secs(60);
+
+/// Initialises transactions within `timeout` or [`INIT_TRANSACTIONS_MIN`], the longer:
+/// `init_transactions` is called again after a retriable failure (a timeout, the
+/// coordinator still loading), as librdkafka asks ("retry call to resume").
+fn init_transactions(producer: &KafkaProducer, timeout: Duration) -> Result<(), KafkaError> {
+    let deadline = std::time::Instant::now() + timeout.max(INIT_TRANSACTIONS_MIN);
+    loop {
+        match producer.init_transactions(timeout) {
+            Err(KafkaError::Transaction(e))
+                if e.is_retriable() && std::time::Instant::now() < deadline =>
+            {
+                warn!(error = %e, "kafka transactions not ready yet, initialising again");
+            }
+            outcome => return outcome,
+        }
+    }
 }
 
 /// The producer's librdkafka settings: ibstream's tuning defaults (`linger.ms`), then the
