@@ -712,30 +712,6 @@ impl Watermarks {
     }
 }
 
-/// Runs one empty transaction on a fresh broker (waiting up to 60 s): the first
-/// `InitProducerId` waits for the broker to create and load `__transaction_state`, which
-/// takes longer than a short `kafka.batch_timeout_secs`. Returns how long it took.
-async fn warm_transactions(bootstrap: &str) -> Duration {
-    use rdkafka::producer::{BaseProducer, Producer};
-    let bootstrap = bootstrap.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("transactional.id", common::unique_topic("warm"))
-            .create()
-            .unwrap();
-        producer.init_transactions(Duration::from_secs(60)).unwrap();
-        producer.begin_transaction().unwrap();
-        producer
-            .commit_transaction(Duration::from_secs(60))
-            .unwrap();
-        started.elapsed()
-    })
-    .await
-    .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_paused_past_the_transaction_timeout_is_not_called_a_takeover() {
     let started = Instant::now();
@@ -747,8 +723,6 @@ async fn a_broker_paused_past_the_transaction_timeout_is_not_called_a_takeover()
         )],
         ..Default::default()
     });
-    let warm = warm_transactions(&broker.bootstrap).await;
-    eprintln!("eos: the broker's first transaction took {warm:?}");
     let sim = common::start_sim(|c| small(c, 10)).await;
     // transaction.timeout.ms = kafka.batch_timeout_secs × 1000 = 5 s.
     let world = Eos::new(
