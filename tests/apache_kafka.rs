@@ -724,12 +724,13 @@ async fn a_broker_paused_past_the_transaction_timeout_is_not_called_a_takeover()
         ..Default::default()
     });
     let sim = common::start_sim(|c| small(c, 10)).await;
-    // transaction.timeout.ms = kafka.batch_timeout_secs × 1000 = 5 s.
+    // transaction.timeout.ms = kafka.batch_timeout_secs × 1000 = 10 s (with 5 s the start-up
+    // probe's own transaction timed out on a loaded machine).
     let world = Eos::new(
         &sim,
         &broker.bootstrap,
         "eos-pause",
-        "batch_timeout_secs = 5",
+        "batch_timeout_secs = 10",
     );
     let mut run = world.spawn("run", 0);
     wait_for_pollers(&mut run, Duration::from_secs(120)).await;
@@ -737,7 +738,7 @@ async fn a_broker_paused_past_the_transaction_timeout_is_not_called_a_takeover()
     let watch = Watermarks::new(&world);
     let open = watch.wait_open(Duration::from_secs(60));
     broker.pause();
-    tokio::time::sleep(Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_secs(20)).await;
     broker.resume();
     let resumed = Instant::now();
     // It recovers (reaches steady state) or exits.
@@ -780,7 +781,7 @@ async fn a_broker_paused_past_the_transaction_timeout_is_not_called_a_takeover()
     assert!(status.success(), "{status:?}");
     let uncommitted = world.read("read_uncommitted").await.len();
     eprintln!(
-        "eos: broker paused 10 s (transaction timeout 5 s) with a transaction open ({open:?}): {said}; {total} events, 0 duplicates, read_uncommitted {uncommitted}; {:?}",
+        "eos: broker paused 20 s (transaction timeout 10 s) with a transaction open ({open:?}): {said}; {total} events, 0 duplicates, read_uncommitted {uncommitted}; {:?}",
         started.elapsed()
     );
     sim.shutdown().await;
