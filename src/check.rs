@@ -243,9 +243,17 @@ pub async fn kafka(config: &Config) -> Vec<CheckLine> {
         .topics()
         .iter()
         .any(|t| t.name() == state_topic && t.error().is_none() && !t.partitions().is_empty());
+    let log_problem = match kafka.delivery {
+        Delivery::ExactlyOnce => crate::kafka::transaction_log_problem(kafka, false).await,
+        Delivery::AtLeastOnce => None,
+    };
     let transactions = match kafka.delivery {
         Delivery::AtLeastOnce => {
             Outcome::Note("not used (kafka.delivery = \"at-least-once\")".to_owned())
+        }
+        // The broker settings of its transaction log, read without a transaction.
+        Delivery::ExactlyOnce if log_problem.is_some() => {
+            Outcome::Error(log_problem.unwrap_or_default())
         }
         Delivery::ExactlyOnce if !state_exists => Outcome::Note(
             "not checked: the state topic does not exist yet (`ibstream run` checks them first)"
@@ -265,9 +273,12 @@ pub async fn kafka(config: &Config) -> Vec<CheckLine> {
                         "not tested: the principal lacks {acl} ({e}); grant it to have `check` test transactions (`run` does not need it: it tests them with its start-up barrier under the transactional id {})",
                         kafka.instance_id
                     )),
-                    None => Outcome::Error(format!(
-                        "{e}; if the broker has no transactions, set kafka.delivery = \"at-least-once\""
-                    )),
+                    None => match crate::kafka::transaction_log_problem(kafka, true).await {
+                        Some(problem) => Outcome::Error(format!("{problem} ({e})")),
+                        None => Outcome::Error(format!(
+                            "{e}; if the broker has no transactions, set kafka.delivery = \"at-least-once\""
+                        )),
+                    },
                 },
             }
         }

@@ -6,6 +6,6 @@ pub mod sink;
 
 pub use restore::{
     check_state_topic, ensure_topics, first_with_records, probe_denied, probe_transactions,
-    read_state, restore, TopicSpec,
+    read_state, restore, transaction_log_problem, TopicSpec,
 };
 pub use sink::{Batch, OutRecord, Sink, SinkError, SinkHandle};

@@ -198,6 +198,74 @@ pub async fn check_state_topic(config: &KafkaConfig, topic: &str) -> Result<(), 
     }
 }
 
+/// Kafka's transaction log, where transaction coordinators keep their state.
+const TRANSACTION_LOG: &str = "__transaction_state";
+
+/// Checks the broker settings Kafka's transaction coordinator depends on, which a broker
+/// does not check when it starts: `transaction.state.log.replication.factor` (the replicas
+/// the broker creates its transaction log `__transaction_state` with, on the first
+/// transaction) and `transaction.state.log.min.isr` (the in-sync replicas a write to it
+/// needs). On a cluster with fewer brokers than either asks for, no transaction ever starts:
+/// `InitProducerId` waits for a coordinator until its timeout ("Timed out waiting for
+/// operation to finish"). Returns the mistake named, with the fix, or `None`.
+///
+/// Before the first transaction (`after_failure` false) it only judges a transaction log
+/// that does not exist yet, from the replication factor and the brokers in the metadata (a
+/// sure verdict); after transactions failed to start (`after_failure`) also one that exists
+/// with fewer in-sync replicas than `min.isr` (which a broker restart can cause for a while).
+/// A `min.isr` above the replication factor of a log yet to be made is no verdict: Apache
+/// Kafka 4.1 runs transactions on one node with `min.isr` 2
+/// (`apache_kafka::a_transaction_log_min_isr_of_2_on_one_node_is_not_refused`).
+/// Best effort, within about 10 s: settings it cannot read (no DESCRIBE_CONFIGS on the
+/// cluster) or a metadata request that fails give `None`. Source of the settings: Kafka's
+/// broker configuration docs.
+pub async fn transaction_log_problem(config: &KafkaConfig, after_failure: bool) -> Option<String> {
+    let admin: AdminClient<DefaultClientContext> = client_config(config).ok()?.create().ok()?;
+    let admin = std::sync::Arc::new(admin);
+    let metadata = {
+        let admin = admin.clone();
+        tokio::task::spawn_blocking(move || {
+            admin.inner().fetch_metadata(None, Duration::from_secs(5))
+        })
+        .await
+        .ok()?
+        .ok()?
+    };
+    let brokers = metadata.brokers().len();
+    let broker = metadata.brokers().first()?.id();
+    // The fewest in-sync replicas of a partition of the transaction log, if it exists.
+    let log_isr: Option<usize> = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == TRANSACTION_LOG && !t.partitions().is_empty())
+        .and_then(|t| t.partitions().iter().map(|p| p.isr().len()).min());
+    drop(metadata);
+    let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(5)));
+    let described = admin
+        .describe_configs(&[ResourceSpecifier::Broker(broker)], &options)
+        .await
+        .ok()?
+        .into_iter()
+        .next()?
+        .ok()?;
+    let setting =
+        |key: &str| -> Option<usize> { described.get(key)?.value.as_deref()?.trim().parse().ok() };
+    let replication = setting("transaction.state.log.replication.factor")?;
+    let min_isr = setting("transaction.state.log.min.isr")?;
+    let fix = format!(
+        "set transaction.state.log.replication.factor and transaction.state.log.min.isr to at most {brokers} in the brokers' server.properties (a single node: transaction.state.log.replication.factor=1 and transaction.state.log.min.isr=1) and restart them, or set kafka.delivery = \"at-least-once\""
+    );
+    match log_isr {
+        None if replication > brokers => Some(format!(
+            "the broker setting transaction.state.log.replication.factor={replication} asks for {replication} replicas of Kafka's transaction log ({TRANSACTION_LOG}) on a cluster of {brokers} broker(s): the broker cannot create it, so no transaction can start; {fix}"
+        )),
+        Some(isr) if after_failure => (isr < min_isr).then(|| format!(
+                "Kafka's transaction log ({TRANSACTION_LOG}) has partitions with {isr} in-sync replica(s), fewer than the broker setting transaction.state.log.min.isr={min_isr}: no transaction can start until enough of its replicas are in sync (brokers down?) or transaction.state.log.min.isr is lowered"
+            )),
+        _ => None,
+    }
+}
+
 /// Checks that the broker can run transactions to their end, without writing a record to any
 /// topic: a transaction (its own `transactional_id`, never the instance's, which would fence
 /// a running instance) holding only the offset 0 of `topic`'s partition 0 for the consumer
@@ -335,9 +403,12 @@ pub async fn restore(
                     "transactions probe not authorized (grant {acl} to let it run); the start-up barrier tests transactions instead"
                 ),
                 None => {
+                    if let Some(problem) = transaction_log_problem(config, true).await {
+                        return Err(format!("{problem} ({e})"));
+                    }
                     return Err(format!(
                         "the broker cannot run Kafka transactions ({e}); if it does not support them, set kafka.delivery = \"at-least-once\" (nothing was written to {state_topic})"
-                    ))
+                    ));
                 }
             },
         }

@@ -252,15 +252,23 @@ pub async fn start(config: &KafkaConfig) -> Result<Sink, SinkStartError> {
         })?);
     let timeout = Duration::from_secs(config.batch_timeout_secs);
     if delivery == Delivery::ExactlyOnce {
+        // A transaction log the cluster cannot host would make init_transactions wait its
+        // whole timeout, then say only that it timed out.
+        if let Some(problem) = super::restore::transaction_log_problem(config, false).await {
+            return Err(SinkStartError::Kafka(problem));
+        }
         let p = producer.clone();
-        tokio::task::spawn_blocking(move || p.init_transactions(timeout))
+        let initialised = tokio::task::spawn_blocking(move || init_transactions(&p, timeout))
             .await
-            .map_err(|e| SinkStartError::Kafka(e.to_string()))?
-            .map_err(|e| {
-                SinkStartError::Kafka(format!(
-                    "cannot start Kafka transactions ({e}); if the broker does not support transactions, set kafka.delivery = \"at-least-once\""
-                ))
-            })?;
+            .map_err(|e| SinkStartError::Kafka(e.to_string()))?;
+        if let Err(e) = initialised {
+            if let Some(problem) = super::restore::transaction_log_problem(config, true).await {
+                return Err(SinkStartError::Kafka(format!("{problem} ({e})")));
+            }
+            return Err(SinkStartError::Kafka(format!(
+                "cannot start Kafka transactions ({e}); if the broker does not support transactions, set kafka.delivery = \"at-least-once\""
+            )));
+        }
         info!(instance_id = %config.instance_id, "kafka transactions initialised");
     }
     let (tx, rx) = mpsc::channel::<Request>(16);
@@ -277,6 +285,28 @@ pub async fn start(config: &KafkaConfig) -> Result<Sink, SinkStartError> {
         handle: SinkHandle { tx, stats },
         task,
     })
+}
+
+/// How long start-up waits for transactions at least, whatever `kafka.batch_timeout_secs`:
+/// a fresh Apache Kafka creates and loads its transaction log (`__transaction_state`, 50
+/// partitions) on the first `InitProducerId`, which took 2-6 s on a 2-core machine.
+const INIT_TRANSACTIONS_MIN: Duration = Duration::from_secs(60);
+
+/// Initialises transactions within `timeout` or [`INIT_TRANSACTIONS_MIN`], the longer:
+/// `init_transactions` is called again after a retriable failure (a timeout, the
+/// coordinator still loading), as librdkafka asks ("retry call to resume").
+fn init_transactions(producer: &KafkaProducer, timeout: Duration) -> Result<(), KafkaError> {
+    let deadline = std::time::Instant::now() + timeout.max(INIT_TRANSACTIONS_MIN);
+    loop {
+        match producer.init_transactions(timeout) {
+            Err(KafkaError::Transaction(e))
+                if e.is_retriable() && std::time::Instant::now() < deadline =>
+            {
+                warn!(error = %e, "kafka transactions not ready yet, initialising again");
+            }
+            outcome => return outcome,
+        }
+    }
 }
 
 /// The producer's librdkafka settings: ibstream's tuning defaults (`linger.ms`), then the
@@ -430,6 +460,9 @@ async fn produce_async(
 /// Classifies a failed delivery; the producer's own fatal error, when it has one, wins.
 fn delivery_error(producer: &KafkaProducer, error: KafkaError) -> SinkError {
     match producer.client().fatal_error() {
+        // librdkafka raises a fenced producer as its fatal error: a restart would fence the
+        // other process in turn, so it is named, never "restart to go on".
+        Some((code, reason)) if is_fenced(code) => SinkError::Fatal(fenced(&reason)),
         Some((code, reason)) => SinkError::Fatal(format!(
             "the Kafka producer hit a fatal error ({code:?}: {reason}); restart to go on"
         )),
@@ -628,19 +661,26 @@ fn produce_all(
     Ok(())
 }
 
+/// Whether `code` says a producer with the same `transactional.id` and a newer epoch exists.
+fn is_fenced(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::Fenced
+            | RDKafkaErrorCode::ProducerFenced
+            | RDKafkaErrorCode::InvalidProducerEpoch
+    )
+}
+
+/// The message of a fenced producer; `detail` is librdkafka's.
+fn fenced(detail: &str) -> String {
+    format!(
+        "another ibstream process with the same kafka.instance_id took over (producer fenced: {detail})"
+    )
+}
+
 fn classify(error: KafkaError) -> SinkError {
-    let fenced = matches!(
-        error.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::Fenced
-                | RDKafkaErrorCode::ProducerFenced
-                | RDKafkaErrorCode::InvalidProducerEpoch
-        )
-    );
-    if fenced {
-        return SinkError::Fatal(format!(
-            "another ibstream process with the same kafka.instance_id took over (producer fenced: {error})"
-        ));
+    if error.rdkafka_error_code().is_some_and(is_fenced) {
+        return SinkError::Fatal(fenced(&error.to_string()));
     }
     match &error {
         KafkaError::Transaction(e) if e.is_fatal() => SinkError::Fatal(error.to_string()),
