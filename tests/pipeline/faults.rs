@@ -1,10 +1,18 @@
 //! The fault suite: each scenario tries to break `ibstream run` (the binary, a real
-//! process) against tansu and the simulator, then checks every topic with [`final_check`]:
-//! the latest event of every key equals the truth, no key is missing, every duplicate has its
-//! twin's `eventId`, no phantom `UPDATED`, and every malformed record is a dead letter.
+//! process) against a broker and the simulator, then checks every topic with
+//! [`World::final_check`]: the latest event of every key equals the truth, no key is missing,
+//! no phantom `UPDATED`, every malformed record is a dead letter, and duplicates as the
+//! delivery mode allows: at-least-once, only with their twin's `eventId`; exactly-once, none
+//! of any kind under a `read_committed` consumer (no `eventId` twice, one dead letter per
+//! malformed record).
 //!
-//! Bounded here (the test command runs it); `FAULTS_LONG=1` (`scripts/faults.sh --long`) runs
-//! the long form (20 kills, bigger data). Figures go to stderr, prefixed `faults:`.
+//! The broker is Apache Kafka (`common::ApacheKafka`, a process of the scenario's own) unless
+//! `FAULTS_BROKER=tansu` (no transactions: at-least-once only) or `FAULTS_KAFKA=host:port` (a
+//! broker this suite did not start, e.g. the docker-compose Kafka; the broker-stop scenario is
+//! skipped). `FAULTS_DELIVERY=exactly-once` runs every scenario in exactly-once (default:
+//! at-least-once). Bounded here (the test command runs it); `FAULTS_LONG=1`
+//! (`scripts/faults.sh --long`) runs the long form (20 kills, bigger data). Figures go to
+//! stderr, prefixed `faults:`.
 
 use super::*;
 use std::io::BufRead;
@@ -15,17 +23,115 @@ fn long() -> bool {
     std::env::var_os("FAULTS_LONG").is_some()
 }
 
-/// The broker: `FAULTS_KAFKA` (`host:port`, e.g. the docker-compose Kafka) or a tansu of the
-/// scenario's own (kept alive by the returned handle).
-fn broker() -> (Option<common::Tansu>, String) {
-    match std::env::var("FAULTS_KAFKA") {
-        Ok(bootstrap) => (None, bootstrap),
-        Err(_) => {
-            let tansu = common::Tansu::start();
-            let bootstrap = tansu.bootstrap.clone();
-            (Some(tansu), bootstrap)
+/// Whether the suite runs in exactly-once: `FAULTS_DELIVERY` is `exactly-once` (or
+/// `at-least-once`, the default).
+fn exactly_once() -> bool {
+    match std::env::var("FAULTS_DELIVERY").as_deref() {
+        Err(_) | Ok("at-least-once") => false,
+        Ok("exactly-once") => true,
+        Ok(other) => panic!("FAULTS_DELIVERY={other}: at-least-once or exactly-once"),
+    }
+}
+
+/// `kafka.delivery` of every run of the suite.
+fn delivery() -> &'static str {
+    if exactly_once() {
+        "exactly-once"
+    } else {
+        "at-least-once"
+    }
+}
+
+/// A scenario's broker, killed on drop if the scenario started it.
+enum Broker {
+    Apache(common::ApacheKafka),
+    Tansu {
+        tansu: common::Tansu,
+        /// Holds the folder of its SQLite file when its records must outlive a restart.
+        _storage: Option<tempfile::TempDir>,
+    },
+    /// `FAULTS_KAFKA`: `host:port` of a broker this suite cannot stop.
+    External(String),
+}
+
+impl Broker {
+    /// `FAULTS_KAFKA`, else the broker `FAULTS_BROKER` names: `apache` (the default) or
+    /// `tansu`, which keeps its records in a file when `restartable` (else in memory). Records
+    /// survive [`Broker::kill`] and [`Broker::restart`] on Apache Kafka and restartable tansu.
+    fn start(restartable: bool) -> Broker {
+        if let Ok(bootstrap) = std::env::var("FAULTS_KAFKA") {
+            return Broker::External(bootstrap);
+        }
+        if tansu() {
+            assert!(
+                !exactly_once(),
+                "tansu has no transactions: FAULTS_DELIVERY=exactly-once needs Apache Kafka"
+            );
+            if restartable {
+                let dir = tempfile::tempdir().unwrap();
+                return Broker::Tansu {
+                    tansu: common::Tansu::start_persistent(dir.path()),
+                    _storage: Some(dir),
+                };
+            }
+            return Broker::Tansu {
+                tansu: common::Tansu::start(),
+                _storage: None,
+            };
+        }
+        Broker::Apache(common::ApacheKafka::start())
+    }
+
+    fn bootstrap(&self) -> String {
+        match self {
+            Broker::Apache(kafka) => kafka.bootstrap.clone(),
+            Broker::Tansu { tansu, .. } => tansu.bootstrap.clone(),
+            Broker::External(bootstrap) => bootstrap.clone(),
         }
     }
+
+    /// What the figures call the broker.
+    fn name(&self) -> &'static str {
+        match self {
+            Broker::Apache(_) => "Apache Kafka",
+            Broker::Tansu { .. } => "tansu",
+            Broker::External(_) => "FAULTS_KAFKA",
+        }
+    }
+
+    /// Kills the broker with SIGKILL (open transactions stay open in its log).
+    fn kill(&mut self) {
+        match self {
+            Broker::Apache(kafka) => kafka.kill(),
+            Broker::Tansu { tansu, .. } => tansu.stop(),
+            Broker::External(_) => unreachable!("FAULTS_KAFKA cannot be stopped"),
+        }
+    }
+
+    /// Starts the broker again on the same ports and records; waits until it serves.
+    fn restart(&mut self) {
+        match self {
+            Broker::Apache(kafka) => kafka.restart(),
+            Broker::Tansu { tansu, .. } => tansu.restart(),
+            Broker::External(_) => unreachable!("FAULTS_KAFKA cannot be restarted"),
+        }
+    }
+}
+
+/// Whether `FAULTS_BROKER` names tansu (else `apache`, the default).
+fn tansu() -> bool {
+    match std::env::var("FAULTS_BROKER").as_deref() {
+        Err(_) | Ok("apache") => false,
+        Ok("tansu") => true,
+        Ok(other) => panic!("FAULTS_BROKER={other}: apache or tansu"),
+    }
+}
+
+/// The broker of a scenario (kept alive by the returned handle) and its bootstrap address.
+fn broker() -> (Broker, String) {
+    let broker = Broker::start(false);
+    let bootstrap = broker.bootstrap();
+    (broker, bootstrap)
 }
 
 /// A simulator a backfill takes seconds to read, 20 ms per request.
@@ -206,8 +312,7 @@ max_window_records = 400
 {FAST_POLLS}
 "#,
             url = sim.base_url(),
-            // FAULTS_DELIVERY=exactly-once needs a broker with transactions (--kafka).
-            delivery = std::env::var("FAULTS_DELIVERY").unwrap_or_else(|_| "at-least-once".into()),
+            delivery = delivery(),
             crm = if crm.is_empty() {
                 "requests_per_second = 1000"
             } else {
@@ -240,6 +345,18 @@ max_window_records = 400
     /// Reads every topic until the data topics equal the truth (or 300 s pass), then checks
     /// duplicates, phantom updates and dead letters; returns the events read and the duplicates.
     async fn final_check(&self, sim: &SimHandle, exact_dead_letters: bool) -> (usize, usize) {
+        let (records, duplicates) = self.final_check_records(sim, exact_dead_letters).await;
+        (records.len(), duplicates)
+    }
+
+    /// [`World::final_check`], returning the records read (`read_committed`). In exactly-once
+    /// it fails on any duplicate: an `eventId` twice in any data topic, or a second dead
+    /// letter of a malformed record.
+    async fn final_check_records(
+        &self,
+        sim: &SimHandle,
+        exact_dead_letters: bool,
+    ) -> (Vec<Consumed>, usize) {
         let deadline = Instant::now() + Duration::from_secs(300);
         let (records, events) = loop {
             let records = consume(
@@ -260,6 +377,14 @@ max_window_records = 400
             tokio::time::sleep(Duration::from_secs(1)).await;
         };
         let duplicates = assert_duplicates_share_ids_and_no_phantom_update(&events);
+        if exactly_once() {
+            let repeated = repeated_event_ids(&events);
+            assert!(
+                repeated.is_empty() && duplicates == 0,
+                "exactly-once: {duplicates} duplicates under read_committed; event ids seen more than once (stream, key, eventId, times): {:?}",
+                &repeated[..repeated.len().min(10)]
+            );
+        }
         let malformed = malformed_truth(sim);
         let letters = consume(
             &self.bootstrap,
@@ -278,16 +403,60 @@ max_window_records = 400
                 "a malformed record has no dead letter: {record}"
             );
         }
-        if exact_dead_letters {
+        if exact_dead_letters || exactly_once() {
             let distinct: HashSet<String> = raws.iter().map(Json::to_string).collect();
             assert_eq!(
-                distinct.len(),
-                malformed.len(),
-                "one dead letter per malformed record"
+                (distinct.len(), raws.len()),
+                (malformed.len(), malformed.len()),
+                "one dead letter per malformed record (distinct, all)"
             );
         }
-        (records.len(), duplicates)
+        (records, duplicates)
     }
+
+    /// Reads the data topics `read_uncommitted` (at least as many records as `committed`, the
+    /// same topics read `read_committed`); returns how many records it saw and how many of
+    /// them `read_committed` did not (records of aborted or unfinished transactions).
+    async fn uncommitted(&self, committed: &[Consumed]) -> (usize, usize) {
+        let all = consume_isolated(
+            &self.bootstrap,
+            &data_topics(&self.prefix),
+            committed.len(),
+            Duration::from_secs(2),
+            "read_uncommitted",
+        )
+        .await;
+        let seen: HashSet<(&str, i32, i64)> = committed
+            .iter()
+            .map(|c| (c.topic.as_str(), c.partition, c.offset))
+            .collect();
+        let aborted = all
+            .iter()
+            .filter(|c| !seen.contains(&(c.topic.as_str(), c.partition, c.offset)))
+            .count();
+        (all.len(), aborted)
+    }
+}
+
+/// Every (stream, key, eventId, times) whose event id comes more than once over all data
+/// topics: what exactly-once must never show a `read_committed` consumer.
+fn repeated_event_ids(events: &ByKey) -> Vec<(String, String, String, usize)> {
+    let mut times: HashMap<(&str, String), (&str, usize)> = HashMap::new();
+    for (stream, keys) in events {
+        for (key, versions) in keys {
+            for version in versions {
+                let entry = times
+                    .entry((stream.as_str(), meta_string(version, "eventId")))
+                    .or_insert((key.as_str(), 0));
+                entry.1 += 1;
+            }
+        }
+    }
+    times
+        .into_iter()
+        .filter(|(_, (_, n))| *n > 1)
+        .map(|((stream, id), (key, n))| (stream.to_owned(), key.to_owned(), id, n))
+        .collect()
 }
 
 /// Lines of `log` after the first that contains `marker`.
@@ -302,8 +471,8 @@ fn log_after(log: &Path, marker: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_nothing() {
-    let kills = if long() { 20 } else { 6 };
-    let (_broker, bootstrap) = broker();
+    let kills = if long() { 20 } else { 10 };
+    let (broker, bootstrap) = broker();
     let scale = if long() { 3 } else { 1 };
     let sim = common::start_sim(|c| {
         c.leads = 2_000 * scale;
@@ -317,13 +486,18 @@ async fn kill_9_at_random_moments_loses_nothing() {
     })
     .await;
     let world = World::new(&sim, &bootstrap, "faults-kill", "");
+    let started = Instant::now();
     let mut phases: HashMap<&str, usize> = HashMap::new();
     for n in 0..kills {
         let process = world.spawn(n);
-        // Every other kill waits for the pollers first, so however slow the machine, kills
-        // land in start-up and restore, in the backfill and, once it is done, in steady state
-        // with the background changes.
-        if n % 2 == 1 {
+        // Every other kill waits for the pollers first and the last third for the steady
+        // state, so however slow or fast the machine, kills land in start-up and restore, in
+        // the backfill and in steady state with the background changes.
+        if n >= kills - kills / 3 {
+            process
+                .wait_for_phase("steady", Duration::from_secs(300))
+                .await;
+        } else if n % 2 == 1 {
             let deadline = Instant::now() + Duration::from_secs(120);
             while process.phase().await == "starting" {
                 assert!(Instant::now() < deadline, "no poller within 120 s");
@@ -341,18 +515,38 @@ async fn kill_9_at_random_moments_loses_nothing() {
         .wait_for_phase("steady", Duration::from_secs(300))
         .await;
     sim.pause_changes(true);
-    let (records, duplicates) = world.final_check(&sim, false).await;
+    let (committed, duplicates) = world.final_check_records(&sim, false).await;
     let (status, took) = process.terminate();
     assert!(status.success(), "{status:?}");
     assert!(took < Duration::from_secs(10), "{took:?}");
     assert!(
-        phases.len() >= 2,
-        "the kills did not spread over the run's phases: {phases:?}"
+        phases.contains_key("backfill") && phases.contains_key("steady"),
+        "the kills did not land both in the backfill and in steady state: {phases:?}"
     );
+    // The same topics read_uncommitted: in exactly-once the kills must have left aborted or
+    // unfinished transactions behind (records read_committed does not see), else the
+    // scenario proved nothing about them.
+    let (uncommitted, aborted) = world.uncommitted(&committed).await;
+    if exactly_once() {
+        assert!(
+            aborted > 0,
+            "no record of an aborted transaction after {kills} kills ({phases:?}): read_uncommitted saw {uncommitted}, read_committed {}",
+            committed.len()
+        );
+    }
     eprintln!(
-        "faults: kill -9: {kills} kills ({phases:?}), {records} events read, {} keys, lost 0, {duplicates} duplicates, each with its twin's eventId, {} changes made",
+        "faults: kill -9 ({}, {}): {kills} kills ({phases:?}), {} events read read_committed, {uncommitted} read_uncommitted ({aborted} of aborted or unfinished transactions), {} keys, lost 0, {duplicates} duplicates{}, {} changes made, {:.0?}",
+        broker.name(),
+        delivery(),
+        committed.len(),
         truth_count(&sim),
-        sim.changes().len()
+        if exactly_once() {
+            " (no eventId twice, one dead letter per malformed record)"
+        } else {
+            ", each with its twin's eventId"
+        },
+        sim.changes().len(),
+        started.elapsed()
     );
     sim.shutdown().await;
 }
@@ -432,13 +626,28 @@ async fn sigterm_at_every_phase_exits_0_within_10_s_and_starts_nothing_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_the_restore_waits_for_kafka_exits_at_once() {
-    // Clients reach tansu through a gate that holds every write to the state topic: the
-    // start-up barrier never lands, so the restore waits (up to kafka.batch_timeout_secs, 60).
+    // Clients reach the broker (Apache Kafka, or tansu if FAULTS_BROKER says so; never
+    // FAULTS_KAFKA, which cannot be told to advertise the gate) through a gate that holds
+    // every write to the state topic: the start-up barrier never lands, so the restore waits
+    // (up to kafka.batch_timeout_secs, 60).
     let gate_addr: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_port())
         .parse()
         .unwrap();
-    let tansu = common::Tansu::start_advertising(Some(gate_addr));
-    let gate = common::KafkaGate::start(gate_addr, &tansu.bootstrap).await;
+    let broker = if tansu() {
+        Broker::Tansu {
+            tansu: common::Tansu::start_advertising(Some(gate_addr)),
+            _storage: None,
+        }
+    } else {
+        Broker::Apache(common::ApacheKafka::start_with(common::KafkaSetup {
+            properties: vec![(
+                "advertised.listeners".into(),
+                format!("PLAINTEXT://{gate_addr}"),
+            )],
+            ..Default::default()
+        }))
+    };
+    let gate = common::KafkaGate::start(gate_addr, &broker.bootstrap()).await;
     let sim = common::start_sim(small).await;
     let world = World::new(&sim, &gate_addr.to_string(), "faults-restore", "");
     gate.hold_produce_to(&format!("{}._ibstream_state", world.prefix));
@@ -634,17 +843,17 @@ async fn a_403_mid_run_stops_one_stream_and_is_gone_after_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_broker_stopped_for_30_s_during_backfill_and_steady_state() {
-    if std::env::var_os("FAULTS_KAFKA").is_some() {
+async fn the_broker_killed_for_30_s_during_backfill_and_steady_state() {
+    let mut broker = Broker::start(true);
+    let bootstrap = broker.bootstrap();
+    if let Broker::External(_) = broker {
         eprintln!(
             "faults: broker stop skipped: FAULTS_KAFKA names a broker this suite cannot stop"
         );
         return;
     }
-    let db = tempfile::tempdir().unwrap();
-    let mut broker = common::Tansu::start_persistent(db.path());
     let sim = common::start_sim(|c| medium(c, 2)).await;
-    let world = World::new(&sim, &broker.bootstrap, "faults-broker", "");
+    let world = World::new(&sim, &bootstrap, "faults-broker", "");
     let process = world.spawn(0);
     let down = Duration::from_secs(30);
     for phase in ["backfill", "steady"] {
@@ -656,7 +865,8 @@ async fn the_broker_stopped_for_30_s_during_backfill_and_steady_state() {
         } else {
             sim.mutate(50, None);
         }
-        broker.stop();
+        // SIGKILL: in the backfill a transaction (exactly-once) or a batch is open.
+        broker.kill();
         let stopped = Instant::now();
         let mut not_ready = false;
         while stopped.elapsed() < down {
@@ -668,15 +878,25 @@ async fn the_broker_stopped_for_30_s_during_backfill_and_steady_state() {
         broker.restart();
         // Batches wait for the broker up to kafka.batch_timeout_secs (60 here) before the
         // producer counts as failing; a 30 s outage may pass without turning not ready.
-        eprintln!("faults: broker down {down:?} during {phase} (not ready meanwhile: {not_ready})");
+        eprintln!(
+            "faults: broker ({}) killed for {down:?} during {phase} (not ready meanwhile: {not_ready}), back in {:.1?}",
+            broker.name(),
+            stopped.elapsed() - down
+        );
     }
     process
         .wait_for_phase("steady", Duration::from_secs(300))
         .await;
-    let (records, duplicates) = world.final_check(&sim, true).await;
+    let (committed, duplicates) = world.final_check_records(&sim, true).await;
     let (status, _) = process.terminate();
     assert!(status.success(), "{status:?}");
-    eprintln!("faults: broker down twice: {records} events, lost 0, {duplicates} duplicates");
+    let (uncommitted, aborted) = world.uncommitted(&committed).await;
+    eprintln!(
+        "faults: broker killed twice ({}, {}): {} events read_committed, {uncommitted} read_uncommitted ({aborted} of aborted or unfinished transactions), lost 0, {duplicates} duplicates",
+        broker.name(),
+        delivery(),
+        committed.len()
+    );
     sim.shutdown().await;
 }
 
@@ -805,7 +1025,7 @@ prefix = "{prefix}"
 
 [kafka]
 bootstrap_servers = "{bootstrap}"
-delivery = "at-least-once"
+delivery = "{delivery}"
 instance_id = "{prefix}-{way}"
 replication_factor = 1
 batch_timeout_secs = 10
@@ -821,6 +1041,7 @@ poll_interval_secs = 1
 "#,
             url = sim.base_url(),
             registry_url = registry.url,
+            delivery = delivery(),
         );
         let path = dir.path().join(format!("{way}-{sasl}.toml"));
         std::fs::write(&path, toml).unwrap();
