@@ -154,7 +154,8 @@ fn small(c: &mut ibstream::sim::SimConfig) {
 
 /// One `ibstream run` process: its operations address and its log file.
 struct Process {
-    child: Child,
+    /// Behind a mutex so that waiting for a phase can see an exit.
+    child: std::sync::Mutex<Child>,
     http: String,
     log: PathBuf,
 }
@@ -162,8 +163,9 @@ struct Process {
 impl Drop for Process {
     /// A failed scenario leaves no process behind.
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let child = self.child.get_mut().unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
@@ -190,31 +192,32 @@ impl Process {
             .spawn()
             .unwrap();
         Process {
-            child,
+            child: std::sync::Mutex::new(child),
             http: http.to_owned(),
             log,
         }
     }
 
     fn kill_9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
+        let child = self.child.get_mut().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     /// Sends SIGTERM; returns the exit status and how long the process took to exit.
     fn terminate(mut self) -> (ExitStatus, Duration) {
         let asked = Instant::now();
         Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args(["-TERM", &self.child.get_mut().unwrap().id().to_string()])
             .status()
             .unwrap();
         let deadline = asked + Duration::from_secs(30);
         loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
+            if let Some(status) = self.child.get_mut().unwrap().try_wait().unwrap() {
                 return (status, asked.elapsed());
             }
             if Instant::now() > deadline {
-                self.child.kill().unwrap();
+                self.child.get_mut().unwrap().kill().unwrap();
                 panic!("ibstream run ignored SIGTERM for 30 s; see {:?}", self.log);
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -251,9 +254,16 @@ impl Process {
         }
     }
 
+    /// Waits for `phase`; fails at once if the process exits meanwhile.
     async fn wait_for_phase(&self, phase: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while self.phase().await != phase {
+            let exited = self.child.lock().unwrap().try_wait().unwrap();
+            assert!(
+                exited.is_none(),
+                "ibstream run exited ({exited:?}) while waiting for {phase}; see {:?}",
+                self.log
+            );
             assert!(
                 Instant::now() < deadline,
                 "no {phase} within {timeout:?}; see {:?}; /status: {:?}",
