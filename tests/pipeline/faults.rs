@@ -768,6 +768,9 @@ async fn the_crm_at_its_worst_at_once() {
         "faults-worst",
         "requests_per_second = 100\nmax_retries = 20",
     );
+    // A loaded machine (or the slower exactly-once sink) may never outrun max_rps: a burst of
+    // 429s (Retry-After: 1) at the start makes sure the run meets them.
+    sim.rate_limit_data_next(3, "1");
     let process = world.spawn(0);
     process
         .wait_for_phase("steady", Duration::from_secs(600))
