@@ -498,8 +498,33 @@ fn log_after(log: &Path, marker: &str) -> Vec<String> {
         .collect()
 }
 
+/// Prints a scenario's wall time (`faults: <name>: <mode> in <duration>`) when dropped, also
+/// when the scenario fails.
+struct Timer(&'static str, Instant);
+
+fn timer(name: &'static str) -> Timer {
+    Timer(name, Instant::now())
+}
+
+impl Drop for Timer {
+    fn drop(&mut self) {
+        eprintln!(
+            "faults: {}: {} in {:.1?}{}",
+            self.0,
+            delivery(),
+            self.1.elapsed(),
+            if std::thread::panicking() {
+                " (failed)"
+            } else {
+                ""
+            }
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_moments_loses_nothing() {
+    let _timer = timer("kill -9");
     let kills = if long() { 20 } else { 10 };
     let (broker, bootstrap) = broker();
     let scale = if long() { 3 } else { 1 };
@@ -582,6 +607,7 @@ async fn kill_9_at_random_moments_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_at_every_phase_exits_0_within_10_s_and_starts_nothing_after() {
+    let _timer = timer("SIGTERM at every phase");
     let (_broker, bootstrap) = broker();
     let sim = common::start_sim(|c| medium(c, 3)).await;
     let world = World::new(&sim, &bootstrap, "faults-term", "");
@@ -655,6 +681,7 @@ async fn sigterm_at_every_phase_exits_0_within_10_s_and_starts_nothing_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_the_restore_waits_for_kafka_exits_at_once() {
+    let _timer = timer("SIGTERM during the restore");
     // Clients reach the broker (Apache Kafka, or tansu if FAULTS_BROKER says so; never
     // FAULTS_KAFKA, which cannot be told to advertise the gate) through a gate that holds
     // every write to the state topic: the start-up barrier never lands, so the restore waits
@@ -706,6 +733,7 @@ async fn sigterm_while_the_restore_waits_for_kafka_exits_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_simulator_killed_and_restarted_mid_backfill_is_waited_for() {
+    let _timer = timer("CRM down and back");
     let (_broker, bootstrap) = broker();
     let mut sim = common::start_sim(|c| medium(c, 2)).await;
     let world = World::new(&sim, &bootstrap, "faults-crm", "");
@@ -747,6 +775,7 @@ async fn the_simulator_killed_and_restarted_mid_backfill_is_waited_for() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_crm_at_its_worst_at_once() {
+    let _timer = timer("CRM at its worst");
     let (_broker, bootstrap) = broker();
     let sim = common::start_sim(|c| {
         small(c);
@@ -793,6 +822,7 @@ async fn the_crm_at_its_worst_at_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_403_mid_run_stops_one_stream_and_is_gone_after_a_restart() {
+    let _timer = timer("403 mid-run");
     let (_broker, bootstrap) = broker();
     let sim = common::start_sim(small).await;
     let world = World::new(&sim, &bootstrap, "faults-403", "");
@@ -876,6 +906,7 @@ async fn a_403_mid_run_stops_one_stream_and_is_gone_after_a_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broker_killed_for_30_s_during_backfill_and_steady_state() {
+    let _timer = timer("broker killed");
     let mut broker = Broker::start(true);
     let bootstrap = broker.bootstrap();
     if let Broker::External(_) = broker {
@@ -921,11 +952,23 @@ async fn the_broker_killed_for_30_s_during_backfill_and_steady_state() {
         .wait_for_phase("steady", Duration::from_secs(300))
         .await;
     let (committed, duplicates) = world.final_check_records(&sim, true).await;
+    let log = process.log.clone();
     let (status, _) = process.terminate();
     assert!(status.success(), "{status:?}");
     let (uncommitted, aborted) = world.uncommitted(&committed).await;
+    // In exactly-once the outages outlasted open transactions: the run saw them fail (and
+    // the broker abort them), so the scenario is about transactions, not idle moments.
+    let printed = std::fs::read_to_string(&log).unwrap();
+    let failed = printed.matches("kafka transaction failed").count();
+    let lost = printed.matches("kafka transaction lost").count();
+    if exactly_once() {
+        assert!(
+            failed > 0,
+            "no transaction failed while the broker was down; see {log:?}"
+        );
+    }
     eprintln!(
-        "faults: broker killed twice ({}, {}): {} events read_committed, {uncommitted} read_uncommitted ({aborted} of aborted or unfinished transactions), lost 0, {duplicates} duplicates",
+        "faults: broker killed twice ({}, {}): {} events read_committed, {uncommitted} read_uncommitted ({aborted} of aborted or unfinished transactions), lost 0, {duplicates} duplicates; transactions failed {failed}, lost to the broker {lost} (a new producer each)",
         broker.name(),
         delivery(),
         committed.len()
@@ -978,6 +1021,7 @@ fn assert_no_secret(place: &str, text: &str, secrets: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_in_anything_any_command_prints_serves_or_writes() {
+    let _timer = timer("secrets sweep");
     const CRM_PASSWORD: &str = "crm-pw-Qx7-secret-4471";
     const CRM_API_KEY: &str = "crm-key-Qx7-secret-9931";
     const SASL_PASSWORD: &str = "sasl-pw-Qx7-secret-5512";
