@@ -9,9 +9,12 @@
 //!   every batch in it, each retried by its poller). A failed batch
 //!   is aborted and retried (bounded). A commit that fails with a retriable error (a timeout)
 //!   may have been applied, so the commit is retried, never aborted and sent again. An abort
-//!   that times out is called again (bounded); an abort that still fails, a fenced producer
-//!   (another process took over the same `kafka.instance_id`) and a fatal producer error are
-//!   fatal.
+//!   that times out is called again (bounded). An abort that still fails while no other
+//!   process fenced this one (the broker aborted the transaction itself: an outage longer than
+//!   the transaction timeout) fails the batches and replaces the producer with a new one
+//!   (`init_transactions`, as a restart would; bounded: [`PRODUCER_REBUILDS`] in a row). A
+//!   fenced producer (another process took over the same `kafka.instance_id`), a fatal
+//!   producer error and a new producer that cannot start are fatal.
 //! - `at-least-once`: the events are produced by an idempotent producer and acknowledged
 //!   first, then the state records. A crash in between leaves events without their state:
 //!   the batch is read and emitted again, with the same `eventId`s. A fatal error of the
@@ -277,7 +280,9 @@ pub async fn start(config: &KafkaConfig) -> Result<Sink, SinkStartError> {
     let task = match delivery {
         Delivery::ExactlyOnce => {
             let runtime = tokio::runtime::Handle::current();
-            tokio::task::spawn_blocking(move || run(producer, timeout, rx, runtime, &sink_stats))
+            tokio::task::spawn_blocking(move || {
+                run(producer, &client, timeout, rx, runtime, &sink_stats)
+            })
         }
         Delivery::AtLeastOnce => tokio::spawn(run_concurrent(producer, timeout, rx, sink_stats)),
     };
@@ -496,14 +501,18 @@ fn try_enqueue(
     }
 }
 
-/// Exactly-once: one transaction at a time, on a blocking thread.
+/// Exactly-once: one transaction at a time, on a blocking thread. A producer that lost its
+/// transactional state ([`TxnError::Unusable`]) is replaced by a new one made from `client`.
 fn run(
-    producer: Arc<KafkaProducer>,
+    mut producer: Arc<KafkaProducer>,
+    client: &ClientConfig,
     timeout: Duration,
     mut rx: mpsc::Receiver<Request>,
     runtime: tokio::runtime::Handle,
     stats: &SinkStats,
 ) -> Result<(), SinkError> {
+    // Producers replaced since the last committed transaction.
+    let mut rebuilds = 0;
     while let Some(first) = rx.blocking_recv() {
         // Group commit: the batches other pollers sent meanwhile share the transaction.
         let mut group = vec![first];
@@ -518,7 +527,34 @@ fn run(
             stats.started();
         }
         let batches: Vec<&Batch> = group.iter().map(|(batch, _)| batch).collect();
-        let outcome = exactly_once(&producer, &batches, timeout, &runtime, stats);
+        let outcome = match exactly_once(&producer, &batches, timeout, &runtime, stats) {
+            Ok(()) => {
+                rebuilds = 0;
+                Ok(())
+            }
+            Err(TxnError::Sink(e)) => Err(e),
+            Err(TxnError::Unusable(e)) if rebuilds == PRODUCER_REBUILDS => {
+                Err(SinkError::Fatal(format!(
+                    "the Kafka producer lost its transaction {} times in a row; last: {e}",
+                    rebuilds + 1
+                )))
+            }
+            Err(TxnError::Unusable(e)) => {
+                rebuilds += 1;
+                warn!(error = %e, rebuilds, "kafka transaction lost (the broker aborts a transaction open longer than kafka.batch_timeout_secs, e.g. through a broker outage), starting a new producer");
+                match new_producer(client, timeout) {
+                    Ok(next) => {
+                        producer = next;
+                        Err(SinkError::Retriable(format!(
+                            "the transaction was lost and aborted ({e}); a new producer goes on"
+                        )))
+                    }
+                    Err(start) => Err(SinkError::Fatal(format!(
+                        "cannot start a new Kafka producer ({start}) after the transaction was lost: {e}"
+                    ))),
+                }
+            }
+        };
         let fatal = matches!(outcome, Err(SinkError::Fatal(_)));
         for (batch, ack) in group {
             stats.finished(started, &batch, &outcome);
@@ -536,6 +572,56 @@ fn run(
 /// Most batches (of different pollers) committed in one transaction.
 const GROUP_MAX: usize = 8;
 
+/// Producers replaced in a row (no transaction committed in between) before the sink gives up.
+pub const PRODUCER_REBUILDS: u32 = 3;
+
+/// Why a transaction failed.
+enum TxnError {
+    /// Passed on to the batches as is.
+    Sink(SinkError),
+    /// The failed transaction could not be aborted though no other process fenced this one
+    /// (the broker aborted it itself, e.g. after an outage longer than the transaction
+    /// timeout): the producer's transactional state is lost, a new producer can go on.
+    Unusable(String),
+}
+
+impl From<SinkError> for TxnError {
+    fn from(e: SinkError) -> Self {
+        TxnError::Sink(e)
+    }
+}
+
+/// A new transactional producer from `client`, initialised (which aborts what the old one
+/// left open), as a restart would make.
+fn new_producer(client: &ClientConfig, timeout: Duration) -> Result<Arc<KafkaProducer>, String> {
+    let producer: KafkaProducer = client
+        .create_with_context(Deliveries)
+        .map_err(|e| e.to_string())?;
+    producer
+        .init_transactions(timeout)
+        .map_err(|e| e.to_string())?;
+    info!("kafka transactions initialised by a new producer");
+    Ok(Arc::new(producer))
+}
+
+/// Whether `error` (or the producer's fatal error) says another producer with the same
+/// `transactional.id` took over.
+fn taken_over(producer: &KafkaProducer, error: &KafkaError) -> bool {
+    let fenced = |code: RDKafkaErrorCode| {
+        matches!(
+            code,
+            RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+        )
+    };
+    error.rdkafka_error_code().is_some_and(fenced)
+        || producer
+            .client()
+            .fatal_error()
+            .is_some_and(|(code, _)| fenced(code))
+}
+
 /// Commits `batches` in one transaction: their events, then their state records.
 fn exactly_once(
     producer: &KafkaProducer,
@@ -543,7 +629,7 @@ fn exactly_once(
     timeout: Duration,
     runtime: &tokio::runtime::Handle,
     stats: &SinkStats,
-) -> Result<(), SinkError> {
+) -> Result<(), TxnError> {
     let mut last = String::new();
     for attempt in 1..=TRANSACTION_ATTEMPTS {
         producer.begin_transaction().map_err(classify)?;
@@ -567,14 +653,17 @@ fn exactly_once(
                 stats.transactions.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
-            Err(SinkError::Fatal(e)) => return Err(SinkError::Fatal(e)),
+            Err(SinkError::Fatal(e)) => return Err(SinkError::Fatal(e).into()),
             Err(SinkError::Retriable(e)) => {
                 warn!(attempt, error = %e, "kafka transaction failed, aborting");
-                abort(producer, timeout).map_err(|abort| {
-                    SinkError::Fatal(format!(
+                if let Err(abort) = abort(producer, timeout) {
+                    if taken_over(producer, &abort) {
+                        return Err(classify(abort).into());
+                    }
+                    return Err(TxnError::Unusable(format!(
                         "cannot abort the failed transaction ({abort}) after: {e}"
-                    ))
-                })?;
+                    )));
+                }
                 stats.aborts.fetch_add(1, Ordering::Relaxed);
                 last = e;
             }
@@ -582,7 +671,8 @@ fn exactly_once(
     }
     Err(SinkError::Retriable(format!(
         "transaction failed {TRANSACTION_ATTEMPTS} times: {last}"
-    )))
+    ))
+    .into())
 }
 
 /// Waits (briefly: every record is already reported) until librdkafka has released the

@@ -137,19 +137,34 @@ impl Running {
 
 /// Reads every record of `topics` (all partitions) until at least `expected` came and then
 /// nothing new for `idle` (tansu's high watermark lags, so "the end" is found by waiting).
+/// Reads `read_committed` (librdkafka's default), as a payouts consumer does.
 pub async fn consume(
     bootstrap: &str,
     topics: &[String],
     expected: usize,
     idle: Duration,
 ) -> Vec<Consumed> {
+    consume_isolated(bootstrap, topics, expected, idle, "read_committed").await
+}
+
+/// [`consume`] with `isolation.level` = `isolation` (`read_committed` or `read_uncommitted`:
+/// the latter also returns the records of aborted and open transactions).
+pub async fn consume_isolated(
+    bootstrap: &str,
+    topics: &[String],
+    expected: usize,
+    idle: Duration,
+    isolation: &str,
+) -> Vec<Consumed> {
     let bootstrap = bootstrap.to_owned();
     let topics = topics.to_vec();
+    let isolation = isolation.to_owned();
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &bootstrap)
             .set("group.id", common::unique_topic("check"))
             .set("enable.auto.commit", "false")
+            .set("isolation.level", &isolation)
             .create()
             .unwrap();
         let mut assignment = TopicPartitionList::new();
