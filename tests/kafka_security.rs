@@ -108,16 +108,19 @@ fn pki() -> tempfile::TempDir {
     dir
 }
 
-/// The secrets of these runs: the SASL password, and the client's private key whole and each
-/// line of its base64 body (a piece of it printed shows too).
+/// The secrets of these runs: the SASL password, and the clients' private keys whole and each
+/// line of their base64 bodies (a piece of one printed shows too).
 fn secrets(pki: &Path) -> Vec<String> {
-    let key = std::fs::read_to_string(pki.join("client.key")).unwrap();
-    let mut out = vec![SASL_PASSWORD.to_owned(), key.trim().to_owned()];
-    out.extend(
-        key.lines()
-            .filter(|l| !l.starts_with("-----") && l.len() >= 16)
-            .map(str::to_owned),
-    );
+    let mut out = vec![SASL_PASSWORD.to_owned()];
+    for file in ["client.key", "other-client.key"] {
+        let key = std::fs::read_to_string(pki.join(file)).unwrap();
+        out.push(key.trim().to_owned());
+        out.extend(
+            key.lines()
+                .filter(|l| !l.starts_with("-----") && l.len() >= 16)
+                .map(str::to_owned),
+        );
+    }
     out
 }
 
@@ -681,7 +684,7 @@ async fn scram_over_tls_streams_exactly_once_and_an_untrusted_certificate_is_nam
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mutual_tls_streams_exactly_once_and_a_missing_client_certificate_is_named() {
+async fn mutual_tls_streams_exactly_once_and_a_missing_or_untrusted_client_certificate_is_named() {
     let pki = pki();
     let broker = secured_broker(pki.path(), Listener::MutualTls);
     let ca = format!(
@@ -699,6 +702,22 @@ async fn mutual_tls_streams_exactly_once_and_a_missing_client_certificate_is_nam
         Listener::MutualTls,
         "",
         &ca,
+        &[],
+        &["kafka.security.cert_file"],
+    )
+    .await;
+    // A client certificate a CA the broker does not trust signed.
+    let other_cert = format!(
+        "{ca}cert_file = \"{}\"\nkey_file = \"{}\"\n",
+        path(pki.path(), "other-client.pem"),
+        path(pki.path(), "other-client.key")
+    );
+    refused(
+        &broker,
+        pki.path(),
+        Listener::MutualTls,
+        "",
+        &other_cert,
         &[],
         &["kafka.security.cert_file"],
     )

@@ -19,21 +19,24 @@ use rdkafka::metadata::Metadata;
 
 use crate::config::{KafkaConfig, KafkaSecurity};
 
-/// A client context keeping the first connection failure librdkafka reports.
+/// A client context keeping the connection failures librdkafka reports (the newest 32).
 #[derive(Default)]
 struct Watch {
-    failure: Mutex<Option<String>>,
+    failures: Mutex<Vec<String>>,
 }
 
 impl Watch {
     fn keep(&self, message: &str) {
-        if let Ok(mut failure) = self.failure.lock() {
-            failure.get_or_insert_with(|| message.to_owned());
+        if let Ok(mut failures) = self.failures.lock() {
+            if failures.len() == 32 {
+                failures.remove(0);
+            }
+            failures.push(message.to_owned());
         }
     }
 
-    fn failure(&self) -> Option<String> {
-        self.failure.lock().ok().and_then(|f| f.clone())
+    fn failures(&self) -> Vec<String> {
+        self.failures.lock().map(|f| f.clone()).unwrap_or_default()
     }
 }
 
@@ -90,18 +93,22 @@ pub fn reach(config: &KafkaConfig, timeout: Duration) -> Result<Metadata, String
                 break;
             }
         }
-        let failure = consumer.context().failure();
-        if let Some(refused) = failure
-            .as_deref()
-            .and_then(|f| refusal(&config.security, f))
-        {
+        let failures = consumer.context().failures();
+        if let Some(refused) = failures.iter().find_map(|f| refusal(&config.security, f)) {
             return Err(format!(
                 "cannot reach Kafka at {}: {refused}",
                 config.bootstrap_servers
             ));
         }
         if Instant::now() >= deadline {
-            let last = failure.map_or(String::new(), |f| format!(" (last: {f})"));
+            let last = failures.last().map_or(String::new(), |f| {
+                let hint = if f.contains("security.protocol") {
+                    "; check kafka.security.protocol"
+                } else {
+                    ""
+                };
+                format!(" (last: {}){hint}", f.trim())
+            });
             return Err(format!(
                 "cannot reach Kafka at {}: {error}{last}",
                 config.bootstrap_servers
@@ -146,15 +153,78 @@ pub fn refusal(security: &KafkaSecurity, failure: &str) -> Option<String> {
             )
         });
     }
-    if lower.contains("ssl") && (lower.contains("handshake") || lower.contains("alert")) {
+    // A connection closed in the handshake may be a broker going down: not told at once.
+    if lower.contains("ssl")
+        && (lower.contains("handshake") || lower.contains("alert"))
+        && !lower.contains("disconnected")
+    {
         return Some(format!(
             "the TLS handshake failed: check kafka.security.protocol, kafka.security.ca_file and kafka.security.cert_file (librdkafka: {said})"
         ));
     }
-    if lower.contains("security.protocol") {
-        return Some(format!(
-            "the broker's listener speaks another protocol: check kafka.security.protocol (librdkafka: {said})"
-        ));
-    }
+    // Not here: librdkafka's "connecting to a SSL listener?" after a disconnection, which a
+    // broker shutting down causes too; it waits for the timeout and shows as a hint then.
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{SaslMechanism, SecurityProtocol};
+
+    /// What librdkafka 2.12 said to the tests' Apache Kafka 4.1 (tests/kafka_security.rs).
+    const WRONG_PASSWORD: &str = "[thrd:sasl_plaintext://127.0.0.1:38317/bootstrap]: sasl_plaintext://127.0.0.1:38317/bootstrap: SASL authentication error: Authentication failed during authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512 (after 544ms in state AUTH_REQ)";
+    const UNTRUSTED: &str = "[thrd:sasl_ssl://127.0.0.1:43243/bootstrap]: sasl_ssl://127.0.0.1:43243/bootstrap: SSL handshake failed: error:0A000086:SSL routines::certificate verify failed: broker certificate could not be verified, verify that ssl.ca.location is correctly configured or root CA certificates are installed (install ca-certificates package) (after 2223ms in state SSL_HANDSHAKE)";
+    const NO_CLIENT_CERT: &str = "[thrd:ssl://127.0.0.1:40107/bootstrap]: ssl://127.0.0.1:40107/bootstrap: Receive failed: error:0A000412:SSL routines::sslv3 alert bad certificate: SSL alert number 42 (after 14ms in state APIVERSION_QUERY)";
+
+    fn security(protocol: SecurityProtocol) -> KafkaSecurity {
+        KafkaSecurity {
+            protocol,
+            sasl_mechanism: Some(SaslMechanism::ScramSha512),
+            sasl_username: Some("ibstream".to_owned()),
+            ca_file: Some("/etc/ibstream/ca.pem".into()),
+            ..KafkaSecurity::default()
+        }
+    }
+
+    #[test]
+    fn each_refusal_names_the_key_to_fix_and_keeps_librdkafkas_words() {
+        let sasl = security(SecurityProtocol::SaslSsl);
+        let said = refusal(&sasl, WRONG_PASSWORD).unwrap();
+        assert!(said.contains("kafka.sasl_password"), "{said}");
+        assert!(said.contains("\"ibstream\""), "{said}");
+        assert!(said.contains("invalid credentials"), "{said}");
+        let said = refusal(&sasl, UNTRUSTED).unwrap();
+        assert!(
+            said.contains("kafka.security.ca_file (/etc/ibstream/ca.pem)"),
+            "{said}"
+        );
+        let mut tls = security(SecurityProtocol::Ssl);
+        tls.sasl_mechanism = None;
+        tls.sasl_username = None;
+        let said = refusal(&tls, NO_CLIENT_CERT).unwrap();
+        assert!(said.contains("wants a client certificate"), "{said}");
+        assert!(said.contains("kafka.security.cert_file"), "{said}");
+        tls.cert_file = Some("/etc/ibstream/client.pem".into());
+        tls.key_file = Some("/etc/ibstream/client.key".into());
+        let said = refusal(&tls, NO_CLIENT_CERT).unwrap();
+        assert!(said.contains("refused the client certificate"), "{said}");
+        assert!(
+            said.contains("kafka.security.cert_file (/etc/ibstream/client.pem)"),
+            "{said}"
+        );
+    }
+
+    #[test]
+    fn a_broker_down_or_restarting_is_no_refusal() {
+        let sasl = security(SecurityProtocol::SaslSsl);
+        for failure in [
+            "[thrd:sasl_ssl://127.0.0.1:9/bootstrap]: sasl_ssl://127.0.0.1:9/bootstrap: Connect to ipv4#127.0.0.1:9 failed: Connection refused (after 0ms in state CONNECT)",
+            "[thrd:ssl://127.0.0.1:9/bootstrap]: ssl://127.0.0.1:9/bootstrap: Disconnected while requesting ApiVersion: might be caused by incorrect security.protocol configuration (connecting to a SSL listener?) or broker version is < 0.10 (see api.version.request) (after 1ms in state APIVERSION_QUERY)",
+            "BrokerTransportFailure (Local: Broker transport failure): 1/1 brokers are down",
+            "[thrd:ssl://127.0.0.1:9/bootstrap]: ssl://127.0.0.1:9/bootstrap: SSL handshake failed: Disconnected: connecting to a PLAINTEXT broker listener? (after 1ms in state SSL_HANDSHAKE)",
+        ] {
+            assert_eq!(refusal(&sasl, failure), None, "{failure}");
+        }
+    }
 }
