@@ -67,8 +67,8 @@ impl ConsumerContext for Watch {}
 ///
 /// # Errors
 /// At the first refused SASL login or TLS handshake: what librdkafka said and the key to fix
-/// (see [`refusal`]), without waiting for the timeout. Otherwise, at the timeout: "cannot reach
-/// Kafka at <bootstrap_servers>", librdkafka's error and its last connection failure.
+/// (see [`refusal`]), without waiting for the timeout. Otherwise, at the timeout: "Kafka at
+/// <bootstrap_servers> unreachable", librdkafka's error and its last connection failure.
 pub fn reach(config: &KafkaConfig, timeout: Duration) -> Result<Metadata, String> {
     let mut client = ClientConfig::new();
     // rdkafka takes librdkafka's log level from the `log` crate, which ibstream does not set
@@ -95,13 +95,15 @@ pub fn reach(config: &KafkaConfig, timeout: Duration) -> Result<Metadata, String
         }
         let failures = consumer.context().failures();
         if let Some(refused) = failures.iter().find_map(|f| refusal(&config.security, f)) {
-            return Err(format!(
-                "cannot reach Kafka at {}: {refused}",
-                config.bootstrap_servers
-            ));
+            return Err(format!("Kafka at {}: {refused}", config.bootstrap_servers));
         }
         if Instant::now() >= deadline {
-            let last = failures.last().map_or(String::new(), |f| {
+            // "All broker connections are down" says less than the failure that made it so.
+            let telling = failures
+                .iter()
+                .rev()
+                .find(|f| !f.contains("AllBrokersDown"));
+            let last = telling.or(failures.last()).map_or(String::new(), |f| {
                 let hint = if f.contains("security.protocol") {
                     "; check kafka.security.protocol"
                 } else {
@@ -110,7 +112,7 @@ pub fn reach(config: &KafkaConfig, timeout: Duration) -> Result<Metadata, String
                 format!(" (last: {}){hint}", f.trim())
             });
             return Err(format!(
-                "cannot reach Kafka at {}: {error}{last}",
+                "Kafka at {} unreachable: {error}{last}",
                 config.bootstrap_servers
             ));
         }
