@@ -98,12 +98,7 @@ pub fn reach(config: &KafkaConfig, timeout: Duration) -> Result<Metadata, String
             return Err(format!("Kafka at {}: {refused}", config.bootstrap_servers));
         }
         if Instant::now() >= deadline {
-            // "All broker connections are down" says less than the failure that made it so.
-            let telling = failures
-                .iter()
-                .rev()
-                .find(|f| !f.contains("AllBrokersDown"));
-            let last = telling.or(failures.last()).map_or(String::new(), |f| {
+            let last = failures.last().map_or(String::new(), |f| {
                 let hint = if f.contains("security.protocol") {
                     "; check kafka.security.protocol"
                 } else {
