@@ -558,9 +558,9 @@ async fn streams_through(
     (events, steady)
 }
 
-/// `ibstream run` and `ibstream check` with `security` (a refused connection) end within
-/// [`REFUSAL_BOUND`], non-zero for `run` and with an error line for `check`, each naming every
-/// one of `keys`; returns what each printed, with its wall time.
+/// `ibstream run`, `check` and `state show` with `security` (a refused connection) end within
+/// [`REFUSAL_BOUND`], non-zero, with an error line naming every one of `keys`; returns the
+/// first such line of each, with its wall time.
 async fn refused(
     broker: &ApacheKafka,
     pki: &Path,
@@ -569,7 +569,7 @@ async fn refused(
     security: &str,
     env: &[(&str, String)],
     keys: &[&str],
-) -> [(String, Duration); 2] {
+) -> Vec<(String, Duration)> {
     let sim = common::start_sim(|_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let prefix = common::unique_topic("refused");
@@ -584,11 +584,12 @@ async fn refused(
     );
     let secrets = secrets(pki);
     let mut out = Vec::new();
-    for command in ["run", "check"] {
-        let log =
-            PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("{prefix}-{command}.log"));
+    for command in ["run", "check", "state show"] {
+        let log = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("{prefix}-{}.log", command.replace(' ', "-")));
         let (code, took, text) =
-            Process::spawn(&config, &[command], env, log).exit_within(REFUSAL_BOUND);
+            Process::spawn(&config, &command.split(' ').collect::<Vec<_>>(), env, log)
+                .exit_within(REFUSAL_BOUND);
         assert!(!code.success(), "{command} succeeded:\n{}", tail(&text));
         let errors: Vec<&str> = text
             .lines()
@@ -610,7 +611,7 @@ async fn refused(
         out.push((said, took));
     }
     sim.shutdown().await;
-    [out.remove(0), out.remove(0)]
+    out
 }
 
 fn path(pki: &Path, name: &str) -> String {
