@@ -169,37 +169,21 @@ pub async fn kafka(config: &Config) -> Vec<CheckLine> {
     if let Err(e) = kafka.validate() {
         return vec![CheckLine::new("kafka", Outcome::Error(e.to_string()))];
     }
-    let settings = match kafka.client_settings() {
-        Ok(settings) => settings,
-        Err(e) => return vec![CheckLine::new("kafka", Outcome::Error(e.to_string()))],
-    };
-    let client_config = || {
-        let mut client = rdkafka::ClientConfig::new();
-        for (key, value) in &settings {
-            client.set(key, value);
-        }
-        client
-    };
+    if let Err(e) = kafka.client_settings() {
+        return vec![CheckLine::new("kafka", Outcome::Error(e.to_string()))];
+    }
     let mut lines = Vec::new();
     let metadata = {
-        let client = client_config();
+        let kafka = kafka.clone();
         tokio::task::spawn_blocking(move || {
-            let consumer: rdkafka::consumer::BaseConsumer = client.create()?;
-            rdkafka::consumer::Consumer::fetch_metadata(
-                &consumer,
-                None,
-                std::time::Duration::from_secs(5),
-            )
+            crate::kafka::refusal::reach(&kafka, std::time::Duration::from_secs(5))
         })
         .await
     };
     let metadata = match metadata {
         Ok(Ok(metadata)) => metadata,
         Ok(Err(e)) => {
-            lines.push(CheckLine::new(
-                "kafka brokers",
-                Outcome::Error(format!("{} unreachable: {e}", kafka.bootstrap_servers)),
-            ));
+            lines.push(CheckLine::new("kafka brokers", Outcome::Error(e)));
             return lines;
         }
         Err(e) => {

@@ -47,8 +47,15 @@ pub struct ResetRequest {
     pub force: bool,
 }
 
-/// Reads the state of the configured instance.
+/// Reads the state of the configured instance. A refused login or TLS handshake is told at
+/// once, naming the key to fix (`kafka::refusal::reach`), not as a write timing out.
 pub async fn load(config: &Config) -> Result<State, String> {
+    let kafka = config.kafka.clone();
+    tokio::task::spawn_blocking(move || {
+        crate::kafka::refusal::reach(&kafka, Duration::from_secs(30))
+    })
+    .await
+    .map_err(|e| e.to_string())??;
     let topic = config.kafka.state_topic(&config.topics);
     let timeout = Duration::from_secs(config.kafka.batch_timeout_secs.max(30));
     read_state(&config.kafka, &topic, timeout).await

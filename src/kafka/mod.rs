@@ -1,6 +1,7 @@
 //! The Kafka side: topic creation, the start-up state restore, and the sink that owns the
 //! producer. See `sink` for what is durable when.
 
+pub mod refusal;
 pub mod restore;
 pub mod sink;
 

@@ -99,18 +99,16 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[TopicSpec]) -> Result
         .map_err(|e| format!("cannot create the Kafka admin client: {e}"))?;
     let admin = std::sync::Arc::new(admin);
     let existing: Vec<String> = {
-        let admin = admin.clone();
-        tokio::task::spawn_blocking(move || {
-            admin.inner().fetch_metadata(None, Duration::from_secs(30))
-        })
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("cannot reach Kafka at {}: {e}", config.bootstrap_servers))?
-        .topics()
-        .iter()
-        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
-        .map(|t| t.name().to_owned())
-        .collect()
+        // The first contact: a refused login or handshake is told at once, naming the key.
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || super::refusal::reach(&config, Duration::from_secs(30)))
+            .await
+            .map_err(|e| e.to_string())??
+            .topics()
+            .iter()
+            .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+            .map(|t| t.name().to_owned())
+            .collect()
     };
     let new_topics: Vec<NewTopic> = topics
         .iter()

@@ -26,6 +26,26 @@ pub struct KafkaSetup {
     pub format_args: Vec<String>,
 }
 
+/// `server.properties` lines giving the broker's TLS listeners the key and certificate of
+/// PEM files and a PEM CA to trust (for client certificates): writes `keystore.pem` (the key,
+/// then the certificate) in `dir` and uses Kafka's `ssl.keystore.type=PEM` and
+/// `ssl.truststore.type=PEM`. The key must be unencrypted PKCS#8 (`openssl req -nodes`).
+pub fn pem_tls_properties(dir: &Path, key: &Path, cert: &Path, ca: &Path) -> Vec<(String, String)> {
+    let keystore = dir.join("keystore.pem");
+    let read =
+        |p: &Path| std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    std::fs::write(&keystore, format!("{}{}", read(key), read(cert))).expect("keystore.pem");
+    [
+        ("ssl.keystore.type", "PEM".to_owned()),
+        ("ssl.keystore.location", keystore.display().to_string()),
+        ("ssl.truststore.type", "PEM".to_owned()),
+        ("ssl.truststore.location", ca.display().to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
 /// A running (or stopped, or paused) single-node Apache Kafka.
 pub struct ApacheKafka {
     child: Option<Child>,

@@ -392,6 +392,73 @@ pub fn test_pki(dir: &std::path::Path) {
     ]);
 }
 
+/// Adds to a folder [`test_pki`] filled a client certificate for mutual TLS signed by its CA
+/// (`client.pem`, key `client.key`, CN=ibstream), a second CA nobody trusts (`other-ca.pem`,
+/// key `other-ca.key`) and a client certificate it signed (`other-client.pem`,
+/// `other-client.key`).
+pub fn test_pki_client_and_other_ca(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+        "-subj",
+        "/CN=ibstream",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "client.pem",
+        "-days",
+        "2",
+    ]);
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "other-ca.key",
+        "-out",
+        "other-ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=ibstream untrusted CA",
+    ]);
+    for args in [
+        "req -newkey rsa:2048 -nodes -keyout other-client.key -out other-client.csr -subj /CN=ibstream",
+        "x509 -req -in other-client.csr -CA other-ca.pem -CAkey other-ca.key -CAcreateserial -out other-client.pem -days 2",
+    ] {
+        run(&args.split(' ').collect::<Vec<_>>());
+    }
+}
+
 /// A TCP proxy in front of a broker that reads the Kafka requests it forwards. Once told to
 /// hold the produce requests to a topic, the first Produce request naming that topic – and
 /// everything any client sends after it – never reaches the broker, while the connections
