@@ -335,3 +335,37 @@ async fn a_restore_facing_an_open_transaction_fails_in_time_naming_topic_offset_
     assert!(err.contains("kafka-transactions.sh"), "{err}");
     drop(producer);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_topic_is_checked_right_after_ensure_topics_created_it() {
+    // Apache Kafka answers CreateTopics before its metadata lists the topic, the later the
+    // busier it is: a start that checks the state topic at once must not read "0 partitions"
+    // of the topic it just made. Eight starts at a time, as a suite's runs do.
+    let broker = common::ApacheKafka::shared();
+    let config = ibstream::config::KafkaConfig {
+        bootstrap_servers: broker.bootstrap.clone(),
+        ..Default::default()
+    };
+    let starts: Vec<_> = (0..8)
+        .map(|_| {
+            let config = config.clone();
+            tokio::spawn(async move {
+                for _ in 0..10 {
+                    let topic = common::unique_topic("fresh-state");
+                    let spec = ibstream::kafka::TopicSpec {
+                        name: topic.clone(),
+                        partitions: 1,
+                        replication: 1,
+                        configs: vec![("cleanup.policy".to_owned(), "compact".to_owned())],
+                    };
+                    ibstream::kafka::ensure_topics(&config, &[spec]).await?;
+                    ibstream::kafka::check_state_topic(&config, &topic).await?;
+                }
+                Ok::<_, String>(())
+            })
+        })
+        .collect();
+    for start in starts {
+        start.await.unwrap().unwrap_or_else(|e| panic!("{e}"));
+    }
+}

@@ -60,7 +60,10 @@ async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bo
 }
 
 /// Returns the latest value of every key of the state topic.
-async fn state_values(broker: &impl common::Broker, prefix: &str) -> HashMap<String, Option<Vec<u8>>> {
+async fn state_values(
+    broker: &impl common::Broker,
+    prefix: &str,
+) -> HashMap<String, Option<Vec<u8>>> {
     let topic = format!("{prefix}._ibstream_state");
     let records = consume(broker.bootstrap(), &[topic], 1, Duration::from_secs(2)).await;
     let mut sorted: Vec<&Consumed> = records.iter().collect();

@@ -104,12 +104,25 @@ pub struct Running {
 pub fn start(config: Config) -> Running {
     let stats: Stats = STREAMS.into_iter().map(|s| (s, Arc::default())).collect();
     let cancel = CancellationToken::new();
-    let task = tokio::spawn(ibstream::run::run(config, cancel.clone(), stats.clone()));
+    let run = ibstream::run::run(config, cancel.clone(), stats.clone());
+    let task = tokio::spawn(async move {
+        // Shown with a failing test's output, which `wait_cycles` cannot return.
+        let result = run.await;
+        if !cancel_requested(&result) {
+            eprintln!("ibstream run ended: {result:?}");
+        }
+        result
+    });
     Running {
         cancel,
         stats,
         task,
     }
+}
+
+/// Whether a run's end needs no word: a clean end with no stream stopped.
+fn cancel_requested(result: &Result<RunReport, RunError>) -> bool {
+    matches!(result, Ok(report) if report.stopped.is_empty())
 }
 
 impl Running {

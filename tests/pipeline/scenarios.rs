@@ -89,8 +89,7 @@ async fn backfill_then_changes_then_restart_on(
     );
     let recent_positions = recent(Kind::Positions, "closeTime");
     assert!(
-        tracked("positions") <= recent_positions
-            && recent_positions < counts.positions as u64 / 2,
+        tracked("positions") <= recent_positions && recent_positions < counts.positions as u64 / 2,
         "{} position fingerprints kept, {recent_positions} recent",
         tracked("positions")
     );
@@ -260,7 +259,10 @@ async fn moving_pages_and_live_changes_converge_to_the_truth() {
     );
     // No eventId comes back after another (a stale page replayed, then mended), and in
     // exactly-once no event comes twice at all.
-    assert_eq!(assert_duplicates_share_ids_and_no_phantom_update(&events), 0);
+    assert_eq!(
+        assert_duplicates_share_ids_and_no_phantom_update(&events),
+        0
+    );
     sim.shutdown().await;
 }
 
