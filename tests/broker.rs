@@ -1,4 +1,6 @@
-//! The tansu broker fixture: a real broker process on a free port, one message through it.
+//! ibstream's Kafka checks against real brokers: Apache Kafka for what any broker must give
+//! (the state topic's shape, an open transaction on it), tansu for what a broker without
+//! transactions or TLS gives (and the tansu fixture itself).
 
 mod common;
 
@@ -68,9 +70,9 @@ async fn tansu_produces_and_consumes_one_message() {
     assert_eq!(message.offset(), delivery.offset);
 }
 
-async fn create(broker: &common::Tansu, topic: &str, partitions: i32, policy: &str) {
+async fn create(broker: &impl common::Broker, topic: &str, partitions: i32, policy: &str) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &broker.bootstrap)
+        .set("bootstrap.servers", broker.bootstrap())
         .create()
         .expect("admin client");
     let results = admin
@@ -88,7 +90,7 @@ async fn create(broker: &common::Tansu, topic: &str, partitions: i32, policy: &s
 
 #[tokio::test]
 async fn a_state_topic_that_cannot_hold_the_state_is_refused_naming_the_fix() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let config = ibstream::config::KafkaConfig {
         bootstrap_servers: broker.bootstrap.clone(),
         ..Default::default()
@@ -125,6 +127,8 @@ async fn a_state_topic_that_cannot_hold_the_state_is_refused_naming_the_fix() {
 #[tokio::test]
 async fn check_reports_the_broker_topics_and_transactions() {
     use ibstream::check::Outcome;
+    // On tansu: the point is check's answer on a broker without transactions (Apache Kafka's
+    // passing line is tests/apache_kafka.rs's).
     let broker = common::Tansu::start();
     let mut config = ibstream::config::Config::load(None).unwrap();
     config.kafka.bootstrap_servers = broker.bootstrap.clone();
@@ -209,6 +213,8 @@ async fn kafka_over_tls_with_a_private_ca() {
     // Reserve the proxy's port first: the broker advertises it.
     let proxy_port = common::free_port();
     let proxy_addr: std::net::SocketAddr = format!("127.0.0.1:{proxy_port}").parse().unwrap();
+    // On tansu behind a TLS proxy (tansu cannot do TLS itself): the client side of TLS.
+    // Apache Kafka's own SSL listeners are the security tests'.
     let broker = common::Tansu::start_advertising(Some(proxy_addr));
     let upstream: std::net::SocketAddr = broker.bootstrap.parse().unwrap();
     let bound = tls_proxy_at(dir.path(), proxy_addr, upstream).await;
@@ -236,10 +242,10 @@ async fn kafka_over_tls_with_a_private_ca() {
 }
 
 /// A state topic with one record, as `run` makes it.
-async fn state_topic_with_a_record(broker: &common::Tansu, topic: &str) {
+async fn state_topic_with_a_record(broker: &impl common::Broker, topic: &str) {
     create(broker, topic, 1, "compact").await;
     let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &broker.bootstrap)
+        .set("bootstrap.servers", broker.bootstrap())
         .create()
         .expect("producer");
     let beat = ibstream::stream::state::Heartbeat {
@@ -258,6 +264,8 @@ async fn state_topic_with_a_record(broker: &common::Tansu, topic: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_in_exactly_once_mode_leaves_the_state_topic_readable() {
+    // On tansu: the point is check's transactions probe failing on a broker without
+    // transactions, and leaving nothing open behind it.
     let broker = common::Tansu::start();
     let mut config = ibstream::config::Config::load(None).unwrap();
     config.kafka.bootstrap_servers = broker.bootstrap.clone();
@@ -284,7 +292,9 @@ async fn check_in_exactly_once_mode_leaves_the_state_topic_readable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_facing_an_open_transaction_fails_in_time_naming_topic_offset_and_fix() {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-    let broker = common::Tansu::start();
+    // On Apache Kafka: a real open transaction holds read_committed readers at its first
+    // offset (the last stable offset) until it ends or times out.
+    let broker = common::ApacheKafka::shared();
     let topic = common::unique_topic("state-open-txn");
     state_topic_with_a_record(&broker, &topic).await;
     // Another producer begins a transaction on the state topic and never ends it.
@@ -304,7 +314,7 @@ async fn a_restore_facing_an_open_transaction_fails_in_time_naming_topic_offset_
     })
     .await
     .unwrap();
-    let (producer, topic) = open.expect("tansu takes a transaction's records");
+    let (producer, topic) = open.expect("the broker takes a transaction's records");
     let config = ibstream::config::KafkaConfig {
         bootstrap_servers: broker.bootstrap.clone(),
         ..Default::default()
@@ -324,4 +334,38 @@ async fn a_restore_facing_an_open_transaction_fails_in_time_naming_topic_offset_
     assert!(err.contains("open transaction"), "{err}");
     assert!(err.contains("kafka-transactions.sh"), "{err}");
     drop(producer);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_topic_is_checked_right_after_ensure_topics_created_it() {
+    // Apache Kafka answers CreateTopics before its metadata lists the topic, the later the
+    // busier it is: a start that checks the state topic at once must not read "0 partitions"
+    // of the topic it just made. Eight starts at a time, as a suite's runs do.
+    let broker = common::ApacheKafka::shared();
+    let config = ibstream::config::KafkaConfig {
+        bootstrap_servers: broker.bootstrap.clone(),
+        ..Default::default()
+    };
+    let starts: Vec<_> = (0..8)
+        .map(|_| {
+            let config = config.clone();
+            tokio::spawn(async move {
+                for _ in 0..10 {
+                    let topic = common::unique_topic("fresh-state");
+                    let spec = ibstream::kafka::TopicSpec {
+                        name: topic.clone(),
+                        partitions: 1,
+                        replication: 1,
+                        configs: vec![("cleanup.policy".to_owned(), "compact".to_owned())],
+                    };
+                    ibstream::kafka::ensure_topics(&config, &[spec]).await?;
+                    ibstream::kafka::check_state_topic(&config, &topic).await?;
+                }
+                Ok::<_, String>(())
+            })
+        })
+        .collect();
+    for start in starts {
+        start.await.unwrap().unwrap_or_else(|e| panic!("{e}"));
+    }
 }

@@ -140,7 +140,46 @@ pub async fn ensure_topics(config: &KafkaConfig, topics: &[TopicSpec]) -> Result
             Err((name, code)) => return Err(format!("cannot create topic {name}: {code}")),
         }
     }
-    Ok(())
+    let names: Vec<String> = new_topics.iter().map(|t| t.name.to_owned()).collect();
+    wait_until_listed(admin, names, Duration::from_secs(30)).await
+}
+
+/// Waits until the broker's metadata lists every topic of `names` with its partitions.
+/// Apache Kafka answers CreateTopics once the controller made a topic; a broker's metadata
+/// lists it a moment later (the busier the broker, the later), and a read of it before that
+/// finds no partition: the state topic's check would call it "0 partitions".
+async fn wait_until_listed(
+    admin: std::sync::Arc<AdminClient<DefaultClientContext>>,
+    names: Vec<String>,
+    timeout: Duration,
+) -> Result<(), String> {
+    tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + timeout;
+        for name in names {
+            loop {
+                let listed = admin
+                    .inner()
+                    .fetch_metadata(Some(&name), timeout)
+                    .map_err(|e| format!("cannot read the metadata of {name}: {e}"))?
+                    .topics()
+                    .iter()
+                    .any(|t| t.name() == name && t.error().is_none() && !t.partitions().is_empty());
+                if listed {
+                    break;
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(format!(
+                        "topic {name} was created but the broker did not list it within {}s",
+                        timeout.as_secs()
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 /// Checks that an existing state topic can hold the state: one partition (the restore reads

@@ -9,6 +9,7 @@
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use super::free_port;
@@ -214,6 +215,33 @@ impl ApacheKafka {
         };
         kafka.restart();
         kafka
+    }
+
+    /// One broker for the whole test process, started by the first caller: for the tests that
+    /// neither stop, pause nor reconfigure it and keep to their own topics (`unique_topic`),
+    /// instance ids and consumer groups, so a test costs no JVM start. Never
+    /// [`ApacheKafka::pause`] it. A watcher process SIGKILLs it and removes its folder once
+    /// this process is gone (statics are never dropped, and a killed test process runs no
+    /// destructor).
+    pub fn shared() -> &'static ApacheKafka {
+        static SHARED: OnceLock<ApacheKafka> = OnceLock::new();
+        SHARED.get_or_init(|| {
+            let kafka = ApacheKafka::start();
+            let pid = kafka.pid().expect("the broker runs");
+            let watcher = format!(
+                "while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -9 {pid}; rm -rf '{dir}'",
+                me = std::process::id(),
+                dir = kafka.dir.display()
+            );
+            Command::new("sh")
+                .args(["-c", &watcher])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("sh runs");
+            kafka
+        })
     }
 
     /// `127.0.0.1:PORT` of the listener named `name` (as given in [`KafkaSetup::listeners`]).

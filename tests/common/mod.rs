@@ -175,6 +175,42 @@ impl Drop for Tansu {
     }
 }
 
+/// A broker the end-to-end tests run on: Apache Kafka, the suites' broker, or tansu, the
+/// second broker with late high watermarks and no transactions.
+pub trait Broker {
+    /// `127.0.0.1:PORT`, for `bootstrap.servers`.
+    fn bootstrap(&self) -> &str;
+    /// Whether it runs Kafka transactions, so `run` can use exactly-once (the default).
+    fn transactions(&self) -> bool;
+}
+
+impl Broker for Tansu {
+    fn bootstrap(&self) -> &str {
+        &self.bootstrap
+    }
+    fn transactions(&self) -> bool {
+        false
+    }
+}
+
+impl Broker for ApacheKafka {
+    fn bootstrap(&self) -> &str {
+        &self.bootstrap
+    }
+    fn transactions(&self) -> bool {
+        true
+    }
+}
+
+impl<B: Broker + ?Sized> Broker for &B {
+    fn bootstrap(&self) -> &str {
+        (**self).bootstrap()
+    }
+    fn transactions(&self) -> bool {
+        (**self).transactions()
+    }
+}
+
 /// Returns a topic name no other test uses.
 pub fn unique_topic(prefix: &str) -> String {
     format!("{prefix}-{}-{}", std::process::id(), fastrand::u64(..))

@@ -9,7 +9,7 @@ use ibstream::sim::{BodyQuirk, Error200};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crm_answers_as_real_crms_write_them_lose_no_record() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim = common::start_sim(|c| {
         c.leads = 1_500;
         c.customers = 600;

@@ -30,7 +30,7 @@ fn counter(
 /// in pages of 25 records, so a day spans several pages.
 fn month_in_small_pages(
     sim: &SimHandle,
-    broker: &common::Tansu,
+    broker: &impl common::Broker,
     prefix: &str,
     instance: &str,
 ) -> Config {
@@ -60,9 +60,12 @@ async fn wait_until(what: &str, timeout: Duration, mut check: impl FnMut() -> bo
 }
 
 /// Returns the latest value of every key of the state topic.
-async fn state_values(broker: &common::Tansu, prefix: &str) -> HashMap<String, Option<Vec<u8>>> {
+async fn state_values(
+    broker: &impl common::Broker,
+    prefix: &str,
+) -> HashMap<String, Option<Vec<u8>>> {
     let topic = format!("{prefix}._ibstream_state");
-    let records = consume(&broker.bootstrap, &[topic], 1, Duration::from_secs(2)).await;
+    let records = consume(broker.bootstrap(), &[topic], 1, Duration::from_secs(2)).await;
     let mut sorted: Vec<&Consumed> = records.iter().collect();
     sorted.sort_by_key(|c| c.offset);
     sorted
@@ -78,7 +81,7 @@ async fn state_values(broker: &common::Tansu, prefix: &str) -> HashMap<String, O
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backfill_under_unstable_page_order_equals_the_truth() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     // 20k transactions over 70 days, served from a fresh random order on every page request
     // (a database paging without ORDER BY): pages overlap and miss records though none
     // changes. Only the union of a window's reads, and splitting it, finds them all.
@@ -136,7 +139,7 @@ async fn a_backfill_under_unstable_page_order_equals_the_truth() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_day_short_of_its_total_stays_open_until_its_records_are_all_read() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let short = chrono::Utc::now().date_naive() - chrono::Duration::days(10);
     // Every transactions answer whose window holds `short` counts one record more than it
     // serves: the window is re-read, split down to that day, and the day is kept open.
@@ -188,7 +191,7 @@ async fn a_day_short_of_its_total_stays_open_until_its_records_are_all_read() {
 async fn an_open_window_past_its_retention_is_given_up() {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::producer::{FutureProducer, FutureRecord};
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let short = chrono::Utc::now().date_naive() - chrono::Duration::days(20);
     let sim = common::start_sim(|c| {
         tiny(c);
@@ -257,7 +260,7 @@ async fn an_open_window_past_its_retention_is_given_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sweep_finds_late_and_corrected_records_and_event_ids_follow_real_changes() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim = common::start_sim(|c| {
         tiny(c);
         sim_days_ago(c, 90);
@@ -352,7 +355,7 @@ async fn the_sweep_finds_late_and_corrected_records_and_event_ids_follow_real_ch
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_record_without_a_date_is_emitted_once_and_numbers_written_another_way_make_no_event() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim = common::start_sim(|c| {
         tiny(c);
         c.numeric_money = true;
@@ -397,7 +400,7 @@ async fn a_record_without_a_date_is_emitted_once_and_numbers_written_another_way
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_positions_supervisor_survives_a_failing_tag_and_a_flaky_servers_list() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim = common::start_sim(tiny).await;
     let prefix = common::unique_topic("supervisor");
     let run = start(config(&sim, &broker, &prefix, "supervisor-1"));
@@ -455,7 +458,7 @@ async fn the_positions_supervisor_survives_a_failing_tag_and_a_flaky_servers_lis
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_larger_than_kafka_accepts_becomes_a_dead_letter_and_the_stream_goes_on() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim = common::start_sim(tiny).await;
     let prefix = common::unique_topic("toolarge");
     let schemas = Schemas::load("com.ibstream").unwrap();
@@ -528,7 +531,7 @@ fn sweep_due() -> Cursor {
 /// loop), on a real sink: the order of reads is the test's.
 async fn hand_poller(
     sim: &SimHandle,
-    broker: &common::Tansu,
+    broker: &impl common::Broker,
     prefix: &str,
     tweak: impl FnOnce(&mut Config),
     cursor: Cursor,
@@ -557,7 +560,7 @@ async fn hand_poller(
     let stats: ibstream::ops::Stats = [("transactions", Arc::default())].into_iter().collect();
     let ops = Arc::new(ibstream::ops::Registry::new(
         "hand",
-        Delivery::AtLeastOnce,
+        cfg.kafka.delivery,
         client.tz(),
         Duration::from_secs(30),
         stats.clone(),
@@ -600,7 +603,7 @@ async fn hand_poller(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_sweep_never_replays_a_page_older_than_a_later_read() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim = common::start_sim(|c| {
         c.transactions = 400;
         sim_days_ago(c, 12);
@@ -702,7 +705,7 @@ async fn a_paused_sweep_never_replays_a_page_older_than_a_later_read() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_totals_windows_are_read_until_a_read_finds_nothing_new_or_stay_open() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     // No `total` in any answer; pages from a fresh random order on every request, and
     // changes (new records too) between page calls.
     let sim = common::start_sim(|c| {
@@ -752,7 +755,7 @@ async fn without_totals_windows_are_read_until_a_read_finds_nothing_new_or_stay_
 /// read in halves, a day of more than 75 records is kept open with its reason (metric,
 /// `/status`) and the stream goes on; every record of the other days arrives.
 async fn deep_pages_refused_with(status: u16) {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     const MAX_OFFSET: usize = 75;
     let sim = common::start_sim(|c| {
         tiny(c);
@@ -767,7 +770,7 @@ async fn deep_pages_refused_with(status: u16) {
     .await;
     let prefix = common::unique_topic("deep");
     let schemas = Schemas::load("com.ibstream").unwrap();
-    let mut cfg = month_in_small_pages(&sim, &broker, &prefix, "deep-1");
+    let mut cfg = month_in_small_pages(&sim, &broker, &prefix, &format!("deep-{status}"));
     cfg.crm.max_retries = 1;
     let http_port = common::free_port();
     cfg.http.listen = format!("127.0.0.1:{http_port}");
@@ -878,7 +881,7 @@ async fn deep_pages_answered_400_keep_the_day_open_and_the_stream_going() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn midnight_during_a_sweep_never_prunes_the_days_it_still_reads() {
     use std::sync::atomic::AtomicI64;
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim = common::start_sim(|c| {
         c.transactions = 600;
         sim_days_ago(c, 14);
@@ -968,7 +971,7 @@ async fn midnight_during_a_sweep_never_prunes_the_days_it_still_reads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_totals_a_crm_capping_the_page_size_still_gives_every_record() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     // No `total`, and at most 10 records a page whatever `pageSize` asks (25): a short first
     // page is not the end of the window.
     let sim = common::start_sim(|c| {
@@ -1020,7 +1023,7 @@ fn raw_truth(sim: &SimHandle, stream: &str) -> HashMap<String, String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_totals_a_crm_ignoring_page_keeps_dense_days_open_and_loses_no_other_record() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     // No `total`, and every page is page 1: a window longer than a page (25) cannot be read
     // whole. About 50 transactions a day: those days stay open with their reason; every
     // record of a window that fits in one page arrives.

@@ -64,7 +64,7 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64>
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_status_and_readiness_tell_what_the_process_does() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim_port = common::free_port();
     let sim_config = |c: &mut ibstream::sim::SimConfig| {
         c.listen = format!("127.0.0.1:{sim_port}").parse().unwrap();
@@ -195,7 +195,7 @@ async fn metrics_status_and_readiness_tell_what_the_process_does() {
     assert_eq!(status, 200);
     let doc: Json = serde_json::from_str(&body).unwrap();
     assert_eq!(doc["instanceId"], "ops-1");
-    assert_eq!(doc["delivery"], "at-least-once");
+    assert_eq!(doc["delivery"], "exactly-once");
     assert_eq!(doc["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(doc["ready"], true);
     assert!(doc["uptimeSeconds"].is_u64());
@@ -285,7 +285,7 @@ async fn metrics_status_and_readiness_tell_what_the_process_does() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn state_reset_moves_cursors_back_and_is_refused_while_the_instance_runs() {
     use ibstream::state_tool::{reset, show_json, ResetRequest, ResetTo};
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let days_ago = |n: i64| chrono::Utc::now().date_naive() - chrono::Duration::days(n);
     let sim = common::start_sim(|c| {
         c.start_date = days_ago(60);

@@ -2,20 +2,43 @@
 
 use super::*;
 
+/// Exactly-once (the default) on Apache Kafka, read back with read_committed: no record twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backfill_then_changes_then_restart() {
-    let broker = common::Tansu::start();
-    let sim = common::start_sim(|c| {
-        c.leads = 20_000;
-        c.customers = 8_000;
-        c.transactions = 50_000;
-        c.positions = 100_000;
-        c.servers = 3;
-    })
+    backfill_then_changes_then_restart_on(
+        common::ApacheKafka::shared(),
+        |c| {
+            c.leads = 20_000;
+            c.customers = 8_000;
+            c.transactions = 50_000;
+            c.positions = 100_000;
+            c.servers = 3;
+        },
+        "bf",
+    )
     .await;
-    let prefix = common::unique_topic("bf");
+}
+
+/// The same at-least-once on tansu, a broker without transactions whose high watermarks come
+/// late: the restart finds the end of the state topic with its barrier, not the watermark,
+/// and emits nothing again. Smaller, as the point is the broker, not the volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_then_changes_then_restart_at_least_once_on_tansu() {
+    backfill_then_changes_then_restart_on(&common::Tansu::start(), small, "bf-tansu").await;
+}
+
+async fn backfill_then_changes_then_restart_on(
+    broker: &impl common::Broker,
+    sizes: fn(&mut ibstream::sim::SimConfig),
+    name: &str,
+) {
+    let mut counts = ibstream::sim::SimConfig::default();
+    sizes(&mut counts);
+    let sim = common::start_sim(sizes).await;
+    let prefix = common::unique_topic(name);
+    let instance = format!("{name}-1");
     let schemas = Schemas::load("com.ibstream").unwrap();
-    let run = start(config(&sim, &broker, &prefix, "bf-1"));
+    let run = start(config(&sim, &broker, &prefix, &instance));
     run.wait_cycles(&HashMap::new(), &STREAMS, 1, Duration::from_secs(600))
         .await;
     run.wait_cycles(&HashMap::new(), &["positions"], 3, Duration::from_secs(600))
@@ -24,7 +47,7 @@ async fn backfill_then_changes_then_restart() {
     // Backfill: every truth record is in its topic, once, and equal to the truth.
     let expected_count = truth_count(&sim);
     let records = consume(
-        &broker.bootstrap,
+        broker.bootstrap(),
         &data_topics(&prefix),
         expected_count,
         Duration::from_secs(2),
@@ -66,18 +89,18 @@ async fn backfill_then_changes_then_restart() {
     );
     let recent_positions = recent(Kind::Positions, "closeTime");
     assert!(
-        tracked("positions") <= recent_positions && recent_positions < 50_000,
+        tracked("positions") <= recent_positions && recent_positions < counts.positions as u64 / 2,
         "{} position fingerprints kept, {recent_positions} recent",
         tracked("positions")
     );
     assert_eq!(
         tracked("leads"),
-        20_000,
+        counts.leads as u64,
         "mutable streams keep every fingerprint"
     );
     // The demo server's positions are not read; the servers list includes it.
-    assert_eq!(events["servers"].len(), 4);
-    assert_eq!(events["positions"].len(), 100_000);
+    assert_eq!(events["servers"].len(), counts.servers as usize + 1);
+    assert_eq!(events["positions"].len(), counts.positions as usize);
 
     // Changes: exactly the changed keys get one new event each, with the right op.
     let changes = sim.mutate(500, None);
@@ -101,7 +124,7 @@ async fn backfill_then_changes_then_restart() {
     run.wait_cycles(&before, &["positions"], 6, Duration::from_secs(120))
         .await;
     let all = consume(
-        &broker.bootstrap,
+        broker.bootstrap(),
         &data_topics(&prefix),
         expected_count + want.len(),
         Duration::from_secs(2),
@@ -136,7 +159,7 @@ async fn backfill_then_changes_then_restart() {
 
     // Restart: the state is restored and nothing unchanged is emitted again.
     run.stop().await;
-    let run = start(config(&sim, &broker, &prefix, "bf-1"));
+    let run = start(config(&sim, &broker, &prefix, &instance));
     run.wait_cycles(&HashMap::new(), &STREAMS, 1, Duration::from_secs(300))
         .await;
     run.wait_cycles(&HashMap::new(), &["positions"], 3, Duration::from_secs(300))
@@ -149,7 +172,7 @@ async fn backfill_then_changes_then_restart() {
     assert_eq!(emitted, 0, "a restart re-emitted unchanged records");
     run.stop().await;
     let after = consume(
-        &broker.bootstrap,
+        broker.bootstrap(),
         &data_topics(&prefix),
         all.len(),
         Duration::from_secs(2),
@@ -169,7 +192,7 @@ fn small(c: &mut ibstream::sim::SimConfig) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn moving_pages_and_live_changes_converge_to_the_truth() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim = common::start_sim(|c| {
         small(c);
         c.shuffle_pages = true;
@@ -234,14 +257,18 @@ async fn moving_pages_and_live_changes_converge_to_the_truth() {
         updated > 0,
         "no record changed: the scenario did not happen"
     );
-    // No eventId comes back after another (a stale page replayed, then mended).
-    assert_duplicates_share_ids_and_no_phantom_update(&events);
+    // No eventId comes back after another (a stale page replayed, then mended), and in
+    // exactly-once no event comes twice at all.
+    assert_eq!(
+        assert_duplicates_share_ids_and_no_phantom_update(&events),
+        0
+    );
     sim.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn late_records_and_new_servers_are_picked_up() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim = common::start_sim(small).await;
     let prefix = common::unique_topic("late");
     let schemas = Schemas::load("com.ibstream").unwrap();
@@ -285,7 +312,7 @@ async fn late_records_and_new_servers_are_picked_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forbidden_positions_leave_the_other_streams_running() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim = common::start_sim(|c| {
         small(c);
         c.deny = vec!["positions".to_owned()];
@@ -330,6 +357,7 @@ async fn forbidden_positions_leave_the_other_streams_running() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_on_a_broker_without_transactions_is_a_clear_startup_error() {
+    // On tansu: the point is a broker without transactions.
     let broker = common::Tansu::start();
     let sim = common::start_sim(small).await;
     let mut cfg = config(&sim, &broker, &common::unique_topic("eo"), "eo-tansu");
@@ -356,7 +384,7 @@ async fn exactly_once_on_a_broker_without_transactions_is_a_clear_startup_error(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_state_topic_stops_every_start_until_a_rebuild_is_asked_for() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim = common::start_sim(small).await;
     let prefix = common::unique_topic("lost");
     let run = start(config(&sim, &broker, &prefix, "lost-1"));
@@ -394,7 +422,7 @@ prefix = "{prefix}"
 
 [kafka]
 bootstrap_servers = "{bootstrap}"
-delivery = "at-least-once"
+delivery = "{delivery}"
 instance_id = "lost-1"
 replication_factor = 1
 batch_timeout_secs = 30
@@ -410,6 +438,7 @@ start_date = "2024-01-01"
 "#,
             url = sim.base_url(),
             bootstrap = broker.bootstrap,
+            delivery = delivery_toml(&broker),
         ),
     )
     .unwrap();
@@ -526,7 +555,7 @@ start_date = "2024-01-01"
 /// nothing of B's transactions, and B's start is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_state_of_one_instance_on_a_shared_state_topic_refuses_its_start() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim = common::start_sim(small).await;
     let prefix = common::unique_topic("shared");
     let only = |instance: &str, stream: &str, state_topic: &str| {
@@ -605,9 +634,12 @@ async fn a_lost_state_of_one_instance_on_a_shared_state_topic_refuses_its_start(
     sim.shutdown().await;
 }
 
+/// A configuration file for `ibstream run` on `bootstrap` (a broker, or a gate in front of
+/// one) with the delivery `broker` gets and instance id `<prefix>-1`.
 fn write_config(
     dir: &std::path::Path,
     sim: &SimHandle,
+    broker: &impl common::Broker,
     bootstrap: &str,
     prefix: &str,
 ) -> std::path::PathBuf {
@@ -628,8 +660,8 @@ prefix = "{prefix}"
 
 [kafka]
 bootstrap_servers = "{bootstrap}"
-delivery = "at-least-once"
-instance_id = "kill-1"
+delivery = "{delivery}"
+instance_id = "{prefix}-1"
 replication_factor = 1
 
 [http]
@@ -643,6 +675,7 @@ max_window_records = 100
 {FAST_POLLS}
 "#,
         url = sim.base_url(),
+        delivery = delivery_toml(broker),
     );
     std::fs::write(&path, toml).unwrap();
     path
@@ -659,6 +692,10 @@ fn spawn_run(config: &std::path::Path) -> std::process::Child {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_backfill_loses_nothing_and_duplicates_share_event_ids() {
+    // On tansu, at-least-once: the duplicates a kill leaves between a batch's acknowledged
+    // events and its state records are at-least-once's, on a broker without transactions
+    // whose late high watermarks the restart's barrier must not trust. (Kills in exactly-once
+    // on Apache Kafka are the fault suite's.)
     // Clients reach the broker through a gate that can hold the state records back.
     let gate_addr: std::net::SocketAddr = format!("127.0.0.1:{}", common::free_port())
         .parse()
@@ -677,7 +714,7 @@ async fn kill_9_during_backfill_loses_nothing_and_duplicates_share_event_ids() {
     .await;
     let prefix = common::unique_topic("kill");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &sim, &bootstrap, &prefix);
+    let config = write_config(dir.path(), &sim, &tansu, &bootstrap, &prefix);
     let total = truth_count(&sim);
 
     // Four kills -9 at random points of the backfill. Before kills 1 and 3 the gate holds
@@ -771,7 +808,7 @@ async fn kill_9_during_backfill_loses_nothing_and_duplicates_share_event_ids() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steady_state_costs_one_request_per_query() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim = common::start_sim(small).await;
     let prefix = common::unique_topic("steady");
     let run = start(config(&sim, &broker, &prefix, "steady-1"));
@@ -827,7 +864,7 @@ async fn steady_state_costs_one_request_per_query() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_records_go_to_the_dead_letter_topic_once() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim = common::start_sim(|c| {
         small(c);
         c.malformed_rate = 0.03;
@@ -873,7 +910,7 @@ async fn malformed_records_go_to_the_dead_letter_topic_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_server_stops_being_polled_and_resumes_from_its_cursor() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim = common::start_sim(small).await;
     let prefix = common::unique_topic("gone");
     let run = start(config(&sim, &broker, &prefix, "gone-1"));
@@ -931,7 +968,7 @@ async fn a_removed_server_stops_being_polled_and_resumes_from_its_cursor() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forbidden_servers_stop_positions_with_a_reason() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim = common::start_sim(|c| {
         small(c);
         c.deny = vec!["servers".to_owned()];
@@ -978,7 +1015,7 @@ async fn forbidden_servers_stop_positions_with_a_reason() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn positions_denied_after_the_servers_list_ended_stop_the_run() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim = common::start_sim(small).await;
     let mut cfg = config(
         &sim,
@@ -1035,7 +1072,7 @@ async fn positions_denied_after_the_servers_list_ended_stop_the_run() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_terminal_run_draws_a_progress_bar_per_poller() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     // Slow pages: the backfill takes a few seconds, long enough to draw its bars.
     let sim = common::start_sim(|c| {
         small(c);
@@ -1044,7 +1081,7 @@ async fn on_a_terminal_run_draws_a_progress_bar_per_poller() {
     .await;
     let prefix = common::unique_topic("tty");
     let dir = tempfile::tempdir().unwrap();
-    let config = write_config(dir.path(), &sim, &broker.bootstrap, &prefix);
+    let config = write_config(dir.path(), &sim, &broker, &broker.bootstrap, &prefix);
     let log = dir.path().join("terminal.log");
     // `script` gives the process a pseudo-terminal and records what it draws.
     let command = format!(

@@ -17,7 +17,7 @@ fn recent(c: &mut ibstream::sim::SimConfig, days: i64) {
 
 /// A configuration that sweeps the last 30 days every 2 s: every record is read again and
 /// again.
-fn sweeping(sim: &SimHandle, broker: &common::Tansu, prefix: &str, days: i64) -> Config {
+fn sweeping(sim: &SimHandle, broker: &impl common::Broker, prefix: &str, days: i64) -> Config {
     let mut cfg = config(sim, broker, prefix, &format!("{prefix}-1"));
     cfg.streams.start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(days);
     cfg.streams.reconcile_interval_secs = 2;
@@ -64,7 +64,7 @@ fn ops(versions: &[Avro]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn customers_without_a_first_deposit_arrive_with_a_null_ftd_date_and_its_zero_date_in_extra()
 {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim = common::start_sim(|c| {
         recent(c, 10);
         c.zero_dates = true;
@@ -120,7 +120,7 @@ async fn customers_without_a_first_deposit_arrive_with_a_null_ftd_date_and_its_z
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_dated_in_epoch_seconds_or_far_outside_their_window_are_emitted_once() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim = common::start_sim(|c| {
         recent(c, 10);
         c.epoch_seconds = true;
@@ -174,7 +174,7 @@ async fn transactions_dated_in_epoch_seconds_or_far_outside_their_window_are_emi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tags_and_accounts_served_in_another_order_every_time_make_no_update() {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim = common::start_sim(|c| {
         recent(c, 10);
         c.shuffle_sets = true;
@@ -228,7 +228,7 @@ async fn tags_and_accounts_served_in_another_order_every_time_make_no_update() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_too_large_in_wide_or_escaped_characters_make_dead_letters_that_fit_and_the_stream_goes_on(
 ) {
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim = common::start_sim(|c| recent(c, 10)).await;
     let prefix = common::unique_topic("widebloat");
     let cfg = config(&sim, &broker, &prefix, "widebloat-1");
@@ -294,7 +294,7 @@ async fn fingerprints_an_earlier_release_stored_make_no_update_after_the_upgrade
     use ibstream::stream::change::{fingerprint, legacy};
     use ibstream::stream::state::FpEntry;
     use rdkafka::producer::{FutureProducer, FutureRecord};
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim = common::start_sim(|c| recent(c, 10)).await;
     let prefix = common::unique_topic("legacyfps");
     let run = start(sweeping(&sim, &broker, &prefix, 10));
@@ -368,7 +368,7 @@ async fn dates_an_earlier_release_misread_are_corrected_once_after_the_upgrade()
     use ibstream::stream::poller::days_since_epoch;
     use ibstream::stream::state::FpEntry;
     use rdkafka::producer::{FutureProducer, FutureRecord};
-    let broker = common::Tansu::start();
+    let broker = common::ApacheKafka::shared();
     let sim = common::start_sim(|c| {
         recent(c, 10);
         c.epoch_seconds = true;
