@@ -607,19 +607,11 @@ fn new_producer(client: &ClientConfig, timeout: Duration) -> Result<Arc<KafkaPro
 /// Whether `error` (or the producer's fatal error) says another producer with the same
 /// `transactional.id` took over.
 fn taken_over(producer: &KafkaProducer, error: &KafkaError) -> bool {
-    let fenced = |code: RDKafkaErrorCode| {
-        matches!(
-            code,
-            RDKafkaErrorCode::Fenced
-                | RDKafkaErrorCode::ProducerFenced
-                | RDKafkaErrorCode::InvalidProducerEpoch
-        )
-    };
-    error.rdkafka_error_code().is_some_and(fenced)
+    error.rdkafka_error_code().is_some_and(is_fenced)
         || producer
             .client()
             .fatal_error()
-            .is_some_and(|(code, _)| fenced(code))
+            .is_some_and(|(code, _)| is_fenced(code))
 }
 
 /// Commits `batches` in one transaction: their events, then their state records.

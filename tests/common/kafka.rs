@@ -233,6 +233,8 @@ impl ApacheKafka {
                 me = std::process::id(),
                 dir = kafka.dir.display()
             );
+            // Never waited for: it outlives this process by design.
+            #[allow(clippy::zombie_processes)]
             Command::new("sh")
                 .args(["-c", &watcher])
                 .stdin(Stdio::null())

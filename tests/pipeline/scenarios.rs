@@ -99,8 +99,8 @@ async fn backfill_then_changes_then_restart_on(
         "mutable streams keep every fingerprint"
     );
     // The demo server's positions are not read; the servers list includes it.
-    assert_eq!(events["servers"].len(), counts.servers as usize + 1);
-    assert_eq!(events["positions"].len(), counts.positions as usize);
+    assert_eq!(events["servers"].len(), counts.servers + 1);
+    assert_eq!(events["positions"].len(), counts.positions);
 
     // Changes: exactly the changed keys get one new event each, with the right op.
     let changes = sim.mutate(500, None);
