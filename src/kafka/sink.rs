@@ -625,6 +625,9 @@ fn exactly_once(
     let mut last = String::new();
     for attempt in 1..=TRANSACTION_ATTEMPTS {
         producer.begin_transaction().map_err(classify)?;
+        // Once the commit was asked for, a failure no longer says the transaction was not
+        // applied (librdkafka: "the EndTxn(commit) may have succeeded").
+        let mut committing = false;
         // A failed attempt drops its Acks: late reports of aborted records go nowhere.
         let acks = Acks::new();
         let result = batches
@@ -638,6 +641,7 @@ fn exactly_once(
             .and_then(|()| runtime.block_on(acks.wait(producer, timeout)))
             .and_then(|()| {
                 drained(producer, timeout);
+                committing = true;
                 commit(producer, timeout, stats)
             });
         match result {
@@ -652,9 +656,23 @@ fn exactly_once(
                     if taken_over(producer, &abort) {
                         return Err(classify(abort).into());
                     }
-                    return Err(TxnError::Unusable(format!(
-                        "cannot abort the failed transaction ({abort}) after: {e}"
-                    )));
+                    let message =
+                        format!("cannot abort the failed transaction ({abort}) after: {e}");
+                    // A new producer may go on only where the batch cannot have been committed
+                    // (the commit was never asked for) and the broker answered the abort (its
+                    // coordinator is reachable, and a second process that had initialised the
+                    // same transactional id would have been named as fencing this one). Else a
+                    // restart resolves it: the next producer's init commits or aborts what this
+                    // one left, and the state restore says which.
+                    let answered =
+                        !matches!(&abort, KafkaError::Transaction(t) if t.is_retriable());
+                    if committing || !answered {
+                        return Err(SinkError::Fatal(format!(
+                            "{message}; a restart with the same kafka.instance_id resolves the transaction"
+                        ))
+                        .into());
+                    }
+                    return Err(TxnError::Unusable(message));
                 }
                 stats.aborts.fetch_add(1, Ordering::Relaxed);
                 last = e;
