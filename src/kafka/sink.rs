@@ -614,6 +614,36 @@ fn taken_over(producer: &KafkaProducer, error: &KafkaError) -> bool {
             .is_some_and(|(code, _)| is_fenced(code))
 }
 
+/// The message of a fatal `error` of a transaction begun at `began`. A fenced producer whose
+/// transaction stayed open longer than the transaction timeout (`kafka.batch_timeout_secs`,
+/// which sets `transaction.timeout.ms`) was most likely fenced by the broker itself: Kafka's
+/// coordinator aborts such a transaction and bumps the producer's epoch, which librdkafka
+/// reports as fenced, exactly as when another process starts with the same transactional id.
+/// Saying "another process took over" then would send an operator looking for a process that
+/// does not exist.
+fn timed_out_or(
+    producer: &KafkaProducer,
+    began: std::time::Instant,
+    timeout: Duration,
+    error: String,
+) -> String {
+    let open = began.elapsed();
+    let fenced = producer
+        .client()
+        .fatal_error()
+        .is_some_and(|(code, _)| is_fenced(code))
+        || error.starts_with(FENCED);
+    if !fenced || open <= timeout {
+        return error;
+    }
+    let detail = error.strip_prefix(FENCED).unwrap_or(&error);
+    format!(
+        "the transaction stayed open {:.0} s, longer than kafka.batch_timeout_secs ({} s, the transaction timeout), so the broker aborted it (a broker outage or pause) – unless another process with the same kafka.instance_id started meanwhile; a restart goes on from the state ({detail})",
+        open.as_secs_f64(),
+        timeout.as_secs()
+    )
+}
+
 /// Commits `batches` in one transaction: their events, then their state records.
 fn exactly_once(
     producer: &KafkaProducer,
@@ -625,6 +655,7 @@ fn exactly_once(
     let mut last = String::new();
     for attempt in 1..=TRANSACTION_ATTEMPTS {
         producer.begin_transaction().map_err(classify)?;
+        let began = std::time::Instant::now();
         // Once the commit was asked for, a failure no longer says the transaction was not
         // applied (librdkafka: "the EndTxn(commit) may have succeeded").
         let mut committing = false;
@@ -649,12 +680,19 @@ fn exactly_once(
                 stats.transactions.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
-            Err(SinkError::Fatal(e)) => return Err(SinkError::Fatal(e).into()),
+            Err(SinkError::Fatal(e)) => {
+                return Err(SinkError::Fatal(timed_out_or(producer, began, timeout, e)).into())
+            }
             Err(SinkError::Retriable(e)) => {
                 warn!(attempt, error = %e, "kafka transaction failed, aborting");
                 if let Err(abort) = abort(producer, timeout) {
                     if taken_over(producer, &abort) {
-                        return Err(classify(abort).into());
+                        let (SinkError::Fatal(fenced) | SinkError::Retriable(fenced)) =
+                            classify(abort);
+                        return Err(SinkError::Fatal(timed_out_or(
+                            producer, began, timeout, fenced,
+                        ))
+                        .into());
                     }
                     let message =
                         format!("cannot abort the failed transaction ({abort}) after: {e}");
@@ -773,10 +811,11 @@ fn is_fenced(code: RDKafkaErrorCode) -> bool {
 
 /// The message of a fenced producer; `detail` is librdkafka's.
 fn fenced(detail: &str) -> String {
-    format!(
-        "another ibstream process with the same kafka.instance_id took over (producer fenced: {detail})"
-    )
+    format!("{FENCED}producer fenced: {detail})")
 }
+
+/// How the message of a fenced producer begins.
+const FENCED: &str = "another ibstream process with the same kafka.instance_id took over (";
 
 fn classify(error: KafkaError) -> SinkError {
     if error.rdkafka_error_code().is_some_and(is_fenced) {
