@@ -1046,8 +1046,11 @@ async fn positions_denied_after_the_servers_list_ended_stop_the_run() {
         assert!(Instant::now() < deadline, "no 403 within 60 s");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // The tags go on for three cycles (1 s each) in which a live servers loop would have
-    // called again: no new 403 means it ended.
+    // A 403 is asked once more after a new login (an expired token can answer 403): let
+    // that settle for a tags cycle, then the tags go on for six more cycles (1 s each) in
+    // which a live servers loop would have called again: no new 403 means it ended.
+    run.wait_cycles(&run.cycles(), &["positions"], 1, Duration::from_secs(60))
+        .await;
     let denied = forbidden();
     run.wait_cycles(&run.cycles(), &["positions"], 6, Duration::from_secs(60))
         .await;
