@@ -66,8 +66,8 @@ use tracing::{debug, info, warn};
 use super::error::{CrmError, ForbiddenKind};
 use super::models::{CrmRecord, Endpoint, Server};
 use super::page::{parse_page, parse_servers, Page, Record, RecordError};
+use super::stats::CrmStats;
 use crate::config::{expose, ConfigError, CrmConfig};
-use crate::ops::CrmStats;
 
 /// The day filter a windowed query uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -8,9 +8,11 @@
 
 pub mod client;
 pub mod error;
+pub mod fingerprint;
 pub mod models;
 pub mod page;
 pub mod raw;
+pub mod stats;
 pub mod time;
 
 pub use client::{CrmClient, DateFilter, PageIter, WindowQuery};
@@ -19,3 +21,4 @@ pub use models::{
     CrmRecord, Customer, Endpoint, Lead, Position, Server, TradingAccount, Transaction,
 };
 pub use page::{parse_page, Page, Record, RecordError};
+pub use stats::CrmStats;

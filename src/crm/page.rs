@@ -23,10 +23,10 @@ use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, SeqAccess, Vis
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+use super::fingerprint::{fingerprint_fields_read, Reading};
 use super::models::CrmRecord;
 use super::raw::{Field, Fields};
 use super::time::{kind_of, read_differently_than_before};
-use crate::stream::change::{fingerprint_fields_read, Reading};
 
 /// One record as read (`model`), its fingerprint and its JSON text as received.
 #[derive(Debug, Clone)]

@@ -6,7 +6,7 @@
 //! in the benchmark's profile. Here a record is a sorted list of `(key, Field)` pairs borrowed
 //! from the body: strings without escapes and numbers are slices of it, nested objects and
 //! arrays (rare, small) stay raw JSON until a model asks for them. Its fingerprint is computed
-//! from the same pairs and is byte-for-byte the one [`crate::stream::change::fingerprint`]
+//! from the same pairs and is byte-for-byte the one [`crate::crm::fingerprint::fingerprint`]
 //! computes from a `Value` map, so changing the parser re-emits nothing.
 
 use std::borrow::Cow;

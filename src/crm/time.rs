@@ -83,7 +83,7 @@ pub fn parse_timestamp(value: &Field<'_>, tz: Tz) -> Result<Stamp, String> {
 /// now null. A value either release fails on is no such change (its record was a dead letter,
 /// or is one now); a blank was null and is null.
 ///
-/// Such a record's fingerprint is marked ([`crate::stream::change::Reading::Changed`]), so
+/// Such a record's fingerprint is marked ([`crate::crm::fingerprint::Reading::Changed`]), so
 /// the fingerprint an earlier release stored for it no longer matches and the corrected value
 /// is emitted once, with a new `eventId`.
 pub fn read_differently_than_before(value: &Field<'_>, tz: Tz) -> bool {

@@ -9,4 +9,4 @@ pub mod http;
 pub mod metrics;
 pub mod registry;
 
-pub use registry::{CrmStats, CursorStatus, PollerStatus, Registry, Stats};
+pub use registry::{CursorStatus, PollerStatus, Registry, Stats};

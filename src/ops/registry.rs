@@ -2,127 +2,20 @@
 //! poller cursors and outcomes, the CRM client's and the sink's counters, and readiness.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use chrono_tz::Tz;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 
 use crate::config::Delivery;
+use crate::crm::CrmStats;
 use crate::kafka::sink::SinkStats;
-use crate::stream::poller::StreamStats;
-use crate::stream::state::Cursor;
+pub use crate::stream::poller::CursorStatus;
+use crate::stream::poller::{Report, StreamStats};
 
 /// Counters of each stream, by stream name.
 pub type Stats = HashMap<&'static str, Arc<StreamStats>>;
-
-/// The label of a CRM endpoint.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct EndpointLabel {
-    /// `login`, `leads`, `registrations`, `transactions`, `servers`, `positions`.
-    pub endpoint: String,
-}
-
-/// Returns request-duration buckets from 5 ms to about 20 s.
-fn duration_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.005, 2.0, 13))
-}
-
-/// Counters of the CRM client.
-#[derive(Debug)]
-pub struct CrmStats {
-    /// Requests by (endpoint, status class: `2xx` … `5xx`, `error` without an answer).
-    requests: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
-    /// Request durations by endpoint.
-    pub durations: Family<EndpointLabel, Histogram, fn() -> Histogram>,
-    /// Calls repeated after a failure (429 included).
-    pub retries: AtomicU64,
-    /// HTTP 429 answers.
-    pub rate_limited: AtomicU64,
-    /// Logins made.
-    pub logins: AtomicU64,
-    /// Answers with a 2xx status that were not data: an error in the envelope, an HTML
-    /// page, a body that is not JSON or cannot be decompressed (each retried).
-    pub error_answers: AtomicU64,
-    /// Whether the last call (after its retries) succeeded.
-    healthy: AtomicBool,
-    /// Why the last call failed, if it did.
-    last_error: Mutex<Option<String>>,
-}
-
-impl Default for CrmStats {
-    fn default() -> Self {
-        CrmStats {
-            requests: Mutex::default(),
-            durations: Family::new_with_constructor(duration_histogram),
-            retries: AtomicU64::new(0),
-            rate_limited: AtomicU64::new(0),
-            logins: AtomicU64::new(0),
-            error_answers: AtomicU64::new(0),
-            healthy: AtomicBool::new(false),
-            last_error: Mutex::default(),
-        }
-    }
-}
-
-impl CrmStats {
-    /// Counts one request and its duration.
-    pub fn request(&self, endpoint: &'static str, status: Option<u16>, took: Duration) {
-        let class = match status {
-            Some(200..=299) => "2xx",
-            Some(300..=399) => "3xx",
-            Some(400..=499) => "4xx",
-            Some(500..=599) => "5xx",
-            _ => "error",
-        };
-        *lock(&self.requests).entry((endpoint, class)).or_default() += 1;
-        self.durations
-            .get_or_create(&EndpointLabel {
-                endpoint: endpoint.to_owned(),
-            })
-            .observe(took.as_secs_f64());
-    }
-
-    /// Returns the requests counted, by (endpoint, status class).
-    pub fn requests(&self) -> BTreeMap<(&'static str, &'static str), u64> {
-        lock(&self.requests).clone()
-    }
-
-    /// Records the outcome of a call after its retries (the reason carries no secret).
-    pub fn outcome(&self, error: Option<String>) {
-        self.healthy.store(error.is_none(), Ordering::Relaxed);
-        *lock(&self.last_error) = error;
-    }
-
-    /// Returns whether the CRM answered the last call, or why not.
-    pub fn health(&self) -> Result<(), String> {
-        if self.healthy.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        Err(lock(&self.last_error)
-            .clone()
-            .unwrap_or_else(|| "no CRM call has succeeded yet".to_owned()))
-    }
-}
-
-/// What a poller's cursor stands at.
-#[derive(Debug, Clone)]
-pub struct CursorStatus {
-    /// The cursor.
-    pub cursor: Cursor,
-    /// The first day the cursor reads.
-    pub initial: NaiveDate,
-    /// Everything before this instant has been read (the end of the last day read during a
-    /// backfill; the start of the last complete cycle in steady state).
-    pub read_through: Option<DateTime<Utc>>,
-    /// Why open days are open, for those open for another reason than records missing by
-    /// the CRM's total (a CRM refusing their deep pages).
-    pub open_reasons: std::collections::HashMap<NaiveDate, String>,
-}
 
 /// What one poller (a stream, or one server tag of positions) did last.
 #[derive(Debug, Clone)]
@@ -308,6 +201,24 @@ impl Registry {
     }
 }
 
+impl Report for Registry {
+    fn register(&self, poller: &str, stream: &'static str, server_tag: Option<&str>) {
+        Registry::register(self, poller, stream, server_tag);
+    }
+
+    fn cursor(&self, poller: &str, scope: &str, status: CursorStatus) {
+        Registry::cursor(self, poller, scope, status);
+    }
+
+    fn cycle(&self, poller: &str, outcome: Result<(), String>) {
+        Registry::cycle(self, poller, outcome);
+    }
+
+    fn stream(&self, stream: &str) -> Option<&Arc<StreamStats>> {
+        Registry::stream(self, stream)
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -315,6 +226,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::stream::state::Cursor;
 
     fn d(s: &str) -> NaiveDate {
         NaiveDate::parse_from_str(s, "%Y-%m-%d").unwrap()

@@ -58,7 +58,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{NaiveDate, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use chrono_tz::Tz;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -167,7 +167,7 @@ pub struct Shared {
     /// letters.
     pub max_event_bytes: usize,
     /// The operations registry (cursors and outcomes for `/status` and the metrics).
-    pub ops: Arc<crate::ops::Registry>,
+    pub ops: Arc<dyn Report>,
 }
 
 impl Shared {
@@ -177,6 +177,35 @@ impl Shared {
     fn dlq_topic(&self) -> String {
         format!("{}.dlq", self.topic_prefix)
     }
+}
+
+/// Where pollers report what they do – where each cursor stands, how each cycle ended – and
+/// where their counters are found: the operations registry (`ops::Registry`) implements it and
+/// reads it all for the metrics and `/status`, so a stream never names the layer above it.
+pub trait Report: Send + Sync + std::fmt::Debug {
+    /// Registers a poller (before its first cursor or cycle is recorded).
+    fn register(&self, poller: &str, stream: &'static str, server_tag: Option<&str>);
+    /// Records where a cursor of a registered poller stands.
+    fn cursor(&self, poller: &str, scope: &str, status: CursorStatus);
+    /// Records the outcome of a poller's cycle (`Err`: the reason, free of secrets).
+    fn cycle(&self, poller: &str, outcome: Result<(), String>);
+    /// Returns the counters of a stream.
+    fn stream(&self, stream: &str) -> Option<&Arc<StreamStats>>;
+}
+
+/// What a poller's cursor stands at.
+#[derive(Debug, Clone)]
+pub struct CursorStatus {
+    /// The cursor.
+    pub cursor: Cursor,
+    /// The first day the cursor reads.
+    pub initial: NaiveDate,
+    /// Everything before this instant has been read (the end of the last day read during a
+    /// backfill; the start of the last complete cycle in steady state).
+    pub read_through: Option<DateTime<Utc>>,
+    /// Why open days are open, for those open for another reason than records missing by
+    /// the CRM's total (a CRM refusing their deep pages).
+    pub open_reasons: HashMap<NaiveDate, String>,
 }
 
 /// Why a cycle ended early.
@@ -236,7 +265,7 @@ pub struct Poller<T: StreamRecord> {
     /// them, so a day denser than a page converges even when the CRM pages in a random order.
     /// In memory only; a restart starts them again. Empty with a CRM that pages stably.
     day_unions: HashMap<(String, NaiveDate), HashSet<EntityKey>>,
-    /// Up to when each cursor has read everything (see [`crate::ops::CursorStatus`]).
+    /// Up to when each cursor has read everything (see [`CursorStatus`]).
     read_through: HashMap<String, chrono::DateTime<Utc>>,
     /// The reads applied while a sweep was paused (it may hold pages requested before them):
     /// entity → the read sequence ([`crate::crm::page::next_read_seq`]) of its latest read.
@@ -429,7 +458,7 @@ impl<T: StreamRecord> Poller<T> {
 
     /// Tells the operations registry where a cursor stands.
     fn publish(&self, spec: &CursorSpec) {
-        let status = crate::ops::CursorStatus {
+        let status = CursorStatus {
             cursor: self.cursor(&spec.scope),
             initial: spec.initial,
             read_through: self.read_through.get(&spec.scope).copied(),
@@ -1403,7 +1432,7 @@ pub async fn run_loop<P: Pollable>(
     interval: Duration,
     cancel: CancellationToken,
     halt: CancellationToken,
-    ops: Arc<crate::ops::Registry>,
+    ops: Arc<dyn Report>,
     mut pollable: P,
 ) -> (Exit, P) {
     loop {

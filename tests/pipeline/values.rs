@@ -291,7 +291,7 @@ async fn records_too_large_in_wide_or_escaped_characters_make_dead_letters_that_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fingerprints_an_earlier_release_stored_make_no_update_after_the_upgrade() {
-    use ibstream::stream::change::{fingerprint, legacy};
+    use ibstream::crm::fingerprint::{fingerprint, legacy};
     use ibstream::stream::state::FpEntry;
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let broker = common::ApacheKafka::shared();
@@ -364,7 +364,8 @@ async fn fingerprints_an_earlier_release_stored_make_no_update_after_the_upgrade
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dates_an_earlier_release_misread_are_corrected_once_after_the_upgrade() {
-    use ibstream::stream::change::{event_id, legacy};
+    use ibstream::crm::fingerprint::legacy;
+    use ibstream::stream::change::event_id;
     use ibstream::stream::poller::days_since_epoch;
     use ibstream::stream::state::FpEntry;
     use rdkafka::producer::{FutureProducer, FutureRecord};
