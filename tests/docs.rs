@@ -186,3 +186,54 @@ fn the_check_finds_a_missing_file_and_a_missing_heading() {
         "{broken:#?}"
     );
 }
+
+/// docs/events.md states the `eventId` rule byte by byte; this computes it from that text's
+/// recipe and compares with the code, so neither can change alone.
+#[test]
+fn the_event_id_rule_of_docs_events_md_is_the_code_s() {
+    use ibstream::stream::change::event_id;
+    use xxhash_rust::xxh3::xxh3_64;
+    let documented = |stream: &str, key: &str, previous: Option<u64>, fingerprint: u64| {
+        let mut bytes = Vec::new();
+        bytes.extend_from_slice(stream.as_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(key.as_bytes());
+        bytes.push(0);
+        match previous {
+            None => bytes.push(0x00),
+            Some(p) => {
+                bytes.push(0x01);
+                bytes.extend_from_slice(&p.to_le_bytes());
+            }
+        }
+        bytes.extend_from_slice(&fingerprint.to_le_bytes());
+        format!("{:016x}", xxh3_64(&bytes))
+    };
+    for (stream, key, previous, fingerprint) in [
+        ("leads", "100231", None, 0x1234_5678_9abc_def0),
+        ("positions", "mt4-live-01:77001234", Some(7), 8),
+        ("transactions", "9", Some(0), 0),
+    ] {
+        let id = event_id(stream, key, previous, fingerprint);
+        assert_eq!(id, documented(stream, key, previous, fingerprint));
+        assert_eq!(id.len(), 16);
+        assert!(id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
+    }
+    let events =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/events.md")).unwrap();
+    // Lines may wrap anywhere: compare with single spaces.
+    let events = events.split_whitespace().collect::<Vec<_>>().join(" ");
+    for phrase in [
+        "a zero byte, the entity key",
+        "`0x00` when there is no previous fingerprint",
+        "`0x01` and the previous fingerprint (8 bytes, little-endian)",
+        "16 lowercase hex digits",
+    ] {
+        assert!(
+            events.contains(phrase),
+            "docs/events.md no longer states: {phrase}"
+        );
+    }
+}
