@@ -231,8 +231,11 @@ fn example_file_documents_every_key_and_loads() {
         value["schema_registry"] =
             serde_json::to_value(ibstream::config::SchemaRegistryConfig::default()).unwrap();
     }
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let reference = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/configuration.md"
+    ))
+    .unwrap();
     let mut count = 0;
     for (section, keys) in value.as_object().unwrap() {
         assert!(
@@ -262,8 +265,8 @@ fn example_file_documents_every_key_and_loads() {
                 );
             }
             assert!(
-                readme.contains(&format!("`{section}.{key}`")),
-                "README.md does not document {section}.{key}"
+                reference.contains(&format!("`{section}.{key}`")),
+                "docs/configuration.md does not document {section}.{key}"
             );
         }
     }

@@ -1,4 +1,4 @@
-//! The error classes of CRM_API.md ("Errors the client must tell apart").
+//! The error classes of docs/crm-api.md ("Errors the client must tell apart").
 
 use std::time::Duration;
 

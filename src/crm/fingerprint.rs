@@ -7,7 +7,7 @@
 //! Top-level fields the stream lists as volatile are left out, so a change of them alone is no
 //! change.
 //!
-//! Arrays that are sets are written in one order (DESIGN.md, "Change detection"): the tag
+//! Arrays that are sets are written in one order (docs/design.md, "Change detection"): the tag
 //! categories of `tags` and the tags of each category are sorted by their canonical JSON, and
 //! the trading accounts of `userAdditionalId` (a string, see
 //! [`crate::crm::models::parse_accounts`]) are written as the sorted array of their
@@ -50,7 +50,8 @@ pub enum Reading {
     AsBefore,
     /// A value reads differently (a date the earlier release misread): the canonical JSON is
     /// followed by [`READER_MARK`] before hashing, so the fingerprint differs from the one an
-    /// earlier release stored for the same text, and `stream::change::compare` takes no legacy match for it.
+    /// earlier release stored for the same text, and `stream::change::compare` takes no
+    /// legacy match for it.
     Changed,
 }
 
@@ -105,8 +106,8 @@ fn finish(buffer: &mut Vec<u8>, reading: Reading) -> u64 {
 ///
 /// Kept because fingerprints are persisted: a state topic written by such a release holds
 /// them, and an entity that has not changed since must not become `UPDATED` once after the
-/// upgrade. `stream::change::compare` accepts a match with these as unchanged (and the new form is stored
-/// in its place). Never change what they compute.
+/// upgrade. `stream::change::compare` accepts a match with these as unchanged (and the new
+/// form is stored in its place). Never change what they compute.
 ///
 /// What this cannot avoid: a CRM that already served a set in varying order before the
 /// upgrade left its last order in the stored fingerprint. An entity whose first read after the

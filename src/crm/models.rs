@@ -1,4 +1,4 @@
-//! Models of the CRM's records, read tolerantly (CRM_API.md, "Tolerance").
+//! Models of the CRM's records, read tolerantly (docs/crm-api.md, "Tolerance").
 //!
 //! Every documented field is optional. Numbers may come as JSON numbers or strings; money and
 //! quantities are parsed exactly into [`Decimal`] (serde_json runs with `arbitrary_precision`,

@@ -81,7 +81,7 @@ pub fn next_read_seq() -> u64 {
     SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Names the CRM may give the record array and the total (CRM_API.md, "Tolerance").
+/// Names the CRM may give the record array and the total (docs/crm-api.md, "Tolerance").
 const DATA_KEYS: [&str; 4] = ["data", "records", "items", "result"];
 const TOTAL_KEYS: [&str; 3] = ["total", "totalRecords", "totalCount"];
 

@@ -7,7 +7,7 @@
 //! the earlier instant; local times that fall into a DST gap are shifted forward by the gap, as
 //! `java.time` does, so a CRM that wrote them still gets a real instant.
 //!
-//! "No date" ([`Stamp::NoDate`]; DESIGN.md, "Values as real CRMs write them"): a blank string,
+//! "No date" ([`Stamp::NoDate`]; docs/design.md, "Values as real CRMs write them"): a blank string,
 //! a *zero date* – the MySQL spelling of an unknown date, any `YYYY-MM-DD…` text whose year,
 //! month or day is zero (`0000-00-00`, `0000-00-00 00:00:00`, `0000-00-00T00:00:00Z`,
 //! `2026-11-00 09:00:00`) – the epoch integer `0`, and an instant Avro readers cannot represent

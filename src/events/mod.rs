@@ -1,7 +1,7 @@
 //! The Avro event model: schemas, encoder, framing, Schema Registry, dead letters.
 //!
-//! Contract (DESIGN.md, "Events"): one Avro record per stream (`LeadEvent`, …) with the
-//! entity's fields at top level, `meta` and `extra`; every CRM field optional; money as
+//! Contract (docs/design.md, "Events (Avro)"): one Avro record per stream (`LeadEvent`, …)
+//! with the entity's fields at top level, `meta` and `extra`; every CRM field optional; money as
 //! `decimal(38, 8)`, instants as `timestamp-millis`. Schemas come from `schemas/*.avsc`
 //! (embedded at build time) and are parsed once by [`Schemas::load`]; per record the
 //! [`Encoder`] only builds and writes a value. Framing is Avro single-object encoding without

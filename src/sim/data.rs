@@ -1,5 +1,5 @@
 //! The simulator's records: deterministic generation, queries, changes, and rendering in the
-//! payload shapes of CRM_API.md.
+//! payload shapes of docs/crm-api.md.
 //!
 //! Records are held as compact structs (timestamps as epoch seconds, money as integer minor
 //! units) and rendered to JSON only when served, so memory stays proportional to the record

@@ -1,4 +1,4 @@
-//! `ibstream sim`: a CRM that serves CRM_API.md from generated, deterministic data.
+//! `ibstream sim`: a CRM that serves docs/crm-api.md from generated, deterministic data.
 //!
 //! It is the CRM of the demo, the tests and the benchmarks: a real HTTP server on a real port,
 //! with the vendor's errors (401, 403, 400), faults on demand (`--fail-rate`, `--max-rps`,

@@ -54,9 +54,9 @@ pub enum Compared {
 /// the two differ, so an unchanged record costs nothing more.
 ///
 /// A legacy match is unchanged only for a record whose fingerprint is unmarked
-/// ([`crate::crm::fingerprint::Reading::AsBefore`]): one marked holds a value the earlier release emitted wrong (a date
-/// it misread), so it is `UPDATED` with the corrected value, once, its `eventId` from the
-/// legacy fingerprint to the marked one.
+/// ([`crate::crm::fingerprint::Reading::AsBefore`]): one marked holds a value the earlier
+/// release emitted wrong (a date it misread), so it is `UPDATED` with the corrected value,
+/// once, its `eventId` from the legacy fingerprint to the marked one.
 pub fn compare(previous: Option<u64>, fp: u64, raw: &str, volatile: &[String]) -> Compared {
     match classify(previous, fp) {
         None => Compared::Unchanged,
