@@ -481,6 +481,7 @@ impl<T: StreamRecord> Poller<T> {
         let streams = &shared.streams;
         let now = self.now();
         let today = today(now, shared.tz);
+        let behind = !self.caught_up();
         let closed = last_closed_day(
             now,
             shared.tz,
@@ -527,8 +528,27 @@ impl<T: StreamRecord> Poller<T> {
                 cursor = next;
             }
         }
+        if behind && self.caught_up() {
+            let first_day = self.cursors.iter().map(|c| c.initial).min();
+            info!(
+                stream = self.stream,
+                server_tag = self.server_tag.as_deref().unwrap_or("-"),
+                first_day = %first_day.map_or("-".to_owned(), |d| d.to_string()),
+                created = self.stats.created.load(Ordering::Relaxed),
+                "backfill complete: every day up to today read"
+            );
+        }
         self.stats.cycles.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Returns whether every cursor has read up to today (its backfill is complete).
+    fn caught_up(&self) -> bool {
+        self.cursors.iter().all(|spec| {
+            self.cursor_state
+                .get(&spec.scope)
+                .is_some_and(|c| c.next.is_none() && c.watermark.is_some())
+        })
     }
 
     /// Works on the reconciliation sweep until `until` (finishing the page in hand).
@@ -1447,7 +1467,8 @@ fn judge(stream: &str, result: Result<(), PollError>, retry_message: &str) -> Op
             None
         }
         Err(e) => {
-            error!(stream = %stream, error = %e, "stream stopped; the other streams go on");
+            // Whether the others go on is told by `run` once it knows (they may stop alike).
+            error!(stream = %stream, error = %e, "stream stopped");
             let denied = matches!(
                 e,
                 PollError::Crm(CrmError::Forbidden { .. } | CrmError::Auth { .. })
