@@ -449,16 +449,8 @@ async fn run(config: Config, rebuild_state: bool) -> ExitCode {
     match ibstream::run::run_with(config, cancel.clone(), stats, &options).await {
         Ok(report) if report.stopped.is_empty() => ExitCode::SUCCESS,
         Ok(report) => {
-            match ibstream::run::shared_reason(&report.stopped) {
-                Some(reason) if report.stopped.len() > 1 => {
-                    let names: Vec<&str> = report.stopped.iter().map(|(s, _)| s.as_str()).collect();
-                    eprintln!("error: {} stopped: {reason}", names.join(", "));
-                }
-                _ => {
-                    for (stream, reason) in &report.stopped {
-                        eprintln!("error: {stream} stopped: {reason}");
-                    }
-                }
+            for (streams, reason) in ibstream::run::by_reason(&report.stopped) {
+                eprintln!("error: {} stopped: {reason}", streams.join(", "));
             }
             ExitCode::FAILURE
         }

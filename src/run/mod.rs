@@ -482,12 +482,8 @@ async fn wait(
     }
     log_all();
     if first_fatal.is_none() && !report.stopped.is_empty() && !cancel.is_cancelled() {
-        let names: Vec<&str> = report.stopped.iter().map(|(n, _)| n.as_str()).collect();
-        match shared_reason(&report.stopped) {
-            Some(reason) => {
-                error!(streams = %names.join(", "), error = %reason, "every stream stopped, all for the same reason; run ends")
-            }
-            None => error!(streams = %names.join(", "), "every stream stopped; run ends"),
+        for (streams, reason) in by_reason(&report.stopped) {
+            error!(streams = %streams.join(", "), error = %reason, "every stream stopped; run ends");
         }
     }
     (report, first_fatal)
@@ -496,11 +492,15 @@ async fn wait(
 /// How long after a stream stopped `run` waits before saying the others go on.
 const STOPS_SETTLE: Duration = Duration::from_secs(2);
 
-/// Returns the reason every stopped stream gives, when they all give the same one.
-pub fn shared_reason(stopped: &[(String, String)]) -> Option<&str> {
-    let (_, first) = stopped.first()?;
-    stopped
-        .iter()
-        .all(|(_, reason)| reason == first)
-        .then_some(first.as_str())
+/// Groups stopped streams by their reason, in the order the reasons first came: a cause
+/// every stream shares (the CRM's credentials) is said once, naming them all.
+pub fn by_reason(stopped: &[(String, String)]) -> Vec<(Vec<&str>, &str)> {
+    let mut groups: Vec<(Vec<&str>, &str)> = Vec::new();
+    for (stream, reason) in stopped {
+        match groups.iter_mut().find(|(_, r)| r == reason) {
+            Some((streams, _)) => streams.push(stream),
+            None => groups.push((vec![stream], reason)),
+        }
+    }
+    groups
 }

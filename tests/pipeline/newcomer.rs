@@ -264,6 +264,24 @@ fn tansu_part(sim: &SimHandle, broker: &common::Tansu, prefix: &str, config: &st
         Duration::from_secs(60),
     );
     let lead_bytes = raw_value(broker.bootstrap(), &format!("{prefix}.leads"), &lead_event[0]);
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        ClientConfig::new()
+            .set("bootstrap.servers", broker.bootstrap())
+            .create()
+            .unwrap();
+    for result in runtime
+        .block_on(admin.create_topics(
+            &[rdkafka::admin::NewTopic::new(
+                &mixed,
+                1,
+                rdkafka::admin::TopicReplication::Fixed(1),
+            )],
+            &rdkafka::admin::AdminOptions::new(),
+        ))
+        .unwrap()
+    {
+        result.unwrap();
+    }
     for payload in [&lead_bytes[..], b"{\"not\": \"avro\"}", &lead_bytes[..]] {
         runtime
             .block_on(producer.send(
@@ -333,6 +351,7 @@ async fn events_tail_on_apache_kafka_with_a_schema_registry() {
         username: Some("sr-user".to_owned()),
         password: Some("sr-pass".to_owned().into()),
         auto_register: true,
+        request_timeout_secs: 10,
         ..Default::default()
     });
     let run = start(cfg);
@@ -432,21 +451,24 @@ async fn a_wrong_crm_password_says_once_that_every_stream_stopped() {
         "no stream goes on:\n{}",
         tail_of(&err)
     );
+    // Said once per cause: the credentials (leads, customers, transactions, servers), and
+    // positions, which needs the servers list.
     let every = logged(&err, "every stream stopped");
-    assert_eq!(every.len(), 1, "{}", tail_of(&err));
+    assert_eq!(every.len(), 2, "{}", tail_of(&err));
     assert!(
-        every[0]["fields"]["message"]
+        every[0]["fields"]["error"]
             .as_str()
             .unwrap()
-            .contains("same reason"),
+            .contains("crm.password"),
         "{}",
         every[0]
     );
+    assert_eq!(every[0]["fields"]["streams"].as_str().unwrap().split(", ").count(), 4);
     let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error: ")).collect();
-    assert_eq!(errors.len(), 1, "one final error line: {errors:?}");
+    assert_eq!(errors.len(), 2, "one final error line per cause: {errors:?}");
     assert!(!err.contains("wrong-secret"));
     eprintln!(
-        "newcomer: wrong CRM password: 1 'every stream stopped' line, {} stream stops; {:?}",
+        "newcomer: wrong CRM password: 2 'every stream stopped' lines (one per cause), {} stream stops; {:?}",
         logged(&err, "stream stopped").len(),
         started.elapsed()
     );
