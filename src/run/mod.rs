@@ -305,7 +305,7 @@ async fn serve_ops(
     let (addr, _) = crate::ops::http::serve(config.http.address()?, ops.clone(), cancel.clone())
         .await
         .map_err(RunError::Startup)?;
-    info!(address = %addr, "operations server listening (/metrics, /health/live, /health/ready, /status)");
+    info!(address = %addr, "operations server listening (/ status page, /metrics, /health/live, /health/ready, /status)");
     Ok(Some(addr))
 }
 

@@ -307,8 +307,38 @@ fn tansu_part(sim: &SimHandle, broker: &common::Tansu, prefix: &str, config: &st
     );
     assert!(lines[1].get("event").is_none());
     assert_eq!(lines[2]["event"], lead_event[0]["event"]);
+
+    // Without --from-beginning and --max it follows the topic from its end until Ctrl-C.
+    let mut follow = Proc::spawn(
+        &["events", "tail", "--bootstrap-servers", broker.bootstrap(), "--topic", &mixed],
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut produced = 0;
+    // Records written before its assignment took effect are not its: write until one shows.
+    while follow.stdout().lines().count() == 0 {
+        assert!(Instant::now() < deadline, "follow printed nothing: {}", follow.stderr());
+        runtime
+            .block_on(producer.send(
+                rdkafka::producer::FutureRecord::to(&mixed).key("new").payload(&lead_bytes[..]),
+                Duration::from_secs(10),
+            ))
+            .unwrap();
+        produced += 1;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let first: Json = serde_json::from_str(follow.stdout().lines().next().unwrap()).unwrap();
+    assert_eq!(first["key"], "new");
+    assert!(first["offset"].as_i64().unwrap() >= 3, "only new records: {first}");
+    assert_eq!(first["event"], lead_event[0]["event"]);
+    let interrupted = Command::new("kill")
+        .args(["-INT", &follow.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupted.success());
+    assert_eq!(follow.wait_exit(Duration::from_secs(10)), Some(0), "Ctrl-C ends it cleanly");
     eprintln!(
-        "newcomer: tansu: 5 backfill-complete lines, 20 transactions decoded equal to the truth, 1 by key, 1 undecodable line of 3"
+        "newcomer: tansu: 5 backfill-complete lines, 20 transactions decoded equal to the truth, 1 by key, 1 undecodable line of 3, following: a new record shown after {produced} written, Ctrl-C exits 0"
     );
 }
 
