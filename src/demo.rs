@@ -598,7 +598,10 @@ mod tests {
     #[test]
     fn the_lag_is_unknown_until_every_poller_has_read() {
         let now = Utc::now();
-        let (unread, read) = (poller(None), poller(Some(now - chrono::Duration::seconds(30))));
+        let (unread, read) = (
+            poller(None),
+            poller(Some(now - chrono::Duration::seconds(30))),
+        );
         // Before the first window nothing is known: not 0, not a figure from another poller.
         assert_eq!(stream_lag(&[], now), None);
         assert_eq!(stream_lag(&[&unread], now), None);

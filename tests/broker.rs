@@ -174,7 +174,10 @@ async fn check_reports_the_broker_topics_and_transactions() {
     let shown = transactions.to_string();
     assert!(!shown.contains(" ok"), "{shown}");
     assert!(shown.contains("not checked: "), "{shown}");
-    assert!(shown.contains("at-least-once") && shown.contains("checked: the brokers"), "{shown}");
+    assert!(
+        shown.contains("at-least-once") && shown.contains("checked: the brokers"),
+        "{shown}"
+    );
 }
 
 /// A TLS-terminating proxy on `at` in front of a plaintext port (tansu 0.6.0 cannot take

@@ -284,8 +284,19 @@ fn demo_summary_reads_back_exactly_what_was_emitted() {
     let started = std::time::Instant::now();
     let out = ibstream()
         .args([
-            "demo", "--for", "6", "--http-listen", "127.0.0.1:0", "--leads", "30000",
-            "--customers", "50", "--transactions", "50", "--positions", "50",
+            "demo",
+            "--for",
+            "6",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--leads",
+            "30000",
+            "--customers",
+            "50",
+            "--transactions",
+            "50",
+            "--positions",
+            "50",
         ])
         .output()
         .unwrap();
@@ -331,13 +342,15 @@ fn demo_honours_ibstream_settings() {
             std::fs::read_to_string(stdout.path()).unwrap()
         );
         assert!(child.try_wait().unwrap().is_none(), "the demo ended");
-        let answer = std::net::TcpStream::connect(&listen).ok().and_then(|mut s| {
-            use std::io::{Read, Write};
-            s.write_all(b"GET /status HTTP/1.0\r\n\r\n").ok()?;
-            let mut text = String::new();
-            s.read_to_string(&mut text).ok()?;
-            Some(text)
-        });
+        let answer = std::net::TcpStream::connect(&listen)
+            .ok()
+            .and_then(|mut s| {
+                use std::io::{Read, Write};
+                s.write_all(b"GET /status HTTP/1.0\r\n\r\n").ok()?;
+                let mut text = String::new();
+                s.read_to_string(&mut text).ok()?;
+                Some(text)
+            });
         match answer {
             Some(text) if text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200") => {
                 break text

@@ -140,10 +140,7 @@ impl Decoder {
         let value = apache_avro::from_avro_datum(&writer.schema, &mut datum, None)
             .map_err(|e| DecodeError(format!("Avro datum does not decode: {e}")))?;
         if !datum.is_empty() {
-            return fail(format!(
-                "{} bytes left after the Avro datum",
-                datum.len()
-            ));
+            return fail(format!("{} bytes left after the Avro datum", datum.len()));
         }
         let record = to_json(&value, &writer.schema, &writer.names)?;
         let schema = match &writer.schema {
@@ -240,18 +237,18 @@ fn to_json(
             chrono::NaiveDate::from_num_days_from_ce_opt(719_163 + days)
                 .map_or_else(|| days.to_string(), |d| d.to_string()),
         ),
-        (Avro::TimestampMillis(ms), _) => Json::String(
-            chrono::DateTime::from_timestamp_millis(*ms).map_or_else(
+        (Avro::TimestampMillis(ms), _) => {
+            Json::String(chrono::DateTime::from_timestamp_millis(*ms).map_or_else(
                 || ms.to_string(),
                 |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            ),
-        ),
-        (Avro::TimestampMicros(us), _) => Json::String(
-            chrono::DateTime::from_timestamp_micros(*us).map_or_else(
+            ))
+        }
+        (Avro::TimestampMicros(us), _) => {
+            Json::String(chrono::DateTime::from_timestamp_micros(*us).map_or_else(
                 || us.to_string(),
                 |t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
-            ),
-        ),
+            ))
+        }
         (Avro::Uuid(u), _) => Json::String(u.to_string()),
         (other, schema) => {
             return fail(format!(
@@ -316,12 +313,14 @@ mod tests {
 
     #[test]
     fn an_encoded_event_decodes_to_json_with_exact_decimals() {
-        use crate::events::{EventMeta, Encoder, Framing, Op};
+        use crate::events::{Encoder, EventMeta, Framing, Op};
         let schemas = Schemas::load("com.ibstream").unwrap();
         let mut encoder = Encoder::new(&schemas, Framing::SingleObject).unwrap();
-        let mut transaction = crate::crm::Transaction::default();
-        transaction.id = Some(1);
-        transaction.amount = Some("1234.56789012".parse().unwrap());
+        let transaction = crate::crm::Transaction {
+            id: Some(1),
+            amount: Some("1234.56789012".parse().unwrap()),
+            ..Default::default()
+        };
         let now = chrono::Utc::now();
         let meta = EventMeta {
             event_id: "e-1".into(),

@@ -545,7 +545,8 @@ mod tests {
     #[test]
     fn the_event_id_doc_states_the_rule_the_code_implements() {
         use crate::stream::change::event_id;
-        let meta: Value = serde_json::from_str(include_str!("../../schemas/EventMeta.avsc")).unwrap();
+        let meta: Value =
+            serde_json::from_str(include_str!("../../schemas/EventMeta.avsc")).unwrap();
         let doc = meta["fields"]
             .as_array()
             .unwrap()
@@ -554,13 +555,26 @@ mod tests {
             .unwrap()["doc"]
             .as_str()
             .unwrap();
-        assert!(doc.contains("previous event") && doc.contains("16 lowercase hex digits"), "{doc}");
+        assert!(
+            doc.contains("previous event") && doc.contains("16 lowercase hex digits"),
+            "{doc}"
+        );
         let (a, b) = (5, 6);
         let first = event_id("leads", "7", None, a);
         assert_eq!(first.len(), 16);
-        assert!(first.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
-        assert_eq!(first, event_id("leads", "7", None, a), "a retry has the same id");
-        assert_ne!(first, event_id("leads", "7", Some(b), a), "A, B, A: a new id");
+        assert!(first
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert_eq!(
+            first,
+            event_id("leads", "7", None, a),
+            "a retry has the same id"
+        );
+        assert_ne!(
+            first,
+            event_id("leads", "7", Some(b), a),
+            "A, B, A: a new id"
+        );
     }
 
     #[test]

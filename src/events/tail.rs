@@ -169,7 +169,9 @@ pub async fn run(
                 continue;
             }
         };
-        let key = message.key().map(|k| String::from_utf8_lossy(k).into_owned());
+        let key = message
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned());
         if args.key.is_some() && args.key != key {
             continue;
         }

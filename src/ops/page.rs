@@ -77,16 +77,24 @@ pub fn render(status: &Value) -> String {
          <title>ibstream {} – status</title><style>{STYLE}</style></head><body>\n",
         escape(&instance)
     );
-    let _ = write!(
+    let _ = writeln!(
         out,
-        "<h1>ibstream <span id=\"instance\">{}</span></h1>\n",
+        "<h1>ibstream <span id=\"instance\">{}</span></h1>",
         escape(&instance)
     );
     let ready = status.get("ready").and_then(Value::as_bool) == Some(true);
     out.push_str("<table id=\"process\">\n");
     let rows: [(&str, &str, String); 5] = [
-        ("readiness", "/ready", if ready { "ready" } else { "not ready" }.to_owned()),
-        ("why not ready", "/notReadyReason", text_of(status.get("notReadyReason"))),
+        (
+            "readiness",
+            "/ready",
+            if ready { "ready" } else { "not ready" }.to_owned(),
+        ),
+        (
+            "why not ready",
+            "/notReadyReason",
+            text_of(status.get("notReadyReason")),
+        ),
         ("delivery", "/delivery", text_of(status.get("delivery"))),
         ("version", "/version", text_of(status.get("version"))),
         (

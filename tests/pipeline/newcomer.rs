@@ -209,9 +209,11 @@ fn tansu_part(sim: &SimHandle, broker: &common::Tansu, prefix: &str, config: &st
         .unwrap();
     let mut run = Proc::spawn(&["--config", config, "run"], &[]);
     // One line per poller: leads, customers, transactions and each of the 2 server tags.
-    run.wait_for("a backfill-complete line per poller", Duration::from_secs(120), |_, err| {
-        logged(err, "backfill complete").len() >= 5
-    });
+    run.wait_for(
+        "a backfill-complete line per poller",
+        Duration::from_secs(120),
+        |_, err| logged(err, "backfill complete").len() >= 5,
+    );
     let lines = logged(&run.stderr(), "backfill complete");
     let pollers: HashSet<String> = lines
         .iter()
@@ -228,7 +230,15 @@ fn tansu_part(sim: &SimHandle, broker: &common::Tansu, prefix: &str, config: &st
 
     let env = [];
     let transactions = tail(
-        &["--config", config, "--stream", "transactions", "--from-beginning", "--max", "20"],
+        &[
+            "--config",
+            config,
+            "--stream",
+            "transactions",
+            "--from-beginning",
+            "--max",
+            "20",
+        ],
         &env,
         Duration::from_secs(60),
     );
@@ -243,7 +253,17 @@ fn tansu_part(sim: &SimHandle, broker: &common::Tansu, prefix: &str, config: &st
     // --key picks one entity's events.
     let key = transactions[7]["key"].as_str().unwrap().to_owned();
     let one = tail(
-        &["--config", config, "--stream", "transactions", "--from-beginning", "--key", &key, "--max", "1"],
+        &[
+            "--config",
+            config,
+            "--stream",
+            "transactions",
+            "--from-beginning",
+            "--key",
+            &key,
+            "--max",
+            "1",
+        ],
         &env,
         Duration::from_secs(60),
     );
@@ -259,11 +279,23 @@ fn tansu_part(sim: &SimHandle, broker: &common::Tansu, prefix: &str, config: &st
         .create()
         .unwrap();
     let lead_event = tail(
-        &["--config", config, "--stream", "leads", "--from-beginning", "--max", "1"],
+        &[
+            "--config",
+            config,
+            "--stream",
+            "leads",
+            "--from-beginning",
+            "--max",
+            "1",
+        ],
         &env,
         Duration::from_secs(60),
     );
-    let lead_bytes = raw_value(broker.bootstrap(), &format!("{prefix}.leads"), &lead_event[0]);
+    let lead_bytes = raw_value(
+        broker.bootstrap(),
+        &format!("{prefix}.leads"),
+        &lead_event[0],
+    );
     let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
         ClientConfig::new()
             .set("bootstrap.servers", broker.bootstrap())
@@ -284,16 +316,26 @@ fn tansu_part(sim: &SimHandle, broker: &common::Tansu, prefix: &str, config: &st
     }
     for payload in [&lead_bytes[..], b"{\"not\": \"avro\"}", &lead_bytes[..]] {
         runtime
-            .block_on(producer.send(
-                rdkafka::producer::FutureRecord::to(&mixed)
-                    .key("k")
-                    .payload(payload),
-                Duration::from_secs(10),
-            ))
+            .block_on(
+                producer.send(
+                    rdkafka::producer::FutureRecord::to(&mixed)
+                        .key("k")
+                        .payload(payload),
+                    Duration::from_secs(10),
+                ),
+            )
             .unwrap();
     }
     let lines = tail(
-        &["--bootstrap-servers", broker.bootstrap(), "--topic", &mixed, "--from-beginning", "--max", "3"],
+        &[
+            "--bootstrap-servers",
+            broker.bootstrap(),
+            "--topic",
+            &mixed,
+            "--from-beginning",
+            "--max",
+            "3",
+        ],
         &env,
         Duration::from_secs(60),
     );
@@ -310,33 +352,55 @@ fn tansu_part(sim: &SimHandle, broker: &common::Tansu, prefix: &str, config: &st
 
     // Without --from-beginning and --max it follows the topic from its end until Ctrl-C.
     let mut follow = Proc::spawn(
-        &["events", "tail", "--bootstrap-servers", broker.bootstrap(), "--topic", &mixed],
+        &[
+            "events",
+            "tail",
+            "--bootstrap-servers",
+            broker.bootstrap(),
+            "--topic",
+            &mixed,
+        ],
         &[],
     );
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut produced = 0;
     // Records written before its assignment took effect are not its: write until one shows.
     while follow.stdout().lines().count() == 0 {
-        assert!(Instant::now() < deadline, "follow printed nothing: {}", follow.stderr());
+        assert!(
+            Instant::now() < deadline,
+            "follow printed nothing: {}",
+            follow.stderr()
+        );
         runtime
-            .block_on(producer.send(
-                rdkafka::producer::FutureRecord::to(&mixed).key("new").payload(&lead_bytes[..]),
-                Duration::from_secs(10),
-            ))
+            .block_on(
+                producer.send(
+                    rdkafka::producer::FutureRecord::to(&mixed)
+                        .key("new")
+                        .payload(&lead_bytes[..]),
+                    Duration::from_secs(10),
+                ),
+            )
             .unwrap();
         produced += 1;
         std::thread::sleep(Duration::from_millis(300));
     }
     let first: Json = serde_json::from_str(follow.stdout().lines().next().unwrap()).unwrap();
     assert_eq!(first["key"], "new");
-    assert!(first["offset"].as_i64().unwrap() >= 3, "only new records: {first}");
+    assert!(
+        first["offset"].as_i64().unwrap() >= 3,
+        "only new records: {first}"
+    );
     assert_eq!(first["event"], lead_event[0]["event"]);
     let interrupted = Command::new("kill")
         .args(["-INT", &follow.child.id().to_string()])
         .status()
         .unwrap();
     assert!(interrupted.success());
-    assert_eq!(follow.wait_exit(Duration::from_secs(10)), Some(0), "Ctrl-C ends it cleanly");
+    assert_eq!(
+        follow.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "Ctrl-C ends it cleanly"
+    );
     eprintln!(
         "newcomer: tansu: 5 backfill-complete lines, 20 transactions decoded equal to the truth, 1 by key, 1 undecodable line of 3, following: a new record shown after {produced} written, Ctrl-C exits 0"
     );
@@ -385,8 +449,13 @@ async fn events_tail_on_apache_kafka_with_a_schema_registry() {
         ..Default::default()
     });
     let run = start(cfg);
-    run.wait_cycles(&HashMap::new(), &["transactions"], 1, Duration::from_secs(120))
-        .await;
+    run.wait_cycles(
+        &HashMap::new(),
+        &["transactions"],
+        1,
+        Duration::from_secs(120),
+    )
+    .await;
     let created = run.stats["transactions"].created.load(Ordering::Relaxed);
     let dir = tempfile::tempdir().unwrap();
     let config = write(
@@ -402,7 +471,15 @@ async fn events_tail_on_apache_kafka_with_a_schema_registry() {
     let max = created.to_string();
     let lines = tokio::task::spawn_blocking(move || {
         tail(
-            &["--config", &config, "--stream", "transactions", "--from-beginning", "--max", &max],
+            &[
+                "--config",
+                &config,
+                "--stream",
+                "transactions",
+                "--from-beginning",
+                "--max",
+                &max,
+            ],
             &[],
             Duration::from_secs(60),
         )
@@ -426,12 +503,28 @@ async fn events_tail_on_apache_kafka_with_a_schema_registry() {
 fn events_tail_reads_the_demos_in_process_kafka() {
     let started = Instant::now();
     let mut demo = Proc::spawn(
-        &["demo", "--for", "120", "--http-listen", "127.0.0.1:0", "--leads", "100", "--customers", "40", "--transactions", "100", "--positions", "100"],
+        &[
+            "demo",
+            "--for",
+            "120",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--leads",
+            "100",
+            "--customers",
+            "40",
+            "--transactions",
+            "100",
+            "--positions",
+            "100",
+        ],
         &[],
     );
-    demo.wait_for("the demo's Kafka address", Duration::from_secs(60), |out, _| {
-        out.contains("Kafka (in-process) ") && out.contains("events tail")
-    });
+    demo.wait_for(
+        "the demo's Kafka address",
+        Duration::from_secs(60),
+        |out, _| out.contains("Kafka (in-process) ") && out.contains("events tail"),
+    );
     let out = demo.stdout();
     let bootstrap = out
         .split("Kafka (in-process) ")
@@ -440,7 +533,15 @@ fn events_tail_reads_the_demos_in_process_kafka() {
         .unwrap()
         .to_owned();
     let lines = tail(
-        &["--bootstrap-servers", &bootstrap, "--stream", "leads", "--from-beginning", "--max", "5"],
+        &[
+            "--bootstrap-servers",
+            &bootstrap,
+            "--stream",
+            "leads",
+            "--from-beginning",
+            "--max",
+            "5",
+        ],
         &[],
         Duration::from_secs(60),
     );
@@ -493,9 +594,20 @@ async fn a_wrong_crm_password_says_once_that_every_stream_stopped() {
         "{}",
         every[0]
     );
-    assert_eq!(every[0]["fields"]["streams"].as_str().unwrap().split(", ").count(), 4);
+    assert_eq!(
+        every[0]["fields"]["streams"]
+            .as_str()
+            .unwrap()
+            .split(", ")
+            .count(),
+        4
+    );
     let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error: ")).collect();
-    assert_eq!(errors.len(), 2, "one final error line per cause: {errors:?}");
+    assert_eq!(
+        errors.len(),
+        2,
+        "one final error line per cause: {errors:?}"
+    );
     assert!(!err.contains("wrong-secret"));
     eprintln!(
         "newcomer: wrong CRM password: 2 'every stream stopped' lines (one per cause), {} stream stops; {:?}",
@@ -667,8 +779,10 @@ async fn the_status_page_shows_the_figures_of_status_in_chromium() {
     assert_eq!(shown.len(), 5 + 2 * 4 + 5 * 10, "{shown:?}");
     for stream in STREAMS {
         assert!(
-            shown.iter().any(|(p, v)| *p == format!("/counts/{stream}/created")
-                && *v == status["counts"][stream]["created"]),
+            shown
+                .iter()
+                .any(|(p, v)| *p == format!("/counts/{stream}/created")
+                    && *v == status["counts"][stream]["created"]),
             "{stream}"
         );
     }
