@@ -76,7 +76,7 @@ pub const DEMO_DEFAULTS: [&str; 8] = [
     "kafka.replication_factor",
     "kafka.topic_partitions",
     "crm.requests_per_second",
-    "streams.poll_interval_secs",
+    "streams.<stream>.poll_interval_secs",
 ];
 
 /// Returns whether the user set `key` (`section.name`): in the configuration file `file`, or
@@ -213,6 +213,29 @@ pub async fn run(
     };
     let bootstrap = config.kafka.bootstrap_servers.clone();
     println!("ibstream demo");
+    // Said first: a setting of the user's configuration (a real broker, an instance id)
+    // changes what the demo touches.
+    let yours: Vec<String> = DEMO_DEFAULTS
+        .iter()
+        .flat_map(|key| match key.split_once("<stream>") {
+            Some((head, tail)) => STREAMS
+                .iter()
+                .map(|s| format!("{head}{s}{tail}"))
+                .collect::<Vec<_>>(),
+            None => vec![(*key).to_owned()],
+        })
+        .filter(|key| set(key))
+        .collect();
+    if !yours.is_empty() {
+        println!(
+            "  your settings      {} (from {})",
+            yours.join(", "),
+            match path {
+                Some(path) => format!("{} and IBSTREAM_*", path.display()),
+                None => "IBSTREAM_*".to_owned(),
+            }
+        );
+    }
     println!(
         "  simulated CRM      {} (ib@example.com / ib-secret)",
         sim.base_url()

@@ -366,6 +366,10 @@ fn demo_honours_ibstream_settings() {
         printed.contains(&format!("http://{listen}/")),
         "the demo prints where it listens: {printed}"
     );
+    assert!(
+        printed.contains("your settings      http.listen, kafka.instance_id (from IBSTREAM_*)"),
+        "the demo says which settings are the user's: {printed}"
+    );
 }
 
 /// On a terminal the demo redraws its screen; `run`'s progress bars must not draw between
