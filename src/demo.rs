@@ -418,7 +418,7 @@ fn read_back(
             .payload()
             .and_then(|p| decoder.decode_known(p).ok().flatten());
         let mut consumed = lock(consumed);
-        match decoded.and_then(|d| summarise(&d.record)) {
+        match decoded.and_then(|d| summarise(&d.value())) {
             Some((op, summary)) => {
                 *consumed.counts.entry((stream, op.clone())).or_default() += 1;
                 consumed.latest.push_front(Seen {

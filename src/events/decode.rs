@@ -16,7 +16,8 @@ use std::collections::HashMap;
 
 use apache_avro::schema::{Name, Schema};
 use apache_avro::types::Value as Avro;
-use serde_json::{json, Map, Value as Json};
+use serde_json::value::RawValue;
+use serde_json::{json, Value as Json};
 
 use super::registry::SchemaRegistry;
 use super::schema::Schemas;
@@ -81,12 +82,19 @@ impl std::fmt::Debug for Decoder {
 }
 
 /// One decoded event value.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Decoded {
     /// The writer schema's full name (`com.ibstream.LeadEvent`).
     pub schema: String,
-    /// The record as JSON (see the module's shape).
-    pub record: Json,
+    /// The record as JSON text, fields in schema order (see the module's shape).
+    pub record: Box<RawValue>,
+}
+
+impl Decoded {
+    /// Returns the record as a JSON value (objects' keys then sorted).
+    pub fn value(&self) -> Json {
+        serde_json::from_str(self.record.get()).unwrap_or(Json::Null)
+    }
 }
 
 impl Decoder {
@@ -142,7 +150,10 @@ impl Decoder {
         if !datum.is_empty() {
             return fail(format!("{} bytes left after the Avro datum", datum.len()));
         }
-        let record = to_json(&value, &writer.schema, &writer.names)?;
+        let mut text = String::with_capacity(payload.len() * 2);
+        write_json(&value, &writer.schema, &writer.names, &mut text)?;
+        let record = RawValue::from_string(text)
+            .map_err(|e| DecodeError(format!("cannot write the record as JSON: {e}")))?;
         let schema = match &writer.schema {
             Schema::Record(r) => r.name.fullname(None),
             other => format!("{other:?}"),
@@ -178,12 +189,14 @@ impl Decoder {
     }
 }
 
-/// Returns `value` (written with `schema`) as JSON; see the module's shape.
-fn to_json(
+/// Appends `value` (written with `schema`) as JSON text to `out`, records' fields in schema
+/// order; see the module's shape.
+fn write_json(
     value: &Avro,
     schema: &Schema,
     names: &HashMap<Name, Schema>,
-) -> Result<Json, DecodeError> {
+    out: &mut String,
+) -> Result<(), DecodeError> {
     let schema = match schema {
         Schema::Ref { name } => match names.get(name) {
             Some(schema) => schema,
@@ -191,34 +204,51 @@ fn to_json(
         },
         other => other,
     };
-    Ok(match (value, schema) {
+    let scalar = match (value, schema) {
         (Avro::Union(i, inner), Schema::Union(union)) => {
             let Some(branch) = union.variants().get(*i as usize) else {
                 return fail(format!("union branch {i} out of range"));
             };
-            to_json(inner, branch, names)?
+            return write_json(inner, branch, names, out);
         }
         (Avro::Record(fields), Schema::Record(record)) => {
-            let mut out = Map::new();
-            for ((name, value), field) in fields.iter().zip(&record.fields) {
-                out.insert(name.clone(), to_json(value, &field.schema, names)?);
+            out.push('{');
+            for (i, ((name, value), field)) in fields.iter().zip(&record.fields).enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Json::String(name.clone()).to_string());
+                out.push(':');
+                write_json(value, &field.schema, names, out)?;
             }
-            Json::Object(out)
+            out.push('}');
+            return Ok(());
         }
-        (Avro::Array(items), Schema::Array(array)) => Json::Array(
-            items
-                .iter()
-                .map(|item| to_json(item, &array.items, names))
-                .collect::<Result<_, _>>()?,
-        ),
+        (Avro::Array(items), Schema::Array(array)) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_json(item, &array.items, names, out)?;
+            }
+            out.push(']');
+            return Ok(());
+        }
         (Avro::Map(entries), Schema::Map(map)) => {
             let mut keys: Vec<&String> = entries.keys().collect();
             keys.sort();
-            let mut out = Map::new();
-            for key in keys {
-                out.insert(key.clone(), to_json(&entries[key], &map.types, names)?);
+            out.push('{');
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Json::String(key.clone()).to_string());
+                out.push(':');
+                write_json(&entries[key], &map.types, names, out)?;
             }
-            Json::Object(out)
+            out.push('}');
+            return Ok(());
         }
         (Avro::Decimal(d), Schema::Decimal(decimal)) => {
             let bytes = Vec::<u8>::try_from(d)
@@ -256,7 +286,9 @@ fn to_json(
                 apache_avro::schema::SchemaKind::from(schema)
             ))
         }
-    })
+    };
+    out.push_str(&scalar.to_string());
+    Ok(())
 }
 
 /// Returns an Avro decimal (big-endian two's complement `bytes`, `scale` digits after the
@@ -338,8 +370,11 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(decoded.schema, "com.ibstream.TransactionEvent");
-        assert_eq!(decoded.record["amount"], json!("1234.56789012"));
-        assert_eq!(decoded.record["meta"]["op"], json!("CREATED"));
+        assert_eq!(decoded.value()["amount"], json!("1234.56789012"));
+        assert_eq!(decoded.value()["meta"]["op"], json!("CREATED"));
+        // Fields in schema order: meta first, extra last.
+        assert!(decoded.record.get().starts_with("{\"meta\":{\"eventId\":"));
+        assert!(decoded.record.get().ends_with("\"extra\":{}}"));
         // Garbage is an error naming the framing, never a panic.
         let err = Decoder::new(&schemas, None).decode_known(b"{\"x\":1}");
         assert!(err.unwrap_err().0.contains("framing"));

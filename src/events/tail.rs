@@ -15,7 +15,6 @@ use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::decode::Decoder;
@@ -64,6 +63,21 @@ pub enum TailError {
     /// The output cannot be written.
     #[error("cannot write the output: {0}")]
     Output(std::io::Error),
+}
+
+/// One output line, its keys in this order.
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+    key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    schema: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<Box<serde_json::value::RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
 /// Returns the topic `args` name.
@@ -175,22 +189,27 @@ pub async fn run(
         if args.key.is_some() && args.key != key {
             continue;
         }
-        let mut line = json!({
-            "topic": message.topic(),
-            "partition": message.partition(),
-            "offset": message.offset(),
-            "key": key,
-        });
+        let mut line = Line {
+            topic: message.topic(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key,
+            schema: None,
+            event: None,
+            error: None,
+        };
         match message.payload() {
-            None => line["error"] = json!("the record has no value"),
+            None => line.error = Some("the record has no value".to_owned()),
             Some(payload) => match decoder.decode(payload).await {
                 Ok(decoded) => {
-                    line["schema"] = json!(decoded.schema);
-                    line["event"] = decoded.record;
+                    line.schema = Some(decoded.schema);
+                    line.event = Some(decoded.record);
                 }
-                Err(e) => line["error"] = json!(format!("does not decode: {e}")),
+                Err(e) => line.error = Some(format!("does not decode: {e}")),
             },
         }
+        let line = serde_json::to_string(&line)
+            .map_err(|e| TailError::Output(std::io::Error::other(e)))?;
         let written = writeln!(out, "{line}").and_then(|()| out.flush());
         match written {
             Ok(()) => printed += 1,
