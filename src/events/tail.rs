@@ -39,7 +39,8 @@ pub struct TailArgs {
     /// Start at the oldest record (default: only records written from now on).
     #[arg(long)]
     pub from_beginning: bool,
-    /// Only records with this key (an entity key: `lead/123`, …).
+    /// Only records with this key (the entity key: a lead's id, `mt4-live-01:123` for a
+    /// position).
     #[arg(long)]
     pub key: Option<String>,
     /// Stop after printing N records (default: follow until Ctrl-C).

@@ -211,7 +211,7 @@ fn tansu_part(sim: &SimHandle, broker: &common::Tansu, prefix: &str, config: &st
     // One line per poller: leads, customers, transactions and each of the 2 server tags.
     run.wait_for(
         "a backfill-complete line per poller",
-        Duration::from_secs(120),
+        Duration::from_secs(60),
         |_, err| logged(err, "backfill complete").len() >= 5,
     );
     let lines = logged(&run.stderr(), "backfill complete");
@@ -469,6 +469,7 @@ async fn events_tail_on_apache_kafka_with_a_schema_registry() {
         ),
     );
     let max = created.to_string();
+    let config_path = config.clone();
     let lines = tokio::task::spawn_blocking(move || {
         tail(
             &[
@@ -491,8 +492,66 @@ async fn events_tail_on_apache_kafka_with_a_schema_registry() {
     assert_eq!(keys.len() as u64, created, "one event per transaction");
     assert_transactions_match_truth(&sim, &lines);
     run.stop().await;
+
+    // read_committed: a record of an aborted transaction, then a committed one; the tail
+    // shows only the committed one.
+    let topic = format!("{prefix}.committed");
+    let event = raw_value(
+        broker.bootstrap(),
+        &format!("{prefix}.transactions"),
+        &lines[0],
+    );
+    let producer: rdkafka::producer::FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("transactional.id", format!("{prefix}-abort"))
+        .create()
+        .unwrap();
+    use rdkafka::producer::Producer;
+    producer.init_transactions(Duration::from_secs(30)).unwrap();
+    for (payload, commit) in [(&b"aborted, never shown"[..], false), (&event[..], true)] {
+        producer.begin_transaction().unwrap();
+        producer
+            .send(
+                rdkafka::producer::FutureRecord::to(&topic)
+                    .key("k")
+                    .payload(payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        if commit {
+            producer
+                .commit_transaction(Duration::from_secs(30))
+                .unwrap();
+        } else {
+            producer.abort_transaction(Duration::from_secs(30)).unwrap();
+        }
+    }
+    let args = [
+        "--config".to_owned(),
+        config_path,
+        "--topic".to_owned(),
+        topic,
+        "--from-beginning".to_owned(),
+        "--max".to_owned(),
+        "1".to_owned(),
+    ];
+    let committed = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        tail(&args, &[], Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    assert_eq!(committed.len(), 1);
+    assert!(committed[0].get("error").is_none(), "{}", committed[0]);
+    assert_eq!(committed[0]["event"], lines[0]["event"]);
+    assert!(
+        committed[0]["offset"].as_i64().unwrap() >= 1,
+        "{}",
+        committed[0]
+    );
     eprintln!(
-        "newcomer: Apache Kafka + registry: {created} Confluent-framed transactions decoded; {:?}",
+        "newcomer: Apache Kafka + registry: {created} Confluent-framed transactions decoded; an aborted record skipped (read_committed); {:?}",
         started.elapsed()
     );
     sim.shutdown().await;
