@@ -283,8 +283,8 @@ pub async fn run(
             .iter()
             .map(|s| config.topics.data_topic(s))
             .collect();
-        let kafka = config.kafka.clone();
-        std::thread::spawn(move || read_back(&kafka, &topics, &consumed, &stop))
+        let (kafka, namespace) = (config.kafka.clone(), config.events.namespace.clone());
+        std::thread::spawn(move || read_back(&kafka, &namespace, &topics, &consumed, &stop))
     };
 
     let tty = std::io::stdout().is_terminal();
@@ -339,11 +339,12 @@ const DRAIN_DEADLINE: Duration = Duration::from_secs(15);
 /// every committed event. Gives up after [`DRAIN_DEADLINE`], noting what was left.
 fn read_back(
     kafka: &crate::config::KafkaConfig,
+    namespace: &str,
     topics: &[String],
     consumed: &Mutex<Consumed>,
     stop: &CancellationToken,
 ) {
-    let Ok(schemas) = Schemas::load("com.ibstream") else {
+    let Ok(schemas) = Schemas::load(namespace) else {
         return;
     };
     let decoder = crate::events::decode::Decoder::new(&schemas, None);
