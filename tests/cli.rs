@@ -298,6 +298,8 @@ fn demo_summary_reads_back_exactly_what_was_emitted() {
             "--positions",
             "50",
         ])
+        // A namespace of the user's: the read-back decodes with the schemas as configured.
+        .env("IBSTREAM_EVENTS__NAMESPACE", "org.example.crm")
         .output()
         .unwrap();
     let stdout = String::from_utf8(out.stdout).unwrap();
