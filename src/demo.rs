@@ -172,6 +172,13 @@ pub async fn run(
         None if set("http.listen") => {}
         None => config.http.listen = "127.0.0.1:9464".to_owned(),
     }
+    // Port 0 (any free port) is resolved now, so the address printed below is one to open.
+    if let Ok(addr) = config.http.address() {
+        if addr.port() == 0 {
+            let free = std::net::TcpListener::bind(addr).and_then(|l| l.local_addr())?;
+            config.http.listen = free.to_string();
+        }
+    }
     config.streams.start_date = start_date;
     for (name, stream, secs) in [
         ("leads", &mut config.streams.leads, 2),

@@ -605,6 +605,29 @@ fn events_tail_reads_the_demos_in_process_kafka() {
         Duration::from_secs(60),
     );
     assert_eq!(lines.len(), 5);
+    // The status page the demo prints answers there.
+    let page = out
+        .split("operations         http://")
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .unwrap()
+        .to_owned();
+    let html = {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(&page).unwrap();
+        stream.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text
+    };
+    assert!(
+        html.contains("200 OK") && html.contains("text/html"),
+        "{html}"
+    );
+    assert!(
+        html.contains("<h1>ibstream <span id=\"instance\">demo</span></h1>"),
+        "{html}"
+    );
     for line in &lines {
         assert_eq!(line["topic"], "crm.leads");
         assert_eq!(line["schema"], "com.ibstream.LeadEvent", "{line}");
