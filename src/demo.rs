@@ -426,7 +426,7 @@ fn read_back(
             .payload()
             .and_then(|p| decoder.decode_known(p).ok().flatten());
         let mut consumed = lock(consumed);
-        match decoded.and_then(|d| summarise(&d.value())) {
+        match decoded.and_then(|d| summarise(&d.record)) {
             Some((op, summary)) => {
                 *consumed.counts.entry((stream, op.clone())).or_default() += 1;
                 consumed.latest.push_front(Seen {
@@ -442,13 +442,46 @@ fn read_back(
     }
 }
 
-/// Returns a decoded event's op and a one-line summary of its first set fields.
-fn summarise(record: &serde_json::Value) -> Option<(String, String)> {
-    let op = record.pointer("/meta/op")?.as_str()?.to_owned();
-    let shown: Vec<String> = record
-        .as_object()?
+/// A JSON object's fields in the order written (serde_json's map would sort them).
+struct Fields(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Fields {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Fields;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Fields, A::Error> {
+                let mut fields = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    fields.push(entry);
+                }
+                Ok(Fields(fields))
+            }
+        }
+        d.deserialize_map(Visit)
+    }
+}
+
+/// Returns a decoded event's op and a one-line summary of its first set fields, in schema
+/// order.
+fn summarise(record: &serde_json::value::RawValue) -> Option<(String, String)> {
+    let Fields(fields) = serde_json::from_str(record.get()).ok()?;
+    let op = fields
         .iter()
-        .filter(|(n, _)| *n != "meta" && *n != "extra")
+        .find(|(n, _)| n == "meta")?
+        .1
+        .get("op")?
+        .as_str()?
+        .to_owned();
+    let shown: Vec<String> = fields
+        .iter()
+        .filter(|(n, _)| n != "meta" && n != "extra")
         .filter_map(|(name, value)| match value {
             serde_json::Value::Null => None,
             serde_json::Value::String(s) => Some(format!("{name}={s}")),
@@ -638,6 +671,19 @@ mod tests {
         assert_eq!(stream_lag(&[&unread], now), None);
         assert_eq!(stream_lag(&[&read, &unread], now), None);
         assert_eq!(stream_lag(&[&read], now), Some(30.0));
+    }
+
+    #[test]
+    fn a_summary_shows_the_first_set_fields_in_schema_order() {
+        let record = serde_json::value::RawValue::from_string(
+            r#"{"meta":{"op":"UPDATED"},"zeta":7,"alpha":null,"beta":"b","amount":"1.50","extra":{}}"#
+                .to_owned(),
+        )
+        .unwrap();
+        assert_eq!(
+            summarise(&record),
+            Some(("UPDATED".to_owned(), "zeta=7 beta=b amount=1.50".to_owned()))
+        );
     }
 
     #[test]
