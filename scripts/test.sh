@@ -2,7 +2,7 @@
 # Installs what the tests need, then runs the whole test suite. CI runs this (.ci/run).
 #
 # Needs: a Rust toolchain (cargo), gcc/make, python3 with venv, Java 17 and Maven.
-# Installs: what the build lacks of libssl-dev and pkg-config (with apt-get, as root), Apache
+# Installs: what the build lacks of libssl-dev, pkg-config and chromium (with apt-get, as root), Apache
 # Kafka (the broker of tests/kafka/pom.xml, from Maven Central) into target/kafka/libs, tansu
 # 0.6.0 (a second Kafka-protocol broker with quirks of its own) into ~/.cargo/bin, and the
 # tests' Python tools (below) into a virtual environment of its own under target/ (Debian's
@@ -10,9 +10,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# rdkafka's `ssl` feature builds against OpenSSL, found by pkg-config.
+# rdkafka's `ssl` feature builds against OpenSSL, found by pkg-config; Chromium renders the
+# status page headless (tests/pipeline/newcomer.rs).
 missing=""
-for package in libssl-dev pkg-config; do
+for package in libssl-dev pkg-config chromium; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing="$missing $package"
 done
 if [ -n "$missing" ]; then
@@ -79,6 +80,8 @@ export INTEROP_PYTHON="$VENV/bin/python"
 # --all-targets also builds the benchmarks and runs each once, so they cannot rot.
 echo "==> cargo test"
 cargo test --locked --all-targets "$@"
+# A test artifact: the status page as headless Chromium drew it.
+echo "==> status page screenshot: target/test-artifacts/status-page.png"
 
 # cargo test ran the fault suite at-least-once; its exactly-once form (bounded), on Apache
 # Kafka too: zero duplicates under read_committed through kill -9 and a broker kill.

@@ -38,6 +38,8 @@ pub enum Outcome {
     /// Not a failure of what `run` needs, but something `check` could not test and why
     /// (an ACL the check's own probe lacks).
     Warning(String),
+    /// Not checked, and why: what `check` did not test (never shown as "ok").
+    NotChecked(String),
     /// Any other failure.
     Error(String),
 }
@@ -60,6 +62,7 @@ impl fmt::Display for CheckLine {
             Outcome::ModuleOff(m) => write!(f, "{:<28} module off: {m}", self.what),
             Outcome::Note(m) => write!(f, "{:<28} ok: {m}", self.what),
             Outcome::Warning(m) => write!(f, "{:<28} warning: {m}", self.what),
+            Outcome::NotChecked(m) => write!(f, "{:<28} not checked: {m}", self.what),
             Outcome::Error(m) => write!(f, "{:<28} error: {m}", self.what),
         }
     }
@@ -70,7 +73,7 @@ impl CheckLine {
     pub fn is_ok(&self) -> bool {
         matches!(
             self.outcome,
-            Outcome::Ok { .. } | Outcome::Note(_) | Outcome::Warning(_)
+            Outcome::Ok { .. } | Outcome::Note(_) | Outcome::Warning(_) | Outcome::NotChecked(_)
         )
     }
 
@@ -232,15 +235,16 @@ pub async fn kafka(config: &Config) -> Vec<CheckLine> {
         Delivery::AtLeastOnce => None,
     };
     let transactions = match kafka.delivery {
-        Delivery::AtLeastOnce => {
-            Outcome::Note("not used (kafka.delivery = \"at-least-once\")".to_owned())
-        }
+        Delivery::AtLeastOnce => Outcome::NotChecked(
+            "kafka.delivery = \"at-least-once\" uses none (checked: the brokers answer, the topics above)"
+                .to_owned(),
+        ),
         // The broker settings of its transaction log, read without a transaction.
         Delivery::ExactlyOnce if log_problem.is_some() => {
             Outcome::Error(log_problem.unwrap_or_default())
         }
-        Delivery::ExactlyOnce if !state_exists => Outcome::Note(
-            "not checked: the state topic does not exist yet (`ibstream run` checks them first)"
+        Delivery::ExactlyOnce if !state_exists => Outcome::NotChecked(
+            "the probe needs the state topic, which does not exist yet; `ibstream run` creates it and tests transactions at start-up, stopping with the fix if the broker has none (kafka.delivery = \"at-least-once\")"
                 .to_owned(),
         ),
         Delivery::ExactlyOnce => {

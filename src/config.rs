@@ -1103,6 +1103,12 @@ impl Config {
     /// Checks values without IO; the error names the first offending key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.crm.validate()?;
+        self.validate_without_crm()
+    }
+
+    /// Checks what the commands that read only Kafka need (`state`, `events tail`): every
+    /// section but `crm` (no IO).
+    pub fn validate_without_crm(&self) -> Result<(), ConfigError> {
         if !is_avro_namespace(&self.events.namespace) {
             return Err(ConfigError::Invalid {
                 key: "events.namespace",

@@ -6,15 +6,20 @@
 //! progress, events by operation, the last poll and the lag, and below them the latest events
 //! **decoded back from the topics** by a consumer with the Avro schemas (proof the bytes are
 //! real). `--kafka HOST:PORT` uses a real broker instead. On a terminal the view redraws every
-//! second; otherwise a plain line per stream every 5 s. Ctrl-C (or `--for SECS`) stops it and
-//! prints a summary.
+//! second (and `run` draws no progress bars of its own between redraws); otherwise a plain
+//! line per stream every 5 s. Ctrl-C (or `--for SECS`) stops it and prints a summary, after
+//! the read-back has reached the end of every topic, so its counts equal what was emitted.
+//!
+//! Configuration works as for `run`: the configuration file (`--config`, `IBSTREAM_CONFIG`)
+//! and `IBSTREAM_*` variables are read, and a setting the demo has an own default for
+//! ([`DEMO_DEFAULTS`]) keeps the user's value when the file or the environment sets it; a
+//! flag beats both. The CRM section always points at the simulator.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use apache_avro::types::Value as Avro;
 use chrono::Utc;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
@@ -29,13 +34,14 @@ const STREAMS: [&str; 5] = ["leads", "customers", "transactions", "servers", "po
 /// Options of the demo (its command line).
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
-    /// A real Kafka broker (`HOST:PORT`) instead of the in-process mock.
+    /// A real Kafka broker (`HOST:PORT`) instead of the in-process mock (or
+    /// `kafka.bootstrap_servers` from the configuration or `IBSTREAM_KAFKA__BOOTSTRAP_SERVERS`).
     #[arg(long)]
     pub kafka: Option<String>,
     /// Delivery mode: exactly-once (default) or at-least-once (for brokers without
-    /// transactions).
-    #[arg(long, default_value = "exactly-once")]
-    pub delivery: String,
+    /// transactions); `kafka.delivery` when not given.
+    #[arg(long)]
+    pub delivery: Option<String>,
     /// Stop after SECS seconds and print a summary (for scripts and tests).
     #[arg(long = "for")]
     pub for_secs: Option<u64>,
@@ -54,9 +60,37 @@ pub struct DemoArgs {
     /// Background changes per second in the simulated CRM.
     #[arg(long, default_value_t = 5.0)]
     pub change_rate: f64,
-    /// Address of the operations endpoints (/metrics, /status, /health/*).
-    #[arg(long, default_value = "127.0.0.1:9464")]
-    pub http_listen: String,
+    /// Address of the operations endpoints (/, /metrics, /status, /health/*); `http.listen`
+    /// when not given, else 127.0.0.1:9464.
+    #[arg(long)]
+    pub http_listen: Option<String>,
+}
+
+/// The settings the demo gives values of its own, kept when the configuration file or an
+/// `IBSTREAM_*` variable sets them.
+pub const DEMO_DEFAULTS: [&str; 8] = [
+    "http.listen",
+    "kafka.bootstrap_servers",
+    "kafka.delivery",
+    "kafka.instance_id",
+    "kafka.replication_factor",
+    "kafka.topic_partitions",
+    "crm.requests_per_second",
+    "streams.<stream>.poll_interval_secs",
+];
+
+/// Returns whether the user set `key` (`section.name`): in the configuration file `file`, or
+/// as `IBSTREAM_SECTION__NAME` (what `Config::load` reads).
+fn user_set(file: Option<&toml::Value>, key: &str) -> bool {
+    let var = format!("IBSTREAM_{}", key.replace('.', "__").to_uppercase());
+    if std::env::var_os(&var).is_some() {
+        return true;
+    }
+    let mut at = file;
+    for part in key.split('.') {
+        at = at.and_then(|v| v.get(part));
+    }
+    at.is_some()
 }
 
 /// One event read back from a topic.
@@ -74,15 +108,34 @@ struct Consumed {
     counts: BTreeMap<(&'static str, String), u64>,
     latest: VecDeque<Seen>,
     undecodable: u64,
+    /// Records the read-back had not reached when it gave up (`None`: it read to the end).
+    unread: Option<u64>,
 }
 
 /// Runs the demo until Ctrl-C or `--for`; returns the summary printed at the end.
-pub async fn run(args: DemoArgs, cancel: CancellationToken) -> anyhow::Result<String> {
-    let delivery = match args.delivery.as_str() {
-        "exactly-once" => Delivery::ExactlyOnce,
-        "at-least-once" => Delivery::AtLeastOnce,
-        other => anyhow::bail!("--delivery must be exactly-once or at-least-once, not {other:?}"),
+///
+/// `path` is the configuration file (`--config`), if any; `IBSTREAM_*` variables apply as
+/// for `run`.
+pub async fn run(
+    args: DemoArgs,
+    path: Option<&std::path::Path>,
+    cancel: CancellationToken,
+) -> anyhow::Result<String> {
+    let mut config = Config::load(path)?;
+    let file: Option<toml::Value> = match path {
+        Some(path) => Some(toml::from_str(&std::fs::read_to_string(path)?)?),
+        None => None,
     };
+    let set = |key: &str| user_set(file.as_ref(), key);
+    match args.delivery.as_deref() {
+        Some("exactly-once") => config.kafka.delivery = Delivery::ExactlyOnce,
+        Some("at-least-once") => config.kafka.delivery = Delivery::AtLeastOnce,
+        Some(other) => {
+            anyhow::bail!("--delivery must be exactly-once or at-least-once, not {other:?}")
+        }
+        None if set("kafka.delivery") => {}
+        None => config.kafka.delivery = Delivery::ExactlyOnce,
+    }
     let start_date = Utc::now().date_naive() - chrono::Duration::days(120);
     let sim = crate::sim::start(crate::sim::SimConfig {
         listen: "127.0.0.1:0".parse()?,
@@ -96,31 +149,56 @@ pub async fn run(args: DemoArgs, cancel: CancellationToken) -> anyhow::Result<St
     })
     .await
     .map_err(anyhow::Error::msg)?;
-    let mut config = Config::load(None)?;
     config.crm.base_url = sim.base_url();
     config.crm.email = "ib@example.com".to_owned();
     config.crm.password = Some("ib-secret".to_owned().into());
     config.crm.api_key = Some("sim-api-key".to_owned().into());
     config.crm.domain = "sim.example.com".to_owned();
-    config.crm.requests_per_second = 200;
-    config.kafka.delivery = delivery;
-    config.kafka.instance_id = "demo".to_owned();
-    config.kafka.replication_factor = 1;
-    config.kafka.topic_partitions = 1;
-    config.http.listen = args.http_listen.clone();
-    config.streams.start_date = start_date;
-    for stream in [
-        &mut config.streams.leads,
-        &mut config.streams.customers,
-        &mut config.streams.transactions,
-        &mut config.streams.positions,
-    ] {
-        stream.poll_interval_secs = 2;
+    config.crm.api_path = crate::config::CrmConfig::default().api_path;
+    if !set("crm.requests_per_second") {
+        config.crm.requests_per_second = 200;
     }
-    config.streams.servers.poll_interval_secs = 10;
-    let mock = match &args.kafka {
+    if !set("kafka.instance_id") {
+        config.kafka.instance_id = "demo".to_owned();
+    }
+    if !set("kafka.replication_factor") {
+        config.kafka.replication_factor = 1;
+    }
+    if !set("kafka.topic_partitions") {
+        config.kafka.topic_partitions = 1;
+    }
+    match &args.http_listen {
+        Some(listen) => config.http.listen = listen.clone(),
+        None if set("http.listen") => {}
+        None => config.http.listen = "127.0.0.1:9464".to_owned(),
+    }
+    // Port 0 (any free port) is resolved now, so the address printed below is one to open.
+    if let Ok(addr) = config.http.address() {
+        if addr.port() == 0 {
+            let free = std::net::TcpListener::bind(addr).and_then(|l| l.local_addr())?;
+            config.http.listen = free.to_string();
+        }
+    }
+    config.streams.start_date = start_date;
+    for (name, stream, secs) in [
+        ("leads", &mut config.streams.leads, 2),
+        ("customers", &mut config.streams.customers, 2),
+        ("transactions", &mut config.streams.transactions, 2),
+        ("positions", &mut config.streams.positions, 2),
+        ("servers", &mut config.streams.servers, 10),
+    ] {
+        if !set(&format!("streams.{name}.poll_interval_secs")) {
+            stream.poll_interval_secs = secs;
+        }
+    }
+    let real_kafka = match &args.kafka {
+        Some(bootstrap) => Some(bootstrap.clone()),
+        None if set("kafka.bootstrap_servers") => Some(config.kafka.bootstrap_servers.clone()),
+        None => None,
+    };
+    let mock = match real_kafka {
         Some(bootstrap) => {
-            config.kafka.bootstrap_servers = bootstrap.clone();
+            config.kafka.bootstrap_servers = bootstrap;
             None
         }
         None => {
@@ -142,27 +220,60 @@ pub async fn run(args: DemoArgs, cancel: CancellationToken) -> anyhow::Result<St
     };
     let bootstrap = config.kafka.bootstrap_servers.clone();
     println!("ibstream demo");
+    // Said first: a setting of the user's configuration (a real broker, an instance id)
+    // changes what the demo touches.
+    let yours: Vec<String> = DEMO_DEFAULTS
+        .iter()
+        .flat_map(|key| match key.split_once("<stream>") {
+            Some((head, tail)) => STREAMS
+                .iter()
+                .map(|s| format!("{head}{s}{tail}"))
+                .collect::<Vec<_>>(),
+            None => vec![(*key).to_owned()],
+        })
+        .filter(|key| set(key))
+        .collect();
+    if !yours.is_empty() {
+        println!(
+            "  your settings      {} (from {})",
+            yours.join(", "),
+            match path {
+                Some(path) => format!("{} and IBSTREAM_*", path.display()),
+                None => "IBSTREAM_*".to_owned(),
+            }
+        );
+    }
     println!(
         "  simulated CRM      {} (ib@example.com / ib-secret)",
         sim.base_url()
     );
     match &mock {
-        Some(_) => {
-            println!("  Kafka (in-process) {bootstrap}   e.g. kcat -b {bootstrap} -C -t crm.leads")
-        }
+        Some(_) => println!("  Kafka (in-process) {bootstrap}"),
         None => println!("  Kafka              {bootstrap}"),
     }
     println!(
-        "  operations         http://{}/metrics  /status  /health/ready",
-        args.http_listen
+        "  read the events    ibstream events tail --bootstrap-servers {bootstrap} --topic {} --from-beginning",
+        config.topics.data_topic("leads")
     );
-    println!("  delivery           {}", args.delivery);
+    println!(
+        "  operations         http://{}/ (status page)  /metrics  /status  /health/ready",
+        config.http.listen
+    );
+    println!(
+        "  delivery           {}",
+        match config.kafka.delivery {
+            Delivery::ExactlyOnce => "exactly-once",
+            Delivery::AtLeastOnce => "at-least-once",
+        }
+    );
     println!();
 
     let stats: crate::ops::Stats = STREAMS.iter().map(|s| (*s, Arc::default())).collect();
     let run_cancel = cancel.child_token();
     let options = crate::run::RunOptions {
         skip_state_topic_config: mock.is_some(),
+        // The demo redraws the whole screen: bars drawn between redraws would garble it.
+        no_progress_bars: true,
         ..Default::default()
     };
     let slot = options.registry.clone();
@@ -171,14 +282,16 @@ pub async fn run(args: DemoArgs, cancel: CancellationToken) -> anyhow::Result<St
         tokio::spawn(async move { crate::run::run_with(config, run_cancel, stats, &options).await })
     };
     let consumed = Arc::new(Mutex::new(Consumed::default()));
+    // Stopped once the run has ended: the reader then reads on to the end of every topic.
+    let read_stop = CancellationToken::new();
     let reader = {
-        let (consumed, stop) = (consumed.clone(), cancel.child_token());
+        let (consumed, stop) = (consumed.clone(), read_stop.clone());
         let topics: Vec<String> = STREAMS
             .iter()
             .map(|s| config.topics.data_topic(s))
             .collect();
-        let bootstrap = bootstrap.clone();
-        std::thread::spawn(move || read_back(&bootstrap, &topics, &consumed, &stop))
+        let (kafka, namespace) = (config.kafka.clone(), config.events.namespace.clone());
+        std::thread::spawn(move || read_back(&kafka, &namespace, &topics, &consumed, &stop))
     };
 
     let tty = std::io::stdout().is_terminal();
@@ -211,29 +324,42 @@ pub async fn run(args: DemoArgs, cancel: CancellationToken) -> anyhow::Result<St
     }
     cancel.cancel();
     let outcome = runner.await?;
+    read_stop.cancel();
     let _ = reader.join();
     sim.shutdown().await;
+    let real_kafka = mock.is_none();
     drop(mock);
     outcome.map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(summary(&stats, &consumed, started))
+    Ok(summary(&stats, &consumed, started, real_kafka))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Reads every data topic from the beginning (read_committed) and decodes each event.
+/// How long the read-back may take, after the run ended, to reach the end of the topics.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Reads every data topic from the beginning (read_committed) and decodes each event, until
+/// `stop`; then on to the end of every topic (the run has ended: every transaction is
+/// committed or aborted, so the high watermark is the end), so the summary's counts hold
+/// every committed event. Gives up after [`DRAIN_DEADLINE`], noting what was left.
 fn read_back(
-    bootstrap: &str,
+    kafka: &crate::config::KafkaConfig,
+    namespace: &str,
     topics: &[String],
     consumed: &Mutex<Consumed>,
     stop: &CancellationToken,
 ) {
-    let Ok(schemas) = Schemas::load("com.ibstream") else {
+    let Ok(schemas) = Schemas::load(namespace) else {
         return;
     };
-    let consumer: BaseConsumer = match ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+    let decoder = crate::events::decode::Decoder::new(&schemas, None);
+    let mut client = ClientConfig::new();
+    for (key, value) in kafka.client_settings().unwrap_or_default() {
+        client.set(key, value);
+    }
+    let consumer: BaseConsumer = match client
         .set("group.id", "ibstream-demo-view")
         .set("isolation.level", "read_committed")
         .set("enable.auto.commit", "false")
@@ -243,7 +369,40 @@ fn read_back(
         Err(_) => return,
     };
     let mut assigned = false;
-    while !stop.is_cancelled() {
+    let mut drain: Option<(Instant, HashMap<String, i64>)> = None;
+    loop {
+        if drain.is_none() && stop.is_cancelled() {
+            let ends = topics
+                .iter()
+                .filter_map(|t| {
+                    let (_, high) = consumer
+                        .fetch_watermarks(t, 0, Duration::from_secs(5))
+                        .ok()?;
+                    Some((t.clone(), high))
+                })
+                .collect();
+            drain = Some((Instant::now() + DRAIN_DEADLINE, ends));
+        }
+        if let Some((deadline, ends)) = &drain {
+            let positions = consumer.position().unwrap_or_default();
+            let behind: i64 = ends
+                .iter()
+                .map(|(topic, end)| {
+                    let at = match positions.find_partition(topic, 0).map(|p| p.offset()) {
+                        Some(Offset::Offset(at)) => at,
+                        _ => 0,
+                    };
+                    (end - at).max(0)
+                })
+                .sum();
+            if behind == 0 || !assigned {
+                return;
+            }
+            if Instant::now() >= *deadline {
+                lock(consumed).unread = Some(behind as u64);
+                return;
+            }
+        }
         if !assigned {
             let mut tpl = TopicPartitionList::new();
             for topic in topics {
@@ -263,8 +422,11 @@ fn read_back(
             .find(|s| message.topic().ends_with(&format!(".{s}")))
             .unwrap_or("leads");
         let key = String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned();
+        let decoded = message
+            .payload()
+            .and_then(|p| decoder.decode_known(p).ok().flatten());
         let mut consumed = lock(consumed);
-        match message.payload().and_then(|p| decode(&schemas, p)) {
+        match decoded.and_then(|d| summarise(&d.record)) {
             Some((op, summary)) => {
                 *consumed.counts.entry((stream, op.clone())).or_default() += 1;
                 consumed.latest.push_front(Seen {
@@ -280,69 +442,57 @@ fn read_back(
     }
 }
 
-/// Decodes a single-object-encoded event; returns its op and a one-line summary.
-fn decode(schemas: &Schemas, payload: &[u8]) -> Option<(String, String)> {
-    if payload.len() < 10 || payload[..2] != [0xC3, 0x01] {
-        return None;
+/// A JSON object's fields in the order written (serde_json's map would sort them).
+struct Fields(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Fields {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Fields;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Fields, A::Error> {
+                let mut fields = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    fields.push(entry);
+                }
+                Ok(Fields(fields))
+            }
+        }
+        d.deserialize_map(Visit)
     }
-    let schema = schemas
-        .all()
-        .iter()
-        .find(|s| s.fingerprint[..] == payload[2..10])?;
-    let value = apache_avro::from_avro_datum(&schema.schema, &mut &payload[10..], None).ok()?;
-    let Avro::Record(fields) = value else {
-        return None;
-    };
+}
+
+/// Returns a decoded event's op and a one-line summary of its first set fields, in schema
+/// order.
+fn summarise(record: &serde_json::value::RawValue) -> Option<(String, String)> {
+    let Fields(fields) = serde_json::from_str(record.get()).ok()?;
     let op = fields
         .iter()
-        .find(|(n, _)| n == "meta")
-        .and_then(|(_, meta)| match meta {
-            Avro::Record(meta) => meta
-                .iter()
-                .find(|(n, _)| n == "op")
-                .map(|(_, op)| match op {
-                    Avro::Enum(_, symbol) => symbol.clone(),
-                    other => format!("{other:?}"),
-                }),
-            _ => None,
-        })?;
+        .find(|(n, _)| n == "meta")?
+        .1
+        .get("op")?
+        .as_str()?
+        .to_owned();
     let shown: Vec<String> = fields
         .iter()
         .filter(|(n, _)| n != "meta" && n != "extra")
-        .filter_map(|(name, value)| text(value).map(|t| format!("{name}={t}")))
+        .filter_map(|(name, value)| match value {
+            serde_json::Value::Null => None,
+            serde_json::Value::String(s) => Some(format!("{name}={s}")),
+            serde_json::Value::Number(_) | serde_json::Value::Bool(_) => {
+                Some(format!("{name}={value}"))
+            }
+            _ => None,
+        })
         .take(4)
         .collect();
     Some((op, shown.join(" ")))
-}
-
-/// Returns a short text of a set field (`None` for null).
-fn text(value: &Avro) -> Option<String> {
-    match value {
-        Avro::Union(_, inner) => text(inner),
-        Avro::Null => None,
-        Avro::String(s) | Avro::Enum(_, s) => Some(s.clone()),
-        Avro::Long(n) => Some(n.to_string()),
-        Avro::Int(n) => Some(n.to_string()),
-        Avro::Boolean(b) => Some(b.to_string()),
-        Avro::TimestampMillis(ms) => chrono::DateTime::from_timestamp_millis(*ms)
-            .map(|t| t.format("%Y-%m-%d %H:%M").to_string()),
-        Avro::Decimal(d) => {
-            let bytes = Vec::<u8>::try_from(d).ok()?;
-            let mut wide = [if bytes.first().is_some_and(|b| b & 0x80 != 0) {
-                0xFF
-            } else {
-                0
-            }; 16];
-            let n = bytes.len().min(16);
-            wide[16 - n..].copy_from_slice(&bytes[bytes.len() - n..]);
-            Some(
-                rust_decimal::Decimal::from_i128_with_scale(i128::from_be_bytes(wide), 8)
-                    .normalize()
-                    .to_string(),
-            )
-        }
-        _ => None,
-    }
 }
 
 fn counts(consumed: &Mutex<Consumed>, stream: &str) -> (u64, u64) {
@@ -363,6 +513,19 @@ fn counts(consumed: &Mutex<Consumed>, stream: &str) -> (u64, u64) {
     (get("CREATED"), get("UPDATED"))
 }
 
+/// Returns a stream's lag for the view: the largest of its pollers' (how far behind now
+/// each has read everything), `None` while any poller has read nothing yet – before its first
+/// window the lag is unknown, not 0 – or the stream has no poller yet.
+fn stream_lag(pollers: &[&crate::ops::PollerStatus], now: chrono::DateTime<Utc>) -> Option<f64> {
+    if pollers.is_empty() {
+        return None;
+    }
+    pollers
+        .iter()
+        .map(|p| p.lag_seconds(now))
+        .try_fold(0.0_f64, |max, lag| lag.map(|l| max.max(l)))
+}
+
 fn view(
     registry: Option<&Registry>,
     stats: &crate::ops::Stats,
@@ -371,7 +534,7 @@ fn view(
 ) -> String {
     use std::sync::atomic::Ordering;
     let mut out = format!(
-        "ibstream demo – {} s – Ctrl-C stops\n\n{:<14} {:>9} {:>9} {:>9} {:>10} {:>9}\n",
+        "ibstream demo – {} s – Ctrl-C stops\n\n{:<14} {:>9} {:>9} {:>9} {:>10} {:>12}\n",
         started.elapsed().as_secs(),
         "stream",
         "backfill",
@@ -381,18 +544,19 @@ fn view(
         "lag"
     );
     let pollers = registry.map(Registry::pollers).unwrap_or_default();
-    let today = Utc::now().date_naive();
+    let now = Utc::now();
+    let today = match registry {
+        Some(registry) => now.with_timezone(&registry.tz).date_naive(),
+        None => now.date_naive(),
+    };
     for stream in STREAMS {
         let mine: Vec<_> = pollers.values().filter(|p| p.stream == stream).collect();
         let progress = mine.iter().map(|p| p.progress(today)).fold(1.0, f64::min);
-        let lag = mine
-            .iter()
-            .filter_map(|p| p.lag_seconds(Utc::now()))
-            .fold(0.0, f64::max);
+        let lag = stream_lag(&mine, now).map_or("-".to_owned(), crate::ops::page::human_seconds);
         let last = mine.iter().filter_map(|p| p.last_success).max();
         let s = &stats[stream];
         out.push_str(&format!(
-            "{:<14} {:>8.0}% {:>9} {:>9} {:>10} {:>8.0}s\n",
+            "{:<14} {:>8.0}% {:>9} {:>9} {:>10} {:>12}\n",
             stream,
             if mine.is_empty() {
                 0.0
@@ -403,7 +567,7 @@ fn view(
             s.updated.load(Ordering::Relaxed),
             last.map_or("-".to_owned(), |t| format!(
                 "{}s ago",
-                (Utc::now() - t).num_seconds()
+                (now - t).num_seconds()
             )),
             lag,
         ));
@@ -433,7 +597,12 @@ fn plain_lines(stats: &crate::ops::Stats, consumed: &Mutex<Consumed>) -> Vec<Str
         .collect()
 }
 
-fn summary(stats: &crate::ops::Stats, consumed: &Mutex<Consumed>, started: Instant) -> String {
+fn summary(
+    stats: &crate::ops::Stats,
+    consumed: &Mutex<Consumed>,
+    started: Instant,
+    real_kafka: bool,
+) -> String {
     let mut out = format!("\nsummary after {} s\n", started.elapsed().as_secs());
     for line in plain_lines(stats, consumed) {
         out.push_str(&format!("  {line}\n"));
@@ -443,6 +612,18 @@ fn summary(stats: &crate::ops::Stats, consumed: &Mutex<Consumed>, started: Insta
         "  events that did not decode: {}\n",
         consumed.undecodable
     ));
+    match consumed.unread {
+        None if real_kafka => out.push_str(
+            "  read back: every committed event of the topics, to their end (on a real broker that includes earlier runs' events)\n",
+        ),
+        None => out.push_str(
+            "  read back: every committed event of the topics, to their end: the counts equal what was emitted\n",
+        ),
+        Some(n) => out.push_str(&format!(
+            "  read back: stopped {n} records short of the topics' end after {} s: the counts above miss them\n",
+            DRAIN_DEADLINE.as_secs()
+        )),
+    }
     out.push_str("latest events, decoded back from Kafka:\n");
     for seen in consumed.latest.iter().take(5) {
         out.push_str(&format!(
@@ -451,4 +632,65 @@ fn summary(stats: &crate::ops::Stats, consumed: &Mutex<Consumed>, started: Insta
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::{CursorStatus, PollerStatus};
+
+    fn poller(read_through: Option<chrono::DateTime<Utc>>) -> PollerStatus {
+        let mut cursors = BTreeMap::new();
+        cursors.insert(
+            "leads/registration".to_owned(),
+            CursorStatus {
+                cursor: crate::stream::state::Cursor::default(),
+                initial: Utc::now().date_naive(),
+                read_through,
+                open_reasons: Default::default(),
+            },
+        );
+        PollerStatus {
+            stream: "leads",
+            server_tag: None,
+            cursors,
+            last_success: None,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn the_lag_is_unknown_until_every_poller_has_read() {
+        let now = Utc::now();
+        let (unread, read) = (
+            poller(None),
+            poller(Some(now - chrono::Duration::seconds(30))),
+        );
+        // Before the first window nothing is known: not 0, not a figure from another poller.
+        assert_eq!(stream_lag(&[], now), None);
+        assert_eq!(stream_lag(&[&unread], now), None);
+        assert_eq!(stream_lag(&[&read, &unread], now), None);
+        assert_eq!(stream_lag(&[&read], now), Some(30.0));
+    }
+
+    #[test]
+    fn a_summary_shows_the_first_set_fields_in_schema_order() {
+        let record = serde_json::value::RawValue::from_string(
+            r#"{"meta":{"op":"UPDATED"},"zeta":7,"alpha":null,"beta":"b","amount":"1.50","extra":{}}"#
+                .to_owned(),
+        )
+        .unwrap();
+        assert_eq!(
+            summarise(&record),
+            Some(("UPDATED".to_owned(), "zeta=7 beta=b amount=1.50".to_owned()))
+        );
+    }
+
+    #[test]
+    fn settings_from_the_file_or_the_environment_are_the_users() {
+        let file: toml::Value = toml::from_str("[http]\nlisten = \"0.0.0.0:1\"\n").unwrap();
+        assert!(user_set(Some(&file), "http.listen"));
+        assert!(!user_set(Some(&file), "kafka.instance_id"));
+        assert!(!user_set(None, "kafka.some_key_nobody_sets"));
+    }
 }

@@ -60,6 +60,16 @@ enum Command {
     /// Show or move the state (cursors, fingerprints) kept in the state topic.
     #[command(subcommand)]
     State(StateCommand),
+    /// Read the events in the topics.
+    #[command(subcommand)]
+    Events(EventsCommand),
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// Print a topic's events decoded as JSON lines (read_committed, no consumer group),
+    /// following it until Ctrl-C or --max.
+    Tail(ibstream::events::tail::TailArgs),
 }
 
 #[derive(Subcommand)]
@@ -135,6 +145,9 @@ fn main() -> ExitCode {
             },
             Command::Schemas(command) => schemas(cli.config.as_deref(), command).await,
             Command::State(command) => state(cli.config.as_deref(), command).await,
+            Command::Events(EventsCommand::Tail(args)) => {
+                events_tail(cli.config.as_deref(), args).await
+            }
             Command::Demo(args) => {
                 let cancel = tokio_util::sync::CancellationToken::new();
                 let on_signal = cancel.clone();
@@ -142,7 +155,7 @@ fn main() -> ExitCode {
                     ibstream::sim::shutdown_signal().await;
                     on_signal.cancel();
                 });
-                match ibstream::demo::run(*args, cancel).await {
+                match ibstream::demo::run(*args, cli.config.as_deref(), cancel).await {
                     Ok(summary) => {
                         print!("{summary}");
                         ExitCode::SUCCESS
@@ -158,10 +171,7 @@ fn main() -> ExitCode {
                     .and_then(|c| ibstream::run::validate(&c).map(|()| c))
                 {
                     Ok(config) => config,
-                    Err(e) => {
-                        eprintln!("{e}");
-                        return ExitCode::from(EXIT_CONFIG);
-                    }
+                    Err(e) => return config_error(e, cli.config.as_deref()),
                 };
                 run(config, rebuild_state).await
             }
@@ -213,10 +223,55 @@ fn main() -> ExitCode {
 
 fn load_config(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
     let config = Config::load(path).and_then(|c| c.validate().map(|()| c));
-    config.map_err(|e| {
-        eprintln!("{e}");
-        ExitCode::from(EXIT_CONFIG)
-    })
+    config.map_err(|e| config_error(e, path))
+}
+
+/// Prints a configuration error – and, when no file was given, how to give one – and
+/// returns the exit code of configuration errors.
+fn config_error(error: impl std::fmt::Display, path: Option<&std::path::Path>) -> ExitCode {
+    eprintln!("{error}");
+    if path.is_none() {
+        eprintln!("no configuration file given: pass one with --config FILE or IBSTREAM_CONFIG=FILE (IBSTREAM_* variables set single keys, e.g. IBSTREAM_KAFKA__BOOTSTRAP_SERVERS)");
+    }
+    ExitCode::from(EXIT_CONFIG)
+}
+
+async fn events_tail(
+    path: Option<&std::path::Path>,
+    args: ibstream::events::tail::TailArgs,
+) -> ExitCode {
+    use ibstream::events::tail::TailError;
+    let config = Config::load(path).map(|mut c| {
+        if let Some(bootstrap) = &args.bootstrap_servers {
+            c.kafka.bootstrap_servers = bootstrap.clone();
+        }
+        c
+    });
+    let config = match config.and_then(|c| {
+        c.validate_without_crm()?;
+        c.kafka.validate().map(|()| c)
+    }) {
+        Ok(config) => config,
+        Err(e) => return config_error(e, path),
+    };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        ibstream::sim::shutdown_signal().await;
+        on_signal.cancel();
+    });
+    let mut out = std::io::stdout();
+    match ibstream::events::tail::run(&config, &args, &mut out, &cancel).await {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(TailError::Config(e)) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 async fn schemas(path: Option<&std::path::Path>, command: SchemasCommand) -> ExitCode {
@@ -310,15 +365,13 @@ async fn schemas(path: Option<&std::path::Path>, command: SchemasCommand) -> Exi
 }
 
 async fn state(path: Option<&std::path::Path>, command: StateCommand) -> ExitCode {
+    // Only Kafka is read: the CRM section may be absent.
     let config = match Config::load(path).and_then(|c| {
-        c.validate()?;
+        c.validate_without_crm()?;
         c.kafka.validate().map(|()| c)
     }) {
         Ok(config) => config,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(e) => return config_error(e, path),
     };
     use ibstream::state_tool::{ResetRequest, ResetTo};
     match command {
@@ -396,8 +449,8 @@ async fn run(config: Config, rebuild_state: bool) -> ExitCode {
     match ibstream::run::run_with(config, cancel.clone(), stats, &options).await {
         Ok(report) if report.stopped.is_empty() => ExitCode::SUCCESS,
         Ok(report) => {
-            for (stream, reason) in &report.stopped {
-                eprintln!("error: {stream} stopped: {reason}");
+            for (streams, reason) in ibstream::run::by_reason(&report.stopped) {
+                eprintln!("error: {} stopped: {reason}", streams.join(", "));
             }
             ExitCode::FAILURE
         }

@@ -165,9 +165,19 @@ async fn check_reports_the_broker_topics_and_transactions() {
     );
     config.kafka.delivery = ibstream::config::Delivery::AtLeastOnce;
     let lines = ibstream::check::kafka(&config).await;
-    assert!(lines
+    let transactions = lines
         .iter()
-        .any(|l| l.what == "kafka transactions" && l.is_ok()));
+        .find(|l| l.what == "kafka transactions")
+        .unwrap();
+    assert!(transactions.is_ok());
+    // Says what was and was not checked, never "ok" for what it did not test.
+    let shown = transactions.to_string();
+    assert!(!shown.contains(" ok"), "{shown}");
+    assert!(shown.contains("not checked: "), "{shown}");
+    assert!(
+        shown.contains("at-least-once") && shown.contains("checked: the brokers"),
+        "{shown}"
+    );
 }
 
 /// A TLS-terminating proxy on `at` in front of a plaintext port (tansu 0.6.0 cannot take

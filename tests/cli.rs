@@ -255,7 +255,172 @@ fn demo_streams_every_stream_into_the_in_process_kafka_and_reads_it_back() {
             "{line}"
         );
     }
-    assert!(stdout.contains("kcat -b 127.0.0.1:"), "{stdout}");
+    assert!(
+        stdout.contains("ibstream events tail --bootstrap-servers 127.0.0.1:"),
+        "{stdout}"
+    );
+}
+
+/// Emitted and read-back counts of each stream in a demo summary: ((created, updated)
+/// emitted, (created, updated) read back).
+fn summary_counts(summary: &str, stream: &str) -> ((u64, u64), (u64, u64)) {
+    let line = summary
+        .lines()
+        .find(|l| l.trim_start().starts_with(&format!("{stream}:")))
+        .unwrap_or_else(|| panic!("no {stream} line: {summary}"));
+    let numbers: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert_eq!(numbers.len(), 4, "{line}");
+    ((numbers[0], numbers[1]), (numbers[2], numbers[3]))
+}
+
+/// The demo stopped in the middle of its backfill, while batches are committed
+/// continuously: its summary reads back exactly what was emitted (it read on to the end of
+/// the topics after the run ended) and says so.
+#[test]
+fn demo_summary_reads_back_exactly_what_was_emitted() {
+    let started = std::time::Instant::now();
+    let out = ibstream()
+        .args([
+            "demo",
+            "--for",
+            "6",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--leads",
+            "30000",
+            "--customers",
+            "50",
+            "--transactions",
+            "50",
+            "--positions",
+            "50",
+        ])
+        // A namespace of the user's: the read-back decodes with the schemas as configured.
+        .env("IBSTREAM_EVENTS__NAMESPACE", "org.example.crm")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let summary = stdout.split("summary after").nth(1).unwrap();
+    let mut total = 0;
+    for stream in ["leads", "customers", "transactions", "servers", "positions"] {
+        let (emitted, read) = summary_counts(summary, stream);
+        assert_eq!(emitted, read, "{stream}: emitted vs. read back\n{summary}");
+        total += emitted.0 + emitted.1;
+    }
+    assert!(
+        summary.contains("the counts equal what was emitted"),
+        "{summary}"
+    );
+    eprintln!(
+        "cli: demo summary: {total} events emitted and read back; {:?}",
+        started.elapsed()
+    );
+}
+
+/// `demo` takes IBSTREAM_* settings as `run` does: the operations server listens where
+/// IBSTREAM_HTTP__LISTEN says, and IBSTREAM_KAFKA__INSTANCE_ID names the instance.
+#[test]
+fn demo_honours_ibstream_settings() {
+    let port = common::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let stdout = tempfile::NamedTempFile::new().unwrap();
+    let mut child = ibstream()
+        .args(["demo", "--for", "60", "--leads", "100", "--customers", "20"])
+        .env("IBSTREAM_HTTP__LISTEN", &listen)
+        .env("IBSTREAM_KAFKA__INSTANCE_ID", "from-env")
+        .stdout(stdout.reopen().unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no /status on {listen}: {}",
+            std::fs::read_to_string(stdout.path()).unwrap()
+        );
+        assert!(child.try_wait().unwrap().is_none(), "the demo ended");
+        let answer = std::net::TcpStream::connect(&listen)
+            .ok()
+            .and_then(|mut s| {
+                use std::io::{Read, Write};
+                s.write_all(b"GET /status HTTP/1.0\r\n\r\n").ok()?;
+                let mut text = String::new();
+                s.read_to_string(&mut text).ok()?;
+                Some(text)
+            });
+        match answer {
+            Some(text) if text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200") => {
+                break text
+            }
+            _ => std::thread::sleep(std::time::Duration::from_millis(200)),
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(status.contains("\"instanceId\":\"from-env\""), "{status}");
+    let printed = std::fs::read_to_string(stdout.path()).unwrap();
+    assert!(
+        printed.contains(&format!("http://{listen}/")),
+        "the demo prints where it listens: {printed}"
+    );
+    assert!(
+        printed.contains("your settings      http.listen, kafka.instance_id (from IBSTREAM_*)"),
+        "the demo says which settings are the user's: {printed}"
+    );
+}
+
+/// On a terminal the demo redraws its screen; `run`'s progress bars must not draw between
+/// the redraws. Runs the demo under `script` (a pseudo-terminal).
+#[test]
+fn demo_on_a_terminal_draws_no_progress_bars() {
+    let command = format!(
+        "{} demo --for 5 --http-listen 127.0.0.1:0 --leads 3000",
+        env!("CARGO_BIN_EXE_ibstream")
+    );
+    let out = Command::new("script")
+        .args(["-qefc", &command, "/dev/null"])
+        .env_remove("IBSTREAM_CONFIG")
+        .env("IBSTREAM_LOG", "warn")
+        .output()
+        .expect("script (util-linux)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("ibstream demo –"), "the demo's view: {text}");
+    assert!(
+        !text.contains("records/s") && !text.contains("caught up") && !text.contains("ETA"),
+        "progress bars drawn: {text}"
+    );
+}
+
+/// `state show` reads only Kafka: without a configuration it names the Kafka key it lacks
+/// (never the CRM's) and says how to pass a configuration.
+#[test]
+fn state_show_without_a_configuration_says_how_to_pass_one() {
+    let out = ibstream().args(["state", "show"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(!stderr.contains("crm."), "{stderr}");
+    assert!(stderr.contains("`kafka.bootstrap_servers`"), "{stderr}");
+    assert!(
+        stderr.contains("--config") && stderr.contains("IBSTREAM_CONFIG"),
+        "{stderr}"
+    );
+    // With the Kafka part given, the CRM section is not asked for either.
+    let out = ibstream()
+        .args(["state", "show"])
+        .env("IBSTREAM_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:1")
+        .env("IBSTREAM_KAFKA__SECURITY__PROTOCOL", "nonsense")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("kafka.security.protocol"), "{stderr}");
+    assert!(!stderr.contains("crm."), "{stderr}");
 }
 
 #[test]

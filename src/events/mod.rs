@@ -10,9 +10,11 @@
 //! [`DeadLetter`] for `<prefix>.dlq`; nothing is rounded or dropped silently.
 
 pub mod dead_letter;
+pub mod decode;
 pub mod encode;
 pub mod registry;
 pub mod schema;
+pub mod tail;
 
 pub use dead_letter::DeadLetter;
 pub use encode::{to_value, AvroEvent, EncodeError, Encoder, EventMeta, Framing, Op};

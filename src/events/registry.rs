@@ -164,13 +164,44 @@ impl SchemaRegistry {
         }
     }
 
+    /// Returns the schema registered under `id` (`GET /schemas/ids/{id}`), as its JSON text:
+    /// what a consumer of Confluent-framed values reads them with.
+    pub async fn schema_by_id(&self, id: u32) -> Result<String, RegistryError> {
+        let request = self
+            .http
+            .get(format!("{}/schemas/ids/{id}", self.url))
+            .header("Accept", CONTENT_TYPE);
+        match self.send(request).await? {
+            (200, body) => serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v.get("schema").and_then(Value::as_str).map(str::to_owned))
+                .ok_or_else(|| RegistryError::Unavailable {
+                    url: self.url.clone(),
+                    message: format!("answer has no schema: {}", message_of(&body)),
+                }),
+            (status, body) => Err(RegistryError::Refused {
+                url: self.url.clone(),
+                subject: format!("schema id {id}"),
+                status,
+                message: message_of(&body),
+            }),
+        }
+    }
+
     async fn post(&self, path: &str, schema: &str) -> Result<(u16, Vec<u8>), RegistryError> {
-        let mut request = self
+        let request = self
             .http
             .post(format!("{}{path}", self.url))
             .header("Content-Type", CONTENT_TYPE)
             .header("Accept", CONTENT_TYPE)
             .body(json!({ "schema": schema }).to_string());
+        self.send(request).await
+    }
+
+    async fn send(
+        &self,
+        mut request: reqwest::RequestBuilder,
+    ) -> Result<(u16, Vec<u8>), RegistryError> {
         if let (Some(user), Some(password)) = (&self.username, &self.password) {
             request = request.basic_auth(user, Some(expose(password)));
         }

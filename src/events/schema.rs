@@ -540,6 +540,43 @@ fn inline(
 mod tests {
     use super::*;
 
+    /// The `eventId` doc consumers read states the rule `stream::change::event_id` implements:
+    /// the previous event's fingerprint is part of the id (a change back gets a new id).
+    #[test]
+    fn the_event_id_doc_states_the_rule_the_code_implements() {
+        use crate::stream::change::event_id;
+        let meta: Value =
+            serde_json::from_str(include_str!("../../schemas/EventMeta.avsc")).unwrap();
+        let doc = meta["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == "eventId")
+            .unwrap()["doc"]
+            .as_str()
+            .unwrap();
+        assert!(
+            doc.contains("previous event") && doc.contains("16 lowercase hex digits"),
+            "{doc}"
+        );
+        let (a, b) = (5, 6);
+        let first = event_id("leads", "7", None, a);
+        assert_eq!(first.len(), 16);
+        assert!(first
+            .chars()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert_eq!(
+            first,
+            event_id("leads", "7", None, a),
+            "a retry has the same id"
+        );
+        assert_ne!(
+            first,
+            event_id("leads", "7", Some(b), a),
+            "A, B, A: a new id"
+        );
+    }
+
     #[test]
     fn every_schema_composes_and_parses_once_per_type() {
         let schemas = Schemas::load("com.ibstream").unwrap();

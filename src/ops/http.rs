@@ -1,5 +1,6 @@
 //! The operations HTTP server: `/metrics` (Prometheus), `/health/live`, `/health/ready` and
-//! `/status` (JSON), all read from the [`Registry`]. Nothing it answers holds a secret: the
+//! `/status` (JSON) and `/` (the status page, rendered from `/status`'s JSON), all read from
+//! the [`Registry`]. Nothing it answers holds a secret: the
 //! registry keeps only counters, cursors and error texts that are secret-free by construction.
 
 use std::net::SocketAddr;
@@ -40,6 +41,7 @@ pub async fn serve(
         .route("/health/live", get(|| async { "ok\n" }))
         .route("/health/ready", get(ready))
         .route("/status", get(status))
+        .route("/", get(page))
         .with_state(app);
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -85,6 +87,18 @@ fn time(t: chrono::DateTime<Utc>) -> Value {
 
 async fn status(State(app): State<Arc<App>>) -> Response {
     axum::Json(status_json(&app.registry)).into_response()
+}
+
+async fn page(State(app): State<Arc<App>>) -> Response {
+    let html = super::page::render(&status_json(&app.registry));
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        html,
+    )
+        .into_response()
 }
 
 /// Returns the `/status` document.

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError};
 use crate::crm::CrmClient;
@@ -101,6 +101,8 @@ pub struct RunOptions {
     /// Start even though the state topic is empty while the data topics hold records (the
     /// state was lost): everything is read and emitted again (`run --rebuild-state`).
     pub rebuild_state: bool,
+    /// Draw no progress bars on a terminal (the demo redraws the screen itself).
+    pub no_progress_bars: bool,
 }
 
 /// Runs as [`run`] does, with `options`.
@@ -201,7 +203,7 @@ pub async fn run_with(
     ));
     drop(shared);
 
-    let (mut report, fatal) = wait(tasks, &ops, &cancel).await;
+    let (mut report, fatal) = wait(tasks, &ops, &cancel, !options.no_progress_bars).await;
     beat_cancel.cancel();
     let _ = beat.await;
     http_cancel.cancel();
@@ -303,7 +305,7 @@ async fn serve_ops(
     let (addr, _) = crate::ops::http::serve(config.http.address()?, ops.clone(), cancel.clone())
         .await
         .map_err(RunError::Startup)?;
-    info!(address = %addr, "operations server listening (/metrics, /health/live, /health/ready, /status)");
+    info!(address = %addr, "operations server listening (/ status page, /metrics, /health/live, /health/ready, /status)");
     Ok(Some(addr))
 }
 
@@ -418,6 +420,7 @@ async fn wait(
     mut tasks: JoinSet<(String, Exit)>,
     ops: &Registry,
     cancel: &CancellationToken,
+    progress_bars: bool,
 ) -> (RunReport, Option<String>) {
     let mut report = RunReport::default();
     let mut first_fatal = None;
@@ -428,16 +431,36 @@ async fn wait(
     };
     // A terminal gets progress bars, redrawn twice a second; elsewhere a log line per
     // stream every 30 s.
-    let mut bars = progress::Bars::on_terminal();
+    let mut bars = progress_bars.then(progress::Bars::on_terminal).flatten();
     let period = Duration::from_millis(if bars.is_some() { 500 } else { 30_000 });
     let mut progress = tokio::time::interval(period);
     progress.tick().await;
+    // After a stream stops, whether the others go on is said once this settles: streams
+    // stopped by a shared cause (the CRM's credentials) stop within moments of each other.
+    let mut settle: Option<tokio::time::Instant> = None;
+    let mut stopped_told = 0;
     loop {
+        let settled = async {
+            match settle {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         let joined = tokio::select! {
             _ = progress.tick() => {
                 match &mut bars {
                     Some(bars) => bars.update(ops),
                     None => log_all(),
+                }
+                continue;
+            }
+            () = settled => {
+                settle = None;
+                if !tasks.is_empty() && !cancel.is_cancelled() {
+                    let stopped: Vec<&str> =
+                        report.stopped[stopped_told..].iter().map(|(n, _)| n.as_str()).collect();
+                    stopped_told = report.stopped.len();
+                    warn!(stopped = %stopped.join(", "), running = tasks.len(), "the other streams go on");
                 }
                 continue;
             }
@@ -447,6 +470,7 @@ async fn wait(
             None => break,
             Some(Ok((name, Exit::Stopped(reason) | Exit::Denied(reason)))) => {
                 report.stopped.push((name, reason));
+                settle = Some(tokio::time::Instant::now() + STOPS_SETTLE);
                 continue;
             }
             Some(Ok((_, Exit::Cancelled))) => continue,
@@ -457,5 +481,26 @@ async fn wait(
         cancel.cancel();
     }
     log_all();
+    if first_fatal.is_none() && !report.stopped.is_empty() && !cancel.is_cancelled() {
+        for (streams, reason) in by_reason(&report.stopped) {
+            error!(streams = %streams.join(", "), error = %reason, "every stream stopped; run ends");
+        }
+    }
     (report, first_fatal)
+}
+
+/// How long after a stream stopped `run` waits before saying the others go on.
+const STOPS_SETTLE: Duration = Duration::from_secs(2);
+
+/// Groups stopped streams by their reason, in the order the reasons first came: a cause
+/// every stream shares (the CRM's credentials) is said once, naming them all.
+pub fn by_reason(stopped: &[(String, String)]) -> Vec<(Vec<&str>, &str)> {
+    let mut groups: Vec<(Vec<&str>, &str)> = Vec::new();
+    for (stream, reason) in stopped {
+        match groups.iter_mut().find(|(_, r)| r == reason) {
+            Some((streams, _)) => streams.push(stream),
+            None => groups.push((vec![stream], reason)),
+        }
+    }
+    groups
 }

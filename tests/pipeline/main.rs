@@ -604,6 +604,7 @@ pub fn malformed_truth(sim: &SimHandle) -> Vec<Json> {
 mod answers;
 mod completeness;
 mod faults;
+mod newcomer;
 mod ops;
 mod scenarios;
 mod values;

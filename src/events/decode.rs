@@ -1,0 +1,385 @@
+//! Reading events back: a framed record value (single-object or Confluent) to its Avro value,
+//! and an Avro value to JSON for people (`ibstream events tail`, the demo's view).
+//!
+//! Framing is told by the first byte: `C3 01` + 8-byte CRC-64-AVRO fingerprint is Avro
+//! single-object encoding (the writer schema is one of the embedded schemas, found by its
+//! fingerprint); `00` + 4-byte big-endian id is Confluent's wire format (the writer schema is
+//! fetched from the Schema Registry by id, once per id). The datum is read with the writer
+//! schema by apache-avro.
+//!
+//! JSON shape: records as objects in field order, a union as its branch's value (`null` for
+//! null), enums as their symbol, `decimal` as an exact string (`"1234.5"`: never a float),
+//! `timestamp-millis` as RFC 3339 UTC with milliseconds, `date` as `YYYY-MM-DD`, bytes and
+//! fixed as lowercase hex.
+
+use std::collections::HashMap;
+
+use apache_avro::schema::{Name, Schema};
+use apache_avro::types::Value as Avro;
+use serde_json::value::RawValue;
+use serde_json::{json, Value as Json};
+
+use super::registry::SchemaRegistry;
+use super::schema::Schemas;
+
+/// Why a record value could not be decoded (the text names the cause; no secret).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DecodeError(pub String);
+
+fn fail<T>(message: impl Into<String>) -> Result<T, DecodeError> {
+    Err(DecodeError(message.into()))
+}
+
+/// A writer schema with the named types it defines (for `Ref`s to them).
+struct Writer {
+    schema: Schema,
+    names: HashMap<Name, Schema>,
+}
+
+impl Writer {
+    fn new(schema: Schema) -> Writer {
+        let mut names = HashMap::new();
+        collect_names(&schema, &mut names);
+        Writer { schema, names }
+    }
+}
+
+fn collect_names(schema: &Schema, names: &mut HashMap<Name, Schema>) {
+    match schema {
+        Schema::Record(record) => {
+            names.insert(record.name.clone(), schema.clone());
+            for field in &record.fields {
+                collect_names(&field.schema, names);
+            }
+        }
+        Schema::Enum(e) => {
+            names.insert(e.name.clone(), schema.clone());
+        }
+        Schema::Fixed(f) => {
+            names.insert(f.name.clone(), schema.clone());
+        }
+        Schema::Array(a) => collect_names(&a.items, names),
+        Schema::Map(m) => collect_names(&m.types, names),
+        Schema::Union(u) => u.variants().iter().for_each(|v| collect_names(v, names)),
+        _ => {}
+    }
+}
+
+/// Decodes framed event values: embedded schemas by fingerprint, registry schemas by id.
+pub struct Decoder {
+    by_fingerprint: Vec<([u8; 8], Writer)>,
+    registry: Option<SchemaRegistry>,
+    by_id: HashMap<u32, Writer>,
+}
+
+impl std::fmt::Debug for Decoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decoder")
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One decoded event value.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    /// The writer schema's full name (`com.ibstream.LeadEvent`).
+    pub schema: String,
+    /// The record as JSON text, fields in schema order (see the module's shape).
+    pub record: Box<RawValue>,
+}
+
+impl Decoded {
+    /// Returns the record as a JSON value (objects' keys then sorted).
+    pub fn value(&self) -> Json {
+        serde_json::from_str(self.record.get()).unwrap_or(Json::Null)
+    }
+}
+
+impl Decoder {
+    /// Builds a decoder for the embedded `schemas` and, for Confluent-framed values, a
+    /// registry (`None`: such values fail to decode, saying a registry is needed).
+    pub fn new(schemas: &Schemas, registry: Option<SchemaRegistry>) -> Decoder {
+        Decoder {
+            by_fingerprint: schemas
+                .all()
+                .iter()
+                .map(|s| (s.fingerprint, Writer::new(s.schema.clone())))
+                .collect(),
+            registry,
+            by_id: HashMap::new(),
+        }
+    }
+
+    /// Decodes a framed value whose writer schema is embedded (single-object framing) or
+    /// already fetched; `Ok(None)` for a Confluent value whose schema must be fetched first
+    /// ([`Decoder::decode`] does that).
+    pub fn decode_known(&self, payload: &[u8]) -> Result<Option<Decoded>, DecodeError> {
+        let (writer, mut datum) = match payload {
+            [0xC3, 0x01, rest @ ..] if rest.len() >= 8 => {
+                let (fingerprint, datum) = rest.split_at(8);
+                let Some((_, writer)) = self
+                    .by_fingerprint
+                    .iter()
+                    .find(|(f, _)| f[..] == *fingerprint)
+                else {
+                    return fail(format!(
+                        "single-object value with schema fingerprint {} is not one of ibstream's schemas (events.namespace differs, or another writer)",
+                        hex(fingerprint)
+                    ));
+                };
+                (writer, datum)
+            }
+            [0x00, a, b, c, d, datum @ ..] => {
+                let id = u32::from_be_bytes([*a, *b, *c, *d]);
+                match self.by_id.get(&id) {
+                    Some(writer) => (writer, datum),
+                    None => return Ok(None),
+                }
+            }
+            _ => {
+                return fail(format!(
+                    "not an Avro event: neither single-object (C3 01) nor Confluent (00) framing; first bytes {}",
+                    hex(&payload[..payload.len().min(10)])
+                ))
+            }
+        };
+        let value = apache_avro::from_avro_datum(&writer.schema, &mut datum, None)
+            .map_err(|e| DecodeError(format!("Avro datum does not decode: {e}")))?;
+        if !datum.is_empty() {
+            return fail(format!("{} bytes left after the Avro datum", datum.len()));
+        }
+        let mut text = String::with_capacity(payload.len() * 2);
+        write_json(&value, &writer.schema, &writer.names, &mut text)?;
+        let record = RawValue::from_string(text)
+            .map_err(|e| DecodeError(format!("cannot write the record as JSON: {e}")))?;
+        let schema = match &writer.schema {
+            Schema::Record(r) => r.name.fullname(None),
+            other => format!("{other:?}"),
+        };
+        Ok(Some(Decoded { schema, record }))
+    }
+
+    /// Decodes a framed value, fetching a Confluent value's schema from the registry by id
+    /// (once per id).
+    pub async fn decode(&mut self, payload: &[u8]) -> Result<Decoded, DecodeError> {
+        if let Some(decoded) = self.decode_known(payload)? {
+            return Ok(decoded);
+        }
+        // decode_known returns None only for a Confluent value of an id not fetched yet.
+        let id = u32::from_be_bytes([payload[1], payload[2], payload[3], payload[4]]);
+        let Some(registry) = &self.registry else {
+            return fail(format!(
+                "Confluent-framed value (schema id {id}): set schema_registry.url to decode it"
+            ));
+        };
+        let text = registry
+            .schema_by_id(id)
+            .await
+            .map_err(|e| DecodeError(e.to_string()))?;
+        let schema = Schema::parse_str(&text).map_err(|e| {
+            DecodeError(format!("the registry's schema id {id} does not parse: {e}"))
+        })?;
+        self.by_id.insert(id, Writer::new(schema));
+        match self.decode_known(payload)? {
+            Some(decoded) => Ok(decoded),
+            None => fail(format!("schema id {id} not found after fetching it")),
+        }
+    }
+}
+
+/// Appends `value` (written with `schema`) as JSON text to `out`, records' fields in schema
+/// order; see the module's shape.
+fn write_json(
+    value: &Avro,
+    schema: &Schema,
+    names: &HashMap<Name, Schema>,
+    out: &mut String,
+) -> Result<(), DecodeError> {
+    let schema = match schema {
+        Schema::Ref { name } => match names.get(name) {
+            Some(schema) => schema,
+            None => return fail(format!("schema refers to unknown type {name}")),
+        },
+        other => other,
+    };
+    let scalar = match (value, schema) {
+        (Avro::Union(i, inner), Schema::Union(union)) => {
+            let Some(branch) = union.variants().get(*i as usize) else {
+                return fail(format!("union branch {i} out of range"));
+            };
+            return write_json(inner, branch, names, out);
+        }
+        (Avro::Record(fields), Schema::Record(record)) => {
+            out.push('{');
+            for (i, ((name, value), field)) in fields.iter().zip(&record.fields).enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Json::String(name.clone()).to_string());
+                out.push(':');
+                write_json(value, &field.schema, names, out)?;
+            }
+            out.push('}');
+            return Ok(());
+        }
+        (Avro::Array(items), Schema::Array(array)) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_json(item, &array.items, names, out)?;
+            }
+            out.push(']');
+            return Ok(());
+        }
+        (Avro::Map(entries), Schema::Map(map)) => {
+            let mut keys: Vec<&String> = entries.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Json::String(key.clone()).to_string());
+                out.push(':');
+                write_json(&entries[key], &map.types, names, out)?;
+            }
+            out.push('}');
+            return Ok(());
+        }
+        (Avro::Decimal(d), Schema::Decimal(decimal)) => {
+            let bytes = Vec::<u8>::try_from(d)
+                .map_err(|e| DecodeError(format!("decimal does not read: {e}")))?;
+            Json::String(decimal_text(&bytes, decimal.scale)?)
+        }
+        (Avro::Null, _) => Json::Null,
+        (Avro::Boolean(b), _) => json!(b),
+        (Avro::Int(n), _) => json!(n),
+        (Avro::Long(n), _) => json!(n),
+        (Avro::Float(n), _) => json!(n),
+        (Avro::Double(n), _) => json!(n),
+        (Avro::String(s), _) | (Avro::Enum(_, s), _) => Json::String(s.clone()),
+        (Avro::Bytes(b), _) | (Avro::Fixed(_, b), _) => Json::String(hex(b)),
+        (Avro::Date(days), _) => Json::String(
+            chrono::NaiveDate::from_num_days_from_ce_opt(719_163 + days)
+                .map_or_else(|| days.to_string(), |d| d.to_string()),
+        ),
+        (Avro::TimestampMillis(ms), _) => {
+            Json::String(chrono::DateTime::from_timestamp_millis(*ms).map_or_else(
+                || ms.to_string(),
+                |t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            ))
+        }
+        (Avro::TimestampMicros(us), _) => {
+            Json::String(chrono::DateTime::from_timestamp_micros(*us).map_or_else(
+                || us.to_string(),
+                |t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            ))
+        }
+        (Avro::Uuid(u), _) => Json::String(u.to_string()),
+        (other, schema) => {
+            return fail(format!(
+                "value {other:?} does not match its schema {:?}",
+                apache_avro::schema::SchemaKind::from(schema)
+            ))
+        }
+    };
+    out.push_str(&scalar.to_string());
+    Ok(())
+}
+
+/// Returns an Avro decimal (big-endian two's complement `bytes`, `scale` digits after the
+/// point) as an exact decimal string without trailing zeros after the point (`"-12.5"`).
+pub fn decimal_text(bytes: &[u8], scale: usize) -> Result<String, DecodeError> {
+    if bytes.len() > 16 {
+        return fail(format!(
+            "decimal of {} bytes is wider than 128 bits",
+            bytes.len()
+        ));
+    }
+    let negative = bytes.first().is_some_and(|b| b & 0x80 != 0);
+    let mut wide = [if negative { 0xFF } else { 0 }; 16];
+    wide[16 - bytes.len()..].copy_from_slice(bytes);
+    let unscaled = i128::from_be_bytes(wide);
+    let digits = unscaled.unsigned_abs().to_string();
+    let digits = format!("{digits:0>width$}", width = scale + 1);
+    let (int, frac) = digits.split_at(digits.len() - scale);
+    let frac = frac.trim_end_matches('0');
+    let sign = if negative { "-" } else { "" };
+    Ok(if frac.is_empty() {
+        format!("{sign}{int}")
+    } else {
+        format!("{sign}{int}.{frac}")
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimals_are_exact_strings() {
+        let text = |n: i128, scale| {
+            let bytes = n.to_be_bytes();
+            decimal_text(&bytes, scale).unwrap()
+        };
+        assert_eq!(text(123_450_000_000, 8), "1234.5");
+        assert_eq!(text(-1, 8), "-0.00000001");
+        assert_eq!(text(0, 8), "0");
+        assert_eq!(text(-250_000_000, 8), "-2.5");
+        // 38 digits: beyond f64 and rust_decimal, still exact.
+        assert_eq!(
+            text(99_999_999_999_999_999_999_999_999_999_999_999_999, 8),
+            "999999999999999999999999999999.99999999"
+        );
+        assert_eq!(decimal_text(&[0x80], 0).unwrap(), "-128");
+        assert!(decimal_text(&[1; 17], 8).is_err());
+    }
+
+    #[test]
+    fn an_encoded_event_decodes_to_json_with_exact_decimals() {
+        use crate::events::{Encoder, EventMeta, Framing, Op};
+        let schemas = Schemas::load("com.ibstream").unwrap();
+        let mut encoder = Encoder::new(&schemas, Framing::SingleObject).unwrap();
+        let transaction = crate::crm::Transaction {
+            id: Some(1),
+            amount: Some("1234.56789012".parse().unwrap()),
+            ..Default::default()
+        };
+        let now = chrono::Utc::now();
+        let meta = EventMeta {
+            event_id: "e-1".into(),
+            op: Op::Created,
+            emitted_at: now,
+            source: "sim.example.com".into(),
+            endpoint: "/transactions".into(),
+            window: None,
+            fetched_at: now,
+            connector_version: "0.1.0".into(),
+        };
+        let bytes = encoder.encode(&transaction, &meta).unwrap();
+        let decoded = Decoder::new(&schemas, None)
+            .decode_known(&bytes)
+            .unwrap()
+            .unwrap();
+        assert_eq!(decoded.schema, "com.ibstream.TransactionEvent");
+        assert_eq!(decoded.value()["amount"], json!("1234.56789012"));
+        assert_eq!(decoded.value()["meta"]["op"], json!("CREATED"));
+        // Fields in schema order: meta first, extra last.
+        assert!(decoded.record.get().starts_with("{\"meta\":{\"eventId\":"));
+        assert!(decoded.record.get().ends_with("\"extra\":{}}"));
+        // Garbage is an error naming the framing, never a panic.
+        let err = Decoder::new(&schemas, None).decode_known(b"{\"x\":1}");
+        assert!(err.unwrap_err().0.contains("framing"));
+        let mut short = bytes.clone();
+        short.truncate(14);
+        assert!(Decoder::new(&schemas, None).decode_known(&short).is_err());
+    }
+}

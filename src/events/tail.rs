@@ -1,0 +1,221 @@
+//! `ibstream events tail`: a topic's events decoded as JSON lines, for people and scripts.
+//!
+//! One JSON object per record on stdout: `topic`, `partition`, `offset`, `key`, `schema`
+//! (the writer schema's full name) and `event` (the decoded record, shape in
+//! [`super::decode`]: decimals as exact strings). A record that does not decode is a line
+//! with `error` instead of `schema` and `event`; the tail goes on.
+//!
+//! It reads `read_committed` (an exactly-once run's aborted batches never show) with its own
+//! partition assignment: it joins no consumer group and commits no offsets, so it can run
+//! beside any consumer and leaves nothing behind. It needs only the Kafka part of the
+//! configuration (and the Schema Registry for Confluent-framed values).
+
+use std::io::Write;
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use super::decode::Decoder;
+use super::registry::SchemaRegistry;
+use super::schema::Schemas;
+use crate::config::Config;
+
+/// The streams whose topics hold events.
+const STREAMS: [&str; 5] = ["leads", "customers", "transactions", "servers", "positions"];
+
+/// What `events tail` reads (its command line).
+#[derive(Debug, Clone, clap::Args)]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["stream", "topic"])))]
+pub struct TailArgs {
+    /// The stream whose configured topic to read: leads, customers, transactions, servers,
+    /// positions.
+    #[arg(long)]
+    pub stream: Option<String>,
+    /// The topic to read.
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Start at the oldest record (default: only records written from now on).
+    #[arg(long)]
+    pub from_beginning: bool,
+    /// Only records with this key (the entity key: a lead's id, `mt4-live-01:123` for a
+    /// position).
+    #[arg(long)]
+    pub key: Option<String>,
+    /// Stop after printing N records (default: follow until Ctrl-C).
+    #[arg(long, value_name = "N")]
+    pub max: Option<u64>,
+    /// Kafka's bootstrap servers (`HOST:PORT`), instead of `kafka.bootstrap_servers` (e.g.
+    /// the address `ibstream demo` prints).
+    #[arg(long)]
+    pub bootstrap_servers: Option<String>,
+}
+
+/// Errors that stop the tail before it reads (a record that does not decode never does).
+#[derive(Debug, thiserror::Error)]
+pub enum TailError {
+    /// Bad configuration or arguments (exit code 2).
+    #[error("{0}")]
+    Config(String),
+    /// Kafka or the registry cannot be used.
+    #[error("{0}")]
+    Kafka(String),
+    /// The output cannot be written.
+    #[error("cannot write the output: {0}")]
+    Output(std::io::Error),
+}
+
+/// One output line, its keys in this order.
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+    key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    schema: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<Box<serde_json::value::RawValue>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// Returns the topic `args` name.
+pub fn topic(config: &Config, args: &TailArgs) -> Result<String, TailError> {
+    match (&args.stream, &args.topic) {
+        (Some(stream), None) if STREAMS.contains(&stream.as_str()) => {
+            Ok(config.topics.data_topic(stream))
+        }
+        (Some(stream), None) => Err(TailError::Config(format!(
+            "unknown stream {stream:?}; streams: {}",
+            STREAMS.join(", ")
+        ))),
+        (None, Some(topic)) => Ok(topic.clone()),
+        _ => Err(TailError::Config(
+            "give either --stream or --topic".to_owned(),
+        )),
+    }
+}
+
+/// Prints the events of the topic `args` name to `out` until `--max` records were printed,
+/// `cancel` fires (Ctrl-C) or `out` is closed (a pipe to `head`); returns how many it
+/// printed.
+pub async fn run(
+    config: &Config,
+    args: &TailArgs,
+    out: &mut (dyn Write + Send),
+    cancel: &CancellationToken,
+) -> Result<u64, TailError> {
+    let topic = topic(config, args)?;
+    let schemas =
+        Schemas::load(&config.events.namespace).map_err(|e| TailError::Config(e.to_string()))?;
+    let registry = match &config.schema_registry {
+        Some(registry) => {
+            Some(SchemaRegistry::build(registry).map_err(|e| TailError::Config(e.to_string()))?)
+        }
+        None => None,
+    };
+    let mut decoder = Decoder::new(&schemas, registry);
+    let kafka = config.kafka.clone();
+    // A refused login or TLS handshake is told at once, naming the key to fix.
+    let metadata = tokio::task::spawn_blocking(move || {
+        crate::kafka::refusal::reach(&kafka, Duration::from_secs(30))
+    })
+    .await
+    .map_err(|e| TailError::Kafka(e.to_string()))?
+    .map_err(TailError::Kafka)?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default();
+    if partitions.is_empty() {
+        return Err(TailError::Kafka(format!(
+            "topic {topic} does not exist at {} (`ibstream run` creates it)",
+            config.kafka.bootstrap_servers
+        )));
+    }
+    let mut client = ClientConfig::new();
+    for (key, value) in config
+        .kafka
+        .client_settings()
+        .map_err(|e| TailError::Config(e.to_string()))?
+    {
+        client.set(key, value);
+    }
+    // group.id is required by librdkafka's consumer; with assign() it joins no group, and
+    // nothing is committed.
+    let consumer: StreamConsumer = client
+        .set("group.id", "ibstream-events-tail")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed")
+        .create()
+        .map_err(|e| TailError::Kafka(format!("cannot create a Kafka consumer: {e}")))?;
+    let start = if args.from_beginning {
+        Offset::Beginning
+    } else {
+        Offset::End
+    };
+    let mut assignment = TopicPartitionList::new();
+    for partition in partitions {
+        assignment
+            .add_partition_offset(&topic, partition, start)
+            .map_err(|e| TailError::Kafka(e.to_string()))?;
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(|e| TailError::Kafka(format!("cannot read {topic}: {e}")))?;
+    let mut printed = 0u64;
+    loop {
+        if args.max.is_some_and(|max| printed >= max) {
+            return Ok(printed);
+        }
+        let message = tokio::select! {
+            _ = cancel.cancelled() => return Ok(printed),
+            message = consumer.recv() => message,
+        };
+        let message = match message {
+            Ok(message) => message,
+            Err(e) => {
+                tracing::warn!(topic = %topic, error = %e, "kafka read failed, retrying");
+                continue;
+            }
+        };
+        let key = message
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned());
+        if args.key.is_some() && args.key != key {
+            continue;
+        }
+        let mut line = Line {
+            topic: message.topic(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key,
+            schema: None,
+            event: None,
+            error: None,
+        };
+        match message.payload() {
+            None => line.error = Some("the record has no value".to_owned()),
+            Some(payload) => match decoder.decode(payload).await {
+                Ok(decoded) => {
+                    line.schema = Some(decoded.schema);
+                    line.event = Some(decoded.record);
+                }
+                Err(e) => line.error = Some(format!("does not decode: {e}")),
+            },
+        }
+        let line = serde_json::to_string(&line)
+            .map_err(|e| TailError::Output(std::io::Error::other(e)))?;
+        let written = writeln!(out, "{line}").and_then(|()| out.flush());
+        match written {
+            Ok(()) => printed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(printed),
+            Err(e) => return Err(TailError::Output(e)),
+        }
+    }
+}
