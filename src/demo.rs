@@ -34,8 +34,9 @@ const STREAMS: [&str; 5] = ["leads", "customers", "transactions", "servers", "po
 /// Options of the demo (its command line).
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
-    /// A real Kafka broker (`HOST:PORT`) instead of the in-process mock (or
-    /// `kafka.bootstrap_servers` from the configuration or `IBSTREAM_KAFKA__BOOTSTRAP_SERVERS`).
+    /// A real Kafka broker (`HOST:PORT`) instead of the in-process mock. Only this flag
+    /// chooses one: `kafka.bootstrap_servers` from a configuration is ignored, so the
+    /// simulator's records never reach the topics of a production configuration.
     #[arg(long)]
     pub kafka: Option<String>,
     /// Delivery mode: exactly-once (default) or at-least-once (for brokers without
@@ -68,9 +69,8 @@ pub struct DemoArgs {
 
 /// The settings the demo gives values of its own, kept when the configuration file or an
 /// `IBSTREAM_*` variable sets them.
-pub const DEMO_DEFAULTS: [&str; 8] = [
+pub const DEMO_DEFAULTS: [&str; 7] = [
     "http.listen",
-    "kafka.bootstrap_servers",
     "kafka.delivery",
     "kafka.instance_id",
     "kafka.replication_factor",
@@ -193,7 +193,8 @@ pub async fn run(
     }
     let real_kafka = match &args.kafka {
         Some(bootstrap) => Some(bootstrap.clone()),
-        None if set("kafka.bootstrap_servers") => Some(config.kafka.bootstrap_servers.clone()),
+        // Never from the configuration: a production `IBSTREAM_CONFIG` in the environment
+        // must not send the simulator's made-up records to the real topics.
         None => None,
     };
     let mock = match real_kafka {

@@ -332,6 +332,9 @@ fn demo_honours_ibstream_settings() {
         .args(["demo", "--for", "60", "--leads", "100", "--customers", "20"])
         .env("IBSTREAM_HTTP__LISTEN", &listen)
         .env("IBSTREAM_KAFKA__INSTANCE_ID", "from-env")
+        // A production configuration's broker: the demo must not send the simulator's
+        // records there (it would fail to reach this one and never serve /status).
+        .env("IBSTREAM_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:1")
         .stdout(stdout.reopen().unwrap())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -371,6 +374,10 @@ fn demo_honours_ibstream_settings() {
     assert!(
         printed.contains("your settings      http.listen, kafka.instance_id (from IBSTREAM_*)"),
         "the demo says which settings are the user's: {printed}"
+    );
+    assert!(
+        printed.contains("Kafka (in-process)"),
+        "only --kafka points the demo at a real broker: {printed}"
     );
 }
 
