@@ -1,7 +1,8 @@
 //! Reads a data topic to its end and keeps the latest event of every key.
 //!
-//! The consumer is group-less (no `group.id`: partitions are assigned, never subscribed, and
-//! no offset is ever committed), reads `read_committed` (aborted and open transactions are
+//! The consumer is group-less in effect (partitions are assigned, never subscribed, so no
+//! group is joined; its `group.id` is a fresh random name librdkafka asks for, and no offset
+//! is ever committed), reads `read_committed` (aborted and open transactions are
 //! not what a payouts consumer sees), and uses no transactional id: it cannot disturb a
 //! running instance. "The end" is each partition's end as the broker reports it
 //! (`enable.partition.eof`) followed by [`QUIET`] without a new record on any partition:
@@ -47,6 +48,12 @@ pub fn read_topic(
         client.set(key, value);
     }
     let consumer: BaseConsumer = client
+        // librdkafka wants a group id even for assigned partitions; a fresh one, never
+        // joined (no subscribe) and never committed to.
+        .set(
+            "group.id",
+            format!("ibstream-verify-{:016x}", fastrand::u64(..)),
+        )
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("enable.partition.eof", "true")
