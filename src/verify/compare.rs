@@ -253,52 +253,215 @@ pub struct Totals {
 }
 
 impl Totals {
-    fn add(&mut self, name: String, value: Decimal) {
+    /// Adds `value` to the sum `name`.
+    pub fn add(&mut self, name: String, value: Decimal) {
         *self.sums.entry(name).or_default() += value;
     }
 }
 
-/// Adds one entity's contribution to the totals of its stream, by day: its record to the
-/// day of its record date (`day`), and what it sums: transactions `amountUsd` per `type`;
-/// positions `volume`, `profit`, `commission` and `swap` per server tag; customers a first
-/// deposit to the day of their `ftdDate` (when that day is in `range`).
-pub fn add_totals(
-    stream: &str,
-    body: &Body,
-    day: Option<NaiveDate>,
-    range: (NaiveDate, NaiveDate),
-    tz: Tz,
-    totals: &mut BTreeMap<Option<NaiveDate>, Totals>,
-) {
-    let entry = totals.entry(day).or_default();
-    entry.records += 1;
+/// What one entity adds to its stream's totals: its record day (where its record counts
+/// and its sums go), its first deposit's day (customers), and its sums – transactions
+/// `amountUsd` per `type`; positions `volume`, `profit`, `commission` and `swap` per server
+/// tag.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Facts {
+    /// The record's day (`None`: no date, or servers).
+    pub day: Option<NaiveDate>,
+    /// The day of the customer's first deposit.
+    pub ftd: Option<NaiveDate>,
+    /// Named sums.
+    pub sums: Vec<(String, Decimal)>,
+}
+
+impl Facts {
+    /// Adds the entity to `totals`: its record and sums to its day, a first deposit to the
+    /// deposit's day when that lies in `range`.
+    pub fn add_to(
+        &self,
+        range: (NaiveDate, NaiveDate),
+        totals: &mut BTreeMap<Option<NaiveDate>, (Totals, Totals)>,
+        crm: bool,
+    ) {
+        fn side(t: &mut (Totals, Totals), crm: bool) -> &mut Totals {
+            if crm {
+                &mut t.0
+            } else {
+                &mut t.1
+            }
+        }
+        let entry = side(totals.entry(self.day).or_default(), crm);
+        entry.records += 1;
+        for (name, value) in &self.sums {
+            entry.add(name.clone(), *value);
+        }
+        if let Some(ftd) = self.ftd.filter(|d| *d >= range.0 && *d <= range.1) {
+            side(totals.entry(Some(ftd)).or_default(), crm)
+                .add("firstDeposits".to_owned(), Decimal::ONE);
+        }
+    }
+}
+
+/// Returns the facts of an event's body (see [`Facts`]).
+pub fn facts_of(stream: &str, body: &Body, tz: Tz) -> Facts {
+    let mut facts = Facts {
+        day: day_field(stream).and_then(|f| day(body, f, tz)),
+        ..Facts::default()
+    };
     match stream {
         "transactions" => {
             let kind = string(body, "type").unwrap_or_else(|| "-".to_owned());
             if let Some(amount) = decimal(body, "amountUsd") {
-                entry.add(format!("amountUsd[{kind}]"), amount);
+                facts.sums.push((format!("amountUsd[{kind}]"), amount));
             }
         }
         "positions" => {
             let tag = string(body, "serverTag").unwrap_or_else(|| "-".to_owned());
             for name in ["volume", "profit", "commission", "swap"] {
                 if let Some(value) = decimal(body, name) {
-                    entry.add(format!("{name}[{tag}]"), value);
+                    facts.sums.push((format!("{name}[{tag}]"), value));
                 }
             }
         }
-        "customers" => {
-            if let Some(ftd) = self::day(body, "ftdDate", tz) {
-                if ftd >= range.0 && ftd <= range.1 {
-                    totals
-                        .entry(Some(ftd))
-                        .or_default()
-                        .add("firstDeposits".to_owned(), Decimal::ONE);
-                }
-            }
-        }
+        "customers" => facts.ftd = day(body, "ftdDate", tz),
         _ => {}
     }
+    facts
+}
+
+/// The facts of a CRM model, equal to [`facts_of`] the body of its event (decimals as the
+/// event holds them: 8 decimals at most).
+pub trait ModelFacts {
+    /// Returns the facts of the record.
+    fn facts(&self, tz: Tz) -> Facts;
+}
+
+fn local_day(t: Option<DateTime<Utc>>, tz: Tz) -> Option<NaiveDate> {
+    t.map(|t| t.with_timezone(&tz).date_naive())
+}
+
+fn as_event(d: Decimal) -> Decimal {
+    if d.scale() > crate::events::encode::DECIMAL_SCALE {
+        d.round_dp_with_strategy(
+            crate::events::encode::DECIMAL_SCALE,
+            rust_decimal::RoundingStrategy::MidpointNearestEven,
+        )
+    } else {
+        d
+    }
+}
+
+impl ModelFacts for crate::crm::Lead {
+    fn facts(&self, tz: Tz) -> Facts {
+        Facts {
+            day: local_day(self.person.registration_date, tz),
+            ..Facts::default()
+        }
+    }
+}
+
+impl ModelFacts for crate::crm::Customer {
+    fn facts(&self, tz: Tz) -> Facts {
+        Facts {
+            day: local_day(self.person.registration_date, tz),
+            ftd: local_day(self.ftd_date, tz),
+            sums: Vec::new(),
+        }
+    }
+}
+
+impl ModelFacts for crate::crm::Transaction {
+    fn facts(&self, tz: Tz) -> Facts {
+        let kind = self.transaction_type.as_deref().unwrap_or("-");
+        Facts {
+            day: local_day(self.transaction_date, tz),
+            ftd: None,
+            sums: self
+                .amount_usd
+                .map(|a| (format!("amountUsd[{kind}]"), as_event(a)))
+                .into_iter()
+                .collect(),
+        }
+    }
+}
+
+impl ModelFacts for crate::crm::Position {
+    fn facts(&self, tz: Tz) -> Facts {
+        let tag = self.server_tag.as_deref().unwrap_or("-");
+        let sums = [
+            ("volume", self.volume),
+            ("profit", self.profit),
+            ("commission", self.commission),
+            ("swap", self.swap),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| value.map(|v| (format!("{name}[{tag}]"), as_event(v))))
+        .collect();
+        Facts {
+            day: local_day(self.close_time, tz),
+            ftd: None,
+            sums,
+        }
+    }
+}
+
+impl ModelFacts for crate::crm::Server {
+    fn facts(&self, _tz: Tz) -> Facts {
+        Facts::default()
+    }
+}
+
+/// Returns whether two framed events name the same schema (the same framing header).
+pub fn same_header(a: &[u8], b: &[u8]) -> bool {
+    let len = match a.first() {
+        Some(0xC3) => 10,
+        Some(0) => 5,
+        _ => return false,
+    };
+    a.len() >= len && b.len() >= len && a[..len] == b[..len]
+}
+
+/// Returns the entity part of a framed event: the bytes after the framing header and
+/// `meta` (the entity's fields and `extra`), or `None` when they cannot be found. Two events
+/// of one schema hold the same entity exactly when these bytes are equal, but for the order
+/// of sets and `extra` texts spelled differently (which the slow comparison settles).
+pub fn entity_bytes(payload: &[u8]) -> Option<&[u8]> {
+    let mut rest = match payload {
+        [0xC3, 0x01, rest @ ..] if rest.len() >= 8 => &rest[8..],
+        [0, _, _, _, _, rest @ ..] => rest,
+        _ => return None,
+    };
+    fn long(rest: &mut &[u8]) -> Option<i64> {
+        let mut value: u64 = 0;
+        for shift in (0..64).step_by(7) {
+            let (&byte, tail) = rest.split_first()?;
+            *rest = tail;
+            value |= u64::from(byte & 0x7F) << shift;
+            if byte & 0x80 == 0 {
+                return Some(((value >> 1) as i64) ^ -((value & 1) as i64));
+            }
+        }
+        None
+    }
+    fn skip_bytes(rest: &mut &[u8]) -> Option<()> {
+        let len = usize::try_from(long(rest)?).ok()?;
+        *rest = rest.get(len..)?;
+        Some(())
+    }
+    // EventMeta: eventId, op, emittedAt, source, endpoint, windowFrom, windowTo, fetchedAt,
+    // connectorVersion.
+    skip_bytes(&mut rest)?;
+    long(&mut rest)?;
+    long(&mut rest)?;
+    skip_bytes(&mut rest)?;
+    skip_bytes(&mut rest)?;
+    for _ in 0..2 {
+        if long(&mut rest)? == 1 {
+            long(&mut rest)?;
+        }
+    }
+    long(&mut rest)?;
+    skip_bytes(&mut rest)?;
+    Some(rest)
 }
 
 #[cfg(test)]
@@ -314,6 +477,69 @@ mod tests {
         // A string is not a number.
         assert_ne!(canonical_json(r#""1.0""#), canonical_json("1"));
         assert_ne!(canonical_json("1.5"), canonical_json("1.50001"));
+    }
+
+    fn meta() -> crate::events::EventMeta {
+        crate::events::EventMeta {
+            event_id: "e".to_owned(),
+            op: crate::events::Op::Created,
+            emitted_at: Utc::now(),
+            source: "s".to_owned(),
+            endpoint: "/api/v1/ib/x".to_owned(),
+            window: Some((NaiveDate::MIN, NaiveDate::MAX)),
+            fetched_at: Utc::now(),
+            connector_version: "0".to_owned(),
+        }
+    }
+
+    fn read<T: crate::crm::CrmRecord>(json: &str) -> T {
+        let map: serde_json::Map<String, serde_json::Value> = serde_json::from_str(json).unwrap();
+        T::from_json(&map, chrono_tz::UTC).unwrap()
+    }
+
+    /// Encodes `model` as `run` does and reads the event back as `verify` reads the topic.
+    fn round_trip<T: crate::events::AvroEvent>(model: &T) -> (Vec<u8>, Body) {
+        let schemas = Schemas::load("com.ibstream").unwrap();
+        let mut encoder = crate::events::Encoder::new(&schemas, Framing::SingleObject).unwrap();
+        let bytes = encoder.encode(model, &meta()).unwrap();
+        let decoder = Decoder::new(&schemas, &Framing::SingleObject);
+        let value = decoder.decode(T::EVENT, &bytes).unwrap();
+        (bytes, body(value, &[]))
+    }
+
+    #[test]
+    fn a_number_written_another_way_is_the_same_event_and_the_same_facts() {
+        use crate::crm::{Position, Transaction};
+        let a: Transaction = read(
+            r#"{"id":1,"type":"Deposit","amountUsd":"250.0","amount":1,"transactionDate":"2026-11-03 10:00:00"}"#,
+        );
+        let b: Transaction = read(
+            r#"{"id":1,"type":"Deposit","amountUsd":250,"amount":"1.00","transactionDate":"2026-11-03 10:00:00"}"#,
+        );
+        let (bytes_a, body_a) = round_trip(&a);
+        let (bytes_b, body_b) = round_trip(&b);
+        assert_eq!(entity_bytes(&bytes_a), entity_bytes(&bytes_b), "the fast path");
+        assert!(same_header(&bytes_a, &bytes_b));
+        assert!(differing(&body_a, &body_b).is_empty());
+        // The totals of the fast path (the model) are those of the slow one (the event).
+        let tz = chrono_tz::UTC;
+        assert_eq!(a.facts(tz), facts_of("transactions", &body_a, tz));
+        assert_eq!(
+            a.facts(tz).sums,
+            vec![("amountUsd[Deposit]".to_owned(), "250".parse().unwrap())]
+        );
+        let p: Position = read(
+            r#"{"positionId":7,"serverTag":"mt4-live-01","volume":"1.50","profit":"-7.8500000000000005","commission":"-7","swap":"0.12","closeTime":"2026-11-03 23:59:59"}"#,
+        );
+        let (_, body_p) = round_trip(&p);
+        assert_eq!(p.facts(tz), facts_of("positions", &body_p, tz));
+        // A changed amount is found and named.
+        let c: Transaction = read(
+            r#"{"id":1,"type":"Deposit","amountUsd":"251","amount":1,"transactionDate":"2026-11-03 10:00:00"}"#,
+        );
+        let (bytes_c, body_c) = round_trip(&c);
+        assert_ne!(entity_bytes(&bytes_a), entity_bytes(&bytes_c));
+        assert_eq!(differing(&body_a, &body_c), vec!["amountUsd".to_owned()]);
     }
 
     #[test]
