@@ -42,15 +42,25 @@ pub struct ReadSpec {
 /// cannot be read (a dead letter, keyed by its id when its raw text shows one).
 pub type Read<T> = (String, Result<Record<T>, RecordError>);
 
-/// Reads `from..=to`; calls `complete` with the records of every complete window (with the
-/// window and the pages it took) and returns
-/// the single days still short after every re-read, with the records missing.
+/// The records of one window read completely.
+pub struct WindowRead<T> {
+    /// The records, the last version read of each.
+    pub records: Vec<Read<T>>,
+    /// The window (inclusive days).
+    pub window: (NaiveDate, NaiveDate),
+    /// The pages its reads took.
+    pub pages: u64,
+}
+
+/// Reads `from..=to`; sends the records of every complete window to `complete` (bounded:
+/// the reads wait while the comparison is behind) and returns the single days still short
+/// after every re-read, with the records missing.
 pub async fn read_days<T: StreamRecord>(
     client: &CrmClient,
     spec: &ReadSpec,
     from: NaiveDate,
     to: NaiveDate,
-    mut complete: impl FnMut(Vec<Read<T>>, (NaiveDate, NaiveDate), u64),
+    complete: tokio::sync::mpsc::Sender<WindowRead<T>>,
 ) -> Result<Vec<(NaiveDate, u64)>, CrmError> {
     let mut stack: Vec<(NaiveDate, NaiveDate)> = windows(from, to, spec.window_days);
     stack.reverse();
@@ -113,7 +123,17 @@ pub async fn read_days<T: StreamRecord>(
             }
         };
         match outcome {
-            Outcome::Complete => complete(union.into_iter().collect(), (from, to), pages),
+            Outcome::Complete => {
+                let read = WindowRead {
+                    records: union.into_iter().collect(),
+                    window: (from, to),
+                    pages,
+                };
+                if complete.send(read).await.is_err() {
+                    // The comparison ended (it failed): nothing more to read for.
+                    return Ok(short);
+                }
+            }
             Outcome::Split | Outcome::Short(_) if from < to => {
                 if let Some((left, right)) = halves(from, to) {
                     stack.push(right);

@@ -270,7 +270,7 @@ pub async fn run(config: Config, request: VerifyRequest) -> Result<Report, Verif
     };
     let progress = Arc::new(Progress::default());
     let bar = report::ProgressBar::start(progress.clone());
-    let topics = read_topics(&config, &streams, &progress).await?;
+    reach_kafka(&config).await?;
     let ctx = Arc::new(Ctx {
         client,
         tz,
@@ -281,42 +281,27 @@ pub async fn run(config: Config, request: VerifyRequest) -> Result<Report, Verif
         config: config.clone(),
         progress: progress.clone(),
     });
+    // One task per stream: its topic read, then its CRM reads. A small stream's CRM reads
+    // overlap a large stream's topic read.
     let mut tasks = tokio::task::JoinSet::new();
-    for (stream, events) in topics {
+    for stream in streams {
         let ctx = ctx.clone();
         let tags = request.server_tags.clone();
         tasks.spawn(async move {
-            let events = Arc::new(events);
+            let events = read_topic(&ctx, stream);
             let mut candidates = Candidates::default();
+            let c = &mut candidates;
             let report = match stream {
-                "leads" => {
-                    verify_stream::<Lead>(&ctx, stream, &events, &[], &mut candidates.leads).await
-                }
+                "leads" => verify_stream::<Lead>(ctx, stream, events, &[], &mut c.leads).await,
                 "customers" => {
-                    verify_stream::<Customer>(&ctx, stream, &events, &[], &mut candidates.customers)
-                        .await
+                    verify_stream::<Customer>(ctx, stream, events, &[], &mut c.customers).await
                 }
                 "transactions" => {
-                    verify_stream::<Transaction>(
-                        &ctx,
-                        stream,
-                        &events,
-                        &[],
-                        &mut candidates.transactions,
-                    )
-                    .await
+                    verify_stream::<Transaction>(ctx, stream, events, &[], &mut c.transactions)
+                        .await
                 }
-                "servers" => verify_servers(&ctx, &events, &mut candidates.servers).await,
-                _ => {
-                    verify_stream::<Position>(
-                        &ctx,
-                        stream,
-                        &events,
-                        &tags,
-                        &mut candidates.positions,
-                    )
-                    .await
-                }
+                "servers" => verify_servers(ctx, events, &mut c.servers).await,
+                _ => verify_stream::<Position>(ctx, stream, events, &tags, &mut c.positions).await,
             };
             report.map(|r| (r, candidates))
         });
@@ -346,43 +331,37 @@ pub async fn run(config: Config, request: VerifyRequest) -> Result<Report, Verif
     })
 }
 
-/// Reads the chosen streams' topics, one blocking thread each.
-async fn read_topics(
-    config: &Config,
-    streams: &[&'static str],
-    progress: &Arc<Progress>,
-) -> Result<Vec<(&'static str, TopicEvents)>, VerifyError> {
-    {
-        let kafka = config.kafka.clone();
-        tokio::task::spawn_blocking(move || {
-            crate::kafka::refusal::reach(&kafka, Duration::from_secs(30))
-        })
+/// Connects to Kafka once: a refused login or TLS handshake is told at once, naming the key.
+async fn reach_kafka(config: &Config) -> Result<(), VerifyError> {
+    let kafka = config.kafka.clone();
+    tokio::task::spawn_blocking(move || crate::kafka::refusal::reach(&kafka, Duration::from_secs(30)))
         .await
         .map_err(|e| VerifyError::Failed(e.to_string()))?
         .map_err(VerifyError::Failed)?;
-    }
-    let timeout = Duration::from_secs(config.kafka.batch_timeout_secs.max(30));
-    let mut reads = Vec::new();
-    for stream in streams {
-        let kafka = config.kafka.clone();
-        let topic = config.topics.data_topic(stream);
-        let progress = progress.clone();
-        reads.push((
-            *stream,
-            tokio::task::spawn_blocking(move || {
-                topics::read_topic(&kafka, &topic, timeout, &progress.events)
-            }),
-        ));
-    }
-    let mut out = Vec::new();
-    for (stream, read) in reads {
-        let events = read
-            .await
-            .map_err(|e| VerifyError::Failed(e.to_string()))?
-            .map_err(VerifyError::Failed)?;
-        out.push((stream, events));
-    }
-    Ok(out)
+    Ok(())
+}
+
+/// Reads a stream's topic to its end on a blocking thread.
+/// The read of a stream's topic, under way on a blocking thread.
+type TopicRead = tokio::task::JoinHandle<Result<TopicEvents, String>>;
+
+/// Starts reading a stream's topic to its end on a blocking thread.
+fn read_topic(ctx: &Arc<Ctx>, stream: &str) -> TopicRead {
+    let kafka = ctx.config.kafka.clone();
+    let topic = ctx.config.topics.data_topic(stream);
+    let timeout = Duration::from_secs(kafka.batch_timeout_secs.max(30));
+    let ctx = ctx.clone();
+    tokio::task::spawn_blocking(move || {
+        topics::read_topic(&kafka, &topic, timeout, &ctx.progress.events)
+    })
+}
+
+/// Waits for a topic read.
+async fn topic_read(read: TopicRead) -> Result<Arc<TopicEvents>, VerifyError> {
+    read.await
+        .map_err(|e| VerifyError::Failed(e.to_string()))?
+        .map(Arc::new)
+        .map_err(VerifyError::Failed)
 }
 
 /// The `meta` of the CRM side's events (left out of every comparison).
@@ -413,8 +392,8 @@ fn volatile(config: &Config, stream: &str) -> Vec<String> {
 
 /// Compares what the CRM serves for one read record with the topic's latest event, and adds
 /// both sides to the totals; returns whether the record is a repair candidate.
-struct Side<'a> {
-    ctx: &'a Ctx,
+struct Side {
+    ctx: Arc<Ctx>,
     stream: &'static str,
     event: EventType,
     volatile: Vec<String>,
@@ -428,7 +407,42 @@ struct Side<'a> {
 pub trait Verified: StreamRecord + ModelFacts {}
 impl<T: StreamRecord + ModelFacts> Verified for T {}
 
-impl Side<'_> {
+impl Side {
+    fn new(ctx: Arc<Ctx>, stream: &'static str) -> Result<Side, VerifyError> {
+        Ok(Side {
+            stream,
+            event: EventType::parse(stream).unwrap_or(EventType::Lead),
+            volatile: volatile(&ctx.config, stream),
+            encoder: ctx.encoder()?,
+            meta: compare_meta(),
+            report: StreamReport::default(),
+            seen: HashSet::new(),
+            ctx,
+        })
+    }
+
+    /// Adds what another scope of the stream found.
+    fn merge(&mut self, other: StreamReport) {
+        let r = &mut self.report;
+        r.crm_records += other.crm_records;
+        r.pages += other.pages;
+        r.missing.extend(other.missing);
+        r.extra.extend(other.extra);
+        r.different.extend(other.different);
+        r.dead_letters.extend(other.dead_letters);
+        r.unreadable_events.extend(other.unreadable_events);
+        r.incomplete_days.extend(other.incomplete_days);
+        for (day, (crm, kafka)) in other.days {
+            let (c, k) = r.days.entry(day).or_default();
+            for (into, from) in [(c, crm), (k, kafka)] {
+                into.records += from.records;
+                for (name, value) in from.sums {
+                    into.add(name, value);
+                }
+            }
+        }
+    }
+
     /// Compares one record read from the CRM; returns, when it is missing or different,
     /// whether the topic holds an event of it.
     fn compare<T: Verified>(
@@ -579,88 +593,57 @@ impl Side<'_> {
     }
 }
 
-/// Verifies a windowed stream (positions: every live server tag, or `tags`).
+/// What the reads of one scope (a stream, or a server tag of positions) found.
+struct ScopeOutcome<T> {
+    report: StreamReport,
+    seen: HashSet<String>,
+    candidates: Vec<Candidate<T>>,
+    /// Days not read completely, by server tag.
+    incomplete: Vec<(Option<String>, NaiveDate)>,
+}
+
+/// Verifies a windowed stream (positions: every live server tag, or `tags`, each read
+/// concurrently as `run` reads them).
 async fn verify_stream<T: Verified>(
-    ctx: &Ctx,
+    ctx: Arc<Ctx>,
     stream: &'static str,
-    events: &TopicEvents,
+    events: TopicRead,
     tags: &[String],
     candidates: &mut Vec<Candidate<T>>,
 ) -> Result<StreamReport, VerifyError> {
-    let streams = &ctx.config.streams;
-    let volatile = volatile(&ctx.config, stream);
-    let event = EventType::parse(stream).unwrap_or(EventType::Lead);
-    let (filter, scopes): (DateFilter, Vec<Option<String>>) = match stream {
-        "leads" | "customers" => (DateFilter::Registration, vec![None]),
-        "transactions" => (DateFilter::Transaction, vec![None]),
-        _ => (
-            DateFilter::PositionClose,
-            position_tags(ctx, tags).await?.into_iter().map(Some).collect(),
-        ),
+    let scopes: Vec<Option<String>> = match stream {
+        "positions" => position_tags(&ctx, tags).await?.into_iter().map(Some).collect(),
+        _ => vec![None],
     };
-    let mut side = Side {
-        ctx,
-        stream,
-        event,
-        volatile: volatile.clone(),
-        encoder: ctx.encoder()?,
-        meta: compare_meta(),
-        report: StreamReport::default(),
-        seen: HashSet::new(),
-    };
-    let mut incomplete: Vec<(Option<String>, NaiveDate)> = Vec::new();
-    for tag in &scopes {
-        let spec = crm::ReadSpec {
-            filter,
-            server_tag: tag.clone(),
-            include_fake: stream == "transactions" && streams.include_fake_transactions,
-            volatile: volatile.clone().into(),
-            window_days: streams.backfill_window_days,
-            max_window_records: streams.max_window_records,
-            max_drift_rereads: streams.max_drift_rereads,
-        };
-        let scope = match tag {
-            Some(tag) => format!("{stream}/{tag}"),
-            None => stream.to_owned(),
-        };
-        let short = crm::read_days::<T>(
-            &ctx.client,
-            &spec,
-            ctx.range.0,
-            ctx.range.1,
-            |records, window, pages| {
-                side.report.pages += pages;
-                ctx.progress.pages.fetch_add(pages, Ordering::Relaxed);
-                ctx.progress
-                    .records
-                    .fetch_add(records.len() as u64, Ordering::Relaxed);
-                for (key, record) in records {
-                    if let Some(in_kafka) = side.compare(&key, &record, events) {
-                        if let Ok(record) = record {
-                            candidates.push(Candidate {
-                                key,
-                                scope: scope.clone(),
-                                window: Some(window),
-                                in_kafka,
-                                record,
-                            });
-                        }
-                    }
-                }
-            },
-        )
-        .await
-        .map_err(|e| VerifyError::Failed(format!("{scope}: {e}")))?;
-        for (day, missing) in short {
-            side.report
-                .incomplete_days
-                .push((scope.clone(), day, missing));
-            incomplete.push((tag.clone(), day));
-        }
+    // The CRM reads start while the topic is read; their windows wait (a few, bounded) for
+    // the comparison.
+    let mut crm_reads = Vec::new();
+    for tag in scopes.clone() {
+        crm_reads.push((tag.clone(), start_crm_read::<T>(&ctx, stream, tag)));
+    }
+    let events = topic_read(events).await?;
+    let mut reads = tokio::task::JoinSet::new();
+    for (tag, crm_read) in crm_reads {
+        reads.spawn(verify_scope::<T>(
+            ctx.clone(),
+            stream,
+            events.clone(),
+            tag,
+            crm_read,
+        ));
+    }
+    let mut side = Side::new(ctx.clone(), stream)?;
+    let mut incomplete = Vec::new();
+    while let Some(read) = reads.join_next().await {
+        let outcome = read.map_err(|e| VerifyError::Failed(e.to_string()))??;
+        side.merge(outcome.report);
+        side.seen.extend(outcome.seen);
+        candidates.extend(outcome.candidates);
+        incomplete.extend(outcome.incomplete);
     }
     let tag_prefixes: Vec<String> = scopes.iter().flatten().map(|t| format!("{t}:")).collect();
     side.extra(
-        events,
+        &events,
         |key| tag_prefixes.is_empty() || tag_prefixes.iter().any(|p| key.starts_with(p)),
         |key, day| {
             incomplete.iter().any(|(tag, d)| {
@@ -671,7 +654,101 @@ async fn verify_stream<T: Verified>(
             })
         },
     );
-    Ok(side.finish(events))
+    Ok(side.finish(&events))
+}
+
+/// A CRM read under way: its complete windows, and the days it found short at its end.
+struct CrmRead<T> {
+    windows: tokio::sync::mpsc::Receiver<crm::WindowRead<T>>,
+    task: tokio::task::JoinHandle<Result<Vec<(NaiveDate, u64)>, crate::crm::CrmError>>,
+}
+
+/// Windows read ahead of the comparison at most.
+const WINDOWS_AHEAD: usize = 8;
+
+/// Starts reading one scope (a stream, or one server tag of positions) from the CRM.
+fn start_crm_read<T: Verified>(
+    ctx: &Arc<Ctx>,
+    stream: &'static str,
+    tag: Option<String>,
+) -> CrmRead<T> {
+    let streams = &ctx.config.streams;
+    let filter = match stream {
+        "leads" | "customers" => DateFilter::Registration,
+        "transactions" => DateFilter::Transaction,
+        _ => DateFilter::PositionClose,
+    };
+    let spec = crm::ReadSpec {
+        filter,
+        server_tag: tag,
+        include_fake: stream == "transactions" && streams.include_fake_transactions,
+        volatile: volatile(&ctx.config, stream).into(),
+        window_days: streams.backfill_window_days,
+        max_window_records: streams.max_window_records,
+        max_drift_rereads: streams.max_drift_rereads,
+    };
+    let (tx, windows) = tokio::sync::mpsc::channel(WINDOWS_AHEAD);
+    let ctx = ctx.clone();
+    let task = tokio::spawn(async move {
+        crm::read_days::<T>(&ctx.client, &spec, ctx.range.0, ctx.range.1, tx).await
+    });
+    CrmRead { windows, task }
+}
+
+/// Compares one scope's CRM windows with the topic as they come.
+async fn verify_scope<T: Verified>(
+    ctx: Arc<Ctx>,
+    stream: &'static str,
+    events: Arc<TopicEvents>,
+    tag: Option<String>,
+    mut crm_read: CrmRead<T>,
+) -> Result<ScopeOutcome<T>, VerifyError> {
+    let mut side = Side::new(ctx.clone(), stream)?;
+    let mut candidates = Vec::new();
+    let scope = match &tag {
+        Some(tag) => format!("{stream}/{tag}"),
+        None => stream.to_owned(),
+    };
+    let started = std::time::Instant::now();
+    while let Some(read) = crm_read.windows.recv().await {
+        side.report.pages += read.pages;
+        ctx.progress.pages.fetch_add(read.pages, Ordering::Relaxed);
+        ctx.progress
+            .records
+            .fetch_add(read.records.len() as u64, Ordering::Relaxed);
+        for (key, record) in read.records {
+            if let Some(in_kafka) = side.compare(&key, &record, &events) {
+                if let Ok(record) = record {
+                    candidates.push(Candidate {
+                        key,
+                        scope: scope.clone(),
+                        window: Some(read.window),
+                        in_kafka,
+                        record,
+                    });
+                }
+            }
+        }
+    }
+    let short = crm_read
+        .task
+        .await
+        .map_err(|e| VerifyError::Failed(e.to_string()))?
+        .map_err(|e| VerifyError::Failed(format!("{scope}: {e}")))?;
+    tracing::info!(scope = %scope, pages = side.report.pages, records = side.report.crm_records, elapsed_ms = started.elapsed().as_millis() as u64, "crm read and compared");
+    let mut incomplete = Vec::new();
+    for (day, missing) in short {
+        side.report
+            .incomplete_days
+            .push((scope.clone(), day, missing));
+        incomplete.push((tag.clone(), day));
+    }
+    Ok(ScopeOutcome {
+        report: side.report,
+        seen: side.seen,
+        candidates,
+        incomplete,
+    })
 }
 
 /// Returns the server tags whose positions are verified: the live servers `run` reads (only
@@ -712,8 +789,8 @@ async fn position_tags(ctx: &Ctx, asked: &[String]) -> Result<Vec<String>, Verif
 
 /// Verifies the servers list (read whole: no days).
 async fn verify_servers(
-    ctx: &Ctx,
-    events: &TopicEvents,
+    ctx: Arc<Ctx>,
+    events: TopicRead,
     candidates: &mut Vec<Candidate<Server>>,
 ) -> Result<StreamReport, VerifyError> {
     let volatile = volatile(&ctx.config, "servers");
@@ -722,20 +799,12 @@ async fn verify_servers(
         .servers(&volatile)
         .await
         .map_err(|e| VerifyError::Failed(format!("servers: {e}")))?;
-    let mut side = Side {
-        ctx,
-        stream: "servers",
-        event: EventType::Server,
-        volatile,
-        encoder: ctx.encoder()?,
-        meta: compare_meta(),
-        report: StreamReport::default(),
-        seen: HashSet::new(),
-    };
+    let events = topic_read(events).await?;
+    let mut side = Side::new(ctx, "servers")?;
     side.report.pages = 1;
     for record in records {
         let key = crm::key_of(&record, None);
-        if let Some(in_kafka) = side.compare(&key, &record, events) {
+        if let Some(in_kafka) = side.compare(&key, &record, &events) {
             if let Ok(record) = record {
                 candidates.push(Candidate {
                     key,
@@ -747,8 +816,8 @@ async fn verify_servers(
             }
         }
     }
-    side.extra(events, |_| true, |_, _| false);
-    Ok(side.finish(events))
+    side.extra(&events, |_| true, |_, _| false);
+    Ok(side.finish(&events))
 }
 
 /// Returns the exit code of a report: 0 equal, 1 anything differs.

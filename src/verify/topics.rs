@@ -19,6 +19,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
+use tracing::info;
+
 use crate::config::KafkaConfig;
 
 /// How long every partition must stay at its end, with no new record, before the topic is
@@ -87,10 +89,12 @@ pub fn read_topic(
         .assign(&assignment)
         .map_err(|e| format!("cannot read {topic}: {e}"))?;
     let mut at_end: HashSet<i32> = HashSet::new();
+    let started = Instant::now();
     let mut last_record = Instant::now();
     let mut last_progress = Instant::now();
     loop {
         if at_end.len() == partitions.len() && last_record.elapsed() >= QUIET {
+            info!(topic, events = out.events, keys = out.latest.len(), elapsed_ms = started.elapsed().as_millis() as u64, "topic read to its end");
             return Ok(out);
         }
         if last_progress.elapsed() > timeout {
