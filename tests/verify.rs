@@ -187,8 +187,10 @@ fn truth_of(sim: &SimHandle, kind: Kind, key: &str) -> Json {
     sim.truth(kind)
         .into_iter()
         .find(|r| match kind {
-            Kind::Positions => format!("{}:{}", r["serverTag"].as_str().unwrap(), r["positionId"]) == key,
-            _ => r["id"].to_string() == key,
+            Kind::Positions => {
+                format!("{}:{}", r["serverTag"].as_str().unwrap(), r["positionId"]) == key
+            }
+            _ => r["id"].as_i64().map(|id| id.to_string()).as_deref() == Some(key),
         })
         .unwrap_or_else(|| panic!("{key} not in the truth"))
 }
@@ -241,7 +243,10 @@ async fn verify_finds_what_the_sweep_cannot_and_repair_mends_it() {
     let report = verify(&config, false).await;
     assert_equal(&report, &sim);
     let dead: usize = report.streams.iter().map(|s| s.dead_letters.len()).sum();
-    assert!(dead > 0, "the simulator's malformed records are dead letters");
+    assert!(
+        dead > 0,
+        "the simulator's malformed records are dead letters"
+    );
     assert!(report.streams.iter().all(|s| s.missing.is_empty()));
     assert_eq!(ibstream::verify::exit_code(&report), 0);
 
@@ -252,26 +257,48 @@ async fn verify_finds_what_the_sweep_cannot_and_repair_mends_it() {
         .map(|r| (r["id"].to_string(), r))
         .collect();
     let old = sim.mutate(1, Some(ChangeKind::Correction { days: Some(40) }));
-    let old_tx = old.iter().find(|c| c.stream == "transactions").unwrap().key.clone();
-    let old_pos = old.iter().find(|c| c.stream == "positions").unwrap().key.clone();
+    let old_tx = old
+        .iter()
+        .find(|c| c.stream == "transactions")
+        .unwrap()
+        .key
+        .clone();
+    let old_pos = old
+        .iter()
+        .find(|c| c.stream == "positions")
+        .unwrap()
+        .key
+        .clone();
     // `run` with its sweep of the last 30 days never sees it.
     let running = Running::start(config.clone());
     running.wait(&sim, 2, true).await;
     running.stop().await;
     // A correction 5 days back, made while nothing runs, and a deletion.
     let recent = sim.mutate(1, Some(ChangeKind::Correction { days: Some(5) }));
-    let recent_tx = recent.iter().find(|c| c.stream == "transactions").unwrap().key.clone();
+    let recent_tx = recent
+        .iter()
+        .find(|c| c.stream == "transactions")
+        .unwrap()
+        .key
+        .clone();
     let deleted = sim.mutate(1, Some(ChangeKind::Delete { days: None }));
     let deleted = deleted[0].key.clone();
 
     let report = verify(&config, false).await;
+    // The worked example of the README's "Verify before you pay".
+    eprintln!("{}", ibstream::verify::report::text(&report));
     assert_eq!(ibstream::verify::exit_code(&report), 1);
     let tx = stream(&report, "transactions");
     let mut expected = vec![old_tx.clone(), recent_tx.clone()];
     expected.sort();
     let mut different = keys(&tx.different);
     different.sort();
-    assert_eq!(different, expected, "{}", ibstream::verify::report::text(&report));
+    assert_eq!(
+        different,
+        expected,
+        "{}",
+        ibstream::verify::report::text(&report)
+    );
     assert!(tx.different.iter().all(|d| d.detail.contains("amount")));
     assert_eq!(keys(&tx.extra), vec![deleted.clone()]);
     assert!(tx.missing.is_empty());
@@ -326,7 +353,10 @@ async fn verify_finds_what_the_sweep_cannot_and_repair_mends_it() {
             "{key}: one repair event, and nothing from the run after it"
         );
     }
-    eprintln!("verify_finds_what_the_sweep_cannot_and_repair_mends_it: {:?}", started.elapsed());
+    eprintln!(
+        "verify_finds_what_the_sweep_cannot_and_repair_mends_it: {:?}",
+        started.elapsed()
+    );
 }
 
 /// At-least-once topics holding duplicates (every transaction and position event written
@@ -344,14 +374,20 @@ async fn at_least_once_duplicates_are_equal_and_the_exit_codes_say_so() {
     running.wait(&sim, 2, false).await;
     running.stop().await;
     // Duplicates, as a crash of at-least-once delivery leaves them: the same events again.
-    let duplicated = duplicate(&kafka.bootstrap, &[
-        format!("{prefix}.transactions"),
-        format!("{prefix}.positions"),
-    ])
+    let duplicated = duplicate(
+        &kafka.bootstrap,
+        &[
+            format!("{prefix}.transactions"),
+            format!("{prefix}.positions"),
+        ],
+    )
     .await;
     assert!(duplicated > 0);
     let counts = events_per_key(&kafka.bootstrap, &format!("{prefix}.transactions")).await;
-    assert!(counts.values().all(|n| *n == 2), "every key twice: {counts:?}");
+    assert!(
+        counts.values().all(|n| *n == 2),
+        "every key twice: {counts:?}"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("ibstream.toml");
@@ -403,7 +439,11 @@ start_date = "2024-01-01"
     let deleted = sim.mutate(1, Some(ChangeKind::Delete { days: None }))[0]
         .key
         .clone();
-    let (code, out) = ibstream(&file, &[&range[..], &["--format", "csv", "--stream", "transactions"]].concat()).await;
+    let (code, out) = ibstream(
+        &file,
+        &[&range[..], &["--format", "csv", "--stream", "transactions"]].concat(),
+    )
+    .await;
     assert_eq!(code, Some(1), "{out}");
     assert!(
         out.lines()
@@ -412,10 +452,16 @@ start_date = "2024-01-01"
     );
     let (code, text) = ibstream(&file, &[&range[..], &["--stream", "transactions"]].concat()).await;
     assert_eq!(code, Some(1));
-    assert!(text.contains("DIFFERENCES FOUND") && text.contains(&deleted), "{text}");
+    assert!(
+        text.contains("DIFFERENCES FOUND") && text.contains(&deleted),
+        "{text}"
+    );
     let (code, out) = ibstream(&file, &[&range[..], &["--stream", "trades"]].concat()).await;
     assert_eq!(code, Some(2), "{out}");
-    eprintln!("at_least_once_duplicates_are_equal_and_the_exit_codes_say_so: {:?}", started.elapsed());
+    eprintln!(
+        "at_least_once_duplicates_are_equal_and_the_exit_codes_say_so: {:?}",
+        started.elapsed()
+    );
 }
 
 /// Runs `ibstream --config FILE verify ARGS` and returns its exit code and stdout (stderr

@@ -226,8 +226,9 @@ pub fn string(body: &Body, name: &str) -> Option<String> {
 /// Returns the day of a `timestamp-millis` field in `tz`.
 pub fn day(body: &Body, name: &str, tz: Tz) -> Option<NaiveDate> {
     match field(body, name)? {
-        Value::TimestampMillis(ms) | Value::Long(ms) => DateTime::<Utc>::from_timestamp_millis(*ms)
-            .map(|t| t.with_timezone(&tz).date_naive()),
+        Value::TimestampMillis(ms) | Value::Long(ms) => {
+            DateTime::<Utc>::from_timestamp_millis(*ms).map(|t| t.with_timezone(&tz).date_naive())
+        }
         _ => None,
     }
 }
@@ -518,7 +519,11 @@ mod tests {
         );
         let (bytes_a, body_a) = round_trip(&a);
         let (bytes_b, body_b) = round_trip(&b);
-        assert_eq!(entity_bytes(&bytes_a), entity_bytes(&bytes_b), "the fast path");
+        assert_eq!(
+            entity_bytes(&bytes_a),
+            entity_bytes(&bytes_b),
+            "the fast path"
+        );
         assert!(same_header(&bytes_a, &bytes_b));
         assert!(differing(&body_a, &body_b).is_empty());
         // The totals of the fast path (the model) are those of the slow one (the event).

@@ -87,9 +87,7 @@ pub async fn read_days<T: StreamRecord>(
                 read_pages += 1;
                 if read_pages == 1 {
                     short_first = page.records.len() < page.page_size as usize;
-                    if reads == 0
-                        && page.total.unwrap_or(0) > spec.max_window_records
-                        && from < to
+                    if reads == 0 && page.total.unwrap_or(0) > spec.max_window_records && from < to
                     {
                         split = true;
                         break;

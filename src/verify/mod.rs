@@ -214,7 +214,10 @@ pub struct Candidates {
 const STREAMS: [&str; 5] = ["leads", "customers", "transactions", "servers", "positions"];
 
 /// Checks the request against the configuration (no IO); returns the streams to verify.
-pub fn validate(config: &Config, request: &VerifyRequest) -> Result<Vec<&'static str>, VerifyError> {
+pub fn validate(
+    config: &Config,
+    request: &VerifyRequest,
+) -> Result<Vec<&'static str>, VerifyError> {
     config.validate()?;
     config.kafka.validate()?;
     if request.from > request.to {
@@ -257,8 +260,8 @@ pub async fn run(config: Config, request: VerifyRequest) -> Result<Report, Verif
     let streams = validate(&config, &request)?;
     let client = CrmClient::build(&config.crm)?;
     let tz = client.tz();
-    let schemas = Schemas::load(&config.events.namespace)
-        .map_err(|e| VerifyError::Failed(e.to_string()))?;
+    let schemas =
+        Schemas::load(&config.events.namespace).map_err(|e| VerifyError::Failed(e.to_string()))?;
     let framing = crate::events::framing_for(&config, &schemas)
         .await
         .map_err(|e| VerifyError::Failed(e.to_string()))?;
@@ -334,10 +337,12 @@ pub async fn run(config: Config, request: VerifyRequest) -> Result<Report, Verif
 /// Connects to Kafka once: a refused login or TLS handshake is told at once, naming the key.
 async fn reach_kafka(config: &Config) -> Result<(), VerifyError> {
     let kafka = config.kafka.clone();
-    tokio::task::spawn_blocking(move || crate::kafka::refusal::reach(&kafka, Duration::from_secs(30)))
-        .await
-        .map_err(|e| VerifyError::Failed(e.to_string()))?
-        .map_err(VerifyError::Failed)?;
+    tokio::task::spawn_blocking(move || {
+        crate::kafka::refusal::reach(&kafka, Duration::from_secs(30))
+    })
+    .await
+    .map_err(|e| VerifyError::Failed(e.to_string()))?
+    .map_err(VerifyError::Failed)?;
     Ok(())
 }
 
@@ -612,7 +617,11 @@ async fn verify_stream<T: Verified>(
     candidates: &mut Vec<Candidate<T>>,
 ) -> Result<StreamReport, VerifyError> {
     let scopes: Vec<Option<String>> = match stream {
-        "positions" => position_tags(&ctx, tags).await?.into_iter().map(Some).collect(),
+        "positions" => position_tags(&ctx, tags)
+            .await?
+            .into_iter()
+            .map(Some)
+            .collect(),
         _ => vec![None],
     };
     // The CRM reads start while the topic is read; their windows wait (a few, bounded) for

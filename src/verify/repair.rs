@@ -128,7 +128,9 @@ pub async fn repair(
     };
     repair.stream("leads", candidates.leads).await?;
     repair.stream("customers", candidates.customers).await?;
-    repair.stream("transactions", candidates.transactions).await?;
+    repair
+        .stream("transactions", candidates.transactions)
+        .await?;
     repair.stream("servers", candidates.servers).await?;
     repair.stream("positions", candidates.positions).await?;
     let done = repair.done;

@@ -184,7 +184,12 @@ fn totals_json(t: &Totals) -> serde_json::Value {
     let sums: serde_json::Map<String, serde_json::Value> = t
         .sums
         .iter()
-        .map(|(k, v)| (k.clone(), serde_json::Value::String(v.normalize().to_string())))
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                serde_json::Value::String(v.normalize().to_string()),
+            )
+        })
         .collect();
     serde_json::json!({"records": t.records, "sums": sums})
 }
@@ -273,7 +278,9 @@ impl ProgressBar {
             return ProgressBar { bar: None };
         }
         let bar = indicatif::ProgressBar::new_spinner();
-        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} verify {elapsed} {msg}") {
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{spinner} verify {elapsed} {msg}")
+        {
             bar.set_style(style);
         }
         let drawn = bar.clone();

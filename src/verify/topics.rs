@@ -94,7 +94,13 @@ pub fn read_topic(
     let mut last_progress = Instant::now();
     loop {
         if at_end.len() == partitions.len() && last_record.elapsed() >= QUIET {
-            info!(topic, events = out.events, keys = out.latest.len(), elapsed_ms = started.elapsed().as_millis() as u64, "topic read to its end");
+            info!(
+                topic,
+                events = out.events,
+                keys = out.latest.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "topic read to its end"
+            );
             return Ok(out);
         }
         if last_progress.elapsed() > timeout {
