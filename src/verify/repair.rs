@@ -4,7 +4,7 @@
 //! Refused while the instance's heartbeat is fresh (as `state reset` is; `--force`
 //! overrides): a running instance keeps its fingerprints in memory and would overwrite
 //! these. The check is made before anything is read ([`Guard::take`]), so a refusal costs
-//! nothing.
+//! nothing, and again after the reads, just before the sink starts.
 //!
 //! The events go through [`crate::kafka::sink`] as `run` sends them: in exactly-once mode
 //! one Kafka transaction per batch holding the events and their fingerprint segments,
@@ -61,7 +61,7 @@ pub struct Repaired {
 /// The permission to repair: the instance was not running when `verify` started.
 #[derive(Debug)]
 pub struct Guard {
-    _private: (),
+    force: bool,
 }
 
 impl Guard {
@@ -73,7 +73,7 @@ impl Guard {
             .await
             .map_err(VerifyError::Failed)?;
         refuse_if_running(config, &state, force)?;
-        Ok(Guard { _private: () })
+        Ok(Guard { force })
     }
 }
 
@@ -94,12 +94,16 @@ fn refuse_if_running(config: &Config, state: &State, force: bool) -> Result<(), 
 /// Sends the candidates through the sink with their fingerprints; returns what was sent.
 pub async fn repair(
     config: &Config,
-    _guard: Guard,
+    guard: Guard,
     schemas: &Schemas,
     framing: Framing,
     candidates: Candidates,
 ) -> Result<Repaired, VerifyError> {
     let failed = |e: String| VerifyError::Failed(format!("repair: {e}"));
+    // Checked again now, after the reads (minutes on a large CRM): an instance started
+    // meanwhile is told about instead of fenced by the sink's first transaction.
+    let force = guard.force;
+    Guard::take(config, force).await?;
     let sink = crate::kafka::sink::start(&config.kafka)
         .await
         .map_err(|e| failed(e.to_string()))?;
