@@ -7,6 +7,7 @@
 //! value), the sets (`tags`, the tags of a category, `accounts`) are compared without their
 //! order, and the JSON texts of `extra` are compared as canonical JSON (numbers by value).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use apache_avro::types::Value;
@@ -263,25 +264,36 @@ impl Totals {
 /// What one entity adds to its stream's totals: its record day (where its record counts
 /// and its sums go), its first deposit's day (customers), and its sums – transactions
 /// `amountUsd` per `type`; positions `volume`, `profit`, `commission` and `swap` per server
-/// tag.
+/// tag. Built per record without allocating (the group borrows from the record).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Facts {
+pub struct Facts<'a> {
     /// The record's day (`None`: no date, or servers).
     pub day: Option<NaiveDate>,
     /// The day of the customer's first deposit.
     pub ftd: Option<NaiveDate>,
-    /// Named sums.
-    pub sums: Vec<(String, Decimal)>,
+    /// What the sums are grouped by: a transaction's `type`, a position's server tag.
+    pub group: Cow<'a, str>,
+    /// The measures summed, by name (`None`: the record has no such value).
+    pub sums: [(&'static str, Option<Decimal>); 4],
 }
 
-impl Facts {
+impl Facts<'_> {
+    /// Returns the named sums (`amountUsd[Deposit]`, …), for tests and reports.
+    pub fn named(&self) -> Vec<(String, Decimal)> {
+        self.sums
+            .iter()
+            .filter_map(|(m, v)| v.map(|v| (format!("{m}[{}]", self.group), v)))
+            .collect()
+    }
+
     /// Adds the entity to `totals`: its record and sums to its day, a first deposit to the
-    /// deposit's day when that lies in `range`.
+    /// deposit's day when that lies in `range`. `name` is scratch space for the sums' names.
     pub fn add_to(
         &self,
         range: (NaiveDate, NaiveDate),
         totals: &mut BTreeMap<Option<NaiveDate>, (Totals, Totals)>,
         crm: bool,
+        name: &mut String,
     ) {
         fn side(t: &mut (Totals, Totals), crm: bool) -> &mut Totals {
             if crm {
@@ -292,8 +304,19 @@ impl Facts {
         }
         let entry = side(totals.entry(self.day).or_default(), crm);
         entry.records += 1;
-        for (name, value) in &self.sums {
-            entry.add(name.clone(), *value);
+        for (measure, value) in &self.sums {
+            let Some(value) = value else { continue };
+            name.clear();
+            name.push_str(measure);
+            name.push('[');
+            name.push_str(&self.group);
+            name.push(']');
+            match entry.sums.get_mut(name.as_str()) {
+                Some(sum) => *sum += value,
+                None => {
+                    entry.sums.insert(name.clone(), *value);
+                }
+            }
         }
         if let Some(ftd) = self.ftd.filter(|d| *d >= range.0 && *d <= range.1) {
             side(totals.entry(Some(ftd)).or_default(), crm)
@@ -302,25 +325,34 @@ impl Facts {
     }
 }
 
+const NO_SUMS: [(&str, Option<Decimal>); 4] = [("", None), ("", None), ("", None), ("", None)];
+
 /// Returns the facts of an event's body (see [`Facts`]).
-pub fn facts_of(stream: &str, body: &Body, tz: Tz) -> Facts {
+pub fn facts_of<'a>(stream: &str, body: &'a Body, tz: Tz) -> Facts<'a> {
+    let group = |name: &str| -> Cow<'a, str> {
+        match field(body, name) {
+            Some(Value::String(s)) => Cow::Borrowed(s.as_str()),
+            _ => Cow::Borrowed("-"),
+        }
+    };
     let mut facts = Facts {
         day: day_field(stream).and_then(|f| day(body, f, tz)),
-        ..Facts::default()
+        ftd: None,
+        group: Cow::Borrowed(""),
+        sums: NO_SUMS,
     };
     match stream {
         "transactions" => {
-            let kind = string(body, "type").unwrap_or_else(|| "-".to_owned());
-            if let Some(amount) = decimal(body, "amountUsd") {
-                facts.sums.push((format!("amountUsd[{kind}]"), amount));
-            }
+            facts.group = group("type");
+            facts.sums[0] = ("amountUsd", decimal(body, "amountUsd"));
         }
         "positions" => {
-            let tag = string(body, "serverTag").unwrap_or_else(|| "-".to_owned());
-            for name in ["volume", "profit", "commission", "swap"] {
-                if let Some(value) = decimal(body, name) {
-                    facts.sums.push((format!("{name}[{tag}]"), value));
-                }
+            facts.group = group("serverTag");
+            for (i, name) in ["volume", "profit", "commission", "swap"]
+                .into_iter()
+                .enumerate()
+            {
+                facts.sums[i] = (name, decimal(body, name));
             }
         }
         "customers" => facts.ftd = day(body, "ftdDate", tz),
@@ -333,81 +365,85 @@ pub fn facts_of(stream: &str, body: &Body, tz: Tz) -> Facts {
 /// event holds them: 8 decimals at most).
 pub trait ModelFacts {
     /// Returns the facts of the record.
-    fn facts(&self, tz: Tz) -> Facts;
+    fn facts(&self, tz: Tz) -> Facts<'_>;
 }
 
 fn local_day(t: Option<DateTime<Utc>>, tz: Tz) -> Option<NaiveDate> {
     t.map(|t| t.with_timezone(&tz).date_naive())
 }
 
-fn as_event(d: Decimal) -> Decimal {
-    if d.scale() > crate::events::encode::DECIMAL_SCALE {
-        d.round_dp_with_strategy(
-            crate::events::encode::DECIMAL_SCALE,
-            rust_decimal::RoundingStrategy::MidpointNearestEven,
-        )
-    } else {
-        d
-    }
+fn as_event(d: Option<Decimal>) -> Option<Decimal> {
+    d.map(|d| {
+        if d.scale() > crate::events::encode::DECIMAL_SCALE {
+            d.round_dp_with_strategy(
+                crate::events::encode::DECIMAL_SCALE,
+                rust_decimal::RoundingStrategy::MidpointNearestEven,
+            )
+        } else {
+            d
+        }
+    })
 }
 
 impl ModelFacts for crate::crm::Lead {
-    fn facts(&self, tz: Tz) -> Facts {
+    fn facts(&self, tz: Tz) -> Facts<'_> {
         Facts {
             day: local_day(self.person.registration_date, tz),
-            ..Facts::default()
+            ftd: None,
+            group: Cow::Borrowed(""),
+            sums: NO_SUMS,
         }
     }
 }
 
 impl ModelFacts for crate::crm::Customer {
-    fn facts(&self, tz: Tz) -> Facts {
+    fn facts(&self, tz: Tz) -> Facts<'_> {
         Facts {
             day: local_day(self.person.registration_date, tz),
             ftd: local_day(self.ftd_date, tz),
-            sums: Vec::new(),
+            group: Cow::Borrowed(""),
+            sums: NO_SUMS,
         }
     }
 }
 
 impl ModelFacts for crate::crm::Transaction {
-    fn facts(&self, tz: Tz) -> Facts {
-        let kind = self.transaction_type.as_deref().unwrap_or("-");
+    fn facts(&self, tz: Tz) -> Facts<'_> {
+        let mut sums = NO_SUMS;
+        sums[0] = ("amountUsd", as_event(self.amount_usd));
         Facts {
             day: local_day(self.transaction_date, tz),
             ftd: None,
-            sums: self
-                .amount_usd
-                .map(|a| (format!("amountUsd[{kind}]"), as_event(a)))
-                .into_iter()
-                .collect(),
-        }
-    }
-}
-
-impl ModelFacts for crate::crm::Position {
-    fn facts(&self, tz: Tz) -> Facts {
-        let tag = self.server_tag.as_deref().unwrap_or("-");
-        let sums = [
-            ("volume", self.volume),
-            ("profit", self.profit),
-            ("commission", self.commission),
-            ("swap", self.swap),
-        ]
-        .into_iter()
-        .filter_map(|(name, value)| value.map(|v| (format!("{name}[{tag}]"), as_event(v))))
-        .collect();
-        Facts {
-            day: local_day(self.close_time, tz),
-            ftd: None,
+            group: Cow::Borrowed(self.transaction_type.as_deref().unwrap_or("-")),
             sums,
         }
     }
 }
 
+impl ModelFacts for crate::crm::Position {
+    fn facts(&self, tz: Tz) -> Facts<'_> {
+        Facts {
+            day: local_day(self.close_time, tz),
+            ftd: None,
+            group: Cow::Borrowed(self.server_tag.as_deref().unwrap_or("-")),
+            sums: [
+                ("volume", as_event(self.volume)),
+                ("profit", as_event(self.profit)),
+                ("commission", as_event(self.commission)),
+                ("swap", as_event(self.swap)),
+            ],
+        }
+    }
+}
+
 impl ModelFacts for crate::crm::Server {
-    fn facts(&self, _tz: Tz) -> Facts {
-        Facts::default()
+    fn facts(&self, _tz: Tz) -> Facts<'_> {
+        Facts {
+            day: None,
+            ftd: None,
+            group: Cow::Borrowed(""),
+            sums: NO_SUMS,
+        }
     }
 }
 
@@ -528,16 +564,24 @@ mod tests {
         assert!(differing(&body_a, &body_b).is_empty());
         // The totals of the fast path (the model) are those of the slow one (the event).
         let tz = chrono_tz::UTC;
-        assert_eq!(a.facts(tz), facts_of("transactions", &body_a, tz));
         assert_eq!(
-            a.facts(tz).sums,
+            a.facts(tz).named(),
+            facts_of("transactions", &body_a, tz).named()
+        );
+        assert_eq!(a.facts(tz).day, facts_of("transactions", &body_a, tz).day);
+        assert_eq!(
+            a.facts(tz).named(),
             vec![("amountUsd[Deposit]".to_owned(), "250".parse().unwrap())]
         );
         let p: Position = read(
             r#"{"positionId":7,"serverTag":"mt4-live-01","volume":"1.50","profit":"-7.8500000000000005","commission":"-7","swap":"0.12","closeTime":"2026-11-03 23:59:59"}"#,
         );
         let (_, body_p) = round_trip(&p);
-        assert_eq!(p.facts(tz), facts_of("positions", &body_p, tz));
+        assert_eq!(
+            p.facts(tz).named(),
+            facts_of("positions", &body_p, tz).named()
+        );
+        assert_eq!(p.facts(tz).named().len(), 4);
         // A changed amount is found and named.
         let c: Transaction = read(
             r#"{"id":1,"type":"Deposit","amountUsd":"251","amount":1,"transactionDate":"2026-11-03 10:00:00"}"#,

@@ -406,6 +406,8 @@ struct Side {
     meta: EventMeta,
     report: StreamReport,
     seen: HashSet<String>,
+    /// Scratch space for the names of sums.
+    name: String,
 }
 
 /// A CRM record `verify` compares: one a stream emits, with its totals.
@@ -422,6 +424,7 @@ impl Side {
             meta: compare_meta(),
             report: StreamReport::default(),
             seen: HashSet::new(),
+            name: String::new(),
             ctx,
         })
     }
@@ -449,14 +452,13 @@ impl Side {
     }
 
     /// Compares one record read from the CRM; returns, when it is missing or different,
-    /// whether the topic holds an event of it.
+    /// whether the topic holds an event of it. The caller marks the key seen.
     fn compare<T: Verified>(
         &mut self,
         key: &str,
         record: &Result<Record<T>, crate::crm::RecordError>,
         events: &TopicEvents,
     ) -> Option<bool> {
-        self.seen.insert(key.to_owned());
         let record = match record {
             Ok(r) if r.model.id().is_some() => r,
             Ok(_) => {
@@ -480,7 +482,7 @@ impl Side {
         let (tz, range) = (self.ctx.tz, self.ctx.range);
         let facts = record.model.facts(tz);
         let Some(payload) = events.latest.get(key) else {
-            facts.add_to(range, &mut self.report.days, true);
+            facts.add_to(range, &mut self.report.days, true, &mut self.name);
             self.report.missing.push(KeyDiff {
                 key: key.to_owned(),
                 day: facts.day,
@@ -495,8 +497,8 @@ impl Side {
             && crm_entity == compare::entity_bytes(payload)
             && compare::same_header(&encoded, payload)
         {
-            facts.add_to(range, &mut self.report.days, true);
-            facts.add_to(range, &mut self.report.days, false);
+            facts.add_to(range, &mut self.report.days, true, &mut self.name);
+            facts.add_to(range, &mut self.report.days, false, &mut self.name);
             return None;
         }
         let crm = match self.ctx.decoder.decode(self.event, &encoded) {
@@ -506,7 +508,7 @@ impl Side {
                 return None;
             }
         };
-        facts.add_to(range, &mut self.report.days, true);
+        facts.add_to(range, &mut self.report.days, true, &mut self.name);
         let kafka = match self.ctx.decoder.decode(self.event, payload) {
             Ok(value) => body(value, &self.volatile),
             Err(e) => {
@@ -518,7 +520,12 @@ impl Side {
                 return Some(true);
             }
         };
-        compare::facts_of(self.stream, &kafka, tz).add_to(range, &mut self.report.days, false);
+        compare::facts_of(self.stream, &kafka, tz).add_to(
+            range,
+            &mut self.report.days,
+            false,
+            &mut self.name,
+        );
         let fields = differing(&crm, &kafka);
         if fields.is_empty() {
             return None;
@@ -573,7 +580,12 @@ impl Side {
                     _ => continue,
                 },
             };
-            compare::facts_of(self.stream, &kafka, tz).add_to(range, &mut self.report.days, false);
+            compare::facts_of(self.stream, &kafka, tz).add_to(
+                range,
+                &mut self.report.days,
+                false,
+                &mut self.name,
+            );
             self.report.extra.push(KeyDiff {
                 key: key.clone(),
                 day,
@@ -729,7 +741,7 @@ async fn verify_scope<T: Verified>(
             if let Some(in_kafka) = side.compare(&key, &record, &events) {
                 if let Ok(record) = record {
                     candidates.push(Candidate {
-                        key,
+                        key: key.clone(),
                         scope: scope.clone(),
                         window: Some(read.window),
                         in_kafka,
@@ -737,6 +749,7 @@ async fn verify_scope<T: Verified>(
                     });
                 }
             }
+            side.seen.insert(key);
         }
     }
     let short = crm_read
@@ -816,7 +829,7 @@ async fn verify_servers(
         if let Some(in_kafka) = side.compare(&key, &record, &events) {
             if let Ok(record) = record {
                 candidates.push(Candidate {
-                    key,
+                    key: key.clone(),
                     scope: "servers".to_owned(),
                     window: None,
                     in_kafka,
@@ -824,6 +837,7 @@ async fn verify_servers(
                 });
             }
         }
+        side.seen.insert(key);
     }
     side.extra(&events, |_| true, |_, _| false);
     Ok(side.finish(&events))
