@@ -24,7 +24,7 @@ pub mod repair;
 pub mod report;
 pub mod topics;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -405,7 +405,6 @@ struct Side {
     encoder: Encoder,
     meta: EventMeta,
     report: StreamReport,
-    seen: HashSet<String>,
     /// Scratch space for the names of sums.
     name: String,
 }
@@ -423,7 +422,6 @@ impl Side {
             encoder: ctx.encoder()?,
             meta: compare_meta(),
             report: StreamReport::default(),
-            seen: HashSet::new(),
             name: String::new(),
             ctx,
         })
@@ -481,7 +479,7 @@ impl Side {
         self.report.crm_records += 1;
         let (tz, range) = (self.ctx.tz, self.ctx.range);
         let facts = record.model.facts(tz);
-        let Some(payload) = events.latest.get(key) else {
+        let Some(latest) = events.latest.get(key) else {
             facts.add_to(range, &mut self.report.days, true, &mut self.name);
             self.report.missing.push(KeyDiff {
                 key: key.to_owned(),
@@ -490,6 +488,8 @@ impl Side {
             });
             return Some(false);
         };
+        latest.seen.store(true, Ordering::Relaxed);
+        let payload = &latest.payload;
         // Fast path: the same schema and the same entity bytes are the same values.
         let crm_entity = compare::entity_bytes(&encoded);
         if self.volatile.is_empty()
@@ -556,10 +556,11 @@ impl Side {
     ) {
         let tz = self.ctx.tz;
         let range = self.ctx.range;
-        for (key, payload) in &events.latest {
-            if self.seen.contains(key) || !belongs(key) {
+        for (key, latest) in &events.latest {
+            if latest.seen.load(Ordering::Relaxed) || !belongs(key) {
                 continue;
             }
+            let payload = &latest.payload;
             let kafka = match self.ctx.decoder.decode(self.event, payload) {
                 Ok(value) => body(value, &self.volatile),
                 Err(e) => {
@@ -613,7 +614,6 @@ impl Side {
 /// What the reads of one scope (a stream, or a server tag of positions) found.
 struct ScopeOutcome<T> {
     report: StreamReport,
-    seen: HashSet<String>,
     candidates: Vec<Candidate<T>>,
     /// Days not read completely, by server tag.
     incomplete: Vec<(Option<String>, NaiveDate)>,
@@ -658,7 +658,6 @@ async fn verify_stream<T: Verified>(
     while let Some(read) = reads.join_next().await {
         let outcome = read.map_err(|e| VerifyError::Failed(e.to_string()))??;
         side.merge(outcome.report);
-        side.seen.extend(outcome.seen);
         candidates.extend(outcome.candidates);
         incomplete.extend(outcome.incomplete);
     }
@@ -749,7 +748,6 @@ async fn verify_scope<T: Verified>(
                     });
                 }
             }
-            side.seen.insert(key);
         }
     }
     let short = crm_read
@@ -767,7 +765,6 @@ async fn verify_scope<T: Verified>(
     }
     Ok(ScopeOutcome {
         report: side.report,
-        seen: side.seen,
         candidates,
         incomplete,
     })
@@ -837,7 +834,6 @@ async fn verify_servers(
                 });
             }
         }
-        side.seen.insert(key);
     }
     side.extra(&events, |_| true, |_, _| false);
     Ok(side.finish(&events))
