@@ -436,6 +436,31 @@ start_date = "2024-01-01"
         "the duplicates were read"
     );
 
+    // A deposit: a new transaction (missing), and its customer's balance moves – volatile,
+    // so the customer stays equal, or (a first deposit) differs by its `ftdDate` and
+    // `lastModifiedDate`, never by the balance.
+    let deposit = sim.mutate(1, Some(ChangeKind::Transaction));
+    let new_tx = deposit
+        .iter()
+        .find(|c| c.stream == "transactions")
+        .unwrap()
+        .key
+        .clone();
+    let report = verify(&config, false).await;
+    assert_eq!(keys(&stream(&report, "transactions").missing), vec![new_tx]);
+    let customers = stream(&report, "customers");
+    match deposit.iter().find(|c| c.stream == "customers") {
+        Some(first) => {
+            assert_eq!(keys(&customers.different), vec![first.key.clone()]);
+            let detail = &customers.different[0].detail;
+            assert!(detail.contains("ftdDate"), "{detail}");
+            assert!(
+                !detail.contains("balanceUsd"),
+                "a volatile field differs: {detail}"
+            );
+        }
+        None => assert!(customers.is_equal(), "{:?}", customers.different),
+    }
     let deleted = sim.mutate(1, Some(ChangeKind::Delete { days: None }))[0]
         .key
         .clone();
@@ -450,6 +475,7 @@ start_date = "2024-01-01"
             .any(|l| l.starts_with("transactions,") && l.contains(&format!(",extra,{deleted},"))),
         "{out}"
     );
+    assert!(out.lines().any(|l| l.contains(",missing,")), "{out}");
     let (code, text) = ibstream(&file, &[&range[..], &["--stream", "transactions"]].concat()).await;
     assert_eq!(code, Some(1));
     assert!(
