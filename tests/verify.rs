@@ -461,6 +461,16 @@ start_date = "2024-01-01"
         }
         None => assert!(customers.is_equal(), "{:?}", customers.different),
     }
+    // A record the topic holds that the CRM now serves unreadable: a dead letter, neither
+    // extra nor missing.
+    let unreadable = sim.mutate(1, Some(ChangeKind::Malform { days: None }))[0]
+        .key
+        .clone();
+    let report = verify(&config, false).await;
+    let tx = stream(&report, "transactions");
+    assert_eq!(keys(&tx.dead_letters), vec![unreadable.clone()]);
+    assert!(!keys(&tx.extra).contains(&unreadable), "{:?}", tx.extra);
+    assert!(!keys(&tx.missing).contains(&unreadable));
     let deleted = sim.mutate(1, Some(ChangeKind::Delete { days: None }))[0]
         .key
         .clone();

@@ -248,6 +248,12 @@ pub enum ChangeKind {
     },
     /// The last correction is undone (its records are as they were before it).
     Revert,
+    /// One transaction becomes unreadable (its amount malformed, as `--malformed-rate`
+    /// makes them): the one dated closest to `days` ago, a random one without `days`.
+    Malform {
+        /// How many days back the transaction is dated.
+        days: Option<u32>,
+    },
     /// One transaction is deleted in the CRM (no query serves it any more): the one dated
     /// closest to `days` ago, a random one without `days`.
     Delete {
@@ -297,6 +303,7 @@ impl ChangeKind {
             "correction" => ChangeKind::Correction { days: None },
             "revert" => ChangeKind::Revert,
             "delete" => ChangeKind::Delete { days: None },
+            "malform" => ChangeKind::Malform { days: None },
             "null_date" => ChangeKind::NullDate,
             "reformat" => ChangeKind::Reformat,
             "bloat" => ChangeKind::Bloat,
@@ -1262,6 +1269,14 @@ impl SimData {
                         self.positions[i].profit_cents = cents;
                         changes.push(change("positions", "updated", self.position_key(i)));
                     }
+                }
+            }
+            ChangeKind::Malform { days } => {
+                let target = days.map(|d| now - i64::from(d) * 86_400);
+                if let Some(i) = self.pick(Kind::Transactions, target, &mut rng) {
+                    self.transactions[i].malformed = true;
+                    let id = self.transactions[i].id.to_string();
+                    changes.push(change("transactions", "malformed", id));
                 }
             }
             ChangeKind::Delete { days } => {

@@ -974,6 +974,7 @@ async fn mutate(
             }),
             Some(ChangeKind::Correction { .. }) => Some(ChangeKind::Correction { days }),
             Some(ChangeKind::Delete { .. }) => Some(ChangeKind::Delete { days }),
+            Some(ChangeKind::Malform { .. }) => Some(ChangeKind::Malform { days }),
             Some(kind) => Some(kind),
             None => {
                 return json_response(

@@ -457,6 +457,11 @@ impl Side {
         record: &Result<Record<T>, crate::crm::RecordError>,
         events: &TopicEvents,
     ) -> Option<bool> {
+        // Returned by the CRM, so never extra – whether it can be read or not.
+        let latest = events.latest.get(key);
+        if let Some(latest) = latest {
+            latest.seen.store(true, Ordering::Relaxed);
+        }
         let record = match record {
             Ok(r) if r.model.id().is_some() => r,
             Ok(_) => {
@@ -479,7 +484,7 @@ impl Side {
         self.report.crm_records += 1;
         let (tz, range) = (self.ctx.tz, self.ctx.range);
         let facts = record.model.facts(tz);
-        let Some(latest) = events.latest.get(key) else {
+        let Some(latest) = latest else {
             facts.add_to(range, &mut self.report.days, true, &mut self.name);
             self.report.missing.push(KeyDiff {
                 key: key.to_owned(),
@@ -488,7 +493,6 @@ impl Side {
             });
             return Some(false);
         };
-        latest.seen.store(true, Ordering::Relaxed);
         let payload = &latest.payload;
         // Fast path: the same schema and the same entity bytes are the same values (volatile
         // ones too); only records whose bytes differ are decoded and compared field by field.
