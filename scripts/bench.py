@@ -11,7 +11,7 @@ Then the same workload through the baseline (benches/baseline/poller.py: what a 
 without ibstream) on the same simulator and broker, checks both emitted the same number of
 events per stream, and prints the ratio.
 
-usage: bench.py BINARY BASELINE_PYTHON [--smoke] [--scale F] [--no-baseline]
+usage: bench.py BINARY BASELINE_PYTHON [--smoke] [--scale F] [--no-baseline] [--verify]
                 [--broker tansu|apache] [--delivery at-least-once|exactly-once]
 
 --scale F: F times the full workload (0.1 for the 10 % scaling figure);
@@ -19,6 +19,9 @@ usage: bench.py BINARY BASELINE_PYTHON [--smoke] [--scale F] [--no-baseline]
 --broker apache: Apache Kafka from target/kafka/libs (./scripts/test.sh fetches it) with the
   single-node settings of tests/kafka/single-node.properties;
 --delivery exactly-once: ibstream with Kafka transactions (needs --broker apache);
+--verify: after the backfill, `ibstream verify` of the whole range three times (no baseline):
+  its wall time (median of 3) against the backfill's, its CPU, peak RSS and CRM pages, and
+  that it found the topics equal (exit 0);
 environment BENCH_PERF=FILE: `perf record -g` of the connector during the backfill into FILE."""
 
 import base64
@@ -35,7 +38,8 @@ BINARY = sys.argv[1]
 BASELINE_PYTHON = sys.argv[2]
 SMOKE = "--smoke" in sys.argv
 SCALE = float(sys.argv[sys.argv.index("--scale") + 1]) if "--scale" in sys.argv else 1.0
-BASELINE = "--no-baseline" not in sys.argv
+VERIFY = "--verify" in sys.argv
+BASELINE = "--no-baseline" not in sys.argv and not VERIFY
 
 
 def option(name, default, allowed):
@@ -144,6 +148,36 @@ log.dirs={work}/kafka-logs
             return "Kafka Server started" in f.read()
     wait_for("Apache Kafka", serving, 120)
     return kafka
+
+
+def verify(config, run_seconds):
+    """`ibstream verify` of the whole range, three times: each run's wall time, CPU and
+    peak RSS (from wait4), the median against the backfill's time, and its verdict."""
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    runs = []
+    for _ in range(3):
+        started = time.monotonic()
+        with tempfile.TemporaryFile() as out:
+            process = subprocess.Popen(
+                [BINARY, "--config", config, "verify", "--from", "2024-01-01", "--to", today, "--format", "json"],
+                env={**os.environ, "IBSTREAM_LOG": "warn"}, stdout=out)
+            _, status, usage = os.wait4(process.pid, 0)
+            seconds = time.monotonic() - started
+            out.seek(0)
+            report = json.loads(out.read())
+        code = os.waitstatus_to_exitcode(status)
+        runs.append({"seconds": round(seconds, 2), "exit": code,
+                     "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 2),
+                     "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+                     "crm_pages": sum(s["pages"] for s in report["streams"]),
+                     "crm_records": sum(s["crmRecords"] for s in report["streams"]),
+                     "kafka_events": sum(s["kafkaEvents"] for s in report["streams"]),
+                     "equal": report["equal"]})
+        print(json.dumps({"verify_run": runs[-1]}), flush=True)
+    median = sorted(r["seconds"] for r in runs)[1]
+    print(json.dumps({"verify": {"seconds_median": median, "run_backfill_seconds": round(run_seconds, 2),
+                                 "ratio_to_run": round(median / run_seconds, 2),
+                                 "all_equal": all(r["equal"] and r["exit"] == 0 for r in runs)}}), flush=True)
 
 
 def main():
@@ -262,6 +296,8 @@ start_date = "2024-01-01"
         print(json.dumps({"ibstream": result}), flush=True)
         run.terminate()
         run.wait(timeout=15)
+        if VERIFY:
+            verify(config, elapsed)
         if not BASELINE:
             return
 

@@ -2,7 +2,8 @@
 //!
 //! Modules, one per concern: [`config`] (figment configuration, validation without IO),
 //! [`crm`] (HTTP client and models), [`events`] (Avro schemas, encoder, registry, dead letters), [`sim`] (a CRM simulator serving the same API),
-//! [`check`] (the `ibstream check` connectivity report), [`telemetry`] (logging).
+//! [`check`] (the `ibstream check` connectivity report), [`verify`] (`ibstream verify`: the
+//! topics against the CRM), [`telemetry`] (logging).
 
 pub mod check;
 pub mod config;
@@ -17,3 +18,4 @@ pub mod sim;
 pub mod state_tool;
 pub mod stream;
 pub mod telemetry;
+pub mod verify;

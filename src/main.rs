@@ -63,6 +63,9 @@ enum Command {
     /// Read the events in the topics.
     #[command(subcommand)]
     Events(EventsCommand),
+    /// Compare the data topics with what the CRM holds for a range of days (missing, extra
+    /// and different keys; totals per day); exit 0 equal, 1 differs, 2 configuration error.
+    Verify(VerifyArgs),
 }
 
 #[derive(Subcommand)]
@@ -70,6 +73,32 @@ enum EventsCommand {
     /// Print a topic's events decoded as JSON lines (read_committed, no consumer group),
     /// following it until Ctrl-C or --max.
     Tail(ibstream::events::tail::TailArgs),
+}
+
+#[derive(clap::Args)]
+struct VerifyArgs {
+    /// First day (YYYY-MM-DD, the CRM's time zone).
+    #[arg(long)]
+    from: chrono::NaiveDate,
+    /// Last day, inclusive.
+    #[arg(long)]
+    to: chrono::NaiveDate,
+    /// Only this stream (repeatable; default: every enabled stream).
+    #[arg(long = "stream")]
+    streams: Vec<String>,
+    /// Only this server tag's positions (repeatable).
+    #[arg(long = "server-tag")]
+    server_tags: Vec<String>,
+    /// Report format.
+    #[arg(long, value_enum, default_value_t)]
+    format: ibstream::verify::Format,
+    /// Send the missing and different records through the sink (refused while the
+    /// instance runs).
+    #[arg(long)]
+    repair: bool,
+    /// Repair although the instance's heartbeat is fresh.
+    #[arg(long, requires = "repair")]
+    force: bool,
 }
 
 #[derive(Subcommand)]
@@ -148,6 +177,7 @@ fn main() -> ExitCode {
             Command::Events(EventsCommand::Tail(args)) => {
                 events_tail(cli.config.as_deref(), args).await
             }
+            Command::Verify(args) => verify(cli.config.as_deref(), args).await,
             Command::Demo(args) => {
                 let cancel = tokio_util::sync::CancellationToken::new();
                 let on_signal = cancel.clone();
@@ -423,6 +453,43 @@ async fn state(path: Option<&std::path::Path>, command: StateCommand) -> ExitCod
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+async fn verify(path: Option<&std::path::Path>, args: VerifyArgs) -> ExitCode {
+    use ibstream::verify::{Format, VerifyError, VerifyRequest};
+    let config = match Config::load(path) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let request = VerifyRequest {
+        from: args.from,
+        to: args.to,
+        streams: args.streams,
+        server_tags: args.server_tags,
+        repair: args.repair,
+        force: args.force,
+    };
+    match ibstream::verify::run(config, request).await {
+        Ok(report) => {
+            match args.format {
+                Format::Text => print!("{}", ibstream::verify::report::text(&report)),
+                Format::Json => println!("{}", ibstream::verify::report::json(&report)),
+                Format::Csv => print!("{}", ibstream::verify::report::csv(&report)),
+            }
+            ExitCode::from(ibstream::verify::exit_code(&report))
+        }
+        Err(e @ (VerifyError::Config(_) | VerifyError::Usage(_))) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -248,6 +248,18 @@ pub enum ChangeKind {
     },
     /// The last correction is undone (its records are as they were before it).
     Revert,
+    /// One transaction becomes unreadable (its amount malformed, as `--malformed-rate`
+    /// makes them): the one dated closest to `days` ago, a random one without `days`.
+    Malform {
+        /// How many days back the transaction is dated.
+        days: Option<u32>,
+    },
+    /// One transaction is deleted in the CRM (no query serves it any more): the one dated
+    /// closest to `days` ago, a random one without `days`.
+    Delete {
+        /// How many days back the deleted transaction is dated.
+        days: Option<u32>,
+    },
     /// The newest transaction is served with `"transactionDate": null` (it stays in its day's
     /// results).
     NullDate,
@@ -290,6 +302,8 @@ impl ChangeKind {
             "late_transaction" => ChangeKind::LateTransaction { days: 1 },
             "correction" => ChangeKind::Correction { days: None },
             "revert" => ChangeKind::Revert,
+            "delete" => ChangeKind::Delete { days: None },
+            "malform" => ChangeKind::Malform { days: None },
             "null_date" => ChangeKind::NullDate,
             "reformat" => ChangeKind::Reformat,
             "bloat" => ChangeKind::Bloat,
@@ -405,6 +419,8 @@ struct Transaction {
     reformatted: bool,
     /// Served dated [`MISDATED_DAYS`] before its date (it stays in its date's results).
     misdated: bool,
+    /// Deleted in the CRM: served by no query and left out of the truth.
+    deleted: bool,
 }
 
 /// How far before its date a `misdated` transaction is served.
@@ -613,6 +629,7 @@ impl SimData {
                 date_hidden: false,
                 reformatted: false,
                 misdated: false,
+                deleted: false,
             });
         }
         let closes = data.customer_times(&mut rng, spec.positions, start, now);
@@ -757,7 +774,9 @@ impl SimData {
                 self.transactions
                     .iter()
                     .enumerate()
-                    .filter(move |(_, t)| in_range(t.date) && (query.include_fake || !t.fake))
+                    .filter(move |(_, t)| {
+                        in_range(t.date) && (query.include_fake || !t.fake) && !t.deleted
+                    })
                     .map(|(i, t)| (t.date, i)),
             ),
             Kind::Positions => {
@@ -879,6 +898,7 @@ impl SimData {
         };
         (0..count)
             .filter(|&i| kind != Kind::Servers || self.servers[i].listed)
+            .filter(|&i| kind != Kind::Transactions || !self.transactions[i].deleted)
             .map(|i| {
                 let mut record = self.render(kind, i);
                 if let (Kind::Servers, Value::Object(map)) = (kind, &mut record) {
@@ -1251,6 +1271,22 @@ impl SimData {
                     }
                 }
             }
+            ChangeKind::Malform { days } => {
+                let target = days.map(|d| now - i64::from(d) * 86_400);
+                if let Some(i) = self.pick(Kind::Transactions, target, &mut rng) {
+                    self.transactions[i].malformed = true;
+                    let id = self.transactions[i].id.to_string();
+                    changes.push(change("transactions", "malformed", id));
+                }
+            }
+            ChangeKind::Delete { days } => {
+                let target = days.map(|d| now - i64::from(d) * 86_400);
+                if let Some(i) = self.pick(Kind::Transactions, target, &mut rng) {
+                    self.transactions[i].deleted = true;
+                    let id = self.transactions[i].id.to_string();
+                    changes.push(change("transactions", "deleted", id));
+                }
+            }
             ChangeKind::Bloat => {
                 if let Some(lead) = self.leads.iter_mut().rev().find(|l| !l.malformed) {
                     lead.notes_bytes = 1_500_000;
@@ -1367,7 +1403,12 @@ impl SimData {
                 .iter()
                 .enumerate()
                 .filter(|(_, t)| {
-                    !t.fake && !t.malformed && !t.date_hidden && !t.reformatted && !t.misdated
+                    !t.fake
+                        && !t.malformed
+                        && !t.date_hidden
+                        && !t.reformatted
+                        && !t.misdated
+                        && !t.deleted
                 })
                 .map(|(i, t)| (i, t.date))
                 .collect(),
@@ -1431,6 +1472,7 @@ impl SimData {
             date_hidden: false,
             reformatted: false,
             misdated: false,
+            deleted: false,
         });
         changes.push(Change {
             stream: "transactions",

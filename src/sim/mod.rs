@@ -15,7 +15,9 @@
 //! - `POST /_sim/mutate?count=N[&kind=K][&days=D]`: applies N changes now and returns them as
 //!   `[{"stream", "op", "key"}]` (K: lead, lead_edit, conversion, customer_edit, transaction,
 //!   late_transaction (dated D days ago, default 1), correction (of records dated about D
-//!   days ago), revert, null_date, reformat, bloat, bloat_wide (a lead of 600,000 × "ж"),
+//!   days ago), revert, delete (a transaction dated about D days ago, or a random one, is
+//!   deleted: no query serves it, the truth leaves it out), malform (a transaction, chosen
+//!   so, becomes unreadable), null_date, reformat, bloat, bloat_wide (a lead of 600,000 × "ж"),
 //!   misdated (a transaction shown 400 days off its day), position, server, server_remove,
 //!   server_restore);
 //! - `POST /_sim/expire-tokens`: revokes every issued token (the next data call gets a 401);

@@ -973,6 +973,8 @@ async fn mutate(
                 days: days.unwrap_or(1),
             }),
             Some(ChangeKind::Correction { .. }) => Some(ChangeKind::Correction { days }),
+            Some(ChangeKind::Delete { .. }) => Some(ChangeKind::Delete { days }),
+            Some(ChangeKind::Malform { .. }) => Some(ChangeKind::Malform { days }),
             Some(kind) => Some(kind),
             None => {
                 return json_response(

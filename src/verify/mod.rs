@@ -1,0 +1,861 @@
+//! `ibstream verify`: shows that the data topics hold what the CRM holds, for a range of days.
+//!
+//! 1. Every chosen data topic is read to its end ([`topics`]: `read_committed`, a group-less
+//!    consumer, no transactional id), keeping the latest event of every key.
+//! 2. The CRM is read for the days asked the way `run` reads it ([`crm`]): per stream (and
+//!    per live server tag) by the day `run` reads it by, in its windows, compared only once a
+//!    window's reads are complete.
+//! 3. Key by key ([`compare`]): a CRM record without an event is **missing**, an event whose
+//!    record date lies in the range that the CRM no longer returns for it is **extra** (gone
+//!    from the CRM, or now dated elsewhere), an event whose fields differ from the CRM's
+//!    current record (volatile fields and representation aside) is **different**. A CRM
+//!    record that cannot be read is a **dead letter** (as `run` sends it to the dead-letter
+//!    topic), never missing. Per stream and day both sides' totals are summed.
+//! 4. [`report`] writes it for people (text) or machines (JSON, CSV).
+//!
+//! Nothing is written to Kafka unless `--repair` ([`repair`]) is asked for.
+//!
+//! Memory: the latest event of every key of the chosen topics is held while the CRM is read
+//! (about the size of the topics after compaction).
+
+pub mod compare;
+pub mod crm;
+pub mod repair;
+pub mod report;
+pub mod topics;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{NaiveDate, Utc};
+use chrono_tz::Tz;
+
+use crate::config::{Config, ConfigError};
+use crate::crm::{CrmClient, Customer, DateFilter, Lead, Position, Record, Server, Transaction};
+use crate::events::{Encoder, EventMeta, EventType, Framing, Op, Schemas};
+use crate::stream::poller::StreamRecord;
+use compare::{body, day_field, differing, Decoder, ModelFacts, Totals};
+use topics::TopicEvents;
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Format {
+    /// A report for people.
+    #[default]
+    Text,
+    /// One JSON document.
+    Json,
+    /// CSV rows: one per stream and day, then one per key that differs.
+    Csv,
+}
+
+/// What `verify` is asked.
+#[derive(Debug, Clone)]
+pub struct VerifyRequest {
+    /// First day (CRM time zone), inclusive.
+    pub from: NaiveDate,
+    /// Last day, inclusive.
+    pub to: NaiveDate,
+    /// Streams (empty: every enabled stream).
+    pub streams: Vec<String>,
+    /// Server tags of positions (empty: every live one `run` reads).
+    pub server_tags: Vec<String>,
+    /// Send the missing and different records through the sink.
+    pub repair: bool,
+    /// Repair although the instance's heartbeat is fresh.
+    pub force: bool,
+}
+
+/// Why `verify` could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// Bad configuration or arguments (exit code 2).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Bad arguments (exit code 2).
+    #[error("{0}")]
+    Usage(String),
+    /// The CRM or Kafka failed; nothing could be shown equal.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// One key that differs.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct KeyDiff {
+    /// The key in the topic.
+    pub key: String,
+    /// The record's day (`None`: no day, or servers).
+    pub day: Option<NaiveDate>,
+    /// Different: the first fields that differ; dead letter or unreadable event: the reason.
+    pub detail: String,
+}
+
+/// What differs in one stream.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StreamReport {
+    /// The stream.
+    pub stream: String,
+    /// CRM records compared.
+    pub crm_records: u64,
+    /// Events read from the topic (duplicates and older versions included).
+    pub kafka_events: u64,
+    /// CRM pages read.
+    pub pages: u64,
+    /// In the CRM, not in Kafka.
+    pub missing: Vec<KeyDiff>,
+    /// In Kafka (dated in the range), not returned by the CRM.
+    pub extra: Vec<KeyDiff>,
+    /// In both, values differ.
+    pub different: Vec<KeyDiff>,
+    /// CRM records that cannot be read (`run` sends them to the dead-letter topic).
+    pub dead_letters: Vec<KeyDiff>,
+    /// Events in the topic that cannot be decoded, whose day is therefore unknown.
+    pub unreadable_events: Vec<KeyDiff>,
+    /// Days whose CRM reads never came complete (not compared), with the records missing.
+    pub incomplete_days: Vec<(String, NaiveDate, u64)>,
+    /// Totals per day: the CRM's and Kafka's.
+    pub days: BTreeMap<Option<NaiveDate>, (Totals, Totals)>,
+}
+
+impl StreamReport {
+    /// Returns whether the stream's topic equals the CRM over the range.
+    pub fn is_equal(&self) -> bool {
+        self.missing.is_empty()
+            && self.extra.is_empty()
+            && self.different.is_empty()
+            && self.incomplete_days.is_empty()
+    }
+}
+
+/// The outcome of `verify`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    /// First day.
+    pub from: NaiveDate,
+    /// Last day.
+    pub to: NaiveDate,
+    /// Per stream.
+    pub streams: Vec<StreamReport>,
+    /// What `--repair` sent, when asked.
+    pub repaired: Option<repair::Repaired>,
+}
+
+impl Report {
+    /// Returns whether every stream is equal.
+    pub fn is_equal(&self) -> bool {
+        self.streams.iter().all(StreamReport::is_equal)
+    }
+}
+
+/// A record `--repair` would send: its key, scope and CRM record.
+pub struct Candidate<T> {
+    /// The key in the topic (positions: `tag:id`).
+    pub key: String,
+    /// The fingerprint scope (`positions/<tag>` or the stream).
+    pub scope: String,
+    /// The window it was read from.
+    pub window: Option<(NaiveDate, NaiveDate)>,
+    /// Whether the topic holds an event of the key (a different one).
+    pub in_kafka: bool,
+    /// The record.
+    pub record: Record<T>,
+}
+
+/// Everything a stream's comparison needs.
+struct Ctx {
+    client: CrmClient,
+    tz: Tz,
+    config: Config,
+    schemas: Schemas,
+    framing: Framing,
+    decoder: Decoder,
+    range: (NaiveDate, NaiveDate),
+    progress: Arc<Progress>,
+}
+
+impl Ctx {
+    /// Returns an encoder as `run`'s: the configured framing and decimal policy.
+    fn encoder(&self) -> Result<Encoder, VerifyError> {
+        Ok(Encoder::new(&self.schemas, self.framing.clone())
+            .map_err(|e| VerifyError::Failed(e.to_string()))?
+            .with_decimal_excess(self.config.events.decimal_excess))
+    }
+}
+
+/// Counters the progress bar shows.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Events read from the topics.
+    pub events: AtomicU64,
+    /// CRM records read.
+    pub records: AtomicU64,
+    /// CRM pages read.
+    pub pages: AtomicU64,
+}
+
+/// The candidates for repair of every stream, typed.
+#[derive(Default)]
+pub struct Candidates {
+    /// Leads.
+    pub leads: Vec<Candidate<Lead>>,
+    /// Customers.
+    pub customers: Vec<Candidate<Customer>>,
+    /// Transactions.
+    pub transactions: Vec<Candidate<Transaction>>,
+    /// Servers.
+    pub servers: Vec<Candidate<Server>>,
+    /// Positions.
+    pub positions: Vec<Candidate<Position>>,
+}
+
+const STREAMS: [&str; 5] = ["leads", "customers", "transactions", "servers", "positions"];
+
+/// Checks the request against the configuration (no IO); returns the streams to verify.
+pub fn validate(
+    config: &Config,
+    request: &VerifyRequest,
+) -> Result<Vec<&'static str>, VerifyError> {
+    config.validate()?;
+    config.kafka.validate()?;
+    if request.from > request.to {
+        return Err(VerifyError::Usage(format!(
+            "--from {} is after --to {}",
+            request.from, request.to
+        )));
+    }
+    let enabled = crate::run::enabled_streams(&config.streams);
+    let mut chosen = Vec::new();
+    for name in &request.streams {
+        let Some(stream) = STREAMS.iter().find(|s| **s == name.as_str()) else {
+            return Err(VerifyError::Usage(format!(
+                "unknown stream {name:?} (--stream); streams: {}",
+                STREAMS.join(", ")
+            )));
+        };
+        if !enabled.contains(stream) {
+            return Err(VerifyError::Usage(format!(
+                "stream {name} is not enabled in this configuration (streams.{name}.enabled)"
+            )));
+        }
+        if !chosen.contains(stream) {
+            chosen.push(*stream);
+        }
+    }
+    if chosen.is_empty() {
+        chosen = enabled;
+    }
+    if !request.server_tags.is_empty() && !chosen.contains(&"positions") {
+        return Err(VerifyError::Usage(
+            "--server-tag is for the positions stream only".to_owned(),
+        ));
+    }
+    Ok(chosen)
+}
+
+/// Runs `verify` (and `--repair` when asked) and returns the report.
+pub async fn run(config: Config, request: VerifyRequest) -> Result<Report, VerifyError> {
+    let streams = validate(&config, &request)?;
+    let client = CrmClient::build(&config.crm)?;
+    let tz = client.tz();
+    let schemas =
+        Schemas::load(&config.events.namespace).map_err(|e| VerifyError::Failed(e.to_string()))?;
+    let framing = crate::events::framing_for(&config, &schemas)
+        .await
+        .map_err(|e| VerifyError::Failed(e.to_string()))?;
+    // Refused before anything is read, and read before the topics: a repair of a state
+    // another process writes meanwhile would be lost or doubled.
+    let guard = match request.repair {
+        true => Some(repair::Guard::take(&config, request.force).await?),
+        false => None,
+    };
+    let progress = Arc::new(Progress::default());
+    let bar = report::ProgressBar::start(progress.clone());
+    reach_kafka(&config).await?;
+    let ctx = Arc::new(Ctx {
+        client,
+        tz,
+        decoder: Decoder::new(&schemas, &framing),
+        schemas: schemas.clone(),
+        framing: framing.clone(),
+        range: (request.from, request.to),
+        config: config.clone(),
+        progress: progress.clone(),
+    });
+    // One task per stream: its topic read, then its CRM reads. A small stream's CRM reads
+    // overlap a large stream's topic read.
+    let mut tasks = tokio::task::JoinSet::new();
+    for stream in streams {
+        let ctx = ctx.clone();
+        let tags = request.server_tags.clone();
+        tasks.spawn(async move {
+            let events = read_topic(&ctx, stream);
+            let mut candidates = Candidates::default();
+            let c = &mut candidates;
+            let report = match stream {
+                "leads" => verify_stream::<Lead>(ctx, stream, events, &[], &mut c.leads).await,
+                "customers" => {
+                    verify_stream::<Customer>(ctx, stream, events, &[], &mut c.customers).await
+                }
+                "transactions" => {
+                    verify_stream::<Transaction>(ctx, stream, events, &[], &mut c.transactions)
+                        .await
+                }
+                "servers" => verify_servers(ctx, events, &mut c.servers).await,
+                _ => verify_stream::<Position>(ctx, stream, events, &tags, &mut c.positions).await,
+            };
+            report.map(|r| (r, candidates))
+        });
+    }
+    let mut reports = Vec::new();
+    let mut candidates = Candidates::default();
+    while let Some(joined) = tasks.join_next().await {
+        let (report, found) = joined.map_err(|e| VerifyError::Failed(e.to_string()))??;
+        reports.push(report);
+        candidates.leads.extend(found.leads);
+        candidates.customers.extend(found.customers);
+        candidates.transactions.extend(found.transactions);
+        candidates.servers.extend(found.servers);
+        candidates.positions.extend(found.positions);
+    }
+    drop(bar);
+    reports.sort_by_key(|r| STREAMS.iter().position(|s| *s == r.stream));
+    let repaired = match guard {
+        Some(guard) => Some(repair::repair(&config, guard, &schemas, framing, candidates).await?),
+        None => None,
+    };
+    Ok(Report {
+        from: request.from,
+        to: request.to,
+        streams: reports,
+        repaired,
+    })
+}
+
+/// Connects to Kafka once: a refused login or TLS handshake is told at once, naming the key.
+async fn reach_kafka(config: &Config) -> Result<(), VerifyError> {
+    let kafka = config.kafka.clone();
+    tokio::task::spawn_blocking(move || {
+        crate::kafka::refusal::reach(&kafka, Duration::from_secs(30))
+    })
+    .await
+    .map_err(|e| VerifyError::Failed(e.to_string()))?
+    .map_err(VerifyError::Failed)?;
+    Ok(())
+}
+
+/// Reads a stream's topic to its end on a blocking thread.
+/// The read of a stream's topic, under way on a blocking thread.
+type TopicRead = tokio::task::JoinHandle<Result<TopicEvents, String>>;
+
+/// Starts reading a stream's topic to its end on a blocking thread.
+fn read_topic(ctx: &Arc<Ctx>, stream: &str) -> TopicRead {
+    let kafka = ctx.config.kafka.clone();
+    let topic = ctx.config.topics.data_topic(stream);
+    let timeout = Duration::from_secs(kafka.batch_timeout_secs.max(30));
+    let ctx = ctx.clone();
+    tokio::task::spawn_blocking(move || {
+        topics::read_topic(&kafka, &topic, timeout, &ctx.progress.events)
+    })
+}
+
+/// Waits for a topic read.
+async fn topic_read(read: TopicRead) -> Result<Arc<TopicEvents>, VerifyError> {
+    read.await
+        .map_err(|e| VerifyError::Failed(e.to_string()))?
+        .map(Arc::new)
+        .map_err(VerifyError::Failed)
+}
+
+/// The `meta` of the CRM side's events (left out of every comparison).
+fn compare_meta() -> EventMeta {
+    EventMeta {
+        event_id: String::new(),
+        op: Op::Created,
+        emitted_at: Utc::now(),
+        source: String::new(),
+        endpoint: String::new(),
+        window: None,
+        fetched_at: Utc::now(),
+        connector_version: String::new(),
+    }
+}
+
+/// The volatile fields of a stream.
+fn volatile(config: &Config, stream: &str) -> Vec<String> {
+    let s = &config.streams;
+    match stream {
+        "leads" => s.leads.volatile_fields.clone(),
+        "customers" => s.customers.volatile_fields.clone(),
+        "transactions" => s.transactions.volatile_fields.clone(),
+        "servers" => s.servers.volatile_fields.clone(),
+        _ => s.positions.volatile_fields.clone(),
+    }
+}
+
+/// Compares what the CRM serves for one read record with the topic's latest event, and adds
+/// both sides to the totals; returns whether the record is a repair candidate.
+struct Side {
+    ctx: Arc<Ctx>,
+    stream: &'static str,
+    event: EventType,
+    volatile: Vec<String>,
+    encoder: Encoder,
+    meta: EventMeta,
+    report: StreamReport,
+    /// Scratch space for the names of sums.
+    name: String,
+}
+
+/// A CRM record `verify` compares: one a stream emits, with its totals.
+pub trait Verified: StreamRecord + ModelFacts {}
+impl<T: StreamRecord + ModelFacts> Verified for T {}
+
+impl Side {
+    fn new(ctx: Arc<Ctx>, stream: &'static str) -> Result<Side, VerifyError> {
+        Ok(Side {
+            stream,
+            event: EventType::parse(stream).unwrap_or(EventType::Lead),
+            volatile: volatile(&ctx.config, stream),
+            encoder: ctx.encoder()?,
+            meta: compare_meta(),
+            report: StreamReport::default(),
+            name: String::new(),
+            ctx,
+        })
+    }
+
+    /// Adds what another scope of the stream found.
+    fn merge(&mut self, other: StreamReport) {
+        let r = &mut self.report;
+        r.crm_records += other.crm_records;
+        r.pages += other.pages;
+        r.missing.extend(other.missing);
+        r.extra.extend(other.extra);
+        r.different.extend(other.different);
+        r.dead_letters.extend(other.dead_letters);
+        r.unreadable_events.extend(other.unreadable_events);
+        r.incomplete_days.extend(other.incomplete_days);
+        for (day, (crm, kafka)) in other.days {
+            let (c, k) = r.days.entry(day).or_default();
+            for (into, from) in [(c, crm), (k, kafka)] {
+                into.records += from.records;
+                for (name, value) in from.sums {
+                    into.add(name, value);
+                }
+            }
+        }
+    }
+
+    /// Compares one record read from the CRM; returns, when it is missing or different,
+    /// whether the topic holds an event of it. The caller marks the key seen.
+    fn compare<T: Verified>(
+        &mut self,
+        key: &str,
+        record: &Result<Record<T>, crate::crm::RecordError>,
+        events: &TopicEvents,
+    ) -> Option<bool> {
+        // Returned by the CRM, so never extra – whether it can be read or not.
+        let latest = events.latest.get(key);
+        if let Some(latest) = latest {
+            latest.seen.store(true, Ordering::Relaxed);
+        }
+        let record = match record {
+            Ok(r) if r.model.id().is_some() => r,
+            Ok(_) => {
+                self.dead_letter(key, "record has no id".to_owned());
+                return None;
+            }
+            Err(e) => {
+                self.dead_letter(key, e.reason.clone());
+                return None;
+            }
+        };
+        // The event `run` would write for the record (a dead letter where `run` makes one).
+        let encoded = match self.encoder.encode(&record.model, &self.meta) {
+            Ok(encoded) => encoded,
+            Err(e) => {
+                self.dead_letter(key, e.to_string());
+                return None;
+            }
+        };
+        self.report.crm_records += 1;
+        let (tz, range) = (self.ctx.tz, self.ctx.range);
+        let facts = record.model.facts(tz);
+        let Some(latest) = latest else {
+            facts.add_to(range, &mut self.report.days, true, &mut self.name);
+            self.report.missing.push(KeyDiff {
+                key: key.to_owned(),
+                day: facts.day,
+                detail: String::new(),
+            });
+            return Some(false);
+        };
+        let payload = &latest.payload;
+        // Fast path: the same schema and the same entity bytes are the same values (volatile
+        // ones too); only records whose bytes differ are decoded and compared field by field.
+        let crm_entity = compare::entity_bytes(&encoded);
+        if crm_entity.is_some()
+            && crm_entity == compare::entity_bytes(payload)
+            && compare::same_header(&encoded, payload)
+        {
+            facts.add_to(range, &mut self.report.days, true, &mut self.name);
+            facts.add_to(range, &mut self.report.days, false, &mut self.name);
+            return None;
+        }
+        let crm = match self.ctx.decoder.decode(self.event, &encoded) {
+            Ok(value) => body(value, &self.volatile),
+            Err(e) => {
+                self.dead_letter(key, format!("cannot read back its own event: {e}"));
+                return None;
+            }
+        };
+        facts.add_to(range, &mut self.report.days, true, &mut self.name);
+        let kafka = match self.ctx.decoder.decode(self.event, payload) {
+            Ok(value) => body(value, &self.volatile),
+            Err(e) => {
+                self.report.different.push(KeyDiff {
+                    key: key.to_owned(),
+                    day: facts.day,
+                    detail: format!("the event cannot be read: {e}"),
+                });
+                return Some(true);
+            }
+        };
+        compare::facts_of(self.stream, &kafka, tz).add_to(
+            range,
+            &mut self.report.days,
+            false,
+            &mut self.name,
+        );
+        let fields = differing(&crm, &kafka);
+        if fields.is_empty() {
+            return None;
+        }
+        self.report.different.push(KeyDiff {
+            key: key.to_owned(),
+            day: facts.day,
+            detail: fields.into_iter().take(5).collect::<Vec<_>>().join(", "),
+        });
+        Some(true)
+    }
+
+    fn dead_letter(&mut self, key: &str, reason: String) {
+        self.report.dead_letters.push(KeyDiff {
+            key: key.to_owned(),
+            day: None,
+            detail: reason,
+        });
+    }
+
+    /// Reports the topic's keys the CRM did not return whose record day lies in the range
+    /// (`belongs`: the keys of the scopes read), skipping days not read completely.
+    fn extra(
+        &mut self,
+        events: &TopicEvents,
+        belongs: impl Fn(&str) -> bool,
+        incomplete: impl Fn(&str, NaiveDate) -> bool,
+    ) {
+        let tz = self.ctx.tz;
+        let range = self.ctx.range;
+        for (key, latest) in &events.latest {
+            if latest.seen.load(Ordering::Relaxed) || !belongs(key) {
+                continue;
+            }
+            let payload = &latest.payload;
+            let kafka = match self.ctx.decoder.decode(self.event, payload) {
+                Ok(value) => body(value, &self.volatile),
+                Err(e) => {
+                    self.report.unreadable_events.push(KeyDiff {
+                        key: key.clone(),
+                        day: None,
+                        detail: e,
+                    });
+                    continue;
+                }
+            };
+            let day = match day_field(self.stream) {
+                None => None,
+                Some(f) => match compare::day(&kafka, f, tz) {
+                    Some(day) if day >= range.0 && day <= range.1 && !incomplete(key, day) => {
+                        Some(day)
+                    }
+                    _ => continue,
+                },
+            };
+            compare::facts_of(self.stream, &kafka, tz).add_to(
+                range,
+                &mut self.report.days,
+                false,
+                &mut self.name,
+            );
+            self.report.extra.push(KeyDiff {
+                key: key.clone(),
+                day,
+                detail: String::new(),
+            });
+        }
+    }
+
+    fn finish(mut self, events: &TopicEvents) -> StreamReport {
+        self.report.stream = self.stream.to_owned();
+        self.report.kafka_events = events.events;
+        for list in [
+            &mut self.report.missing,
+            &mut self.report.extra,
+            &mut self.report.different,
+            &mut self.report.dead_letters,
+            &mut self.report.unreadable_events,
+        ] {
+            list.sort_by(|a, b| (a.day, &a.key).cmp(&(b.day, &b.key)));
+        }
+        self.report
+    }
+}
+
+/// What the reads of one scope (a stream, or a server tag of positions) found.
+struct ScopeOutcome<T> {
+    report: StreamReport,
+    candidates: Vec<Candidate<T>>,
+    /// Days not read completely, by server tag.
+    incomplete: Vec<(Option<String>, NaiveDate)>,
+}
+
+/// Verifies a windowed stream (positions: every live server tag, or `tags`, each read
+/// concurrently as `run` reads them).
+async fn verify_stream<T: Verified>(
+    ctx: Arc<Ctx>,
+    stream: &'static str,
+    events: TopicRead,
+    tags: &[String],
+    candidates: &mut Vec<Candidate<T>>,
+) -> Result<StreamReport, VerifyError> {
+    let scopes: Vec<Option<String>> = match stream {
+        "positions" => position_tags(&ctx, tags)
+            .await?
+            .into_iter()
+            .map(Some)
+            .collect(),
+        _ => vec![None],
+    };
+    // The CRM reads start while the topic is read; their windows wait (a few, bounded) for
+    // the comparison.
+    let mut crm_reads = Vec::new();
+    for tag in scopes.clone() {
+        crm_reads.push((tag.clone(), start_crm_read::<T>(&ctx, stream, tag)));
+    }
+    let events = topic_read(events).await?;
+    let mut reads = tokio::task::JoinSet::new();
+    for (tag, crm_read) in crm_reads {
+        reads.spawn(verify_scope::<T>(
+            ctx.clone(),
+            stream,
+            events.clone(),
+            tag,
+            crm_read,
+        ));
+    }
+    let mut side = Side::new(ctx.clone(), stream)?;
+    let mut incomplete = Vec::new();
+    while let Some(read) = reads.join_next().await {
+        let outcome = read.map_err(|e| VerifyError::Failed(e.to_string()))??;
+        side.merge(outcome.report);
+        candidates.extend(outcome.candidates);
+        incomplete.extend(outcome.incomplete);
+    }
+    let tag_prefixes: Vec<String> = scopes.iter().flatten().map(|t| format!("{t}:")).collect();
+    side.extra(
+        &events,
+        |key| tag_prefixes.is_empty() || tag_prefixes.iter().any(|p| key.starts_with(p)),
+        |key, day| {
+            incomplete.iter().any(|(tag, d)| {
+                *d == day
+                    && tag
+                        .as_ref()
+                        .is_none_or(|t| key.starts_with(&format!("{t}:")))
+            })
+        },
+    );
+    let report = side.finish(&events);
+    release(events);
+    Ok(report)
+}
+
+/// A CRM read under way: its complete windows, and the days it found short at its end.
+struct CrmRead<T> {
+    windows: tokio::sync::mpsc::Receiver<crm::WindowRead<T>>,
+    task: tokio::task::JoinHandle<Result<Vec<(NaiveDate, u64)>, crate::crm::CrmError>>,
+}
+
+/// Windows read ahead of the comparison at most: while the topic is read, the CRM reads go
+/// on (a window holds at most `streams.max_window_records` records; the benchmark's largest
+/// stream is 17 windows).
+const WINDOWS_AHEAD: usize = 32;
+
+/// Frees a topic's events off the critical path (a million boxed payloads take seconds to
+/// free; the report does not wait for it).
+fn release(events: Arc<TopicEvents>) {
+    tokio::task::spawn_blocking(move || drop(events));
+}
+
+/// Starts reading one scope (a stream, or one server tag of positions) from the CRM.
+fn start_crm_read<T: Verified>(
+    ctx: &Arc<Ctx>,
+    stream: &'static str,
+    tag: Option<String>,
+) -> CrmRead<T> {
+    let streams = &ctx.config.streams;
+    let filter = match stream {
+        "leads" | "customers" => DateFilter::Registration,
+        "transactions" => DateFilter::Transaction,
+        _ => DateFilter::PositionClose,
+    };
+    let spec = crm::ReadSpec {
+        filter,
+        server_tag: tag,
+        include_fake: stream == "transactions" && streams.include_fake_transactions,
+        volatile: volatile(&ctx.config, stream).into(),
+        window_days: streams.backfill_window_days,
+        max_window_records: streams.max_window_records,
+        max_drift_rereads: streams.max_drift_rereads,
+    };
+    let (tx, windows) = tokio::sync::mpsc::channel(WINDOWS_AHEAD);
+    let ctx = ctx.clone();
+    let task = tokio::spawn(async move {
+        crm::read_days::<T>(&ctx.client, &spec, ctx.range.0, ctx.range.1, tx).await
+    });
+    CrmRead { windows, task }
+}
+
+/// Compares one scope's CRM windows with the topic as they come.
+async fn verify_scope<T: Verified>(
+    ctx: Arc<Ctx>,
+    stream: &'static str,
+    events: Arc<TopicEvents>,
+    tag: Option<String>,
+    mut crm_read: CrmRead<T>,
+) -> Result<ScopeOutcome<T>, VerifyError> {
+    let mut side = Side::new(ctx.clone(), stream)?;
+    let mut candidates = Vec::new();
+    let scope = match &tag {
+        Some(tag) => format!("{stream}/{tag}"),
+        None => stream.to_owned(),
+    };
+    let started = std::time::Instant::now();
+    while let Some(read) = crm_read.windows.recv().await {
+        side.report.pages += read.pages;
+        ctx.progress.pages.fetch_add(read.pages, Ordering::Relaxed);
+        ctx.progress
+            .records
+            .fetch_add(read.records.len() as u64, Ordering::Relaxed);
+        for (key, record) in read.records {
+            if let Some(in_kafka) = side.compare(&key, &record, &events) {
+                if let Ok(record) = record {
+                    candidates.push(Candidate {
+                        key: key.clone(),
+                        scope: scope.clone(),
+                        window: Some(read.window),
+                        in_kafka,
+                        record,
+                    });
+                }
+            }
+        }
+    }
+    let short = crm_read
+        .task
+        .await
+        .map_err(|e| VerifyError::Failed(e.to_string()))?
+        .map_err(|e| VerifyError::Failed(format!("{scope}: {e}")))?;
+    tracing::info!(scope = %scope, pages = side.report.pages, records = side.report.crm_records, elapsed_ms = started.elapsed().as_millis() as u64, "crm read and compared");
+    let mut incomplete = Vec::new();
+    for (day, missing) in short {
+        side.report
+            .incomplete_days
+            .push((scope.clone(), day, missing));
+        incomplete.push((tag.clone(), day));
+    }
+    Ok(ScopeOutcome {
+        report: side.report,
+        candidates,
+        incomplete,
+    })
+}
+
+/// Returns the server tags whose positions are verified: the live servers `run` reads (only
+/// `streams.server_tags` when set), only `asked` when given.
+async fn position_tags(ctx: &Ctx, asked: &[String]) -> Result<Vec<String>, VerifyError> {
+    let servers = ctx
+        .client
+        .servers(&[])
+        .await
+        .map_err(|e| VerifyError::Failed(format!("servers: {e}")))?;
+    let live: Vec<String> = servers
+        .into_iter()
+        .filter_map(Result::ok)
+        .map(|r| r.model)
+        .filter(Server::is_live)
+        .filter_map(|s| s.id)
+        .filter(|tag| {
+            ctx.config
+                .streams
+                .server_tags
+                .as_ref()
+                .is_none_or(|only| only.contains(tag))
+        })
+        .collect();
+    if asked.is_empty() {
+        return Ok(live);
+    }
+    for tag in asked {
+        if !live.contains(tag) {
+            return Err(VerifyError::Usage(format!(
+                "--server-tag {tag}: not a live server `run` reads (live: {})",
+                live.join(", ")
+            )));
+        }
+    }
+    Ok(asked.to_vec())
+}
+
+/// Verifies the servers list (read whole: no days).
+async fn verify_servers(
+    ctx: Arc<Ctx>,
+    events: TopicRead,
+    candidates: &mut Vec<Candidate<Server>>,
+) -> Result<StreamReport, VerifyError> {
+    let volatile = volatile(&ctx.config, "servers");
+    let records = ctx
+        .client
+        .servers(&volatile)
+        .await
+        .map_err(|e| VerifyError::Failed(format!("servers: {e}")))?;
+    let events = topic_read(events).await?;
+    let mut side = Side::new(ctx, "servers")?;
+    side.report.pages = 1;
+    for record in records {
+        let key = crm::key_of(&record, None);
+        if let Some(in_kafka) = side.compare(&key, &record, &events) {
+            if let Ok(record) = record {
+                candidates.push(Candidate {
+                    key: key.clone(),
+                    scope: "servers".to_owned(),
+                    window: None,
+                    in_kafka,
+                    record,
+                });
+            }
+        }
+    }
+    side.extra(&events, |_| true, |_, _| false);
+    let report = side.finish(&events);
+    release(events);
+    Ok(report)
+}
+
+/// Returns the exit code of a report: 0 equal, 1 anything differs.
+pub fn exit_code(report: &Report) -> u8 {
+    u8::from(!report.is_equal())
+}

@@ -1,0 +1,172 @@
+//! Reads a data topic to its end and keeps the latest event of every key.
+//!
+//! The consumer is group-less in effect (partitions are assigned, never subscribed, so no
+//! group is joined; its `group.id` is a fresh random name librdkafka asks for, and no offset
+//! is ever committed), reads `read_committed` (aborted and open transactions are
+//! not what a payouts consumer sees), and uses no transactional id: it cannot disturb a
+//! running instance. "The end" is each partition's end as the broker reports it
+//! (`enable.partition.eof`) followed by [`QUIET`] without a new record on any partition:
+//! a broker whose high watermark lags its log end (tansu) reports an end before the last
+//! records, then serves them once its watermark moves; a record arriving meanwhile starts
+//! the wait again. A barrier record, as the state restore writes, cannot be used here: it
+//! would be a record in a topic payout engines read.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+
+use tracing::info;
+
+use crate::config::KafkaConfig;
+
+/// How long every partition must stay at its end, with no new record, before the topic is
+/// taken as read (a lagging high watermark catches up within it).
+pub const QUIET: Duration = Duration::from_millis(1500);
+
+/// A map by key string with a fast hash (xxh3: the keys are the CRM's ids and ibstream's own
+/// topics' keys, not an attacker's; SipHash cost 7 % of a full verify).
+pub type KeyMap<V> = HashMap<String, V, xxhash_rust::xxh3::Xxh3DefaultBuilder>;
+
+/// The latest event of a key.
+#[derive(Debug)]
+pub struct Latest {
+    /// Its payload.
+    pub payload: Box<[u8]>,
+    /// Whether the CRM returned the key (set while comparing; a key never seen is extra if
+    /// dated in the range).
+    pub seen: AtomicBool,
+}
+
+/// The latest event of every key of a topic.
+#[derive(Debug, Default)]
+pub struct TopicEvents {
+    /// Key → its latest event (in partition order; a key always goes to one partition).
+    pub latest: KeyMap<Latest>,
+    /// Events read (duplicates and older versions included).
+    pub events: u64,
+}
+
+/// Reads `topic` from its beginning to its end; `progress` counts the events read. A topic
+/// that does not exist reads as empty.
+pub fn read_topic(
+    config: &KafkaConfig,
+    topic: &str,
+    timeout: Duration,
+    progress: &AtomicU64,
+) -> Result<TopicEvents, String> {
+    let mut client = ClientConfig::new();
+    for (key, value) in config.client_settings().map_err(|e| e.to_string())? {
+        client.set(key, value);
+    }
+    let consumer: BaseConsumer = client
+        // librdkafka wants a group id even for assigned partitions; a fresh one, never
+        // joined (no subscribe) and never committed to.
+        .set(
+            "group.id",
+            format!("ibstream-verify-{:016x}", fastrand::u64(..)),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        // Read once, as fast as the broker serves it (as the state restore does).
+        .set("max.partition.fetch.bytes", "16777216")
+        .set("fetch.wait.max.ms", "10")
+        .set("fetch.queue.backoff.ms", "0")
+        .create()
+        .map_err(|e| format!("cannot create a Kafka consumer: {e}"))?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), timeout)
+        .map_err(|e| format!("cannot read the metadata of {topic}: {e}"))?;
+    let partitions: Vec<i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    let mut out = TopicEvents::default();
+    if partitions.is_empty() {
+        return Ok(out);
+    }
+    let mut assignment = TopicPartitionList::new();
+    for partition in &partitions {
+        assignment
+            .add_partition_offset(topic, *partition, Offset::Beginning)
+            .map_err(|e| e.to_string())?;
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(|e| format!("cannot read {topic}: {e}"))?;
+    let mut at_end: HashSet<i32> = HashSet::new();
+    let started = Instant::now();
+    let mut last_record = Instant::now();
+    let mut last_progress = Instant::now();
+    // The clock is read at poll timeouts and ends of partitions, not per record (that cost
+    // 2 % of a full verify).
+    let mut progressed = false;
+    loop {
+        if at_end.len() == partitions.len() && last_record.elapsed() >= QUIET {
+            info!(
+                topic,
+                events = out.events,
+                keys = out.latest.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "topic read to its end"
+            );
+            return Ok(out);
+        }
+        if last_progress.elapsed() > timeout {
+            return Err(format!(
+                "cannot read {topic} to its end: no record and no end of partition for {timeout:?} ({} events read); an open transaction on {topic} stops read_committed readers until it ends",
+                out.events
+            ));
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {
+                if std::mem::take(&mut progressed) {
+                    last_progress = Instant::now();
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                at_end.insert(partition);
+                // The quiet wait starts at the last end reached.
+                last_record = Instant::now();
+                last_progress = last_record;
+            }
+            Some(Err(e)) => return Err(format!("reading {topic} failed: {e}")),
+            Some(Ok(message)) => {
+                progressed = true;
+                if out.events & 0xFFF == 0 {
+                    last_progress = Instant::now();
+                }
+                if !at_end.is_empty() && at_end.remove(&message.partition()) {
+                    // A record past an end the broker reported: its watermark lagged.
+                    last_record = Instant::now();
+                    last_progress = last_record;
+                }
+                out.events += 1;
+                progress.fetch_add(1, Ordering::Relaxed);
+                let Some(key) = message.key() else { continue };
+                let key = String::from_utf8_lossy(key).into_owned();
+                match message.payload() {
+                    Some(payload) => {
+                        let latest = Latest {
+                            payload: payload.into(),
+                            seen: AtomicBool::new(false),
+                        };
+                        out.latest.insert(key, latest);
+                    }
+                    // ibstream writes no tombstones to data topics; one written by someone
+                    // else removes the key, as compaction would.
+                    None => {
+                        out.latest.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+}
