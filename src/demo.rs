@@ -10,10 +10,14 @@
 //! line per stream every 5 s. Ctrl-C (or `--for SECS`) stops it and prints a summary, after
 //! the read-back has reached the end of every topic, so its counts equal what was emitted.
 //!
-//! Configuration works as for `run`: the configuration file (`--config`, `IBSTREAM_CONFIG`)
-//! and `IBSTREAM_*` variables are read, and a setting the demo has an own default for
-//! ([`DEMO_DEFAULTS`]) keeps the user's value when the file or the environment sets it; a
-//! flag beats both. The CRM section always points at the simulator.
+//! Configuration: the demo's configuration is its own – the built-in defaults and the demo's
+//! values – plus, read as `run` reads them (`--config`, `IBSTREAM_CONFIG`, `IBSTREAM_*`),
+//! the user's values of the settings in [`DEMO_DEFAULTS`] only; a flag beats both. Nothing
+//! else of the user's configuration is used: not the topics, the state topic, the schema
+//! registry, the Kafka security and client settings or `kafka.instance_id` (always `demo`),
+//! so a production configuration in the environment (Helm sets `IBSTREAM_CONFIG`) neither
+//! receives the simulator's records nor fences the production instance. The CRM always is
+//! the simulator, the broker the in-process one or `--kafka`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::IsTerminal;
@@ -68,11 +72,11 @@ pub struct DemoArgs {
 }
 
 /// The settings the demo gives values of its own, kept when the configuration file or an
-/// `IBSTREAM_*` variable sets them.
-pub const DEMO_DEFAULTS: [&str; 7] = [
+/// `IBSTREAM_*` variable sets them: the only settings the demo takes from the user's
+/// configuration.
+pub const DEMO_DEFAULTS: [&str; 6] = [
     "http.listen",
     "kafka.delivery",
-    "kafka.instance_id",
     "kafka.replication_factor",
     "kafka.topic_partitions",
     "crm.requests_per_second",
@@ -121,7 +125,11 @@ pub async fn run(
     path: Option<&std::path::Path>,
     cancel: CancellationToken,
 ) -> anyhow::Result<String> {
-    let mut config = Config::load(path)?;
+    // The user's configuration is loaded (a broken one is said) but only the values of
+    // DEMO_DEFAULTS are taken from it.
+    let user = Config::load(path)?;
+    let mut config = Config::defaults()?;
+    config.kafka.instance_id = "demo".to_owned();
     let file: Option<toml::Value> = match path {
         Some(path) => Some(toml::from_str(&std::fs::read_to_string(path)?)?),
         None => None,
@@ -133,7 +141,7 @@ pub async fn run(
         Some(other) => {
             anyhow::bail!("--delivery must be exactly-once or at-least-once, not {other:?}")
         }
-        None if set("kafka.delivery") => {}
+        None if set("kafka.delivery") => config.kafka.delivery = user.kafka.delivery,
         None => config.kafka.delivery = Delivery::ExactlyOnce,
     }
     let start_date = Utc::now().date_naive() - chrono::Duration::days(120);
@@ -155,21 +163,21 @@ pub async fn run(
     config.crm.api_key = Some("sim-api-key".to_owned().into());
     config.crm.domain = "sim.example.com".to_owned();
     config.crm.api_path = crate::config::CrmConfig::default().api_path;
-    if !set("crm.requests_per_second") {
-        config.crm.requests_per_second = 200;
-    }
-    if !set("kafka.instance_id") {
-        config.kafka.instance_id = "demo".to_owned();
-    }
-    if !set("kafka.replication_factor") {
-        config.kafka.replication_factor = 1;
-    }
-    if !set("kafka.topic_partitions") {
-        config.kafka.topic_partitions = 1;
-    }
+    config.crm.requests_per_second = match set("crm.requests_per_second") {
+        true => user.crm.requests_per_second,
+        false => 200,
+    };
+    config.kafka.replication_factor = match set("kafka.replication_factor") {
+        true => user.kafka.replication_factor,
+        false => 1,
+    };
+    config.kafka.topic_partitions = match set("kafka.topic_partitions") {
+        true => user.kafka.topic_partitions,
+        false => 1,
+    };
     match &args.http_listen {
         Some(listen) => config.http.listen = listen.clone(),
-        None if set("http.listen") => {}
+        None if set("http.listen") => config.http.listen = user.http.listen.clone(),
         None => config.http.listen = "127.0.0.1:9464".to_owned(),
     }
     // Port 0 (any free port) is resolved now, so the address printed below is one to open.
@@ -180,16 +188,17 @@ pub async fn run(
         }
     }
     config.streams.start_date = start_date;
-    for (name, stream, secs) in [
-        ("leads", &mut config.streams.leads, 2),
-        ("customers", &mut config.streams.customers, 2),
-        ("transactions", &mut config.streams.transactions, 2),
-        ("positions", &mut config.streams.positions, 2),
-        ("servers", &mut config.streams.servers, 10),
+    for (name, stream, theirs, secs) in [
+        ("leads", &mut config.streams.leads, &user.streams.leads, 2),
+        ("customers", &mut config.streams.customers, &user.streams.customers, 2),
+        ("transactions", &mut config.streams.transactions, &user.streams.transactions, 2),
+        ("positions", &mut config.streams.positions, &user.streams.positions, 2),
+        ("servers", &mut config.streams.servers, &user.streams.servers, 10),
     ] {
-        if !set(&format!("streams.{name}.poll_interval_secs")) {
-            stream.poll_interval_secs = secs;
-        }
+        stream.poll_interval_secs = match set(&format!("streams.{name}.poll_interval_secs")) {
+            true => theirs.poll_interval_secs,
+            false => secs,
+        };
     }
     let real_kafka = match &args.kafka {
         Some(bootstrap) => Some(bootstrap.clone()),
@@ -221,8 +230,7 @@ pub async fn run(
     };
     let bootstrap = config.kafka.bootstrap_servers.clone();
     println!("ibstream demo");
-    // Said first: a setting of the user's configuration (a real broker, an instance id)
-    // changes what the demo touches.
+    // Said first: which of the user's settings the demo took (and that it took no other).
     let yours: Vec<String> = DEMO_DEFAULTS
         .iter()
         .flat_map(|key| match key.split_once("<stream>") {
@@ -236,7 +244,7 @@ pub async fn run(
         .collect();
     if !yours.is_empty() {
         println!(
-            "  your settings      {} (from {})",
+            "  your settings      {} (from {}; no other setting of yours is used)",
             yours.join(", "),
             match path {
                 Some(path) => format!("{} and IBSTREAM_*", path.display()),
@@ -691,7 +699,7 @@ mod tests {
     fn settings_from_the_file_or_the_environment_are_the_users() {
         let file: toml::Value = toml::from_str("[http]\nlisten = \"0.0.0.0:1\"\n").unwrap();
         assert!(user_set(Some(&file), "http.listen"));
-        assert!(!user_set(Some(&file), "kafka.instance_id"));
+        assert!(!user_set(Some(&file), "kafka.delivery"));
         assert!(!user_set(None, "kafka.some_key_nobody_sets"));
     }
 }
