@@ -190,10 +190,30 @@ pub async fn run(
     config.streams.start_date = start_date;
     for (name, stream, theirs, secs) in [
         ("leads", &mut config.streams.leads, &user.streams.leads, 2),
-        ("customers", &mut config.streams.customers, &user.streams.customers, 2),
-        ("transactions", &mut config.streams.transactions, &user.streams.transactions, 2),
-        ("positions", &mut config.streams.positions, &user.streams.positions, 2),
-        ("servers", &mut config.streams.servers, &user.streams.servers, 10),
+        (
+            "customers",
+            &mut config.streams.customers,
+            &user.streams.customers,
+            2,
+        ),
+        (
+            "transactions",
+            &mut config.streams.transactions,
+            &user.streams.transactions,
+            2,
+        ),
+        (
+            "positions",
+            &mut config.streams.positions,
+            &user.streams.positions,
+            2,
+        ),
+        (
+            "servers",
+            &mut config.streams.servers,
+            &user.streams.servers,
+            10,
+        ),
     ] {
         stream.poll_interval_secs = match set(&format!("streams.{name}.poll_interval_secs")) {
             true => theirs.poll_interval_secs,

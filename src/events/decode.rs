@@ -71,7 +71,13 @@ pub struct Decoder {
     by_fingerprint: Vec<([u8; 8], Writer)>,
     registry: Option<SchemaRegistry>,
     by_id: HashMap<u32, Writer>,
+    /// Ids whose fetch failed, with when: asked again only after [`REGISTRY_RETRY`], so a
+    /// registry that is down costs one request per id, not one per record.
+    failed: HashMap<u32, (std::time::Instant, DecodeError)>,
 }
+
+/// How long a failed registry fetch of a schema id stands before the id is asked again.
+pub const REGISTRY_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl std::fmt::Debug for Decoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -109,6 +115,7 @@ impl Decoder {
                 .collect(),
             registry,
             by_id: HashMap::new(),
+            failed: HashMap::new(),
         }
     }
 
@@ -174,13 +181,29 @@ impl Decoder {
                 "Confluent-framed value (schema id {id}): set schema_registry.url to decode it"
             ));
         };
-        let text = registry
+        if let Some((when, error)) = self.failed.get(&id) {
+            if when.elapsed() < REGISTRY_RETRY {
+                return Err(error.clone());
+            }
+        }
+        let fetched = registry
             .schema_by_id(id)
             .await
-            .map_err(|e| DecodeError(e.to_string()))?;
-        let schema = Schema::parse_str(&text).map_err(|e| {
-            DecodeError(format!("the registry's schema id {id} does not parse: {e}"))
-        })?;
+            .map_err(|e| DecodeError(e.to_string()))
+            .and_then(|text| {
+                Schema::parse_str(&text).map_err(|e| {
+                    DecodeError(format!("the registry's schema id {id} does not parse: {e}"))
+                })
+            });
+        let schema = match fetched {
+            Ok(schema) => schema,
+            Err(error) => {
+                self.failed
+                    .insert(id, (std::time::Instant::now(), error.clone()));
+                return Err(error);
+            }
+        };
+        self.failed.remove(&id);
         self.by_id.insert(id, Writer::new(schema));
         match self.decode_known(payload)? {
             Some(decoded) => Ok(decoded),
@@ -341,6 +364,43 @@ mod tests {
         );
         assert_eq!(decimal_text(&[0x80], 0).unwrap(), "-128");
         assert!(decimal_text(&[1; 17], 8).is_err());
+    }
+
+    /// A registry that fails is asked once per id, not once per record.
+    #[tokio::test]
+    async fn a_failed_registry_fetch_is_not_repeated_per_record() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counted = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = socket.read(&mut buf).await;
+                counted.fetch_add(1, Ordering::SeqCst);
+                let _ = socket
+                    .write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            }
+        });
+        let config = crate::config::SchemaRegistryConfig {
+            url,
+            request_timeout_secs: 5,
+            ..Default::default()
+        };
+        let registry = SchemaRegistry::build(&config).unwrap();
+        let schemas = Schemas::load("com.ibstream").unwrap();
+        let mut decoder = Decoder::new(&schemas, Some(registry));
+        let (id7, id8) = ([0u8, 0, 0, 0, 7, 2], [0u8, 0, 0, 0, 8, 2]);
+        let first = decoder.decode(&id7).await.unwrap_err();
+        for _ in 0..20 {
+            assert_eq!(decoder.decode(&id7).await.unwrap_err(), first);
+        }
+        assert!(decoder.decode(&id8).await.is_err());
+        assert_eq!(requests.load(Ordering::SeqCst), 2, "one request per id");
     }
 
     #[test]

@@ -95,7 +95,7 @@ fn tail_of(text: &str) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
-/// Runs `ibstream events tail ARGS` to its end (it must end: give `--max`); returns its
+/// Runs `ibstream events tail ARGS` to its end (it must end: give `--max` or `--until-end`); returns its
 /// JSON lines, failing with its stderr if it does not exit 0 within `timeout`.
 fn tail(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Vec<Json> {
     let mut all = vec!["events", "tail"];
@@ -270,6 +270,20 @@ fn tansu_part(sim: &SimHandle, broker: &common::Tansu, prefix: &str, config: &st
     assert_eq!(one.len(), 1);
     assert_eq!(one[0]["key"], key.as_str());
     assert_eq!(one[0]["offset"], transactions[7]["offset"]);
+
+    // --until-end ends at the end of the topic: all of it, a key that never matches, an
+    // empty topic (the dead-letter topic of a run without dead letters).
+    let until_end = |extra: &[&str]| {
+        let mut args = vec!["--config", config, "--from-beginning", "--until-end"];
+        args.extend_from_slice(extra);
+        tail(&args, &env, Duration::from_secs(60))
+    };
+    let all = until_end(&["--stream", "transactions"]);
+    let truth = sim.truth(ibstream::sim::Kind::Transactions).len();
+    assert_eq!(all.len(), truth, "every transaction once, then the end");
+    assert!(until_end(&["--stream", "transactions", "--key", "no-such-key"]).is_empty());
+    let dlq = format!("{prefix}.dlq");
+    assert!(until_end(&["--topic", &dlq, "--max", "5"]).is_empty());
 
     // A record that is not an event, between two that are: a line saying so, with its
     // offset, and the tail goes on.
@@ -491,7 +505,10 @@ async fn events_tail_on_apache_kafka_with_a_schema_registry() {
     let keys: HashSet<&str> = lines.iter().map(|l| l["key"].as_str().unwrap()).collect();
     assert_eq!(keys.len() as u64, created, "one event per transaction");
     assert_transactions_match_truth(&sim, &lines);
+    let counts = run.stats["transactions"].clone();
     run.stop().await;
+    // Background changes may add transactions after the first read: all the run emitted.
+    let created_in_all = counts.created.load(Ordering::Relaxed);
 
     // read_committed: a record of an aborted transaction, then a committed one; the tail
     // shows only the committed one.
@@ -536,6 +553,7 @@ async fn events_tail_on_apache_kafka_with_a_schema_registry() {
         "--max".to_owned(),
         "1".to_owned(),
     ];
+    let kept = args.clone();
     let committed = tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         tail(&args, &[], Duration::from_secs(60))
@@ -550,6 +568,27 @@ async fn events_tail_on_apache_kafka_with_a_schema_registry() {
         "{}",
         committed[0]
     );
+    // --until-end past the transaction markers (the topic's last offset is one, not a
+    // record): fewer records than --max, then the end; every transaction of the run.
+    let mut until_end = kept.to_vec();
+    until_end[6] = "5".to_owned();
+    until_end.push("--until-end".to_owned());
+    let mut all = kept.to_vec();
+    all[3] = format!("{prefix}.transactions");
+    all.truncate(5);
+    all.push("--until-end".to_owned());
+    let (ended, every) = tokio::task::spawn_blocking(move || {
+        let ended: Vec<&str> = until_end.iter().map(String::as_str).collect();
+        let every: Vec<&str> = all.iter().map(String::as_str).collect();
+        (
+            tail(&ended, &[], Duration::from_secs(60)),
+            tail(&every, &[], Duration::from_secs(60)),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(every.len() as u64, created_in_all);
     eprintln!(
         "newcomer: Apache Kafka + registry: {created} Confluent-framed transactions decoded; an aborted record skipped (read_committed); {:?}",
         started.elapsed()
