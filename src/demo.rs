@@ -130,6 +130,9 @@ pub async fn run(
     let user = Config::load(path)?;
     let mut config = Config::defaults()?;
     config.kafka.instance_id = "demo".to_owned();
+    // Single-object framing, the one the read-back decodes without a registry: never the
+    // user's `schema_registry` (the defaults have none; said here so it stays so).
+    config.schema_registry = None;
     let file: Option<toml::Value> = match path {
         Some(path) => Some(toml::from_str(&std::fs::read_to_string(path)?)?),
         None => None,
@@ -397,34 +400,38 @@ fn read_back(
         Ok(consumer) => consumer,
         Err(_) => return,
     };
-    let mut assigned = false;
-    let mut drain: Option<(Instant, HashMap<String, i64>)> = None;
+    let mut assigned: Vec<(String, i32)> = Vec::new();
+    let mut drain: Option<(Instant, HashMap<(String, i32), i64>)> = None;
     loop {
         if drain.is_none() && stop.is_cancelled() {
-            let ends = topics
+            let ends = assigned
                 .iter()
-                .filter_map(|t| {
+                .filter_map(|(t, p)| {
                     let (_, high) = consumer
-                        .fetch_watermarks(t, 0, Duration::from_secs(5))
+                        .fetch_watermarks(t, *p, Duration::from_secs(5))
                         .ok()?;
-                    Some((t.clone(), high))
+                    Some(((t.clone(), *p), high))
                 })
                 .collect();
             drain = Some((Instant::now() + DRAIN_DEADLINE, ends));
         }
+        let assigned_any = !assigned.is_empty();
         if let Some((deadline, ends)) = &drain {
             let positions = consumer.position().unwrap_or_default();
             let behind: i64 = ends
                 .iter()
-                .map(|(topic, end)| {
-                    let at = match positions.find_partition(topic, 0).map(|p| p.offset()) {
+                .map(|((topic, partition), end)| {
+                    let at = match positions
+                        .find_partition(topic, *partition)
+                        .map(|p| p.offset())
+                    {
                         Some(Offset::Offset(at)) => at,
                         _ => 0,
                     };
                     (end - at).max(0)
                 })
                 .sum();
-            if behind == 0 || !assigned {
+            if behind == 0 || !assigned_any {
                 return;
             }
             if Instant::now() >= *deadline {
@@ -432,13 +439,17 @@ fn read_back(
                 return;
             }
         }
-        if !assigned {
+        if !assigned_any {
+            // Every partition (kafka.topic_partitions may be above 1 with --kafka), once `run`
+            // has created the topics.
             let mut tpl = TopicPartitionList::new();
-            for topic in topics {
-                let _ = tpl.add_partition_offset(topic, 0, Offset::Beginning);
+            let partitions = partitions_of(&consumer, topics);
+            for (topic, partition) in &partitions {
+                let _ = tpl.add_partition_offset(topic, *partition, Offset::Beginning);
             }
-            assigned = consumer.assign(&tpl).is_ok();
-            if !assigned {
+            if !partitions.is_empty() && consumer.assign(&tpl).is_ok() {
+                assigned = partitions;
+            } else {
                 std::thread::sleep(Duration::from_millis(200));
                 continue;
             }
@@ -469,6 +480,27 @@ fn read_back(
             None => consumed.undecodable += 1,
         }
     }
+}
+
+/// Returns every partition of `topics`, or none while one of them has no partitions yet.
+fn partitions_of(consumer: &BaseConsumer, topics: &[String]) -> Vec<(String, i32)> {
+    let mut all = Vec::new();
+    for topic in topics {
+        let Ok(metadata) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
+            return Vec::new();
+        };
+        let ids: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        all.extend(ids.into_iter().map(|p| (topic.clone(), p)));
+    }
+    all
 }
 
 /// A JSON object's fields in the order written (serde_json's map would sort them).

@@ -678,6 +678,70 @@ fn events_tail_reads_the_demos_in_process_kafka() {
     );
 }
 
+/// The demo on a real broker with 3 partitions per topic (`--kafka`,
+/// `IBSTREAM_KAFKA__TOPIC_PARTITIONS`): its read-back reads every partition, so its summary's
+/// counts equal what was emitted.
+#[test]
+fn the_demo_reads_back_every_partition_of_a_real_broker() {
+    let started = Instant::now();
+    let broker = common::ApacheKafka::shared();
+    let mut demo = Proc::spawn(
+        &[
+            "demo",
+            "--kafka",
+            broker.bootstrap(),
+            "--for",
+            "12",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--leads",
+            "200",
+            "--customers",
+            "40",
+            "--transactions",
+            "200",
+            "--positions",
+            "200",
+        ],
+        &[("IBSTREAM_KAFKA__TOPIC_PARTITIONS", "3")],
+    );
+    let code = demo.wait_exit(Duration::from_secs(90));
+    let out = demo.stdout();
+    assert_eq!(code, Some(0), "{out}\n{}", tail_of(&demo.stderr()));
+    let summary = out.split("summary after").nth(1).expect("a summary");
+    assert!(
+        summary.contains("read back: every committed event of the topics, to their end"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("events that did not decode: 0"),
+        "single-object framing: {summary}"
+    );
+    let mut emitted_total = 0;
+    for stream in ["leads", "customers", "transactions", "positions"] {
+        let line = summary
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{stream}: emitted ")))
+            .unwrap_or_else(|| panic!("{stream} in {summary}"));
+        let numbers: Vec<u64> = line
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        assert_eq!(numbers.len(), 4, "{line}");
+        assert!(numbers[0] > 0, "{line}");
+        assert_eq!(
+            (numbers[0], numbers[1]),
+            (numbers[2], numbers[3]),
+            "read back as emitted: {line}"
+        );
+        emitted_total += numbers[0];
+    }
+    eprintln!(
+        "newcomer: demo on Apache Kafka with 3 partitions: {emitted_total} created events read back; {:?}",
+        started.elapsed()
+    );
+}
+
 /// A wrong CRM password stops every stream for the same reason: `run` says so once, and
 /// never that the other streams go on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
