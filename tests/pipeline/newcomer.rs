@@ -826,7 +826,7 @@ fn chromium(args: &[&str]) -> String {
 }
 
 /// Returns the (`data-status`, `data-value`) pairs of the figure cells of a page, unescaped.
-fn figures(dom: &str) -> Vec<(String, Json)> {
+fn figures(dom: &str) -> Vec<(String, Json, String)> {
     let unescape = |s: &str| {
         s.replace("&quot;", "\"")
             .replace("&#39;", "'")
@@ -842,12 +842,67 @@ fn figures(dom: &str) -> Vec<(String, Json)> {
     dom.split("data-status=\"")
         .skip(1)
         .map(|rest| {
-            let tag = &rest[..rest.find('>').unwrap()];
+            let end = rest.find('>').unwrap();
+            let tag = &rest[..end];
             let pointer = unescape(&tag[..tag.find('"').unwrap()]);
             let value = attribute(tag, "data-value").unwrap_or_else(|| panic!("{tag}"));
-            (pointer, serde_json::from_str(&value).unwrap())
+            // The text the reader sees: the cell's content up to the next tag.
+            let text = &rest[end + 1..];
+            let shown = unescape(&text[..text.find('<').unwrap_or(text.len())]);
+            (pointer, serde_json::from_str(&value).unwrap(), shown)
         })
         .collect()
+}
+
+/// Asserts that `text`, what a cell of the status page shows, says `served`, the value of
+/// /status it stands for: read back here without the page's code (numbers as shown, a
+/// duration from its unit, a ratio from its percentage, null as a dash).
+fn assert_text_shows(pointer: &str, text: &str, served: &Json) {
+    let number = |t: &str| -> f64 {
+        t.split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{pointer}: {t:?} shows no number"))
+    };
+    match served {
+        Json::Null => assert!(
+            text == "–" || text == "not read yet",
+            "{pointer}: {text:?} for null"
+        ),
+        Json::Bool(ready) => assert_eq!(text, if *ready { "ready" } else { "not ready" }),
+        Json::String(s) => assert_eq!(text, s, "{pointer}"),
+        Json::Number(n) if pointer.ends_with("backfillProgress") => {
+            assert!(text.ends_with(" %"), "{pointer}: {text:?}");
+            let shown = number(text);
+            let want = n.as_f64().unwrap() * 100.0;
+            assert!(
+                (shown - want).abs() <= 0.05 + 1e-9,
+                "{pointer}: {text:?}, /status {n}"
+            );
+        }
+        Json::Number(n) if pointer.ends_with("Seconds") => {
+            let unit = match text.rsplit(' ').next() {
+                Some("s") => 1.0,
+                Some("min") => 60.0,
+                Some("h") => 3600.0,
+                Some("days") => 86_400.0,
+                other => panic!("{pointer}: {text:?} has no unit ({other:?})"),
+            };
+            let (shown, want) = (number(text) * unit, n.as_f64().unwrap());
+            // The shown rounding (half a unit of the last digit) and the clock's 10 s.
+            let slack = if unit >= 3600.0 {
+                unit / 20.0
+            } else {
+                unit / 2.0
+            } + 10.0;
+            assert!(
+                (shown - want).abs() <= slack,
+                "{pointer}: {text:?}, /status {n}"
+            );
+        }
+        Json::Number(n) => assert_eq!(text, n.to_string(), "{pointer}"),
+        other => panic!("{pointer}: a cell for {other}"),
+    }
 }
 
 /// The status page at `/`, in headless Chromium: it renders, every figure on it equals
@@ -947,9 +1002,10 @@ async fn the_status_page_shows_the_figures_of_status_in_chromium() {
     assert!(dom.contains("&lt;script&gt;document.title"), "{dom}");
     assert!(dom.contains("not ready"), "{dom}");
     assert!(dom.contains("the state is not restored yet"), "{dom}");
-    // Every figure equals /status's (uptime and lag move with the clock).
+    // Every figure equals /status's (uptime and lag move with the clock): the text shown,
+    // read back into a value here, and the value the cell says it shows.
     let shown = figures(&dom);
-    for (pointer, value) in &shown {
+    for (pointer, value, text) in &shown {
         let served = status
             .pointer(pointer)
             .unwrap_or_else(|| panic!("{pointer} is not in /status"));
@@ -959,6 +1015,7 @@ async fn the_status_page_shows_the_figures_of_status_in_chromium() {
         } else {
             assert_eq!(value, served, "{pointer}");
         }
+        assert_text_shows(pointer, text, served);
     }
     // 5 process rows, 3 figures per poller + 1 sweep per cursor, 10 counts per stream.
     assert_eq!(shown.len(), 5 + 2 * 4 + 5 * 10, "{shown:?}");
@@ -966,8 +1023,8 @@ async fn the_status_page_shows_the_figures_of_status_in_chromium() {
         assert!(
             shown
                 .iter()
-                .any(|(p, v)| *p == format!("/counts/{stream}/created")
-                    && *v == status["counts"][stream]["created"]),
+                .any(|(p, _, text)| *p == format!("/counts/{stream}/created")
+                    && *text == status["counts"][stream]["created"].to_string()),
             "{stream}"
         );
     }
