@@ -274,8 +274,13 @@ fn write_json(
             return Ok(());
         }
         (Avro::Decimal(d), Schema::Decimal(decimal)) => {
-            let bytes = Vec::<u8>::try_from(d)
-                .map_err(|e| DecodeError(format!("decimal does not read: {e}")))?;
+            // A zero-length decimal (valid Avro, written by other writers) is 0, which
+            // apache-avro cannot give back as zero bytes.
+            let bytes = match Vec::<u8>::try_from(d) {
+                Ok(bytes) => bytes,
+                Err(_) if *d == apache_avro::Decimal::from([0u8]) => Vec::new(),
+                Err(e) => return fail(format!("decimal does not read: {e}")),
+            };
             Json::String(decimal_text(&bytes, decimal.scale)?)
         }
         (Avro::Null, _) => Json::Null,
@@ -286,10 +291,15 @@ fn write_json(
         (Avro::Double(n), _) => json!(n),
         (Avro::String(s), _) | (Avro::Enum(_, s), _) => Json::String(s.clone()),
         (Avro::Bytes(b), _) | (Avro::Fixed(_, b), _) => Json::String(hex(b)),
-        (Avro::Date(days), _) => Json::String(
-            chrono::NaiveDate::from_num_days_from_ce_opt(719_163 + days)
-                .map_or_else(|| days.to_string(), |d| d.to_string()),
-        ),
+        // Days since 1970-01-01; 719 163 days from 0001-01-01 (CE) to then. A corrupt
+        // record's count can lie beyond any calendar: an error, never an overflow.
+        (Avro::Date(days), _) => match 719_163i32
+            .checked_add(*days)
+            .and_then(chrono::NaiveDate::from_num_days_from_ce_opt)
+        {
+            Some(day) => Json::String(day.to_string()),
+            None => return fail(format!("date {days} days from 1970-01-01 is out of range")),
+        },
         (Avro::TimestampMillis(ms), _) => {
             Json::String(chrono::DateTime::from_timestamp_millis(*ms).map_or_else(
                 || ms.to_string(),
@@ -364,6 +374,45 @@ mod tests {
         );
         assert_eq!(decimal_text(&[0x80], 0).unwrap(), "-128");
         assert!(decimal_text(&[1; 17], 8).is_err());
+    }
+
+    /// Values another writer may send: a zero-length decimal (valid Avro: 0) and a date
+    /// beyond any calendar (corrupt: an error, never a panic or a wrap).
+    #[test]
+    fn an_empty_decimal_is_zero_and_a_date_out_of_range_an_error() {
+        let schema = Schema::parse_str(
+            r#"{"type":"record","name":"R","fields":[
+                {"name":"d","type":{"type":"bytes","logicalType":"decimal","precision":38,"scale":8}},
+                {"name":"day","type":{"type":"int","logicalType":"date"}}]}"#,
+        )
+        .unwrap();
+        let names = HashMap::new();
+        let write = |value: Avro| {
+            let mut out = String::new();
+            write_json(&value, &schema, &names, &mut out).map(|()| out)
+        };
+        let record = |decimal: Vec<u8>, day: i32| {
+            Avro::Record(vec![
+                ("d".to_owned(), Avro::Decimal(decimal.into())),
+                ("day".to_owned(), Avro::Date(day)),
+            ])
+        };
+        assert_eq!(
+            write(record(Vec::new(), 0)).unwrap(),
+            r#"{"d":"0","day":"1970-01-01"}"#
+        );
+        assert_eq!(
+            write(record(vec![0x01], -1)).unwrap(),
+            r#"{"d":"0.00000001","day":"1969-12-31"}"#
+        );
+        for day in [i32::MAX, i32::MAX - 719_162, i32::MIN] {
+            let err = write(record(Vec::new(), day)).unwrap_err();
+            assert!(err.0.contains("date"), "{day}: {err}");
+        }
+        // Read from bytes as a consumer reads them: a zero-length decimal is 0.
+        let mut datum: &[u8] = &[0x00, 0x00];
+        let value = apache_avro::from_avro_datum(&schema, &mut datum, None).unwrap();
+        assert_eq!(write(value).unwrap(), r#"{"d":"0","day":"1970-01-01"}"#);
     }
 
     /// A registry that fails is asked once per id, not once per record.
