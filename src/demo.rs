@@ -223,12 +223,9 @@ pub async fn run(
             false => secs,
         };
     }
-    let real_kafka = match &args.kafka {
-        Some(bootstrap) => Some(bootstrap.clone()),
-        // Never from the configuration: a production `IBSTREAM_CONFIG` in the environment
-        // must not send the simulator's made-up records to the real topics.
-        None => None,
-    };
+    // Never from the configuration: a production `IBSTREAM_CONFIG` in the environment must
+    // not send the simulator's made-up records to the real topics.
+    let real_kafka = args.kafka.clone();
     let mock = match real_kafka {
         Some(bootstrap) => {
             config.kafka.bootstrap_servers = bootstrap;
@@ -401,7 +398,9 @@ fn read_back(
         Err(_) => return,
     };
     let mut assigned: Vec<(String, i32)> = Vec::new();
-    let mut drain: Option<(Instant, HashMap<(String, i32), i64>)> = None;
+    // When the drain gives up, and each partition's end.
+    type Ends = HashMap<(String, i32), i64>;
+    let mut drain: Option<(Instant, Ends)> = None;
     loop {
         if drain.is_none() && stop.is_cancelled() {
             let ends = assigned
