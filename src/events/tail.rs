@@ -185,6 +185,9 @@ pub async fn run(
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("isolation.level", "read_committed")
+        // A topic missing from the metadata counts as deleted after this (librdkafka waits
+        // 30 s by default for a new topic to propagate; the tail's topic existed at start).
+        .set("topic.metadata.propagation.max.ms", "5000")
         // An end-of-partition event tells when to look at the position (--until-end).
         .set(
             "enable.partition.eof",
@@ -235,7 +238,9 @@ pub async fn run(
                 if matches!(
                     e.rdkafka_error_code(),
                     Some(
-                        RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic
+                        RDKafkaErrorCode::UnknownTopicOrPartition
+                            | RDKafkaErrorCode::UnknownTopic
+                            | RDKafkaErrorCode::UnknownPartition
                     )
                 ) =>
             {

@@ -589,11 +589,134 @@ async fn events_tail_on_apache_kafka_with_a_schema_registry() {
     .unwrap();
     assert_eq!(ended.len(), 1, "{ended:?}");
     assert_eq!(every.len() as u64, created_in_all);
+    interrupt_and_deletion(broker.bootstrap(), &prefix, &event).await;
     eprintln!(
         "newcomer: Apache Kafka + registry: {created} Confluent-framed transactions decoded; an aborted record skipped (read_committed); {:?}",
         started.elapsed()
     );
     sim.shutdown().await;
+}
+
+/// `events tail` ends at Ctrl-C while it waits for a registry that does not answer, and
+/// says so when its topic is deleted while it reads.
+async fn interrupt_and_deletion(bootstrap: &str, prefix: &str, event: &[u8]) {
+    let dir = tempfile::tempdir().unwrap();
+    // A registry that accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let accepted = accepted.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for socket in silent.incoming().flatten() {
+                held.push(socket);
+                accepted.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    let silent_config = write(
+        dir.path(),
+        "silent.toml",
+        &format!(
+            "[kafka]\nbootstrap_servers = \"{bootstrap}\"\n[topics]\nprefix = \"{prefix}\"\n\
+             [schema_registry]\nurl = \"{url}\"\nrequest_timeout_secs = 120\n"
+        ),
+    );
+    let mut waiting = Proc::spawn(
+        &[
+            "--config",
+            &silent_config,
+            "events",
+            "tail",
+            "--stream",
+            "transactions",
+            "--from-beginning",
+        ],
+        &[],
+    );
+    tokio::task::block_in_place(|| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while accepted.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "{}", waiting.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let interrupted = Instant::now();
+        let pid = waiting.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let code = waiting.wait_exit(Duration::from_secs(10));
+        assert_eq!(
+            code,
+            Some(0),
+            "Ctrl-C while the registry is asked: {}",
+            waiting.stderr()
+        );
+        eprintln!(
+            "newcomer: tail interrupted while the registry was asked: ended in {:?}",
+            interrupted.elapsed()
+        );
+    });
+
+    // A topic deleted while the tail follows it.
+    let topic = format!("{prefix}.gone");
+    let producer: rdkafka::producer::FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to(&topic)
+                .key("k")
+                .payload(event),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let mut following = Proc::spawn(
+        &[
+            "events",
+            "tail",
+            "--bootstrap-servers",
+            bootstrap,
+            "--topic",
+            &topic,
+            "--from-beginning",
+        ],
+        &[],
+    );
+    tokio::task::block_in_place(|| {
+        following.wait_for("the one record", Duration::from_secs(60), |out, _| {
+            out.lines().count() == 1
+        })
+    });
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .create()
+            .unwrap();
+    admin
+        .delete_topics(&[&topic], &rdkafka::admin::AdminOptions::new())
+        .await
+        .unwrap();
+    let deleted = Instant::now();
+    tokio::task::block_in_place(|| {
+        let code = following.wait_exit(Duration::from_secs(60));
+        let err = following.stderr();
+        assert_eq!(code, Some(1), "{err}");
+        assert!(
+            err.contains(&format!("topic {topic} no longer exists")),
+            "{err}"
+        );
+        eprintln!(
+            "newcomer: tail of a deleted topic ended in {:?}: {}",
+            deleted.elapsed(),
+            err.trim()
+        );
+    });
 }
 
 /// The demo prints its in-process Kafka's address and `events tail` reads it.
