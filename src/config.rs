@@ -1100,6 +1100,15 @@ impl Config {
             .map_err(|e| ConfigError::Load(describe_figment_error(e)))
     }
 
+    /// Returns the built-in defaults alone, without a file or `IBSTREAM_*` variables (what
+    /// `demo` starts from, so nothing of a production configuration leaks into it).
+    pub fn defaults() -> Result<Self, ConfigError> {
+        Figment::new()
+            .merge(Serialized::defaults(DefaultsOnly::default()))
+            .extract::<Config>()
+            .map_err(|e| ConfigError::Load(describe_figment_error(e)))
+    }
+
     /// Checks values without IO; the error names the first offending key.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.crm.validate()?;

@@ -10,10 +10,14 @@
 //! line per stream every 5 s. Ctrl-C (or `--for SECS`) stops it and prints a summary, after
 //! the read-back has reached the end of every topic, so its counts equal what was emitted.
 //!
-//! Configuration works as for `run`: the configuration file (`--config`, `IBSTREAM_CONFIG`)
-//! and `IBSTREAM_*` variables are read, and a setting the demo has an own default for
-//! ([`DEMO_DEFAULTS`]) keeps the user's value when the file or the environment sets it; a
-//! flag beats both. The CRM section always points at the simulator.
+//! Configuration: the demo's configuration is its own – the built-in defaults and the demo's
+//! values – plus, read as `run` reads them (`--config`, `IBSTREAM_CONFIG`, `IBSTREAM_*`),
+//! the user's values of the settings in [`DEMO_DEFAULTS`] only; a flag beats both. Nothing
+//! else of the user's configuration is used: not the topics, the state topic, the schema
+//! registry, the Kafka security and client settings or `kafka.instance_id` (always `demo`),
+//! so a production configuration in the environment (Helm sets `IBSTREAM_CONFIG`) neither
+//! receives the simulator's records nor fences the production instance. The CRM always is
+//! the simulator, the broker the in-process one or `--kafka`.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::IsTerminal;
@@ -68,11 +72,11 @@ pub struct DemoArgs {
 }
 
 /// The settings the demo gives values of its own, kept when the configuration file or an
-/// `IBSTREAM_*` variable sets them.
-pub const DEMO_DEFAULTS: [&str; 7] = [
+/// `IBSTREAM_*` variable sets them: the only settings the demo takes from the user's
+/// configuration.
+pub const DEMO_DEFAULTS: [&str; 6] = [
     "http.listen",
     "kafka.delivery",
-    "kafka.instance_id",
     "kafka.replication_factor",
     "kafka.topic_partitions",
     "crm.requests_per_second",
@@ -121,7 +125,14 @@ pub async fn run(
     path: Option<&std::path::Path>,
     cancel: CancellationToken,
 ) -> anyhow::Result<String> {
-    let mut config = Config::load(path)?;
+    // The user's configuration is loaded (a broken one is said) but only the values of
+    // DEMO_DEFAULTS are taken from it.
+    let user = Config::load(path)?;
+    let mut config = Config::defaults()?;
+    config.kafka.instance_id = "demo".to_owned();
+    // Single-object framing, the one the read-back decodes without a registry: never the
+    // user's `schema_registry` (the defaults have none; said here so it stays so).
+    config.schema_registry = None;
     let file: Option<toml::Value> = match path {
         Some(path) => Some(toml::from_str(&std::fs::read_to_string(path)?)?),
         None => None,
@@ -133,7 +144,7 @@ pub async fn run(
         Some(other) => {
             anyhow::bail!("--delivery must be exactly-once or at-least-once, not {other:?}")
         }
-        None if set("kafka.delivery") => {}
+        None if set("kafka.delivery") => config.kafka.delivery = user.kafka.delivery,
         None => config.kafka.delivery = Delivery::ExactlyOnce,
     }
     let start_date = Utc::now().date_naive() - chrono::Duration::days(120);
@@ -155,21 +166,21 @@ pub async fn run(
     config.crm.api_key = Some("sim-api-key".to_owned().into());
     config.crm.domain = "sim.example.com".to_owned();
     config.crm.api_path = crate::config::CrmConfig::default().api_path;
-    if !set("crm.requests_per_second") {
-        config.crm.requests_per_second = 200;
-    }
-    if !set("kafka.instance_id") {
-        config.kafka.instance_id = "demo".to_owned();
-    }
-    if !set("kafka.replication_factor") {
-        config.kafka.replication_factor = 1;
-    }
-    if !set("kafka.topic_partitions") {
-        config.kafka.topic_partitions = 1;
-    }
+    config.crm.requests_per_second = match set("crm.requests_per_second") {
+        true => user.crm.requests_per_second,
+        false => 200,
+    };
+    config.kafka.replication_factor = match set("kafka.replication_factor") {
+        true => user.kafka.replication_factor,
+        false => 1,
+    };
+    config.kafka.topic_partitions = match set("kafka.topic_partitions") {
+        true => user.kafka.topic_partitions,
+        false => 1,
+    };
     match &args.http_listen {
         Some(listen) => config.http.listen = listen.clone(),
-        None if set("http.listen") => {}
+        None if set("http.listen") => config.http.listen = user.http.listen.clone(),
         None => config.http.listen = "127.0.0.1:9464".to_owned(),
     }
     // Port 0 (any free port) is resolved now, so the address printed below is one to open.
@@ -180,23 +191,41 @@ pub async fn run(
         }
     }
     config.streams.start_date = start_date;
-    for (name, stream, secs) in [
-        ("leads", &mut config.streams.leads, 2),
-        ("customers", &mut config.streams.customers, 2),
-        ("transactions", &mut config.streams.transactions, 2),
-        ("positions", &mut config.streams.positions, 2),
-        ("servers", &mut config.streams.servers, 10),
+    for (name, stream, theirs, secs) in [
+        ("leads", &mut config.streams.leads, &user.streams.leads, 2),
+        (
+            "customers",
+            &mut config.streams.customers,
+            &user.streams.customers,
+            2,
+        ),
+        (
+            "transactions",
+            &mut config.streams.transactions,
+            &user.streams.transactions,
+            2,
+        ),
+        (
+            "positions",
+            &mut config.streams.positions,
+            &user.streams.positions,
+            2,
+        ),
+        (
+            "servers",
+            &mut config.streams.servers,
+            &user.streams.servers,
+            10,
+        ),
     ] {
-        if !set(&format!("streams.{name}.poll_interval_secs")) {
-            stream.poll_interval_secs = secs;
-        }
+        stream.poll_interval_secs = match set(&format!("streams.{name}.poll_interval_secs")) {
+            true => theirs.poll_interval_secs,
+            false => secs,
+        };
     }
-    let real_kafka = match &args.kafka {
-        Some(bootstrap) => Some(bootstrap.clone()),
-        // Never from the configuration: a production `IBSTREAM_CONFIG` in the environment
-        // must not send the simulator's made-up records to the real topics.
-        None => None,
-    };
+    // Never from the configuration: a production `IBSTREAM_CONFIG` in the environment must
+    // not send the simulator's made-up records to the real topics.
+    let real_kafka = args.kafka.clone();
     let mock = match real_kafka {
         Some(bootstrap) => {
             config.kafka.bootstrap_servers = bootstrap;
@@ -221,8 +250,7 @@ pub async fn run(
     };
     let bootstrap = config.kafka.bootstrap_servers.clone();
     println!("ibstream demo");
-    // Said first: a setting of the user's configuration (a real broker, an instance id)
-    // changes what the demo touches.
+    // Said first: which of the user's settings the demo took (and that it took no other).
     let yours: Vec<String> = DEMO_DEFAULTS
         .iter()
         .flat_map(|key| match key.split_once("<stream>") {
@@ -236,7 +264,7 @@ pub async fn run(
         .collect();
     if !yours.is_empty() {
         println!(
-            "  your settings      {} (from {})",
+            "  your settings      {} (from {}; no other setting of yours is used)",
             yours.join(", "),
             match path {
                 Some(path) => format!("{} and IBSTREAM_*", path.display()),
@@ -369,34 +397,40 @@ fn read_back(
         Ok(consumer) => consumer,
         Err(_) => return,
     };
-    let mut assigned = false;
-    let mut drain: Option<(Instant, HashMap<String, i64>)> = None;
+    let mut assigned: Vec<(String, i32)> = Vec::new();
+    // When the drain gives up, and each partition's end.
+    type Ends = HashMap<(String, i32), i64>;
+    let mut drain: Option<(Instant, Ends)> = None;
     loop {
         if drain.is_none() && stop.is_cancelled() {
-            let ends = topics
+            let ends = assigned
                 .iter()
-                .filter_map(|t| {
+                .filter_map(|(t, p)| {
                     let (_, high) = consumer
-                        .fetch_watermarks(t, 0, Duration::from_secs(5))
+                        .fetch_watermarks(t, *p, Duration::from_secs(5))
                         .ok()?;
-                    Some((t.clone(), high))
+                    Some(((t.clone(), *p), high))
                 })
                 .collect();
             drain = Some((Instant::now() + DRAIN_DEADLINE, ends));
         }
+        let assigned_any = !assigned.is_empty();
         if let Some((deadline, ends)) = &drain {
             let positions = consumer.position().unwrap_or_default();
             let behind: i64 = ends
                 .iter()
-                .map(|(topic, end)| {
-                    let at = match positions.find_partition(topic, 0).map(|p| p.offset()) {
+                .map(|((topic, partition), end)| {
+                    let at = match positions
+                        .find_partition(topic, *partition)
+                        .map(|p| p.offset())
+                    {
                         Some(Offset::Offset(at)) => at,
                         _ => 0,
                     };
                     (end - at).max(0)
                 })
                 .sum();
-            if behind == 0 || !assigned {
+            if behind == 0 || !assigned_any {
                 return;
             }
             if Instant::now() >= *deadline {
@@ -404,13 +438,17 @@ fn read_back(
                 return;
             }
         }
-        if !assigned {
+        if !assigned_any {
+            // Every partition (kafka.topic_partitions may be above 1 with --kafka), once `run`
+            // has created the topics.
             let mut tpl = TopicPartitionList::new();
-            for topic in topics {
-                let _ = tpl.add_partition_offset(topic, 0, Offset::Beginning);
+            let partitions = partitions_of(&consumer, topics);
+            for (topic, partition) in &partitions {
+                let _ = tpl.add_partition_offset(topic, *partition, Offset::Beginning);
             }
-            assigned = consumer.assign(&tpl).is_ok();
-            if !assigned {
+            if !partitions.is_empty() && consumer.assign(&tpl).is_ok() {
+                assigned = partitions;
+            } else {
                 std::thread::sleep(Duration::from_millis(200));
                 continue;
             }
@@ -441,6 +479,27 @@ fn read_back(
             None => consumed.undecodable += 1,
         }
     }
+}
+
+/// Returns every partition of `topics`, or none while one of them has no partitions yet.
+fn partitions_of(consumer: &BaseConsumer, topics: &[String]) -> Vec<(String, i32)> {
+    let mut all = Vec::new();
+    for topic in topics {
+        let Ok(metadata) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
+            return Vec::new();
+        };
+        let ids: Vec<i32> = metadata
+            .topics()
+            .iter()
+            .filter(|t| t.name() == topic && t.error().is_none())
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect();
+        if ids.is_empty() {
+            return Vec::new();
+        }
+        all.extend(ids.into_iter().map(|p| (topic.clone(), p)));
+    }
+    all
 }
 
 /// A JSON object's fields in the order written (serde_json's map would sort them).
@@ -691,7 +750,7 @@ mod tests {
     fn settings_from_the_file_or_the_environment_are_the_users() {
         let file: toml::Value = toml::from_str("[http]\nlisten = \"0.0.0.0:1\"\n").unwrap();
         assert!(user_set(Some(&file), "http.listen"));
-        assert!(!user_set(Some(&file), "kafka.instance_id"));
+        assert!(!user_set(Some(&file), "kafka.delivery"));
         assert!(!user_set(None, "kafka.some_key_nobody_sets"));
     }
 }

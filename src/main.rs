@@ -71,7 +71,7 @@ enum Command {
 #[derive(Subcommand)]
 enum EventsCommand {
     /// Print a topic's events decoded as JSON lines (read_committed, no consumer group),
-    /// following it until Ctrl-C or --max.
+    /// following it until Ctrl-C, --max or --until-end.
     Tail(ibstream::events::tail::TailArgs),
 }
 

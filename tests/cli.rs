@@ -331,7 +331,12 @@ fn demo_honours_ibstream_settings() {
     let mut child = ibstream()
         .args(["demo", "--for", "60", "--leads", "100", "--customers", "20"])
         .env("IBSTREAM_HTTP__LISTEN", &listen)
+        // A production configuration's instance id, topics and registry: the demo uses none
+        // of them (the id would fence the production instance, the topics and the registry
+        // would receive the simulator's records).
         .env("IBSTREAM_KAFKA__INSTANCE_ID", "from-env")
+        .env("IBSTREAM_TOPICS__PREFIX", "prod")
+        .env("IBSTREAM_SCHEMA_REGISTRY__URL", "http://127.0.0.1:1")
         // A production configuration's broker: the demo must not send the simulator's
         // records there (it would fail to reach this one and never serve /status).
         .env("IBSTREAM_KAFKA__BOOTSTRAP_SERVERS", "127.0.0.1:1")
@@ -357,7 +362,12 @@ fn demo_honours_ibstream_settings() {
                 Some(text)
             });
         match answer {
-            Some(text) if text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200") => {
+            // Ready: the schemas are out and the state restored (an unreachable registry
+            // would end the demo before).
+            Some(text)
+                if (text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"))
+                    && text.contains("\"ready\":true") =>
+            {
                 break text
             }
             _ => std::thread::sleep(std::time::Duration::from_millis(200)),
@@ -365,15 +375,19 @@ fn demo_honours_ibstream_settings() {
     };
     let _ = child.kill();
     let _ = child.wait();
-    assert!(status.contains("\"instanceId\":\"from-env\""), "{status}");
+    assert!(status.contains("\"instanceId\":\"demo\""), "{status}");
     let printed = std::fs::read_to_string(stdout.path()).unwrap();
     assert!(
         printed.contains(&format!("http://{listen}/")),
         "the demo prints where it listens: {printed}"
     );
     assert!(
-        printed.contains("your settings      http.listen, kafka.instance_id (from IBSTREAM_*)"),
+        printed.contains("your settings      http.listen (from IBSTREAM_*; no other setting"),
         "the demo says which settings are the user's: {printed}"
+    );
+    assert!(
+        printed.contains("--topic crm.leads "),
+        "the demo's topics, not the configuration's prefix: {printed}"
     );
     assert!(
         printed.contains("Kafka (in-process)"),

@@ -71,7 +71,13 @@ pub struct Decoder {
     by_fingerprint: Vec<([u8; 8], Writer)>,
     registry: Option<SchemaRegistry>,
     by_id: HashMap<u32, Writer>,
+    /// Ids whose fetch failed, with when: asked again only after [`REGISTRY_RETRY`], so a
+    /// registry that is down costs one request per id, not one per record.
+    failed: HashMap<u32, (std::time::Instant, DecodeError)>,
 }
+
+/// How long a failed registry fetch of a schema id stands before the id is asked again.
+pub const REGISTRY_RETRY: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl std::fmt::Debug for Decoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -109,6 +115,7 @@ impl Decoder {
                 .collect(),
             registry,
             by_id: HashMap::new(),
+            failed: HashMap::new(),
         }
     }
 
@@ -174,13 +181,29 @@ impl Decoder {
                 "Confluent-framed value (schema id {id}): set schema_registry.url to decode it"
             ));
         };
-        let text = registry
+        if let Some((when, error)) = self.failed.get(&id) {
+            if when.elapsed() < REGISTRY_RETRY {
+                return Err(error.clone());
+            }
+        }
+        let fetched = registry
             .schema_by_id(id)
             .await
-            .map_err(|e| DecodeError(e.to_string()))?;
-        let schema = Schema::parse_str(&text).map_err(|e| {
-            DecodeError(format!("the registry's schema id {id} does not parse: {e}"))
-        })?;
+            .map_err(|e| DecodeError(e.to_string()))
+            .and_then(|text| {
+                Schema::parse_str(&text).map_err(|e| {
+                    DecodeError(format!("the registry's schema id {id} does not parse: {e}"))
+                })
+            });
+        let schema = match fetched {
+            Ok(schema) => schema,
+            Err(error) => {
+                self.failed
+                    .insert(id, (std::time::Instant::now(), error.clone()));
+                return Err(error);
+            }
+        };
+        self.failed.remove(&id);
         self.by_id.insert(id, Writer::new(schema));
         match self.decode_known(payload)? {
             Some(decoded) => Ok(decoded),
@@ -251,8 +274,13 @@ fn write_json(
             return Ok(());
         }
         (Avro::Decimal(d), Schema::Decimal(decimal)) => {
-            let bytes = Vec::<u8>::try_from(d)
-                .map_err(|e| DecodeError(format!("decimal does not read: {e}")))?;
+            // A zero-length decimal (valid Avro, written by other writers) is 0, which
+            // apache-avro cannot give back as zero bytes.
+            let bytes = match Vec::<u8>::try_from(d) {
+                Ok(bytes) => bytes,
+                Err(_) if *d == apache_avro::Decimal::from([0u8]) => Vec::new(),
+                Err(e) => return fail(format!("decimal does not read: {e}")),
+            };
             Json::String(decimal_text(&bytes, decimal.scale)?)
         }
         (Avro::Null, _) => Json::Null,
@@ -263,10 +291,15 @@ fn write_json(
         (Avro::Double(n), _) => json!(n),
         (Avro::String(s), _) | (Avro::Enum(_, s), _) => Json::String(s.clone()),
         (Avro::Bytes(b), _) | (Avro::Fixed(_, b), _) => Json::String(hex(b)),
-        (Avro::Date(days), _) => Json::String(
-            chrono::NaiveDate::from_num_days_from_ce_opt(719_163 + days)
-                .map_or_else(|| days.to_string(), |d| d.to_string()),
-        ),
+        // Days since 1970-01-01; 719 163 days from 0001-01-01 (CE) to then. A corrupt
+        // record's count can lie beyond any calendar: an error, never an overflow.
+        (Avro::Date(days), _) => match 719_163i32
+            .checked_add(*days)
+            .and_then(chrono::NaiveDate::from_num_days_from_ce_opt)
+        {
+            Some(day) => Json::String(day.to_string()),
+            None => return fail(format!("date {days} days from 1970-01-01 is out of range")),
+        },
         (Avro::TimestampMillis(ms), _) => {
             Json::String(chrono::DateTime::from_timestamp_millis(*ms).map_or_else(
                 || ms.to_string(),
@@ -341,6 +374,82 @@ mod tests {
         );
         assert_eq!(decimal_text(&[0x80], 0).unwrap(), "-128");
         assert!(decimal_text(&[1; 17], 8).is_err());
+    }
+
+    /// Values another writer may send: a zero-length decimal (valid Avro: 0) and a date
+    /// beyond any calendar (corrupt: an error, never a panic or a wrap).
+    #[test]
+    fn an_empty_decimal_is_zero_and_a_date_out_of_range_an_error() {
+        let schema = Schema::parse_str(
+            r#"{"type":"record","name":"R","fields":[
+                {"name":"d","type":{"type":"bytes","logicalType":"decimal","precision":38,"scale":8}},
+                {"name":"day","type":{"type":"int","logicalType":"date"}}]}"#,
+        )
+        .unwrap();
+        let names = HashMap::new();
+        let write = |value: Avro| {
+            let mut out = String::new();
+            write_json(&value, &schema, &names, &mut out).map(|()| out)
+        };
+        let record = |decimal: Vec<u8>, day: i32| {
+            Avro::Record(vec![
+                ("d".to_owned(), Avro::Decimal(decimal.into())),
+                ("day".to_owned(), Avro::Date(day)),
+            ])
+        };
+        assert_eq!(
+            write(record(Vec::new(), 0)).unwrap(),
+            r#"{"d":"0","day":"1970-01-01"}"#
+        );
+        assert_eq!(
+            write(record(vec![0x01], -1)).unwrap(),
+            r#"{"d":"0.00000001","day":"1969-12-31"}"#
+        );
+        for day in [i32::MAX, i32::MAX - 719_162, i32::MIN] {
+            let err = write(record(Vec::new(), day)).unwrap_err();
+            assert!(err.0.contains("date"), "{day}: {err}");
+        }
+        // Read from bytes as a consumer reads them: a zero-length decimal is 0.
+        let mut datum: &[u8] = &[0x00, 0x00];
+        let value = apache_avro::from_avro_datum(&schema, &mut datum, None).unwrap();
+        assert_eq!(write(value).unwrap(), r#"{"d":"0","day":"1970-01-01"}"#);
+    }
+
+    /// A registry that fails is asked once per id, not once per record.
+    #[tokio::test]
+    async fn a_failed_registry_fetch_is_not_repeated_per_record() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counted = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = socket.read(&mut buf).await;
+                counted.fetch_add(1, Ordering::SeqCst);
+                let _ = socket
+                    .write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .await;
+            }
+        });
+        let config = crate::config::SchemaRegistryConfig {
+            url,
+            request_timeout_secs: 5,
+            ..Default::default()
+        };
+        let registry = SchemaRegistry::build(&config).unwrap();
+        let schemas = Schemas::load("com.ibstream").unwrap();
+        let mut decoder = Decoder::new(&schemas, Some(registry));
+        let (id7, id8) = ([0u8, 0, 0, 0, 7, 2], [0u8, 0, 0, 0, 8, 2]);
+        let first = decoder.decode(&id7).await.unwrap_err();
+        for _ in 0..20 {
+            assert_eq!(decoder.decode(&id7).await.unwrap_err(), first);
+        }
+        assert!(decoder.decode(&id8).await.is_err());
+        assert_eq!(requests.load(Ordering::SeqCst), 2, "one request per id");
     }
 
     #[test]

@@ -75,7 +75,8 @@ pub enum SinkError {
     Fatal(String),
 }
 
-type Request = (Batch, oneshot::Sender<Result<(), SinkError>>);
+/// A batch and where its outcome goes.
+pub(crate) type Request = (Batch, oneshot::Sender<Result<(), SinkError>>);
 
 /// The pollers' side of the sink.
 #[derive(Clone, Debug)]
@@ -200,6 +201,20 @@ impl SinkHandle {
     /// Returns the sink's counters, to share (the operations registry).
     pub fn shared_stats(&self) -> Arc<SinkStats> {
         self.stats.clone()
+    }
+
+    /// Returns a handle whose batches arrive, with the channel to answer each, on the
+    /// receiver: a sink a test answers itself (holding a commit back, failing it).
+    #[cfg(test)]
+    pub(crate) fn held() -> (SinkHandle, mpsc::Receiver<Request>) {
+        let (tx, rx) = mpsc::channel(8);
+        (
+            SinkHandle {
+                tx,
+                stats: Arc::default(),
+            },
+            rx,
+        )
     }
 
     /// Commits a batch and waits for the outcome.

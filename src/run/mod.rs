@@ -208,12 +208,17 @@ pub async fn run_with(
     let _ = beat.await;
     http_cancel.cancel();
     report.http = http;
-    // Every handle is gone: the sink finishes, flushes and ends.
+    // Every handle is gone: the sink finishes, flushes and ends. A commit a cancelled
+    // poller left in its own task holds a handle until it has counted its batch, so the
+    // final stats, logged after this, hold every committed batch.
     match tokio::time::timeout(Duration::from_secs(8), sink.task).await {
         Ok(Ok(Ok(()))) => info!("producer flushed"),
         Ok(Ok(Err(e))) => warn!(error = %e, "producer did not flush cleanly"),
         Ok(Err(e)) => warn!(error = %e, "sink task failed"),
         Err(_) => warn!("producer flush timed out"),
+    }
+    for (name, s) in &ops.streams {
+        log_stats(name, s);
     }
     match fatal {
         Some(reason) => Err(RunError::Fatal(reason)),
@@ -415,7 +420,7 @@ async fn persist_first_day(
 }
 
 /// Waits for every stream task; the first fatal error cancels the rest and is returned.
-/// Logs progress every 30 s.
+/// Logs progress every 30 s (the final stats are `run`'s, once the sink ended).
 async fn wait(
     mut tasks: JoinSet<(String, Exit)>,
     ops: &Registry,
@@ -480,7 +485,6 @@ async fn wait(
         first_fatal.get_or_insert(fatal);
         cancel.cancel();
     }
-    log_all();
     if first_fatal.is_none() && !report.stopped.is_empty() && !cancel.is_cancelled() {
         for (streams, reason) in by_reason(&report.stopped) {
             error!(streams = %streams.join(", "), error = %reason, "every stream stopped; run ends");

@@ -1572,6 +1572,17 @@ mod tests {
     /// A transactions poller on a CRM and a broker that are never called (drop_stale reads
     /// neither).
     async fn idle_poller() -> Poller<crate::crm::Transaction> {
+        let kafka = crate::config::KafkaConfig {
+            bootstrap_servers: "127.0.0.1:9".to_owned(),
+            delivery: crate::config::Delivery::AtLeastOnce,
+            ..Default::default()
+        };
+        let sink = crate::kafka::sink::start(&kafka).await.expect("a sink");
+        poller_on(sink.handle)
+    }
+
+    /// A transactions poller on a CRM that is never called, committing to `sink`.
+    fn poller_on(sink: crate::kafka::sink::SinkHandle) -> Poller<crate::crm::Transaction> {
         let crm = crate::config::CrmConfig {
             base_url: "http://127.0.0.1:9".to_owned(),
             email: "test@example.com".to_owned(),
@@ -1581,12 +1592,6 @@ mod tests {
             ..Default::default()
         };
         let client = CrmClient::build(&crm).expect("a CRM client");
-        let kafka = crate::config::KafkaConfig {
-            bootstrap_servers: "127.0.0.1:9".to_owned(),
-            delivery: crate::config::Delivery::AtLeastOnce,
-            ..Default::default()
-        };
-        let sink = crate::kafka::sink::start(&kafka).await.expect("a sink");
         let stats: crate::ops::Stats = [("transactions", Arc::default())].into_iter().collect();
         let ops = Arc::new(crate::ops::Registry::new(
             "unit",
@@ -1599,7 +1604,7 @@ mod tests {
         let shared = Arc::new(Shared {
             tz: client.tz(),
             client,
-            sink: sink.handle,
+            sink,
             source: crm.domain.clone(),
             api_prefix: "/api/v1/ib".to_owned(),
             topic_prefix: "unit".to_owned(),
@@ -1697,5 +1702,64 @@ mod tests {
             "the skipped record still counts toward its window"
         );
         assert_eq!(poller.stats.stale_skipped.load(Ordering::Relaxed), 1);
+    }
+
+    /// A poller cancelled (its task dropped) while the sink commits its batch: the batch the
+    /// sink then commits is counted, and the sink – which `run` waits for before its final
+    /// stats – is held until it is.
+    #[tokio::test]
+    async fn a_batch_committed_after_its_poller_was_cancelled_is_counted() {
+        let (sink, mut requests) = crate::kafka::sink::SinkHandle::held();
+        let mut poller = poller_on(sink);
+        let stats = poller.stats.clone();
+        let built = PageBatch {
+            batch: Batch {
+                events: vec![crate::kafka::sink::OutRecord {
+                    topic: "unit.transactions".to_owned(),
+                    key: b"7".to_vec(),
+                    payload: Some(b"event".to_vec()),
+                }],
+                state: Vec::new(),
+            },
+            remember: Vec::new(),
+            created: 3,
+            updated: 2,
+            unchanged: 0,
+            dead: 0,
+            rounded: 0,
+            fetched: 5,
+            no_dates: 0,
+            outside_window: 0,
+            unreadable_accounts: 0,
+        };
+        let task = tokio::spawn(async move { poller.commit(built).await });
+        let deadline = Duration::from_secs(10);
+        let (batch, answer) = tokio::time::timeout(deadline, requests.recv())
+            .await
+            .expect("the batch reaches the sink")
+            .expect("a batch");
+        assert_eq!(batch.events.len(), 1);
+        // Shutdown: the poller's task ends while the sink holds its batch.
+        task.abort();
+        assert!(task.await.is_err_and(|e| e.is_cancelled()));
+        assert_eq!(
+            stats.created.load(Ordering::Relaxed),
+            0,
+            "not committed yet"
+        );
+        // The sink commits it: Kafka has the events, so they count.
+        answer
+            .send(Ok(()))
+            .expect("the commit still waits for its outcome");
+        // Every handle gone (the poller's and the commit's) ends the sink's channel: what
+        // `run` waits for before it logs the final stats.
+        let closed = tokio::time::timeout(deadline, requests.recv()).await;
+        assert!(
+            matches!(closed, Ok(None)),
+            "the sink's channel closes once the commit is counted"
+        );
+        assert_eq!(stats.created.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.updated.load(Ordering::Relaxed), 2);
+        assert_eq!(stats.fetched.load(Ordering::Relaxed), 5);
     }
 }

@@ -95,7 +95,7 @@ fn tail_of(text: &str) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
-/// Runs `ibstream events tail ARGS` to its end (it must end: give `--max`); returns its
+/// Runs `ibstream events tail ARGS` to its end (it must end: give `--max` or `--until-end`); returns its
 /// JSON lines, failing with its stderr if it does not exit 0 within `timeout`.
 fn tail(args: &[&str], env: &[(&str, &str)], timeout: Duration) -> Vec<Json> {
     let mut all = vec!["events", "tail"];
@@ -270,6 +270,20 @@ fn tansu_part(sim: &SimHandle, broker: &common::Tansu, prefix: &str, config: &st
     assert_eq!(one.len(), 1);
     assert_eq!(one[0]["key"], key.as_str());
     assert_eq!(one[0]["offset"], transactions[7]["offset"]);
+
+    // --until-end ends at the end of the topic: all of it, a key that never matches, an
+    // empty topic (the dead-letter topic of a run without dead letters).
+    let until_end = |extra: &[&str]| {
+        let mut args = vec!["--config", config, "--from-beginning", "--until-end"];
+        args.extend_from_slice(extra);
+        tail(&args, &env, Duration::from_secs(60))
+    };
+    let all = until_end(&["--stream", "transactions"]);
+    let truth = sim.truth(ibstream::sim::Kind::Transactions).len();
+    assert_eq!(all.len(), truth, "every transaction once, then the end");
+    assert!(until_end(&["--stream", "transactions", "--key", "no-such-key"]).is_empty());
+    let dlq = format!("{prefix}.dlq");
+    assert!(until_end(&["--topic", &dlq, "--max", "5"]).is_empty());
 
     // A record that is not an event, between two that are: a line saying so, with its
     // offset, and the tail goes on.
@@ -491,7 +505,10 @@ async fn events_tail_on_apache_kafka_with_a_schema_registry() {
     let keys: HashSet<&str> = lines.iter().map(|l| l["key"].as_str().unwrap()).collect();
     assert_eq!(keys.len() as u64, created, "one event per transaction");
     assert_transactions_match_truth(&sim, &lines);
+    let counts = run.stats["transactions"].clone();
     run.stop().await;
+    // Background changes may add transactions after the first read: all the run emitted.
+    let created_in_all = counts.created.load(Ordering::Relaxed);
 
     // read_committed: a record of an aborted transaction, then a committed one; the tail
     // shows only the committed one.
@@ -536,6 +553,7 @@ async fn events_tail_on_apache_kafka_with_a_schema_registry() {
         "--max".to_owned(),
         "1".to_owned(),
     ];
+    let kept = args.clone();
     let committed = tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         tail(&args, &[], Duration::from_secs(60))
@@ -550,11 +568,155 @@ async fn events_tail_on_apache_kafka_with_a_schema_registry() {
         "{}",
         committed[0]
     );
+    // --until-end past the transaction markers (the topic's last offset is one, not a
+    // record): fewer records than --max, then the end; every transaction of the run.
+    let mut until_end = kept.to_vec();
+    until_end[6] = "5".to_owned();
+    until_end.push("--until-end".to_owned());
+    let mut all = kept.to_vec();
+    all[3] = format!("{prefix}.transactions");
+    all.truncate(5);
+    all.push("--until-end".to_owned());
+    let (ended, every) = tokio::task::spawn_blocking(move || {
+        let ended: Vec<&str> = until_end.iter().map(String::as_str).collect();
+        let every: Vec<&str> = all.iter().map(String::as_str).collect();
+        (
+            tail(&ended, &[], Duration::from_secs(60)),
+            tail(&every, &[], Duration::from_secs(60)),
+        )
+    })
+    .await
+    .unwrap();
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert_eq!(every.len() as u64, created_in_all);
+    interrupt_and_deletion(broker.bootstrap(), &prefix, &event).await;
     eprintln!(
         "newcomer: Apache Kafka + registry: {created} Confluent-framed transactions decoded; an aborted record skipped (read_committed); {:?}",
         started.elapsed()
     );
     sim.shutdown().await;
+}
+
+/// `events tail` ends at Ctrl-C while it waits for a registry that does not answer, and
+/// says so when its topic is deleted while it reads.
+async fn interrupt_and_deletion(bootstrap: &str, prefix: &str, event: &[u8]) {
+    let dir = tempfile::tempdir().unwrap();
+    // A registry that accepts connections and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", silent.local_addr().unwrap());
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    {
+        let accepted = accepted.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for socket in silent.incoming().flatten() {
+                held.push(socket);
+                accepted.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    let silent_config = write(
+        dir.path(),
+        "silent.toml",
+        &format!(
+            "[kafka]\nbootstrap_servers = \"{bootstrap}\"\n[topics]\nprefix = \"{prefix}\"\n\
+             [schema_registry]\nurl = \"{url}\"\nrequest_timeout_secs = 120\n"
+        ),
+    );
+    let mut waiting = Proc::spawn(
+        &[
+            "--config",
+            &silent_config,
+            "events",
+            "tail",
+            "--stream",
+            "transactions",
+            "--from-beginning",
+        ],
+        &[],
+    );
+    tokio::task::block_in_place(|| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while accepted.load(Ordering::SeqCst) == 0 {
+            assert!(Instant::now() < deadline, "{}", waiting.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let interrupted = Instant::now();
+        let pid = waiting.child.id().to_string();
+        assert!(Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .unwrap()
+            .success());
+        let code = waiting.wait_exit(Duration::from_secs(10));
+        assert_eq!(
+            code,
+            Some(0),
+            "Ctrl-C while the registry is asked: {}",
+            waiting.stderr()
+        );
+        eprintln!(
+            "newcomer: tail interrupted while the registry was asked: ended in {:?}",
+            interrupted.elapsed()
+        );
+    });
+
+    // A topic deleted while the tail follows it.
+    let topic = format!("{prefix}.gone");
+    let producer: rdkafka::producer::FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()
+        .unwrap();
+    producer
+        .send(
+            rdkafka::producer::FutureRecord::to(&topic)
+                .key("k")
+                .payload(event),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let mut following = Proc::spawn(
+        &[
+            "events",
+            "tail",
+            "--bootstrap-servers",
+            bootstrap,
+            "--topic",
+            &topic,
+            "--from-beginning",
+        ],
+        &[],
+    );
+    tokio::task::block_in_place(|| {
+        following.wait_for("the one record", Duration::from_secs(60), |out, _| {
+            out.lines().count() == 1
+        })
+    });
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        ClientConfig::new()
+            .set("bootstrap.servers", bootstrap)
+            .create()
+            .unwrap();
+    admin
+        .delete_topics(&[&topic], &rdkafka::admin::AdminOptions::new())
+        .await
+        .unwrap();
+    let deleted = Instant::now();
+    tokio::task::block_in_place(|| {
+        let code = following.wait_exit(Duration::from_secs(60));
+        let err = following.stderr();
+        assert_eq!(code, Some(1), "{err}");
+        assert!(
+            err.contains(&format!("topic {topic} no longer exists")),
+            "{err}"
+        );
+        eprintln!(
+            "newcomer: tail of a deleted topic ended in {:?}: {}",
+            deleted.elapsed(),
+            err.trim()
+        );
+    });
 }
 
 /// The demo prints its in-process Kafka's address and `events tail` reads it.
@@ -635,6 +797,70 @@ fn events_tail_reads_the_demos_in_process_kafka() {
     }
     eprintln!(
         "newcomer: demo's in-process Kafka at {bootstrap}: 5 leads decoded; {:?}",
+        started.elapsed()
+    );
+}
+
+/// The demo on a real broker with 3 partitions per topic (`--kafka`,
+/// `IBSTREAM_KAFKA__TOPIC_PARTITIONS`): its read-back reads every partition, so its summary's
+/// counts equal what was emitted.
+#[test]
+fn the_demo_reads_back_every_partition_of_a_real_broker() {
+    let started = Instant::now();
+    let broker = common::ApacheKafka::shared();
+    let mut demo = Proc::spawn(
+        &[
+            "demo",
+            "--kafka",
+            broker.bootstrap(),
+            "--for",
+            "12",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--leads",
+            "200",
+            "--customers",
+            "40",
+            "--transactions",
+            "200",
+            "--positions",
+            "200",
+        ],
+        &[("IBSTREAM_KAFKA__TOPIC_PARTITIONS", "3")],
+    );
+    let code = demo.wait_exit(Duration::from_secs(90));
+    let out = demo.stdout();
+    assert_eq!(code, Some(0), "{out}\n{}", tail_of(&demo.stderr()));
+    let summary = out.split("summary after").nth(1).expect("a summary");
+    assert!(
+        summary.contains("read back: every committed event of the topics, to their end"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("events that did not decode: 0"),
+        "single-object framing: {summary}"
+    );
+    let mut emitted_total = 0;
+    for stream in ["leads", "customers", "transactions", "positions"] {
+        let line = summary
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{stream}: emitted ")))
+            .unwrap_or_else(|| panic!("{stream} in {summary}"));
+        let numbers: Vec<u64> = line
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        assert_eq!(numbers.len(), 4, "{line}");
+        assert!(numbers[0] > 0, "{line}");
+        assert_eq!(
+            (numbers[0], numbers[1]),
+            (numbers[2], numbers[3]),
+            "read back as emitted: {line}"
+        );
+        emitted_total += numbers[0];
+    }
+    eprintln!(
+        "newcomer: demo on Apache Kafka with 3 partitions: {emitted_total} created events read back; {:?}",
         started.elapsed()
     );
 }
@@ -723,7 +949,7 @@ fn chromium(args: &[&str]) -> String {
 }
 
 /// Returns the (`data-status`, `data-value`) pairs of the figure cells of a page, unescaped.
-fn figures(dom: &str) -> Vec<(String, Json)> {
+fn figures(dom: &str) -> Vec<(String, Json, String)> {
     let unescape = |s: &str| {
         s.replace("&quot;", "\"")
             .replace("&#39;", "'")
@@ -739,12 +965,67 @@ fn figures(dom: &str) -> Vec<(String, Json)> {
     dom.split("data-status=\"")
         .skip(1)
         .map(|rest| {
-            let tag = &rest[..rest.find('>').unwrap()];
+            let end = rest.find('>').unwrap();
+            let tag = &rest[..end];
             let pointer = unescape(&tag[..tag.find('"').unwrap()]);
             let value = attribute(tag, "data-value").unwrap_or_else(|| panic!("{tag}"));
-            (pointer, serde_json::from_str(&value).unwrap())
+            // The text the reader sees: the cell's content up to the next tag.
+            let text = &rest[end + 1..];
+            let shown = unescape(&text[..text.find('<').unwrap_or(text.len())]);
+            (pointer, serde_json::from_str(&value).unwrap(), shown)
         })
         .collect()
+}
+
+/// Asserts that `text`, what a cell of the status page shows, says `served`, the value of
+/// /status it stands for: read back here without the page's code (numbers as shown, a
+/// duration from its unit, a ratio from its percentage, null as a dash).
+fn assert_text_shows(pointer: &str, text: &str, served: &Json) {
+    let number = |t: &str| -> f64 {
+        t.split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{pointer}: {t:?} shows no number"))
+    };
+    match served {
+        Json::Null => assert!(
+            text == "–" || text == "not read yet",
+            "{pointer}: {text:?} for null"
+        ),
+        Json::Bool(ready) => assert_eq!(text, if *ready { "ready" } else { "not ready" }),
+        Json::String(s) => assert_eq!(text, s, "{pointer}"),
+        Json::Number(n) if pointer.ends_with("backfillProgress") => {
+            assert!(text.ends_with(" %"), "{pointer}: {text:?}");
+            let shown = number(text);
+            let want = n.as_f64().unwrap() * 100.0;
+            assert!(
+                (shown - want).abs() <= 0.05 + 1e-9,
+                "{pointer}: {text:?}, /status {n}"
+            );
+        }
+        Json::Number(n) if pointer.ends_with("Seconds") => {
+            let unit = match text.rsplit(' ').next() {
+                Some("s") => 1.0,
+                Some("min") => 60.0,
+                Some("h") => 3600.0,
+                Some("days") => 86_400.0,
+                other => panic!("{pointer}: {text:?} has no unit ({other:?})"),
+            };
+            let (shown, want) = (number(text) * unit, n.as_f64().unwrap());
+            // The shown rounding (half a unit of the last digit) and the clock's 10 s.
+            let slack = if unit >= 3600.0 {
+                unit / 20.0
+            } else {
+                unit / 2.0
+            } + 10.0;
+            assert!(
+                (shown - want).abs() <= slack,
+                "{pointer}: {text:?}, /status {n}"
+            );
+        }
+        Json::Number(n) => assert_eq!(text, n.to_string(), "{pointer}"),
+        other => panic!("{pointer}: a cell for {other}"),
+    }
 }
 
 /// The status page at `/`, in headless Chromium: it renders, every figure on it equals
@@ -844,9 +1125,10 @@ async fn the_status_page_shows_the_figures_of_status_in_chromium() {
     assert!(dom.contains("&lt;script&gt;document.title"), "{dom}");
     assert!(dom.contains("not ready"), "{dom}");
     assert!(dom.contains("the state is not restored yet"), "{dom}");
-    // Every figure equals /status's (uptime and lag move with the clock).
+    // Every figure equals /status's (uptime and lag move with the clock): the text shown,
+    // read back into a value here, and the value the cell says it shows.
     let shown = figures(&dom);
-    for (pointer, value) in &shown {
+    for (pointer, value, text) in &shown {
         let served = status
             .pointer(pointer)
             .unwrap_or_else(|| panic!("{pointer} is not in /status"));
@@ -856,6 +1138,7 @@ async fn the_status_page_shows_the_figures_of_status_in_chromium() {
         } else {
             assert_eq!(value, served, "{pointer}");
         }
+        assert_text_shows(pointer, text, served);
     }
     // 5 process rows, 3 figures per poller + 1 sweep per cursor, 10 counts per stream.
     assert_eq!(shown.len(), 5 + 2 * 4 + 5 * 10, "{shown:?}");
@@ -863,8 +1146,8 @@ async fn the_status_page_shows_the_figures_of_status_in_chromium() {
         assert!(
             shown
                 .iter()
-                .any(|(p, v)| *p == format!("/counts/{stream}/created")
-                    && *v == status["counts"][stream]["created"]),
+                .any(|(p, _, text)| *p == format!("/counts/{stream}/created")
+                    && text.parse::<u64>().ok() == status["counts"][stream]["created"].as_u64()),
             "{stream}"
         );
     }
