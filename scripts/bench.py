@@ -12,6 +12,7 @@ without ibstream) on the same simulator and broker, checks both emitted the same
 events per stream, and prints the ratio.
 
 usage: bench.py BINARY BASELINE_PYTHON [--smoke] [--scale F] [--no-baseline]
+                [--rate-limited MS [--rps N] [--sim-rps N]]
                 [--broker tansu|apache] [--delivery at-least-once|exactly-once]
 
 --scale F: F times the full workload (0.1 for the 10 % scaling figure);
@@ -19,6 +20,13 @@ usage: bench.py BINARY BASELINE_PYTHON [--smoke] [--scale F] [--no-baseline]
 --broker apache: Apache Kafka from target/kafka/libs (./scripts/test.sh fetches it) with the
   single-node settings of tests/kafka/single-node.properties;
 --delivery exactly-once: ibstream with Kafka transactions (needs --broker apache);
+--rate-limited MS: the CRM's rate limit, not the connector, bounds the backfill: the simulator
+  answers every call after MS milliseconds and at most --sim-rps calls a second (default 25,
+  HTTP 429 beyond), ibstream runs at crm.requests_per_second = --rps (default 20, below the
+  simulator's limit), on 3 live servers at --scale 0.1 unless given; no baseline. Prints the
+  elapsed time of the backfill, the bound (CRM requests / --rps: the least time any connector
+  can take), their ratio, the simulator's 429 answers, and checks the events against the
+  simulator's truth (one CREATED event per entity).
 environment BENCH_PERF=FILE: `perf record -g` of the connector during the backfill into FILE."""
 
 import base64
@@ -35,7 +43,12 @@ BINARY = sys.argv[1]
 BASELINE_PYTHON = sys.argv[2]
 SMOKE = "--smoke" in sys.argv
 SCALE = float(sys.argv[sys.argv.index("--scale") + 1]) if "--scale" in sys.argv else 1.0
-BASELINE = "--no-baseline" not in sys.argv
+RATE_LIMITED = int(sys.argv[sys.argv.index("--rate-limited") + 1]) if "--rate-limited" in sys.argv else None
+RPS = int(sys.argv[sys.argv.index("--rps") + 1]) if "--rps" in sys.argv else 20
+SIM_RPS = int(sys.argv[sys.argv.index("--sim-rps") + 1]) if "--sim-rps" in sys.argv else 25
+if RATE_LIMITED is not None and "--scale" not in sys.argv:
+    SCALE = 0.1
+BASELINE = "--no-baseline" not in sys.argv and RATE_LIMITED is None
 
 
 def option(name, default, allowed):
@@ -52,8 +65,10 @@ SIZES = (
     {"leads": 2000, "customers": 800, "transactions": 5000, "positions": 10000, "servers": 2}
     if SMOKE
     else {"leads": round(200000 * SCALE), "customers": round(100000 * SCALE),
-          "transactions": round(500000 * SCALE), "positions": round(1000000 * SCALE), "servers": 5}
+          "transactions": round(500000 * SCALE), "positions": round(1000000 * SCALE),
+          "servers": 3 if RATE_LIMITED is not None else 5}
 )
+SIM_FLAGS = [] if RATE_LIMITED is None else [f"--latency-ms={RATE_LIMITED}", f"--max-rps={SIM_RPS}"]
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -154,7 +169,7 @@ def main():
         started = time.monotonic()
         sim = subprocess.Popen(
             [BINARY, "sim", "--listen", f"127.0.0.1:{sim_port}", "--seed", "42", "--start-date", "2024-01-01"]
-            + [f"--{k}={v}" for k, v in SIZES.items()],
+            + [f"--{k}={v}" for k, v in SIZES.items()] + SIM_FLAGS,
             stdout=subprocess.DEVNULL,
         )
         processes.append(sim)
@@ -179,7 +194,7 @@ email = "ib@example.com"
 password = "ib-secret"
 api_key = "sim-api-key"
 domain = "sim.example.com"
-requests_per_second = 1000
+requests_per_second = {RPS if RATE_LIMITED is not None else 1000}
 
 [kafka]
 bootstrap_servers = "127.0.0.1:{kafka_port}"
@@ -260,6 +275,20 @@ start_date = "2024-01-01"
                                            / metric("ibstream_sink_batch_duration_seconds_count"), 2),
                   "backfill_seconds": dict(sorted(finished.items(), key=lambda kv: kv[1]))}
         print(json.dumps({"ibstream": result}), flush=True)
+        if RATE_LIMITED is not None:
+            sim_stats = get_json(f"http://127.0.0.1:{sim_port}/_sim/stats")
+            truth = {stream: len(get_json(f"http://127.0.0.1:{sim_port}/_sim/truth/{stream}", timeout=120))
+                     for stream in status["counts"]}
+            created = {name: c["created"] for name, c in status["counts"].items()}
+            bound = requests / RPS
+            print(json.dumps({"rate_limited": {
+                "latency_ms": RATE_LIMITED, "requests_per_second": RPS, "simulator_max_rps": SIM_RPS,
+                "records": records, "crm_requests": requests, "elapsed_seconds": round(elapsed, 1),
+                "bound_seconds": round(bound, 1), "ratio": round(elapsed / bound, 2),
+                "simulator_429s": sim_stats["rateLimited"],
+                "updated_events": sum(c["updated"] for c in status["counts"].values()),
+                "created_per_stream": created, "truth_per_stream": truth,
+                "same_as_truth": created == truth}}), flush=True)
         run.terminate()
         run.wait(timeout=15)
         if not BASELINE:

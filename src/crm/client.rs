@@ -66,6 +66,7 @@ use tracing::{debug, info, warn};
 use super::error::{CrmError, ForbiddenKind};
 use super::models::{CrmRecord, Endpoint, Server};
 use super::page::{parse_page, parse_servers, Page, Record, RecordError};
+use super::pressure::Outcome;
 use crate::config::{expose, ConfigError, CrmConfig};
 use crate::ops::CrmStats;
 
@@ -173,6 +174,8 @@ struct Inner {
     backoff_initial: Duration,
     backoff_max: Duration,
     limiter: DefaultDirectRateLimiter,
+    /// How many calls may be in flight at once (adaptive, `crm.max_concurrent_requests`).
+    pressure: Arc<super::pressure::Pressure>,
     /// Until when every CRM call of the process waits (a 429's `Retry-After`).
     paused_until: std::sync::Mutex<Option<tokio::time::Instant>>,
     token: Mutex<TokenState>,
@@ -282,7 +285,11 @@ impl CrmClient {
                 max_retries: config.max_retries,
                 backoff_initial: Duration::from_millis(config.backoff_initial_ms),
                 backoff_max: Duration::from_millis(config.backoff_max_ms),
-                limiter: RateLimiter::direct(Quota::per_second(rps)),
+                // No burst: a CRM counting calls per second sees at most the rate.
+                limiter: RateLimiter::direct(Quota::per_second(rps).allow_burst(NonZeroU32::MIN)),
+                pressure: Arc::new(super::pressure::Pressure::new(
+                    config.max_concurrent_requests,
+                )),
                 paused_until: std::sync::Mutex::new(None),
                 token: Mutex::new(TokenState::default()),
                 stats: Arc::default(),
@@ -293,6 +300,11 @@ impl CrmClient {
     /// Returns the client's counters (requests, durations, retries, logins, health).
     pub fn stats(&self) -> Arc<CrmStats> {
         self.inner.stats.clone()
+    }
+
+    /// Returns the adaptive concurrency limit of the process's calls (for the metrics).
+    pub fn pressure(&self) -> Arc<super::pressure::Pressure> {
+        self.inner.pressure.clone()
     }
 
     /// Returns the CRM's time zone.
@@ -334,7 +346,25 @@ impl CrmClient {
     }
 
     /// Returns an iterator over every page of a window query.
-    pub fn pages<T: CrmRecord>(&self, mut query: WindowQuery) -> PageIter<T> {
+    pub fn pages<T: CrmRecord>(&self, query: WindowQuery) -> PageIter<T> {
+        self.pages_as(query, false)
+    }
+
+    /// Returns an iterator over every page of a window query, read in the background class
+    /// of the concurrency limit (a backfill's windows read at once, a reconciliation sweep:
+    /// see [`super::pressure`]). One page is read ahead (at least), so windows read at once
+    /// each keep one request going while the poller works on another's page.
+    pub fn pages_in_background<T: CrmRecord>(&self, query: WindowQuery) -> PageIter<T> {
+        self.pages_as(query, true)
+    }
+
+    /// Whether pages are read ahead (`crm.read_ahead_pages` above 0): windows can then be
+    /// read at once.
+    pub fn reads_ahead(&self) -> bool {
+        self.inner.read_ahead_pages > 0
+    }
+
+    fn pages_as<T: CrmRecord>(&self, mut query: WindowQuery, background: bool) -> PageIter<T> {
         query.page_size = Some(query.page_size.unwrap_or(self.inner.page_size));
         let pager = Pager {
             client: self.clone(),
@@ -348,7 +378,7 @@ impl CrmClient {
             done: false,
             _model: std::marker::PhantomData,
         };
-        PageIter::new(pager, self.inner.read_ahead_pages)
+        PageIter::new(pager, self.inner.read_ahead_pages, background)
     }
 
     /// Calls an endpoint with arbitrary query parameters and returns the raw body (for
@@ -570,6 +600,9 @@ impl CrmClient {
         loop {
             attempt += 1;
             self.wait_while_paused().await;
+            // Held until the answer is read (or the retry's wait starts): it bounds the calls
+            // in flight, and its outcome steers the limit.
+            let mut slot = inner.pressure.acquire().await;
             inner.limiter.until_ready().await;
             // A 429 seen by another call while this one waited for the limiter.
             self.wait_while_paused().await;
@@ -590,6 +623,13 @@ impl CrmClient {
                 response.as_ref().ok().map(|r| r.status().as_u16()),
                 sent.elapsed(),
             );
+            slot.set(match &response {
+                Err(_) => Outcome::Overloaded,
+                Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => Outcome::Overloaded,
+                Ok(r) if r.status().is_server_error() => Outcome::Overloaded,
+                Ok(r) if r.status().is_success() => Outcome::Answered(sent.elapsed()),
+                Ok(_) => Outcome::Neutral,
+            });
             let outcome = match response {
                 Err(e) => Retry::Transient(describe_reqwest_error(&e)),
                 Ok(response) if response.status().is_redirection() => {
@@ -711,6 +751,7 @@ impl CrmClient {
                 ),
                 Retry::Transient(_) => None,
             };
+            drop(slot);
             if let Some(pause) = rate_limit_wait {
                 // The CRM limits the process, not this call: every call waits.
                 self.pause(pause);
@@ -1064,6 +1105,10 @@ fn jitter(bound: Duration) -> Duration {
 /// splits it instead of reading on. Dropping the iterator stops the task.
 pub struct PageIter<T: CrmRecord> {
     source: Source<T>,
+    /// A page (or the end: `Some(None)`) received by [`PageIter::poll_wait`], not yet taken.
+    peeked: Option<Option<Result<Page<T>, CrmError>>>,
+    /// Whether the page being waited for was asked for already (a wait that was left).
+    asked_ahead: bool,
 }
 
 enum Source<T: CrmRecord> {
@@ -1092,27 +1137,43 @@ impl<T: CrmRecord> Drop for PageIter<T> {
 }
 
 impl<T: CrmRecord> PageIter<T> {
-    fn new(pager: Pager<T>, read_ahead: u32) -> Self {
-        if read_ahead == 0 {
+    fn new(pager: Pager<T>, read_ahead: u32, background: bool) -> Self {
+        if read_ahead == 0 && !background {
             return PageIter {
                 source: Source::Direct(pager),
+                peeked: None,
+                asked_ahead: false,
             };
         }
-        let (tx, pages) = tokio::sync::mpsc::channel(read_ahead as usize);
+        let (tx, pages) = tokio::sync::mpsc::channel(read_ahead.max(1) as usize);
         let asked = Arc::new(Asked::default());
-        let task = tokio::spawn(read_ahead_task(pager, tx, asked.clone()));
+        let task = match background {
+            true => tokio::spawn(super::pressure::in_background(read_ahead_task(
+                pager,
+                tx,
+                asked.clone(),
+            ))),
+            false => tokio::spawn(read_ahead_task(pager, tx, asked.clone())),
+        };
         PageIter {
             source: Source::Ahead { pages, asked, task },
+            peeked: None,
+            asked_ahead: false,
         }
     }
 
     /// Returns the next page, `None` after the last one or after an error.
     pub async fn next(&mut self) -> Option<Result<Page<T>, CrmError>> {
+        if let Some(page) = self.peeked.take() {
+            return page;
+        }
         match &mut self.source {
             Source::Direct(pager) => pager.next().await,
             Source::Ahead { pages, asked, .. } => {
-                asked.pages.fetch_add(1, Ordering::AcqRel);
-                asked.wake.notify_one();
+                if !std::mem::take(&mut self.asked_ahead) {
+                    asked.pages.fetch_add(1, Ordering::AcqRel);
+                    asked.wake.notify_one();
+                }
                 pages.recv().await
             }
         }
@@ -1120,12 +1181,48 @@ impl<T: CrmRecord> PageIter<T> {
 
     /// Returns the next page if it has been fetched already, without waiting.
     pub fn ready(&mut self) -> Option<Result<Page<T>, CrmError>> {
+        if matches!(self.peeked, Some(Some(_))) {
+            return self.peeked.take().flatten();
+        }
         match &mut self.source {
             Source::Direct(_) => None,
             Source::Ahead { pages, asked, .. } => {
+                if self.peeked.is_some() {
+                    return None;
+                }
                 let page = pages.try_recv().ok()?;
-                asked.pages.fetch_add(1, Ordering::AcqRel);
+                if !std::mem::take(&mut self.asked_ahead) {
+                    asked.pages.fetch_add(1, Ordering::AcqRel);
+                }
                 Some(page)
+            }
+        }
+    }
+
+    /// Polls for the next page (or the end) to have arrived, keeping it for
+    /// [`PageIter::next`]; ready at once without a read-ahead task (the next page is then
+    /// read when asked for). Lets a poller wait for whichever of several windows answers
+    /// first.
+    pub fn poll_wait(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.peeked.is_some() {
+            return std::task::Poll::Ready(());
+        }
+        match &mut self.source {
+            Source::Direct(_) => std::task::Poll::Ready(()),
+            Source::Ahead { pages, asked, .. } => {
+                if !self.asked_ahead {
+                    self.asked_ahead = true;
+                    asked.pages.fetch_add(1, Ordering::AcqRel);
+                    asked.wake.notify_one();
+                }
+                match pages.poll_recv(cx) {
+                    std::task::Poll::Ready(page) => {
+                        self.asked_ahead = false;
+                        self.peeked = Some(page);
+                        std::task::Poll::Ready(())
+                    }
+                    std::task::Poll::Pending => std::task::Poll::Pending,
+                }
             }
         }
     }

@@ -10,6 +10,7 @@ pub mod client;
 pub mod error;
 pub mod models;
 pub mod page;
+pub mod pressure;
 pub mod raw;
 pub mod time;
 

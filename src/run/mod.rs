@@ -133,6 +133,7 @@ pub async fn run_with(
         .map_err(startup)?;
     let ops = Arc::new(registry(&config, &client, &enabled, stats));
     ops.set_sink(sink.handle.shared_stats());
+    let _ = ops.crm_pressure.set(client.pressure());
     let _ = options.registry.set(ops.clone());
     let http_cancel = cancel.child_token();
     let http = serve_ops(&config, &ops, &http_cancel).await?;

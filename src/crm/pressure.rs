@@ -1,0 +1,372 @@
+//! Adaptive concurrency of the CRM calls of one process: how many requests may be in flight
+//! at once, between 1 and `crm.max_concurrent_requests`.
+//!
+//! Additive increase, multiplicative decrease (the rule TCP's congestion control made
+//! common): every answer that came back well adds `1 / limit` to the limit (one more request
+//! per round trip); an answer that says the CRM is overloaded (HTTP 429, a 5xx, a timeout or
+//! a broken connection) halves it, and an answer whose latency rose to more than twice the
+//! lowest latency seen (both smoothed) takes a fifth off. A decrease happens at most once per
+//! smoothed round trip, so a burst of failures of requests sent together counts once. The
+//! limit starts at its maximum: the requests-per-second limiter paces a healthy CRM, and
+//! this limit only keeps a CRM that slows down or refuses from being pushed harder.
+//!
+//! Slots are granted first come, first served within two classes: a call in the foreground
+//! (a stream's steady-state cycle, an open window, the servers list, a login) goes before
+//! every call in the background (a backfill's concurrent windows, a reconciliation sweep:
+//! reads run inside [`in_background`]). So however many windows a backfill keeps open, a
+//! steady-state call waits only for a slot to come back, never behind the backfill's queue.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+/// The smallest latency rise taken for pressure: the smoothed latency above this multiple
+/// of the lowest smoothed latency seen.
+const LATENCY_RISE: f64 = 2.0;
+
+tokio::task_local! {
+    static BACKGROUND: ();
+}
+
+/// Runs `work` with its CRM calls in the background class (see the module header).
+pub async fn in_background<F: Future>(work: F) -> F::Output {
+    BACKGROUND.scope((), work).await
+}
+
+/// Whether the current task's calls are in the background class.
+pub fn is_background() -> bool {
+    BACKGROUND.try_with(|_| ()).is_ok()
+}
+
+/// How an answer went, for the limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// An answer that says nothing about load (a 4xx other than 429, a redirect, a
+    /// cancelled call).
+    Neutral,
+    /// A usable answer, with the time from sending the request to its headers.
+    Answered(Duration),
+    /// HTTP 429, a 5xx, a timeout or a connection error.
+    Overloaded,
+}
+
+/// The adaptive concurrency limit of a process's CRM calls (see the module header).
+#[derive(Debug)]
+pub struct Pressure {
+    max: u32,
+    state: Mutex<State>,
+    /// The current limit (whole requests), for the metrics.
+    limit_now: AtomicU64,
+    /// Requests holding a slot now (waiting for the rate limiter or in flight).
+    in_flight: AtomicU64,
+}
+
+#[derive(Debug)]
+struct State {
+    /// The limit, fractional so additive increase can be `1 / limit` per answer.
+    limit: f64,
+    /// Slots held now.
+    held: u32,
+    /// Calls waiting for a slot: the foreground first, then the background.
+    waiting: [VecDeque<oneshot::Sender<()>>; 2],
+    /// Smoothed latency of usable answers, in seconds.
+    latency: Option<f64>,
+    /// The lowest smoothed latency seen since the limit was last lowered, in seconds.
+    lowest: Option<f64>,
+    /// When the limit was last lowered.
+    lowered: Option<Instant>,
+}
+
+impl State {
+    fn capacity(&self) -> u32 {
+        self.limit.floor().max(1.0) as u32
+    }
+
+    /// Hands free slots to the calls waiting, foreground first.
+    fn grant(&mut self) {
+        while self.held < self.capacity() {
+            let Some(waiter) = self.waiting[0]
+                .pop_front()
+                .or_else(|| self.waiting[1].pop_front())
+            else {
+                return;
+            };
+            // A waiter that went away (its call was cancelled) gets nothing.
+            if waiter.send(()).is_ok() {
+                self.held += 1;
+            }
+        }
+    }
+}
+
+/// A slot of [`Pressure`], given back when dropped with the outcome last set
+/// ([`Outcome::Neutral`] unless [`Slot::set`] was called).
+#[derive(Debug)]
+pub struct Slot<'a> {
+    pressure: &'a Pressure,
+    outcome: Outcome,
+}
+
+impl Slot<'_> {
+    /// Records how the slot's request went (reported when the slot is dropped).
+    pub fn set(&mut self, outcome: Outcome) {
+        self.outcome = outcome;
+    }
+
+    /// Gives the slot back with the outcome of its request.
+    pub fn done(mut self, outcome: Outcome) {
+        self.set(outcome);
+    }
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.pressure.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.pressure.release(self.outcome);
+    }
+}
+
+/// A call waiting for a slot; a slot granted to it after it was cancelled goes back.
+struct Waiting<'a> {
+    pressure: &'a Pressure,
+    granted: Option<oneshot::Receiver<()>>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(mut granted) = self.granted.take() {
+            granted.close();
+            if granted.try_recv().is_ok() {
+                self.pressure.release(Outcome::Neutral);
+            }
+        }
+    }
+}
+
+impl Pressure {
+    /// A limit of at most `max` requests in flight (at least 1), starting at `max`.
+    pub fn new(max: u32) -> Self {
+        let max = max.max(1);
+        Pressure {
+            max,
+            state: Mutex::new(State {
+                limit: f64::from(max),
+                held: 0,
+                waiting: [VecDeque::new(), VecDeque::new()],
+                latency: None,
+                lowest: None,
+                lowered: None,
+            }),
+            limit_now: AtomicU64::new(u64::from(max)),
+            in_flight: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Waits for a slot: in the foreground class unless the task runs [`in_background`].
+    pub async fn acquire(&self) -> Slot<'_> {
+        self.acquire_as(is_background()).await
+    }
+
+    /// Waits for a slot in the given class.
+    pub async fn acquire_as(&self, background: bool) -> Slot<'_> {
+        let class = usize::from(background);
+        let granted = {
+            let mut state = self.lock();
+            let ahead = state.waiting[0].len() + if background { state.waiting[1].len() } else { 0 };
+            if ahead == 0 && state.held < state.capacity() {
+                state.held += 1;
+                None
+            } else {
+                let (tx, rx) = oneshot::channel();
+                state.waiting[class].push_back(tx);
+                Some(rx)
+            }
+        };
+        if let Some(rx) = granted {
+            let mut waiting = Waiting {
+                pressure: self,
+                granted: Some(rx),
+            };
+            if let Some(rx) = waiting.granted.as_mut() {
+                // The sender is only dropped unsent when the whole `Pressure` is.
+                let _ = rx.await;
+            }
+            waiting.granted = None;
+        }
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        Slot {
+            pressure: self,
+            outcome: Outcome::Neutral,
+        }
+    }
+
+    /// The current limit, in whole requests.
+    pub fn limit(&self) -> u64 {
+        self.limit_now.load(Ordering::Relaxed)
+    }
+
+    /// Requests holding a slot now.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The largest limit (`crm.max_concurrent_requests`).
+    pub fn max(&self) -> u32 {
+        self.max
+    }
+
+    fn release(&self, outcome: Outcome) {
+        let mut state = self.lock();
+        state.held = state.held.saturating_sub(1);
+        let now = Instant::now();
+        let round_trip = Duration::from_secs_f64(state.latency.unwrap_or(0.1).clamp(0.05, 60.0));
+        let may_lower = state.lowered.is_none_or(|t| now - t >= round_trip);
+        let lowered = match outcome {
+            Outcome::Neutral => None,
+            Outcome::Overloaded if may_lower => Some((state.limit / 2.0).max(1.0)),
+            Outcome::Overloaded => None,
+            Outcome::Answered(took) => {
+                let took = took.as_secs_f64();
+                let latency = state.latency.map_or(took, |l| 0.8 * l + 0.2 * took);
+                state.latency = Some(latency);
+                let lowest = state.lowest.map_or(latency, |l| l.min(latency));
+                state.lowest = Some(lowest);
+                if latency > LATENCY_RISE * lowest && may_lower && state.limit > 1.0 {
+                    Some((state.limit * 0.8).max(1.0))
+                } else {
+                    state.limit = (state.limit + 1.0 / state.limit).min(f64::from(self.max));
+                    None
+                }
+            }
+        };
+        if let Some(limit) = lowered {
+            state.limit = limit;
+            state.lowered = Some(now);
+            // The latency measured before the pressure no longer says what is normal.
+            state.lowest = state.latency;
+        }
+        self.limit_now
+            .store(u64::from(state.capacity()), Ordering::Relaxed);
+        state.grant();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn overload_halves_the_limit_and_answers_raise_it_again() {
+        let pressure = Pressure::new(16);
+        assert_eq!(pressure.limit(), 16);
+        pressure.acquire().await.done(Outcome::Overloaded);
+        assert_eq!(pressure.limit(), 8);
+        // A second overload within the round trip counts as the same one.
+        pressure.acquire().await.done(Outcome::Overloaded);
+        assert_eq!(pressure.limit(), 8);
+        // 1/limit per answer: 8 answers bring 8 to 8.95, the ninth past 9.
+        for _ in 0..8 {
+            pressure
+                .acquire()
+                .await
+                .done(Outcome::Answered(Duration::from_millis(10)));
+        }
+        assert_eq!(pressure.limit(), 8);
+        pressure
+            .acquire()
+            .await
+            .done(Outcome::Answered(Duration::from_millis(10)));
+        assert_eq!(pressure.limit(), 9, "one more per round trip of answers");
+        assert_eq!(pressure.in_flight(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_lowered_limit_holds_back_slots_still_held() {
+        let pressure = Pressure::new(4);
+        let held: Vec<Slot<'_>> = vec![
+            pressure.acquire().await,
+            pressure.acquire().await,
+            pressure.acquire().await,
+        ];
+        assert_eq!(pressure.in_flight(), 3);
+        pressure.acquire().await.done(Outcome::Overloaded);
+        assert_eq!(pressure.limit(), 2);
+        drop(held);
+        // Two slots now: a third waits.
+        let a = pressure.acquire().await;
+        let b = pressure.acquire().await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(50), pressure.acquire())
+                .await
+                .is_err(),
+            "a third slot was granted above the limit"
+        );
+        drop((a, b));
+    }
+
+    #[tokio::test]
+    async fn rising_latency_lowers_the_limit() {
+        let pressure = Pressure::new(10);
+        for _ in 0..5 {
+            pressure
+                .acquire()
+                .await
+                .done(Outcome::Answered(Duration::from_millis(100)));
+        }
+        assert_eq!(pressure.limit(), 10);
+        for _ in 0..10 {
+            pressure
+                .acquire()
+                .await
+                .done(Outcome::Answered(Duration::from_millis(1_000)));
+        }
+        assert!(pressure.limit() < 10, "limit {}", pressure.limit());
+    }
+
+    #[tokio::test]
+    async fn a_foreground_call_goes_before_the_background_queue() {
+        let pressure = std::sync::Arc::new(Pressure::new(1));
+        let held = pressure.acquire_as(false).await;
+        let order = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (name, background) in [("backfill-1", true), ("backfill-2", true), ("leads", false)] {
+            let (shared, order) = (pressure.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let slot = shared.acquire_as(background).await;
+                order.lock().unwrap().push(name);
+                drop(slot);
+            }));
+            // Each is queued before the next is spawned.
+            while pressure.lock().waiting.iter().map(VecDeque::len).sum::<usize>() < tasks.len() {
+                tokio::task::yield_now().await;
+            }
+        }
+        drop(held);
+        for task in tasks {
+            task.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), ["leads", "backfill-1", "backfill-2"]);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_wait_gives_its_slot_back() {
+        let pressure = Pressure::new(1);
+        let held = pressure.acquire().await;
+        let waiting = tokio::time::timeout(Duration::from_millis(20), pressure.acquire()).await;
+        assert!(waiting.is_err());
+        drop(held);
+        let again = tokio::time::timeout(Duration::from_secs(1), pressure.acquire()).await;
+        assert!(again.is_ok(), "the slot was lost");
+        assert_eq!(pressure.lock().held, 1);
+    }
+}
