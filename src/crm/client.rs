@@ -55,7 +55,6 @@ use std::time::Duration;
 
 use chrono::NaiveDate;
 use chrono_tz::Tz;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 use secrecy::SecretString;
@@ -173,8 +172,8 @@ struct Inner {
     max_retries: u32,
     backoff_initial: Duration,
     backoff_max: Duration,
-    limiter: DefaultDirectRateLimiter,
-    /// How many calls may be in flight at once (adaptive, `crm.max_concurrent_requests`).
+    /// The request rate and how many calls may be in flight at once (adaptive,
+    /// `crm.max_concurrent_requests`).
     pressure: Arc<super::pressure::Pressure>,
     /// Until when every CRM call of the process waits (a 429's `Retry-After`).
     paused_until: std::sync::Mutex<Option<tokio::time::Instant>>,
@@ -285,10 +284,9 @@ impl CrmClient {
                 max_retries: config.max_retries,
                 backoff_initial: Duration::from_millis(config.backoff_initial_ms),
                 backoff_max: Duration::from_millis(config.backoff_max_ms),
-                // No burst: a CRM counting calls per second sees at most the rate.
-                limiter: RateLimiter::direct(Quota::per_second(rps).allow_burst(NonZeroU32::MIN)),
                 pressure: Arc::new(super::pressure::Pressure::new(
                     config.max_concurrent_requests,
+                    rps.get(),
                 )),
                 paused_until: std::sync::Mutex::new(None),
                 token: Mutex::new(TokenState::default()),
@@ -600,11 +598,10 @@ impl CrmClient {
         loop {
             attempt += 1;
             self.wait_while_paused().await;
-            // Held until the answer is read (or the retry's wait starts): it bounds the calls
-            // in flight, and its outcome steers the limit.
+            // The rate's turn and a slot, held until the answer is read (or the retry's wait
+            // starts): it bounds the calls in flight, and its outcome steers the limit.
             let mut slot = inner.pressure.acquire().await;
-            inner.limiter.until_ready().await;
-            // A 429 seen by another call while this one waited for the limiter.
+            // A 429 seen by another call while this one waited for its turn.
             self.wait_while_paused().await;
             let mut request = inner
                 .http

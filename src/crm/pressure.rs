@@ -1,5 +1,10 @@
-//! Adaptive concurrency of the CRM calls of one process: how many requests may be in flight
-//! at once, between 1 and `crm.max_concurrent_requests`.
+//! The gate every CRM call of a process passes: the request rate (`crm.requests_per_second`)
+//! and an adaptive concurrency limit, how many requests may be in flight at once, between 1
+//! and `crm.max_concurrent_requests`.
+//!
+//! Rate: slots are granted at most `requests_per_second` a second, evenly spaced (no burst: a
+//! CRM counting calls per second never sees more than the rate), and only when granted is
+//! a call's turn taken, so the order of the queue below is the order calls go out.
 //!
 //! Additive increase, multiplicative decrease (the rule TCP's congestion control made
 //! common): every answer that came back well adds `1 / limit` to the limit (one more request
@@ -14,7 +19,8 @@
 //! (a stream's steady-state cycle, an open window, the servers list, a login) goes before
 //! every call in the background (a backfill's concurrent windows, a reconciliation sweep:
 //! reads run inside [`in_background`]). So however many windows a backfill keeps open, a
-//! steady-state call waits only for a slot to come back, never behind the backfill's queue.
+//! steady-state call waits at most for the next turn of the rate and a slot to come back,
+//! never behind the backfill's queue.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -58,7 +64,11 @@ pub enum Outcome {
 #[derive(Debug)]
 pub struct Pressure {
     max: u32,
+    /// The time between two grants (`1 / requests_per_second`).
+    spacing: Duration,
     state: Mutex<State>,
+    /// Wakes the calls waiting when a slot came back the rate could not hand out yet.
+    changed: tokio::sync::Notify,
     /// The current limit (whole requests), for the metrics.
     limit_now: AtomicU64,
     /// Requests holding a slot now (waiting for the rate limiter or in flight).
@@ -79,6 +89,8 @@ struct State {
     lowest: Option<f64>,
     /// When the limit was last lowered.
     lowered: Option<Instant>,
+    /// The earliest instant of the next grant (the rate).
+    next_turn: Instant,
 }
 
 impl State {
@@ -86,9 +98,22 @@ impl State {
         self.limit.floor().max(1.0) as u32
     }
 
-    /// Hands free slots to the calls waiting, foreground first.
-    fn grant(&mut self) {
-        while self.held < self.capacity() {
+    /// Whether a slot can be granted at `now`: one is free and it is the rate's turn.
+    fn can_grant(&self, now: Instant) -> bool {
+        self.held < self.capacity() && self.next_turn <= now
+    }
+
+    /// Takes a slot and the rate's turn.
+    fn take(&mut self, now: Instant, spacing: Duration) {
+        self.held += 1;
+        self.next_turn = now.max(self.next_turn) + spacing;
+    }
+
+    /// Hands a free slot to the first call waiting (foreground first) if it is the rate's
+    /// turn.
+    fn grant(&mut self, spacing: Duration) {
+        let now = Instant::now();
+        while self.can_grant(now) {
             let Some(waiter) = self.waiting[0]
                 .pop_front()
                 .or_else(|| self.waiting[1].pop_front())
@@ -97,7 +122,7 @@ impl State {
             };
             // A waiter that went away (its call was cancelled) gets nothing.
             if waiter.send(()).is_ok() {
-                self.held += 1;
+                self.take(now, spacing);
             }
         }
     }
@@ -148,11 +173,14 @@ impl Drop for Waiting<'_> {
 }
 
 impl Pressure {
-    /// A limit of at most `max` requests in flight (at least 1), starting at `max`.
-    pub fn new(max: u32) -> Self {
+    /// A gate of `requests_per_second` (at least 1) and at most `max` requests in flight
+    /// (at least 1), the limit starting at `max`.
+    pub fn new(max: u32, requests_per_second: u32) -> Self {
         let max = max.max(1);
         Pressure {
             max,
+            spacing: Duration::from_secs(1) / requests_per_second.max(1),
+            changed: tokio::sync::Notify::new(),
             state: Mutex::new(State {
                 limit: f64::from(max),
                 held: 0,
@@ -160,6 +188,7 @@ impl Pressure {
                 latency: None,
                 lowest: None,
                 lowered: None,
+                next_turn: Instant::now(),
             }),
             limit_now: AtomicU64::new(u64::from(max)),
             in_flight: AtomicU64::new(0),
@@ -183,8 +212,9 @@ impl Pressure {
         let granted = {
             let mut state = self.lock();
             let ahead = state.waiting[0].len() + if background { state.waiting[1].len() } else { 0 };
-            if ahead == 0 && state.held < state.capacity() {
-                state.held += 1;
+            let now = Instant::now();
+            if ahead == 0 && state.can_grant(now) {
+                state.take(now, self.spacing);
                 None
             } else {
                 let (tx, rx) = oneshot::channel();
@@ -197,9 +227,27 @@ impl Pressure {
                 pressure: self,
                 granted: Some(rx),
             };
-            if let Some(rx) = waiting.granted.as_mut() {
-                // The sender is only dropped unsent when the whole `Pressure` is.
-                let _ = rx.await;
+            loop {
+                // The rate's next turn while a slot is free: whoever wakes first hands it
+                // out. With every slot held, the one given back hands it out, or wakes the
+                // waiters to wait for the turn.
+                let changed = self.changed.notified();
+                let turn = {
+                    let state = self.lock();
+                    (state.held < state.capacity()).then_some(state.next_turn)
+                };
+                let Some(rx) = waiting.granted.as_mut() else {
+                    break;
+                };
+                let far = Instant::now() + Duration::from_secs(3600);
+                tokio::select! {
+                    // The sender is only dropped unsent when the whole `Pressure` is.
+                    _ = rx => break,
+                    _ = tokio::time::sleep_until(turn.unwrap_or(far).into()) => {
+                        self.lock().grant(self.spacing);
+                    }
+                    _ = changed => {}
+                }
             }
             waiting.granted = None;
         }
@@ -257,7 +305,10 @@ impl Pressure {
         }
         self.limit_now
             .store(u64::from(state.capacity()), Ordering::Relaxed);
-        state.grant();
+        state.grant(self.spacing);
+        if state.waiting.iter().any(|w| !w.is_empty()) {
+            self.changed.notify_waiters();
+        }
     }
 }
 
@@ -267,7 +318,7 @@ mod tests {
 
     #[tokio::test]
     async fn overload_halves_the_limit_and_answers_raise_it_again() {
-        let pressure = Pressure::new(16);
+        let pressure = Pressure::new(16, 1000);
         assert_eq!(pressure.limit(), 16);
         pressure.acquire().await.done(Outcome::Overloaded);
         assert_eq!(pressure.limit(), 8);
@@ -292,7 +343,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lowered_limit_holds_back_slots_still_held() {
-        let pressure = Pressure::new(4);
+        let pressure = Pressure::new(4, 1000);
         let held: Vec<Slot<'_>> = vec![
             pressure.acquire().await,
             pressure.acquire().await,
@@ -316,7 +367,7 @@ mod tests {
 
     #[tokio::test]
     async fn rising_latency_lowers_the_limit() {
-        let pressure = Pressure::new(10);
+        let pressure = Pressure::new(10, 1000);
         for _ in 0..5 {
             pressure
                 .acquire()
@@ -335,7 +386,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_foreground_call_goes_before_the_background_queue() {
-        let pressure = std::sync::Arc::new(Pressure::new(1));
+        let pressure = std::sync::Arc::new(Pressure::new(1, 1000));
         let held = pressure.acquire_as(false).await;
         let order = std::sync::Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
@@ -360,7 +411,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_cancelled_wait_gives_its_slot_back() {
-        let pressure = Pressure::new(1);
+        let pressure = Pressure::new(1, 1000);
         let held = pressure.acquire().await;
         let waiting = tokio::time::timeout(Duration::from_millis(20), pressure.acquire()).await;
         assert!(waiting.is_err());
@@ -368,5 +419,18 @@ mod tests {
         let again = tokio::time::timeout(Duration::from_secs(1), pressure.acquire()).await;
         assert!(again.is_ok(), "the slot was lost");
         assert_eq!(pressure.lock().held, 1);
+    }
+
+    #[tokio::test]
+    async fn slots_are_granted_at_the_rate_without_a_burst() {
+        let pressure = Pressure::new(64, 50);
+        let started = Instant::now();
+        for _ in 0..11 {
+            pressure.acquire().await.done(Outcome::Neutral);
+        }
+        // Ten spacings of 20 ms after the first.
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(200), "{took:?}");
+        assert!(took < Duration::from_millis(600), "{took:?}");
     }
 }
