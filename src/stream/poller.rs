@@ -537,7 +537,9 @@ impl<T: StreamRecord> Poller<T> {
             // A backfill's windows wait behind every steady-state call of the process.
             let background = width > 1 && (cursor.watermark.is_none() || cursor.next.is_some());
             loop {
-                while reading.len() < width {
+                // Windows read to their end wait for the ones before them without taking a
+                // place: one window held up never stops the others.
+                while reading.iter().filter(|(_, _, done)| !done).count() < width {
                     let Some(window) = planned.pop_front() else {
                         break;
                     };
