@@ -10,9 +10,9 @@
 //! common): every answer that came back well adds `1 / limit` to the limit (one more request
 //! per round trip); an answer that says the CRM is overloaded (HTTP 429, a 5xx, a timeout or
 //! a broken connection) halves it, and an answer whose latency rose to more than twice the
-//! lowest latency seen (both smoothed) takes a fifth off. A decrease happens at most once per
-//! smoothed round trip, so a burst of failures of requests sent together counts once. The
-//! limit starts at its maximum: the requests-per-second limiter paces a healthy CRM, and
+//! lowest latency seen (both smoothed, and by 100 ms at least) takes a fifth off. A decrease
+//! happens at most once per smoothed round trip, so a burst of failures of requests sent
+//! together counts once. The limit starts at its maximum: the rate paces a healthy CRM, and
 //! this limit only keeps a CRM that slows down or refuses from being pushed harder.
 //!
 //! Slots are granted first come, first served within two classes: a call in the foreground
@@ -31,8 +31,11 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// The smallest latency rise taken for pressure: the smoothed latency above this multiple
-/// of the lowest smoothed latency seen.
+/// of the lowest smoothed latency seen, and by at least [`LATENCY_RISE_MIN`] seconds (the
+/// jitter of answers of a few milliseconds is no pressure).
 const LATENCY_RISE: f64 = 2.0;
+/// See [`LATENCY_RISE`]: 100 ms.
+const LATENCY_RISE_MIN: f64 = 0.1;
 
 tokio::task_local! {
     static BACKGROUND: ();
@@ -289,7 +292,8 @@ impl Pressure {
                 state.latency = Some(latency);
                 let lowest = state.lowest.map_or(latency, |l| l.min(latency));
                 state.lowest = Some(lowest);
-                if latency > LATENCY_RISE * lowest && may_lower && state.limit > 1.0 {
+                let risen = latency > LATENCY_RISE * lowest && latency > lowest + LATENCY_RISE_MIN;
+                if risen && may_lower && state.limit > 1.0 {
                     Some((state.limit * 0.8).max(1.0))
                 } else {
                     state.limit = (state.limit + 1.0 / state.limit).min(f64::from(self.max));
@@ -432,5 +436,17 @@ mod tests {
         let took = started.elapsed();
         assert!(took >= Duration::from_millis(200), "{took:?}");
         assert!(took < Duration::from_millis(600), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn jitter_of_milliseconds_is_no_pressure() {
+        let pressure = Pressure::new(10, 1000);
+        for ms in [1, 9, 1, 12, 2, 15, 1, 20] {
+            pressure
+                .acquire()
+                .await
+                .done(Outcome::Answered(Duration::from_millis(ms)));
+        }
+        assert_eq!(pressure.limit(), 10);
     }
 }

@@ -47,7 +47,7 @@ impl Process {
             .await
             .ok()?;
         text.lines()
-            .find(|line| line.split(' ').next() == Some(name))
+            .find(|line| line.split([' ', '{']).next() == Some(name))
             .and_then(|line| line.split(' ').nth(1))
             .and_then(|value| value.parse().ok())
     }
