@@ -214,7 +214,12 @@ impl Pressure {
         let class = usize::from(background);
         let granted = {
             let mut state = self.lock();
-            let ahead = state.waiting[0].len() + if background { state.waiting[1].len() } else { 0 };
+            let ahead = state.waiting[0].len()
+                + if background {
+                    state.waiting[1].len()
+                } else {
+                    0
+                };
             let now = Instant::now();
             if ahead == 0 && state.can_grant(now) {
                 state.take(now, self.spacing);
@@ -402,7 +407,14 @@ mod tests {
                 drop(slot);
             }));
             // Each is queued before the next is spawned.
-            while pressure.lock().waiting.iter().map(VecDeque::len).sum::<usize>() < tasks.len() {
+            while pressure
+                .lock()
+                .waiting
+                .iter()
+                .map(VecDeque::len)
+                .sum::<usize>()
+                < tasks.len()
+            {
                 tokio::task::yield_now().await;
             }
         }
@@ -410,7 +422,10 @@ mod tests {
         for task in tasks {
             task.await.unwrap();
         }
-        assert_eq!(*order.lock().unwrap(), ["leads", "backfill-1", "backfill-2"]);
+        assert_eq!(
+            *order.lock().unwrap(),
+            ["leads", "backfill-1", "backfill-2"]
+        );
     }
 
     #[tokio::test]

@@ -7,6 +7,24 @@
 //! the sink acknowledged the batch, and its cursor only after a whole window was read (in a
 //! batch of its own, with the tombstones of pruned fingerprints).
 //!
+//! Windows read at once: a cycle with more than one window to read (a backfill, a catch-up)
+//! reads up to `crm.max_concurrent_requests` of them at once, each with a read-ahead task of
+//! its own (one request in flight per window; the process-wide gate of
+//! [`crate::crm::pressure`] decides how many go out and when). A backfill's windows read in
+//! the gate's background class, behind every steady-state call of the process. The poller
+//! works on whichever window has a page ready (the oldest first), so pages are committed in
+//! the order they arrive, but the cursor moves over the windows in order: only over the
+//! contiguous prefix of windows read to their end. A window read to its end beyond an
+//! unfinished one waits in memory (its days found short with it) and takes no place of the
+//! windows read at once, so one slow or held window never stops the others. At a crash its
+//! pages are committed with their fingerprints: read again from the cursor, they emit
+//! nothing (see "What is durable when" in [`super::state`]). Completeness, splitting, open
+//! windows and the read-ahead keep their rules per window. While windows are read at once, a
+//! page is applied only if no newer read of its entities was applied before (the same
+//! read-sequence rule as a paused sweep's, below): a record that moved between two windows
+//! read at once is never moved backwards. Without a read-ahead (`crm.read_ahead_pages = 0`)
+//! windows are read one at a time.
+//!
 //! A window is read completely or not passed silently: the distinct ids over the union of its
 //! reads must reach the CRM's `total`. Short, it is read again (`max_drift_rereads`), then split
 //! in halves down to one day (a window that fits in one page cannot drift); a single day still
@@ -37,7 +55,8 @@
 //! Between cycles a *reconciliation sweep* re-reads the last `reconcile_days` of every cursor
 //! every `reconcile_interval_secs`, a page at a time, yielding to the next cycle after the
 //! page in hand (late and corrected records; unchanged ones are dropped by their
-//! fingerprints). When it finishes, the cursor records the time, so a restart does not sweep
+//! fingerprints). Its calls are in the background class of the CRM gate; its windows are read
+//! one after the other (with the default 31-day windows and 30 days swept, one or two). When it finishes, the cursor records the time, so a restart does not sweep
 //! at once.
 //!
 //! A paused sweep keeps pages read ahead, requested before the cycles that run meanwhile. No
@@ -546,7 +565,11 @@ impl<T: StreamRecord> Poller<T> {
                     let reader = WindowReader::new(&spec, vec![window]);
                     reading.push_back((
                         window.1,
-                        if background { reader.in_background() } else { reader },
+                        if background {
+                            reader.in_background()
+                        } else {
+                            reader
+                        },
                         false,
                     ));
                 }
