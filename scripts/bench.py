@@ -277,7 +277,9 @@ start_date = "2024-01-01"
         print(json.dumps({"ibstream": result}), flush=True)
         if RATE_LIMITED is not None:
             sim_stats = get_json(f"http://127.0.0.1:{sim_port}/_sim/stats")
-            truth = {stream: len(get_json(f"http://127.0.0.1:{sim_port}/_sim/truth/{stream}", timeout=120))
+            # Fake transactions are not asked for (crm.include_fake_transactions is off).
+            truth = {stream: sum(1 for r in get_json(f"http://127.0.0.1:{sim_port}/_sim/truth/{stream}", timeout=120)
+                                 if not (stream == "transactions" and r.get("isFake") is True))
                      for stream in status["counts"]}
             created = {name: c["created"] for name, c in status["counts"].items()}
             bound = requests / RPS

@@ -1145,11 +1145,10 @@ impl<T: CrmRecord> PageIter<T> {
         let (tx, pages) = tokio::sync::mpsc::channel(read_ahead.max(1) as usize);
         let asked = Arc::new(Asked::default());
         let task = match background {
-            true => tokio::spawn(super::pressure::in_background(read_ahead_task(
-                pager,
-                tx,
-                asked.clone(),
-            ))),
+            true => tokio::spawn(super::pressure::in_background(
+                super::pressure::next_rank(),
+                read_ahead_task(pager, tx, asked.clone()),
+            )),
             false => tokio::spawn(read_ahead_task(pager, tx, asked.clone())),
         };
         PageIter {

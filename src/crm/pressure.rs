@@ -20,9 +20,12 @@
 //! every call in the background (a backfill's concurrent windows, a reconciliation sweep:
 //! reads run inside [`in_background`]). So however many windows a backfill keeps open, a
 //! steady-state call waits at most for the next turn of the rate and a slot to come back,
-//! never behind the backfill's queue.
+//! never behind the backfill's queue. Within the background, the window started first goes
+//! first (its next page before a later window's first): windows are read to their end in
+//! about the order they started, so the cursors move steadily and the last windows of a
+//! backfill do not all wait for their second pages at its end.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -38,17 +41,24 @@ const LATENCY_RISE: f64 = 2.0;
 const LATENCY_RISE_MIN: f64 = 0.1;
 
 tokio::task_local! {
-    static BACKGROUND: ();
+    static BACKGROUND: u64;
 }
 
-/// Runs `work` with its CRM calls in the background class (see the module header).
-pub async fn in_background<F: Future>(work: F) -> F::Output {
-    BACKGROUND.scope((), work).await
+/// Returns a fresh background rank: work started later ranks after work started earlier.
+pub fn next_rank() -> u64 {
+    static RANK: AtomicU64 = AtomicU64::new(0);
+    RANK.fetch_add(1, Ordering::Relaxed)
 }
 
-/// Whether the current task's calls are in the background class.
-pub fn is_background() -> bool {
-    BACKGROUND.try_with(|_| ()).is_ok()
+/// Runs `work` with its CRM calls in the background class, ranked `rank` (lower first; see
+/// the module header and [`next_rank`]).
+pub async fn in_background<F: Future>(rank: u64, work: F) -> F::Output {
+    BACKGROUND.scope(rank, work).await
+}
+
+/// The background rank of the current task's calls; `None` in the foreground.
+pub fn background_rank() -> Option<u64> {
+    BACKGROUND.try_with(|rank| *rank).ok()
 }
 
 /// How an answer went, for the limit.
@@ -84,8 +94,13 @@ struct State {
     limit: f64,
     /// Slots held now.
     held: u32,
-    /// Calls waiting for a slot: the foreground first, then the background.
-    waiting: [VecDeque<oneshot::Sender<()>>; 2],
+    /// Calls of the foreground waiting for a slot, first come first served.
+    foreground: VecDeque<oneshot::Sender<()>>,
+    /// Calls of the background waiting for a slot, by rank and arrival; served after the
+    /// foreground.
+    background: BTreeMap<(u64, u64), oneshot::Sender<()>>,
+    /// Arrivals in the background so far (ties of a rank go first come, first served).
+    arrivals: u64,
     /// Smoothed latency of usable answers, in seconds.
     latency: Option<f64>,
     /// The lowest smoothed latency seen since the limit was last lowered, in seconds.
@@ -117,9 +132,10 @@ impl State {
     fn grant(&mut self, spacing: Duration) {
         let now = Instant::now();
         while self.can_grant(now) {
-            let Some(waiter) = self.waiting[0]
+            let Some(waiter) = self
+                .foreground
                 .pop_front()
-                .or_else(|| self.waiting[1].pop_front())
+                .or_else(|| self.background.pop_first().map(|(_, waiter)| waiter))
             else {
                 return;
             };
@@ -187,7 +203,9 @@ impl Pressure {
             state: Mutex::new(State {
                 limit: f64::from(max),
                 held: 0,
-                waiting: [VecDeque::new(), VecDeque::new()],
+                foreground: VecDeque::new(),
+                background: BTreeMap::new(),
+                arrivals: 0,
                 latency: None,
                 lowest: None,
                 lowered: None,
@@ -206,19 +224,17 @@ impl Pressure {
 
     /// Waits for a slot: in the foreground class unless the task runs [`in_background`].
     pub async fn acquire(&self) -> Slot<'_> {
-        self.acquire_as(is_background()).await
+        self.acquire_as(background_rank()).await
     }
 
-    /// Waits for a slot in the given class.
-    pub async fn acquire_as(&self, background: bool) -> Slot<'_> {
-        let class = usize::from(background);
+    /// Waits for a slot in the foreground (`None`) or in the background with a rank.
+    pub async fn acquire_as(&self, background: Option<u64>) -> Slot<'_> {
         let granted = {
             let mut state = self.lock();
-            let ahead = state.waiting[0].len()
-                + if background {
-                    state.waiting[1].len()
-                } else {
-                    0
+            let ahead = state.foreground.len()
+                + match background {
+                    Some(_) => state.background.len(),
+                    None => 0,
                 };
             let now = Instant::now();
             if ahead == 0 && state.can_grant(now) {
@@ -226,7 +242,14 @@ impl Pressure {
                 None
             } else {
                 let (tx, rx) = oneshot::channel();
-                state.waiting[class].push_back(tx);
+                match background {
+                    None => state.foreground.push_back(tx),
+                    Some(rank) => {
+                        state.arrivals += 1;
+                        let arrival = state.arrivals;
+                        state.background.insert((rank, arrival), tx);
+                    }
+                }
                 Some(rx)
             }
         };
@@ -315,7 +338,7 @@ impl Pressure {
         self.limit_now
             .store(u64::from(state.capacity()), Ordering::Relaxed);
         state.grant(self.spacing);
-        if state.waiting.iter().any(|w| !w.is_empty()) {
+        if !state.foreground.is_empty() || !state.background.is_empty() {
             self.changed.notify_waiters();
         }
     }
@@ -396,10 +419,15 @@ mod tests {
     #[tokio::test]
     async fn a_foreground_call_goes_before_the_background_queue() {
         let pressure = std::sync::Arc::new(Pressure::new(1, 1000));
-        let held = pressure.acquire_as(false).await;
+        let held = pressure.acquire_as(None).await;
         let order = std::sync::Arc::new(Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
-        for (name, background) in [("backfill-1", true), ("backfill-2", true), ("leads", false)] {
+        // A later window's first page, an earlier window's next page, a steady-state call.
+        for (name, background) in [
+            ("backfill-later", Some(7)),
+            ("backfill-earlier", Some(3)),
+            ("leads", None),
+        ] {
             let (shared, order) = (pressure.clone(), order.clone());
             tasks.push(tokio::spawn(async move {
                 let slot = shared.acquire_as(background).await;
@@ -407,13 +435,10 @@ mod tests {
                 drop(slot);
             }));
             // Each is queued before the next is spawned.
-            while pressure
-                .lock()
-                .waiting
-                .iter()
-                .map(VecDeque::len)
-                .sum::<usize>()
-                < tasks.len()
+            while {
+                let state = pressure.lock();
+                state.foreground.len() + state.background.len()
+            } < tasks.len()
             {
                 tokio::task::yield_now().await;
             }
@@ -424,7 +449,7 @@ mod tests {
         }
         assert_eq!(
             *order.lock().unwrap(),
-            ["leads", "backfill-1", "backfill-2"]
+            ["leads", "backfill-earlier", "backfill-later"]
         );
     }
 
