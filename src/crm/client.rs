@@ -350,8 +350,11 @@ impl CrmClient {
 
     /// Returns an iterator over every page of a window query, read in the background class
     /// of the concurrency limit (a backfill's windows read at once, a reconciliation sweep:
-    /// see [`super::pressure`]). One page is read ahead (at least), so windows read at once
-    /// each keep one request going while the poller works on another's page.
+    /// see [`super::pressure`]), ranked by the window's first day: the oldest days of every
+    /// stream go first, so the streams' backfills move through time together and end
+    /// together, instead of one stream's last windows waiting behind the others'. One page is
+    /// read ahead (at least), so windows read at once each keep one request going while the
+    /// poller works on another's page.
     pub fn pages_in_background<T: CrmRecord>(&self, query: WindowQuery) -> PageIter<T> {
         self.pages_as(query, true)
     }
@@ -363,6 +366,11 @@ impl CrmClient {
     }
 
     fn pages_as<T: CrmRecord>(&self, mut query: WindowQuery, background: bool) -> PageIter<T> {
+        // Rank 0 is a read's next pages (see `Pager::next`); first pages from 1, by day.
+        let rank = background.then(|| {
+            let day = query.from.signed_duration_since(NaiveDate::default());
+            u64::try_from(day.num_days()).unwrap_or(0) + 1
+        });
         query.page_size = Some(query.page_size.unwrap_or(self.inner.page_size));
         let pager = Pager {
             client: self.clone(),
@@ -376,7 +384,7 @@ impl CrmClient {
             done: false,
             _model: std::marker::PhantomData,
         };
-        PageIter::new(pager, self.inner.read_ahead_pages, background)
+        PageIter::new(pager, self.inner.read_ahead_pages, rank)
     }
 
     /// Calls an endpoint with arbitrary query parameters and returns the raw body (for
@@ -1134,8 +1142,8 @@ impl<T: CrmRecord> Drop for PageIter<T> {
 }
 
 impl<T: CrmRecord> PageIter<T> {
-    fn new(pager: Pager<T>, read_ahead: u32, background: bool) -> Self {
-        if read_ahead == 0 && !background {
+    fn new(pager: Pager<T>, read_ahead: u32, background: Option<u64>) -> Self {
+        if read_ahead == 0 && background.is_none() {
             return PageIter {
                 source: Source::Direct(pager),
                 peeked: None,
@@ -1145,11 +1153,11 @@ impl<T: CrmRecord> PageIter<T> {
         let (tx, pages) = tokio::sync::mpsc::channel(read_ahead.max(1) as usize);
         let asked = Arc::new(Asked::default());
         let task = match background {
-            true => tokio::spawn(super::pressure::in_background(
-                super::pressure::next_rank(),
+            Some(rank) => tokio::spawn(super::pressure::in_background(
+                rank,
                 read_ahead_task(pager, tx, asked.clone()),
             )),
-            false => tokio::spawn(read_ahead_task(pager, tx, asked.clone())),
+            None => tokio::spawn(read_ahead_task(pager, tx, asked.clone())),
         };
         PageIter {
             source: Source::Ahead { pages, asked, task },
@@ -1297,7 +1305,15 @@ impl<T: CrmRecord> Pager<T> {
         }
         let page_number = self.next_page;
         let sent = super::page::next_read_seq();
-        let page = match self.client.page::<T>(&self.query, page_number).await {
+        let request = self.client.page::<T>(&self.query, page_number);
+        // In the background, a read's next pages go before every first page waiting: a
+        // window's pages come one after the other, so the queue must not stand between them
+        // (the densest windows, a backfill's last, would end it one queue wait per page).
+        let answer = match (self.fetched, super::pressure::background_rank()) {
+            (1.., Some(_)) => super::pressure::in_background(0, request).await,
+            _ => request.await,
+        };
+        let page = match answer {
             Ok(page) => Page { sent, ..page },
             Err(e) => {
                 self.done = true;

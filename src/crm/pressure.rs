@@ -20,10 +20,11 @@
 //! every call in the background (a backfill's concurrent windows, a reconciliation sweep:
 //! reads run inside [`in_background`]). So however many windows a backfill keeps open, a
 //! steady-state call waits at most for the next turn of the rate and a slot to come back,
-//! never behind the backfill's queue. Within the background, the window started first goes
-//! first (its next page before a later window's first): windows are read to their end in
-//! about the order they started, so the cursors move steadily and the last windows of a
-//! backfill do not all wait for their second pages at its end.
+//! never behind the backfill's queue. Within the background, a read's next page goes before
+//! any first page (a window's pages come one after the other: a queue wait between them
+//! would make the densest windows, a backfill's most recent ones, its tail), and first pages
+//! go by the window's first day, the oldest first whatever the stream: the streams'
+//! backfills move through time together and the cursors move steadily.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
@@ -44,14 +45,8 @@ tokio::task_local! {
     static BACKGROUND: u64;
 }
 
-/// Returns a fresh background rank: work started later ranks after work started earlier.
-pub fn next_rank() -> u64 {
-    static RANK: AtomicU64 = AtomicU64::new(0);
-    RANK.fetch_add(1, Ordering::Relaxed)
-}
-
-/// Runs `work` with its CRM calls in the background class, ranked `rank` (lower first; see
-/// the module header and [`next_rank`]).
+/// Runs `work` with its CRM calls in the background class, ranked `rank` (lower first; a
+/// window's first day, see the module header).
 pub async fn in_background<F: Future>(rank: u64, work: F) -> F::Output {
     BACKGROUND.scope(rank, work).await
 }
