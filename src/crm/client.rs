@@ -382,6 +382,7 @@ impl CrmClient {
             ids: std::collections::HashSet::new(),
             short_first: false,
             done: false,
+            prefetched: std::collections::BTreeMap::new(),
             _model: std::marker::PhantomData,
         };
         PageIter::new(pager, self.inner.read_ahead_pages, rank)
@@ -1279,10 +1280,51 @@ struct Pager<T: CrmRecord> {
     /// Whether the first page was shorter than asked while the CRM reports no total.
     short_first: bool,
     done: bool,
+    /// In the background, with a `total`: pages after the one in hand already asked for (at
+    /// most `crm.read_ahead_pages`, at least 1), by number, with the read sequence taken when
+    /// each was sent. They are taken in order as if fetched then, so every rule above holds;
+    /// a window's pages go out at once instead of one round trip after the other.
+    prefetched: std::collections::BTreeMap<u32, Prefetched<T>>,
     _model: std::marker::PhantomData<fn() -> T>,
 }
 
+/// A page asked for ahead: its read sequence and its request.
+type Prefetched<T> = (u64, tokio::task::JoinHandle<Result<Page<T>, CrmError>>);
+
+impl<T: CrmRecord> Drop for Pager<T> {
+    fn drop(&mut self) {
+        for (_, (_, request)) in std::mem::take(&mut self.prefetched) {
+            request.abort();
+        }
+    }
+}
+
 impl<T: CrmRecord> Pager<T> {
+    /// Asks for the pages after `page_number` up to the last one (by the total), at most
+    /// `crm.read_ahead_pages` (at least 1) ahead, each in the background class before any
+    /// first page (rank 0). Only in the background (a backfill, a sweep).
+    fn prefetch(&mut self, page_number: u32) {
+        if self.done || super::pressure::background_rank().is_none() {
+            return;
+        }
+        let Some(last) = self.last_page else {
+            return;
+        };
+        let ahead = self.client.inner.read_ahead_pages.max(1);
+        let until = u64::from(page_number.saturating_add(ahead)).min(last);
+        for number in (page_number + 1)..=(until as u32) {
+            if self.prefetched.contains_key(&number) {
+                continue;
+            }
+            let (client, query) = (self.client.clone(), self.query.clone());
+            let sent = super::page::next_read_seq();
+            let request = tokio::spawn(super::pressure::in_background(0, async move {
+                client.page::<T>(&query, number).await
+            }));
+            self.prefetched.insert(number, (sent, request));
+        }
+    }
+
     /// Returns the page size asked for now (it shrinks to a CRM's cap).
     fn page_size(&self) -> u32 {
         self.query.page_size.unwrap_or(1).max(1)
@@ -1304,14 +1346,32 @@ impl<T: CrmRecord> Pager<T> {
             }));
         }
         let page_number = self.next_page;
-        let sent = super::page::next_read_seq();
-        let request = self.client.page::<T>(&self.query, page_number);
-        // In the background, a read's next pages go before every first page waiting: a
-        // window's pages come one after the other, so the queue must not stand between them
-        // (the densest windows, a backfill's last, would end it one queue wait per page).
-        let answer = match (self.fetched, super::pressure::background_rank()) {
-            (1.., Some(_)) => super::pressure::in_background(0, request).await,
-            _ => request.await,
+        let (sent, answer) = match self.prefetched.remove(&page_number) {
+            Some((sent, request)) => (
+                sent,
+                request.await.unwrap_or_else(|e| {
+                    Err(CrmError::Transient {
+                        url: display_url(
+                            &self.client.endpoint_url(T::ENDPOINT),
+                            &self.query.params(page_number, self.page_size()),
+                        ),
+                        attempts: 1,
+                        message: format!("the request asked for ahead ended: {e}"),
+                    })
+                }),
+            ),
+            None => {
+                let sent = super::page::next_read_seq();
+                let request = self.client.page::<T>(&self.query, page_number);
+                // In the background, a read's next pages go before every first page
+                // waiting: the queue must not stand between a window's pages (the densest
+                // windows, a backfill's last, would end it one queue wait per page).
+                let answer = match (self.fetched, super::pressure::background_rank()) {
+                    (1.., Some(_)) => super::pressure::in_background(0, request).await,
+                    _ => request.await,
+                };
+                (sent, answer)
+            }
         };
         let page = match answer {
             Ok(page) => Page { sent, ..page },
@@ -1397,6 +1457,13 @@ impl<T: CrmRecord> Pager<T> {
             .is_some_and(|last| u64::from(page_number) >= last)
         {
             self.done = true;
+        }
+        // Not past a first page above `max_records`: the window is split instead.
+        if page
+            .total
+            .is_some_and(|total| self.fetched > 1 || total <= self.query.max_records)
+        {
+            self.prefetch(page_number);
         }
         self.next_page += 1;
         Some(Ok(page))
