@@ -225,10 +225,10 @@ async fn a_429_storm_lowers_the_concurrency_and_the_run_still_completes_exactly(
     sim.shutdown().await;
 }
 
-/// Positions on 3 servers backfill at the CRM's rate (20 requests a second, 32 at once)
-/// while leads are in their steady state, polled every 2 s: a new lead must reach the
-/// leads counts within two poll intervals (its own and at most one of delay), while the
-/// positions backfill still runs.
+/// Positions on 3 servers (90,000 in the last 60 days: hundreds of pages) backfill at the
+/// CRM's rate (20 requests a second, 32 at once) while leads are in their steady state,
+/// polled every 2 s: a new lead must reach the leads counts within two poll intervals (its
+/// own and at most one of delay), while the positions backfill still runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backfill_never_delays_another_streams_steady_state_by_more_than_a_poll_interval() {
     let _timer = timer("fairness");
@@ -237,11 +237,15 @@ async fn a_backfill_never_delays_another_streams_steady_state_by_more_than_a_pol
         c.leads = 200;
         c.customers = 80;
         c.transactions = 200;
-        c.positions = 45_000;
+        c.positions = 90_000;
         c.servers = 3;
         c.latency_ms = 50;
+        // Two windows per cursor: the leads are through their backfill in seconds, the
+        // positions' dense windows (hundreds of pages) take tens of seconds at the rate.
+        c.start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(60);
     })
     .await;
+    let start_date = chrono::Utc::now().date_naive() - chrono::Duration::days(60);
     let world = World::new(
         &sim,
         &kafka.bootstrap,
@@ -257,7 +261,11 @@ async fn a_backfill_never_delays_another_streams_steady_state_by_more_than_a_pol
             "[streams.leads]\npoll_interval_secs = 2",
         )
         // Positions' windows are read whole, not split (more windows at once).
-        .replace("max_window_records = 400", "max_window_records = 50000"),
+        .replace("max_window_records = 400", "max_window_records = 50000")
+        .replace(
+            "start_date = \"2024-01-01\"",
+            &format!("start_date = \"{start_date}\""),
+        ),
     )
     .unwrap();
     let process = world.spawn(0);
