@@ -250,7 +250,9 @@ async fn a_backfill_never_delays_another_streams_steady_state_by_more_than_a_pol
         &sim,
         &kafka.bootstrap,
         "rate-fair",
-        "requests_per_second = 20\nmax_concurrent_requests = 32",
+        // 16 pages of a window asked for ahead: about a hundred of the backfill's requests
+        // wait for their turn at any time, five seconds of the rate.
+        "requests_per_second = 20\nmax_concurrent_requests = 32\nread_ahead_pages = 16",
     );
     let interval = Duration::from_secs(2);
     let toml = std::fs::read_to_string(&world.config).unwrap();
