@@ -1,9 +1,11 @@
 //! The HTTP client of the CRM: login and token reuse, retries, rate limit, paging.
 //!
 //! One [`CrmClient`] serves every stream of a process (it is a cheap `Clone`): they share the
-//! token, so the CRM sees one login; the rate limiter, so `crm.requests_per_second` bounds
-//! the process as a whole; and the pause of a 429, so a CRM that asks to wait is left alone by
-//! every stream, not only by the call it answered.
+//! token, so the CRM sees one login; the gate of [`super::pressure`], so
+//! `crm.requests_per_second` bounds the process as a whole and at most the adaptive
+//! concurrency limit (`crm.max_concurrent_requests`) is in flight, steady-state calls before
+//! a backfill's; and the pause of a 429, so a CRM that asks to wait is left alone by every
+//! stream, not only by the call it answered.
 //!
 //! Failure handling, per call:
 //! - 401 on a data call: log in again once (only one task logs in; the others reuse its
@@ -151,7 +153,8 @@ impl WindowQuery {
     }
 }
 
-/// Client of one CRM source; clones share the token and the rate limiter.
+/// Client of one CRM source; clones share the token and the gate of the rate and the
+/// concurrency limit.
 #[derive(Clone)]
 pub struct CrmClient {
     inner: Arc<Inner>,
@@ -210,9 +213,9 @@ impl Held {
 
 /// How recent a token must be, when the attempt answered 403 was sent, for that 403 to mean
 /// a missing permission or module: at most this long after its login answered (3 s: the
-/// time a call takes from its login to its request, the rate limiter's wait included). A
-/// 403 to an older token may be an expired token (some CRMs answer one with 403, and a call
-/// may wait out a 429 pause of up to [`MAX_RETRY_AFTER`] or a long backoff after its login),
+/// time a call takes from its login to its request, the wait for its turn at the rate
+/// included). A 403 to an older token may be an expired token (some CRMs answer one with
+/// 403, and a call may wait out a 429 pause of up to [`MAX_RETRY_AFTER`] or a long backoff after its login),
 /// so the call logs in again once. Tokens live minutes to hours: a denial taken for an
 /// expired token costs one login more, never a loop.
 pub const JUST_ISSUED: Duration = Duration::from_secs(3);

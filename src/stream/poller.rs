@@ -56,7 +56,8 @@
 //! every `reconcile_interval_secs`, a page at a time, yielding to the next cycle after the
 //! page in hand (late and corrected records; unchanged ones are dropped by their
 //! fingerprints). Its calls are in the background class of the CRM gate; its windows are read
-//! one after the other (with the default 31-day windows and 30 days swept, one or two). When it finishes, the cursor records the time, so a restart does not sweep
+//! one after the other (with the default 31-day windows and 30 days swept, one or two), each
+//! window's pages asked for ahead as a backfill's are (see `Pager` in [`crate::crm::client`]). When it finishes, the cursor records the time, so a restart does not sweep
 //! at once.
 //!
 //! A paused sweep keeps pages read ahead, requested before the cycles that run meanwhile. No
