@@ -79,7 +79,7 @@ pub struct Pressure {
     changed: tokio::sync::Notify,
     /// The current limit (whole requests), for the metrics.
     limit_now: AtomicU64,
-    /// Requests holding a slot now (waiting for the rate limiter or in flight).
+    /// Requests holding a slot now (in flight, or through a 429 pause).
     in_flight: AtomicU64,
 }
 

@@ -325,7 +325,7 @@ impl Collector for Metrics {
             family(
                 &mut encoder,
                 "ibstream_crm_requests_in_flight",
-                "CRM requests holding a concurrency slot now (waiting for the rate limiter or sent and not yet answered).",
+                "CRM requests in flight now: sent and not yet answered (or holding their slot through a 429 pause).",
                 MetricType::Gauge,
                 [(Labels::new(), ConstGauge::new(pressure.in_flight() as i64))],
             )?;
