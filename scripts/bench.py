@@ -12,6 +12,7 @@ without ibstream) on the same simulator and broker, checks both emitted the same
 events per stream, and prints the ratio.
 
 usage: bench.py BINARY BASELINE_PYTHON [--smoke] [--scale F] [--no-baseline] [--verify]
+                [--rate-limited MS [--rps N] [--sim-rps N]]
                 [--broker tansu|apache] [--delivery at-least-once|exactly-once]
 
 --scale F: F times the full workload (0.1 for the 10 % scaling figure);
@@ -22,6 +23,13 @@ usage: bench.py BINARY BASELINE_PYTHON [--smoke] [--scale F] [--no-baseline] [--
 --verify: after the backfill, `ibstream verify` of the whole range three times (no baseline):
   its wall time (median of 3) against the backfill's, its CPU, peak RSS and CRM pages, and
   that it found the topics equal (exit 0);
+--rate-limited MS: the CRM's rate limit, not the connector, bounds the backfill: the simulator
+  answers every call after MS milliseconds and at most --sim-rps calls a second (default 25,
+  HTTP 429 beyond), ibstream runs at crm.requests_per_second = --rps (default 20, below the
+  simulator's limit), on 3 live servers at --scale 0.1 unless given; no baseline. Prints the
+  elapsed time of the backfill, the bound (CRM requests / --rps: the least time any connector
+  can take), their ratio, the simulator's 429 answers, and checks the events against the
+  simulator's truth (one CREATED event per entity).
 environment BENCH_PERF=FILE: `perf record -g` of the connector during the backfill into FILE."""
 
 import base64
@@ -38,8 +46,13 @@ BINARY = sys.argv[1]
 BASELINE_PYTHON = sys.argv[2]
 SMOKE = "--smoke" in sys.argv
 SCALE = float(sys.argv[sys.argv.index("--scale") + 1]) if "--scale" in sys.argv else 1.0
+RATE_LIMITED = int(sys.argv[sys.argv.index("--rate-limited") + 1]) if "--rate-limited" in sys.argv else None
+RPS = int(sys.argv[sys.argv.index("--rps") + 1]) if "--rps" in sys.argv else 20
+SIM_RPS = int(sys.argv[sys.argv.index("--sim-rps") + 1]) if "--sim-rps" in sys.argv else 25
+if RATE_LIMITED is not None and "--scale" not in sys.argv:
+    SCALE = 0.1
 VERIFY = "--verify" in sys.argv
-BASELINE = "--no-baseline" not in sys.argv and not VERIFY
+BASELINE = "--no-baseline" not in sys.argv and RATE_LIMITED is None and not VERIFY
 
 
 def option(name, default, allowed):
@@ -56,8 +69,10 @@ SIZES = (
     {"leads": 2000, "customers": 800, "transactions": 5000, "positions": 10000, "servers": 2}
     if SMOKE
     else {"leads": round(200000 * SCALE), "customers": round(100000 * SCALE),
-          "transactions": round(500000 * SCALE), "positions": round(1000000 * SCALE), "servers": 5}
+          "transactions": round(500000 * SCALE), "positions": round(1000000 * SCALE),
+          "servers": 3 if RATE_LIMITED is not None else 5}
 )
+SIM_FLAGS = [] if RATE_LIMITED is None else [f"--latency-ms={RATE_LIMITED}", f"--max-rps={SIM_RPS}"]
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -188,7 +203,7 @@ def main():
         started = time.monotonic()
         sim = subprocess.Popen(
             [BINARY, "sim", "--listen", f"127.0.0.1:{sim_port}", "--seed", "42", "--start-date", "2024-01-01"]
-            + [f"--{k}={v}" for k, v in SIZES.items()],
+            + [f"--{k}={v}" for k, v in SIZES.items()] + SIM_FLAGS,
             stdout=subprocess.DEVNULL,
         )
         processes.append(sim)
@@ -213,7 +228,7 @@ email = "ib@example.com"
 password = "ib-secret"
 api_key = "sim-api-key"
 domain = "sim.example.com"
-requests_per_second = 1000
+requests_per_second = {RPS if RATE_LIMITED is not None else 1000}
 
 [kafka]
 bootstrap_servers = "127.0.0.1:{kafka_port}"
@@ -235,6 +250,21 @@ start_date = "2024-01-01"
         run = subprocess.Popen([BINARY, "--config", config, "run"],
                                env={**os.environ, "IBSTREAM_LOG": "warn"}, stdout=subprocess.DEVNULL)
         processes.append(run)
+        # When the CRM saw the run's first request (its login) and its first data request,
+        # from the start of the process, read from the simulator every 2 ms.
+        first_request = first_data = None
+        while first_data is None and time.monotonic() - run_started < 60:
+            try:
+                stats = get_json(f"http://127.0.0.1:{sim_port}/_sim/stats")
+            except OSError:
+                stats = {"requests": 0}
+            elapsed_ms = round((time.monotonic() - run_started) * 1000)
+            if first_request is None and stats["requests"] > 0:
+                first_request = elapsed_ms
+            # Requests are counted as they arrive: the login, then the first data call.
+            if stats["requests"] >= 2:
+                first_data = elapsed_ms
+            time.sleep(0.002)
         # BENCH_PERF=FILE: profile the connector (perf record, call graphs) until the backfill ends.
         perf = None
         if os.environ.get("BENCH_PERF"):
@@ -292,8 +322,26 @@ start_date = "2024-01-01"
                                           / metric("ibstream_crm_request_duration_seconds_count"), 2),
                   "batch_commit_ms": round(1000 * metric("ibstream_sink_batch_duration_seconds_sum")
                                            / metric("ibstream_sink_batch_duration_seconds_count"), 2),
-                  "backfill_seconds": dict(sorted(finished.items(), key=lambda kv: kv[1]))}
+                  "backfill_seconds": dict(sorted(finished.items(), key=lambda kv: kv[1])),
+                  # From the start of the process (the simulator's latency included).
+                  "first_crm_request_ms": first_request, "first_data_request_ms": first_data}
         print(json.dumps({"ibstream": result}), flush=True)
+        if RATE_LIMITED is not None:
+            sim_stats = get_json(f"http://127.0.0.1:{sim_port}/_sim/stats")
+            # Fake transactions are not asked for (crm.include_fake_transactions is off).
+            truth = {stream: sum(1 for r in get_json(f"http://127.0.0.1:{sim_port}/_sim/truth/{stream}", timeout=120)
+                                 if not (stream == "transactions" and r.get("isFake") is True))
+                     for stream in status["counts"]}
+            created = {name: c["created"] for name, c in status["counts"].items()}
+            bound = requests / RPS
+            print(json.dumps({"rate_limited": {
+                "latency_ms": RATE_LIMITED, "requests_per_second": RPS, "simulator_max_rps": SIM_RPS,
+                "records": records, "crm_requests": requests, "elapsed_seconds": round(elapsed, 1),
+                "bound_seconds": round(bound, 1), "ratio": round(elapsed / bound, 2),
+                "simulator_429s": sim_stats["rateLimited"],
+                "updated_events": sum(c["updated"] for c in status["counts"].values()),
+                "created_per_stream": created, "truth_per_stream": truth,
+                "same_as_truth": created == truth}}), flush=True)
         run.terminate()
         run.wait(timeout=15)
         if VERIFY:

@@ -966,6 +966,10 @@ pub struct CrmConfig {
     /// Requests per second allowed to the CRM, shared by every stream of the process.
     #[serde(default = "default_requests_per_second")]
     pub requests_per_second: u32,
+    /// Most CRM requests in flight at once, shared by every stream of the process (the
+    /// adaptive limit moves between 1 and this; a backfill reads this many windows at once).
+    #[serde(default = "default_max_concurrent_requests")]
+    pub max_concurrent_requests: u32,
     /// Timeout of one HTTP request, in seconds.
     #[serde(default = "default_request_timeout_secs")]
     pub request_timeout_secs: u64,
@@ -1006,6 +1010,9 @@ fn default_timezone() -> String {
 }
 fn default_requests_per_second() -> u32 {
     20
+}
+fn default_max_concurrent_requests() -> u32 {
+    32
 }
 fn default_request_timeout_secs() -> u64 {
     30
@@ -1049,6 +1056,7 @@ impl Default for CrmConfig {
             domain: String::new(),
             timezone: default_timezone(),
             requests_per_second: default_requests_per_second(),
+            max_concurrent_requests: default_max_concurrent_requests(),
             request_timeout_secs: default_request_timeout_secs(),
             page_size: default_page_size(),
             read_ahead_pages: default_read_ahead_pages(),
@@ -1325,6 +1333,12 @@ impl CrmConfig {
         }
         if self.requests_per_second == 0 {
             return Err(invalid("crm.requests_per_second", "must be at least 1"));
+        }
+        if self.max_concurrent_requests == 0 || self.max_concurrent_requests > 1024 {
+            return Err(invalid(
+                "crm.max_concurrent_requests",
+                "must be between 1 and 1024",
+            ));
         }
         if self.request_timeout_secs == 0 {
             return Err(invalid("crm.request_timeout_secs", "must be at least 1"));

@@ -1,9 +1,11 @@
 //! The HTTP client of the CRM: login and token reuse, retries, rate limit, paging.
 //!
 //! One [`CrmClient`] serves every stream of a process (it is a cheap `Clone`): they share the
-//! token, so the CRM sees one login; the rate limiter, so `crm.requests_per_second` bounds
-//! the process as a whole; and the pause of a 429, so a CRM that asks to wait is left alone by
-//! every stream, not only by the call it answered.
+//! token, so the CRM sees one login; the gate of [`super::pressure`], so
+//! `crm.requests_per_second` bounds the process as a whole and at most the adaptive
+//! concurrency limit (`crm.max_concurrent_requests`) is in flight, steady-state calls before
+//! a backfill's; and the pause of a 429, so a CRM that asks to wait is left alone by every
+//! stream, not only by the call it answered.
 //!
 //! Failure handling, per call:
 //! - 401 on a data call: log in again once (only one task logs in; the others reuse its
@@ -55,7 +57,6 @@ use std::time::Duration;
 
 use chrono::NaiveDate;
 use chrono_tz::Tz;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::{Method, StatusCode, Url};
 use secrecy::SecretString;
@@ -66,6 +67,7 @@ use tracing::{debug, info, warn};
 use super::error::{CrmError, ForbiddenKind};
 use super::models::{CrmRecord, Endpoint, Server};
 use super::page::{parse_page, parse_servers, Page, Record, RecordError};
+use super::pressure::Outcome;
 use super::stats::CrmStats;
 use crate::config::{expose, ConfigError, CrmConfig};
 
@@ -151,7 +153,8 @@ impl WindowQuery {
     }
 }
 
-/// Client of one CRM source; clones share the token and the rate limiter.
+/// Client of one CRM source; clones share the token and the gate of the rate and the
+/// concurrency limit.
 #[derive(Clone)]
 pub struct CrmClient {
     inner: Arc<Inner>,
@@ -172,7 +175,9 @@ struct Inner {
     max_retries: u32,
     backoff_initial: Duration,
     backoff_max: Duration,
-    limiter: DefaultDirectRateLimiter,
+    /// The request rate and how many calls may be in flight at once (adaptive,
+    /// `crm.max_concurrent_requests`).
+    pressure: Arc<super::pressure::Pressure>,
     /// Until when every CRM call of the process waits (a 429's `Retry-After`).
     paused_until: std::sync::Mutex<Option<tokio::time::Instant>>,
     token: Mutex<TokenState>,
@@ -208,9 +213,9 @@ impl Held {
 
 /// How recent a token must be, when the attempt answered 403 was sent, for that 403 to mean
 /// a missing permission or module: at most this long after its login answered (3 s: the
-/// time a call takes from its login to its request, the rate limiter's wait included). A
-/// 403 to an older token may be an expired token (some CRMs answer one with 403, and a call
-/// may wait out a 429 pause of up to [`MAX_RETRY_AFTER`] or a long backoff after its login),
+/// time a call takes from its login to its request, the wait for its turn at the rate
+/// included). A 403 to an older token may be an expired token (some CRMs answer one with
+/// 403, and a call may wait out a 429 pause of up to [`MAX_RETRY_AFTER`] or a long backoff after its login),
 /// so the call logs in again once. Tokens live minutes to hours: a denial taken for an
 /// expired token costs one login more, never a loop.
 pub const JUST_ISSUED: Duration = Duration::from_secs(3);
@@ -282,7 +287,10 @@ impl CrmClient {
                 max_retries: config.max_retries,
                 backoff_initial: Duration::from_millis(config.backoff_initial_ms),
                 backoff_max: Duration::from_millis(config.backoff_max_ms),
-                limiter: RateLimiter::direct(Quota::per_second(rps)),
+                pressure: Arc::new(super::pressure::Pressure::new(
+                    config.max_concurrent_requests,
+                    rps.get(),
+                )),
                 paused_until: std::sync::Mutex::new(None),
                 token: Mutex::new(TokenState::default()),
                 stats: Arc::default(),
@@ -293,6 +301,11 @@ impl CrmClient {
     /// Returns the client's counters (requests, durations, retries, logins, health).
     pub fn stats(&self) -> Arc<CrmStats> {
         self.inner.stats.clone()
+    }
+
+    /// Returns the adaptive concurrency limit of the process's calls (for the metrics).
+    pub fn pressure(&self) -> Arc<super::pressure::Pressure> {
+        self.inner.pressure.clone()
     }
 
     /// Returns the CRM's time zone.
@@ -334,7 +347,33 @@ impl CrmClient {
     }
 
     /// Returns an iterator over every page of a window query.
-    pub fn pages<T: CrmRecord>(&self, mut query: WindowQuery) -> PageIter<T> {
+    pub fn pages<T: CrmRecord>(&self, query: WindowQuery) -> PageIter<T> {
+        self.pages_as(query, false)
+    }
+
+    /// Returns an iterator over every page of a window query, read in the background class
+    /// of the concurrency limit (a backfill's windows read at once, a reconciliation sweep:
+    /// see [`super::pressure`]), ranked by the window's first day: the oldest days of every
+    /// stream go first, so the streams' backfills move through time together and end
+    /// together, instead of one stream's last windows waiting behind the others'. One page is
+    /// read ahead (at least), so windows read at once each keep one request going while the
+    /// poller works on another's page.
+    pub fn pages_in_background<T: CrmRecord>(&self, query: WindowQuery) -> PageIter<T> {
+        self.pages_as(query, true)
+    }
+
+    /// Whether pages are read ahead (`crm.read_ahead_pages` above 0): windows can then be
+    /// read at once.
+    pub fn reads_ahead(&self) -> bool {
+        self.inner.read_ahead_pages > 0
+    }
+
+    fn pages_as<T: CrmRecord>(&self, mut query: WindowQuery, background: bool) -> PageIter<T> {
+        // Rank 0 is a read's next pages (see `Pager::next`); first pages from 1, by day.
+        let rank = background.then(|| {
+            let day = query.from.signed_duration_since(NaiveDate::default());
+            u64::try_from(day.num_days()).unwrap_or(0) + 1
+        });
         query.page_size = Some(query.page_size.unwrap_or(self.inner.page_size));
         let pager = Pager {
             client: self.clone(),
@@ -346,9 +385,10 @@ impl CrmClient {
             ids: std::collections::HashSet::new(),
             short_first: false,
             done: false,
+            prefetched: std::collections::BTreeMap::new(),
             _model: std::marker::PhantomData,
         };
-        PageIter::new(pager, self.inner.read_ahead_pages)
+        PageIter::new(pager, self.inner.read_ahead_pages, rank)
     }
 
     /// Calls an endpoint with arbitrary query parameters and returns the raw body (for
@@ -570,8 +610,10 @@ impl CrmClient {
         loop {
             attempt += 1;
             self.wait_while_paused().await;
-            inner.limiter.until_ready().await;
-            // A 429 seen by another call while this one waited for the limiter.
+            // The rate's turn and a slot, held until the answer is read (or the retry's wait
+            // starts): it bounds the calls in flight, and its outcome steers the limit.
+            let mut slot = inner.pressure.acquire().await;
+            // A 429 seen by another call while this one waited for its turn.
             self.wait_while_paused().await;
             let mut request = inner
                 .http
@@ -590,6 +632,13 @@ impl CrmClient {
                 response.as_ref().ok().map(|r| r.status().as_u16()),
                 sent.elapsed(),
             );
+            slot.set(match &response {
+                Err(_) => Outcome::Overloaded,
+                Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => Outcome::Overloaded,
+                Ok(r) if r.status().is_server_error() => Outcome::Overloaded,
+                Ok(r) if r.status().is_success() => Outcome::Answered(sent.elapsed()),
+                Ok(_) => Outcome::Neutral,
+            });
             let outcome = match response {
                 Err(e) => Retry::Transient(describe_reqwest_error(&e)),
                 Ok(response) if response.status().is_redirection() => {
@@ -711,6 +760,7 @@ impl CrmClient {
                 ),
                 Retry::Transient(_) => None,
             };
+            drop(slot);
             if let Some(pause) = rate_limit_wait {
                 // The CRM limits the process, not this call: every call waits.
                 self.pause(pause);
@@ -1064,6 +1114,10 @@ fn jitter(bound: Duration) -> Duration {
 /// splits it instead of reading on. Dropping the iterator stops the task.
 pub struct PageIter<T: CrmRecord> {
     source: Source<T>,
+    /// A page (or the end: `Some(None)`) received by [`PageIter::poll_wait`], not yet taken.
+    peeked: Option<Option<Result<Page<T>, CrmError>>>,
+    /// Whether the page being waited for was asked for already (a wait that was left).
+    asked_ahead: bool,
 }
 
 enum Source<T: CrmRecord> {
@@ -1092,27 +1146,42 @@ impl<T: CrmRecord> Drop for PageIter<T> {
 }
 
 impl<T: CrmRecord> PageIter<T> {
-    fn new(pager: Pager<T>, read_ahead: u32) -> Self {
-        if read_ahead == 0 {
+    fn new(pager: Pager<T>, read_ahead: u32, background: Option<u64>) -> Self {
+        if read_ahead == 0 && background.is_none() {
             return PageIter {
                 source: Source::Direct(pager),
+                peeked: None,
+                asked_ahead: false,
             };
         }
-        let (tx, pages) = tokio::sync::mpsc::channel(read_ahead as usize);
+        let (tx, pages) = tokio::sync::mpsc::channel(read_ahead.max(1) as usize);
         let asked = Arc::new(Asked::default());
-        let task = tokio::spawn(read_ahead_task(pager, tx, asked.clone()));
+        let task = match background {
+            Some(rank) => tokio::spawn(super::pressure::in_background(
+                rank,
+                read_ahead_task(pager, tx, asked.clone()),
+            )),
+            None => tokio::spawn(read_ahead_task(pager, tx, asked.clone())),
+        };
         PageIter {
             source: Source::Ahead { pages, asked, task },
+            peeked: None,
+            asked_ahead: false,
         }
     }
 
     /// Returns the next page, `None` after the last one or after an error.
     pub async fn next(&mut self) -> Option<Result<Page<T>, CrmError>> {
+        if let Some(page) = self.peeked.take() {
+            return page;
+        }
         match &mut self.source {
             Source::Direct(pager) => pager.next().await,
             Source::Ahead { pages, asked, .. } => {
-                asked.pages.fetch_add(1, Ordering::AcqRel);
-                asked.wake.notify_one();
+                if !std::mem::take(&mut self.asked_ahead) {
+                    asked.pages.fetch_add(1, Ordering::AcqRel);
+                    asked.wake.notify_one();
+                }
                 pages.recv().await
             }
         }
@@ -1120,12 +1189,48 @@ impl<T: CrmRecord> PageIter<T> {
 
     /// Returns the next page if it has been fetched already, without waiting.
     pub fn ready(&mut self) -> Option<Result<Page<T>, CrmError>> {
+        if matches!(self.peeked, Some(Some(_))) {
+            return self.peeked.take().flatten();
+        }
         match &mut self.source {
             Source::Direct(_) => None,
             Source::Ahead { pages, asked, .. } => {
+                if self.peeked.is_some() {
+                    return None;
+                }
                 let page = pages.try_recv().ok()?;
-                asked.pages.fetch_add(1, Ordering::AcqRel);
+                if !std::mem::take(&mut self.asked_ahead) {
+                    asked.pages.fetch_add(1, Ordering::AcqRel);
+                }
                 Some(page)
+            }
+        }
+    }
+
+    /// Polls for the next page (or the end) to have arrived, keeping it for
+    /// [`PageIter::next`]; ready at once without a read-ahead task (the next page is then
+    /// read when asked for). Lets a poller wait for whichever of several windows answers
+    /// first.
+    pub fn poll_wait(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.peeked.is_some() {
+            return std::task::Poll::Ready(());
+        }
+        match &mut self.source {
+            Source::Direct(_) => std::task::Poll::Ready(()),
+            Source::Ahead { pages, asked, .. } => {
+                if !self.asked_ahead {
+                    self.asked_ahead = true;
+                    asked.pages.fetch_add(1, Ordering::AcqRel);
+                    asked.wake.notify_one();
+                }
+                match pages.poll_recv(cx) {
+                    std::task::Poll::Ready(page) => {
+                        self.asked_ahead = false;
+                        self.peeked = Some(page);
+                        std::task::Poll::Ready(())
+                    }
+                    std::task::Poll::Pending => std::task::Poll::Pending,
+                }
             }
         }
     }
@@ -1178,10 +1283,51 @@ struct Pager<T: CrmRecord> {
     /// Whether the first page was shorter than asked while the CRM reports no total.
     short_first: bool,
     done: bool,
+    /// In the background, with a `total`: pages after the one in hand already asked for (at
+    /// most `crm.read_ahead_pages`, at least 1), by number, with the read sequence taken when
+    /// each was sent. They are taken in order as if fetched then, so every rule above holds;
+    /// a window's pages go out at once instead of one round trip after the other.
+    prefetched: std::collections::BTreeMap<u32, Prefetched<T>>,
     _model: std::marker::PhantomData<fn() -> T>,
 }
 
+/// A page asked for ahead: its read sequence and its request.
+type Prefetched<T> = (u64, tokio::task::JoinHandle<Result<Page<T>, CrmError>>);
+
+impl<T: CrmRecord> Drop for Pager<T> {
+    fn drop(&mut self) {
+        for (_, (_, request)) in std::mem::take(&mut self.prefetched) {
+            request.abort();
+        }
+    }
+}
+
 impl<T: CrmRecord> Pager<T> {
+    /// Asks for the pages after `page_number` up to the last one (by the total), at most
+    /// `crm.read_ahead_pages` (at least 1) ahead, each in the background class before any
+    /// first page (rank 0). Only in the background (a backfill, a sweep).
+    fn prefetch(&mut self, page_number: u32) {
+        if self.done || super::pressure::background_rank().is_none() {
+            return;
+        }
+        let Some(last) = self.last_page else {
+            return;
+        };
+        let ahead = self.client.inner.read_ahead_pages.max(1);
+        let until = u64::from(page_number.saturating_add(ahead)).min(last);
+        for number in (page_number + 1)..=(until as u32) {
+            if self.prefetched.contains_key(&number) {
+                continue;
+            }
+            let (client, query) = (self.client.clone(), self.query.clone());
+            let sent = super::page::next_read_seq();
+            let request = tokio::spawn(super::pressure::in_background(0, async move {
+                client.page::<T>(&query, number).await
+            }));
+            self.prefetched.insert(number, (sent, request));
+        }
+    }
+
     /// Returns the page size asked for now (it shrinks to a CRM's cap).
     fn page_size(&self) -> u32 {
         self.query.page_size.unwrap_or(1).max(1)
@@ -1203,8 +1349,34 @@ impl<T: CrmRecord> Pager<T> {
             }));
         }
         let page_number = self.next_page;
-        let sent = super::page::next_read_seq();
-        let page = match self.client.page::<T>(&self.query, page_number).await {
+        let (sent, answer) = match self.prefetched.remove(&page_number) {
+            Some((sent, request)) => (
+                sent,
+                request.await.unwrap_or_else(|e| {
+                    Err(CrmError::Transient {
+                        url: display_url(
+                            &self.client.endpoint_url(T::ENDPOINT),
+                            &self.query.params(page_number, self.page_size()),
+                        ),
+                        attempts: 1,
+                        message: format!("the request asked for ahead ended: {e}"),
+                    })
+                }),
+            ),
+            None => {
+                let sent = super::page::next_read_seq();
+                let request = self.client.page::<T>(&self.query, page_number);
+                // In the background, a read's next pages go before every first page
+                // waiting: the queue must not stand between a window's pages (the densest
+                // windows, a backfill's last, would end it one queue wait per page).
+                let answer = match (self.fetched, super::pressure::background_rank()) {
+                    (1.., Some(_)) => super::pressure::in_background(0, request).await,
+                    _ => request.await,
+                };
+                (sent, answer)
+            }
+        };
+        let page = match answer {
             Ok(page) => Page { sent, ..page },
             Err(e) => {
                 self.done = true;
@@ -1288,6 +1460,13 @@ impl<T: CrmRecord> Pager<T> {
             .is_some_and(|last| u64::from(page_number) >= last)
         {
             self.done = true;
+        }
+        // Not past a first page above `max_records`: the window is split instead.
+        if page
+            .total
+            .is_some_and(|total| self.fetched > 1 || total <= self.query.max_records)
+        {
+            self.prefetch(page_number);
         }
         self.next_page += 1;
         Some(Ok(page))

@@ -1,6 +1,6 @@
 //! The CRM side: the HTTP client of the Impact CRM "IB Reports" API and its models.
 //!
-//! Contract (docs/crm-api.md): [`CrmClient`] logs in once and shares its token and rate limiter
+//! Contract (docs/crm-api.md): [`CrmClient`] logs in once and shares its token and request gate
 //! with every stream; [`PageIter`] yields every page of a day window; records are read
 //! tolerantly into the models of [`models`], and a record that cannot be read is a
 //! [`RecordError`] carrying its raw JSON, never a failed page. Errors come as [`CrmError`],
@@ -11,6 +11,7 @@ pub mod error;
 pub mod fingerprint;
 pub mod models;
 pub mod page;
+pub mod pressure;
 pub mod raw;
 pub mod stats;
 pub mod time;

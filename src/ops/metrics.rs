@@ -314,6 +314,22 @@ impl Collector for Metrics {
             )?;
             sink.batch_duration.encode(duration)?;
         }
+        if let Some(pressure) = registry.crm_pressure.get() {
+            family(
+                &mut encoder,
+                "ibstream_crm_concurrency_limit",
+                "CRM requests allowed in flight at once now (adaptive: lowered on 429, 5xx and rising latency, at most crm.max_concurrent_requests).",
+                MetricType::Gauge,
+                [(Labels::new(), ConstGauge::new(pressure.limit() as i64))],
+            )?;
+            family(
+                &mut encoder,
+                "ibstream_crm_requests_in_flight",
+                "CRM requests in flight now: sent and not yet answered (or holding their slot through a 429 pause).",
+                MetricType::Gauge,
+                [(Labels::new(), ConstGauge::new(pressure.in_flight() as i64))],
+            )?;
+        }
         if let Some(took) = registry.restore_duration() {
             family(
                 &mut encoder,

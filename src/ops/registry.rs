@@ -85,6 +85,8 @@ pub struct Registry {
     /// The CRM client's counters.
     pub crm: Arc<CrmStats>,
     sink: OnceLock<Arc<SinkStats>>,
+    /// The CRM client's adaptive concurrency (once the client exists).
+    pub crm_pressure: OnceLock<Arc<crate::crm::pressure::Pressure>>,
     restore: OnceLock<Duration>,
     pollers: Mutex<BTreeMap<String, PollerStatus>>,
 }
@@ -108,6 +110,7 @@ impl Registry {
             streams,
             crm,
             sink: OnceLock::new(),
+            crm_pressure: OnceLock::new(),
             restore: OnceLock::new(),
             pollers: Mutex::default(),
         }

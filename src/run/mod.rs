@@ -3,7 +3,8 @@
 //! Start-up order matters: the sink first (in exactly-once mode its `init_transactions`
 //! fences an earlier process with the same `instance_id` and aborts what it left open, so the
 //! state topic's committed end is stable), then the state restore to the barrier, then the
-//! pollers. Shutdown: the pollers are cancelled at their next await, the sink finishes the
+//! pollers. The CRM login runs beside all of it, so the pollers' first calls find a token.
+//! Shutdown: the pollers are cancelled at their next await, the sink finishes the
 //! batch it holds (committed or aborted), the producer is flushed.
 //!
 //! Files: this one is the start-up sequence; `pollers` builds and starts one poller per
@@ -114,6 +115,18 @@ pub async fn run_with(
 ) -> Result<RunReport, RunError> {
     validate(&config)?;
     let client = CrmClient::build(&config.crm)?;
+    // The CRM's login overlaps Kafka's start-up (topics, transactions, the state restore):
+    // the pollers find the token ready. A failure here is only logged: the pollers log in
+    // again and report it as they always did.
+    let early_login = tokio::spawn({
+        let client = client.clone();
+        async move {
+            if let Err(e) = client.login().await {
+                warn!(error = %e, "crm login at start-up failed; the pollers try again");
+            }
+        }
+    });
+    let _early_login = AbortOnDrop(early_login);
     // Reads the SASL password file and checks the TLS files: a missing one is a
     // configuration error (exit 2) naming its key, before any connection.
     config.kafka.client_settings()?;
@@ -135,6 +148,7 @@ pub async fn run_with(
         .map_err(startup)?;
     let ops = Arc::new(registry(&config, &client, &enabled, stats));
     ops.set_sink(sink.handle.shared_stats());
+    let _ = ops.crm_pressure.set(client.pressure());
     let _ = options.registry.set(ops.clone());
     let http_cancel = cancel.child_token();
     let http = serve_ops(&config, &ops, &http_cancel).await?;
@@ -223,6 +237,15 @@ pub async fn run_with(
     match fatal {
         Some(reason) => Err(RunError::Fatal(reason)),
         None => Ok(report),
+    }
+}
+
+/// Aborts a task when dropped (a run that ends early leaves nothing behind).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -107,6 +107,13 @@ struct Quirks {
     rate_limit_data_next: Mutex<Option<(u32, String)>>,
     /// When each API call arrived, while recorded.
     arrivals: Mutex<Option<Vec<std::time::SystemTime>>>,
+    /// The window held back: data calls of this kind whose `…DateFrom` is this day wait
+    /// until it is released (tests of windows completing out of order).
+    held: Mutex<Option<(Kind, String)>>,
+    /// Wakes the held calls when the hold is lifted.
+    release: tokio::sync::Notify,
+    /// Calls waiting in the hold now.
+    holding: std::sync::atomic::AtomicU32,
 }
 
 impl AppState {
@@ -199,6 +206,24 @@ impl SimHandle {
     pub fn unavailable_next(&self, n: u32, retry_after: &str) {
         *lock(&self.state.quirks.rate_limit_next) =
             Some((n, StatusCode::SERVICE_UNAVAILABLE, retry_after.to_owned()));
+    }
+
+    /// Holds back every data call of `kind` whose window starts on `from` (its
+    /// `…DateFrom` parameter) until [`SimHandle::release_window`]; they are answered then,
+    /// from the data as it is at that moment.
+    pub fn hold_window(&self, kind: Kind, from: NaiveDate) {
+        *lock(&self.state.quirks.held) = Some((kind, from.format("%Y-%m-%d").to_string()));
+    }
+
+    /// Lifts the hold of [`SimHandle::hold_window`].
+    pub fn release_window(&self) {
+        *lock(&self.state.quirks.held) = None;
+        self.state.quirks.release.notify_waiters();
+    }
+
+    /// Returns how many calls wait in the hold of [`SimHandle::hold_window`] now.
+    pub fn held_calls(&self) -> u32 {
+        self.state.quirks.holding.load(Ordering::Relaxed)
     }
 
     /// Starts recording when each API call arrives (`false`: stops and forgets).
@@ -649,6 +674,30 @@ fn token_ok(state: &AppState, headers: &HeaderMap) -> bool {
     }
 }
 
+/// Waits while the call's window is held back ([`SimHandle::hold_window`]).
+async fn hold(state: &AppState, kind: Kind, params: &HashMap<String, String>) {
+    let held = |state: &AppState| {
+        lock(&state.quirks.held).as_ref().is_some_and(|(k, day)| {
+            *k == kind
+                && params
+                    .iter()
+                    .any(|(name, value)| name.ends_with("DateFrom") && value == day)
+        })
+    };
+    if !held(state) {
+        return;
+    }
+    state.quirks.holding.fetch_add(1, Ordering::Relaxed);
+    loop {
+        let released = state.quirks.release.notified();
+        if !held(state) {
+            break;
+        }
+        released.await;
+    }
+    state.quirks.holding.fetch_sub(1, Ordering::Relaxed);
+}
+
 async fn data_call(
     State(state): State<Arc<AppState>>,
     Path((integration, endpoint)): Path<(String, String)>,
@@ -714,6 +763,7 @@ async fn data_call(
             &format!("the {module} module is not enabled"),
         );
     }
+    hold(&state, kind, &params).await;
     if let Some(response) = error_200(&state, &endpoint, &params) {
         return response;
     }

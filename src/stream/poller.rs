@@ -7,6 +7,24 @@
 //! the sink acknowledged the batch, and its cursor only after a whole window was read (in a
 //! batch of its own, with the tombstones of pruned fingerprints).
 //!
+//! Windows read at once: a cycle with more than one window to read (a backfill, a catch-up)
+//! reads up to `crm.max_concurrent_requests` of them at once, each with a read-ahead task of
+//! its own (one request in flight per window; the process-wide gate of
+//! [`crate::crm::pressure`] decides how many go out and when). A backfill's windows read in
+//! the gate's background class, behind every steady-state call of the process. The poller
+//! works on whichever window has a page ready (the oldest first), so pages are committed in
+//! the order they arrive, but the cursor moves over the windows in order: only over the
+//! contiguous prefix of windows read to their end. A window read to its end beyond an
+//! unfinished one waits in memory (its days found short with it) and takes no place of the
+//! windows read at once, so one slow or held window never stops the others. At a crash its
+//! pages are committed with their fingerprints: read again from the cursor, they emit
+//! nothing (see "What is durable when" in [`super::state`]). Completeness, splitting, open
+//! windows and the read-ahead keep their rules per window. While windows are read at once, a
+//! page is applied only if no newer read of its entities was applied before (the same
+//! read-sequence rule as a paused sweep's, below): a record that moved between two windows
+//! read at once is never moved backwards. Without a read-ahead (`crm.read_ahead_pages = 0`)
+//! windows are read one at a time.
+//!
 //! A window is read completely or not passed silently: the distinct ids over the union of its
 //! reads must reach the CRM's `total`. Short, it is read again (`max_drift_rereads`), then split
 //! in halves down to one day (a window that fits in one page cannot drift); a single day still
@@ -37,7 +55,9 @@
 //! Between cycles a *reconciliation sweep* re-reads the last `reconcile_days` of every cursor
 //! every `reconcile_interval_secs`, a page at a time, yielding to the next cycle after the
 //! page in hand (late and corrected records; unchanged ones are dropped by their
-//! fingerprints). When it finishes, the cursor records the time, so a restart does not sweep
+//! fingerprints). Its calls are in the background class of the CRM gate; its windows are read
+//! one after the other (with the default 31-day windows and 30 days swept, one or two), each
+//! window's pages asked for ahead as a backfill's are (see `Pager` in [`crate::crm::client`]). When it finishes, the cursor records the time, so a restart does not sweep
 //! at once.
 //!
 //! A paused sweep keeps pages read ahead, requested before the cycles that run meanwhile. No
@@ -275,6 +295,9 @@ pub struct Poller<T: StreamRecord> {
     newer_reads: HashMap<EntityKey, u64>,
     /// The largest sequence in `newer_reads`.
     newer_max: u64,
+    /// Whether several windows are read at once now (their pages are remembered in
+    /// `newer_reads` as a paused sweep's are).
+    concurrent_reads: bool,
     /// Why open days are open when not for records missing by the total (by scope and day),
     /// for `/status`: a CRM refusing the day's deep pages.
     open_reasons: HashMap<(String, NaiveDate), String>,
@@ -330,6 +353,9 @@ struct WindowReader<T: CrmRecord> {
     current: Option<Reading<T>>,
     /// Single days still short after their re-reads, with the records missing.
     short: Vec<(NaiveDate, u64)>,
+    /// Whether its pages are read in the background class of the CRM's concurrency limit
+    /// (a backfill's windows read at once, a sweep), with a read-ahead task of their own.
+    background: bool,
 }
 
 /// The reads of one window.
@@ -395,6 +421,23 @@ impl<T: CrmRecord> WindowReader<T> {
             stack: windows,
             current: None,
             short: Vec::new(),
+            background: false,
+        }
+    }
+
+    /// Reads in the background class (see [`WindowReader::background`]).
+    fn in_background(mut self) -> Self {
+        self.background = true;
+        self
+    }
+
+    /// Returns whether [`Poller::step`] can go on without waiting for the CRM: no read in
+    /// hand (the next window starts), or its next page (or its end) has arrived. Registers
+    /// `cx` to be woken otherwise.
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> bool {
+        match self.current.as_mut() {
+            None => true,
+            Some(reading) => reading.pages.poll_wait(cx).is_ready(),
         }
     }
 }
@@ -454,6 +497,7 @@ impl<T: StreamRecord> Poller<T> {
             read_through: HashMap::new(),
             newer_reads: HashMap::new(),
             newer_max: 0,
+            concurrent_reads: false,
             open_reasons: HashMap::new(),
             clock: Arc::new(Utc::now),
         };
@@ -552,12 +596,55 @@ impl<T: StreamRecord> Poller<T> {
             self.day_unions.retain(|(scope, day), _| {
                 *scope != spec.scope || *day >= start || open_days.contains(day)
             });
-            for (from, to) in windows(start, today, streams.backfill_window_days) {
-                let mut reader = WindowReader::new(&spec, vec![(from, to)]);
-                while self.step(&mut reader).await? {}
-                if self.halted() {
-                    return Ok(());
+            let mut planned: std::collections::VecDeque<(NaiveDate, NaiveDate)> =
+                windows(start, today, streams.backfill_window_days).into();
+            // Windows read at once (a backfill; the steady state has one or two), oldest
+            // first, each with its last day and whether it was read to its end.
+            let mut reading: std::collections::VecDeque<(NaiveDate, WindowReader<T>, bool)> =
+                std::collections::VecDeque::new();
+            let width = self.window_width(planned.len());
+            // A backfill's windows wait behind every steady-state call of the process.
+            let background = width > 1 && (cursor.watermark.is_none() || cursor.next.is_some());
+            loop {
+                // Windows read to their end wait for the ones before them without taking a
+                // place: one window held up never stops the others.
+                while reading.iter().filter(|(_, _, done)| !done).count() < width {
+                    let Some(window) = planned.pop_front() else {
+                        break;
+                    };
+                    let reader = WindowReader::new(&spec, vec![window]);
+                    reading.push_back((
+                        window.1,
+                        if background {
+                            reader.in_background()
+                        } else {
+                            reader
+                        },
+                        false,
+                    ));
                 }
+                // The cursor moves over the windows read to their end, in order; a window
+                // read beyond an unfinished one waits here (its pages are committed, with
+                // their fingerprints, so a crash re-reads it without emitting anything).
+                if !reading.front().is_some_and(|(_, _, done)| *done) {
+                    if reading.is_empty() {
+                        break;
+                    }
+                    let at = next_ready(&mut reading).await;
+                    self.concurrent_reads = reading.len() > 1;
+                    let more = self.step(&mut reading[at].1).await;
+                    self.concurrent_reads = false;
+                    if !more? {
+                        if self.halted() {
+                            return Ok(());
+                        }
+                        reading[at].2 = true;
+                    }
+                    continue;
+                }
+                let Some((to, reader, _)) = reading.pop_front() else {
+                    break;
+                };
                 let mut next = advance(&cursor, to, today, closed);
                 for (day, missing) in reader.short {
                     next.open_day(day, missing, self.now());
@@ -657,10 +744,22 @@ impl<T: StreamRecord> Poller<T> {
                     reader: WindowReader::new(
                         spec,
                         windows(from, today, streams.backfill_window_days),
-                    ),
+                    )
+                    .in_background(),
                 }
             })
         })
+    }
+
+    /// Returns how many of `planned` windows a cycle reads at once: all of them up to
+    /// `crm.max_concurrent_requests` (the process-wide limit decides how many requests
+    /// actually go out), one without a read-ahead (`crm.read_ahead_pages = 0`).
+    fn window_width(&self, planned: usize) -> usize {
+        let client = &self.shared.client;
+        match client.reads_ahead() {
+            true => planned.clamp(1, client.pressure().max() as usize),
+            false => 1,
+        }
     }
 
     fn cursor(&self, scope: &str) -> Cursor {
@@ -860,12 +959,14 @@ impl<T: StreamRecord> Poller<T> {
                 false => None,
             }
             .unwrap_or_default();
+            let query = self.query(reader.filter, from, to);
             reader.current = Some(Reading {
                 from,
                 to,
-                pages: shared
-                    .client
-                    .pages::<T>(self.query(reader.filter, from, to)),
+                pages: match reader.background {
+                    true => shared.client.pages_in_background::<T>(query),
+                    false => shared.client.pages::<T>(query),
+                },
                 first_union: union.len(),
                 pass_start: union.len(),
                 union,
@@ -977,9 +1078,11 @@ impl<T: StreamRecord> Poller<T> {
             !reading.has_total && reading.passes == 0 && reading.first_union == 0;
         if first_without_total || reading.rereads < streams.max_drift_rereads {
             let had_total = reading.has_total;
-            let pages = shared
-                .client
-                .pages::<T>(self.query(reader.filter, from, to));
+            let query = self.query(reader.filter, from, to);
+            let pages = match reader.background {
+                true => shared.client.pages_in_background::<T>(query),
+                false => shared.client.pages::<T>(query),
+            };
             if first_without_total {
                 debug!(stream = self.stream, %from, %to, distinct, "the crm reports no total, reading the window again to show it complete");
                 // The confirming read does not use up a drift re-read.
@@ -1083,7 +1186,8 @@ impl<T: StreamRecord> Poller<T> {
         union: &mut HashSet<EntityKey>,
         reads: &mut Vec<(EntityKey, u64)>,
     ) -> Vec<Result<Record<T>, RecordError>> {
-        let sweep_paused = self.sweep.is_some();
+        // Pages of windows read at once are applied as they come, not as they were sent.
+        let sweep_paused = self.sweep.is_some() || self.concurrent_reads;
         if !sweep_paused && sent > self.newer_max && !self.newer_reads.is_empty() {
             // The sweep's pages are now all newer than every read remembered.
             self.newer_reads = HashMap::new();
@@ -1358,6 +1462,31 @@ impl<T: StreamRecord> Poller<T> {
         self.stats.cycles.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// Waits until one of the windows read at once can be stepped without waiting for the CRM
+/// (the oldest first when several can); returns its index. Windows read to their end are
+/// passed over; one is always ready when all are (the caller then moves the cursor).
+async fn next_ready<T: CrmRecord>(
+    reading: &mut std::collections::VecDeque<(NaiveDate, WindowReader<T>, bool)>,
+) -> usize {
+    std::future::poll_fn(|cx| {
+        let mut any = false;
+        for (at, (_, reader, done)) in reading.iter_mut().enumerate() {
+            if *done {
+                continue;
+            }
+            any = true;
+            if reader.poll_ready(cx) {
+                return std::task::Poll::Ready(at);
+            }
+        }
+        match any {
+            true => std::task::Poll::Pending,
+            false => std::task::Poll::Ready(0),
+        }
+    })
+    .await
 }
 
 /// Returns the id of a record that could not be read from its raw JSON text (its endpoint's

@@ -29,6 +29,21 @@
 //!   the instance was started with, at this start and before; a marker without it covers
 //!   every stream); written before the run emits anything, never tombstoned. See [`Started`].
 //!
+//! ## What is durable when
+//!
+//! A page's events and the fingerprints of what they emitted are one batch (one Kafka
+//! transaction in exactly-once; the state records after the events' acknowledgements in
+//! at-least-once). A cursor moves in a batch of its own, after every window before it was
+//! read to its end. A backfill or a sweep reads several windows at once
+//! (`crm.max_concurrent_requests`) and commits their pages as they come, in any order; the
+//! cursor (`watermark`, `next`, the open days) still moves only over the contiguous prefix of
+//! windows read to their end. So after a crash the state holds: the cursor at the first
+//! window not read to its end, and the fingerprints of every page committed, beyond the cursor
+//! too. The windows from the cursor on are read again, and what was committed of them is
+//! recognised by its fingerprint (nothing emitted again, nothing under a new `eventId`); what
+//! was not is emitted then. A window read to its end beyond an unfinished one, and the days
+//! it found short, exist only in memory until the cursor reaches it.
+//!
 //! ## A lost state
 //!
 //! `run` refuses to start when, for an enabled stream whose data topic already holds

@@ -18,6 +18,9 @@ use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 
+#[path = "rate_limit.rs"]
+mod rate_limit;
+
 fn long() -> bool {
     std::env::var_os("FAULTS_LONG").is_some()
 }
