@@ -154,7 +154,7 @@ async fn wait_until_listed(
     timeout: Duration,
 ) -> Result<(), String> {
     tokio::task::spawn_blocking(move || {
-        let deadline = std::time::Instant::now() + timeout;
+        let deadline = Instant::now() + timeout;
         for name in names {
             loop {
                 let listed = admin
@@ -331,20 +331,42 @@ pub async fn probe_transactions(
             rdkafka::error::KafkaError::ClientCreation("no consumer group metadata".to_owned())
         })?;
         producer.init_transactions(timeout)?;
-        producer.begin_transaction()?;
         let mut offsets = TopicPartitionList::new();
         offsets.add_partition_offset(&topic, 0, Offset::Offset(0))?;
-        let done = producer
-            .send_offsets_to_transaction(&offsets, &group, timeout)
-            .and_then(|()| producer.commit_transaction(timeout));
-        if done.is_err() {
+        // A broker that has just created the group's coordinator answers "not coordinator"
+        // (or "loading") for a moment: the probe is tried again until `timeout`, as
+        // librdkafka's own retriable errors ask.
+        let deadline = Instant::now() + timeout;
+        loop {
+            producer.begin_transaction()?;
+            let done = producer
+                .send_offsets_to_transaction(&offsets, &group, timeout)
+                .and_then(|()| producer.commit_transaction(timeout));
+            let Err(e) = done else { return Ok(()) };
             let _ = producer.abort_transaction(timeout);
+            if !coordinator_not_ready(&e) || Instant::now() >= deadline {
+                return Err(e);
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
-        done
     })
     .await
     // A probe task that panicked or was cancelled proved nothing.
     .unwrap_or(Err(rdkafka::error::KafkaError::Canceled))
+}
+
+/// Returns whether `e` says the group's or the transaction's coordinator is not ready yet
+/// (moved, loading or not elected: Kafka's NOT_COORDINATOR, COORDINATOR_LOAD_IN_PROGRESS,
+/// COORDINATOR_NOT_AVAILABLE), which a new try resolves.
+fn coordinator_not_ready(e: &rdkafka::error::KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotCoordinator
+                | RDKafkaErrorCode::CoordinatorLoadInProgress
+                | RDKafkaErrorCode::CoordinatorNotAvailable
+        )
+    )
 }
 
 /// The probe's producer settings: the client's, its own transactional id, and the sink's
