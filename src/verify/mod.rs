@@ -121,11 +121,16 @@ pub struct StreamReport {
 }
 
 impl StreamReport {
-    /// Returns whether the stream's topic equals the CRM over the range.
+    /// Returns whether the stream's topic is shown equal to the CRM over the range.
+    ///
+    /// A dead letter is never equal: the CRM holds a record the topic does not hold as the
+    /// CRM serves it (a payout engine reads no event of it, or, when the topic holds one, an
+    /// older version of it).
     pub fn is_equal(&self) -> bool {
         self.missing.is_empty()
             && self.extra.is_empty()
             && self.different.is_empty()
+            && self.dead_letters.is_empty()
             && self.incomplete_days.is_empty()
     }
 }
@@ -462,25 +467,37 @@ impl Side {
         if let Some(latest) = latest {
             latest.seen.store(true, Ordering::Relaxed);
         }
+        let in_kafka = latest.is_some();
         let record = match record {
             Ok(r) if r.model.id().is_some() => r,
             Ok(_) => {
-                self.dead_letter(key, "record has no id".to_owned());
+                self.dead_letter(key, in_kafka, "record has no id".to_owned());
                 return None;
             }
             Err(e) => {
-                self.dead_letter(key, e.reason.clone());
+                self.dead_letter(key, in_kafka, e.reason.clone());
                 return None;
             }
         };
-        // The event `run` would write for the record (a dead letter where `run` makes one).
+        // The event `run` would write for the record (a dead letter where `run` makes one:
+        // the encoder refuses it, or it is larger than Kafka accepts – the rule of
+        // `stream::poller`).
         let encoded = match self.encoder.encode(&record.model, &self.meta) {
             Ok(encoded) => encoded,
             Err(e) => {
-                self.dead_letter(key, e.to_string());
+                self.dead_letter(key, in_kafka, e.to_string());
                 return None;
             }
         };
+        let max = self.ctx.config.kafka.max_message_bytes();
+        if encoded.len() > max {
+            let reason = format!(
+                "the event is {} bytes, more than Kafka accepts (message.max.bytes = {max})",
+                encoded.len()
+            );
+            self.dead_letter(key, in_kafka, reason);
+            return None;
+        }
         self.report.crm_records += 1;
         let (tz, range) = (self.ctx.tz, self.ctx.range);
         let facts = record.model.facts(tz);
@@ -508,7 +525,7 @@ impl Side {
         let crm = match self.ctx.decoder.decode(self.event, &encoded) {
             Ok(value) => body(value, &self.volatile),
             Err(e) => {
-                self.dead_letter(key, format!("cannot read back its own event: {e}"));
+                self.dead_letter(key, true, format!("cannot read back its own event: {e}"));
                 return None;
             }
         };
@@ -542,11 +559,17 @@ impl Side {
         Some(true)
     }
 
-    fn dead_letter(&mut self, key: &str, reason: String) {
+    /// Records a dead letter; `in_kafka`: the topic holds an event of the key (a payout
+    /// engine reads that older version).
+    fn dead_letter(&mut self, key: &str, in_kafka: bool, reason: String) {
+        let detail = match in_kafka {
+            true => format!("the topic holds an older event of it; {reason}"),
+            false => reason,
+        };
         self.report.dead_letters.push(KeyDiff {
             key: key.to_owned(),
             day: None,
-            detail: reason,
+            detail,
         });
     }
 
