@@ -159,7 +159,8 @@ fn assert_equal(report: &Report, sim: &SimHandle) {
             s.missing.is_empty()
                 && s.extra.is_empty()
                 && s.different.is_empty()
-                && s.incomplete_days.is_empty(),
+                && s.incomplete_days.is_empty()
+                && s.unreadable_events.is_empty(),
             "not equal: {}",
             ibstream::verify::report::text(report)
         );
@@ -528,6 +529,33 @@ start_date = "2024-01-01"
         text.contains("DIFFERENCES FOUND") && text.contains(&deleted),
         "{text}"
     );
+    // An event nothing can decode is unreadable: not equal, and never a repair candidate.
+    let topic = format!("{prefix}.transactions");
+    let skip = [&unreadable, &deleted];
+    let garbage_key = read_all(&kafka.bootstrap, &topic)
+        .await
+        .into_iter()
+        .map(|(k, _)| String::from_utf8(k).unwrap())
+        .find(|k| !skip.contains(&k))
+        .unwrap();
+    produce(
+        &kafka.bootstrap,
+        &topic,
+        &garbage_key,
+        &[0xC3, 0x01, 1, 2, 3],
+    )
+    .await;
+    let only_tx = VerifyRequest {
+        streams: vec!["transactions".to_owned()],
+        ..request(false)
+    };
+    let report = ibstream::verify::run(config.clone(), only_tx)
+        .await
+        .unwrap();
+    let tx = stream(&report, "transactions");
+    assert_eq!(keys(&tx.unreadable_events), vec![garbage_key.clone()]);
+    assert!(!keys(&tx.different).contains(&garbage_key));
+    assert!(!tx.is_equal());
     let (code, out) = ibstream(&file, &[&range[..], &["--stream", "trades"]].concat()).await;
     assert_eq!(code, Some(2), "{out}");
     eprintln!(
@@ -554,6 +582,22 @@ async fn ibstream(config: &std::path::Path, args: &[&str]) -> (Option<i32>, Stri
         text.push_str(&String::from_utf8_lossy(&output.stderr));
     }
     (output.status.code(), text)
+}
+
+/// Writes one event to `topic`.
+async fn produce(bootstrap: &str, topic: &str, key: &str, payload: &[u8]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("partitioner", "murmur2_random")
+        .create()
+        .unwrap();
+    producer
+        .send(
+            FutureRecord::to(topic).key(key).payload(payload),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
 }
 
 /// Writes every event of `topics` once more (same key, same payload); returns how many.

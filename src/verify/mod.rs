@@ -125,12 +125,14 @@ impl StreamReport {
     ///
     /// A dead letter is never equal: the CRM holds a record the topic does not hold as the
     /// CRM serves it (a payout engine reads no event of it, or, when the topic holds one, an
-    /// older version of it).
+    /// older version of it). Nor is an event that cannot be decoded: what it holds is
+    /// unknown.
     pub fn is_equal(&self) -> bool {
         self.missing.is_empty()
             && self.extra.is_empty()
             && self.different.is_empty()
             && self.dead_letters.is_empty()
+            && self.unreadable_events.is_empty()
             && self.incomplete_days.is_empty()
     }
 }
@@ -532,13 +534,14 @@ impl Side {
         facts.add_to(range, &mut self.report.days, true, &mut self.name);
         let kafka = match self.ctx.decoder.decode(self.event, payload) {
             Ok(value) => body(value, &self.volatile),
+            // Unknown, not different: never a repair candidate (its writer may be newer).
             Err(e) => {
-                self.report.different.push(KeyDiff {
+                self.report.unreadable_events.push(KeyDiff {
                     key: key.to_owned(),
                     day: facts.day,
                     detail: format!("the event cannot be read: {e}"),
                 });
-                return Some(true);
+                return None;
             }
         };
         compare::facts_of(self.stream, &kafka, tz).add_to(
