@@ -673,3 +673,49 @@ async fn read_all(bootstrap: &str, topic: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
     .await
     .unwrap()
 }
+
+/// Positions of a server no longer listed (removed from `/servers`, its data kept) are still
+/// verified: their tag is taken from the topic's keys and read from the CRM by tag, so every
+/// position of the truth is compared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn positions_of_a_server_no_longer_listed_are_verified() {
+    let started = Instant::now();
+    let kafka = common::ApacheKafka::shared();
+    let sim = common::start_sim(|c| c.positions = 200).await;
+    sim.pause_changes(true);
+    let prefix = common::unique_topic("verify-removed");
+    let config = config(&sim, &kafka.bootstrap, &prefix, Delivery::ExactlyOnce);
+    let running = Running::start(config.clone());
+    running.wait(&sim, 2, false).await;
+    running.stop().await;
+    let removed = sim.mutate(1, Some(ChangeKind::RemoveServer))[0].key.clone();
+    let positions = sim.truth(Kind::Positions);
+    let of_removed = positions
+        .iter()
+        .filter(|p| p["serverTag"] == removed.as_str())
+        .count();
+    assert!(of_removed > 0, "{removed} has positions");
+    let only_positions = VerifyRequest {
+        streams: vec!["positions".to_owned()],
+        ..request(false)
+    };
+    let report = ibstream::verify::run(config.clone(), only_positions.clone())
+        .await
+        .unwrap();
+    let pos = stream(&report, "positions");
+    assert_eq!(
+        pos.crm_records + pos.dead_letters.len() as u64,
+        positions.len() as u64,
+        "the positions of {removed} are compared too: {}",
+        ibstream::verify::report::text(&report)
+    );
+    assert!(
+        pos.is_equal(),
+        "{}",
+        ibstream::verify::report::text(&report)
+    );
+    eprintln!(
+        "positions_of_a_server_no_longer_listed_are_verified: {:?}",
+        started.elapsed()
+    );
+}

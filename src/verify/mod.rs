@@ -114,6 +114,9 @@ pub struct StreamReport {
     pub dead_letters: Vec<KeyDiff>,
     /// Events in the topic that cannot be decoded, whose day is therefore unknown.
     pub unreadable_events: Vec<KeyDiff>,
+    /// Positions of server tags no longer live that the CRM would not serve: key the server
+    /// tag, detail why and how many of its positions the topic holds dated in the range.
+    pub not_verified: Vec<KeyDiff>,
     /// Days whose CRM reads never came complete (not compared), with the records missing.
     pub incomplete_days: Vec<(String, NaiveDate, u64)>,
     /// Totals per day: the CRM's and Kafka's.
@@ -133,6 +136,7 @@ impl StreamReport {
             && self.different.is_empty()
             && self.dead_letters.is_empty()
             && self.unreadable_events.is_empty()
+            && self.not_verified.is_empty()
             && self.incomplete_days.is_empty()
     }
 }
@@ -444,6 +448,7 @@ impl Side {
         r.different.extend(other.different);
         r.dead_letters.extend(other.dead_letters);
         r.unreadable_events.extend(other.unreadable_events);
+        r.not_verified.extend(other.not_verified);
         r.incomplete_days.extend(other.incomplete_days);
         for (day, (crm, kafka)) in other.days {
             let (c, k) = r.days.entry(day).or_default();
@@ -576,6 +581,35 @@ impl Side {
         });
     }
 
+    /// Reports a server tag whose positions could not be read from the CRM, when the topic
+    /// holds positions of it dated in the range.
+    fn not_verified(&mut self, events: &TopicEvents, tag: &str, reason: &str) {
+        let prefix = format!("{tag}:");
+        let range = self.ctx.range;
+        let mut in_range = 0u64;
+        let mut unreadable = 0u64;
+        for (_, latest) in events.latest.iter().filter(|(k, _)| k.starts_with(&prefix)) {
+            match self.ctx.decoder.decode(self.event, &latest.payload) {
+                Ok(value) => {
+                    let kafka = body(value, &[]);
+                    let day = compare::day(&kafka, "closeTime", self.ctx.tz);
+                    in_range += u64::from(day.is_some_and(|d| d >= range.0 && d <= range.1));
+                }
+                Err(_) => unreadable += 1,
+            }
+        }
+        if in_range + unreadable == 0 {
+            return;
+        }
+        self.report.not_verified.push(KeyDiff {
+            key: tag.to_owned(),
+            day: None,
+            detail: format!(
+                "server not live; the CRM did not serve its positions ({reason}); the topic holds {in_range} of them dated in the range, {unreadable} unreadable"
+            ),
+        });
+    }
+
     /// Reports the topic's keys the CRM did not return whose record day lies in the range
     /// (`belongs`: the keys of the scopes read), skipping days not read completely.
     fn extra(
@@ -634,6 +668,7 @@ impl Side {
             &mut self.report.different,
             &mut self.report.dead_letters,
             &mut self.report.unreadable_events,
+            &mut self.report.not_verified,
         ] {
             list.sort_by(|a, b| (a.day, &a.key).cmp(&(b.day, &b.key)));
         }
@@ -673,20 +708,42 @@ async fn verify_stream<T: Verified>(
         crm_reads.push((tag.clone(), start_crm_read::<T>(&ctx, stream, tag)));
     }
     let events = topic_read(events).await?;
+    // Positions of server tags not live today (a server removed from the list) are read by
+    // their tag too: the topic's keys name them.
+    let mut scopes = scopes;
+    let mut retired = Vec::new();
+    if stream == "positions" && tags.is_empty() {
+        for tag in retired_tags(&ctx, &events, &scopes) {
+            crm_reads.push((
+                Some(tag.clone()),
+                start_crm_read::<T>(&ctx, stream, Some(tag.clone())),
+            ));
+            scopes.push(Some(tag.clone()));
+            retired.push(tag);
+        }
+    }
     let mut reads = tokio::task::JoinSet::new();
     for (tag, crm_read) in crm_reads {
-        reads.spawn(verify_scope::<T>(
-            ctx.clone(),
-            stream,
-            events.clone(),
-            tag,
-            crm_read,
-        ));
+        let (ctx, events) = (ctx.clone(), events.clone());
+        reads.spawn(async move {
+            let outcome = verify_scope::<T>(ctx, stream, events, tag.clone(), crm_read).await;
+            (tag, outcome)
+        });
     }
     let mut side = Side::new(ctx.clone(), stream)?;
     let mut incomplete = Vec::new();
     while let Some(read) = reads.join_next().await {
-        let outcome = read.map_err(|e| VerifyError::Failed(e.to_string()))??;
+        let (tag, outcome) = read.map_err(|e| VerifyError::Failed(e.to_string()))?;
+        let outcome = match (outcome, tag) {
+            (Ok(outcome), _) => outcome,
+            // A server no longer listed whose positions the CRM will not serve: its
+            // positions dated in the range are not verified.
+            (Err(e), Some(tag)) if retired.contains(&tag) => {
+                side.not_verified(&events, &tag, &e.to_string());
+                continue;
+            }
+            (Err(e), _) => return Err(e),
+        };
         side.merge(outcome.report);
         candidates.extend(outcome.candidates);
         incomplete.extend(outcome.incomplete);
@@ -808,6 +865,25 @@ async fn verify_scope<T: Verified>(
         candidates,
         incomplete,
     })
+}
+
+/// Returns the server tags of the topic's position keys (`tag:id`) that are not among
+/// `scopes` (the live servers read), as far as `streams.server_tags` lets `run` read them.
+fn retired_tags(ctx: &Ctx, events: &TopicEvents, scopes: &[Option<String>]) -> Vec<String> {
+    let mut found = std::collections::BTreeSet::new();
+    for key in events.latest.keys() {
+        let Some((tag, _)) = key.split_once(':') else {
+            continue;
+        };
+        if found.contains(tag) || scopes.iter().flatten().any(|s| s == tag) {
+            continue;
+        }
+        let allowed = ctx.config.streams.server_tags.as_ref();
+        if allowed.is_none_or(|only| only.iter().any(|t| t == tag)) {
+            found.insert(tag.to_owned());
+        }
+    }
+    found.into_iter().collect()
 }
 
 /// Returns the server tags whose positions are verified: the live servers `run` reads (only
