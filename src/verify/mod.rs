@@ -117,6 +117,13 @@ pub struct StreamReport {
     /// Positions of server tags no longer live that the CRM would not serve: key the server
     /// tag, detail why and how many of its positions the topic holds dated in the range.
     pub not_verified: Vec<KeyDiff>,
+    /// Records the topic holds past the offsets it was read to (found by a second read to
+    /// the `read_committed` end after the comparison): the first read ended short, or they
+    /// were written meanwhile; their keys were not compared with them.
+    pub read_short: Vec<KeyDiff>,
+    /// Per partition: the offset after the last record read (the second read's end when it
+    /// found more).
+    pub offsets_read: BTreeMap<i32, i64>,
     /// Days whose CRM reads never came complete (not compared), with the records missing.
     pub incomplete_days: Vec<(String, NaiveDate, u64)>,
     /// Totals per day: the CRM's and Kafka's.
@@ -137,6 +144,7 @@ impl StreamReport {
             && self.dead_letters.is_empty()
             && self.unreadable_events.is_empty()
             && self.not_verified.is_empty()
+            && self.read_short.is_empty()
             && self.incomplete_days.is_empty()
     }
 }
@@ -659,6 +667,38 @@ impl Side {
         }
     }
 
+    /// Reads the topic again past the offsets read, to its `read_committed` end as the
+    /// broker reports it now: any record there is listed read short (not equal).
+    async fn read_past(&mut self, events: &Arc<TopicEvents>) -> Result<(), VerifyError> {
+        let kafka = self.ctx.config.kafka.clone();
+        let topic = self.ctx.config.topics.data_topic(self.stream);
+        let timeout = Duration::from_secs(kafka.batch_timeout_secs.max(30));
+        let read = events.clone();
+        let later =
+            tokio::task::spawn_blocking(move || topics::read_past(&kafka, &topic, &read, timeout))
+                .await
+                .map_err(|e| VerifyError::Failed(e.to_string()))?
+                .map_err(VerifyError::Failed)?;
+        self.report.offsets_read = events.offsets.clone();
+        for record in later {
+            let next = self
+                .report
+                .offsets_read
+                .entry(record.partition)
+                .or_default();
+            *next = (*next).max(record.offset + 1);
+            self.report.read_short.push(KeyDiff {
+                key: record.key,
+                day: None,
+                detail: format!(
+                    "partition {} offset {}: past the end the topic was read to",
+                    record.partition, record.offset
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn finish(mut self, events: &TopicEvents) -> StreamReport {
         self.report.stream = self.stream.to_owned();
         self.report.kafka_events = events.events;
@@ -669,6 +709,7 @@ impl Side {
             &mut self.report.dead_letters,
             &mut self.report.unreadable_events,
             &mut self.report.not_verified,
+            &mut self.report.read_short,
         ] {
             list.sort_by(|a, b| (a.day, &a.key).cmp(&(b.day, &b.key)));
         }
@@ -761,6 +802,7 @@ async fn verify_stream<T: Verified>(
             })
         },
     );
+    side.read_past(&events).await?;
     let report = side.finish(&events);
     release(events);
     Ok(report)
@@ -952,6 +994,7 @@ async fn verify_servers(
         }
     }
     side.extra(&events, |_| true, |_, _| false);
+    side.read_past(&events).await?;
     let report = side.finish(&events);
     release(events);
     Ok(report)

@@ -65,6 +65,7 @@ pub fn text(report: &Report) -> String {
         keys(&mut out, "dead letter", &s.dead_letters);
         keys(&mut out, "unreadable", &s.unreadable_events);
         keys(&mut out, "not verified", &s.not_verified);
+        keys(&mut out, "read short", &s.read_short);
         for (day, (crm, kafka)) in &s.days {
             if crm != kafka {
                 let _ = writeln!(
@@ -164,6 +165,8 @@ pub fn json(report: &Report) -> serde_json::Value {
                 "deadLetters": s.dead_letters,
                 "unreadableEvents": s.unreadable_events,
                 "notVerified": s.not_verified,
+                "readShort": s.read_short,
+                "offsetsRead": s.offsets_read,
                 "incompleteDays": s.incomplete_days.iter().map(|(scope, day, missing)| {
                     serde_json::json!({"scope": scope, "day": day, "missing": missing})
                 }).collect::<Vec<_>>(),
@@ -235,6 +238,7 @@ pub fn csv(report: &Report) -> String {
             ("dead_letter", &s.dead_letters),
             ("unreadable_event", &s.unreadable_events),
             ("not_verified", &s.not_verified),
+            ("read_short", &s.read_short),
         ] {
             for k in list {
                 let _ = writeln!(
