@@ -815,9 +815,10 @@ struct CrmRead<T> {
 }
 
 /// Windows read ahead of the comparison at most: while the topic is read, the CRM reads go
-/// on (a window holds at most `streams.max_window_records` records; the benchmark's largest
-/// stream is 17 windows).
-const WINDOWS_AHEAD: usize = 32;
+/// on until this many windows wait (a window holds at most `streams.max_window_records`
+/// records, 50,000 by default: 4 windows are up to 200,000 parsed records per scope; with 32
+/// every window of the benchmark's largest stream, 17, could wait in memory).
+const WINDOWS_AHEAD: usize = 4;
 
 /// Frees a topic's events off the critical path (a million boxed payloads take seconds to
 /// free; the report does not wait for it).
