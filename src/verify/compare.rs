@@ -23,10 +23,32 @@ use crate::events::{EventType, Framing, Schemas};
 pub type Body = Vec<(String, Value)>;
 
 /// Decodes framed events of the data topics (single-object or Confluent framing).
+///
+/// Events written by an earlier release with its schema (the released snapshots,
+/// `schemas/compat/<Name>.v1.avsc`, in the configured namespace) are read by Avro schema
+/// resolution into the current schema (fields added since take their defaults) when their
+/// single-object fingerprint names the snapshot. A registry id of an older schema cannot
+/// be told from here: such an event is unreadable.
 pub struct Decoder {
     /// Per event type: the schema, its single-object fingerprint and its registry id (when
     /// the configuration has a registry).
     schemas: Vec<(Schema, [u8; 8], Option<u32>)>,
+    /// Per event type: the released snapshot and its fingerprint (`None`: it does not parse,
+    /// or it is the current schema).
+    older: Vec<Option<(Schema, [u8; 8])>>,
+}
+
+/// Returns `event`'s released snapshot in `namespace` and its single-object fingerprint.
+fn snapshot(event: EventType, namespace: &str) -> Option<(Schema, [u8; 8])> {
+    let json = event.snapshot_v1().replace(
+        "\"namespace\": \"com.ibstream\"",
+        &format!("\"namespace\": {}", serde_json::Value::from(namespace)),
+    );
+    let value: serde_json::Value = serde_json::from_str(&json).ok()?;
+    let fingerprint =
+        crate::events::schema::fingerprint(&crate::events::schema::parsing_canonical_form(&value));
+    let schema = Schema::parse_str(&json).ok()?;
+    Some((schema, fingerprint))
 }
 
 impl Decoder {
@@ -36,6 +58,17 @@ impl Decoder {
             Framing::Confluent { ids } => Some(*ids),
             Framing::SingleObject => None,
         };
+        let older = EventType::ALL
+            .into_iter()
+            .map(|event| {
+                let current = schemas.get(event);
+                let namespace = match &current.schema {
+                    Schema::Record(record) => record.name.namespace.clone().unwrap_or_default(),
+                    _ => String::new(),
+                };
+                snapshot(event, &namespace).filter(|(_, fp)| *fp != current.fingerprint)
+            })
+            .collect();
         Decoder {
             schemas: EventType::ALL
                 .into_iter()
@@ -45,6 +78,7 @@ impl Decoder {
                     (s.schema.clone(), s.fingerprint, ids.map(|ids| ids[i]))
                 })
                 .collect(),
+            older,
         }
     }
 
@@ -54,6 +88,14 @@ impl Decoder {
         let (schema, fingerprint, id) = &self.schemas[event as usize];
         let mut datum = match payload {
             [0xC3, 0x01, rest @ ..] if rest.len() >= 8 => {
+                if let Some((older, _)) = self.older[event as usize]
+                    .as_ref()
+                    .filter(|(_, fp)| rest[..8] == fp[..])
+                {
+                    let mut datum = &rest[8..];
+                    return apache_avro::from_avro_datum(older, &mut datum, Some(schema))
+                        .map_err(|e| format!("written with the released v1 schema: {e}"));
+                }
                 if &rest[..8] != fingerprint {
                     return Err(format!(
                         "written with another schema (fingerprint {:02x?}) than this release's {}",
@@ -504,6 +546,59 @@ pub fn entity_bytes(payload: &[u8]) -> Option<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn released_snapshots_parse_in_any_namespace() {
+        let schemas = Schemas::load("com.ibstream").unwrap();
+        for event in EventType::ALL {
+            let (_, fp) = snapshot(event, "com.ibstream").expect("the v1 snapshot parses");
+            let (_, other) = snapshot(event, "org.example").unwrap();
+            assert_ne!(fp, other, "the namespace is part of the fingerprint");
+            eprintln!(
+                "{}: v1 is current: {}",
+                event.name(),
+                fp == schemas.get(event).fingerprint
+            );
+        }
+    }
+
+    #[test]
+    fn an_event_of_an_older_schema_is_read_by_resolution() {
+        use crate::crm::Transaction;
+        // Today v1 is the current schema; an older one is made by leaving out a field with
+        // a default, as a later release adds one.
+        let schemas = Schemas::load("com.ibstream").unwrap();
+        let current = schemas.get(EventType::Transaction);
+        let mut json: serde_json::Value = serde_json::from_str(&current.json).unwrap();
+        let fields = json["fields"].as_array_mut().unwrap();
+        let dropped = fields
+            .iter()
+            .rposition(|f| f.get("default").is_some())
+            .unwrap();
+        let name = fields.remove(dropped)["name"].as_str().unwrap().to_owned();
+        let older = Schema::parse_str(&json.to_string()).unwrap();
+        let fp = crate::events::schema::fingerprint(
+            &crate::events::schema::parsing_canonical_form(&json),
+        );
+        let t: Transaction = read(
+            r#"{"id":1,"type":"Deposit","amountUsd":"250.0","amount":1,"transactionDate":"2026-11-03 10:00:00"}"#,
+        );
+        let (_, body_now) = round_trip(&t);
+        let mut decoder = Decoder::new(&schemas, &Framing::SingleObject);
+        let (bytes, _) = round_trip(&t);
+        let value = decoder.decode(EventType::Transaction, &bytes).unwrap();
+        let mut event = vec![0xC3, 0x01];
+        event.extend_from_slice(&fp);
+        event.extend(apache_avro::to_avro_datum(&older, value.resolve(&older).unwrap()).unwrap());
+        assert!(decoder.decode(EventType::Transaction, &event).is_err());
+        decoder.older[EventType::Transaction as usize] = Some((older, fp));
+        let read_back = body(decoder.decode(EventType::Transaction, &event).unwrap(), &[]);
+        assert_eq!(
+            differing(&body_now, &read_back),
+            Vec::<String>::new(),
+            "{name}"
+        );
+    }
 
     #[test]
     fn extra_texts_compare_by_value_and_key_order_not_by_spelling() {

@@ -64,6 +64,8 @@ pub fn text(report: &Report) -> String {
         keys(&mut out, "different", &s.different);
         keys(&mut out, "dead letter", &s.dead_letters);
         keys(&mut out, "unreadable", &s.unreadable_events);
+        keys(&mut out, "not verified", &s.not_verified);
+        keys(&mut out, "read short", &s.read_short);
         for (day, (crm, kafka)) in &s.days {
             if crm != kafka {
                 let _ = writeln!(
@@ -162,6 +164,9 @@ pub fn json(report: &Report) -> serde_json::Value {
                 "different": s.different,
                 "deadLetters": s.dead_letters,
                 "unreadableEvents": s.unreadable_events,
+                "notVerified": s.not_verified,
+                "readShort": s.read_short,
+                "offsetsRead": s.offsets_read,
                 "incompleteDays": s.incomplete_days.iter().map(|(scope, day, missing)| {
                     serde_json::json!({"scope": scope, "day": day, "missing": missing})
                 }).collect::<Vec<_>>(),
@@ -232,6 +237,8 @@ pub fn csv(report: &Report) -> String {
             ("different", &s.different),
             ("dead_letter", &s.dead_letters),
             ("unreadable_event", &s.unreadable_events),
+            ("not_verified", &s.not_verified),
+            ("read_short", &s.read_short),
         ] {
             for k in list {
                 let _ = writeln!(

@@ -11,7 +11,7 @@
 //! the wait again. A barrier record, as the state restore writes, cannot be used here: it
 //! would be a record in a topic payout engines read.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -48,21 +48,30 @@ pub struct TopicEvents {
     pub latest: KeyMap<Latest>,
     /// Events read (duplicates and older versions included).
     pub events: u64,
+    /// The topic's partitions.
+    pub partitions: Vec<i32>,
+    /// Per partition with records: the offset after the last record read.
+    pub offsets: BTreeMap<i32, i64>,
 }
 
-/// Reads `topic` from its beginning to its end; `progress` counts the events read. A topic
-/// that does not exist reads as empty.
-pub fn read_topic(
-    config: &KafkaConfig,
-    topic: &str,
-    timeout: Duration,
-    progress: &AtomicU64,
-) -> Result<TopicEvents, String> {
+/// A record found past what [`read_topic`] read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Later {
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// Its key (lossy UTF-8; empty: none).
+    pub key: String,
+}
+
+/// Builds the group-less `read_committed` consumer of [`read_topic`].
+fn consumer(config: &KafkaConfig) -> Result<BaseConsumer, String> {
     let mut client = ClientConfig::new();
     for (key, value) in config.client_settings().map_err(|e| e.to_string())? {
         client.set(key, value);
     }
-    let consumer: BaseConsumer = client
+    client
         // librdkafka wants a group id even for assigned partitions; a fresh one, never
         // joined (no subscribe) and never committed to.
         .set(
@@ -78,7 +87,75 @@ pub fn read_topic(
         .set("fetch.wait.max.ms", "10")
         .set("fetch.queue.backoff.ms", "0")
         .create()
-        .map_err(|e| format!("cannot create a Kafka consumer: {e}"))?;
+        .map_err(|e| format!("cannot create a Kafka consumer: {e}"))
+}
+
+/// Reads `topic` again from where `read` ended to each partition's `read_committed` end
+/// (as the broker reports it now) and returns the records found there: records the first
+/// read did not see (its end was taken too early, or they were written meanwhile).
+pub fn read_past(
+    config: &KafkaConfig,
+    topic: &str,
+    read: &TopicEvents,
+    timeout: Duration,
+) -> Result<Vec<Later>, String> {
+    if read.partitions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let consumer = consumer(config)?;
+    let mut assignment = TopicPartitionList::new();
+    for partition in &read.partitions {
+        let offset = match read.offsets.get(partition) {
+            Some(next) => Offset::Offset(*next),
+            None => Offset::Beginning,
+        };
+        assignment
+            .add_partition_offset(topic, *partition, offset)
+            .map_err(|e| e.to_string())?;
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(|e| format!("cannot read {topic}: {e}"))?;
+    let mut at_end: HashSet<i32> = HashSet::new();
+    let mut later = Vec::new();
+    let started = Instant::now();
+    while at_end.len() < read.partitions.len() {
+        if started.elapsed() > timeout {
+            return Err(format!(
+                "cannot read {topic} to its end again within {timeout:?}"
+            ));
+        }
+        match consumer.poll(Duration::from_millis(100)) {
+            None => {}
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                at_end.insert(partition);
+            }
+            Some(Err(e)) => return Err(format!("reading {topic} failed: {e}")),
+            Some(Ok(message)) => {
+                at_end.remove(&message.partition());
+                later.push(Later {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    key: message
+                        .key()
+                        .map(|k| String::from_utf8_lossy(k).into_owned())
+                        .unwrap_or_default(),
+                });
+            }
+        }
+    }
+    Ok(later)
+}
+
+/// Reads `topic` from its beginning to its end; `progress` counts the events read. A topic
+/// that does not exist reads as empty.
+pub fn read_topic(
+    config: &KafkaConfig,
+    topic: &str,
+    timeout: Duration,
+    progress: &AtomicU64,
+) -> Result<TopicEvents, String> {
+    let consumer = consumer(config)?;
     let metadata = consumer
         .fetch_metadata(Some(topic), timeout)
         .map_err(|e| format!("cannot read the metadata of {topic}: {e}"))?;
@@ -88,7 +165,10 @@ pub fn read_topic(
         .filter(|t| t.error().is_none())
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
-    let mut out = TopicEvents::default();
+    let mut out = TopicEvents {
+        partitions: partitions.clone(),
+        ..TopicEvents::default()
+    };
     if partitions.is_empty() {
         return Ok(out);
     }
@@ -149,6 +229,8 @@ pub fn read_topic(
                     last_progress = last_record;
                 }
                 out.events += 1;
+                out.offsets
+                    .insert(message.partition(), message.offset() + 1);
                 progress.fetch_add(1, Ordering::Relaxed);
                 let Some(key) = message.key() else { continue };
                 let key = String::from_utf8_lossy(key).into_owned();
