@@ -74,7 +74,7 @@ pub fn render(status: &Value) -> String {
         out,
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta http-equiv=\"refresh\" content=\"{REFRESH_SECS}\">\
-         <title>ibstream {} – status</title><style>{STYLE}</style></head><body>\n",
+         <title>{} – ibstream status</title><style>{STYLE}</style></head><body>\n",
         escape(&instance)
     );
     let _ = writeln!(

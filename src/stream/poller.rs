@@ -669,7 +669,9 @@ impl<T: StreamRecord> Poller<T> {
                 stream = self.stream,
                 server_tag = self.server_tag.as_deref().unwrap_or("-"),
                 first_day = %first_day.map_or("-".to_owned(), |d| d.to_string()),
-                created = self.stats.created.load(Ordering::Relaxed),
+                // The stream's count (every server tag's, for positions): named so it is not
+                // read as this poller's.
+                stream_created = self.stats.created.load(Ordering::Relaxed),
                 "backfill complete: every day up to today read"
             );
         }
