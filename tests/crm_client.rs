@@ -931,3 +931,68 @@ async fn after_a_429_pause_no_second_has_more_calls_than_the_rate() {
             .collect::<Vec<_>>()
     );
 }
+
+/// A login asked by a backfill's call (in the background class) goes before the backfill's
+/// queue: every call of the process, steady-state ones included, waits for the token it
+/// fetches while holding the token's lock.
+#[tokio::test]
+async fn a_login_asked_in_the_background_does_not_queue_behind_the_backfill() {
+    use ibstream::crm::pressure::in_background;
+    let (url, _arrivals) = limiting_crm(Duration::from_millis(0)).await;
+    let config = ibstream::config::CrmConfig {
+        base_url: url,
+        max_concurrent_requests: 1,
+        ..common::crm_config_for_url()
+    };
+    let crm = ibstream::crm::CrmClient::build(&config).unwrap();
+    let pressure = crm.pressure();
+    // The one slot held, and a backfill's pages queued behind it.
+    let held = pressure.acquire_as(None).await;
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut backfill = Vec::new();
+    for rank in 1..=5 {
+        let (pressure, order) = (pressure.clone(), order.clone());
+        backfill.push(tokio::spawn(async move {
+            let _slot = pressure.acquire_as(Some(rank)).await;
+            order.lock().unwrap().push("backfill");
+            // A page's round trip.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }));
+    }
+    let login = {
+        let (crm, order) = (crm.clone(), order.clone());
+        tokio::spawn(in_background(1, async move {
+            crm.login().await.unwrap();
+            order.lock().unwrap().push("login");
+        }))
+    };
+    // Every one queued (the login's request waits for the slot too) before the slot goes
+    // back; a deadline, not a sleep.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pressure.queued() < 6 {
+        assert!(
+            Instant::now() < deadline,
+            "{} calls queued",
+            pressure.queued()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(held);
+    let bound = Duration::from_secs(10);
+    tokio::time::timeout(bound, login)
+        .await
+        .expect("the login ends")
+        .unwrap();
+    for task in backfill {
+        tokio::time::timeout(bound, task)
+            .await
+            .expect("the backfill ends")
+            .unwrap();
+    }
+    let order = order.lock().unwrap().clone();
+    assert_eq!(
+        order.first().copied(),
+        Some("login"),
+        "the login queued behind the backfill: {order:?}"
+    );
+}

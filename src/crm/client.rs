@@ -324,9 +324,10 @@ impl CrmClient {
         volatile: &[String],
     ) -> Result<Vec<Result<Record<Server>, RecordError>>, CrmError> {
         let tz = self.inner.tz;
-        self.get(Endpoint::Servers, &[], &|body| {
+        // In the foreground class: a stream's steady-state list, never behind a backfill.
+        super::pressure::in_foreground(self.get(Endpoint::Servers, &[], &|body| {
             parse_servers::<Server>(body, tz, volatile)
-        })
+        }))
         .await
     }
 
@@ -514,7 +515,9 @@ impl CrmClient {
                 own: false,
             });
         }
-        let token = match self.login_call().await {
+        // In the foreground class of the gate even for a backfill's call: every call of the
+        // process waits for the token mutex held here, steady-state cycles included.
+        let token = match super::pressure::in_foreground(self.login_call()).await {
             Ok(token) => token,
             Err(e) => {
                 self.inner.stats.outcome(Some(e.to_string()));

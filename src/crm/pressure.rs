@@ -22,7 +22,8 @@
 //! that waited (and a slot is not held through the pause).
 //!
 //! Slots are granted first come, first served within two classes: a call in the foreground
-//! (a stream's steady-state cycle, an open window, the servers list, a login) goes before
+//! (a stream's steady-state cycle, an open window, the servers list, a login – these two
+//! even when a backfill's call asks for them: [`in_foreground`]) goes before
 //! every call in the background (a backfill's concurrent windows, a reconciliation sweep:
 //! reads run inside [`in_background`]). So however many windows a backfill keeps open, a
 //! steady-state call waits at most for the next turn of the rate and a slot to come back,
@@ -48,18 +49,25 @@ const LATENCY_RISE: f64 = 2.0;
 const LATENCY_RISE_MIN: f64 = 0.1;
 
 tokio::task_local! {
-    static BACKGROUND: u64;
+    static BACKGROUND: Option<u64>;
 }
 
 /// Runs `work` with its CRM calls in the background class, ranked `rank` (lower first; a
 /// window's first day, see the module header).
 pub async fn in_background<F: Future>(rank: u64, work: F) -> F::Output {
-    BACKGROUND.scope(rank, work).await
+    BACKGROUND.scope(Some(rank), work).await
+}
+
+/// Runs `work` with its CRM calls in the foreground class, even inside [`in_background`]:
+/// a login (which every call of the process waits for while it holds the token) and the
+/// servers list never queue behind a backfill.
+pub async fn in_foreground<F: Future>(work: F) -> F::Output {
+    BACKGROUND.scope(None, work).await
 }
 
 /// The background rank of the current task's calls; `None` in the foreground.
 pub fn background_rank() -> Option<u64> {
-    BACKGROUND.try_with(|rank| *rank).ok()
+    BACKGROUND.try_with(|rank| *rank).ok().flatten()
 }
 
 /// How an answer went, for the limit.
@@ -342,6 +350,12 @@ impl Pressure {
     /// Requests holding a slot now.
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Calls waiting for a slot now (both classes).
+    pub fn queued(&self) -> usize {
+        let state = self.lock();
+        state.foreground.len() + state.background.len()
     }
 
     /// The largest limit (`crm.max_concurrent_requests`).
