@@ -840,3 +840,159 @@ async fn an_https_crm_with_a_private_ca_needs_crm_ca_file() {
     assert!(err.contains("crm.ca_file"), "{err}");
     sim.shutdown().await;
 }
+
+/// A CRM that answers its first data call 429 with `Retry-After: 1` and every other one
+/// `{}` after `latency`, recording when each data call arrived.
+async fn limiting_crm(
+    latency: Duration,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<Instant>>>) {
+    use axum::extract::Request;
+    use axum::http::{header::RETRY_AFTER, StatusCode};
+    use axum::response::IntoResponse;
+    let arrivals = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = arrivals.clone();
+    let app = axum::Router::new().fallback(move |request: Request| {
+        let log = log.clone();
+        async move {
+            if request.uri().path().ends_with("/auth/login") {
+                return (StatusCode::OK, r#"{"token": "t0k3n"}"#).into_response();
+            }
+            let first = {
+                let mut log = log.lock().unwrap();
+                log.push(Instant::now());
+                log.len() == 1
+            };
+            if first {
+                return (StatusCode::TOO_MANY_REQUESTS, [(RETRY_AFTER, "1")], "").into_response();
+            }
+            tokio::time::sleep(latency).await;
+            (StatusCode::OK, "{}").into_response()
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, arrivals)
+}
+
+/// After a 429's pause the calls that waited go out at `crm.requests_per_second`, not as a
+/// burst: the gate grants nothing during the pause (calls granted then used to wait holding
+/// their slots and all went out at its end, while the gate kept granting at the rate).
+#[tokio::test]
+async fn after_a_429_pause_no_second_has_more_calls_than_the_rate() {
+    const RATE: usize = 10;
+    let (url, arrivals) = limiting_crm(Duration::from_millis(150)).await;
+    let config = ibstream::config::CrmConfig {
+        base_url: url,
+        requests_per_second: RATE as u32,
+        max_concurrent_requests: 16,
+        ..common::crm_config_for_url()
+    };
+    let crm = ibstream::crm::CrmClient::build(&config).unwrap();
+    crm.login().await.unwrap();
+    let calls: Vec<_> = (0..25)
+        .map(|_| {
+            let crm = crm.clone();
+            tokio::spawn(async move { crm.get_raw(Endpoint::Servers, &[]).await })
+        })
+        .collect();
+    for call in calls {
+        call.await
+            .unwrap()
+            .expect("every call succeeds after the pause");
+    }
+    let arrivals = arrivals.lock().unwrap().clone();
+    assert_eq!(arrivals.len(), 26, "25 calls and the one retry");
+    let pause_end = arrivals[0] + Duration::from_secs(1);
+    assert!(
+        arrivals[1..]
+            .iter()
+            .all(|&at| at >= pause_end - Duration::from_millis(20)),
+        "a call went out during the pause"
+    );
+    // Any second (less 50 ms of the scheduler's jitter between grant and arrival).
+    let window = Duration::from_millis(950);
+    let busiest = arrivals
+        .iter()
+        .map(|&start| {
+            arrivals
+                .iter()
+                .filter(|&&at| at >= start && at < start + window)
+                .count()
+        })
+        .max()
+        .unwrap();
+    assert!(
+        busiest <= RATE,
+        "{busiest} calls within {window:?} at {RATE} a second: {:?}",
+        arrivals
+            .iter()
+            .map(|at| at.duration_since(arrivals[0]).as_millis())
+            .collect::<Vec<_>>()
+    );
+}
+
+/// A login asked by a backfill's call (in the background class) goes before the backfill's
+/// queue: every call of the process, steady-state ones included, waits for the token it
+/// fetches while holding the token's lock.
+#[tokio::test]
+async fn a_login_asked_in_the_background_does_not_queue_behind_the_backfill() {
+    use ibstream::crm::pressure::in_background;
+    let (url, _arrivals) = limiting_crm(Duration::from_millis(0)).await;
+    let config = ibstream::config::CrmConfig {
+        base_url: url,
+        max_concurrent_requests: 1,
+        ..common::crm_config_for_url()
+    };
+    let crm = ibstream::crm::CrmClient::build(&config).unwrap();
+    let pressure = crm.pressure();
+    // The one slot held, and a backfill's pages queued behind it.
+    let held = pressure.acquire_as(None).await;
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut backfill = Vec::new();
+    for rank in 1..=5 {
+        let (pressure, order) = (pressure.clone(), order.clone());
+        backfill.push(tokio::spawn(async move {
+            let _slot = pressure.acquire_as(Some(rank)).await;
+            order.lock().unwrap().push("backfill");
+            // A page's round trip.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }));
+    }
+    let login = {
+        let (crm, order) = (crm.clone(), order.clone());
+        tokio::spawn(in_background(1, async move {
+            crm.login().await.unwrap();
+            order.lock().unwrap().push("login");
+        }))
+    };
+    // Every one queued (the login's request waits for the slot too) before the slot goes
+    // back; a deadline, not a sleep.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pressure.queued() < 6 {
+        assert!(
+            Instant::now() < deadline,
+            "{} calls queued",
+            pressure.queued()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(held);
+    let bound = Duration::from_secs(10);
+    tokio::time::timeout(bound, login)
+        .await
+        .expect("the login ends")
+        .unwrap();
+    for task in backfill {
+        tokio::time::timeout(bound, task)
+            .await
+            .expect("the backfill ends")
+            .unwrap();
+    }
+    let order = order.lock().unwrap().clone();
+    assert_eq!(
+        order.first().copied(),
+        Some("login"),
+        "the login queued behind the backfill: {order:?}"
+    );
+}

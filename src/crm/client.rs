@@ -17,7 +17,9 @@
 //!   while the call waited out a 429 pause or a backoff counts as old. Only a 403 to a token
 //!   just issued, or after the call's one re-login, is [`CrmError::Forbidden`]: a missing
 //!   "IB Reports" permission or a module that is off. No retries beyond that one login.
-//! - 429: every call of the process waits until the pause ends, then this call is retried.
+//! - 429: every call of the process waits until the pause ends (the gate grants no slot
+//!   before its end, and the calls that waited go out at the rate after it, not as a burst),
+//!   then this call is retried.
 //!   The pause is `Retry-After` in either RFC 9110 form (delay-seconds, or an HTTP-date in the
 //!   IMF-fixdate, RFC 850 or asctime form), capped at [`MAX_RETRY_AFTER`] (one hour: a CRM
 //!   asking for more is asked again then). Without a wait in the header (none, unreadable,
@@ -178,8 +180,6 @@ struct Inner {
     /// The request rate and how many calls may be in flight at once (adaptive,
     /// `crm.max_concurrent_requests`).
     pressure: Arc<super::pressure::Pressure>,
-    /// Until when every CRM call of the process waits (a 429's `Retry-After`).
-    paused_until: std::sync::Mutex<Option<tokio::time::Instant>>,
     token: Mutex<TokenState>,
     stats: Arc<CrmStats>,
 }
@@ -291,7 +291,6 @@ impl CrmClient {
                     config.max_concurrent_requests,
                     rps.get(),
                 )),
-                paused_until: std::sync::Mutex::new(None),
                 token: Mutex::new(TokenState::default()),
                 stats: Arc::default(),
             }),
@@ -325,9 +324,10 @@ impl CrmClient {
         volatile: &[String],
     ) -> Result<Vec<Result<Record<Server>, RecordError>>, CrmError> {
         let tz = self.inner.tz;
-        self.get(Endpoint::Servers, &[], &|body| {
+        // In the foreground class: a stream's steady-state list, never behind a backfill.
+        super::pressure::in_foreground(self.get(Endpoint::Servers, &[], &|body| {
             parse_servers::<Server>(body, tz, volatile)
-        })
+        }))
         .await
     }
 
@@ -515,7 +515,9 @@ impl CrmClient {
                 own: false,
             });
         }
-        let token = match self.login_call().await {
+        // In the foreground class of the gate even for a backfill's call: every call of the
+        // process waits for the token mutex held here, steady-state cycles included.
+        let token = match super::pressure::in_foreground(self.login_call()).await {
             Ok(token) => token,
             Err(e) => {
                 self.inner.stats.outcome(Some(e.to_string()));
@@ -609,12 +611,10 @@ impl CrmClient {
         let mut attempt: u32 = 0;
         loop {
             attempt += 1;
-            self.wait_while_paused().await;
-            // The rate's turn and a slot, held until the answer is read (or the retry's wait
-            // starts): it bounds the calls in flight, and its outcome steers the limit.
+            // The rate's turn and a slot (never during a 429's pause), held until the answer is
+            // read (or the retry's wait starts): it bounds the calls in flight, and its outcome
+            // steers the limit.
             let mut slot = inner.pressure.acquire().await;
-            // A 429 seen by another call while this one waited for its turn.
-            self.wait_while_paused().await;
             let mut request = inner
                 .http
                 .request(method.clone(), url)
@@ -760,12 +760,13 @@ impl CrmClient {
                 ),
                 Retry::Transient(_) => None,
             };
-            drop(slot);
             if let Some(pause) = rate_limit_wait {
-                // The CRM limits the process, not this call: every call waits.
+                // The CRM limits the process, not this call: every call waits. Set before the
+                // slot goes back, so the gate grants it to no one before the pause's end.
                 self.pause(pause);
                 inner.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
             }
+            drop(slot);
             if attempt > inner.max_retries {
                 return Err(Failure::Error(match outcome {
                     Retry::RateLimited(retry_after) => CrmError::RateLimited {
@@ -806,34 +807,9 @@ impl CrmClient {
     }
 
     /// Makes every call of the process wait `pause` from now (a longer pause already set
-    /// stands).
+    /// stands): the gate grants nothing before its end (see [`super::pressure`]).
     fn pause(&self, pause: Duration) {
-        let until = tokio::time::Instant::now() + pause;
-        let mut paused = self
-            .inner
-            .paused_until
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if paused.is_none_or(|current| current < until) {
-            *paused = Some(until);
-        }
-    }
-
-    /// Waits until the process-wide pause of a 429 has passed.
-    async fn wait_while_paused(&self) {
-        loop {
-            let until = *self
-                .inner
-                .paused_until
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match until {
-                Some(until) if until > tokio::time::Instant::now() => {
-                    tokio::time::sleep_until(until).await;
-                }
-                _ => return,
-            }
-        }
+        self.inner.pressure.pause(pause);
     }
 
     fn headers(&self, token: Option<&SecretString>) -> HeaderMap {

@@ -15,8 +15,15 @@
 //! together counts once. The limit starts at its maximum: the rate paces a healthy CRM, and
 //! this limit only keeps a CRM that slows down or refuses from being pushed harder.
 //!
+//! A pause ([`Pressure::pause`]: a 429's `Retry-After`, a 503's) stops the whole process's
+//! traffic: the rate's next turn moves to the pause's end, so nothing is granted before it,
+//! and a call granted before the pause was set but not yet sent gives its slot back and
+//! queues again. After the pause the queue goes out at the rate, never as a burst of the calls
+//! that waited (and a slot is not held through the pause).
+//!
 //! Slots are granted first come, first served within two classes: a call in the foreground
-//! (a stream's steady-state cycle, an open window, the servers list, a login) goes before
+//! (a stream's steady-state cycle, an open window, the servers list, a login – these two
+//! even when a backfill's call asks for them: [`in_foreground`]) goes before
 //! every call in the background (a backfill's concurrent windows, a reconciliation sweep:
 //! reads run inside [`in_background`]). So however many windows a backfill keeps open, a
 //! steady-state call waits at most for the next turn of the rate and a slot to come back,
@@ -42,18 +49,25 @@ const LATENCY_RISE: f64 = 2.0;
 const LATENCY_RISE_MIN: f64 = 0.1;
 
 tokio::task_local! {
-    static BACKGROUND: u64;
+    static BACKGROUND: Option<u64>;
 }
 
 /// Runs `work` with its CRM calls in the background class, ranked `rank` (lower first; a
 /// window's first day, see the module header).
 pub async fn in_background<F: Future>(rank: u64, work: F) -> F::Output {
-    BACKGROUND.scope(rank, work).await
+    BACKGROUND.scope(Some(rank), work).await
+}
+
+/// Runs `work` with its CRM calls in the foreground class, even inside [`in_background`]:
+/// a login (which every call of the process waits for while it holds the token) and the
+/// servers list never queue behind a backfill.
+pub async fn in_foreground<F: Future>(work: F) -> F::Output {
+    BACKGROUND.scope(None, work).await
 }
 
 /// The background rank of the current task's calls; `None` in the foreground.
 pub fn background_rank() -> Option<u64> {
-    BACKGROUND.try_with(|rank| *rank).ok()
+    BACKGROUND.try_with(|rank| *rank).ok().flatten()
 }
 
 /// How an answer went, for the limit.
@@ -102,8 +116,10 @@ struct State {
     lowest: Option<f64>,
     /// When the limit was last lowered.
     lowered: Option<Instant>,
-    /// The earliest instant of the next grant (the rate).
+    /// The earliest instant of the next grant (the rate, and the end of a pause).
     next_turn: Instant,
+    /// Until when every call of the process waits (a 429's `Retry-After`).
+    paused_until: Option<Instant>,
 }
 
 impl State {
@@ -191,9 +207,11 @@ impl Pressure {
     /// (at least 1), the limit starting at `max`.
     pub fn new(max: u32, requests_per_second: u32) -> Self {
         let max = max.max(1);
+        // Rounded up: `1 s / 3` truncated spaces four grants within one second.
+        let rate = u64::from(requests_per_second.max(1));
         Pressure {
             max,
-            spacing: Duration::from_secs(1) / requests_per_second.max(1),
+            spacing: Duration::from_nanos(1_000_000_000u64.div_ceil(rate)),
             changed: tokio::sync::Notify::new(),
             state: Mutex::new(State {
                 limit: f64::from(max),
@@ -205,6 +223,7 @@ impl Pressure {
                 lowest: None,
                 lowered: None,
                 next_turn: Instant::now(),
+                paused_until: None,
             }),
             limit_now: AtomicU64::new(u64::from(max)),
             in_flight: AtomicU64::new(0),
@@ -222,8 +241,47 @@ impl Pressure {
         self.acquire_as(background_rank()).await
     }
 
-    /// Waits for a slot in the foreground (`None`) or in the background with a rank.
+    /// Waits for a slot in the foreground (`None`) or in the background with a rank; never
+    /// returns while a pause ([`Pressure::pause`]) lasts.
     pub async fn acquire_as(&self, background: Option<u64>) -> Slot<'_> {
+        loop {
+            let slot = self.acquire_once(background).await;
+            // Granted before a pause was set: the slot goes back and the call queues again,
+            // to be granted at the rate after the pause (the next turn is at its end).
+            let paused = self
+                .lock()
+                .paused_until
+                .is_some_and(|until| until > Instant::now());
+            if !paused {
+                return slot;
+            }
+            drop(slot);
+        }
+    }
+
+    /// Makes every call of the process wait `pause` from now (a longer pause already set
+    /// stands): nothing is granted before its end, and calls granted but not sent yet queue
+    /// again (see the module header).
+    pub fn pause(&self, pause: Duration) {
+        let until = Instant::now() + pause;
+        let mut state = self.lock();
+        if state.paused_until.is_none_or(|current| current < until) {
+            state.paused_until = Some(until);
+        }
+        state.next_turn = state.next_turn.max(until);
+        drop(state);
+        // Waiters sleeping until an earlier turn look again.
+        self.changed.notify_waiters();
+    }
+
+    /// Until when calls wait (a pause set by [`Pressure::pause`]), if that is in the future.
+    pub fn paused_until(&self) -> Option<Instant> {
+        self.lock()
+            .paused_until
+            .filter(|until| *until > Instant::now())
+    }
+
+    async fn acquire_once(&self, background: Option<u64>) -> Slot<'_> {
         let granted = {
             let mut state = self.lock();
             let ahead = state.foreground.len()
@@ -292,6 +350,12 @@ impl Pressure {
     /// Requests holding a slot now.
     pub fn in_flight(&self) -> u64 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Calls waiting for a slot now (both classes).
+    pub fn queued(&self) -> usize {
+        let state = self.lock();
+        state.foreground.len() + state.background.len()
     }
 
     /// The largest limit (`crm.max_concurrent_requests`).
@@ -471,6 +535,35 @@ mod tests {
         let took = started.elapsed();
         assert!(took >= Duration::from_millis(200), "{took:?}");
         assert!(took < Duration::from_millis(600), "{took:?}");
+    }
+
+    #[tokio::test]
+    async fn nothing_is_granted_during_a_pause_and_the_rate_resumes_at_its_end() {
+        let pressure = Pressure::new(8, 10);
+        pressure.acquire().await.done(Outcome::Overloaded);
+        let started = Instant::now();
+        pressure.pause(Duration::from_millis(300));
+        assert!(pressure.paused_until().is_some());
+        pressure.acquire().await.done(Outcome::Neutral);
+        let first = started.elapsed();
+        assert!(
+            first >= Duration::from_millis(300),
+            "granted during the pause: {first:?}"
+        );
+        // The next one a spacing (100 ms) later: no burst of the calls that waited.
+        pressure.acquire().await.done(Outcome::Neutral);
+        let second = started.elapsed();
+        assert!(
+            second >= first + Duration::from_millis(95),
+            "{first:?} {second:?}"
+        );
+        assert_eq!(pressure.paused_until(), None);
+    }
+
+    #[test]
+    fn the_spacing_is_rounded_up() {
+        // 1 s / 3 truncated would put four grants within one second.
+        assert!(Pressure::new(1, 3).spacing * 3 >= Duration::from_secs(1));
     }
 
     #[tokio::test]

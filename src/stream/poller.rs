@@ -65,7 +65,8 @@
 //! request was sent, the poller remembers (only while a sweep is paused, and only for the
 //! entities the cycles read meanwhile) a sequence taken after the answer of each entity's
 //! latest applied read arrived (so retries and waits of that request cannot make it look
-//! older than a sweep page sent meanwhile), and a record from a page sent before it is skipped (counted toward its window, not emitted). The map
+//! older than a sweep page sent meanwhile), and a record from a page sent before it is skipped (not emitted, and not counted toward its window: the window falls short of
+//! its total and is read again by pages sent later, which may hold a newer version). The map
 //! is dropped once the sweep's pages are all newer than its entries. Fingerprints of the days
 //! a sweep still reads, holds or found short are never pruned, even when midnight moved the
 //! sweep horizon past them since it started.
@@ -382,6 +383,9 @@ struct Reading<T: CrmRecord> {
     first_page: bool,
     /// Ids the union started with (a day read before).
     first_union: usize,
+    /// Whether the current read skipped a record as stale (see `Poller::drop_stale`): such a
+    /// read never shows the window complete by itself.
+    skipped_stale: bool,
 }
 
 impl<T: CrmRecord> Reading<T> {
@@ -396,7 +400,7 @@ impl<T: CrmRecord> Reading<T> {
             return self.union.len() as u64 >= self.total;
         }
         let earlier_read = self.passes > 0 || self.first_union > 0;
-        (self.pass_pages <= 1 && self.short_first_page && !earlier_read)
+        (self.pass_pages <= 1 && self.short_first_page && !earlier_read && !self.skipped_stale)
             || (earlier_read && self.union.len() == self.pass_start)
     }
 
@@ -408,6 +412,7 @@ impl<T: CrmRecord> Reading<T> {
         self.pass_pages = 0;
         self.short_first_page = false;
         self.pass_start = self.union.len();
+        self.skipped_stale = false;
         self.passes += 1;
     }
 }
@@ -979,6 +984,7 @@ impl<T: StreamRecord> Poller<T> {
                 passes: 0,
                 rereads: 0,
                 first_page: true,
+                skipped_stale: false,
             });
             return Ok(true);
         };
@@ -1016,8 +1022,9 @@ impl<T: StreamRecord> Poller<T> {
             }
             // Pages already read ahead go into the same batch: when Kafka is slower than the
             // CRM, batches grow instead of the pages waiting.
-            let mut records =
-                self.drop_stale(page.sent, page.records, &mut reading.union, &mut reads);
+            let read = page.records.len();
+            let mut records = self.drop_stale(page.sent, page.records, &mut reads);
+            reading.skipped_stale |= records.len() < read;
             let mut failed = None;
             while records.len() < MAX_BATCH_RECORDS {
                 match reading.pages.ready() {
@@ -1026,12 +1033,10 @@ impl<T: StreamRecord> Poller<T> {
                         reading.total = reading.total.max(page.total.unwrap_or(0));
                         reading.has_total |= page.total.is_some();
                         reading.pass_pages += 1;
-                        records.extend(self.drop_stale(
-                            page.sent,
-                            page.records,
-                            &mut reading.union,
-                            &mut reads,
-                        ));
+                        let read = page.records.len();
+                        let kept = self.drop_stale(page.sent, page.records, &mut reads);
+                        reading.skipped_stale |= kept.len() < read;
+                        records.extend(kept);
                     }
                     Some(Err(e)) => {
                         failed = Some(e);
@@ -1178,14 +1183,21 @@ impl<T: StreamRecord> Poller<T> {
     /// Returns the records of a page requested at read sequence `sent`, without those of
     /// entities read again by a request sent later and already applied (they would move the
     /// entity backwards: a paused sweep's page, read before a cycle read the entity's new
-    /// version). Skipped records still count toward the window's distinct ids. While a sweep
-    /// is paused (this is a cycle's read), the entities read are added to `reads` with a read
-    /// sequence taken after the answer arrived, to remember once committed.
+    /// version). While a sweep is paused (this is a cycle's read), the entities read are added
+    /// to `reads` with a read sequence taken after the answer arrived, to remember once
+    /// committed.
+    ///
+    /// A skipped record does not count toward the window's distinct ids: `sent` is
+    /// taken before the gate, the pauses and the retries (and for a page asked ahead, when
+    /// its request is spawned), so a page that actually went out after the remembered read
+    /// may hold the entity's newer version; skipping it and counting it would show the window
+    /// complete without that version, and a record whose date moved into a window no cycle
+    /// reads again would be lost. Uncounted, the window falls short of its total and is read
+    /// again, by pages sent after the remembered read (their records are not skipped).
     fn drop_stale(
         &mut self,
         sent: u64,
         records: Vec<Result<Record<T>, RecordError>>,
-        union: &mut HashSet<EntityKey>,
         reads: &mut Vec<(EntityKey, u64)>,
     ) -> Vec<Result<Record<T>, RecordError>> {
         // Pages of windows read at once are applied as they come, not as they were sent.
@@ -1218,7 +1230,7 @@ impl<T: StreamRecord> Poller<T> {
                     .get(&key)
                     .is_some_and(|&newer| newer > sent)
                 {
-                    union.insert(key);
+                    // Not counted toward the window: see above.
                     self.stats.stale_skipped.fetch_add(1, Ordering::Relaxed);
                     debug!(
                         stream = self.stream,
@@ -1796,14 +1808,8 @@ mod tests {
         assert!(sweep_sent > cycle_sent);
         // ... entity 7 changes to B; the cycle's retry reads B, applied while the sweep is
         // paused (what `step` does with a cycle's page: drop_stale, commit, remember reads).
-        let mut union = HashSet::new();
         let mut reads = Vec::new();
-        let kept = poller.drop_stale(
-            cycle_sent,
-            vec![transaction(7, "2.5")],
-            &mut union,
-            &mut reads,
-        );
+        let kept = poller.drop_stale(cycle_sent, vec![transaction(7, "2.5")], &mut reads);
         assert_eq!(kept.len(), 1, "the cycle's read is applied");
         for (key, seq) in reads {
             let latest = poller.newer_reads.entry(key).or_insert(seq);
@@ -1813,26 +1819,76 @@ mod tests {
         // The sweep resumes (taken out of `self.sweep` while it steps) with its held page:
         // entity 7 at version A must not be applied after B.
         let sweep = poller.sweep.take();
-        let mut union = HashSet::new();
         let mut reads = Vec::new();
-        let kept = poller.drop_stale(
-            sweep_sent,
-            vec![transaction(7, "1.5")],
-            &mut union,
-            &mut reads,
-        );
+        let kept = poller.drop_stale(sweep_sent, vec![transaction(7, "1.5")], &mut reads);
         poller.sweep = sweep;
         assert!(
             kept.is_empty(),
             "a sweep page sent (seq {sweep_sent}) before the cycle's answer arrived was applied \
              after it (the cycle's request was sent at seq {cycle_sent}): the entity moves back"
         );
-        assert_eq!(
-            union.len(),
-            1,
-            "the skipped record still counts toward its window"
-        );
         assert_eq!(poller.stats.stale_skipped.load(Ordering::Relaxed), 1);
+    }
+
+    /// Windows read at once: a page whose read sequence was taken early (asked ahead, or
+    /// before the gate and a 429 pause) went out after another window's read of entity 7
+    /// and holds its newer version. It is skipped as stale; counted, it would show the window
+    /// complete without that version (a record whose date moved into an older window, which
+    /// no cycle reads again, lost for good). Uncounted, the window falls short and is read
+    /// again.
+    #[tokio::test]
+    async fn a_record_skipped_as_stale_never_makes_its_window_complete() {
+        let mut poller = idle_poller().await;
+        poller.concurrent_reads = true;
+        let day = NaiveDate::from_ymd_opt(2026, 1, 1).expect("a date");
+        let query = poller.query(crate::crm::DateFilter::Transaction, day, day);
+        // The window's page, its sequence taken when it was asked for ahead ...
+        let early = crate::crm::page::next_read_seq();
+        // ... another window's page of entity 7 (its old version), applied first.
+        let mut reads = Vec::new();
+        let kept = poller.drop_stale(
+            crate::crm::page::next_read_seq(),
+            vec![transaction(7, "1.5")],
+            &mut reads,
+        );
+        assert_eq!(kept.len(), 1);
+        for (key, seq) in reads {
+            poller.newer_reads.insert(key, seq);
+            poller.newer_max = poller.newer_max.max(seq);
+        }
+        // The early page comes back with entities 7 (new version) and 8: total 2.
+        let mut reading = Reading {
+            from: day,
+            to: day,
+            pages: poller.shared.client.pages::<crate::crm::Transaction>(query),
+            union: HashSet::new(),
+            total: 2,
+            has_total: true,
+            pass_pages: 1,
+            short_first_page: true,
+            pass_start: 0,
+            passes: 0,
+            rereads: 0,
+            first_page: false,
+            first_union: 0,
+            skipped_stale: false,
+        };
+        let mut reads = Vec::new();
+        let records = vec![transaction(7, "2.5"), transaction(8, "3")];
+        let kept = poller.drop_stale(early, records, &mut reads);
+        assert_eq!(kept.len(), 1, "entity 7's record is skipped as stale");
+        reading.skipped_stale = true;
+        poller.build_batch(kept, Some((day, day)), &mut reading.union);
+        assert!(
+            !reading.complete(),
+            "the window shows complete ({} of {} distinct) with entity 7's newer version skipped",
+            reading.union.len(),
+            reading.total
+        );
+        // Without a total, a single short page holding a skipped record is not complete
+        // either.
+        reading.has_total = false;
+        assert!(!reading.complete());
     }
 
     /// A poller cancelled (its task dropped) while the sink commits its batch: the batch the
