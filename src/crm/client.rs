@@ -220,6 +220,11 @@ impl Held {
 /// expired token costs one login more, never a loop.
 pub const JUST_ISSUED: Duration = Duration::from_secs(3);
 
+/// How many times one call logs in again after 401s to tokens that had aged before the call
+/// was sent (each a fresh login); a CRM whose tokens expire faster than a call can wait for
+/// its turn ends the call after these with [`CrmError::Auth`].
+const MAX_RELOGINS_PER_CALL: u32 = 5;
+
 impl std::fmt::Debug for CrmClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CrmClient")
@@ -443,6 +448,7 @@ impl CrmClient {
     ) -> Result<R, CrmError> {
         let url = self.endpoint_url(endpoint);
         let mut relogged = false;
+        let mut relogins = 0;
         loop {
             let held = self.token().await?;
             let (token, generation) = (&held.token, held.generation);
@@ -459,13 +465,27 @@ impl CrmClient {
                 .await;
             match result {
                 Ok(value) => return Ok(value),
-                Err(Failure::Unauthorized(message)) if !relogged => {
-                    info!(endpoint = endpoint.path_segment(), "crm token rejected, logging in again");
+                // A 401 to a token this call did not just log in for (another call's, or one
+                // that aged while the call waited its turn at the gate, a 429 pause or a
+                // backoff: the token may have expired meanwhile) means log in again; only a
+                // 401 to a token this call's own login issued at most JUST_ISSUED before
+                // the attempt was sent is the API key's fault. Bounded: a CRM whose tokens
+                // expire before any call can use them still ends the call.
+                Err(Failure::Unauthorized { message, sent })
+                    if !relogged
+                        || (!held.just_issued(sent) && relogins < MAX_RELOGINS_PER_CALL) =>
+                {
+                    info!(
+                        endpoint = endpoint.path_segment(),
+                        token_age_ms = sent.saturating_duration_since(held.issued).as_millis() as u64,
+                        "crm token rejected, logging in again"
+                    );
                     debug!(message = %message, "crm 401 answer");
                     self.drop_token(generation).await;
                     relogged = true;
+                    relogins += 1;
                 }
-                Err(Failure::Unauthorized(message)) => {
+                Err(Failure::Unauthorized { message, .. }) => {
                     return Err(CrmError::Auth {
                         url,
                         reason: format!(
@@ -582,7 +602,7 @@ impl CrmClient {
             .await
         {
             Ok(token) => Ok(token),
-            Err(Failure::Unauthorized(message) | Failure::Forbidden { message, .. }) => Err(CrmError::Auth {
+            Err(Failure::Unauthorized { message, .. } | Failure::Forbidden { message, .. }) => Err(CrmError::Auth {
                 url,
                 reason: format!(
                     "login rejected ({message}); check crm.email and crm.password, that the user verified its email, that its role has \"IB Reports\", and that the API key (crm.api_key, crm.domain) has not expired"
@@ -724,7 +744,9 @@ impl CrmClient {
                                     Retry::Transient(format!("unusable answer: {reason}"))
                                 }
                             },
-                            Class::Unauthorized(m) => return Err(Failure::Unauthorized(m)),
+                            Class::Unauthorized(message) => {
+                                return Err(Failure::Unauthorized { message, sent })
+                            }
                             Class::Forbidden(message) => {
                                 return Err(Failure::Forbidden { message, sent })
                             }
@@ -833,7 +855,11 @@ impl CrmClient {
 
 /// How one request failed, before retries are decided on.
 enum Failure {
-    Unauthorized(String),
+    /// A 401, and when the attempt answered so was sent.
+    Unauthorized {
+        message: String,
+        sent: std::time::Instant,
+    },
     /// A 403, and when the attempt answered so was sent.
     Forbidden {
         message: String,
