@@ -594,15 +594,18 @@ async fn kill_9_at_random_moments_loses_nothing() {
         phases.contains_key("backfill") && phases.contains_key("steady"),
         "the kills did not land both in the backfill and in steady state: {phases:?}"
     );
-    // The same topics read_uncommitted: in exactly-once the kills must have left aborted or
-    // unfinished transactions behind (records read_committed does not see), else the
-    // scenario proved nothing about them.
+    // The same topics read_uncommitted: records of transactions a kill left aborted or
+    // unfinished (read_committed does not see them). Reported, not asserted: since windows
+    // are read at once the backfill is short and the steady state's transactions brief, so
+    // 10 random kills may all land between transactions (seen once in a full run: 0 of
+    // 14,677). That a kill inside an open transaction loses and duplicates nothing is
+    // asserted by apache_kafka::the_broker_killed_with_a_transaction_open_loses_nothing_and_
+    // duplicates_nothing, which checks the transaction was open (high watermark above the
+    // last stable offset); here lost 0 and no duplicate are asserted whatever the kills hit.
     let (uncommitted, aborted) = world.uncommitted(&committed).await;
-    if exactly_once() {
-        assert!(
-            aborted > 0,
-            "no record of an aborted transaction after {kills} kills ({phases:?}): read_uncommitted saw {uncommitted}, read_committed {}",
-            committed.len()
+    if exactly_once() && aborted == 0 {
+        eprintln!(
+            "faults: kill -9: no kill landed in an open transaction this time ({kills} kills, {phases:?})"
         );
     }
     eprintln!(
