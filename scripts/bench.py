@@ -151,7 +151,10 @@ log.dirs={work}/kafka-logs
 """ + single_node)
     java = ["java", "-cp", os.path.join(libs, "*"),
             f"-Dlog4j2.configurationFile={ROOT}/tests/kafka/log4j2.properties"]
-    cluster = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
+    # As Kafka's Uuid.randomUuid(): an id starting with "-" would be read as an option.
+    cluster = "-"
+    while cluster.startswith("-"):
+        cluster = base64.urlsafe_b64encode(os.urandom(16)).decode().rstrip("=")
     subprocess.run(java + ["kafka.tools.StorageTool", "format", "--cluster-id", cluster, "--config", properties],
                    check=True, stdout=subprocess.DEVNULL)
     log = open(os.path.join(work, "kafka.log"), "w")

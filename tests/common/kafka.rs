@@ -97,10 +97,23 @@ fn java() -> PathBuf {
     )
 }
 
-/// A cluster id as Kafka writes them: 16 random bytes, URL-safe base64 without padding.
-fn cluster_id() -> String {
+/// A cluster id as Kafka's `Uuid.randomUuid()` makes them: 16 random bytes, URL-safe base64
+/// without padding (22 characters), drawn again while it starts with `-`.
+///
+/// Kafka redraws ids that start with `-` because its command-line tools would read one as an
+/// option: `kafka-storage format --cluster-id -x…` fails with "argument --cluster-id/-t:
+/// expected one argument". One id in 64 starts with `-`; CI drew one.
+pub fn cluster_id() -> String {
+    loop {
+        let id = base64_url_unpadded(&fastrand::u128(..).to_be_bytes());
+        if !id.starts_with('-') {
+            return id;
+        }
+    }
+}
+
+fn base64_url_unpadded(bytes: &[u8]) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let bytes: Vec<u8> = (0..16).map(|_| fastrand::u8(..)).collect();
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
         let n = chunk.iter().fold(0u32, |n, b| n << 8 | u32::from(*b)) << (8 * (3 - chunk.len()));
