@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::ApacheKafka;
+use common::{ApacheKafka, ConfigFile};
 
 #[tokio::test]
 async fn check_passes_its_transactions_line_on_apache_kafka() {
@@ -74,47 +74,22 @@ struct Eos {
 }
 
 impl Eos {
-    /// `kafka` holds further lines of the `[kafka]` table.
-    fn new(sim: &SimHandle, bootstrap: &str, name: &str, kafka: &str) -> Eos {
+    /// `tweak` changes the configuration file of [`ConfigFile::new`] (exactly-once, pages of
+    /// 100, windows of at most 200 records, every stream polled each second).
+    fn new(
+        sim: &SimHandle,
+        bootstrap: &str,
+        name: &str,
+        tweak: impl FnOnce(ConfigFile) -> ConfigFile,
+    ) -> Eos {
         let dir = tempfile::tempdir().unwrap();
         let prefix = common::unique_topic(name);
-        let config = dir.path().join("ibstream.toml");
-        let mut polls = String::new();
-        for stream in STREAMS {
-            polls.push_str(&format!("[streams.{stream}]\npoll_interval_secs = 1\n"));
-        }
-        let toml = format!(
-            r#"
-[crm]
-base_url = "{url}"
-email = "ib@example.com"
-password = "ib-secret"
-api_key = "sim-api-key"
-domain = "sim.example.com"
-requests_per_second = 1000
-page_size = 100
-backoff_initial_ms = 50
-backoff_max_ms = 1000
-
-[topics]
-prefix = "{prefix}"
-
-[kafka]
-bootstrap_servers = "{bootstrap}"
-delivery = "exactly-once"
-instance_id = "{prefix}"
-replication_factor = 1
-{kafka}
-
-[streams]
-start_date = "2024-01-01"
-max_window_records = 200
-
-{polls}
-"#,
-            url = sim.base_url(),
-        );
-        std::fs::write(&config, toml).unwrap();
+        let file = ConfigFile::new(&sim.base_url(), &prefix, bootstrap)
+            .set("crm.page_size", 100)
+            .set("kafka.delivery", "exactly-once")
+            .set("streams.max_window_records", 200)
+            .fast_polls();
+        let config = tweak(file).write(dir.path());
         let logs = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(&prefix);
         std::fs::create_dir_all(&logs).unwrap();
         Eos {
@@ -527,7 +502,7 @@ async fn backfill_then_500_changes_every_change_exactly_once() {
     let started = Instant::now();
     let broker = ApacheKafka::start();
     let sim = common::start_sim(|c| small(c, 2)).await;
-    let world = Eos::new(&sim, &broker.bootstrap, "eos-changes", "");
+    let world = Eos::new(&sim, &broker.bootstrap, "eos-changes", |c| c);
     let mut run = world.spawn("run", 0);
     run.wait_steady(Duration::from_secs(180)).await;
     let backfill = world.wait_for_truth(&sim, Duration::from_secs(60)).await;
@@ -608,7 +583,7 @@ async fn a_second_run_with_the_same_instance_id_fences_the_first() {
     let started = Instant::now();
     let broker = ApacheKafka::start();
     let sim = common::start_sim(|c| small(c, 10)).await;
-    let world = Eos::new(&sim, &broker.bootstrap, "eos-fence", "");
+    let world = Eos::new(&sim, &broker.bootstrap, "eos-fence", |c| c);
     let mut first = world.spawn("run", 0);
     wait_for_pollers(&mut first, Duration::from_secs(120)).await;
     // Mid-backfill: the first commits transactions all the time.
@@ -730,7 +705,7 @@ async fn a_broker_paused_past_the_transaction_timeout_is_not_called_a_takeover()
         &sim,
         &broker.bootstrap,
         "eos-pause",
-        "batch_timeout_secs = 10",
+        |c| c.set("kafka.batch_timeout_secs", 10),
     );
     let mut run = world.spawn("run", 0);
     wait_for_pollers(&mut run, Duration::from_secs(120)).await;
@@ -803,7 +778,7 @@ async fn start_up_on_a_wrong_transaction_log(
         ..Default::default()
     });
     let sim = common::start_sim(|c| small(c, 0)).await;
-    let world = Eos::new(&sim, &broker.bootstrap, "eos-txlog", "");
+    let world = Eos::new(&sim, &broker.bootstrap, "eos-txlog", |c| c);
     let started = Instant::now();
     let mut run = world.spawn("run", 0);
     let (status, log) = run.exit(Duration::from_secs(120)).await;
@@ -858,7 +833,7 @@ async fn a_transaction_log_min_isr_of_2_on_one_node_is_not_refused() {
         ..Default::default()
     });
     let sim = common::start_sim(|c| small(c, 0)).await;
-    let world = Eos::new(&sim, &broker.bootstrap, "eos-minisr", "");
+    let world = Eos::new(&sim, &broker.bootstrap, "eos-minisr", |c| c);
     let mut run = world.spawn("run", 0);
     run.wait_steady(Duration::from_secs(180)).await;
     let events = world.wait_for_truth(&sim, Duration::from_secs(60)).await;
@@ -885,7 +860,7 @@ async fn the_broker_killed_with_a_transaction_open_loses_nothing_and_duplicates_
     let started = Instant::now();
     let mut broker = ApacheKafka::start();
     let sim = common::start_sim(|c| small(c, 10)).await;
-    let world = Eos::new(&sim, &broker.bootstrap, "eos-brokerkill", "");
+    let world = Eos::new(&sim, &broker.bootstrap, "eos-brokerkill", |c| c);
     let mut run = world.spawn("run", 0);
     wait_for_pollers(&mut run, Duration::from_secs(120)).await;
     // Mid-backfill, the moment records of a transaction are in the log and not committed.
@@ -967,7 +942,7 @@ async fn a_fresh_broker_starts_with_a_1_s_batch_timeout() {
         &sim,
         &broker.bootstrap,
         "eos-fresh",
-        "batch_timeout_secs = 1",
+        |c| c.set("kafka.batch_timeout_secs", 1),
     );
     let started = Instant::now();
     let mut run = world.spawn("run", 0);

@@ -17,6 +17,8 @@
 #[path = "common/mod.rs"]
 mod common;
 
+use common::ConfigFile;
+
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -211,51 +213,21 @@ enum Framing<'a> {
 
 /// Starts `ibstream run` (exactly-once, [`PARTITIONS`] partitions per data topic) on `sim`.
 fn spawn_run(sim: &SimHandle, bootstrap: &str, prefix: &str, framing: &Framing, dir: &Path) -> Run {
-    let registry = match framing {
-        Framing::SingleObject => String::new(),
-        Framing::Confluent(registry) => format!(
-            "[schema_registry]\nurl = \"{}\"\nusername = \"sr-user\"\npassword = \"sr-pass\"\nauto_register = true\n",
-            registry.url
-        ),
+    let file = ConfigFile::new(&sim.base_url(), prefix, bootstrap)
+        .set("crm.page_size", 200)
+        .set("kafka.delivery", "exactly-once")
+        .set("kafka.topic_partitions", PARTITIONS as i64)
+        .set("kafka.batch_timeout_secs", 60)
+        .fast_polls();
+    let file = match framing {
+        Framing::SingleObject => file,
+        Framing::Confluent(registry) => file
+            .set("schema_registry.url", registry.url.as_str())
+            .set("schema_registry.username", "sr-user")
+            .set("schema_registry.password", "sr-pass")
+            .set("schema_registry.auto_register", true),
     };
-    let polls: String = STREAMS
-        .iter()
-        .map(|s| format!("[streams.{s}]\npoll_interval_secs = 1\n"))
-        .collect();
-    let toml = format!(
-        r#"
-[crm]
-base_url = "{url}"
-email = "ib@example.com"
-password = "ib-secret"
-api_key = "sim-api-key"
-domain = "sim.example.com"
-requests_per_second = 1000
-page_size = 200
-backoff_initial_ms = 50
-backoff_max_ms = 1000
-
-{registry}
-[topics]
-prefix = "{prefix}"
-
-[kafka]
-bootstrap_servers = "{bootstrap}"
-delivery = "exactly-once"
-instance_id = "{prefix}"
-replication_factor = 1
-topic_partitions = {PARTITIONS}
-batch_timeout_secs = 60
-
-[streams]
-start_date = "2024-01-01"
-
-{polls}
-"#,
-        url = sim.base_url(),
-    );
-    let config = dir.join("ibstream.toml");
-    std::fs::write(&config, toml).unwrap();
+    let config = file.write(dir);
     let log = dir.join("run.log");
     let out = std::fs::File::create(&log).unwrap();
     let http = format!("127.0.0.1:{}", common::free_port());

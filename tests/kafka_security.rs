@@ -19,7 +19,7 @@ use apache_avro::from_avro_datum;
 use apache_avro::types::Value as Avro;
 use chrono_tz::Tz;
 use common::kafka::pem_tls_properties;
-use common::{ApacheKafka, KafkaSetup};
+use common::{ApacheKafka, ConfigFile, KafkaSetup};
 use ibstream::crm::page::read_record;
 use ibstream::crm::{Customer, Lead, Position, Server, Transaction};
 use ibstream::events::{to_value, AvroEvent, EventMeta, EventType, Op, Schemas};
@@ -147,48 +147,13 @@ fn write_config(
     kafka: &str,
     security: &str,
 ) -> PathBuf {
-    let toml = format!(
-        r#"
-[crm]
-base_url = "{url}"
-email = "ib@example.com"
-password = "ib-secret"
-api_key = "sim-api-key"
-domain = "sim.example.com"
-requests_per_second = 1000
-backoff_initial_ms = 50
-backoff_max_ms = 1000
-
-[topics]
-prefix = "{prefix}"
-
-[kafka]
-bootstrap_servers = "{bootstrap}"
-instance_id = "{prefix}"
-replication_factor = 1
-batch_timeout_secs = 30
-{kafka}
-
-[kafka.security]
-{security}
-
-[streams]
-start_date = "2024-01-01"
-
-[streams.leads]
-poll_interval_secs = 1
-[streams.customers]
-poll_interval_secs = 1
-[streams.transactions]
-poll_interval_secs = 1
-[streams.servers]
-poll_interval_secs = 1
-[streams.positions]
-poll_interval_secs = 1
-"#,
-        url = sim.base_url(),
-    );
     let path = dir.join(format!("{name}.toml"));
+    let toml = ConfigFile::new(&sim.base_url(), prefix, bootstrap)
+        .set("kafka.batch_timeout_secs", 30)
+        .set_lines("kafka", kafka)
+        .set_lines("kafka.security", security)
+        .fast_polls()
+        .to_toml();
     std::fs::write(&path, toml).unwrap();
     path
 }

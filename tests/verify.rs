@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
+use common::ConfigFile;
 use ibstream::config::{Config, Delivery};
 use ibstream::run::Stats;
 use ibstream::sim::{ChangeKind, Kind, SimHandle};
@@ -408,35 +409,9 @@ async fn at_least_once_duplicates_are_equal_and_the_exit_codes_say_so() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("ibstream.toml");
-    std::fs::write(
-        &file,
-        format!(
-            r#"
-[crm]
-base_url = "{url}"
-email = "ib@example.com"
-password = "ib-secret"
-api_key = "sim-api-key"
-domain = "sim.example.com"
-requests_per_second = 1000
-
-[topics]
-prefix = "{prefix}"
-
-[kafka]
-bootstrap_servers = "{bootstrap}"
-delivery = "at-least-once"
-instance_id = "{prefix}"
-
-[streams]
-start_date = "2024-01-01"
-"#,
-            url = sim.base_url(),
-            bootstrap = kafka.bootstrap
-        ),
-    )
-    .unwrap();
+    let file = ConfigFile::new(&sim.base_url(), &prefix, &kafka.bootstrap)
+        .set("kafka.delivery", "at-least-once")
+        .write(dir.path());
     let range = ["--from", "2024-01-01", "--to", &today().to_string()];
     let (code, out) = ibstream(&file, &[&range[..], &["--format", "json"]].concat()).await;
     assert_eq!(code, Some(0), "{out}");

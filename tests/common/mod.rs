@@ -2,7 +2,10 @@
 //! Apache Kafka broker process ([`kafka`]), each on free ports.
 #![allow(dead_code)]
 
+pub mod config_file;
 pub mod kafka;
+#[allow(unused_imports)]
+pub use config_file::ConfigFile;
 #[allow(unused_imports)]
 pub use kafka::{ApacheKafka, KafkaSetup};
 

@@ -14,6 +14,7 @@
 //! stderr, prefixed `faults:`.
 
 use super::*;
+use common::ConfigFile;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
@@ -307,45 +308,14 @@ impl World {
     fn new(sim: &SimHandle, bootstrap: &str, name: &str, crm: &str) -> World {
         let dir = tempfile::tempdir().unwrap();
         let prefix = common::unique_topic(name);
-        let config = dir.path().join("ibstream.toml");
-        let toml = format!(
-            r#"
-[crm]
-base_url = "{url}"
-email = "ib@example.com"
-password = "ib-secret"
-api_key = "sim-api-key"
-domain = "sim.example.com"
-{crm}
-page_size = 200
-backoff_initial_ms = 50
-backoff_max_ms = 1000
-
-[topics]
-prefix = "{prefix}"
-
-[kafka]
-bootstrap_servers = "{bootstrap}"
-delivery = "{delivery}"
-instance_id = "{prefix}"
-replication_factor = 1
-batch_timeout_secs = 60
-
-[streams]
-start_date = "2024-01-01"
-max_window_records = 400
-
-{FAST_POLLS}
-"#,
-            url = sim.base_url(),
-            delivery = delivery(),
-            crm = if crm.is_empty() {
-                "requests_per_second = 1000"
-            } else {
-                crm
-            },
-        );
-        std::fs::write(&config, toml).unwrap();
+        let config = ConfigFile::new(&sim.base_url(), &prefix, bootstrap)
+            .set("crm.page_size", 200)
+            .set("kafka.delivery", delivery())
+            .set("kafka.batch_timeout_secs", 60)
+            .set("streams.max_window_records", 400)
+            .fast_polls()
+            .set_lines("crm", crm)
+            .write(dir.path());
         World {
             bootstrap: bootstrap.to_owned(),
             prefix,
@@ -355,15 +325,15 @@ max_window_records = 400
         }
     }
 
+    /// Changes the configuration file for the runs spawned after.
+    fn reconfigure(&self, tweak: impl FnOnce(ConfigFile) -> ConfigFile) {
+        tweak(ConfigFile::read(&self.config)).save(&self.config);
+    }
+
     /// Sets `kafka.batch_timeout_secs` (60 unless told; in exactly-once also the transaction
     /// timeout) for the runs spawned after.
     fn batch_timeout(&self, secs: u64) {
-        let toml = std::fs::read_to_string(&self.config).unwrap();
-        let toml = toml.replace(
-            "batch_timeout_secs = 60",
-            &format!("batch_timeout_secs = {secs}"),
-        );
-        std::fs::write(&self.config, toml).unwrap();
+        self.reconfigure(|c| c.set("kafka.batch_timeout_secs", secs as i64));
     }
 
     fn spawn(&self, n: usize) -> Process {
@@ -1130,49 +1100,26 @@ async fn no_secret_in_anything_any_command_prints_serves_or_writes() {
             ),
         };
         let security = if sasl {
-            "[kafka.security]\nprotocol = \"SASL_PLAINTEXT\"\nsasl_mechanism = \"PLAIN\"\nsasl_username = \"ibstream\"\n"
+            "protocol = \"SASL_PLAINTEXT\"\nsasl_mechanism = \"PLAIN\"\nsasl_username = \"ibstream\"\n"
         } else {
             ""
         };
-        let toml = format!(
-            r#"
-[crm]
-base_url = "{url}"
-email = "ib@example.com"
-domain = "sim.example.com"
-requests_per_second = 1000
-{crm}
-
-[schema_registry]
-url = "{registry_url}"
-username = "sr-user"
-{registry_auth}
-
-[topics]
-prefix = "{prefix}"
-
-[kafka]
-bootstrap_servers = "{bootstrap}"
-delivery = "{delivery}"
-instance_id = "{prefix}-{way}"
-replication_factor = 1
-batch_timeout_secs = 10
-{security}
-[http]
-listen = "{http}"
-
-[streams]
-start_date = "2024-01-01"
-
-[streams.leads]
-poll_interval_secs = 1
-"#,
-            url = sim.base_url(),
-            registry_url = registry.url,
-            delivery = delivery(),
-        );
+        // The secrets come from files and the environment only.
         let path = dir.path().join(format!("{way}-{sasl}.toml"));
-        std::fs::write(&path, toml).unwrap();
+        ConfigFile::new(&sim.base_url(), &prefix, &bootstrap)
+            .remove("crm.password")
+            .remove("crm.api_key")
+            .set_lines("crm", &crm)
+            .set("schema_registry.url", registry.url.as_str())
+            .set("schema_registry.username", "sr-user")
+            .set_lines("schema_registry", &registry_auth)
+            .set("kafka.delivery", delivery())
+            .set("kafka.instance_id", format!("{prefix}-{way}"))
+            .set("kafka.batch_timeout_secs", 10)
+            .set_lines("kafka.security", security)
+            .set("http.listen", http.as_str())
+            .set("streams.leads.poll_interval_secs", 1)
+            .save(&path);
         let mut env = env;
         env.push(("IBSTREAM_CONFIG", path.display().to_string()));
         env

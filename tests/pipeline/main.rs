@@ -39,16 +39,8 @@ pub struct Consumed {
 
 pub const STREAMS: [&str; 5] = ["leads", "customers", "transactions", "servers", "positions"];
 
-/// The TOML tables that poll every stream each second, as [`config`] does, for the tests
-/// that run the binary with a file.
-pub const FAST_POLLS: &str = "[streams.leads]\npoll_interval_secs = 1\n\
-    [streams.customers]\npoll_interval_secs = 1\n\
-    [streams.transactions]\npoll_interval_secs = 1\n\
-    [streams.servers]\npoll_interval_secs = 1\n\
-    [streams.positions]\npoll_interval_secs = 1\n";
-
 /// A run's configuration on `broker`: exactly-once where the broker has transactions
-/// (Apache Kafka), at-least-once where it has none (tansu).
+/// (Apache Kafka), at-least-once where it has none (tansu); every stream polled each second.
 pub fn config(
     sim: &SimHandle,
     broker: &impl common::Broker,

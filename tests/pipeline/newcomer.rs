@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use super::*;
-use common::Broker;
+use common::{Broker, ConfigFile};
 
 /// A child `ibstream` process whose stdout and stderr go to files, killed on drop.
 struct Proc {
@@ -128,17 +128,16 @@ fn logged(stderr: &str, message: &str) -> Vec<Json> {
         .collect()
 }
 
-fn run_toml(sim: &SimHandle, bootstrap: &str, delivery: &str, prefix: &str) -> String {
-    format!(
-        "[crm]\nbase_url = \"{}\"\nemail = \"ib@example.com\"\npassword = \"ib-secret\"\n\
-         api_key = \"sim-api-key\"\ndomain = \"sim.example.com\"\nrequests_per_second = 1000\n\
-         backoff_initial_ms = 10\nbackoff_max_ms = 200\n\
-         [kafka]\nbootstrap_servers = \"{bootstrap}\"\ndelivery = \"{delivery}\"\n\
-         instance_id = \"{prefix}\"\nreplication_factor = 1\nbatch_timeout_secs = 30\n\
-         [topics]\nprefix = \"{prefix}\"\n[http]\nlisten = \"127.0.0.1:0\"\n\
-         [streams]\nstart_date = \"2024-01-01\"\n{FAST_POLLS}",
-        sim.base_url()
-    )
+/// The configuration file of `ibstream run` in these tests: the shared one, retries after
+/// 10 ms, every stream polled each second, an operations server on a free port.
+fn run_config(sim: &SimHandle, bootstrap: &str, delivery: &str, prefix: &str) -> ConfigFile {
+    ConfigFile::new(&sim.base_url(), prefix, bootstrap)
+        .set("crm.backoff_initial_ms", 10)
+        .set("crm.backoff_max_ms", 200)
+        .set("kafka.delivery", delivery)
+        .set("kafka.batch_timeout_secs", 30)
+        .set("http.listen", "127.0.0.1:0")
+        .fast_polls()
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
@@ -195,7 +194,7 @@ async fn events_tail_on_tansu_and_backfill_complete_log_lines() {
     let config = write(
         dir.path(),
         "run.toml",
-        &run_toml(&sim, broker.bootstrap(), "at-least-once", &prefix),
+        &run_config(&sim, broker.bootstrap(), "at-least-once", &prefix).to_toml(),
     );
     tokio::task::block_in_place(|| tansu_part(&sim, &broker, &prefix, &config));
     sim.shutdown().await;
@@ -874,8 +873,9 @@ async fn a_wrong_crm_password_says_once_that_every_stream_stopped() {
     let sim = common::start_sim(|_| {}).await;
     let prefix = common::unique_topic("badpw");
     let dir = tempfile::tempdir().unwrap();
-    let toml = run_toml(&sim, broker.bootstrap(), "at-least-once", &prefix)
-        .replace("password = \"ib-secret\"", "password = \"wrong-secret\"");
+    let toml = run_config(&sim, broker.bootstrap(), "at-least-once", &prefix)
+        .set("crm.password", "wrong-secret")
+        .to_toml();
     let config = write(dir.path(), "run.toml", &toml);
     let (code, out, err) = tokio::task::spawn_blocking(move || {
         let mut run = Proc::spawn(&["--config", &config, "run"], &[]);

@@ -255,21 +255,12 @@ async fn a_backfill_never_delays_another_streams_steady_state_by_more_than_a_pol
         "requests_per_second = 20\nmax_concurrent_requests = 32\nread_ahead_pages = 16",
     );
     let interval = Duration::from_secs(2);
-    let toml = std::fs::read_to_string(&world.config).unwrap();
-    std::fs::write(
-        &world.config,
-        toml.replace(
-            "[streams.leads]\npoll_interval_secs = 1",
-            "[streams.leads]\npoll_interval_secs = 2",
-        )
-        // Positions' windows are read whole, not split (more windows at once).
-        .replace("max_window_records = 400", "max_window_records = 50000")
-        .replace(
-            "start_date = \"2024-01-01\"",
-            &format!("start_date = \"{start_date}\""),
-        ),
-    )
-    .unwrap();
+    world.reconfigure(|c| {
+        c.set("streams.leads.poll_interval_secs", 2)
+            // Positions' windows are read whole, not split (more windows at once).
+            .set("streams.max_window_records", 50_000)
+            .set("streams.start_date", start_date.to_string())
+    });
     let process = world.spawn(0);
     // Leads through their backfill, positions still in theirs.
     let deadline = Instant::now() + Duration::from_secs(180);

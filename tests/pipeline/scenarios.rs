@@ -1,6 +1,7 @@
 //! The scenarios of the pipeline issue, each on its own broker and simulator.
 
 use super::*;
+use common::ConfigFile;
 
 /// Exactly-once (the default) on Apache Kafka, read back with read_committed: no record twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -404,44 +405,14 @@ async fn a_lost_state_topic_stops_every_start_until_a_rebuild_is_asked_for() {
     // started as an orchestrator restarts a pod: every start refuses, whatever the refused
     // starts before it (barriers) or `state show` (its barrier) wrote to the state topic.
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("ibstream.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[crm]
-base_url = "{url}"
-email = "ib@example.com"
-password = "ib-secret"
-api_key = "sim-api-key"
-domain = "sim.example.com"
-requests_per_second = 1000
-
-[topics]
-prefix = "{prefix}"
-
-[kafka]
-bootstrap_servers = "{bootstrap}"
-delivery = "{delivery}"
-instance_id = "lost-1"
-replication_factor = 1
-batch_timeout_secs = 30
-state_topic = "{prefix}.state-after-loss"
-
-[http]
-listen = "127.0.0.1:0"
-
-[streams]
-start_date = "2024-01-01"
-
-{FAST_POLLS}
-"#,
-            url = sim.base_url(),
-            bootstrap = broker.bootstrap,
-            delivery = delivery_toml(&broker),
-        ),
-    )
-    .unwrap();
+    let path = ConfigFile::new(&sim.base_url(), &prefix, &broker.bootstrap)
+        .set("kafka.delivery", delivery_toml(&broker))
+        .set("kafka.instance_id", "lost-1")
+        .set("kafka.batch_timeout_secs", 30)
+        .set("kafka.state_topic", format!("{prefix}.state-after-loss"))
+        .set("http.listen", "127.0.0.1:0")
+        .fast_polls()
+        .write(dir.path());
     let ibstream = |args: &'static [&'static str]| {
         let path = path.clone();
         tokio::task::spawn_blocking(move || {
@@ -643,42 +614,15 @@ fn write_config(
     bootstrap: &str,
     prefix: &str,
 ) -> std::path::PathBuf {
-    let path = dir.join("ibstream.toml");
-    let toml = format!(
-        r#"
-[crm]
-base_url = "{url}"
-email = "ib@example.com"
-password = "ib-secret"
-api_key = "sim-api-key"
-domain = "sim.example.com"
-requests_per_second = 1000
-page_size = 500
-
-[topics]
-prefix = "{prefix}"
-
-[kafka]
-bootstrap_servers = "{bootstrap}"
-delivery = "{delivery}"
-instance_id = "{prefix}-1"
-replication_factor = 1
-
-[http]
-listen = "127.0.0.1:0"
-
-[streams]
-start_date = "2024-01-01"
-# Small, so windows are split in halves while the process is killed and restarted.
-max_window_records = 100
-
-{FAST_POLLS}
-"#,
-        url = sim.base_url(),
-        delivery = delivery_toml(broker),
-    );
-    std::fs::write(&path, toml).unwrap();
-    path
+    ConfigFile::new(&sim.base_url(), prefix, bootstrap)
+        .set("crm.page_size", 500)
+        .set("kafka.delivery", delivery_toml(broker))
+        .set("kafka.instance_id", format!("{prefix}-1"))
+        .set("http.listen", "127.0.0.1:0")
+        // Small, so windows are split in halves while the process is killed and restarted.
+        .set("streams.max_window_records", 100)
+        .fast_polls()
+        .write(dir)
 }
 
 fn spawn_run(config: &std::path::Path) -> std::process::Child {
