@@ -372,16 +372,7 @@ fn expected(sim: &SimHandle, stream: &str) -> HashMap<String, Vec<(String, Avro)
         truth: Vec<Json>,
         key: impl Fn(&T) -> String,
     ) -> HashMap<String, Vec<(String, Avro)>> {
-        let meta = EventMeta {
-            event_id: String::new(),
-            op: Op::Created,
-            emitted_at: chrono::Utc::now(),
-            source: String::new(),
-            endpoint: String::new(),
-            window: None,
-            fetched_at: chrono::Utc::now(),
-            connector_version: String::new(),
-        };
+        let meta = EventMeta::blank();
         truth
             .into_iter()
             .filter_map(|json| read_record::<T>(json, Tz::UTC).ok())

@@ -243,19 +243,6 @@ fn spawn_run(sim: &SimHandle, bootstrap: &str, prefix: &str, framing: &Framing, 
     Run { child, http, log }
 }
 
-fn dummy_meta() -> EventMeta {
-    EventMeta {
-        event_id: String::new(),
-        op: Op::Created,
-        emitted_at: chrono::Utc::now(),
-        source: String::new(),
-        endpoint: String::new(),
-        window: None,
-        fetched_at: chrono::Utc::now(),
-        connector_version: String::new(),
-    }
-}
-
 /// The expected event of each truth record (all fields but `meta`), by key, as JSON in the form
 /// of [`plain`] – built as tests/pipeline's `expected` builds it: the truth read the way
 /// ibstream reads a page, then its Avro value.
@@ -269,7 +256,7 @@ fn expected(sim: &SimHandle, stream: &str) -> HashMap<String, Json> {
             // Unreadable (malformed) records go to the dead-letter topic instead.
             .filter_map(|json| read_record::<T>(json, Tz::UTC).ok())
             .map(|record| {
-                let mut value = plain(&to_value(&record.model, &dummy_meta()).unwrap());
+                let mut value = plain(&to_value(&record.model, &EventMeta::blank()).unwrap());
                 value.as_object_mut().unwrap().remove("meta");
                 (key(&record.model), value)
             })

@@ -341,19 +341,6 @@ async fn consume(
     .unwrap()
 }
 
-fn dummy_meta() -> EventMeta {
-    EventMeta {
-        event_id: String::new(),
-        op: Op::Created,
-        emitted_at: chrono::Utc::now(),
-        source: String::new(),
-        endpoint: String::new(),
-        window: None,
-        fetched_at: chrono::Utc::now(),
-        connector_version: String::new(),
-    }
-}
-
 /// The fields of an event but `meta` and the volatile `balanceUsd`.
 fn without_meta(record: &Avro) -> Vec<(String, Avro)> {
     match record {
@@ -377,7 +364,7 @@ fn expected(sim: &SimHandle, stream: &str) -> HashMap<String, Vec<(String, Avro)
             .into_iter()
             .filter_map(|json| read_record::<T>(json, Tz::UTC).ok())
             .map(|record| {
-                let value = to_value(&record.model, &dummy_meta()).unwrap();
+                let value = to_value(&record.model, &EventMeta::blank()).unwrap();
                 (key(&record.model), without_meta(&value))
             })
             .collect()

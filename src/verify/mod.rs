@@ -388,20 +388,6 @@ async fn topic_read(read: TopicRead) -> Result<Arc<TopicEvents>, VerifyError> {
         .map_err(VerifyError::Failed)
 }
 
-/// The `meta` of the CRM side's events (left out of every comparison).
-fn compare_meta() -> EventMeta {
-    EventMeta {
-        event_id: String::new(),
-        op: Op::Created,
-        emitted_at: Utc::now(),
-        source: String::new(),
-        endpoint: String::new(),
-        window: None,
-        fetched_at: Utc::now(),
-        connector_version: String::new(),
-    }
-}
-
 /// The volatile fields of a stream.
 fn volatile(config: &Config, stream: &str) -> Vec<String> {
     let s = &config.streams;
@@ -439,7 +425,8 @@ impl Side {
             event: EventType::parse(stream).unwrap_or(EventType::Lead),
             volatile: volatile(&ctx.config, stream),
             encoder: ctx.encoder()?,
-            meta: compare_meta(),
+            // Left out of every comparison.
+            meta: EventMeta::blank(),
             report: StreamReport::default(),
             name: String::new(),
             ctx,

@@ -301,19 +301,6 @@ pub fn body(record: &Avro) -> Vec<(String, Avro)> {
     }
 }
 
-fn dummy_meta() -> EventMeta {
-    EventMeta {
-        event_id: String::new(),
-        op: Op::Created,
-        emitted_at: chrono::Utc::now(),
-        source: String::new(),
-        endpoint: String::new(),
-        window: None,
-        fetched_at: chrono::Utc::now(),
-        connector_version: String::new(),
-    }
-}
-
 /// The expected event body (all fields but `meta`) of each truth record, by key.
 pub fn expected(sim: &SimHandle, stream: &str) -> HashMap<String, Vec<(String, Avro)>> {
     fn build<T: ibstream::crm::CrmRecord + AvroEvent>(
@@ -325,7 +312,7 @@ pub fn expected(sim: &SimHandle, stream: &str) -> HashMap<String, Vec<(String, A
             // Unreadable (malformed) records go to the dead-letter topic instead.
             .filter_map(|json| read_record::<T>(json, Tz::UTC).ok())
             .map(|record| {
-                let value = to_value(&record.model, &dummy_meta()).unwrap();
+                let value = to_value(&record.model, &EventMeta::blank()).unwrap();
                 (key(&record.model), without_meta(&value))
             })
             .collect()
