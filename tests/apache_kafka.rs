@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::truth::{expected, without_meta};
+
 use common::{ApacheKafka, ConfigFile};
 
 #[tokio::test]
@@ -353,56 +355,6 @@ fn event_id(record: &Avro) -> String {
     match &fields(meta).iter().find(|(n, _)| n == "eventId").unwrap().1 {
         Avro::String(s) => s.clone(),
         other => panic!("eventId {other:?}"),
-    }
-}
-
-/// The fields of an event but `meta` and the volatile `balanceUsd` (a customer's balance moves
-/// with every transaction without making an event, by design).
-fn without_meta(record: &Avro) -> Vec<(String, Avro)> {
-    fields(record)
-        .iter()
-        .filter(|(n, _)| n != "meta" && n != "balanceUsd")
-        .cloned()
-        .collect()
-}
-
-/// The expected event body of each truth record of `stream`, by key.
-fn expected(sim: &SimHandle, stream: &str) -> HashMap<String, Vec<(String, Avro)>> {
-    fn build<T: ibstream::crm::CrmRecord + AvroEvent>(
-        truth: Vec<Json>,
-        key: impl Fn(&T) -> String,
-    ) -> HashMap<String, Vec<(String, Avro)>> {
-        let meta = EventMeta::blank();
-        truth
-            .into_iter()
-            .filter_map(|json| read_record::<T>(json, Tz::UTC).ok())
-            .map(|record| {
-                let value = to_value(&record.model, &meta).unwrap();
-                (key(&record.model), without_meta(&value))
-            })
-            .collect()
-    }
-    match stream {
-        "leads" => build::<Lead>(sim.truth(Kind::Leads), |m| m.id.unwrap().to_string()),
-        "customers" => build::<Customer>(sim.truth(Kind::Customers), |m| {
-            m.customer_id.unwrap().to_string()
-        }),
-        "transactions" => build::<Transaction>(
-            sim.truth(Kind::Transactions)
-                .into_iter()
-                .filter(|t| t["isFake"] == false)
-                .collect(),
-            |m| m.id.unwrap().to_string(),
-        ),
-        "servers" => build::<Server>(sim.truth(Kind::Servers), |m| m.id.clone().unwrap()),
-        "positions" => build::<Position>(sim.truth(Kind::Positions), |m| {
-            format!(
-                "{}:{}",
-                m.server_tag.clone().unwrap(),
-                m.position_id.unwrap()
-            )
-        }),
-        _ => unreachable!(),
     }
 }
 

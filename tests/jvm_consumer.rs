@@ -247,44 +247,14 @@ fn spawn_run(sim: &SimHandle, bootstrap: &str, prefix: &str, framing: &Framing, 
 /// of [`plain`] – built as tests/pipeline's `expected` builds it: the truth read the way
 /// ibstream reads a page, then its Avro value.
 fn expected(sim: &SimHandle, stream: &str) -> HashMap<String, Json> {
-    fn build<T: ibstream::crm::CrmRecord + AvroEvent>(
-        truth: Vec<Json>,
-        key: impl Fn(&T) -> String,
-    ) -> HashMap<String, Json> {
-        truth
-            .into_iter()
-            // Unreadable (malformed) records go to the dead-letter topic instead.
-            .filter_map(|json| read_record::<T>(json, Tz::UTC).ok())
-            .map(|record| {
-                let mut value = plain(&to_value(&record.model, &EventMeta::blank()).unwrap());
-                value.as_object_mut().unwrap().remove("meta");
-                (key(&record.model), value)
-            })
-            .collect()
-    }
-    match stream {
-        "leads" => build::<Lead>(sim.truth(Kind::Leads), |m| m.id.unwrap().to_string()),
-        "customers" => build::<Customer>(sim.truth(Kind::Customers), |m| {
-            m.customer_id.unwrap().to_string()
-        }),
-        // Fake (test) transactions are not streamed.
-        "transactions" => build::<Transaction>(
-            sim.truth(Kind::Transactions)
-                .into_iter()
-                .filter(|t| t["isFake"] == false)
-                .collect(),
-            |m| m.id.unwrap().to_string(),
-        ),
-        "servers" => build::<Server>(sim.truth(Kind::Servers), |m| m.id.clone().unwrap()),
-        "positions" => build::<Position>(sim.truth(Kind::Positions), |m| {
-            format!(
-                "{}:{}",
-                m.server_tag.clone().unwrap(),
-                m.position_id.unwrap()
-            )
-        }),
-        _ => unreachable!(),
-    }
+    common::truth::expected_values(sim, stream)
+        .into_iter()
+        .map(|(key, value)| {
+            let mut value = plain(&value);
+            value.as_object_mut().unwrap().remove("meta");
+            (key, value)
+        })
+        .collect()
 }
 
 /// The truth records of `stream` as the simulator serves them, by key (not read by ibstream).

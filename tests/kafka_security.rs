@@ -10,6 +10,8 @@
 
 mod common;
 
+use common::truth::{expected, without_meta};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -339,58 +341,6 @@ async fn consume(
     })
     .await
     .unwrap()
-}
-
-/// The fields of an event but `meta` and the volatile `balanceUsd`.
-fn without_meta(record: &Avro) -> Vec<(String, Avro)> {
-    match record {
-        Avro::Record(fields) => fields
-            .iter()
-            .filter(|(n, _)| n != "meta" && n != "balanceUsd")
-            .cloned()
-            .collect(),
-        other => panic!("not a record: {other:?}"),
-    }
-}
-
-/// The expected event body of each truth record of `stream`, by key (malformed records go to
-/// the dead-letter topic instead).
-fn expected(sim: &SimHandle, stream: &str) -> HashMap<String, Vec<(String, Avro)>> {
-    fn build<T: ibstream::crm::CrmRecord + AvroEvent>(
-        truth: Vec<Json>,
-        key: impl Fn(&T) -> String,
-    ) -> HashMap<String, Vec<(String, Avro)>> {
-        truth
-            .into_iter()
-            .filter_map(|json| read_record::<T>(json, Tz::UTC).ok())
-            .map(|record| {
-                let value = to_value(&record.model, &EventMeta::blank()).unwrap();
-                (key(&record.model), without_meta(&value))
-            })
-            .collect()
-    }
-    match stream {
-        "leads" => build::<Lead>(sim.truth(Kind::Leads), |m| m.id.unwrap().to_string()),
-        "customers" => build::<Customer>(sim.truth(Kind::Customers), |m| {
-            m.customer_id.unwrap().to_string()
-        }),
-        "transactions" => build::<Transaction>(
-            sim.truth(Kind::Transactions)
-                .into_iter()
-                .filter(|t| t["isFake"] == false)
-                .collect(),
-            |m| m.id.unwrap().to_string(),
-        ),
-        "servers" => build::<Server>(sim.truth(Kind::Servers), |m| m.id.clone().unwrap()),
-        "positions" => build::<Position>(sim.truth(Kind::Positions), |m| {
-            format!(
-                "{}:{}",
-                m.server_tag.clone().unwrap(),
-                m.position_id.unwrap()
-            )
-        }),
-        _ => unreachable!(),
-    }
 }
 
 /// Reads the data topics of `prefix` `read_committed` and asserts they hold every truth record

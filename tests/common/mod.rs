@@ -4,6 +4,7 @@
 
 pub mod config_file;
 pub mod kafka;
+pub mod truth;
 #[allow(unused_imports)]
 pub use config_file::ConfigFile;
 #[allow(unused_imports)]

@@ -6,6 +6,8 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+pub use common::truth::{expected, without_meta};
+
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -276,19 +278,6 @@ pub fn meta_string(record: &Avro, name: &str) -> String {
     }
 }
 
-/// The fields of an event but `meta` and the volatile `balanceUsd` (a customer's balance moves
-/// with every transaction without making an event, by design).
-pub fn without_meta(record: &Avro) -> Vec<(String, Avro)> {
-    match record {
-        Avro::Record(fields) => fields
-            .iter()
-            .filter(|(n, _)| n != "meta" && n != "balanceUsd")
-            .cloned()
-            .collect(),
-        _ => unreachable!(),
-    }
-}
-
 /// The fields of an event but `meta`: what the record was.
 pub fn body(record: &Avro) -> Vec<(String, Avro)> {
     match record {
@@ -298,46 +287,6 @@ pub fn body(record: &Avro) -> Vec<(String, Avro)> {
             .cloned()
             .collect(),
         other => panic!("not a record: {other:?}"),
-    }
-}
-
-/// The expected event body (all fields but `meta`) of each truth record, by key.
-pub fn expected(sim: &SimHandle, stream: &str) -> HashMap<String, Vec<(String, Avro)>> {
-    fn build<T: ibstream::crm::CrmRecord + AvroEvent>(
-        truth: Vec<Json>,
-        key: impl Fn(&T) -> String,
-    ) -> HashMap<String, Vec<(String, Avro)>> {
-        truth
-            .into_iter()
-            // Unreadable (malformed) records go to the dead-letter topic instead.
-            .filter_map(|json| read_record::<T>(json, Tz::UTC).ok())
-            .map(|record| {
-                let value = to_value(&record.model, &EventMeta::blank()).unwrap();
-                (key(&record.model), without_meta(&value))
-            })
-            .collect()
-    }
-    match stream {
-        "leads" => build::<Lead>(sim.truth(Kind::Leads), |m| m.id.unwrap().to_string()),
-        "customers" => build::<Customer>(sim.truth(Kind::Customers), |m| {
-            m.customer_id.unwrap().to_string()
-        }),
-        "transactions" => build::<Transaction>(
-            sim.truth(Kind::Transactions)
-                .into_iter()
-                .filter(|t| t["isFake"] == false)
-                .collect(),
-            |m| m.id.unwrap().to_string(),
-        ),
-        "servers" => build::<Server>(sim.truth(Kind::Servers), |m| m.id.clone().unwrap()),
-        "positions" => build::<Position>(sim.truth(Kind::Positions), |m| {
-            format!(
-                "{}:{}",
-                m.server_tag.clone().unwrap(),
-                m.position_id.unwrap()
-            )
-        }),
-        _ => unreachable!(),
     }
 }
 
