@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::topics::{group, ByKey, Consumed};
 use common::truth::{expected, without_meta};
 
 use common::{ApacheKafka, ConfigFile};
@@ -239,16 +240,6 @@ impl Process {
     }
 }
 
-/// A record read back from Kafka.
-#[derive(Debug, Clone)]
-struct Consumed {
-    topic: String,
-    partition: i32,
-    offset: i64,
-    key: String,
-    payload: Vec<u8>,
-}
-
 /// Reads every partition of `topics` from the beginning to its end as `isolation` sees it
 /// (`read_committed`: the last stable offset): one consumer per topic, until each of its
 /// partitions reported its end once.
@@ -266,31 +257,16 @@ async fn read_to_end(bootstrap: &str, topics: &[String], isolation: &'static str
                 .set("isolation.level", isolation)
                 .create()
                 .unwrap();
+            let assignment = common::topics::from_the_beginning(
+                &consumer,
+                std::slice::from_ref(topic),
+                Duration::from_secs(60),
+            );
+            let partitions = assignment.count();
             let deadline = Instant::now() + Duration::from_secs(60);
-            let partitions = loop {
-                let metadata = consumer
-                    .fetch_metadata(Some(topic), Duration::from_secs(10))
-                    .unwrap();
-                let ids: Vec<i32> = metadata.topics()[0]
-                    .partitions()
-                    .iter()
-                    .map(|p| p.id())
-                    .collect();
-                if !ids.is_empty() {
-                    break ids;
-                }
-                assert!(Instant::now() < deadline, "topic {topic} was not created");
-                std::thread::sleep(Duration::from_millis(200));
-            };
-            let mut assignment = TopicPartitionList::new();
-            for partition in &partitions {
-                assignment
-                    .add_partition_offset(topic, *partition, Offset::Beginning)
-                    .unwrap();
-            }
             consumer.assign(&assignment).unwrap();
             let mut at_end: HashSet<i32> = HashSet::new();
-            while at_end.len() < partitions.len() {
+            while at_end.len() < partitions {
                 assert!(
                     Instant::now() < deadline,
                     "{topic} ({isolation}) not read to its end within 60 s"
@@ -315,32 +291,6 @@ async fn read_to_end(bootstrap: &str, topics: &[String], isolation: &'static str
     })
     .await
     .unwrap()
-}
-
-/// Events by stream and key, in offset order.
-type ByKey = HashMap<String, HashMap<String, Vec<Avro>>>;
-
-fn decode(schemas: &Schemas, event: EventType, payload: &[u8]) -> Avro {
-    assert_eq!(&payload[..2], &[0xC3, 0x01], "single-object encoding");
-    assert_eq!(&payload[2..10], &schemas.get(event).fingerprint);
-    let schema = &schemas.get(event).schema;
-    from_avro_datum(schema, &mut &payload[10..], Some(schema)).unwrap()
-}
-
-fn group(schemas: &Schemas, prefix: &str, records: &[Consumed]) -> ByKey {
-    let mut sorted: Vec<&Consumed> = records.iter().collect();
-    sorted.sort_by_key(|c| (c.topic.clone(), c.partition, c.offset));
-    let mut out: ByKey = HashMap::new();
-    for c in sorted {
-        let stream = c.topic.strip_prefix(&format!("{prefix}.")).unwrap();
-        let value = decode(schemas, EventType::parse(stream).unwrap(), &c.payload);
-        out.entry(stream.to_owned())
-            .or_default()
-            .entry(c.key.clone())
-            .or_default()
-            .push(value);
-    }
-    out
 }
 
 fn fields(record: &Avro) -> &[(String, Avro)] {

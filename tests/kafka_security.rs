@@ -10,6 +10,7 @@
 
 mod common;
 
+use common::topics::{consume, consume_isolated, group};
 use common::truth::{expected, without_meta};
 
 use std::collections::HashMap;
@@ -283,66 +284,6 @@ fn tail(text: &str) -> String {
     lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
-/// A record read back from Kafka.
-struct Consumed {
-    topic: String,
-    key: Vec<u8>,
-    payload: Vec<u8>,
-}
-
-/// Reads every record of `topics` from the start with `isolation` (`read_committed` or
-/// `read_uncommitted`) until at least `expected` came and then nothing new for 2 s.
-async fn consume(
-    bootstrap: &str,
-    topics: Vec<String>,
-    isolation: &str,
-    expected: usize,
-) -> Vec<Consumed> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", common::unique_topic("read"))
-        .set("enable.auto.commit", "false")
-        .set("isolation.level", isolation)
-        .create()
-        .unwrap();
-    tokio::task::spawn_blocking(move || {
-        let mut assignment = TopicPartitionList::new();
-        for topic in &topics {
-            let metadata = consumer
-                .fetch_metadata(Some(topic), Duration::from_secs(10))
-                .unwrap();
-            for partition in metadata.topics()[0].partitions() {
-                assignment
-                    .add_partition_offset(topic, partition.id(), Offset::Beginning)
-                    .unwrap();
-            }
-        }
-        consumer.assign(&assignment).unwrap();
-        let mut out = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let mut last = Instant::now();
-        while out.len() < expected || last.elapsed() < Duration::from_secs(2) {
-            assert!(
-                Instant::now() < deadline,
-                "only {} of {expected} records within 120 s",
-                out.len()
-            );
-            if let Some(message) = consumer.poll(Duration::from_millis(100)) {
-                let message = message.unwrap();
-                out.push(Consumed {
-                    topic: message.topic().to_owned(),
-                    key: message.key().unwrap_or_default().to_vec(),
-                    payload: message.payload().unwrap_or_default().to_vec(),
-                });
-                last = Instant::now();
-            }
-        }
-        out
-    })
-    .await
-    .unwrap()
-}
-
 /// Reads the data topics of `prefix` `read_committed` and asserts they hold every truth record
 /// exactly once (the simulator makes no change meanwhile: one event per record) with the
 /// truth's values; returns the events read.
@@ -350,28 +291,14 @@ async fn assert_exactly_the_truth(bootstrap: &str, sim: &SimHandle, prefix: &str
     let schemas = Schemas::load("com.ibstream").unwrap();
     let truth: HashMap<&str, _> = STREAMS.iter().map(|s| (*s, expected(sim, s))).collect();
     let count: usize = truth.values().map(HashMap::len).sum();
-    let topics = STREAMS.iter().map(|s| format!("{prefix}.{s}")).collect();
-    let records = consume(bootstrap, topics, "read_committed", count).await;
-    let mut got: HashMap<(String, String), Vec<Avro>> = HashMap::new();
-    for record in &records {
-        let stream = record.topic.strip_prefix(&format!("{prefix}.")).unwrap();
-        let event = EventType::parse(stream).unwrap();
-        let payload = &record.payload;
-        assert_eq!(&payload[..2], &[0xC3, 0x01], "single-object encoding");
-        assert_eq!(&payload[2..10], &schemas.get(event).fingerprint);
-        let schema = &schemas.get(event).schema;
-        let value = from_avro_datum(schema, &mut &payload[10..], Some(schema)).unwrap();
-        got.entry((
-            stream.to_owned(),
-            String::from_utf8(record.key.clone()).unwrap(),
-        ))
-        .or_default()
-        .push(value);
-    }
+    let topics: Vec<String> = STREAMS.iter().map(|s| format!("{prefix}.{s}")).collect();
+    let records = consume(bootstrap, &topics, count, Duration::from_secs(2)).await;
+    let got = group(&schemas, prefix, &records);
     for (stream, records) in &truth {
         for (key, body) in records {
             let events = got
-                .get(&((*stream).to_owned(), key.clone()))
+                .get(*stream)
+                .and_then(|keys| keys.get(key))
                 .unwrap_or_else(|| panic!("{stream} {key}: no event"));
             assert_eq!(events.len(), 1, "{stream} {key}: {} events", events.len());
             assert_eq!(&without_meta(&events[0]), body, "{stream} {key}");
@@ -387,13 +314,14 @@ async fn everything_written(bootstrap: &str, prefix: &str) -> String {
     let mut topics: Vec<String> = STREAMS.iter().map(|s| format!("{prefix}.{s}")).collect();
     topics.push(format!("{prefix}.dlq"));
     topics.push(format!("{prefix}._ibstream_state"));
-    let records = consume(bootstrap, topics, "read_uncommitted", 1).await;
+    let records =
+        consume_isolated(bootstrap, &topics, 1, Duration::from_secs(2), "read_uncommitted").await;
     records
         .iter()
         .map(|r| {
             format!(
                 "{} {}\n",
-                String::from_utf8_lossy(&r.key),
+                r.key,
                 String::from_utf8_lossy(&r.payload)
             )
         })

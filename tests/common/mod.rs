@@ -4,6 +4,7 @@
 
 pub mod config_file;
 pub mod kafka;
+pub mod topics;
 pub mod truth;
 #[allow(unused_imports)]
 pub use config_file::ConfigFile;

@@ -6,6 +6,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+pub use common::topics::{consume, consume_isolated, decode, group, ByKey, Consumed};
 pub use common::truth::{expected, without_meta};
 
 use std::collections::{HashMap, HashSet};
@@ -28,16 +29,6 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::Value as Json;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-
-/// A record read back from Kafka.
-#[derive(Debug, Clone)]
-pub struct Consumed {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub key: String,
-    pub payload: Vec<u8>,
-}
 
 pub const STREAMS: [&str; 5] = ["leads", "customers", "transactions", "servers", "positions"];
 
@@ -168,101 +159,6 @@ impl Running {
     }
 }
 
-/// Reads every record of `topics` (all partitions) until at least `expected` came and then
-/// nothing new for `idle` (tansu's high watermark lags, so "the end" is found by waiting).
-/// Reads `read_committed` (librdkafka's default), as a payouts consumer does.
-pub async fn consume(
-    bootstrap: &str,
-    topics: &[String],
-    expected: usize,
-    idle: Duration,
-) -> Vec<Consumed> {
-    consume_isolated(bootstrap, topics, expected, idle, "read_committed").await
-}
-
-/// [`consume`] with `isolation.level` = `isolation` (`read_committed` or `read_uncommitted`:
-/// the latter also returns the records of aborted and open transactions).
-pub async fn consume_isolated(
-    bootstrap: &str,
-    topics: &[String],
-    expected: usize,
-    idle: Duration,
-    isolation: &str,
-) -> Vec<Consumed> {
-    let bootstrap = bootstrap.to_owned();
-    let topics = topics.to_vec();
-    let isolation = isolation.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", common::unique_topic("check"))
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", &isolation)
-            .create()
-            .unwrap();
-        let mut assignment = TopicPartitionList::new();
-        for topic in &topics {
-            // The topics may not exist yet (ibstream creates them): wait for them.
-            let deadline = Instant::now() + Duration::from_secs(120);
-            let partitions = loop {
-                let metadata = consumer
-                    .fetch_metadata(Some(topic), Duration::from_secs(10))
-                    .unwrap();
-                let ids: Vec<i32> = metadata.topics()[0]
-                    .partitions()
-                    .iter()
-                    .map(|p| p.id())
-                    .collect();
-                if !ids.is_empty() {
-                    break ids;
-                }
-                assert!(Instant::now() < deadline, "topic {topic} was not created");
-                std::thread::sleep(Duration::from_millis(200));
-            };
-            for partition in partitions {
-                assignment
-                    .add_partition_offset(topic, partition, Offset::Beginning)
-                    .unwrap();
-            }
-        }
-        consumer.assign(&assignment).unwrap();
-        let mut out = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let mut last = Instant::now();
-        loop {
-            if out.len() >= expected && last.elapsed() > idle {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "only {} of {expected} records within 120 s",
-                out.len()
-            );
-            if let Some(message) = consumer.poll(Duration::from_millis(100)) {
-                let message = message.unwrap();
-                out.push(Consumed {
-                    topic: message.topic().to_owned(),
-                    partition: message.partition(),
-                    offset: message.offset(),
-                    key: String::from_utf8(message.key().unwrap_or_default().to_vec()).unwrap(),
-                    payload: message.payload().unwrap_or_default().to_vec(),
-                });
-                last = Instant::now();
-            }
-        }
-        out
-    })
-    .await
-    .unwrap()
-}
-
-pub fn decode(schemas: &Schemas, event: EventType, payload: &[u8]) -> Avro {
-    assert_eq!(&payload[..2], &[0xC3, 0x01]);
-    assert_eq!(&payload[2..10], &schemas.get(event).fingerprint);
-    let schema = &schemas.get(event).schema;
-    from_avro_datum(schema, &mut &payload[10..], Some(schema)).unwrap()
-}
-
 pub fn field<'a>(record: &'a Avro, name: &str) -> &'a Avro {
     match record {
         Avro::Record(fields) => &fields.iter().find(|(n, _)| n == name).unwrap().1,
@@ -292,28 +188,6 @@ pub fn body(record: &Avro) -> Vec<(String, Avro)> {
 
 fn event_type(stream: &str) -> EventType {
     EventType::parse(stream).unwrap()
-}
-
-/// Events grouped by stream and key, in offset order.
-pub type ByKey = HashMap<String, HashMap<String, Vec<Avro>>>;
-
-pub fn group(schemas: &Schemas, prefix: &str, records: &[Consumed]) -> ByKey {
-    let mut sorted: Vec<&Consumed> = records.iter().collect();
-    sorted.sort_by_key(|c| (c.topic.clone(), c.partition, c.offset));
-    let mut out: ByKey = HashMap::new();
-    for c in sorted {
-        let stream = c.topic.strip_prefix(&format!("{prefix}.")).unwrap();
-        if stream == "dlq" {
-            continue;
-        }
-        let value = decode(schemas, event_type(stream), &c.payload);
-        out.entry(stream.to_owned())
-            .or_default()
-            .entry(c.key.clone())
-            .or_default()
-            .push(value);
-    }
-    out
 }
 
 /// Reads every data topic (at least as many records as the truth holds) and groups the events.
