@@ -131,7 +131,26 @@ impl ApacheKafka {
     }
 
     /// Formats a fresh storage folder with `setup`, starts the broker and waits until it serves.
+    ///
+    /// Its ports are free when [`free_port`] picks them, but another process can bind one
+    /// before the broker does; the broker then exits with "Address already in use" and is
+    /// started again on other ports (3 tries).
     pub fn start_with(setup: KafkaSetup) -> ApacheKafka {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match ApacheKafka::try_start(&setup) {
+                Ok(kafka) => return kafka,
+                Err(why) if why.contains("Address already in use") && tries < 3 => {
+                    eprintln!("Apache Kafka found a port taken; starting it on other ports");
+                }
+                Err(why) => panic!("{why}"),
+            }
+        }
+    }
+
+    /// [`ApacheKafka::start_with`] once: the broker serving, or why not (with its log's path).
+    fn try_start(setup: &KafkaSetup) -> Result<ApacheKafka, String> {
         let libs = kafka_libs();
         assert!(
             libs.join(format!("kafka_2.13-{}.jar", kafka_version()))
@@ -189,9 +208,9 @@ impl ApacheKafka {
             ("num.partitions".into(), "1".into()),
         ];
         properties.extend(single_node_properties());
-        for (key, value) in setup.properties {
-            properties.retain(|(k, _)| *k != key);
-            properties.push((key, value));
+        for (key, value) in &setup.properties {
+            properties.retain(|(k, _)| k != key);
+            properties.push((key.clone(), value.clone()));
         }
         let text: String = properties
             .iter()
@@ -226,8 +245,8 @@ impl ApacheKafka {
             listeners,
             _tmp: tmp,
         };
-        kafka.restart();
-        kafka
+        kafka.start_process()?;
+        Ok(kafka)
     }
 
     /// One broker for the whole test process, started by the first caller: for the tests that
@@ -303,6 +322,13 @@ impl ApacheKafka {
 
     /// Starts the broker (again) on the same ports and log folder; waits until it serves.
     pub fn restart(&mut self) {
+        if let Err(why) = self.start_process() {
+            panic!("{why}");
+        }
+    }
+
+    /// Starts the broker process (killing a running one first) and waits until it serves.
+    fn start_process(&mut self) -> Result<(), String> {
         self.kill();
         let out = std::fs::OpenOptions::new()
             .create(true)
@@ -329,11 +355,12 @@ impl ApacheKafka {
             .spawn()
             .expect("java runs (Java 17 is needed)");
         self.child = Some(child);
-        self.wait_until_serving(started);
+        self.wait_until_serving(started)
     }
 
-    /// Waits until the broker logs that it started and its listener accepts connections.
-    fn wait_until_serving(&mut self, log_offset: u64) {
+    /// Waits until the broker logs that it started and its listener accepts connections; why
+    /// not when it exits first (with the log written since `log_offset`).
+    fn wait_until_serving(&mut self, log_offset: u64) -> Result<(), String> {
         let addr: SocketAddr = self.bootstrap.parse().expect("address");
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -343,17 +370,22 @@ impl ApacheKafka {
             if since.contains("Kafka Server started")
                 && TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
             {
-                return;
+                return Ok(());
             }
             if let Some(status) = self
                 .child
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
-                panic!(
-                    "Apache Kafka exited ({status}) before serving; see {}",
+                let taken = if since.contains("Address already in use") {
+                    " (Address already in use)"
+                } else {
+                    ""
+                };
+                return Err(format!(
+                    "Apache Kafka exited ({status}) before serving{taken}; see {}",
                     self.log.display()
-                );
+                ));
             }
             assert!(
                 Instant::now() < deadline,

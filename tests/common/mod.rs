@@ -70,12 +70,22 @@ pub fn client(sim: &SimHandle, tweak: impl FnOnce(&mut CrmConfig)) -> CrmClient 
     CrmClient::build(&config).expect("client builds")
 }
 
-/// Returns a port nobody listens on right now.
+/// Returns a port nobody listens on right now, never one it returned before in this test
+/// process (the kernel may offer a port again once its probe closed, before the first taker
+/// bound it).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A tansu broker process on a free port, with in-memory storage unless told otherwise,
