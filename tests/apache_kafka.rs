@@ -703,7 +703,9 @@ async fn a_transaction_log_wanting_3_replicas_on_one_node_is_named_at_start_up()
     );
     assert!(!run.success());
     assert!(
-        said.contains("transaction.state.log.replication.factor=3"),
+        said.contains("transaction.state.log.replication.factor=3")
+            && said.contains("with 1 broker(s) up")
+            && said.contains("brokers that are down"),
         "{said}"
     );
     // Without the settings read, init_transactions waited kafka.batch_timeout_secs (60 s).

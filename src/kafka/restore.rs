@@ -289,12 +289,14 @@ pub async fn transaction_log_problem(config: &KafkaConfig, after_failure: bool) 
         |key: &str| -> Option<usize> { described.get(key)?.value.as_deref()?.trim().parse().ok() };
     let replication = setting("transaction.state.log.replication.factor")?;
     let min_isr = setting("transaction.state.log.min.isr")?;
+    // Metadata lists the brokers that are up: a cluster with one of three down counts 2 here,
+    // and lowering the replication factor is then the wrong fix.
     let fix = format!(
-        "set transaction.state.log.replication.factor and transaction.state.log.min.isr to at most {brokers} in the brokers' server.properties (a single node: transaction.state.log.replication.factor=1 and transaction.state.log.min.isr=1) and restart them, or set kafka.delivery = \"at-least-once\""
+        "start the cluster's brokers that are down, if any; else set transaction.state.log.replication.factor and transaction.state.log.min.isr to at most {brokers} in the brokers' server.properties (a single node: transaction.state.log.replication.factor=1 and transaction.state.log.min.isr=1) and restart them, or set kafka.delivery = \"at-least-once\""
     );
     match log_isr {
         None if replication > brokers => Some(format!(
-            "the broker setting transaction.state.log.replication.factor={replication} asks for {replication} replicas of Kafka's transaction log ({TRANSACTION_LOG}) on a cluster of {brokers} broker(s): the broker cannot create it, so no transaction can start; {fix}"
+            "the broker setting transaction.state.log.replication.factor={replication} asks for {replication} replicas of Kafka's transaction log ({TRANSACTION_LOG}) with {brokers} broker(s) up: the broker cannot create it, so no transaction can start; {fix}"
         )),
         Some(isr) if after_failure => (isr < min_isr).then(|| format!(
                 "Kafka's transaction log ({TRANSACTION_LOG}) has partitions with {isr} in-sync replica(s), fewer than the broker setting transaction.state.log.min.isr={min_isr}: no transaction can start until enough of its replicas are in sync (brokers down?) or transaction.state.log.min.isr is lowered"
