@@ -5,11 +5,6 @@
 
 mod common;
 
-use common::topics::{group, ByKey, Consumed};
-use common::truth::{expected, without_meta};
-
-use common::{ApacheKafka, ConfigFile};
-
 #[tokio::test]
 async fn check_passes_its_transactions_line_on_apache_kafka() {
     let broker = ApacheKafka::start();
@@ -41,16 +36,15 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use apache_avro::from_avro_datum;
 use apache_avro::types::Value as Avro;
-use chrono_tz::Tz;
-use ibstream::crm::page::read_record;
-use ibstream::crm::{Customer, Lead, Position, Server, Transaction};
-use ibstream::events::{to_value, AvroEvent, EventMeta, EventType, Op, Schemas};
-use ibstream::sim::{Kind, SimHandle};
+use common::topics::{group, ByKey, Consumed};
+use common::truth::{expected, without_meta};
+use common::{ApacheKafka, ConfigFile};
+use ibstream::events::Schemas;
+use ibstream::sim::SimHandle;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message};
 use serde_json::Value as Json;
 
 const STREAMS: [&str; 5] = ["leads", "customers", "transactions", "servers", "positions"];
@@ -594,12 +588,9 @@ async fn a_broker_paused_past_the_transaction_timeout_is_not_called_a_takeover()
     let sim = common::start_sim(|c| small(c, 10)).await;
     // transaction.timeout.ms = kafka.batch_timeout_secs × 1000 = 10 s (with 5 s the start-up
     // probe's own transaction timed out on a loaded machine).
-    let world = Eos::new(
-        &sim,
-        &broker.bootstrap,
-        "eos-pause",
-        |c| c.set("kafka.batch_timeout_secs", 10),
-    );
+    let world = Eos::new(&sim, &broker.bootstrap, "eos-pause", |c| {
+        c.set("kafka.batch_timeout_secs", 10)
+    });
     let mut run = world.spawn("run", 0);
     wait_for_pollers(&mut run, Duration::from_secs(120)).await;
     // Mid-backfill, while a transaction is open, paused twice the transaction timeout.
@@ -823,7 +814,11 @@ fn cluster_ids_are_never_read_as_an_option() {
         let id = common::kafka::cluster_id();
         assert_eq!(id.len(), 22, "16 bytes in unpadded base64: {id}");
         assert!(!id.starts_with('-'), "{id}");
-        assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'), "{id}");
+        assert!(
+            id.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+            "{id}"
+        );
     }
 }
 
@@ -833,12 +828,9 @@ async fn a_fresh_broker_starts_with_a_1_s_batch_timeout() {
     // longer than 1 s: start-up must wait for it, not fail.
     let broker = ApacheKafka::start();
     let sim = common::start_sim(|c| small(c, 0)).await;
-    let world = Eos::new(
-        &sim,
-        &broker.bootstrap,
-        "eos-fresh",
-        |c| c.set("kafka.batch_timeout_secs", 1),
-    );
+    let world = Eos::new(&sim, &broker.bootstrap, "eos-fresh", |c| {
+        c.set("kafka.batch_timeout_secs", 1)
+    });
     let started = Instant::now();
     let mut run = world.spawn("run", 0);
     wait_for_pollers(&mut run, Duration::from_secs(120)).await;

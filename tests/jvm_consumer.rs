@@ -17,18 +17,13 @@
 #[path = "common/mod.rs"]
 mod common;
 
-use common::ConfigFile;
-
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use apache_avro::types::Value as Avro;
-use chrono_tz::Tz;
-use ibstream::crm::page::read_record;
-use ibstream::crm::{Customer, Lead, Position, Server, Transaction};
-use ibstream::events::{to_value, AvroEvent, EventMeta, Op};
+use common::ConfigFile;
 use ibstream::sim::{ChangeKind, Kind, SimHandle};
 use serde_json::{json, Value as Json};
 

@@ -10,25 +10,17 @@
 
 mod common;
 
-use common::topics::{consume, consume_isolated, group};
-use common::truth::{expected, without_meta};
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use apache_avro::from_avro_datum;
-use apache_avro::types::Value as Avro;
-use chrono_tz::Tz;
 use common::kafka::pem_tls_properties;
+use common::topics::{consume, consume_isolated, group};
+use common::truth::{expected, without_meta};
 use common::{ApacheKafka, ConfigFile, KafkaSetup};
-use ibstream::crm::page::read_record;
-use ibstream::crm::{Customer, Lead, Position, Server, Transaction};
-use ibstream::events::{to_value, AvroEvent, EventMeta, EventType, Op, Schemas};
-use ibstream::sim::{Kind, SimHandle};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use ibstream::events::Schemas;
+use ibstream::sim::SimHandle;
 use serde_json::Value as Json;
 
 const USER: &str = "ibstream";
@@ -314,17 +306,17 @@ async fn everything_written(bootstrap: &str, prefix: &str) -> String {
     let mut topics: Vec<String> = STREAMS.iter().map(|s| format!("{prefix}.{s}")).collect();
     topics.push(format!("{prefix}.dlq"));
     topics.push(format!("{prefix}._ibstream_state"));
-    let records =
-        consume_isolated(bootstrap, &topics, 1, Duration::from_secs(2), "read_uncommitted").await;
+    let records = consume_isolated(
+        bootstrap,
+        &topics,
+        1,
+        Duration::from_secs(2),
+        "read_uncommitted",
+    )
+    .await;
     records
         .iter()
-        .map(|r| {
-            format!(
-                "{} {}\n",
-                r.key,
-                String::from_utf8_lossy(&r.payload)
-            )
-        })
+        .map(|r| format!("{} {}\n", r.key, String::from_utf8_lossy(&r.payload)))
         .collect()
 }
 

@@ -29,12 +29,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{NaiveDate, Utc};
+use chrono::NaiveDate;
 use chrono_tz::Tz;
 
 use crate::config::{Config, ConfigError};
 use crate::crm::{CrmClient, Customer, DateFilter, Lead, Position, Record, Server, Transaction};
-use crate::events::{Encoder, EventMeta, EventType, Framing, Op, Schemas};
+use crate::events::{Encoder, EventMeta, EventType, Framing, Schemas};
 use crate::stream::poller::StreamRecord;
 use compare::{body, day_field, differing, Decoder, ModelFacts, Totals};
 use topics::TopicEvents;

@@ -74,7 +74,9 @@ impl ConfigFile {
         let (path, key) = dotted.rsplit_once('.').expect("a key inside a table");
         let mut table = Some(&mut self.table);
         for name in path.split('.') {
-            table = table.and_then(|t| t.get_mut(name)).and_then(Value::as_table_mut);
+            table = table
+                .and_then(|t| t.get_mut(name))
+                .and_then(Value::as_table_mut);
         }
         if let Some(table) = table {
             table.remove(key);

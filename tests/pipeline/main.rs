@@ -14,13 +14,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use apache_avro::from_avro_datum;
 use apache_avro::types::Value as Avro;
 use chrono_tz::Tz;
 use ibstream::config::{Config, Delivery};
 use ibstream::crm::page::read_record;
-use ibstream::crm::{Customer, Lead, Position, Server, Transaction};
-use ibstream::events::{to_value, AvroEvent, EventMeta, EventType, Op, Schemas};
+use ibstream::crm::{Customer, Lead, Position, Transaction};
+use ibstream::events::{EventType, Schemas};
 use ibstream::run::{RunError, RunReport, Stats};
 use ibstream::sim::{ChangeKind, Kind, SimHandle};
 use ibstream::stream::poller::StreamStats;
