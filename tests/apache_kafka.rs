@@ -483,6 +483,16 @@ async fn a_second_run_with_the_same_instance_id_fences_the_first() {
         said.contains("another ibstream process with the same kafka.instance_id took over"),
         "the fenced run does not say another process took over:\n{said}"
     );
+    // Every stream it stopped names the cause, not the sink's end ("the sink stopped before
+    // answering" – the stream whose batch came last was the one `error:` named, seen once).
+    let stopped: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("the process cannot go on"))
+        .collect();
+    assert!(!stopped.is_empty(), "no stream stopped:\n{log}");
+    for line in &stopped {
+        assert!(line.contains("took over"), "{line}");
+    }
     second.wait_steady(Duration::from_secs(180)).await;
     let events = world.wait_for_truth(&sim, Duration::from_secs(60)).await;
     let total = assert_exactly_once(&sim, &events, "after fencing");

@@ -106,6 +106,9 @@ pub struct SinkStats {
     pub batch_duration: prometheus_client::metrics::histogram::Histogram,
     /// The last batch's failure, if the last batch failed.
     last_failure: std::sync::Mutex<Option<String>>,
+    /// Why the producer stopped (its fatal error), once it did: what every batch sent after
+    /// is answered with, so each poller names the cause (e.g. fenced), not the sink's end.
+    stopped: std::sync::OnceLock<String>,
     /// Batches handed to the sink and not answered yet, and since when the sink has waited
     /// without any of them finishing (reset whenever one finishes).
     in_flight: std::sync::Mutex<(u64, Option<std::time::Instant>)>,
@@ -125,6 +128,7 @@ impl Default for SinkStats {
                 prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 16),
             ),
             last_failure: std::sync::Mutex::default(),
+            stopped: std::sync::OnceLock::new(),
             in_flight: std::sync::Mutex::default(),
         }
     }
@@ -223,15 +227,21 @@ impl SinkHandle {
             return Ok(());
         }
         let (ack, outcome) = oneshot::channel();
+        let stopped = |otherwise: &str| {
+            SinkError::Fatal(
+                self.stats
+                    .stopped
+                    .get()
+                    .map_or_else(|| otherwise.to_owned(), Clone::clone),
+            )
+        };
         self.tx
             .send((batch, ack))
             .await
-            .map_err(|_| SinkError::Fatal("the sink has stopped".to_owned()))?;
-        outcome.await.unwrap_or_else(|_| {
-            Err(SinkError::Fatal(
-                "the sink stopped before answering".to_owned(),
-            ))
-        })
+            .map_err(|_| stopped("the sink has stopped"))?;
+        outcome
+            .await
+            .unwrap_or_else(|_| Err(stopped("the sink stopped before answering")))
     }
 }
 
@@ -570,12 +580,22 @@ fn run(
                 }
             }
         };
+        if let Err(SinkError::Fatal(reason)) = &outcome {
+            // Before any answer: a poller told to stop reads the cause the others are told.
+            let _ = stats.stopped.set(reason.clone());
+        }
         let fatal = matches!(outcome, Err(SinkError::Fatal(_)));
         for (batch, ack) in group {
             stats.finished(started, &batch, &outcome);
             let _ = ack.send(outcome.clone());
         }
         if fatal {
+            // The batches already waiting get the same answer; later ones find the channel
+            // closed and read `stats.stopped`.
+            rx.close();
+            while let Ok((_, ack)) = rx.try_recv() {
+                let _ = ack.send(outcome.clone());
+            }
             return outcome;
         }
     }
@@ -848,6 +868,29 @@ fn classify(error: KafkaError) -> SinkError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batch sent after the producer stopped is answered with why it stopped (fenced), as
+    /// the batch that met it was, never "the sink has stopped": the run's last words name
+    /// whichever stream stopped last.
+    #[tokio::test]
+    async fn a_batch_after_the_producer_stopped_is_told_why() {
+        let (sink, requests) = SinkHandle::held();
+        let fenced = fenced("This instance has been fenced by a newer instance");
+        sink.stats.stopped.set(fenced.clone()).unwrap();
+        drop(requests);
+        let batch = Batch {
+            events: vec![OutRecord {
+                topic: "t".to_owned(),
+                key: b"k".to_vec(),
+                payload: Some(b"v".to_vec()),
+            }],
+            ..Batch::default()
+        };
+        match sink.commit(batch).await {
+            Err(SinkError::Fatal(reason)) => assert_eq!(reason, fenced),
+            other => panic!("{other:?}"),
+        }
+    }
 
     #[test]
     fn the_pass_through_tunes_the_producer_but_cannot_weaken_delivery() {
