@@ -336,8 +336,9 @@ pub async fn probe_transactions(
         let mut offsets = TopicPartitionList::new();
         offsets.add_partition_offset(&topic, 0, Offset::Offset(0))?;
         // A broker that has just created the group's coordinator answers "not coordinator"
-        // (or "loading") for a moment: the probe is tried again until `timeout`, as
-        // librdkafka's own retriable errors ask.
+        // (or "loading") for a moment, and on a loaded machine a short transaction timeout
+        // (`kafka.batch_timeout_secs` 1) can end the probe's transaction before its commit:
+        // the probe is tried again until `timeout`, as librdkafka's own retriable errors ask.
         let deadline = Instant::now() + timeout;
         loop {
             producer.begin_transaction()?;
@@ -346,7 +347,7 @@ pub async fn probe_transactions(
                 .and_then(|()| producer.commit_transaction(timeout));
             let Err(e) = done else { return Ok(()) };
             let _ = producer.abort_transaction(timeout);
-            if !coordinator_not_ready(&e) || Instant::now() >= deadline {
+            if !(coordinator_not_ready(&e) || timed_out(&e)) || Instant::now() >= deadline {
                 return Err(e);
             }
             std::thread::sleep(Duration::from_millis(200));
@@ -368,6 +369,15 @@ fn coordinator_not_ready(e: &rdkafka::error::KafkaError) -> bool {
                 | RDKafkaErrorCode::CoordinatorLoadInProgress
                 | RDKafkaErrorCode::CoordinatorNotAvailable
         )
+    )
+}
+
+/// Returns whether `e` is a timeout (librdkafka's `_TIMED_OUT`, Kafka's REQUEST_TIMED_OUT):
+/// the transaction may have ended at the broker's transaction timeout; a new one may succeed.
+fn timed_out(e: &rdkafka::error::KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::OperationTimedOut | RDKafkaErrorCode::RequestTimedOut)
     )
 }
 
