@@ -360,9 +360,10 @@ impl CrmClient {
     /// of the concurrency limit (a backfill's windows read at once, a reconciliation sweep:
     /// see [`super::pressure`]), ranked by the window's first day: the oldest days of every
     /// stream go first, so the streams' backfills move through time together and end
-    /// together, instead of one stream's last windows waiting behind the others'. One page is
-    /// read ahead (at least), so windows read at once each keep one request going while the
-    /// poller works on another's page.
+    /// together, instead of one stream's last windows waiting behind the others'. Pages are
+    /// read ahead (one at least) unless `crm.read_ahead_pages` is 0, so windows read at once
+    /// each keep one request going while the poller works on another's page; with 0 (windows
+    /// are then read one at a time) each page is asked for when the caller asks for it.
     pub fn pages_in_background<T: CrmRecord>(&self, query: WindowQuery) -> PageIter<T> {
         self.pages_as(query, true)
     }
@@ -1111,9 +1112,11 @@ fn jitter(bound: Duration) -> Duration {
 }
 
 /// Pages of one window query, in order: read by a [`Pager`], on demand or by a task of its
-/// own up to `crm.read_ahead_pages` ahead of the caller (still one request at a time). A
-/// window whose first page reports more than `max_records` is not read ahead: its reader
-/// splits it instead of reading on. Dropping the iterator stops the task.
+/// own up to `crm.read_ahead_pages` ahead of the caller (still one request at a time). With
+/// `crm.read_ahead_pages = 0` every page is read on demand, in the background class too (a
+/// sweep): no page is asked for before the caller asks for it. A window whose first page
+/// reports more than `max_records` is not read ahead: its reader splits it instead of
+/// reading on. Dropping the iterator stops the task.
 pub struct PageIter<T: CrmRecord> {
     source: Source<T>,
     /// A page (or the end: `Some(None)`) received by [`PageIter::poll_wait`], not yet taken.
@@ -1123,7 +1126,8 @@ pub struct PageIter<T: CrmRecord> {
 }
 
 enum Source<T: CrmRecord> {
-    Direct(Pager<T>),
+    /// Read on demand; in the background class of the CRM gate at the rank, if any.
+    Direct(Pager<T>, Option<u64>),
     Ahead {
         pages: tokio::sync::mpsc::Receiver<Result<Page<T>, CrmError>>,
         asked: Arc<Asked>,
@@ -1149,14 +1153,14 @@ impl<T: CrmRecord> Drop for PageIter<T> {
 
 impl<T: CrmRecord> PageIter<T> {
     fn new(pager: Pager<T>, read_ahead: u32, background: Option<u64>) -> Self {
-        if read_ahead == 0 && background.is_none() {
+        if read_ahead == 0 {
             return PageIter {
-                source: Source::Direct(pager),
+                source: Source::Direct(pager, background),
                 peeked: None,
                 asked_ahead: false,
             };
         }
-        let (tx, pages) = tokio::sync::mpsc::channel(read_ahead.max(1) as usize);
+        let (tx, pages) = tokio::sync::mpsc::channel(read_ahead as usize);
         let asked = Arc::new(Asked::default());
         let task = match background {
             Some(rank) => tokio::spawn(super::pressure::in_background(
@@ -1178,7 +1182,10 @@ impl<T: CrmRecord> PageIter<T> {
             return page;
         }
         match &mut self.source {
-            Source::Direct(pager) => pager.next().await,
+            Source::Direct(pager, None) => pager.next().await,
+            Source::Direct(pager, Some(rank)) => {
+                super::pressure::in_background(*rank, pager.next()).await
+            }
             Source::Ahead { pages, asked, .. } => {
                 if !std::mem::take(&mut self.asked_ahead) {
                     asked.pages.fetch_add(1, Ordering::AcqRel);
@@ -1195,7 +1202,7 @@ impl<T: CrmRecord> PageIter<T> {
             return self.peeked.take().flatten();
         }
         match &mut self.source {
-            Source::Direct(_) => None,
+            Source::Direct(..) => None,
             Source::Ahead { pages, asked, .. } => {
                 if self.peeked.is_some() {
                     return None;
@@ -1218,7 +1225,7 @@ impl<T: CrmRecord> PageIter<T> {
             return std::task::Poll::Ready(());
         }
         match &mut self.source {
-            Source::Direct(_) => std::task::Poll::Ready(()),
+            Source::Direct(..) => std::task::Poll::Ready(()),
             Source::Ahead { pages, asked, .. } => {
                 if !self.asked_ahead {
                     self.asked_ahead = true;
@@ -1286,7 +1293,7 @@ struct Pager<T: CrmRecord> {
     short_first: bool,
     done: bool,
     /// In the background, with a `total`: pages after the one in hand already asked for (at
-    /// most `crm.read_ahead_pages`, at least 1), by number, with the read sequence taken when
+    /// most `crm.read_ahead_pages`; none when it is 0), by number, with the read sequence taken when
     /// each was sent. They are taken in order as if fetched then, so every rule above holds;
     /// a window's pages go out at once instead of one round trip after the other.
     prefetched: std::collections::BTreeMap<u32, Prefetched<T>>,
@@ -1306,16 +1313,17 @@ impl<T: CrmRecord> Drop for Pager<T> {
 
 impl<T: CrmRecord> Pager<T> {
     /// Asks for the pages after `page_number` up to the last one (by the total), at most
-    /// `crm.read_ahead_pages` (at least 1) ahead, each in the background class before any
-    /// first page (rank 0). Only in the background (a backfill, a sweep).
+    /// `crm.read_ahead_pages` ahead (none when it is 0: the caller asks for every page), each
+    /// in the background class before any first page (rank 0). Only in the background (a
+    /// backfill, a sweep).
     fn prefetch(&mut self, page_number: u32) {
-        if self.done || super::pressure::background_rank().is_none() {
+        let ahead = self.client.inner.read_ahead_pages;
+        if self.done || ahead == 0 || super::pressure::background_rank().is_none() {
             return;
         }
         let Some(last) = self.last_page else {
             return;
         };
-        let ahead = self.client.inner.read_ahead_pages.max(1);
         let until = u64::from(page_number.saturating_add(ahead)).min(last);
         for number in (page_number + 1)..=(until as u32) {
             if self.prefetched.contains_key(&number) {

@@ -23,7 +23,8 @@
 //! page is applied only if no newer read of its entities was applied before (the same
 //! read-sequence rule as a paused sweep's, below): a record that moved between two windows
 //! read at once is never moved backwards. Without a read-ahead (`crm.read_ahead_pages = 0`)
-//! windows are read one at a time.
+//! windows are read one at a time, and no page (a sweep's included) is asked for before the
+//! poller asks for it.
 //!
 //! A window is read completely or not passed silently: the distinct ids over the union of its
 //! reads must reach the CRM's `total`. Short, it is read again (`max_drift_rereads`), then split
@@ -57,7 +58,8 @@
 //! page in hand (late and corrected records; unchanged ones are dropped by their
 //! fingerprints). Its calls are in the background class of the CRM gate; its windows are read
 //! one after the other (with the default 31-day windows and 30 days swept, one or two), each
-//! window's pages asked for ahead as a backfill's are (see `Pager` in [`crate::crm::client`]). When it finishes, the cursor records the time, so a restart does not sweep
+//! window's pages asked for ahead as a backfill's are (see `Pager` in [`crate::crm::client`];
+//! none with `crm.read_ahead_pages = 0`). When it finishes, the cursor records the time, so a restart does not sweep
 //! at once.
 //!
 //! A paused sweep keeps pages read ahead, requested before the cycles that run meanwhile. No
