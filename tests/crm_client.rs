@@ -441,6 +441,37 @@ async fn without_read_ahead_a_background_read_asks_for_no_page_before_its_caller
     sim.shutdown().await;
 }
 
+/// A reader's pages asked for ahead count as unread until handed out, the next in order the
+/// oldest: a poller forgets the reads it remembered before every reader's oldest (see
+/// `Poller::forget_reads_before`).
+#[tokio::test]
+async fn the_oldest_unread_page_is_the_next_one_handed_out() {
+    let sim = start_sim(|c| c.leads = 2500).await;
+    let crm = client(&sim, |c| {
+        c.page_size = 1000;
+        c.read_ahead_pages = 3;
+    });
+    let mut pages = crm.pages_in_background::<Lead>(since_start());
+    let first = pages.next().await.unwrap().unwrap();
+    // Pages 2 and 3 were asked for before page 1 was passed on.
+    let oldest = pages.oldest_unread();
+    assert!(
+        oldest.is_some_and(|oldest| oldest > first.sent),
+        "{oldest:?}"
+    );
+    let second = pages.next().await.unwrap().unwrap();
+    assert_eq!(Some(second.sent), oldest);
+    let third = pages.next().await.unwrap().unwrap();
+    assert!(third.sent > second.sent);
+    assert!(pages.next().await.is_none());
+    assert_eq!(
+        pages.oldest_unread(),
+        None,
+        "nothing is awaited after the end"
+    );
+    sim.shutdown().await;
+}
+
 /// Reads every page of a leads query since the start; returns the ids and the page sizes.
 async fn read_all(crm: &ibstream::crm::CrmClient) -> Result<(Vec<i64>, Vec<usize>), CrmError> {
     let mut pages = crm.pages::<Lead>(since_start());

@@ -389,6 +389,7 @@ impl CrmClient {
             max_pages: None,
             fetched: 0,
             ids: std::collections::HashSet::new(),
+            unread: Arc::default(),
             short_first: false,
             done: false,
             prefetched: std::collections::BTreeMap::new(),
@@ -1119,6 +1120,8 @@ fn jitter(bound: Duration) -> Duration {
 /// reading on. Dropping the iterator stops the task.
 pub struct PageIter<T: CrmRecord> {
     source: Source<T>,
+    /// The read sequences of its pages asked for and not yet handed out.
+    unread: Arc<Unread>,
     /// A page (or the end: `Some(None)`) received by [`PageIter::poll_wait`], not yet taken.
     peeked: Option<Option<Result<Page<T>, CrmError>>>,
     /// Whether the page being waited for was asked for already (a wait that was left).
@@ -1133,6 +1136,40 @@ enum Source<T: CrmRecord> {
         asked: Arc<Asked>,
         task: tokio::task::JoinHandle<()>,
     },
+}
+
+/// The read sequences ([`super::page::next_read_seq`]) of a [`PageIter`]'s requests sent (or
+/// about to be) whose pages it has not handed to its caller yet: a page read ahead, one in
+/// flight, one waiting at the gate. A window's sequences grow page by page, and pages are
+/// handed out in order.
+#[derive(Default)]
+struct Unread(std::sync::Mutex<std::collections::BTreeSet<u64>>);
+
+impl Unread {
+    fn set(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<u64>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes the read sequence of a request about to be sent, counted unread. Taken under
+    /// the lock, so [`PageIter::oldest_unread`] never misses a sequence already taken.
+    fn take(&self) -> u64 {
+        let mut set = self.set();
+        let sent = super::page::next_read_seq();
+        set.insert(sent);
+        sent
+    }
+
+    /// Notes what was handed out: a page requested at `sent` (the sequences before it were of
+    /// pages the pager did not pass on, or of requests given up), or the end (`None`).
+    fn handed(&self, sent: Option<u64>) {
+        let mut set = self.set();
+        match sent {
+            Some(sent) => *set = set.split_off(&(sent + 1)),
+            None => set.clear(),
+        }
+    }
 }
 
 /// Pages the caller of a [`PageIter`] asked for, and a wake-up for its task when it waits
@@ -1153,9 +1190,11 @@ impl<T: CrmRecord> Drop for PageIter<T> {
 
 impl<T: CrmRecord> PageIter<T> {
     fn new(pager: Pager<T>, read_ahead: u32, background: Option<u64>) -> Self {
+        let unread = pager.unread.clone();
         if read_ahead == 0 {
             return PageIter {
                 source: Source::Direct(pager, background),
+                unread,
                 peeked: None,
                 asked_ahead: false,
             };
@@ -1171,13 +1210,37 @@ impl<T: CrmRecord> PageIter<T> {
         };
         PageIter {
             source: Source::Ahead { pages, asked, task },
+            unread,
             peeked: None,
             asked_ahead: false,
         }
     }
 
+    /// Returns the oldest read sequence ([`super::page::next_read_seq`]) of the pages asked
+    /// for and not handed out yet; `None` when there is none (every page asked for later
+    /// takes a sequence above all taken so far). A reader that remembers reads by sequence
+    /// to skip older pages' records can forget those older than every iterator's oldest.
+    pub fn oldest_unread(&self) -> Option<u64> {
+        self.unread.set().first().copied()
+    }
+
+    /// Notes a page (or the end) handed to the caller, and passes it on.
+    fn hand(&self, page: Option<Result<Page<T>, CrmError>>) -> Option<Result<Page<T>, CrmError>> {
+        match &page {
+            Some(Ok(page)) => self.unread.handed(Some(page.sent)),
+            // After an error the pager reads no more.
+            Some(Err(_)) | None => self.unread.handed(None),
+        }
+        page
+    }
+
     /// Returns the next page, `None` after the last one or after an error.
     pub async fn next(&mut self) -> Option<Result<Page<T>, CrmError>> {
+        let page = self.next_page().await;
+        self.hand(page)
+    }
+
+    async fn next_page(&mut self) -> Option<Result<Page<T>, CrmError>> {
         if let Some(page) = self.peeked.take() {
             return page;
         }
@@ -1198,6 +1261,11 @@ impl<T: CrmRecord> PageIter<T> {
 
     /// Returns the next page if it has been fetched already, without waiting.
     pub fn ready(&mut self) -> Option<Result<Page<T>, CrmError>> {
+        let page = self.ready_page()?;
+        self.hand(Some(page))
+    }
+
+    fn ready_page(&mut self) -> Option<Result<Page<T>, CrmError>> {
         if matches!(self.peeked, Some(Some(_))) {
             return self.peeked.take().flatten();
         }
@@ -1289,6 +1357,9 @@ struct Pager<T: CrmRecord> {
     fetched: u64,
     /// Hashes of the ids seen (only while the CRM reports no total).
     ids: std::collections::HashSet<u64>,
+    /// Its requests' read sequences, until their pages are handed out (shared with its
+    /// [`PageIter`]).
+    unread: Arc<Unread>,
     /// Whether the first page was shorter than asked while the CRM reports no total.
     short_first: bool,
     done: bool,
@@ -1330,7 +1401,7 @@ impl<T: CrmRecord> Pager<T> {
                 continue;
             }
             let (client, query) = (self.client.clone(), self.query.clone());
-            let sent = super::page::next_read_seq();
+            let sent = self.unread.take();
             let request = tokio::spawn(super::pressure::in_background(0, async move {
                 client.page::<T>(&query, number).await
             }));
@@ -1374,7 +1445,7 @@ impl<T: CrmRecord> Pager<T> {
                 }),
             ),
             None => {
-                let sent = super::page::next_read_seq();
+                let sent = self.unread.take();
                 let request = self.client.page::<T>(&self.query, page_number);
                 // In the background, a read's next pages go before every first page
                 // waiting: the queue must not stand between a window's pages (the densest
