@@ -72,7 +72,9 @@
 //! is dropped once the sweep's pages are all newer than its entries, and after every page of
 //! a cycle its entries older than every page still awaited (asked for, not yet applied, see
 //! [`PageIter::oldest_unread`]) are forgotten – they could skip nothing – so during a
-//! backfill read at once it holds the reads of a few windows, not of the whole backfill.
+//! backfill read at once it holds the reads of a few windows, not of the whole backfill
+//! (while one window's request is held up, every read since it was sent is kept: that
+//! window's answer may hold an older version of any of them).
 //! Fingerprints of the days
 //! a sweep still reads, holds or found short are never pruned, even when midnight moved the
 //! sweep horizon past them since it started.
