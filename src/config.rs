@@ -976,8 +976,9 @@ pub struct CrmConfig {
     /// Records per page (1 to 1000, the API's maximum).
     #[serde(default = "default_page_size")]
     pub page_size: u32,
-    /// Pages of a window fetched ahead of the one being committed, one request at a time (0
-    /// reads a page only when the previous one is committed).
+    /// Pages of a window fetched ahead of the one being committed (0 reads every page, a
+    /// sweep's too, only when the previous one is committed; windows are then read one at a
+    /// time).
     #[serde(default = "default_read_ahead_pages")]
     pub read_ahead_pages: u32,
     /// Retries of a failed call (5xx, 429, timeouts, resets) before the call fails.

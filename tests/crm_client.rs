@@ -408,6 +408,70 @@ async fn a_window_its_reader_will_split_is_not_read_ahead() {
     sim.shutdown().await;
 }
 
+/// `crm.read_ahead_pages = 0` turns read-ahead off in the background class too (a sweep, whose
+/// windows are read with `pages_in_background`): no page is requested before the caller asks
+/// for it, so one request at a time. It used to read one page ahead (`.max(1)`), both by a
+/// task and by asking the window's next page ahead.
+#[tokio::test]
+async fn without_read_ahead_a_background_read_asks_for_no_page_before_its_caller() {
+    let sim = start_sim(|c| c.leads = 2500).await;
+    let crm = client(&sim, |c| {
+        c.page_size = 1000;
+        c.read_ahead_pages = 0;
+    });
+    let mut pages = crm.pages_in_background::<Lead>(since_start());
+    assert_eq!(pages_served_settle(&sim, 0).await, 0, "a page before asked");
+    let mut ids = HashSet::new();
+    for number in 1..=3 {
+        let page = pages.next().await.unwrap().unwrap();
+        assert_eq!(page.page, number);
+        ids.extend(
+            page.records
+                .into_iter()
+                .map(|r| r.unwrap().model.id.unwrap()),
+        );
+        assert_eq!(
+            pages_served_settle(&sim, u64::from(number)).await,
+            u64::from(number),
+            "page {number} in hand: a page asked for ahead"
+        );
+    }
+    assert!(pages.next().await.is_none());
+    assert_eq!(ids, lead_ids(&sim), "every record once");
+    sim.shutdown().await;
+}
+
+/// A reader's pages asked for ahead count as unread until handed out, the next in order the
+/// oldest: a poller forgets the reads it remembered before every reader's oldest (see
+/// `Poller::forget_reads_before`).
+#[tokio::test]
+async fn the_oldest_unread_page_is_the_next_one_handed_out() {
+    let sim = start_sim(|c| c.leads = 2500).await;
+    let crm = client(&sim, |c| {
+        c.page_size = 1000;
+        c.read_ahead_pages = 3;
+    });
+    let mut pages = crm.pages_in_background::<Lead>(since_start());
+    let first = pages.next().await.unwrap().unwrap();
+    // Pages 2 and 3 were asked for before page 1 was passed on.
+    let oldest = pages.oldest_unread();
+    assert!(
+        oldest.is_some_and(|oldest| oldest > first.sent),
+        "{oldest:?}"
+    );
+    let second = pages.next().await.unwrap().unwrap();
+    assert_eq!(Some(second.sent), oldest);
+    let third = pages.next().await.unwrap().unwrap();
+    assert!(third.sent > second.sent);
+    assert!(pages.next().await.is_none());
+    assert_eq!(
+        pages.oldest_unread(),
+        None,
+        "nothing is awaited after the end"
+    );
+    sim.shutdown().await;
+}
+
 /// Reads every page of a leads query since the start; returns the ids and the page sizes.
 async fn read_all(crm: &ibstream::crm::CrmClient) -> Result<(Vec<i64>, Vec<usize>), CrmError> {
     let mut pages = crm.pages::<Lead>(since_start());

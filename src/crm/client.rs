@@ -360,9 +360,10 @@ impl CrmClient {
     /// of the concurrency limit (a backfill's windows read at once, a reconciliation sweep:
     /// see [`super::pressure`]), ranked by the window's first day: the oldest days of every
     /// stream go first, so the streams' backfills move through time together and end
-    /// together, instead of one stream's last windows waiting behind the others'. One page is
-    /// read ahead (at least), so windows read at once each keep one request going while the
-    /// poller works on another's page.
+    /// together, instead of one stream's last windows waiting behind the others'. Pages are
+    /// read ahead (one at least) unless `crm.read_ahead_pages` is 0, so windows read at once
+    /// each keep one request going while the poller works on another's page; with 0 (windows
+    /// are then read one at a time) each page is asked for when the caller asks for it.
     pub fn pages_in_background<T: CrmRecord>(&self, query: WindowQuery) -> PageIter<T> {
         self.pages_as(query, true)
     }
@@ -388,6 +389,7 @@ impl CrmClient {
             max_pages: None,
             fetched: 0,
             ids: std::collections::HashSet::new(),
+            unread: Arc::default(),
             short_first: false,
             done: false,
             prefetched: std::collections::BTreeMap::new(),
@@ -1111,11 +1113,15 @@ fn jitter(bound: Duration) -> Duration {
 }
 
 /// Pages of one window query, in order: read by a [`Pager`], on demand or by a task of its
-/// own up to `crm.read_ahead_pages` ahead of the caller (still one request at a time). A
-/// window whose first page reports more than `max_records` is not read ahead: its reader
-/// splits it instead of reading on. Dropping the iterator stops the task.
+/// own up to `crm.read_ahead_pages` ahead of the caller (still one request at a time). With
+/// `crm.read_ahead_pages = 0` every page is read on demand, in the background class too (a
+/// sweep): no page is asked for before the caller asks for it. A window whose first page
+/// reports more than `max_records` is not read ahead: its reader splits it instead of
+/// reading on. Dropping the iterator stops the task.
 pub struct PageIter<T: CrmRecord> {
     source: Source<T>,
+    /// The read sequences of its pages asked for and not yet handed out.
+    unread: Arc<Unread>,
     /// A page (or the end: `Some(None)`) received by [`PageIter::poll_wait`], not yet taken.
     peeked: Option<Option<Result<Page<T>, CrmError>>>,
     /// Whether the page being waited for was asked for already (a wait that was left).
@@ -1123,12 +1129,47 @@ pub struct PageIter<T: CrmRecord> {
 }
 
 enum Source<T: CrmRecord> {
-    Direct(Pager<T>),
+    /// Read on demand; in the background class of the CRM gate at the rank, if any.
+    Direct(Pager<T>, Option<u64>),
     Ahead {
         pages: tokio::sync::mpsc::Receiver<Result<Page<T>, CrmError>>,
         asked: Arc<Asked>,
         task: tokio::task::JoinHandle<()>,
     },
+}
+
+/// The read sequences ([`super::page::next_read_seq`]) of a [`PageIter`]'s requests sent (or
+/// about to be) whose pages it has not handed to its caller yet: a page read ahead, one in
+/// flight, one waiting at the gate. A window's sequences grow page by page, and pages are
+/// handed out in order.
+#[derive(Default)]
+struct Unread(std::sync::Mutex<std::collections::BTreeSet<u64>>);
+
+impl Unread {
+    fn set(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<u64>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes the read sequence of a request about to be sent, counted unread. Taken under
+    /// the lock, so [`PageIter::oldest_unread`] never misses a sequence already taken.
+    fn take(&self) -> u64 {
+        let mut set = self.set();
+        let sent = super::page::next_read_seq();
+        set.insert(sent);
+        sent
+    }
+
+    /// Notes what was handed out: a page requested at `sent` (the sequences before it were of
+    /// pages the pager did not pass on, or of requests given up), or the end (`None`).
+    fn handed(&self, sent: Option<u64>) {
+        let mut set = self.set();
+        match sent {
+            Some(sent) => *set = set.split_off(&(sent + 1)),
+            None => set.clear(),
+        }
+    }
 }
 
 /// Pages the caller of a [`PageIter`] asked for, and a wake-up for its task when it waits
@@ -1149,14 +1190,16 @@ impl<T: CrmRecord> Drop for PageIter<T> {
 
 impl<T: CrmRecord> PageIter<T> {
     fn new(pager: Pager<T>, read_ahead: u32, background: Option<u64>) -> Self {
-        if read_ahead == 0 && background.is_none() {
+        let unread = pager.unread.clone();
+        if read_ahead == 0 {
             return PageIter {
-                source: Source::Direct(pager),
+                source: Source::Direct(pager, background),
+                unread,
                 peeked: None,
                 asked_ahead: false,
             };
         }
-        let (tx, pages) = tokio::sync::mpsc::channel(read_ahead.max(1) as usize);
+        let (tx, pages) = tokio::sync::mpsc::channel(read_ahead as usize);
         let asked = Arc::new(Asked::default());
         let task = match background {
             Some(rank) => tokio::spawn(super::pressure::in_background(
@@ -1167,18 +1210,45 @@ impl<T: CrmRecord> PageIter<T> {
         };
         PageIter {
             source: Source::Ahead { pages, asked, task },
+            unread,
             peeked: None,
             asked_ahead: false,
         }
     }
 
+    /// Returns the oldest read sequence ([`super::page::next_read_seq`]) of the pages asked
+    /// for and not handed out yet; `None` when there is none (every page asked for later
+    /// takes a sequence above all taken so far). A reader that remembers reads by sequence
+    /// to skip older pages' records can forget those older than every iterator's oldest.
+    pub fn oldest_unread(&self) -> Option<u64> {
+        self.unread.set().first().copied()
+    }
+
+    /// Notes a page (or the end) handed to the caller, and passes it on.
+    fn hand(&self, page: Option<Result<Page<T>, CrmError>>) -> Option<Result<Page<T>, CrmError>> {
+        match &page {
+            Some(Ok(page)) => self.unread.handed(Some(page.sent)),
+            // After an error the pager reads no more.
+            Some(Err(_)) | None => self.unread.handed(None),
+        }
+        page
+    }
+
     /// Returns the next page, `None` after the last one or after an error.
     pub async fn next(&mut self) -> Option<Result<Page<T>, CrmError>> {
+        let page = self.next_page().await;
+        self.hand(page)
+    }
+
+    async fn next_page(&mut self) -> Option<Result<Page<T>, CrmError>> {
         if let Some(page) = self.peeked.take() {
             return page;
         }
         match &mut self.source {
-            Source::Direct(pager) => pager.next().await,
+            Source::Direct(pager, None) => pager.next().await,
+            Source::Direct(pager, Some(rank)) => {
+                super::pressure::in_background(*rank, pager.next()).await
+            }
             Source::Ahead { pages, asked, .. } => {
                 if !std::mem::take(&mut self.asked_ahead) {
                     asked.pages.fetch_add(1, Ordering::AcqRel);
@@ -1191,11 +1261,16 @@ impl<T: CrmRecord> PageIter<T> {
 
     /// Returns the next page if it has been fetched already, without waiting.
     pub fn ready(&mut self) -> Option<Result<Page<T>, CrmError>> {
+        let page = self.ready_page()?;
+        self.hand(Some(page))
+    }
+
+    fn ready_page(&mut self) -> Option<Result<Page<T>, CrmError>> {
         if matches!(self.peeked, Some(Some(_))) {
             return self.peeked.take().flatten();
         }
         match &mut self.source {
-            Source::Direct(_) => None,
+            Source::Direct(..) => None,
             Source::Ahead { pages, asked, .. } => {
                 if self.peeked.is_some() {
                     return None;
@@ -1218,7 +1293,7 @@ impl<T: CrmRecord> PageIter<T> {
             return std::task::Poll::Ready(());
         }
         match &mut self.source {
-            Source::Direct(_) => std::task::Poll::Ready(()),
+            Source::Direct(..) => std::task::Poll::Ready(()),
             Source::Ahead { pages, asked, .. } => {
                 if !self.asked_ahead {
                     self.asked_ahead = true;
@@ -1282,11 +1357,14 @@ struct Pager<T: CrmRecord> {
     fetched: u64,
     /// Hashes of the ids seen (only while the CRM reports no total).
     ids: std::collections::HashSet<u64>,
+    /// Its requests' read sequences, until their pages are handed out (shared with its
+    /// [`PageIter`]).
+    unread: Arc<Unread>,
     /// Whether the first page was shorter than asked while the CRM reports no total.
     short_first: bool,
     done: bool,
     /// In the background, with a `total`: pages after the one in hand already asked for (at
-    /// most `crm.read_ahead_pages`, at least 1), by number, with the read sequence taken when
+    /// most `crm.read_ahead_pages`; none when it is 0), by number, with the read sequence taken when
     /// each was sent. They are taken in order as if fetched then, so every rule above holds;
     /// a window's pages go out at once instead of one round trip after the other.
     prefetched: std::collections::BTreeMap<u32, Prefetched<T>>,
@@ -1306,23 +1384,24 @@ impl<T: CrmRecord> Drop for Pager<T> {
 
 impl<T: CrmRecord> Pager<T> {
     /// Asks for the pages after `page_number` up to the last one (by the total), at most
-    /// `crm.read_ahead_pages` (at least 1) ahead, each in the background class before any
-    /// first page (rank 0). Only in the background (a backfill, a sweep).
+    /// `crm.read_ahead_pages` ahead (none when it is 0: the caller asks for every page), each
+    /// in the background class before any first page (rank 0). Only in the background (a
+    /// backfill, a sweep).
     fn prefetch(&mut self, page_number: u32) {
-        if self.done || super::pressure::background_rank().is_none() {
+        let ahead = self.client.inner.read_ahead_pages;
+        if self.done || ahead == 0 || super::pressure::background_rank().is_none() {
             return;
         }
         let Some(last) = self.last_page else {
             return;
         };
-        let ahead = self.client.inner.read_ahead_pages.max(1);
         let until = u64::from(page_number.saturating_add(ahead)).min(last);
         for number in (page_number + 1)..=(until as u32) {
             if self.prefetched.contains_key(&number) {
                 continue;
             }
             let (client, query) = (self.client.clone(), self.query.clone());
-            let sent = super::page::next_read_seq();
+            let sent = self.unread.take();
             let request = tokio::spawn(super::pressure::in_background(0, async move {
                 client.page::<T>(&query, number).await
             }));
@@ -1366,7 +1445,7 @@ impl<T: CrmRecord> Pager<T> {
                 }),
             ),
             None => {
-                let sent = super::page::next_read_seq();
+                let sent = self.unread.take();
                 let request = self.client.page::<T>(&self.query, page_number);
                 // In the background, a read's next pages go before every first page
                 // waiting: the queue must not stand between a window's pages (the densest
