@@ -13,7 +13,8 @@
 //!    topic), never missing. Per stream and day both sides' totals are summed.
 //! 4. [`report`] writes it for people (text) or machines (JSON, CSV).
 //!
-//! Nothing is written to Kafka unless `--repair` ([`repair`]) is asked for.
+//! Nothing is written to Kafka unless `--repair` ([`repair`]) is asked for; a repair that sent
+//! events reads the streams it sent them to again and compares them again ([`AfterRepair`]).
 //!
 //! Memory: the latest event of every key of the chosen topics is held while the CRM is read
 //! (about the size of the topics after compaction).
@@ -156,16 +157,49 @@ pub struct Report {
     pub from: NaiveDate,
     /// Last day.
     pub to: NaiveDate,
-    /// Per stream.
+    /// Per stream, as the comparison found it (before any repair: what `--repair` mended).
     pub streams: Vec<StreamReport>,
     /// What `--repair` sent, when asked.
     pub repaired: Option<repair::Repaired>,
+    /// When `--repair` sent events: the result after it (see [`AfterRepair`]).
+    pub after_repair: Option<AfterRepair>,
 }
 
 impl Report {
-    /// Returns whether every stream is equal.
+    /// Returns whether every stream is equal (the comparison before any repair).
     pub fn is_equal(&self) -> bool {
         self.streams.iter().all(StreamReport::is_equal)
+    }
+
+    /// Returns whether the topics end equal to the CRM: after a repair that sent events, by
+    /// the comparison made again after it; otherwise by the comparison.
+    pub fn ends_equal(&self) -> bool {
+        match &self.after_repair {
+            Some(after) => after.is_equal(),
+            None => self.is_equal(),
+        }
+    }
+}
+
+/// `--repair`'s second look: the streams it sent events to are read again (topic and CRM)
+/// after its last batch committed, and compared again; the other streams stand as the
+/// comparison found them (the repair wrote nothing to their topics).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AfterRepair {
+    /// The streams read and compared again.
+    pub reverified: Vec<String>,
+    /// Every stream after the repair: the second comparison of the re-verified ones, the
+    /// first of the others.
+    pub streams: Vec<StreamReport>,
+    /// Why the second comparison could not be made (the CRM or Kafka failed); nothing is
+    /// then shown equal.
+    pub error: Option<String>,
+}
+
+impl AfterRepair {
+    /// Returns whether every stream is equal after the repair.
+    pub fn is_equal(&self) -> bool {
+        self.error.is_none() && self.streams.iter().all(StreamReport::is_equal)
     }
 }
 
@@ -228,6 +262,25 @@ pub struct Candidates {
     pub servers: Vec<Candidate<Server>>,
     /// Positions.
     pub positions: Vec<Candidate<Position>>,
+}
+
+impl Candidates {
+    /// Returns the streams with a record to send, in the order of [`STREAMS`].
+    pub fn streams(&self) -> Vec<&'static str> {
+        let sizes = [
+            self.leads.len(),
+            self.customers.len(),
+            self.transactions.len(),
+            self.servers.len(),
+            self.positions.len(),
+        ];
+        STREAMS
+            .into_iter()
+            .zip(sizes)
+            .filter(|(_, n)| *n > 0)
+            .map(|(s, _)| s)
+            .collect()
+    }
 }
 
 const STREAMS: [&str; 5] = ["leads", "customers", "transactions", "servers", "positions"];
@@ -303,12 +356,73 @@ pub async fn run(config: Config, request: VerifyRequest) -> Result<Report, Verif
         config: config.clone(),
         progress: progress.clone(),
     });
-    // One task per stream: its topic read, then its CRM reads. A small stream's CRM reads
-    // overlap a large stream's topic read.
+    let (streams, candidates) = compare_streams(&ctx, &streams, &request.server_tags).await?;
+    drop(bar);
+    let mut report = Report {
+        from: request.from,
+        to: request.to,
+        streams,
+        repaired: None,
+        after_repair: None,
+    };
+    let Some(guard) = guard else {
+        return Ok(report);
+    };
+    let sent = candidates.streams();
+    report.repaired = Some(repair::repair(&config, guard, &schemas, framing, candidates).await?);
+    if !sent.is_empty() {
+        report.after_repair = Some(reverify(&ctx, &report, sent, &request.server_tags).await);
+    }
+    Ok(report)
+}
+
+/// Reads the streams `--repair` sent events to again, topic and CRM, after its last batch
+/// committed, and compares them again.
+async fn reverify(
+    ctx: &Arc<Ctx>,
+    report: &Report,
+    sent: Vec<&'static str>,
+    tags: &[String],
+) -> AfterRepair {
+    let bar = report::ProgressBar::start(ctx.progress.clone());
+    let compared = compare_streams(ctx, &sent, tags).await;
+    drop(bar);
+    let reverified: Vec<String> = sent.iter().map(|s| (*s).to_owned()).collect();
+    let (again, error) = match compared {
+        Ok((again, _)) => (again, None),
+        Err(e) => (Vec::new(), Some(e.to_string())),
+    };
+    let streams = report
+        .streams
+        .iter()
+        .map(|before| {
+            again
+                .iter()
+                .find(|s| s.stream == before.stream)
+                .unwrap_or(before)
+                .clone()
+        })
+        .collect();
+    tracing::info!(streams = %reverified.join(","), error = error.as_deref().unwrap_or(""), "re-verified after the repair");
+    AfterRepair {
+        reverified,
+        streams,
+        error,
+    }
+}
+
+/// Compares each of `streams` (one task per stream: its topic read, then its CRM reads; a
+/// small stream's CRM reads overlap a large stream's topic read); returns their reports in
+/// the order of [`STREAMS`] and the records a repair would send.
+async fn compare_streams(
+    ctx: &Arc<Ctx>,
+    streams: &[&'static str],
+    tags: &[String],
+) -> Result<(Vec<StreamReport>, Candidates), VerifyError> {
     let mut tasks = tokio::task::JoinSet::new();
-    for stream in streams {
+    for &stream in streams {
         let ctx = ctx.clone();
-        let tags = request.server_tags.clone();
+        let tags = tags.to_vec();
         tasks.spawn(async move {
             let events = read_topic(&ctx, stream);
             let mut candidates = Candidates::default();
@@ -339,18 +453,8 @@ pub async fn run(config: Config, request: VerifyRequest) -> Result<Report, Verif
         candidates.servers.extend(found.servers);
         candidates.positions.extend(found.positions);
     }
-    drop(bar);
     reports.sort_by_key(|r| STREAMS.iter().position(|s| *s == r.stream));
-    let repaired = match guard {
-        Some(guard) => Some(repair::repair(&config, guard, &schemas, framing, candidates).await?),
-        None => None,
-    };
-    Ok(Report {
-        from: request.from,
-        to: request.to,
-        streams: reports,
-        repaired,
-    })
+    Ok((reports, candidates))
 }
 
 /// Connects to Kafka once: a refused login or TLS handshake is told at once, naming the key.
@@ -1001,7 +1105,8 @@ async fn verify_servers(
     Ok(report)
 }
 
-/// Returns the exit code of a report: 0 equal, 1 anything differs.
+/// Returns the exit code of a report: 0 equal, 1 anything differs – after a repair that sent
+/// events, by the comparison made again after it ([`Report::ends_equal`]).
 pub fn exit_code(report: &Report) -> u8 {
-    u8::from(!report.is_equal())
+    u8::from(!report.ends_equal())
 }
