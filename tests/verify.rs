@@ -807,7 +807,8 @@ async fn read_all(bootstrap: &str, topic: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
 
 /// Positions of a server no longer listed (removed from `/servers`, its data kept) are still
 /// verified: their tag is taken from the topic's keys and read from the CRM by tag, so every
-/// position of the truth is compared.
+/// position of the truth is compared. When the CRM refuses that tag, its positions are "not
+/// verified": the binary names the tag and how many the topic holds, and exits 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn positions_of_a_server_no_longer_listed_are_verified() {
     let started = Instant::now();
@@ -844,6 +845,40 @@ async fn positions_of_a_server_no_longer_listed_are_verified() {
         pos.is_equal(),
         "{}",
         ibstream::verify::report::text(&report)
+    );
+
+    // The CRM refuses the removed server's positions (404, as for a server it no longer
+    // knows): they are not verified, named with how many the topic holds, and not equal.
+    sim.fail_positions(&removed, Some(404));
+    let dir = tempfile::tempdir().unwrap();
+    let file = config_file(&dir, &sim, &kafka.bootstrap, &prefix, "exactly-once");
+    let to = today().to_string();
+    let args = ["--from", "2024-01-01", "--to", &to, "--stream", "positions"];
+    let refused_at = Instant::now();
+    let (code, text) = ibstream(&file, &args).await;
+    eprintln!(
+        "{text}verify with a refused tag: {:?}",
+        refused_at.elapsed()
+    );
+    assert_eq!(code, Some(1), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("  not verified  "))
+        .unwrap_or_else(|| panic!("no not-verified line: {text}"));
+    assert!(
+        line.starts_with(&format!(
+            "  not verified  {removed} (-): server not live; the CRM did not serve its positions ("
+        )) && line.ends_with(&format!(
+            "); the topic holds {of_removed} of them dated in the range, 0 unreadable"
+        )),
+        "{line}"
+    );
+    assert!(
+        text.contains(&format!(
+            "positions     DIFFERS: {} CRM records",
+            positions.len() - of_removed
+        )) && text.contains("missing 0, extra 0, different 0, dead letters 0"),
+        "{text}"
     );
     eprintln!(
         "positions_of_a_server_no_longer_listed_are_verified: {:?}",

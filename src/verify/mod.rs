@@ -882,9 +882,10 @@ async fn verify_stream<T: Verified>(
         let outcome = match (outcome, tag) {
             (Ok(outcome), _) => outcome,
             // A server no longer listed whose positions the CRM will not serve: its
-            // positions dated in the range are not verified.
+            // positions dated in the range are not verified (nor extra: the CRM was not asked).
             (Err(e), Some(tag)) if retired.contains(&tag) => {
                 side.not_verified(&events, &tag, &e.to_string());
+                scopes.retain(|s| s.as_ref() != Some(&tag));
                 continue;
             }
             (Err(e), _) => return Err(e),
@@ -896,7 +897,8 @@ async fn verify_stream<T: Verified>(
     let tag_prefixes: Vec<String> = scopes.iter().flatten().map(|t| format!("{t}:")).collect();
     side.extra(
         &events,
-        |key| tag_prefixes.is_empty() || tag_prefixes.iter().any(|p| key.starts_with(p)),
+        // Positions: only the keys of the tags read (none when no tag was read).
+        |key| stream != "positions" || tag_prefixes.iter().any(|p| key.starts_with(p)),
         |key, day| {
             incomplete.iter().any(|(tag, d)| {
                 *d == day
