@@ -684,9 +684,40 @@ async fn repair_exits_by_the_comparison_made_again_after_it() {
     );
     let tx_after = transactions(&after["streams"]);
     assert!(keys_of(&tx_after["different"]).is_empty(), "{out}");
-    assert_eq!(keys_of(&tx_after["extra"]), vec![deleted]);
+    assert_eq!(keys_of(&tx_after["extra"]), vec![deleted.clone()]);
     let crm_records = before["crmRecords"].as_u64().unwrap();
     assert_eq!(tx_after["crmRecords"].as_u64().unwrap(), crm_records);
+
+    // CSV: a verdict row per stream compared again, and the keys that still differ.
+    let corrected = sim.mutate(1, Some(ChangeKind::Correction { days: Some(5) }));
+    let tx = key_of(&corrected, "transactions");
+    let (code, out) = ibstream(&file, &[&range[..], &["--format", "csv"]].concat()).await;
+    assert_eq!(code, Some(1), "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("transactions,") && l.contains(&format!(",different,{tx},"))),
+        "{out}"
+    );
+    assert!(
+        lines.contains(&"transactions,-,after_repair,,,,,differs"),
+        "{out}"
+    );
+    assert!(
+        lines.contains(&"positions,-,after_repair,,,,,equal"),
+        "{out}"
+    );
+    let remaining: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.contains(",after_repair_"))
+        .collect();
+    assert_eq!(remaining.len(), 1, "{out}");
+    assert!(
+        remaining[0].starts_with("transactions,")
+            && remaining[0].contains(&format!(",after_repair_extra,{deleted},")),
+        "{out}"
+    );
     eprintln!(
         "repair_exits_by_the_comparison_made_again_after_it: {:?}",
         started.elapsed()
