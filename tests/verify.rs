@@ -81,7 +81,7 @@ impl Running {
 
     /// Waits until every stream completed `cycles` cycles (positions: per live server tag)
     /// and, with `sweeps`, a reconciliation sweep of each cursor.
-    async fn wait(&self, sim: &SimHandle, cycles: u64, sweeps: bool) {
+    async fn wait(&mut self, sim: &SimHandle, cycles: u64, sweeps: bool) {
         let tags = sim
             .truth(Kind::Servers)
             .iter()
@@ -103,7 +103,10 @@ impl Running {
             if done {
                 return;
             }
-            assert!(!self.task.is_finished(), "ibstream run ended early");
+            if self.task.is_finished() {
+                let ended = (&mut self.task).await;
+                panic!("ibstream run ended early: {ended:?}");
+            }
             assert!(Instant::now() < deadline, "run did not get there in 120 s");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -120,8 +123,7 @@ impl Running {
     }
 }
 
-/// The whole range; `repair` forced (the instance was stopped, but its last heartbeat stays
-/// fresh for 90 s; the refusal is tested with the instance running).
+/// The whole range; a repair is not forced (a stopped `run` tombstoned its heartbeat).
 fn request(repair: bool) -> VerifyRequest {
     VerifyRequest {
         from: first_day(),
@@ -129,7 +131,7 @@ fn request(repair: bool) -> VerifyRequest {
         streams: Vec::new(),
         server_tags: Vec::new(),
         repair,
-        force: repair,
+        force: false,
     }
 }
 
@@ -232,14 +234,10 @@ async fn verify_finds_what_the_sweep_cannot_and_repair_mends_it() {
     sim.pause_changes(true);
     let prefix = common::unique_topic("verify");
     let config = config(&sim, &kafka.bootstrap, &prefix, Delivery::ExactlyOnce);
-    let running = Running::start(config.clone());
+    let mut running = Running::start(config.clone());
     running.wait(&sim, 2, false).await;
     // The instance runs: a repair is refused before it reads anything.
-    let unforced = VerifyRequest {
-        force: false,
-        ..request(true)
-    };
-    match ibstream::verify::run(config.clone(), unforced).await {
+    match ibstream::verify::run(config.clone(), request(true)).await {
         Err(VerifyError::Failed(message)) => {
             assert!(message.contains("is running"), "{message}")
         }
@@ -278,7 +276,7 @@ async fn verify_finds_what_the_sweep_cannot_and_repair_mends_it() {
         .key
         .clone();
     // `run` with its sweep of the last 30 days never sees it.
-    let running = Running::start(config.clone());
+    let mut running = Running::start(config.clone());
     running.wait(&sim, 2, true).await;
     running.stop().await;
     // A correction 5 days back, made while nothing runs, and a deletion.
@@ -349,7 +347,7 @@ async fn verify_finds_what_the_sweep_cannot_and_repair_mends_it() {
     assert_eq!(crm, kafka_side);
     // A run with a sweep over the last 30 days (which reads the recent correction) emits
     // nothing for the repaired keys: their fingerprints were written with the events.
-    let running = Running::start(config.clone());
+    let mut running = Running::start(config.clone());
     running.wait(&sim, 2, true).await;
     let swept = running.stats["transactions"]
         .reconcile_sweeps
@@ -389,7 +387,7 @@ async fn at_least_once_duplicates_are_equal_and_the_exit_codes_say_so() {
     sim.pause_changes(true);
     let prefix = common::unique_topic("verify-alo");
     let config = config(&sim, &kafka.bootstrap, &prefix, Delivery::AtLeastOnce);
-    let running = Running::start(config.clone());
+    let mut running = Running::start(config.clone());
     running.wait(&sim, 2, false).await;
     running.stop().await;
     // Duplicates, as a crash of at-least-once delivery leaves them: the same events again.
@@ -409,9 +407,7 @@ async fn at_least_once_duplicates_are_equal_and_the_exit_codes_say_so() {
     );
 
     let dir = tempfile::tempdir().unwrap();
-    let file = ConfigFile::new(&sim.base_url(), &prefix, &kafka.bootstrap)
-        .set("kafka.delivery", "at-least-once")
-        .write(dir.path());
+    let file = config_file(&dir, &sim, &kafka.bootstrap, &prefix, "at-least-once");
     let range = ["--from", "2024-01-01", "--to", &today().to_string()];
     let (code, out) = ibstream(&file, &[&range[..], &["--format", "json"]].concat()).await;
     assert_eq!(code, Some(0), "{out}");
@@ -558,9 +554,163 @@ async fn at_least_once_duplicates_are_equal_and_the_exit_codes_say_so() {
     );
 }
 
+/// Writes the configuration of the binary's runs to `dir` (the topics' prefix and the
+/// instance id `prefix`) and returns its path.
+fn config_file(
+    dir: &tempfile::TempDir,
+    sim: &SimHandle,
+    bootstrap: &str,
+    prefix: &str,
+    delivery: &str,
+) -> std::path::PathBuf {
+    ConfigFile::new(&sim.base_url(), prefix, bootstrap)
+        .set("kafka.delivery", delivery)
+        .write(dir.path())
+}
+
+/// `--repair` reads the streams it sent events to again after its last batch committed,
+/// compares them again and exits by that: 0 once a correction is mended (the report before
+/// it still names what was repaired), 1 when a deleted record stays extra (reported, never
+/// deleted) although the correction beside it was mended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_exits_by_the_comparison_made_again_after_it() {
+    let started = Instant::now();
+    let kafka = common::ApacheKafka::shared();
+    let sim = common::start_sim(|c| {
+        c.transactions = 100;
+        c.positions = 100;
+    })
+    .await;
+    sim.pause_changes(true);
+    let prefix = common::unique_topic("verify-reverify");
+    let config = config(&sim, &kafka.bootstrap, &prefix, Delivery::ExactlyOnce);
+    let mut running = Running::start(config.clone());
+    running.wait(&sim, 2, false).await;
+    running.stop().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = config_file(&dir, &sim, &kafka.bootstrap, &prefix, "exactly-once");
+    let to = today().to_string();
+    let range = ["--from", "2024-01-01", "--to", &to, "--repair", "--force"];
+    let key_of = |changes: &[ibstream::sim::Change], stream: &str| {
+        changes
+            .iter()
+            .find(|c| c.stream == stream)
+            .unwrap_or_else(|| panic!("no {stream} change: {changes:?}"))
+            .key
+            .clone()
+    };
+
+    // A correction of a transaction and a position: both repaired, then equal.
+    let corrected = sim.mutate(1, Some(ChangeKind::Correction { days: Some(5) }));
+    let (tx, pos) = (
+        key_of(&corrected, "transactions"),
+        key_of(&corrected, "positions"),
+    );
+    let (code, text) = ibstream(&file, &range).await;
+    eprintln!("{text}");
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.starts_with(&format!(
+            "ibstream verify 2024-01-01 .. {to}: DIFFERENCES FOUND"
+        )) && text.contains(&format!("different     {tx} "))
+            && text.contains(&format!("different     {pos} "))
+            && text.contains("repaired: 2 events sent (0 CREATED, 2 UPDATED)")
+            && text.contains(
+                "re-verified after the repair: transactions, positions read and compared again"
+            )
+            && text.ends_with("after the repair: the topics equal the CRM\n"),
+        "{text}"
+    );
+
+    // A deletion, then a correction: the correction is mended, the deleted key stays extra.
+    let deleted = sim.mutate(1, Some(ChangeKind::Delete { days: None }));
+    let deleted = key_of(&deleted, "transactions");
+    let corrected = sim.mutate(1, Some(ChangeKind::Correction { days: Some(5) }));
+    let tx = key_of(&corrected, "transactions");
+    let (code, out) = ibstream(&file, &[&range[..], &["--format", "json"]].concat()).await;
+    assert_eq!(code, Some(1), "{out}");
+    let json: Json = serde_json::from_str(&out).unwrap();
+    let transactions = |streams: &Json| {
+        streams
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stream"] == "transactions")
+            .unwrap()
+            .clone()
+    };
+    let keys_of = |list: &Json| -> Vec<String> {
+        list.as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["key"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let before = transactions(&json["streams"]);
+    assert_eq!(keys_of(&before["different"]), vec![tx.clone()], "{out}");
+    assert_eq!(keys_of(&before["extra"]), vec![deleted.clone()]);
+    assert_eq!(json["repaired"]["updated"], 2, "{out}");
+    let after = &json["afterRepair"];
+    assert_eq!(after["equal"], false, "{out}");
+    assert_eq!(json["endsEqual"], false);
+    assert_eq!(
+        after["reverified"],
+        serde_json::json!(["transactions", "positions"])
+    );
+    let tx_after = transactions(&after["streams"]);
+    assert!(keys_of(&tx_after["different"]).is_empty(), "{out}");
+    assert_eq!(keys_of(&tx_after["extra"]), vec![deleted.clone()]);
+    let crm_records = before["crmRecords"].as_u64().unwrap();
+    assert_eq!(tx_after["crmRecords"].as_u64().unwrap(), crm_records);
+
+    // CSV: a verdict row per stream compared again, and the keys that still differ.
+    let corrected = sim.mutate(1, Some(ChangeKind::Correction { days: Some(5) }));
+    let tx = key_of(&corrected, "transactions");
+    let (code, out) = ibstream(&file, &[&range[..], &["--format", "csv"]].concat()).await;
+    assert_eq!(code, Some(1), "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("transactions,") && l.contains(&format!(",different,{tx},"))),
+        "{out}"
+    );
+    assert!(
+        lines.contains(&"transactions,-,after_repair,,,,,differs"),
+        "{out}"
+    );
+    assert!(
+        lines.contains(&"positions,-,after_repair,,,,,equal"),
+        "{out}"
+    );
+    let remaining: Vec<&&str> = lines
+        .iter()
+        .filter(|l| l.contains(",after_repair_"))
+        .collect();
+    assert_eq!(remaining.len(), 1, "{out}");
+    assert!(
+        remaining[0].starts_with("transactions,")
+            && remaining[0].contains(&format!(",after_repair_extra,{deleted},")),
+        "{out}"
+    );
+    eprintln!(
+        "repair_exits_by_the_comparison_made_again_after_it: {:?}",
+        started.elapsed()
+    );
+}
+
 /// Runs `ibstream --config FILE verify ARGS` and returns its exit code and stdout (stderr
 /// too for a failure).
 async fn ibstream(config: &std::path::Path, args: &[&str]) -> (Option<i32>, String) {
+    let (code, mut text, stderr) = ibstream_output(config, args).await;
+    if !matches!(code, Some(0 | 1)) {
+        text.push_str(&stderr);
+    }
+    (code, text)
+}
+
+/// Runs `ibstream --config FILE verify ARGS` and returns its exit code, stdout and stderr.
+async fn ibstream_output(config: &std::path::Path, args: &[&str]) -> (Option<i32>, String, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_ibstream"));
     command
         .arg("--config")
@@ -571,11 +721,173 @@ async fn ibstream(config: &std::path::Path, args: &[&str]) -> (Option<i32>, Stri
     let output = tokio::task::spawn_blocking(move || command.output().unwrap())
         .await
         .unwrap();
-    let mut text = String::from_utf8_lossy(&output.stdout).into_owned();
-    if !matches!(output.status.code(), Some(0 | 1)) {
-        text.push_str(&String::from_utf8_lossy(&output.stderr));
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// `ibstream --config FILE run` as a process, everything it prints in `log`; killed on drop.
+struct RunProcess {
+    child: std::process::Child,
+    http: String,
+    log: std::path::PathBuf,
+}
+
+impl Drop for RunProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
-    (output.status.code(), text)
+}
+
+impl RunProcess {
+    fn spawn(config: &std::path::Path, log: std::path::PathBuf) -> RunProcess {
+        let http = format!("127.0.0.1:{}", common::free_port());
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ibstream"))
+            .arg("--config")
+            .arg(config)
+            .arg("run")
+            .env_remove("IBSTREAM_CONFIG")
+            .env("IBSTREAM_HTTP__LISTEN", &http)
+            .env("IBSTREAM_LOG", "info")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        RunProcess { child, http, log }
+    }
+
+    /// Waits until every poller read its backfill to the end (`/status`) and the state holds
+    /// a heartbeat of the instance written since `since`.
+    async fn wait_backfilled(&mut self, config: &Config, since: chrono::DateTime<chrono::Utc>) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let exited = self.child.try_wait().unwrap();
+            assert!(
+                exited.is_none(),
+                "run exited: {exited:?}; see {:?}",
+                self.log
+            );
+            assert!(
+                Instant::now() < deadline,
+                "run not backfilled with a heartbeat in 120 s; see {:?}",
+                self.log
+            );
+            if self.backfilled().await {
+                let state = ibstream::state_tool::load(config).await.unwrap();
+                let beat = state.heartbeats.get(&config.kafka.instance_id);
+                if beat.is_some_and(|b| b.at >= since) {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn backfilled(&self) -> bool {
+        let Ok(response) = reqwest::get(format!("http://{}/status", self.http)).await else {
+            return false;
+        };
+        let Ok(body) = response.bytes().await else {
+            return false;
+        };
+        let Ok(status) = serde_json::from_slice::<Json>(&body) else {
+            return false;
+        };
+        let pollers = status["pollers"].as_array().cloned().unwrap_or_default();
+        !pollers.is_empty()
+            && pollers
+                .iter()
+                .all(|p| p["backfillProgress"].as_f64() == Some(1.0))
+    }
+
+    /// Sends SIGTERM and waits (30 s at most) for the exit; returns its status.
+    async fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(sent.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "run ignored SIGTERM for 30 s; see {:?}",
+                self.log
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A cleanly stopped `run` (SIGTERM) tombstones its heartbeat, so `verify --repair` right
+/// after the stop is not refused; a killed one (kill -9) writes nothing, so its heartbeat
+/// stays fresh and the repair is refused until it ages out. While `run` runs the repair is
+/// refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_right_after_a_clean_stop_is_not_refused_after_a_kill_it_is() {
+    let started = Instant::now();
+    let kafka = common::ApacheKafka::shared();
+    let sim = common::start_sim(|c| {
+        c.transactions = 100;
+        c.positions = 100;
+    })
+    .await;
+    sim.pause_changes(true);
+    let prefix = common::unique_topic("verify-stop");
+    let config = config(&sim, &kafka.bootstrap, &prefix, Delivery::ExactlyOnce);
+    let dir = tempfile::tempdir().unwrap();
+    let file = config_file(&dir, &sim, &kafka.bootstrap, &prefix, "exactly-once");
+    let log = dir.path().join("run.log");
+    let to = today().to_string();
+    let repair = ["--from", "2024-01-01", "--to", &to, "--repair"];
+    let refused = format!("instance {prefix} is running (heartbeat");
+
+    let since = chrono::Utc::now();
+    let mut run = RunProcess::spawn(&file, log.clone());
+    run.wait_backfilled(&config, since).await;
+    let (code, out, err) = ibstream_output(&file, &repair).await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains(&refused), "refused while run runs: {err}");
+    let stopping = Instant::now();
+    let status = run.terminate().await;
+    let stop_took = stopping.elapsed();
+    assert!(status.success(), "{status:?}; see {log:?}");
+    // Right after the stop: not refused, and nothing to repair.
+    let (code, out, err) = ibstream_output(&file, &repair).await;
+    assert!(!err.contains(&refused), "refused after a clean stop: {err}");
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.contains("repaired: nothing to send")
+            && out.starts_with(&format!(
+                "ibstream verify 2024-01-01 .. {to}: the topics equal"
+            )),
+        "{out}"
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("heartbeat tombstoned"), "{logged}");
+
+    // kill -9: no tombstone, the last heartbeat is fresh, the repair is refused.
+    let since = chrono::Utc::now();
+    let mut run = RunProcess::spawn(&file, log.clone());
+    run.wait_backfilled(&config, since).await;
+    run.child.kill().unwrap();
+    run.child.wait().unwrap();
+    let (code, out, err) = ibstream_output(&file, &repair).await;
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(err.contains(&refused), "not refused after kill -9: {err}");
+    eprintln!(
+        "repair_right_after_a_clean_stop_is_not_refused_after_a_kill_it_is: {:?} (SIGTERM to exit {stop_took:?})",
+        started.elapsed()
+    );
 }
 
 /// Writes one event to `topic`.
@@ -670,7 +982,8 @@ async fn read_all(bootstrap: &str, topic: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
 
 /// Positions of a server no longer listed (removed from `/servers`, its data kept) are still
 /// verified: their tag is taken from the topic's keys and read from the CRM by tag, so every
-/// position of the truth is compared.
+/// position of the truth is compared. When the CRM refuses that tag, its positions are "not
+/// verified": the binary names the tag and how many the topic holds, and exits 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn positions_of_a_server_no_longer_listed_are_verified() {
     let started = Instant::now();
@@ -679,7 +992,7 @@ async fn positions_of_a_server_no_longer_listed_are_verified() {
     sim.pause_changes(true);
     let prefix = common::unique_topic("verify-removed");
     let config = config(&sim, &kafka.bootstrap, &prefix, Delivery::ExactlyOnce);
-    let running = Running::start(config.clone());
+    let mut running = Running::start(config.clone());
     running.wait(&sim, 2, false).await;
     running.stop().await;
     let removed = sim.mutate(1, Some(ChangeKind::RemoveServer))[0].key.clone();
@@ -708,6 +1021,40 @@ async fn positions_of_a_server_no_longer_listed_are_verified() {
         "{}",
         ibstream::verify::report::text(&report)
     );
+
+    // The CRM refuses the removed server's positions (404, as for a server it no longer
+    // knows): they are not verified, named with how many the topic holds, and not equal.
+    sim.fail_positions(&removed, Some(404));
+    let dir = tempfile::tempdir().unwrap();
+    let file = config_file(&dir, &sim, &kafka.bootstrap, &prefix, "exactly-once");
+    let to = today().to_string();
+    let args = ["--from", "2024-01-01", "--to", &to, "--stream", "positions"];
+    let refused_at = Instant::now();
+    let (code, text) = ibstream(&file, &args).await;
+    eprintln!(
+        "{text}verify with a refused tag: {:?}",
+        refused_at.elapsed()
+    );
+    assert_eq!(code, Some(1), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("  not verified  "))
+        .unwrap_or_else(|| panic!("no not-verified line: {text}"));
+    assert!(
+        line.starts_with(&format!(
+            "  not verified  {removed} (-): server not live; the CRM did not serve its positions ("
+        )) && line.ends_with(&format!(
+            "); the topic holds {of_removed} of them dated in the range, 0 unreadable"
+        )),
+        "{line}"
+    );
+    assert!(
+        text.contains(&format!(
+            "positions     DIFFERS: {} CRM records",
+            positions.len() - of_removed
+        )) && text.contains("missing 0, extra 0, different 0, dead letters 0"),
+        "{text}"
+    );
     eprintln!(
         "positions_of_a_server_no_longer_listed_are_verified: {:?}",
         started.elapsed()
@@ -724,7 +1071,7 @@ async fn an_incomplete_day_is_not_equal() {
     sim.pause_changes(true);
     let prefix = common::unique_topic("verify-short");
     let config = config(&sim, &kafka.bootstrap, &prefix, Delivery::ExactlyOnce);
-    let running = Running::start(config.clone());
+    let mut running = Running::start(config.clone());
     running.wait(&sim, 2, false).await;
     running.stop().await;
     let truth = sim.truth(Kind::Transactions);

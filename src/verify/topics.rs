@@ -1,4 +1,5 @@
-//! Reads a data topic to its end and keeps the latest event of every key.
+//! Reads a data topic to its end and keeps the digest and place of the latest event of every
+//! key ([`read_topic`]); reads the events of chosen keys again ([`reread`]).
 //!
 //! The consumer is group-less in effect (partitions are assigned, never subscribed, so no
 //! group is joined; its `group.id` is a fresh random name librdkafka asks for, and no offset
@@ -31,11 +32,17 @@ pub const QUIET: Duration = Duration::from_millis(1500);
 /// topics' keys, not an attacker's; SipHash cost 7 % of a full verify).
 pub type KeyMap<V> = HashMap<String, V, xxhash_rust::xxh3::Xxh3DefaultBuilder>;
 
-/// The latest event of a key.
+/// The latest event of a key: not its payload (a million payloads are gigabytes), but its
+/// digest, which shows it equal to the CRM's record, and where it is, to read it again when
+/// it is not.
 #[derive(Debug)]
 pub struct Latest {
-    /// Its payload.
-    pub payload: Box<[u8]>,
+    /// [`super::compare::digest`] of its payload (`None`: no entity bytes found).
+    pub digest: Option<[u8; 16]>,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
     /// Whether the CRM returned the key (set while comparing; a key never seen is extra if
     /// dated in the range).
     pub seen: AtomicBool,
@@ -237,7 +244,9 @@ pub fn read_topic(
                 match message.payload() {
                     Some(payload) => {
                         let latest = Latest {
-                            payload: payload.into(),
+                            digest: super::compare::digest(payload),
+                            partition: message.partition(),
+                            offset: message.offset(),
                             seen: AtomicBool::new(false),
                         };
                         out.latest.insert(key, latest);
@@ -251,4 +260,81 @@ pub fn read_topic(
             }
         }
     }
+}
+
+/// Reads `topic` again from its beginning to the offsets `read` ended at and sends each record
+/// that is the latest event `read` holds for its key (the same partition and offset) and that
+/// `want` asks for, as (key, payload), to `to`; returns how many it sent. Stops early when `to`
+/// is closed.
+pub fn reread(
+    config: &KafkaConfig,
+    topic: &str,
+    read: &TopicEvents,
+    want: impl Fn(&str, &Latest) -> bool,
+    to: &tokio::sync::mpsc::Sender<(String, Box<[u8]>)>,
+    timeout: Duration,
+) -> Result<u64, String> {
+    let ends: Vec<(i32, i64)> = read.offsets.iter().map(|(p, o)| (*p, *o)).collect();
+    if ends.is_empty() {
+        return Ok(0);
+    }
+    let consumer = consumer(config)?;
+    let mut assignment = TopicPartitionList::new();
+    for (partition, _) in &ends {
+        assignment
+            .add_partition_offset(topic, *partition, Offset::Beginning)
+            .map_err(|e| e.to_string())?;
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(|e| format!("cannot read {topic}: {e}"))?;
+    let mut done: HashSet<i32> = HashSet::new();
+    let mut sent = 0;
+    let mut last_progress = Instant::now();
+    while done.len() < ends.len() {
+        if last_progress.elapsed() > timeout {
+            return Err(format!(
+                "cannot read {topic} again: no record for {timeout:?}"
+            ));
+        }
+        let message = match consumer.poll(Duration::from_millis(100)) {
+            None => continue,
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                done.insert(partition);
+                continue;
+            }
+            Some(Err(e)) => return Err(format!("reading {topic} again failed: {e}")),
+            Some(Ok(message)) => message,
+        };
+        last_progress = Instant::now();
+        let (partition, offset) = (message.partition(), message.offset());
+        let end = ends
+            .iter()
+            .find(|(p, _)| *p == partition)
+            .map_or(0, |(_, end)| *end);
+        if offset + 1 >= end {
+            done.insert(partition);
+        }
+        if offset >= end {
+            continue;
+        }
+        let (Some(key), Some(payload)) = (message.key(), message.payload()) else {
+            continue;
+        };
+        let key = String::from_utf8_lossy(key);
+        let Some(latest) = read.latest.get(key.as_ref()) else {
+            continue;
+        };
+        if latest.partition != partition || latest.offset != offset || !want(&key, latest) {
+            continue;
+        }
+        if to
+            .blocking_send((key.into_owned(), payload.into()))
+            .is_err()
+        {
+            break;
+        }
+        sent += 1;
+    }
+    Ok(sent)
 }
