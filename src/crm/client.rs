@@ -361,9 +361,10 @@ impl CrmClient {
     /// see [`super::pressure`]), ranked by the window's first day: the oldest days of every
     /// stream go first, so the streams' backfills move through time together and end
     /// together, instead of one stream's last windows waiting behind the others'. Pages are
-    /// read ahead (one at least) unless `crm.read_ahead_pages` is 0, so windows read at once
-    /// each keep one request going while the poller works on another's page; with 0 (windows
-    /// are then read one at a time) each page is asked for when the caller asks for it.
+    /// read ahead (up to `crm.read_ahead_pages` requests of a window at once) unless it is 0,
+    /// so windows read at once keep requests going while the poller works on another's page;
+    /// with 0 (windows are then read one at a time) each page is asked for when the caller
+    /// asks for it.
     pub fn pages_in_background<T: CrmRecord>(&self, query: WindowQuery) -> PageIter<T> {
         self.pages_as(query, true)
     }
@@ -1113,7 +1114,8 @@ fn jitter(bound: Duration) -> Duration {
 }
 
 /// Pages of one window query, in order: read by a [`Pager`], on demand or by a task of its
-/// own up to `crm.read_ahead_pages` ahead of the caller (still one request at a time). With
+/// own up to `crm.read_ahead_pages` ahead of the caller (in the background class, a window's
+/// next pages asked for at once, each waiting its turn at the CRM gate). With
 /// `crm.read_ahead_pages = 0` every page is read on demand, in the background class too (a
 /// sweep): no page is asked for before the caller asks for it. A window whose first page
 /// reports more than `max_records` is not read ahead: its reader splits it instead of
