@@ -114,6 +114,10 @@ pub async fn run_with(
     options: &RunOptions,
 ) -> Result<RunReport, RunError> {
     validate(&config)?;
+    // Reads the SASL password file and checks the TLS files: a missing one is a
+    // configuration error (exit 2) naming its key, before any connection – the CRM's too, or
+    // its login (below) could log a failed attempt as the process exits.
+    config.kafka.client_settings()?;
     let client = CrmClient::build(&config.crm)?;
     // The CRM's login overlaps Kafka's start-up (topics, transactions, the state restore):
     // the pollers find the token ready. A failure here is only logged: the pollers log in
@@ -127,9 +131,6 @@ pub async fn run_with(
         }
     });
     let _early_login = AbortOnDrop(early_login);
-    // Reads the SASL password file and checks the TLS files: a missing one is a
-    // configuration error (exit 2) naming its key, before any connection.
-    config.kafka.client_settings()?;
     let schemas = Schemas::load(&config.events.namespace).map_err(startup)?;
     let state_topic = config.kafka.state_topic(&config.topics);
     let enabled = pollers::enabled(&config.streams);
