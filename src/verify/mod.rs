@@ -884,6 +884,34 @@ struct Deferred<T> {
     day: Option<NaiveDate>,
 }
 
+/// Files what [`Side::compare`] found of a readable record – `(key, scope, window, record)` –
+/// as a candidate to send: a key the topic lacks at once, a key whose digests differ once its
+/// event was read again and compared field by field ([`Side::resolve`]); an equal key is
+/// done.
+fn file<T>(
+    compared: Compared,
+    (key, scope, window, record): (String, &str, Option<(NaiveDate, NaiveDate)>, Record<T>),
+    deferred: &mut Vec<Deferred<T>>,
+    candidates: &mut Vec<Candidate<T>>,
+) {
+    let candidate = |in_kafka| Candidate {
+        key,
+        scope: scope.to_owned(),
+        window,
+        in_kafka,
+        record,
+    };
+    match compared {
+        Compared::Done => {}
+        Compared::Missing => candidates.push(candidate(false)),
+        Compared::Deferred(crm, day) => deferred.push(Deferred {
+            candidate: candidate(true),
+            crm,
+            day,
+        }),
+    }
+}
+
 /// What the reads of one scope (a stream, or a server tag of positions) found.
 struct ScopeOutcome<T> {
     report: StreamReport,
@@ -1057,24 +1085,9 @@ async fn verify_scope<T: Verified>(
             .fetch_add(read.records.len() as u64, Ordering::Relaxed);
         for (key, record) in read.records {
             let compared = side.compare(&key, &record, &events);
-            let (Compared::Missing | Compared::Deferred(..), Ok(record)) = (&compared, record)
-            else {
-                continue;
-            };
-            let candidate = Candidate {
-                key,
-                scope: scope.clone(),
-                window: Some(read.window),
-                in_kafka: matches!(compared, Compared::Deferred(..)),
-                record,
-            };
-            match compared {
-                Compared::Deferred(crm, day) => deferred.push(Deferred {
-                    candidate,
-                    crm,
-                    day,
-                }),
-                _ => candidates.push(candidate),
+            if let Ok(record) = record {
+                let candidate = (key, scope.as_str(), Some(read.window), record);
+                file(compared, candidate, &mut deferred, &mut candidates);
             }
         }
     }
@@ -1173,23 +1186,8 @@ async fn verify_servers(
     for record in records {
         let key = crm::key_of(&record, None);
         let compared = side.compare(&key, &record, &events);
-        let (Compared::Missing | Compared::Deferred(..), Ok(record)) = (&compared, record) else {
-            continue;
-        };
-        let candidate = Candidate {
-            key,
-            scope: "servers".to_owned(),
-            window: None,
-            in_kafka: matches!(compared, Compared::Deferred(..)),
-            record,
-        };
-        match compared {
-            Compared::Deferred(crm, day) => deferred.push(Deferred {
-                candidate,
-                crm,
-                day,
-            }),
-            _ => candidates.push(candidate),
+        if let Ok(record) = record {
+            file(compared, (key, "servers", None, record), &mut deferred, candidates);
         }
     }
     side.second_look(&events, deferred, &[], |_| true, |_, _| false, candidates)

@@ -72,6 +72,23 @@ pub struct Later {
     pub key: String,
 }
 
+/// Assigns `consumer` the `partitions` of `topic`, each from its beginning.
+fn assign_from_beginning(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partitions: impl IntoIterator<Item = i32>,
+) -> Result<(), String> {
+    let mut assignment = TopicPartitionList::new();
+    for partition in partitions {
+        assignment
+            .add_partition_offset(topic, partition, Offset::Beginning)
+            .map_err(|e| e.to_string())?;
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(|e| format!("cannot read {topic}: {e}"))
+}
+
 /// Builds the group-less `read_committed` consumer of [`read_topic`].
 fn consumer(config: &KafkaConfig) -> Result<BaseConsumer, String> {
     let mut client = ClientConfig::new();
@@ -179,15 +196,7 @@ pub fn read_topic(
     if partitions.is_empty() {
         return Ok(out);
     }
-    let mut assignment = TopicPartitionList::new();
-    for partition in &partitions {
-        assignment
-            .add_partition_offset(topic, *partition, Offset::Beginning)
-            .map_err(|e| e.to_string())?;
-    }
-    consumer
-        .assign(&assignment)
-        .map_err(|e| format!("cannot read {topic}: {e}"))?;
+    assign_from_beginning(&consumer, topic, partitions.iter().copied())?;
     let mut at_end: HashSet<i32> = HashSet::new();
     let started = Instant::now();
     let mut last_record = Instant::now();
@@ -279,15 +288,7 @@ pub fn reread(
         return Ok(0);
     }
     let consumer = consumer(config)?;
-    let mut assignment = TopicPartitionList::new();
-    for (partition, _) in &ends {
-        assignment
-            .add_partition_offset(topic, *partition, Offset::Beginning)
-            .map_err(|e| e.to_string())?;
-    }
-    consumer
-        .assign(&assignment)
-        .map_err(|e| format!("cannot read {topic}: {e}"))?;
+    assign_from_beginning(&consumer, topic, ends.iter().map(|(p, _)| *p))?;
     let mut done: HashSet<i32> = HashSet::new();
     let mut sent = 0;
     let mut last_progress = Instant::now();
