@@ -1187,7 +1187,12 @@ async fn verify_servers(
         let key = crm::key_of(&record, None);
         let compared = side.compare(&key, &record, &events);
         if let Ok(record) = record {
-            file(compared, (key, "servers", None, record), &mut deferred, candidates);
+            file(
+                compared,
+                (key, "servers", None, record),
+                &mut deferred,
+                candidates,
+            );
         }
     }
     side.second_look(&events, deferred, &[], |_| true, |_, _| false, candidates)
