@@ -4,7 +4,7 @@
 //! Both read the state topic to its end with a barrier written by a plain producer – never
 //! with the instance's transactional id, which would fence a running instance. `reset` writes
 //! its records with a plain producer too, and refuses while the instance's heartbeat
-//! (`alive/<instance_id>`, written every 30 s by `run`, tombstoned at its stop) is younger than 90 s: a running
+//! (`alive/<instance_id>`, written every 30 s by `run`) is younger than 90 s: a running
 //! instance would overwrite the reset with its in-memory state (`--force` overrides).
 
 use std::time::Duration;

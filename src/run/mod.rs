@@ -210,18 +210,16 @@ pub async fn run_with(
     pollers::start(
         &mut tasks, &shared, &schemas, &framing, state, first_day, &cancel,
     )?;
-    // Not a child of `cancel`: the heartbeat goes on until every poller ended, then is
-    // tombstoned (see [`heartbeat`]).
-    let beat_stop = CancellationToken::new();
+    let beat_cancel = cancel.child_token();
     let beat = tokio::spawn(heartbeat(
         shared.clone(),
         config.kafka.instance_id.clone(),
-        beat_stop.clone(),
+        beat_cancel.clone(),
     ));
     drop(shared);
 
     let (mut report, fatal) = wait(tasks, &ops, &cancel, !options.no_progress_bars).await;
-    beat_stop.cancel();
+    beat_cancel.cancel();
     let _ = beat.await;
     http_cancel.cancel();
     report.http = http;
@@ -296,61 +294,32 @@ async fn refuse_a_lost_state(
 /// How often a running instance writes its heartbeat (`alive/<instance_id>`).
 pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
 
-/// How long the heartbeat's tombstone may take at a stop (a broker gone takes no longer to
-/// stop than this; the heartbeat then ages out).
-const HEARTBEAT_TOMBSTONE_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Writes the instance's heartbeat now and every [`HEARTBEAT_INTERVAL`] until `stop`, so
-/// `ibstream state reset` and `verify --repair` can tell it runs; at `stop` (every poller
-/// ended: the process is about to exit) it writes the heartbeat's tombstone, so they are not
-/// refused right after a stop. A killed process writes no tombstone: its last heartbeat ages
-/// out ([`crate::state_tool::ALIVE_WITHIN`]).
-async fn heartbeat(shared: Arc<Shared>, instance_id: String, stop: CancellationToken) {
+/// Writes the instance's heartbeat now and every [`HEARTBEAT_INTERVAL`] until cancelled, so
+/// `ibstream state reset` can tell it runs.
+async fn heartbeat(shared: Arc<Shared>, instance_id: String, cancel: CancellationToken) {
     let mut every = tokio::time::interval(HEARTBEAT_INTERVAL);
     loop {
         tokio::select! {
-            _ = stop.cancelled() => break,
+            _ = cancel.cancelled() => return,
             _ = every.tick() => {}
         }
         let beat = crate::stream::state::Heartbeat { at: Utc::now() };
+        let batch = Batch {
+            events: Vec::new(),
+            state: vec![OutRecord {
+                topic: shared.state_topic.clone(),
+                key: crate::stream::state::Heartbeat::key(&instance_id).into_bytes(),
+                payload: Some(beat.encode()),
+            }],
+        };
         let outcome = tokio::select! {
-            _ = stop.cancelled() => break,
-            outcome = write_heartbeat(&shared, &instance_id, Some(beat.encode())) => outcome,
+            _ = cancel.cancelled() => return,
+            outcome = shared.sink.commit(batch) => outcome,
         };
         if let Err(e) = outcome {
             warn!(error = %e, "heartbeat not written");
         }
     }
-    let tombstone = write_heartbeat(&shared, &instance_id, None);
-    match tokio::time::timeout(HEARTBEAT_TOMBSTONE_TIMEOUT, tombstone).await {
-        Ok(Ok(())) => {
-            info!(instance_id = %instance_id, "heartbeat tombstoned: the instance stopped")
-        }
-        Ok(Err(e)) => {
-            warn!(error = %e, "heartbeat not tombstoned; it ages out within 90 s")
-        }
-        Err(_) => warn!(
-            timeout_secs = HEARTBEAT_TOMBSTONE_TIMEOUT.as_secs(),
-            "heartbeat not tombstoned in time; it ages out within 90 s"
-        ),
-    }
-}
-
-/// Commits the instance's heartbeat (`None`: its tombstone) to the state topic.
-async fn write_heartbeat(
-    shared: &Shared,
-    instance_id: &str,
-    payload: Option<Vec<u8>>,
-) -> Result<(), crate::kafka::SinkError> {
-    let batch = Batch {
-        events: Vec::new(),
-        state: vec![OutRecord {
-            topic: shared.state_topic.clone(),
-            key: crate::stream::state::Heartbeat::key(instance_id).into_bytes(),
-            payload,
-        }],
-    };
-    shared.sink.commit(batch).await
 }
 
 /// Starts the operations server when `http.enabled`; returns where it listens.

@@ -23,8 +23,7 @@
 //! - `barrier/<instance_id>`: the start-up barrier (a nonce), see `kafka::restore`
 //!   (`barrier/<instance_id>/tools`: the barrier of `ibstream state`).
 //! - `alive/<instance_id>`: a running instance's heartbeat, JSON `{"v":1,"at":RFC 3339}`,
-//!   written every 30 s and tombstoned when `run` stops (a killed run leaves it to age out);
-//!   `ibstream state reset` and `verify --repair` refuse while it is fresh.
+//!   written every 30 s; `ibstream state reset` refuses while it is fresh.
 //! - `started/<instance_id>`: a run was allowed to start on this state topic, JSON
 //!   `{"v":1,"at":RFC 3339,"rebuild":bool,"streams":["leads",…]}` (`streams`: the streams
 //!   the instance was started with, at this start and before; a marker without it covers
