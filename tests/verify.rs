@@ -886,6 +886,32 @@ async fn positions_of_a_server_no_longer_listed_are_verified() {
         )) && text.contains("missing 0, extra 0, different 0, dead letters 0"),
         "{text}"
     );
+    // The CRM serves the removed server's earlier windows, then refuses the later ones: a
+    // read that fails partway. Every position of the tag counts as not verified – also those
+    // the served windows compared (before, only the keys no window had compared were counted,
+    // 0 when the served windows held them all, and the stream passed as equal).
+    let mut days: Vec<NaiveDate> = positions
+        .iter()
+        .filter(|p| p["serverTag"] == removed.as_str())
+        .map(|p| {
+            let close = p["closeTime"].as_str().unwrap();
+            NaiveDate::parse_from_str(&close[..10], "%Y-%m-%d").unwrap()
+        })
+        .collect();
+    days.sort();
+    sim.fail_positions_after(&removed, 404, days[days.len() / 2]);
+    let (code, text) = ibstream(&file, &args).await;
+    assert_eq!(code, Some(1), "{text}");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("  not verified  "))
+        .unwrap_or_else(|| panic!("no not-verified line after a partial read: {text}"));
+    assert!(
+        line.ends_with(&format!(
+            "); the topic holds {of_removed} of them dated in the range, 0 unreadable"
+        )),
+        "{line}"
+    );
     eprintln!(
         "positions_of_a_server_no_longer_listed_are_verified: {:?}",
         started.elapsed()

@@ -84,7 +84,7 @@ struct AppState {
     /// `--short-day`, changeable while running.
     short_day: Mutex<Option<NaiveDate>>,
     /// Server tags whose positions calls are answered with an error status.
-    failing_tags: Mutex<HashMap<String, u16>>,
+    failing_tags: Mutex<HashMap<String, (u16, Option<NaiveDate>)>>,
     /// Servers calls still to answer with an empty list.
     empty_servers: std::sync::atomic::AtomicU32,
     /// Every change applied so far, in order (tests compare events with them).
@@ -252,9 +252,16 @@ impl SimHandle {
     pub fn fail_positions(&self, tag: &str, status: Option<u16>) {
         let mut tags = lock(&self.state.failing_tags);
         match status {
-            Some(status) => tags.insert(tag.to_owned(), status),
+            Some(status) => tags.insert(tag.to_owned(), (status, None)),
             None => tags.remove(tag),
         };
+    }
+
+    /// Answers positions calls of `tag` whose window starts after `after`
+    /// (`positionCloseDateFrom`) with `status`, and the earlier windows normally: a read of
+    /// the tag that fails partway.
+    pub fn fail_positions_after(&self, tag: &str, status: u16, after: NaiveDate) {
+        lock(&self.state.failing_tags).insert(tag.to_owned(), (status, Some(after)));
     }
 
     /// Answers the next `n` servers calls with an empty list.
@@ -780,7 +787,15 @@ async fn data_call(
         return api_ok(&state, "application/json", body.into_bytes());
     }
     if let (Kind::Positions, Some(tag)) = (kind, params.get("serverTag")) {
-        let status = lock(&state.failing_tags).get(tag).copied();
+        let failing = lock(&state.failing_tags).get(tag).copied();
+        let from = params
+            .get("positionCloseDateFrom")
+            .and_then(|d| NaiveDate::parse_from_str(d.get(..10).unwrap_or(d), "%Y-%m-%d").ok());
+        let status = failing.and_then(|(status, after)| match (after, from) {
+            (None, _) => Some(status),
+            (Some(after), Some(from)) if from > after => Some(status),
+            _ => None,
+        });
         if let Some(status) = status {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::NOT_FOUND);
             return error(&state, status, &format!("server {tag} not found"));
