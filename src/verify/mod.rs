@@ -193,7 +193,7 @@ pub struct AfterRepair {
     /// The streams read and compared again.
     pub reverified: Vec<String>,
     /// Every stream after the repair: the second comparison of the re-verified ones, the
-    /// first of the others.
+    /// first of the others (of every stream when `error` is set: nothing was compared again).
     pub streams: Vec<StreamReport>,
     /// Why the second comparison could not be made (the CRM or Kafka failed); nothing is
     /// then shown equal.
@@ -889,7 +889,8 @@ struct Deferred<T> {
 
 /// Whether `key` is a position's key (`tag:id`) of the server tag `tag`.
 fn of_tag(key: &str, tag: &str) -> bool {
-    key.strip_prefix(tag).is_some_and(|rest| rest.starts_with(':'))
+    key.strip_prefix(tag)
+        .is_some_and(|rest| rest.starts_with(':'))
 }
 
 /// Files what [`Side::compare`] found of a readable record – `(key, scope, window, record)` –

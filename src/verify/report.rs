@@ -78,6 +78,12 @@ fn after_repair_text(out: &mut String, after: &AfterRepair) {
         let _ = writeln!(out);
         if after.reverified.contains(&s.stream) && after.error.is_none() {
             stream_text(out, s);
+        } else if after.reverified.contains(&s.stream) {
+            let _ = writeln!(
+                out,
+                "{:<13} NOT COMPARED AGAIN: repaired, but the second comparison failed",
+                s.stream
+            );
         } else {
             let verdict = if s.is_equal() { "equal" } else { "DIFFERS" };
             let _ = writeln!(
