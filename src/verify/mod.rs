@@ -734,7 +734,16 @@ impl Side {
             topics::reread(&kafka, &topic, &read, want, &tx, timeout)
         });
         let mut refused_counts = vec![(0u64, 0u64); refused.len()];
+        // The keys the CRM did not return whose events came again.
+        let mut unseen_read: std::collections::HashSet<String> = std::collections::HashSet::new();
         while let Some((key, payload)) = rx.recv().await {
+            if events
+                .latest
+                .get(&key)
+                .is_some_and(|latest| !latest.seen.load(Ordering::Relaxed))
+            {
+                unseen_read.insert(key.clone());
+            }
             if let Some(d) = deferred.remove(&key) {
                 candidates.extend(self.resolve(d, &payload));
             } else if let Some(i) = refused.iter().position(|(tag, _)| of_tag(&key, tag)) {
@@ -763,6 +772,27 @@ impl Side {
                 key,
                 day: d.day,
                 detail: "its event was gone when read again (deleted meanwhile)".to_owned(),
+            });
+        }
+        // A key the CRM did not return whose event was gone when read again: whether it is
+        // extra is unknown.
+        let mut gone: Vec<&String> = events
+            .latest
+            .iter()
+            .filter(|(key, latest)| {
+                !latest.seen.load(Ordering::Relaxed)
+                    && !unseen_read.contains(key.as_str())
+                    && !refused.iter().any(|(tag, _)| of_tag(key, tag))
+                    && belongs(key)
+            })
+            .map(|(key, _)| key)
+            .collect();
+        gone.sort();
+        for key in gone {
+            self.report.unreadable_events.push(KeyDiff {
+                key: key.clone(),
+                day: None,
+                detail: "the CRM did not return it and its event was gone when read again (deleted meanwhile)".to_owned(),
             });
         }
         for ((tag, reason), (in_range, unreadable)) in refused.iter().zip(refused_counts) {

@@ -300,8 +300,24 @@ pub fn reread(
         }
         let message = match consumer.poll(Duration::from_millis(100)) {
             None => continue,
+            // At the end the broker reports – which can lag its log end (tansu): the
+            // partition is done once the position reached where the first read ended.
             Some(Err(KafkaError::PartitionEOF(partition))) => {
-                done.insert(partition);
+                let end = ends
+                    .iter()
+                    .find(|(p, _)| *p == partition)
+                    .map_or(0, |(_, end)| *end);
+                let at = consumer
+                    .position()
+                    .ok()
+                    .and_then(|list| list.find_partition(topic, partition).map(|p| p.offset()))
+                    .and_then(|offset| match offset {
+                        Offset::Offset(at) => Some(at),
+                        _ => None,
+                    });
+                if at.is_some_and(|at| at >= end) {
+                    done.insert(partition);
+                }
                 continue;
             }
             Some(Err(e)) => return Err(format!("reading {topic} again failed: {e}")),
