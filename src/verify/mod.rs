@@ -734,16 +734,7 @@ impl Side {
             topics::reread(&kafka, &topic, &read, want, &tx, timeout)
         });
         let mut refused_counts = vec![(0u64, 0u64); refused.len()];
-        // The keys the CRM did not return whose events came again.
-        let mut unseen_read: std::collections::HashSet<String> = std::collections::HashSet::new();
         while let Some((key, payload)) = rx.recv().await {
-            if events
-                .latest
-                .get(&key)
-                .is_some_and(|latest| !latest.seen.load(Ordering::Relaxed))
-            {
-                unseen_read.insert(key.clone());
-            }
             if let Some(d) = deferred.remove(&key) {
                 candidates.extend(self.resolve(d, &payload));
             } else if let Some(i) = refused.iter().position(|(tag, _)| of_tag(&key, tag)) {
@@ -781,7 +772,7 @@ impl Side {
             .iter()
             .filter(|(key, latest)| {
                 !latest.seen.load(Ordering::Relaxed)
-                    && !unseen_read.contains(key.as_str())
+                    && !latest.read_again.load(Ordering::Relaxed)
                     && !refused.iter().any(|(tag, _)| of_tag(key, tag))
                     && belongs(key)
             })
@@ -1029,20 +1020,16 @@ async fn verify_stream<T: Verified>(
         deferred.extend(outcome.deferred);
         incomplete.extend(outcome.incomplete);
     }
-    let tag_prefixes: Vec<String> = scopes.iter().flatten().map(|t| format!("{t}:")).collect();
     side.second_look(
         &events,
         deferred,
         &refused,
         // Positions: only the keys of the tags read (none when no tag was read).
-        |key| stream != "positions" || tag_prefixes.iter().any(|p| key.starts_with(p)),
+        |key| stream != "positions" || scopes.iter().flatten().any(|tag| of_tag(key, tag)),
         |key, day| {
-            incomplete.iter().any(|(tag, d)| {
-                *d == day
-                    && tag
-                        .as_ref()
-                        .is_none_or(|t| key.starts_with(&format!("{t}:")))
-            })
+            incomplete
+                .iter()
+                .any(|(tag, d)| *d == day && tag.as_ref().is_none_or(|tag| of_tag(key, tag)))
         },
         candidates,
     )

@@ -46,6 +46,8 @@ pub struct Latest {
     /// Whether the CRM returned the key (set while comparing; a key never seen is extra if
     /// dated in the range).
     pub seen: AtomicBool,
+    /// Whether [`reread`] found the event again and sent it.
+    pub read_again: AtomicBool,
 }
 
 /// The latest event of every key of a topic.
@@ -257,6 +259,7 @@ pub fn read_topic(
                             partition: message.partition(),
                             offset: message.offset(),
                             seen: AtomicBool::new(false),
+                            read_again: AtomicBool::new(false),
                         };
                         out.latest.insert(key, latest);
                     }
@@ -273,7 +276,8 @@ pub fn read_topic(
 
 /// Reads `topic` again from its beginning to the offsets `read` ended at and sends each record
 /// that is the latest event `read` holds for its key (the same partition and offset) and that
-/// `want` asks for, as (key, payload), to `to`; returns how many it sent. Stops early when `to`
+/// `want` asks for, as (key, payload), to `to`, marking it [`Latest::read_again`]; returns how
+/// many it sent. Stops early when `to`
 /// is closed.
 pub fn reread(
     config: &KafkaConfig,
@@ -283,12 +287,13 @@ pub fn reread(
     to: &tokio::sync::mpsc::Sender<(String, Box<[u8]>)>,
     timeout: Duration,
 ) -> Result<u64, String> {
-    let ends: Vec<(i32, i64)> = read.offsets.iter().map(|(p, o)| (*p, *o)).collect();
+    let ends = &read.offsets;
     if ends.is_empty() {
         return Ok(0);
     }
+    let end_of = |partition: i32| ends.get(&partition).copied().unwrap_or(0);
     let consumer = consumer(config)?;
-    assign_from_beginning(&consumer, topic, ends.iter().map(|(p, _)| *p))?;
+    assign_from_beginning(&consumer, topic, ends.keys().copied())?;
     let mut done: HashSet<i32> = HashSet::new();
     let mut sent = 0;
     let mut last_progress = Instant::now();
@@ -303,10 +308,7 @@ pub fn reread(
             // At the end the broker reports – which can lag its log end (tansu): the
             // partition is done once the position reached where the first read ended.
             Some(Err(KafkaError::PartitionEOF(partition))) => {
-                let end = ends
-                    .iter()
-                    .find(|(p, _)| *p == partition)
-                    .map_or(0, |(_, end)| *end);
+                let end = end_of(partition);
                 let at = consumer
                     .position()
                     .ok()
@@ -325,10 +327,7 @@ pub fn reread(
         };
         last_progress = Instant::now();
         let (partition, offset) = (message.partition(), message.offset());
-        let end = ends
-            .iter()
-            .find(|(p, _)| *p == partition)
-            .map_or(0, |(_, end)| *end);
+        let end = end_of(partition);
         if offset + 1 >= end {
             done.insert(partition);
         }
@@ -351,6 +350,7 @@ pub fn reread(
         {
             break;
         }
+        latest.read_again.store(true, Ordering::Relaxed);
         sent += 1;
     }
     Ok(sent)
