@@ -590,12 +590,8 @@ fn run(
             let _ = ack.send(outcome.clone());
         }
         if fatal {
-            // The batches already waiting get the same answer; later ones find the channel
-            // closed and read `stats.stopped`.
-            rx.close();
-            while let Ok((_, ack)) = rx.try_recv() {
-                let _ = ack.send(outcome.clone());
-            }
+            // `rx` goes with this return: the batches waiting in it, and any sent after, are
+            // answered with `stats.stopped` by `SinkHandle::commit`.
             return outcome;
         }
     }
