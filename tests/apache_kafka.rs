@@ -37,14 +37,13 @@ use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 use apache_avro::types::Value as Avro;
-use common::topics::{group, ByKey, Consumed};
+use common::topics::{group, read_to_end, ByKey, Consumed};
 use common::truth::{expected, without_meta};
 use common::{ApacheKafka, ConfigFile};
 use ibstream::events::Schemas;
 use ibstream::sim::SimHandle;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::{ClientConfig, Message};
+use rdkafka::ClientConfig;
 use serde_json::Value as Json;
 
 const STREAMS: [&str; 5] = ["leads", "customers", "transactions", "servers", "positions"];
@@ -232,59 +231,6 @@ impl Process {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-}
-
-/// Reads every partition of `topics` from the beginning to its end as `isolation` sees it
-/// (`read_committed`: the last stable offset): one consumer per topic, until each of its
-/// partitions reported its end once.
-async fn read_to_end(bootstrap: &str, topics: &[String], isolation: &'static str) -> Vec<Consumed> {
-    let bootstrap = bootstrap.to_owned();
-    let topics = topics.to_vec();
-    tokio::task::spawn_blocking(move || {
-        let mut out = Vec::new();
-        for topic in &topics {
-            let consumer: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", &bootstrap)
-                .set("group.id", common::unique_topic("eos-check"))
-                .set("enable.auto.commit", "false")
-                .set("enable.partition.eof", "true")
-                .set("isolation.level", isolation)
-                .create()
-                .unwrap();
-            let assignment = common::topics::from_the_beginning(
-                &consumer,
-                std::slice::from_ref(topic),
-                Duration::from_secs(60),
-            );
-            let partitions = assignment.count();
-            let deadline = Instant::now() + Duration::from_secs(60);
-            consumer.assign(&assignment).unwrap();
-            let mut at_end: HashSet<i32> = HashSet::new();
-            while at_end.len() < partitions {
-                assert!(
-                    Instant::now() < deadline,
-                    "{topic} ({isolation}) not read to its end within 60 s"
-                );
-                match consumer.poll(Duration::from_millis(100)) {
-                    None => {}
-                    Some(Err(KafkaError::PartitionEOF(partition))) => {
-                        at_end.insert(partition);
-                    }
-                    Some(Err(e)) => panic!("reading {topic}: {e}"),
-                    Some(Ok(message)) => out.push(Consumed {
-                        topic: message.topic().to_owned(),
-                        partition: message.partition(),
-                        offset: message.offset(),
-                        key: String::from_utf8(message.key().unwrap_or_default().to_vec()).unwrap(),
-                        payload: message.payload().unwrap_or_default().to_vec(),
-                    }),
-                }
-            }
-        }
-        out
-    })
-    .await
-    .unwrap()
 }
 
 fn fields(record: &Avro) -> &[(String, Avro)] {

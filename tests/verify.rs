@@ -11,14 +11,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::NaiveDate;
+use common::topics::{read_to_end, Consumed};
 use common::ConfigFile;
 use ibstream::config::{Config, Delivery};
 use ibstream::run::Stats;
 use ibstream::sim::{ChangeKind, Kind, SimHandle};
 use ibstream::verify::{Report, StreamReport, VerifyError, VerifyRequest};
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::ClientConfig;
 use rust_decimal::Decimal;
 use serde_json::Value as Json;
 use tokio_util::sync::CancellationToken;
@@ -205,10 +205,8 @@ fn truth_of(sim: &SimHandle, kind: Kind, key: &str) -> Json {
 /// Returns how many events each key of a topic holds (read_committed, to its end).
 async fn events_per_key(bootstrap: &str, topic: &str) -> HashMap<String, usize> {
     let mut counts = HashMap::new();
-    for (key, _) in read_all(bootstrap, topic).await {
-        *counts
-            .entry(String::from_utf8_lossy(&key).into_owned())
-            .or_default() += 1;
+    for event in read_all(bootstrap, topic).await {
+        *counts.entry(event.key).or_default() += 1;
     }
     counts
 }
@@ -527,7 +525,7 @@ async fn at_least_once_duplicates_are_equal_and_the_exit_codes_say_so() {
     let garbage_key = read_all(&kafka.bootstrap, &topic)
         .await
         .into_iter()
-        .map(|(k, _)| String::from_utf8(k).unwrap())
+        .map(|event| event.key)
         .find(|k| !skip.contains(&k))
         .unwrap();
     produce(
@@ -747,10 +745,12 @@ async fn duplicate(bootstrap: &str, topics: &[String]) -> usize {
             .set("partitioner", "murmur2_random")
             .create()
             .unwrap();
-        for (key, payload) in &events {
+        for event in &events {
             producer
                 .send(
-                    FutureRecord::to(topic).key(key).payload(payload),
+                    FutureRecord::to(topic)
+                        .key(&event.key)
+                        .payload(&event.payload),
                     Duration::from_secs(10),
                 )
                 .await
@@ -762,53 +762,8 @@ async fn duplicate(bootstrap: &str, topics: &[String]) -> usize {
 }
 
 /// Reads every event of `topic` (read_committed) to each partition's end.
-async fn read_all(bootstrap: &str, topic: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let bootstrap = bootstrap.to_owned();
-    let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &bootstrap)
-            .set("group.id", common::unique_topic("verify-test"))
-            .set("enable.partition.eof", "true")
-            .set("isolation.level", "read_committed")
-            .create()
-            .unwrap();
-        let metadata = consumer
-            .fetch_metadata(Some(&topic), Duration::from_secs(10))
-            .unwrap();
-        let partitions: Vec<i32> = metadata.topics()[0]
-            .partitions()
-            .iter()
-            .map(|p| p.id())
-            .collect();
-        let mut assignment = TopicPartitionList::new();
-        for p in &partitions {
-            assignment
-                .add_partition_offset(&topic, *p, Offset::Beginning)
-                .unwrap();
-        }
-        consumer.assign(&assignment).unwrap();
-        let mut at_end = std::collections::HashSet::new();
-        let mut out = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while at_end.len() < partitions.len() {
-            assert!(Instant::now() < deadline, "{topic} not read in 60 s");
-            match consumer.poll(Duration::from_millis(100)) {
-                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                    at_end.insert(p);
-                }
-                Some(Err(e)) => panic!("{e}"),
-                Some(Ok(m)) => {
-                    at_end.remove(&m.partition());
-                    out.push((m.key().unwrap().to_vec(), m.payload().unwrap().to_vec()));
-                }
-                None => {}
-            }
-        }
-        out
-    })
-    .await
-    .unwrap()
+async fn read_all(bootstrap: &str, topic: &str) -> Vec<Consumed> {
+    read_to_end(bootstrap, &[topic.to_owned()], "read_committed").await
 }
 
 /// Positions of a server no longer listed (removed from `/servers`, its data kept) are still

@@ -1,13 +1,14 @@
 //! Reading the topics back in the tests: every partition from the beginning, the way a
 //! consumer of the events does.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use apache_avro::from_avro_datum;
 use apache_avro::types::Value as Avro;
 use ibstream::events::{EventType, Schemas};
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 
 /// A record read back from Kafka.
@@ -19,6 +20,71 @@ pub struct Consumed {
     /// The record's key as text (a key that is not UTF-8 with U+FFFD in place of its bad bytes).
     pub key: String,
     pub payload: Vec<u8>,
+}
+
+impl Consumed {
+    /// The record `message` holds (a missing key or value as empty).
+    pub fn of(message: &impl Message) -> Consumed {
+        Consumed {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
+            payload: message.payload().unwrap_or_default().to_vec(),
+        }
+    }
+}
+
+/// Reads every partition of `topics` from the beginning to its end as `isolation` sees it
+/// (`read_committed`: the last stable offset): one consumer per topic, until each of its
+/// partitions reported its end after its last record; waits up to 60 s for a topic to exist.
+pub async fn read_to_end(bootstrap: &str, topics: &[String], isolation: &str) -> Vec<Consumed> {
+    let bootstrap = bootstrap.to_owned();
+    let topics = topics.to_vec();
+    let isolation = isolation.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        for topic in &topics {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &bootstrap)
+                .set("group.id", super::unique_topic("read-to-end"))
+                .set("enable.auto.commit", "false")
+                .set("enable.partition.eof", "true")
+                .set("isolation.level", &isolation)
+                .create()
+                .unwrap();
+            let assignment = from_the_beginning(
+                &consumer,
+                std::slice::from_ref(topic),
+                Duration::from_secs(60),
+            );
+            let partitions = assignment.count();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            consumer.assign(&assignment).unwrap();
+            let mut at_end: HashSet<i32> = HashSet::new();
+            while at_end.len() < partitions {
+                assert!(
+                    Instant::now() < deadline,
+                    "{topic} ({isolation}) not read to its end within 60 s"
+                );
+                match consumer.poll(Duration::from_millis(100)) {
+                    None => {}
+                    Some(Err(KafkaError::PartitionEOF(partition))) => {
+                        at_end.insert(partition);
+                    }
+                    Some(Err(e)) => panic!("reading {topic}: {e}"),
+                    Some(Ok(message)) => {
+                        // More came after the partition's end: it ends again later.
+                        at_end.remove(&message.partition());
+                        out.push(Consumed::of(&message));
+                    }
+                }
+            }
+        }
+        out
+    })
+    .await
+    .unwrap()
 }
 
 /// Reads every record of `topics` (all partitions) until at least `expected` came and then
@@ -69,13 +135,7 @@ pub async fn consume_isolated(
             );
             if let Some(message) = consumer.poll(Duration::from_millis(100)) {
                 let message = message.unwrap();
-                out.push(Consumed {
-                    topic: message.topic().to_owned(),
-                    partition: message.partition(),
-                    offset: message.offset(),
-                    key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
-                    payload: message.payload().unwrap_or_default().to_vec(),
-                });
+                out.push(Consumed::of(&message));
                 last = Instant::now();
             }
         }
