@@ -46,8 +46,6 @@ pub struct Latest {
     /// Whether the CRM returned the key (set while comparing; a key never seen is extra if
     /// dated in the range).
     pub seen: AtomicBool,
-    /// Whether [`reread`] found the event again and sent it.
-    pub read_again: AtomicBool,
 }
 
 /// The latest event of every key of a topic.
@@ -259,7 +257,6 @@ pub fn read_topic(
                             partition: message.partition(),
                             offset: message.offset(),
                             seen: AtomicBool::new(false),
-                            read_again: AtomicBool::new(false),
                         };
                         out.latest.insert(key, latest);
                     }
@@ -276,8 +273,7 @@ pub fn read_topic(
 
 /// Reads `topic` again from its beginning to the offsets `read` ended at and sends each record
 /// that is the latest event `read` holds for its key (the same partition and offset) and that
-/// `want` asks for, as (key, payload), to `to`, marking it [`Latest::read_again`]; returns how
-/// many it sent. Stops early when `to`
+/// `want` asks for, as (key, payload), to `to`; returns how many it sent. Stops early when `to`
 /// is closed.
 pub fn reread(
     config: &KafkaConfig,
@@ -305,19 +301,17 @@ pub fn reread(
         }
         let message = match consumer.poll(Duration::from_millis(100)) {
             None => continue,
-            // At the end the broker reports – which can lag its log end (tansu): the
-            // partition is done once the position reached where the first read ended.
+            // At the end the broker reports: the partition is done once that end (the last
+            // stable offset, asked now) reaches where the first read ended – every record
+            // before it that still exists was delivered. Not before: a broker's end can lag
+            // its log (tansu); nor only at the record at that end again, which retention may
+            // have deleted meanwhile. (The consumer's position moves only with delivered
+            // records, so it cannot tell.)
             Some(Err(KafkaError::PartitionEOF(partition))) => {
-                let end = end_of(partition);
-                let at = consumer
-                    .position()
-                    .ok()
-                    .and_then(|list| list.find_partition(topic, partition).map(|p| p.offset()))
-                    .and_then(|offset| match offset {
-                        Offset::Offset(at) => Some(at),
-                        _ => None,
-                    });
-                if at.is_some_and(|at| at >= end) {
+                let reached = consumer
+                    .fetch_watermarks(topic, partition, Duration::from_secs(5))
+                    .is_ok_and(|(_, high)| high >= end_of(partition));
+                if reached {
                     done.insert(partition);
                 }
                 continue;
@@ -350,7 +344,6 @@ pub fn reread(
         {
             break;
         }
-        latest.read_again.store(true, Ordering::Relaxed);
         sent += 1;
     }
     Ok(sent)
