@@ -337,14 +337,20 @@ pub async fn probe_transactions(
         offsets.add_partition_offset(&topic, 0, Offset::Offset(0))?;
         // A broker that has just created the group's coordinator answers "not coordinator"
         // (or "loading") for a moment, and on a loaded machine a short transaction timeout
-        // (`kafka.batch_timeout_secs` 1) can end the probe's transaction before its commit:
-        // the probe is tried again until `timeout`, as librdkafka's own retriable errors ask.
+        // (`kafka.batch_timeout_secs` 1) can end the probe's transaction before its offsets
+        // are added: the probe is tried again until `timeout`, as librdkafka's own retriable
+        // errors ask. A commit that timed out is called again instead (librdkafka resumes it;
+        // any other call would conflict with it).
         let deadline = Instant::now() + timeout;
         loop {
             producer.begin_transaction()?;
-            let done = producer
-                .send_offsets_to_transaction(&offsets, &group, timeout)
-                .and_then(|()| producer.commit_transaction(timeout));
+            let mut done = producer.send_offsets_to_transaction(&offsets, &group, timeout);
+            if done.is_ok() {
+                done = producer.commit_transaction(timeout);
+                while done.as_ref().is_err_and(timed_out) && Instant::now() < deadline {
+                    done = producer.commit_transaction(timeout);
+                }
+            }
             let Err(e) = done else { return Ok(()) };
             let _ = producer.abort_transaction(timeout);
             if !(coordinator_not_ready(&e) || timed_out(&e)) || Instant::now() >= deadline {
