@@ -217,20 +217,32 @@ fn scopes(request: &ResetRequest, state: &State) -> Result<(Vec<String>, Vec<Str
     })
 }
 
+/// Says that the instance (`kafka.instance_id`) may be running – its heartbeat in `state` is
+/// younger than [`ALIVE_WITHIN`] – as the start of a refusal; `None` when it is older or
+/// absent. A cleanly stopped instance's last heartbeat counts for [`ALIVE_WITHIN`] too: it
+/// covers the next instance while it starts.
+pub fn running(config: &Config, state: &State) -> Option<String> {
+    let instance = &config.kafka.instance_id;
+    let age = (Utc::now() - state.heartbeats.get(instance)?.at)
+        .to_std()
+        .unwrap_or_default();
+    (age < ALIVE_WITHIN).then(|| {
+        format!(
+            "instance {instance} is running, or stopped less than {} s ago (its last heartbeat is {} s old)",
+            ALIVE_WITHIN.as_secs(),
+            age.as_secs()
+        )
+    })
+}
+
 /// Moves the cursors of a stream (and drops its fingerprints with `resnapshot`); returns
 /// what was done, one line per change.
 pub async fn reset(config: &Config, request: &ResetRequest) -> Result<Vec<String>, String> {
     let state = load(config).await?;
-    let now = Utc::now();
-    let instance = &config.kafka.instance_id;
-    if let Some(beat) = state.heartbeats.get(instance) {
-        let age = (now - beat.at).to_std().unwrap_or_default();
-        if age < ALIVE_WITHIN && !request.force {
-            return Err(format!(
-                "instance {instance} is running (heartbeat {} s ago); stop it first – a running instance would overwrite the reset – or pass --force",
-                age.as_secs()
-            ));
-        }
+    if let Some(running) = running(config, &state).filter(|_| !request.force) {
+        return Err(format!(
+            "{running}; stop it first – a running instance would overwrite the reset – or pass --force"
+        ));
     }
     let (cursor_scopes, fp_scopes) = scopes(request, &state)?;
     if request.stream == "servers" && request.to != ResetTo::Start {

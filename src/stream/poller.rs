@@ -1467,7 +1467,13 @@ impl<T: StreamRecord> Poller<T> {
                     let kept = kept();
                     let day = kept.day.map_or(0, days_since_epoch);
                     if let Some(days) = kept.outside_by {
-                        warn!(stream = self.stream, id, record_day = ?record.model.day(tz), ?window, days, "record dated far outside the window it was read from, its fingerprint kept by the window");
+                        let record_day = record
+                            .model
+                            .day(tz)
+                            .map_or_else(|| "-".to_owned(), |d| d.to_string());
+                        let window = window
+                            .map_or_else(|| "-".to_owned(), |(from, to)| format!("{from}..{to}"));
+                        warn!(stream = self.stream, id, record_day, window, days, "record dated far outside the window it was read from, its fingerprint kept by the window");
                         out.outside_window += 1;
                     }
                     out.no_dates += record.model.no_dates() as u64;

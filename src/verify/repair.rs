@@ -78,17 +78,12 @@ impl Guard {
 }
 
 fn refuse_if_running(config: &Config, state: &State, force: bool) -> Result<(), VerifyError> {
-    let instance = &config.kafka.instance_id;
-    if let Some(beat) = state.heartbeats.get(instance) {
-        let age = (Utc::now() - beat.at).to_std().unwrap_or_default();
-        if age < crate::state_tool::ALIVE_WITHIN && !force {
-            return Err(VerifyError::Failed(format!(
-                "instance {instance} is running (heartbeat {} s ago); stop it first – it keeps its fingerprints in memory and would emit the repaired records again – or pass --force",
-                age.as_secs()
-            )));
-        }
+    match crate::state_tool::running(config, state).filter(|_| !force) {
+        Some(running) => Err(VerifyError::Failed(format!(
+            "{running}; stop it first – it keeps its fingerprints in memory and would emit the repaired records again – or pass --force"
+        ))),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Sends the candidates through the sink with their fingerprints; returns what was sent.
